@@ -1,0 +1,741 @@
+//! `bridge.toml`: serde structs with defaults, then `validate()` into a [`Config`] whose every
+//! value has been checked (addresses parsed, certificate files loaded, secrets read).
+//!
+//! Every error is one line that names the key at fault, e.g.
+//! `broker[2].address: "10.0.0.3:88x3": invalid port`. Unknown keys are errors (`deny_unknown_fields`).
+//! Relative paths are resolved against the directory of the config file, so a systemd unit or a
+//! container can start the bridge from any working directory.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::tls;
+
+/// An error in the configuration: the key (or file) at fault and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file that could not be read.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a key is unknown or of the wrong type.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// The parser's message, folded onto one line.
+        message: String,
+    },
+    /// A key has a value that is not acceptable.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The key at fault, e.g. `broker[1].address` or `tls.ca_file`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// MQTT protocol version spoken on one link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub enum Protocol {
+    /// MQTT 5: No Local, retain-as-published, properties and the origin tag.
+    #[serde(rename = "v5")]
+    V5,
+    /// MQTT 3.1.1: echo suppression through the dedup window.
+    #[serde(rename = "v3.1.1")]
+    V311,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::V5 => "v5",
+            Protocol::V311 => "v3.1.1",
+        })
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "v5" | "5" => Ok(Protocol::V5),
+            "v3.1.1" | "3.1.1" | "v311" => Ok(Protocol::V311),
+            other => Err(format!(
+                "unknown protocol {other:?} (expected v5 or v3.1.1)"
+            )),
+        }
+    }
+}
+
+/// The file as written: `[bridge]`, `[tls]` and `[[broker]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `[bridge]`: identity and process-wide settings.
+    pub bridge: BridgeSection,
+    /// `[tls]`: defaults for every broker.
+    #[serde(default)]
+    pub tls: TlsSection,
+    /// `[[broker]]`: the initial members of the mesh.
+    #[serde(default, rename = "broker")]
+    pub brokers: Vec<BrokerSection>,
+}
+
+/// `[bridge]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeSection {
+    /// Origin tag and client-id prefix.
+    pub id: String,
+    /// Admin API address (`/healthz`, `/readyz`, `/metrics`).
+    pub admin_listen: Option<String>,
+    /// File holding the bearer token; required when `admin_listen` is not loopback.
+    pub admin_token_file: Option<PathBuf>,
+    /// Where membership and spool live.
+    pub data_dir: Option<PathBuf>,
+    /// Filters subscribed on every broker.
+    pub topics: Option<Vec<String>>,
+    /// How long a message published on a 3.1.1 link waits for its echo.
+    pub dedup_window: Option<String>,
+    /// Bound on the entries of one link's dedup window.
+    pub dedup_max_entries: Option<usize>,
+    /// Session expiry asked of MQTT 5 brokers.
+    pub session_expiry: Option<String>,
+    /// MQTT keep-alive.
+    pub keep_alive: Option<String>,
+    /// Messages one link may have handed to its broker without an acknowledgement.
+    pub inflight: Option<u16>,
+    /// Messages one target may hold in memory while it is down or slow.
+    pub queue_capacity: Option<usize>,
+    /// How long shutdown waits for in-flight messages.
+    pub drain_timeout: Option<String>,
+}
+
+/// `[tls]` or the TLS keys of one `[[broker]]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM file with the CA certificates that sign the brokers' certificates.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for mTLS.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// Name to verify in the broker's certificate (and to send as SNI) instead of the address host.
+    pub server_name: Option<String>,
+    /// Accept any broker certificate. For labs only.
+    pub insecure_skip_verify: Option<bool>,
+}
+
+/// `[[broker]]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerSection {
+    /// Name used in logs, metrics, the client id and the origin tag. Default: from the address.
+    pub name: Option<String>,
+    /// `host:port`; the port defaults to 8883 with TLS and 1883 without.
+    pub address: String,
+    /// `v5` (default) or `v3.1.1`.
+    pub protocol: Option<Protocol>,
+    /// `false` for plain TCP.
+    pub tls: Option<bool>,
+    /// Per-broker override of `[tls].ca_file`.
+    pub ca_file: Option<PathBuf>,
+    /// Per-broker override of `[tls].cert_file`.
+    pub cert_file: Option<PathBuf>,
+    /// Per-broker override of `[tls].key_file`.
+    pub key_file: Option<PathBuf>,
+    /// Per-broker override of `[tls].server_name`.
+    pub server_name: Option<String>,
+    /// Per-broker override of `[tls].insecure_skip_verify`.
+    pub insecure_skip_verify: Option<bool>,
+    /// MQTT user name.
+    pub username: Option<String>,
+    /// File whose first line is the MQTT password.
+    pub password_file: Option<PathBuf>,
+    /// Highest QoS forwarded to this broker (0, 1 or 2; default 2).
+    pub max_qos: Option<u8>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Origin tag and client-id prefix.
+    pub bridge_id: String,
+    /// Admin API address.
+    pub admin_listen: SocketAddr,
+    /// Bearer token for the admin API, when configured.
+    pub admin_token: Option<Secret>,
+    /// Directory for persisted state.
+    pub data_dir: PathBuf,
+    /// Filters subscribed on every broker.
+    pub topics: Vec<String>,
+    /// TTL of the dedup window of 3.1.1 links.
+    pub dedup_window: Duration,
+    /// Bound on the entries of one dedup window.
+    pub dedup_max_entries: usize,
+    /// Session expiry asked of MQTT 5 brokers.
+    pub session_expiry: Duration,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// Unacknowledged messages one link may have in flight towards its broker.
+    pub inflight: u16,
+    /// Messages one target may hold in memory.
+    pub queue_capacity: usize,
+    /// How long shutdown waits for in-flight messages.
+    pub drain_timeout: Duration,
+    /// `[tls]` defaults, kept to build brokers added at run time.
+    pub tls_defaults: TlsSection,
+    /// Directory of the config file (relative paths are resolved against it).
+    pub base_dir: PathBuf,
+    /// The brokers, in file order.
+    pub brokers: Vec<BrokerConfig>,
+}
+
+/// One validated broker.
+#[derive(Clone)]
+pub struct BrokerConfig {
+    /// Unique name.
+    pub name: String,
+    /// Host name or IP address to dial.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Protocol version of the link.
+    pub protocol: Protocol,
+    /// TLS client configuration; `None` for plain TCP.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// MQTT credentials.
+    pub credentials: Option<(String, Secret)>,
+    /// Highest QoS forwarded to this broker.
+    pub max_qos: u8,
+}
+
+impl BrokerConfig {
+    /// `host:port` as given.
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BrokerConfig")
+            .field("name", &self.name)
+            .field("address", &self.address())
+            .field("protocol", &self.protocol)
+            .field("tls", &self.tls.is_some())
+            .field("username", &self.credentials.as_ref().map(|(u, _)| u))
+            .field("max_qos", &self.max_qos)
+            .finish()
+    }
+}
+
+/// A secret (password, token) that never shows in logs or `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself; call only where it is sent.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base_dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Config::from_toml(&text, path, &base_dir)
+    }
+
+    /// Parses and validates TOML text; `path` only names the file in errors.
+    pub fn from_toml(text: &str, path: &Path, base_dir: &Path) -> Result<Config, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: one_line(&e.to_string()),
+        })?;
+        file.validate(base_dir)
+    }
+}
+
+fn one_line(message: &str) -> String {
+    // toml's messages span several lines (a source excerpt); keep the location and the reason.
+    let mut lines = message.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default().to_string();
+    let last = message
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty() && !l.starts_with('|') && !l.starts_with('^'))
+        .unwrap_or_default();
+    if last.is_empty() || last == first {
+        first
+    } else {
+        format!("{first} {last}")
+    }
+}
+
+fn parse_duration(
+    key: &str,
+    value: Option<&str>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(text) => humantime::parse_duration(text).map_err(|e| {
+            invalid(
+                key,
+                format!("{text:?}: {e} (expected e.g. \"30s\", \"5m\")"),
+            )
+        }),
+    }
+}
+
+fn resolve(base_dir: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base_dir.join(path)
+    }
+}
+
+/// Reads the first line of a secret file.
+pub fn read_secret(key: &str, path: &Path) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("{}: {e}", path.display())))?;
+    let line = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_end()
+        .to_string();
+    if line.is_empty() {
+        return Err(invalid(key, format!("{}: file is empty", path.display())));
+    }
+    Ok(Secret(line))
+}
+
+/// Whether a broker or API name is acceptable: it lands in client ids, metric labels and paths.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Splits `host:port` (or `[v6]:port`, or a bare host) into its parts.
+pub fn parse_address(text: &str, default_port: u16) -> Result<(String, u16), String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("empty address".into());
+    }
+    if text.contains("://") {
+        return Err(format!("{text:?}: give host:port without a scheme"));
+    }
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("{text:?}: unclosed '[' in IPv6 address"))?;
+        match after {
+            "" => (host.to_string(), None),
+            p if p.starts_with(':') => (host.to_string(), Some(&p[1..])),
+            _ => return Err(format!("{text:?}: expected ':port' after ']'")),
+        }
+    } else if text.matches(':').count() > 1 {
+        // A bare IPv6 address without port.
+        (text.to_string(), None)
+    } else {
+        match text.split_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (text.to_string(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("{text:?}: missing host"));
+    }
+    let host_ok = host.parse::<IpAddr>().is_ok()
+        || host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if !host_ok {
+        return Err(format!("{text:?}: invalid host {host:?}"));
+    }
+    let port = match port {
+        None => default_port,
+        Some(p) => match p.parse::<u16>() {
+            Ok(0) | Err(_) => return Err(format!("{text:?}: invalid port {p:?}")),
+            Ok(port) => port,
+        },
+    };
+    Ok((host, port))
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
+}
+
+impl FileConfig {
+    /// Checks every value and builds the runtime [`Config`].
+    pub fn validate(self, base_dir: &Path) -> Result<Config, ConfigError> {
+        let b = self.bridge;
+        if !valid_name(&b.id) {
+            return Err(invalid(
+                "bridge.id",
+                format!("{:?}: use 1-64 characters from A-Z a-z 0-9 - _ .", b.id),
+            ));
+        }
+        let admin_text = b.admin_listen.as_deref().unwrap_or("127.0.0.1:9183");
+        let admin_listen: SocketAddr = admin_text.parse().map_err(|_| {
+            invalid(
+                "bridge.admin_listen",
+                format!("{admin_text:?}: expected IP:port, e.g. \"127.0.0.1:9183\""),
+            )
+        })?;
+        let admin_token = match &b.admin_token_file {
+            Some(p) => Some(read_secret(
+                "bridge.admin_token_file",
+                &resolve(base_dir, p),
+            )?),
+            None => None,
+        };
+        if !admin_listen.ip().is_loopback() && admin_token.is_none() {
+            return Err(invalid(
+                "bridge.admin_listen",
+                format!(
+                    "{admin_listen} is not loopback: set bridge.admin_token_file so the API requires a token"
+                ),
+            ));
+        }
+        let topics = b.topics.unwrap_or_else(|| vec!["#".to_string()]);
+        if topics.is_empty() {
+            return Err(invalid("bridge.topics", "at least one filter is needed"));
+        }
+        for (i, t) in topics.iter().enumerate() {
+            if let Err(e) = check_filter(t) {
+                return Err(invalid(
+                    format!("bridge.topics[{i}]"),
+                    format!("{t:?}: {e}"),
+                ));
+            }
+        }
+        let inflight = b.inflight.unwrap_or(100);
+        if inflight == 0 {
+            return Err(invalid("bridge.inflight", "must be at least 1"));
+        }
+        let queue_capacity = b.queue_capacity.unwrap_or(100_000);
+        if queue_capacity == 0 {
+            return Err(invalid("bridge.queue_capacity", "must be at least 1"));
+        }
+        let dedup_max_entries = b.dedup_max_entries.unwrap_or(200_000);
+        if dedup_max_entries == 0 {
+            return Err(invalid("bridge.dedup_max_entries", "must be at least 1"));
+        }
+        let session_expiry = parse_duration(
+            "bridge.session_expiry",
+            b.session_expiry.as_deref(),
+            Duration::from_secs(7 * 24 * 3600),
+        )?;
+        if session_expiry.as_secs() > u64::from(u32::MAX) {
+            return Err(invalid(
+                "bridge.session_expiry",
+                "longer than MQTT allows (~136 years)",
+            ));
+        }
+        let keep_alive = parse_duration(
+            "bridge.keep_alive",
+            b.keep_alive.as_deref(),
+            Duration::from_secs(30),
+        )?;
+        if keep_alive < Duration::from_secs(1) || keep_alive.as_secs() > u64::from(u16::MAX) {
+            return Err(invalid(
+                "bridge.keep_alive",
+                "must be between 1s and 65535s",
+            ));
+        }
+        let mut config = Config {
+            bridge_id: b.id,
+            admin_listen,
+            admin_token,
+            data_dir: resolve(base_dir, b.data_dir.as_deref().unwrap_or(Path::new("data"))),
+            topics,
+            dedup_window: parse_duration(
+                "bridge.dedup_window",
+                b.dedup_window.as_deref(),
+                Duration::from_secs(30),
+            )?,
+            dedup_max_entries,
+            session_expiry,
+            keep_alive,
+            inflight,
+            queue_capacity,
+            drain_timeout: parse_duration(
+                "bridge.drain_timeout",
+                b.drain_timeout.as_deref(),
+                Duration::from_secs(5),
+            )?,
+            tls_defaults: self.tls,
+            base_dir: base_dir.to_path_buf(),
+            brokers: Vec::new(),
+        };
+        let mut names = HashSet::new();
+        let mut addresses = HashSet::new();
+        for (i, section) in self.brokers.into_iter().enumerate() {
+            let broker = config.broker_from_section(&format!("broker[{i}]"), section)?;
+            if !names.insert(broker.name.clone()) {
+                return Err(invalid(
+                    format!("broker[{i}].name"),
+                    format!("{:?} is used by another broker", broker.name),
+                ));
+            }
+            if !addresses.insert(broker.address()) {
+                return Err(invalid(
+                    format!("broker[{i}].address"),
+                    format!("{} is listed twice", broker.address()),
+                ));
+            }
+            config.brokers.push(broker);
+        }
+        Ok(config)
+    }
+}
+
+/// Checks an MQTT topic filter.
+fn check_filter(filter: &str) -> Result<(), &'static str> {
+    if filter.is_empty() {
+        return Err("empty filter");
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        if level.contains('#') && (*level != "#" || i + 1 != levels.len()) {
+            return Err("'#' must be a whole level and the last one");
+        }
+        if level.contains('+') && *level != "+" {
+            return Err("'+' must be a whole level");
+        }
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Builds and checks one broker from its section; `key` prefixes error keys
+    /// (`broker[2]` for the file, `broker` for the admin API).
+    pub fn broker_from_section(
+        &self,
+        key: &str,
+        s: BrokerSection,
+    ) -> Result<BrokerConfig, ConfigError> {
+        let d = &self.tls_defaults;
+        let use_tls = s.tls.unwrap_or(true);
+        let (host, port) = parse_address(&s.address, if use_tls { 8883 } else { 1883 })
+            .map_err(|e| invalid(format!("{key}.address"), e))?;
+        let name = match s.name {
+            Some(n) => n,
+            None => format!("{}-{port}", host.replace(':', "_")),
+        };
+        if !valid_name(&name) {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!("{name:?}: use 1-64 characters from A-Z a-z 0-9 - _ ."),
+            ));
+        }
+        let max_qos = s.max_qos.unwrap_or(2);
+        if max_qos > 2 {
+            return Err(invalid(
+                format!("{key}.max_qos"),
+                format!("{max_qos}: must be 0, 1 or 2"),
+            ));
+        }
+        let pick = |own: &Option<PathBuf>, default: &Option<PathBuf>, k: &str| {
+            own.as_ref()
+                .map(|p| (format!("{key}.{k}"), resolve(&self.base_dir, p)))
+                .or_else(|| {
+                    default
+                        .as_ref()
+                        .map(|p| (format!("tls.{k}"), resolve(&self.base_dir, p)))
+                })
+        };
+        let ca = pick(&s.ca_file, &d.ca_file, "ca_file");
+        let cert = pick(&s.cert_file, &d.cert_file, "cert_file");
+        let keyf = pick(&s.key_file, &d.key_file, "key_file");
+        let server_name = s.server_name.clone().or_else(|| d.server_name.clone());
+        let insecure = s
+            .insecure_skip_verify
+            .or(d.insecure_skip_verify)
+            .unwrap_or(false);
+        let tls = if use_tls {
+            let client_auth = match (cert, keyf) {
+                (Some(c), Some(k)) => Some((c, k)),
+                (None, None) => None,
+                (Some((k, _)), None) => {
+                    return Err(invalid(k, "a client certificate needs key_file too"));
+                }
+                (None, Some((k, _))) => {
+                    return Err(invalid(k, "a client key needs cert_file too"));
+                }
+            };
+            if ca.is_none() && !insecure {
+                return Err(invalid(
+                    format!("{key}.ca_file"),
+                    "TLS is on but no CA is set: set tls.ca_file (or the broker's ca_file), or tls = false",
+                ));
+            }
+            let server_name = match server_name {
+                Some(n) => Some(rustls::pki_types::ServerName::try_from(n.clone()).map_err(
+                    |_| {
+                        invalid(
+                            format!("{key}.server_name"),
+                            format!("{n:?}: not a valid DNS name or IP"),
+                        )
+                    },
+                )?),
+                None => None,
+            };
+            Some(tls::client_config(&tls::TlsFiles {
+                ca: ca.as_ref().map(|(k, p)| (k.as_str(), p.as_path())),
+                client_auth: client_auth.as_ref().map(|((ck, cp), (kk, kp))| {
+                    ((ck.as_str(), cp.as_path()), (kk.as_str(), kp.as_path()))
+                }),
+                server_name,
+                insecure,
+            })?)
+        } else {
+            if s.insecure_skip_verify == Some(true) {
+                return Err(invalid(
+                    format!("{key}.insecure_skip_verify"),
+                    "set on a broker with tls = false; remove one of them",
+                ));
+            }
+            None
+        };
+        let credentials = match (s.username, s.password_file) {
+            (Some(u), Some(p)) => Some((
+                u,
+                read_secret(
+                    &format!("{key}.password_file"),
+                    &resolve(&self.base_dir, &p),
+                )?,
+            )),
+            (Some(u), None) => Some((u, Secret(String::new()))),
+            (None, Some(_)) => {
+                return Err(invalid(
+                    format!("{key}.password_file"),
+                    "a password needs a username",
+                ));
+            }
+            (None, None) => None,
+        };
+        if tls.is_none()
+            && credentials.as_ref().is_some_and(|(_, p)| !p.0.is_empty())
+            && !is_loopback_host(&host)
+        {
+            return Err(invalid(
+                format!("{key}.password_file"),
+                format!(
+                    "refusing to send a password in clear text to {host}:{port}; enable TLS for this broker"
+                ),
+            ));
+        }
+        Ok(BrokerConfig {
+            name,
+            host,
+            port,
+            protocol: s.protocol.unwrap_or(Protocol::V5),
+            tls,
+            credentials,
+            max_qos,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            parse_address("10.0.0.1:8883", 1).unwrap(),
+            ("10.0.0.1".into(), 8883)
+        );
+        assert_eq!(
+            parse_address("mqtt.internal", 8883).unwrap(),
+            ("mqtt.internal".into(), 8883)
+        );
+        assert_eq!(
+            parse_address("[::1]:1883", 1).unwrap(),
+            ("::1".into(), 1883)
+        );
+        assert_eq!(parse_address("::1", 1883).unwrap(), ("::1".into(), 1883));
+        for bad in [
+            "",
+            ":8883",
+            "host:",
+            "host:0",
+            "host:99999",
+            "ho st:1",
+            "mqtts://h:1",
+            "[::1",
+        ] {
+            assert!(parse_address(bad, 1).is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn filters() {
+        for ok in ["#", "a/+/b", "+", "a/#", "$SYS/#"] {
+            assert!(check_filter(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a/#/b", "a#", "a/b+"] {
+            assert!(check_filter(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn secrets_do_not_leak_through_debug() {
+        let s = Secret("hunter2".into());
+        assert_eq!(format!("{s:?}"), "<redacted>");
+    }
+}

@@ -1,0 +1,365 @@
+//! Echo suppression for MQTT 3.1.1 links: pure, I/O-free, clock passed in.
+//!
+//! A 3.1.1 broker sends the bridge's own publishes back to it (there is no No Local), and the
+//! echo carries nothing that marks it. Before the bridge publishes a message to a broker it
+//! [`EchoWindow::record`]s the message's [`fingerprint`]; when a message arrives from that broker,
+//! [`EchoWindow::take_echo`] consumes one matching record and the message is dropped as an echo.
+//!
+//! The window is a counted multiset with a TTL: publishing the same content twice expects two
+//! echoes. Entries expire after `ttl` (an echo that never came: the broker dropped it, or a
+//! filter did not match) and the number of live entries is capped at `max_entries`, oldest first
+//! evicted (counted in [`EchoWindow::evictions`]; an evicted entry's echo would be forwarded once more).
+//!
+//! The fingerprint covers topic and payload only. QoS and retain are not part of it on purpose:
+//! a 3.1.1 broker delivers a retained publish to live subscribers with retain = 0, and downgrades
+//! QoS to the subscription's, so neither survives the echo.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+use std::time::{Duration, Instant};
+
+/// Fingerprint of a message's topic and payload (64-bit, fixed seeds so it is stable per process).
+pub fn fingerprint(topic: &[u8], payload: &[u8]) -> u64 {
+    let state = ahash::RandomState::with_seeds(0x6d62_7269, 0x6467_655f, 0x6563_686f, 0x5f77_696e);
+    let mut h = state.build_hasher();
+    h.write_usize(topic.len());
+    h.write(topic);
+    h.write(payload);
+    h.finish()
+}
+
+/// Approximate heap bytes of one order-queue slot.
+const SLOT_BYTES: usize = 24;
+/// Approximate heap bytes of one map entry with its per-fingerprint queue.
+const MAP_ENTRY_BYTES: usize = 64;
+/// Approximate heap bytes of one live sequence number.
+const SEQ_BYTES: usize = 8;
+
+/// A counted multiset of fingerprints with a TTL and a bound on its size.
+#[derive(Debug)]
+pub struct EchoWindow {
+    ttl: Duration,
+    max_entries: usize,
+    /// Live records per fingerprint: their sequence numbers, oldest first.
+    live: HashMap<u64, VecDeque<u64>, ahash::RandomState>,
+    /// Every record in insertion order: (expiry, sequence, fingerprint). Records consumed by an
+    /// echo stay here until they reach the front, where they are skipped.
+    order: VecDeque<(Instant, u64, u64)>,
+    next_seq: u64,
+    live_count: usize,
+    evictions: u64,
+    expirations: u64,
+}
+
+impl EchoWindow {
+    /// An empty window.
+    pub fn new(ttl: Duration, max_entries: usize) -> Self {
+        Self {
+            ttl,
+            max_entries: max_entries.max(1),
+            live: HashMap::default(),
+            order: VecDeque::new(),
+            next_seq: 0,
+            live_count: 0,
+            evictions: 0,
+            expirations: 0,
+        }
+    }
+
+    /// Notes that a message with this fingerprint was published to the broker at `now`.
+    pub fn record(&mut self, fp: u64, now: Instant) {
+        self.expire(now);
+        while self.live_count >= self.max_entries {
+            if self.pop_front_live().is_some() {
+                self.evictions += 1;
+            }
+        }
+        if self.order.len() >= 2 * self.max_entries {
+            // Consumed slots stuck behind an old live one: drop them all (at least half of the
+            // queue goes, so this is amortised O(1) per record).
+            let live = &self.live;
+            self.order.retain(|&(_, seq, fp)| {
+                live.get(&fp)
+                    .and_then(|q| q.front())
+                    .is_some_and(|&o| o <= seq)
+            });
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.live.entry(fp).or_default().push_back(seq);
+        self.order.push_back((now + self.ttl, seq, fp));
+        self.live_count += 1;
+    }
+
+    /// If a live record matches, consumes it and returns true: the message is an echo.
+    pub fn take_echo(&mut self, fp: u64, now: Instant) -> bool {
+        self.expire(now);
+        let Some(seqs) = self.live.get_mut(&fp) else {
+            return false;
+        };
+        seqs.pop_front();
+        if seqs.is_empty() {
+            self.live.remove(&fp);
+        }
+        self.live_count -= 1;
+        self.compact_front();
+        true
+    }
+
+    /// Live records (echoes still expected).
+    pub fn len(&self) -> usize {
+        self.live_count
+    }
+
+    /// True when no echo is expected.
+    pub fn is_empty(&self) -> bool {
+        self.live_count == 0
+    }
+
+    /// Records dropped because the window was full.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    /// Records that expired without their echo.
+    pub fn expirations(&self) -> u64 {
+        self.expirations
+    }
+
+    /// Approximate heap bytes held, for the metrics.
+    pub fn approx_bytes(&self) -> usize {
+        self.order.len() * SLOT_BYTES
+            + self.live.len() * MAP_ENTRY_BYTES
+            + self.live_count * SEQ_BYTES
+    }
+
+    /// The upper bound of [`approx_bytes`](Self::approx_bytes): the order queue holds at most
+    /// twice `max_entries` slots (consumed slots are compacted away), the map at most `max_entries`.
+    pub fn max_bytes(&self) -> usize {
+        self.max_entries * (2 * SLOT_BYTES + MAP_ENTRY_BYTES + SEQ_BYTES)
+    }
+
+    fn is_live(&self, seq: u64, fp: u64) -> bool {
+        // Records of one fingerprint are consumed oldest first, so a record is live exactly when
+        // its sequence is not older than the oldest live one.
+        self.live
+            .get(&fp)
+            .and_then(|q| q.front())
+            .is_some_and(|&oldest| oldest <= seq)
+    }
+
+    /// Removes the oldest live record (skipping consumed ones); returns its fingerprint.
+    fn pop_front_live(&mut self) -> Option<u64> {
+        while let Some((_, seq, fp)) = self.order.pop_front() {
+            if self.is_live(seq, fp) {
+                self.remove_oldest_of(fp);
+                return Some(fp);
+            }
+        }
+        None
+    }
+
+    fn remove_oldest_of(&mut self, fp: u64) {
+        if let Some(q) = self.live.get_mut(&fp) {
+            q.pop_front();
+            if q.is_empty() {
+                self.live.remove(&fp);
+            }
+            self.live_count -= 1;
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(expiry, seq, fp)) = self.order.front() {
+            if expiry > now {
+                break;
+            }
+            self.order.pop_front();
+            if self.is_live(seq, fp) {
+                self.remove_oldest_of(fp);
+                self.expirations += 1;
+            }
+        }
+        self.compact_front();
+    }
+
+    /// Drops consumed records from the front so the order queue tracks only what is live.
+    fn compact_front(&mut self) {
+        while let Some(&(_, seq, fp)) = self.order.front() {
+            if self.is_live(seq, fp) {
+                break;
+            }
+            self.order.pop_front();
+        }
+        if self.order.capacity() > 64 && self.order.len() < self.order.capacity() / 4 {
+            self.order.shrink_to(self.order.len().max(64));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn echo_is_consumed_once() {
+        let t0 = Instant::now();
+        let mut w = EchoWindow::new(TTL, 100);
+        let fp = fingerprint(b"a/b", b"hello");
+        w.record(fp, t0);
+        assert!(w.take_echo(fp, t0));
+        assert!(!w.take_echo(fp, t0), "a second copy is not an echo");
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn counted_multiset() {
+        let t0 = Instant::now();
+        let mut w = EchoWindow::new(TTL, 100);
+        let fp = fingerprint(b"t", b"same");
+        for _ in 0..3 {
+            w.record(fp, t0);
+        }
+        assert_eq!(w.len(), 3);
+        assert!(w.take_echo(fp, t0));
+        assert!(w.take_echo(fp, t0));
+        assert!(w.take_echo(fp, t0));
+        assert!(!w.take_echo(fp, t0));
+    }
+
+    #[test]
+    fn different_topic_or_payload_is_not_an_echo() {
+        let t0 = Instant::now();
+        let mut w = EchoWindow::new(TTL, 100);
+        w.record(fingerprint(b"a", b"x"), t0);
+        assert!(!w.take_echo(fingerprint(b"b", b"x"), t0));
+        assert!(!w.take_echo(fingerprint(b"a", b"y"), t0));
+        // Length-prefixing keeps topic/payload boundaries apart.
+        assert_ne!(fingerprint(b"ab", b"c"), fingerprint(b"a", b"bc"));
+        assert!(w.take_echo(fingerprint(b"a", b"x"), t0));
+    }
+
+    #[test]
+    fn records_expire_after_ttl() {
+        let t0 = Instant::now();
+        let mut w = EchoWindow::new(TTL, 100);
+        let fp = fingerprint(b"t", b"p");
+        w.record(fp, t0);
+        assert!(!w.take_echo(fp, t0 + TTL), "expired at exactly ttl");
+        assert_eq!(w.expirations(), 1);
+        assert!(w.is_empty());
+
+        w.record(fp, t0);
+        assert!(w.take_echo(fp, t0 + TTL - Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn expiry_of_a_consumed_record_does_not_remove_a_younger_one() {
+        let t0 = Instant::now();
+        let mut w = EchoWindow::new(TTL, 100);
+        let fp = fingerprint(b"t", b"p");
+        w.record(fp, t0);
+        w.record(fp, t0 + Duration::from_secs(20));
+        assert!(w.take_echo(fp, t0 + Duration::from_secs(21)));
+        // The first record's expiry passes: the younger record must still be there.
+        assert!(w.take_echo(fp, t0 + Duration::from_secs(31)));
+        assert_eq!(w.expirations(), 0);
+    }
+
+    #[test]
+    fn bounded_memory_evicts_oldest() {
+        let t0 = Instant::now();
+        let mut w = EchoWindow::new(TTL, 10);
+        for i in 0..25u32 {
+            w.record(fingerprint(b"t", &i.to_be_bytes()), t0);
+        }
+        assert_eq!(w.len(), 10);
+        assert_eq!(w.evictions(), 15);
+        assert!(
+            !w.take_echo(fingerprint(b"t", &0u32.to_be_bytes()), t0),
+            "oldest was evicted"
+        );
+        assert!(
+            w.take_echo(fingerprint(b"t", &24u32.to_be_bytes()), t0),
+            "newest kept"
+        );
+        assert!(w.approx_bytes() <= w.max_bytes());
+    }
+
+    #[test]
+    fn order_queue_stays_small_when_echoes_return() {
+        // Steady state of a healthy link: every record is consumed soon after it is made. The
+        // order queue must not keep a slot per message for the whole TTL.
+        let t0 = Instant::now();
+        let mut w = EchoWindow::new(TTL, 1_000_000);
+        for i in 0..100_000u32 {
+            let fp = fingerprint(b"t", &i.to_be_bytes());
+            w.record(fp, t0);
+            assert!(w.take_echo(fp, t0));
+        }
+        assert!(w.is_empty());
+        assert!(
+            w.order.len() <= 1,
+            "stale slots were kept: {}",
+            w.order.len()
+        );
+        assert!(w.approx_bytes() < 64 * 1024, "{} bytes", w.approx_bytes());
+    }
+
+    #[test]
+    fn consumed_slots_behind_a_stuck_entry_stay_bounded() {
+        // One echo never comes back; everything after it is echoed at once. The order queue must
+        // not grow with the traffic while the stuck entry waits for its TTL.
+        let t0 = Instant::now();
+        let mut w = EchoWindow::new(TTL, 100);
+        w.record(fingerprint(b"stuck", b""), t0);
+        for i in 0..100_000u32 {
+            let fp = fingerprint(b"t", &i.to_be_bytes());
+            w.record(fp, t0);
+            assert!(w.take_echo(fp, t0));
+        }
+        assert_eq!(w.len(), 1);
+        assert!(
+            w.order.len() <= 200,
+            "order queue grew to {}",
+            w.order.len()
+        );
+        assert!(w.approx_bytes() <= w.max_bytes());
+        assert!(w.take_echo(fingerprint(b"stuck", b""), t0));
+    }
+
+    #[test]
+    fn out_of_order_echoes() {
+        let t0 = Instant::now();
+        let mut w = EchoWindow::new(TTL, 100);
+        let fps: Vec<u64> = (0..5u8).map(|i| fingerprint(b"t", &[i])).collect();
+        for &fp in &fps {
+            w.record(fp, t0);
+        }
+        for &fp in fps.iter().rev() {
+            assert!(w.take_echo(fp, t0));
+        }
+        assert!(w.is_empty());
+        assert!(w.order.is_empty());
+    }
+
+    #[test]
+    fn eviction_skips_consumed_slots() {
+        let t0 = Instant::now();
+        let mut w = EchoWindow::new(TTL, 2);
+        let (a, b, c) = (
+            fingerprint(b"a", b""),
+            fingerprint(b"b", b""),
+            fingerprint(b"c", b""),
+        );
+        w.record(a, t0);
+        w.record(b, t0);
+        assert!(w.take_echo(b, t0));
+        w.record(c, t0);
+        assert_eq!(w.evictions(), 0, "room was freed by the echo of b");
+        assert!(w.take_echo(a, t0));
+        assert!(w.take_echo(c, t0));
+    }
+}

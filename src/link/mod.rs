@@ -1,0 +1,447 @@
+//! One task per broker: connect with backoff, subscribe, receive and hand messages to the
+//! router, publish what the router queued for this broker, track acknowledgements.
+//!
+//! Life of a link: `Connecting` → `Connected` → (connection lost) → `Backoff` → `Connecting` …
+//! until shutdown, which has two steps driven by the supervisor: `stop` (take no new messages
+//! from the broker, keep delivering what is queued) and `disconnect` (send the remaining
+//! acknowledgements, DISCONNECT, exit).
+//!
+//! Delivery bookkeeping per connection: a message taken from the queue is handed to rumqttc
+//! (`awaiting_sent`); rumqttc reports the packet id it wrote it with (`Sent`), and the message
+//! waits in `inflight` for PUBACK/PUBCOMP. When the connection is lost, everything not yet
+//! acknowledged goes back to the front of the queue, in order, and is published again on the
+//! next connection (counted as redelivered: the broker may have it twice).
+
+pub mod backoff;
+pub mod session;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, warn};
+
+use crate::config::Protocol;
+use crate::dedup::{EchoWindow, fingerprint};
+use crate::message::{AckRequest, Message};
+use crate::metrics::{self, LinkState, LinkStats, inc};
+use crate::router::{Outbound, Router, TargetQueue};
+use backoff::Backoff;
+use session::{Client, LinkEvent, SendError, Session, SessionSettings};
+
+/// Everything a link task needs.
+#[derive(Debug)]
+pub struct LinkContext {
+    /// Connection settings.
+    pub settings: SessionSettings,
+    /// Broker name.
+    pub name: Arc<str>,
+    /// Bridge id, for origin tags.
+    pub bridge_id: Arc<str>,
+    /// Filters to subscribe.
+    pub topics: Vec<String>,
+    /// Fan-out to the other links.
+    pub router: Arc<Router>,
+    /// This link's own queue (registered in the router under `name`).
+    pub queue: Arc<TargetQueue>,
+    /// Counters and state.
+    pub stats: Arc<LinkStats>,
+    /// TTL of the echo window (3.1.1 links).
+    pub dedup_window: Duration,
+    /// Bound of the echo window.
+    pub dedup_max_entries: usize,
+    /// First shutdown step: take no new messages.
+    pub stop: CancellationToken,
+    /// Second shutdown step: acknowledge, disconnect, exit.
+    pub disconnect: CancellationToken,
+    /// Set to true while stopping once nothing is queued or in flight.
+    pub drained: watch::Sender<bool>,
+}
+
+/// Runs the link until `disconnect` is cancelled.
+pub async fn run(ctx: LinkContext) {
+    let span = tracing::info_span!("link", broker = %ctx.name);
+    Link::new(ctx).run().instrument(span).await
+}
+
+enum Outcome {
+    Lost {
+        error: String,
+        uptime: Option<Duration>,
+    },
+    Shutdown,
+}
+
+struct Link {
+    ctx: LinkContext,
+    acks_tx: mpsc::UnboundedSender<AckRequest>,
+    acks_rx: mpsc::UnboundedReceiver<AckRequest>,
+    /// Acknowledgements owed to the broker, not yet handed to rumqttc.
+    pending_acks: VecDeque<AckRequest>,
+    /// Incoming packet ids forwarded and not yet acknowledged: a redelivery of one of them
+    /// (after a reconnect) is not forwarded a second time.
+    held: HashSet<u16>,
+    /// Broker session counter: bumped when a CONNACK says the session is new.
+    epoch: u32,
+    echo: EchoWindow,
+    next_seq: u64,
+}
+
+/// Per-connection delivery state.
+struct Conn {
+    client: Client,
+    connected: Option<Instant>,
+    max_packet: Option<u32>,
+    awaiting_sent: VecDeque<(u64, Outbound)>,
+    inflight: HashMap<u16, (u64, Outbound)>,
+}
+
+impl Link {
+    fn new(ctx: LinkContext) -> Self {
+        let (acks_tx, acks_rx) = mpsc::unbounded_channel();
+        let echo = EchoWindow::new(ctx.dedup_window, ctx.dedup_max_entries);
+        Self {
+            ctx,
+            acks_tx,
+            acks_rx,
+            pending_acks: VecDeque::new(),
+            held: HashSet::new(),
+            epoch: 0,
+            echo,
+            next_seq: 0,
+        }
+    }
+
+    async fn run(mut self) {
+        let mut backoff = Backoff::default();
+        let mut first = true;
+        loop {
+            if !first {
+                inc(&self.ctx.stats.reconnects);
+            }
+            first = false;
+            self.ctx.stats.set_state(LinkState::Connecting);
+            let mut session = session::open(&self.ctx.settings);
+            let outcome = self.connection(&mut session).await;
+            drop(session);
+            match outcome {
+                Outcome::Shutdown => break,
+                Outcome::Lost { error, uptime } => {
+                    let delay = backoff.next_delay(uptime, rand::random::<f64>());
+                    self.ctx.stats.set_state(LinkState::Backoff);
+                    metrics::link_error(&self.ctx.stats, &error, delay);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.ctx.disconnect.cancelled() => break,
+                        _ = self.ctx.stop.cancelled(), if !self.ctx.stop.is_cancelled() => {
+                            // Stopping while down: nothing can be delivered; report drained.
+                            let _ = self.ctx.drained.send(true);
+                            tokio::select! {
+                                _ = tokio::time::sleep(delay) => {}
+                                _ = self.ctx.disconnect.cancelled() => break,
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.ctx.queue.set_connected(false);
+        self.ctx.stats.set_state(LinkState::Stopped);
+        info!("link stopped");
+    }
+
+    /// One connection, from dialling to its end.
+    async fn connection(&mut self, session: &mut Session) -> Outcome {
+        let mut conn = Conn {
+            client: session.client.clone(),
+            connected: None,
+            max_packet: None,
+            awaiting_sent: VecDeque::new(),
+            inflight: HashMap::new(),
+        };
+        let window = usize::from(self.ctx.settings.inflight);
+        let mut batch = Vec::new();
+        let outcome = loop {
+            if self.ctx.stop.is_cancelled() {
+                let idle = conn.awaiting_sent.is_empty()
+                    && conn.inflight.is_empty()
+                    && self.ctx.queue.is_empty();
+                let _ = self.ctx.drained.send(idle || conn.connected.is_none());
+            }
+            if conn.connected.is_some() {
+                self.flush_acks(&conn.client);
+            }
+            let room =
+                conn.connected.is_some() && conn.awaiting_sent.len() + conn.inflight.len() < window;
+            if room {
+                let free = window - conn.awaiting_sent.len() - conn.inflight.len();
+                self.ctx.queue.take(free, &mut batch);
+                let had = !batch.is_empty();
+                for item in batch.drain(..) {
+                    self.publish(&mut conn, item);
+                }
+                if had {
+                    self.update_gauges(&conn);
+                    continue;
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = self.ctx.disconnect.cancelled() => {
+                    break self.close(&mut conn, session).await;
+                }
+                event = session.events.recv() => {
+                    match event {
+                        None => break Outcome::Lost { error: "connection task ended".into(), uptime: uptime(&conn) },
+                        Some(LinkEvent::Closed(error)) => break Outcome::Lost { error, uptime: uptime(&conn) },
+                        Some(event) => self.on_event(&mut conn, event),
+                    }
+                }
+                Some(ack) = self.acks_rx.recv() => self.pending_acks.push_back(ack),
+                _ = self.ctx.queue.notified(), if room => {}
+                _ = self.ctx.stop.cancelled(), if !self.ctx.stop.is_cancelled() => {}
+            }
+        };
+        // Whatever was not acknowledged goes back to the queue, in its original order.
+        self.ctx.queue.set_connected(false);
+        let mut unconfirmed: Vec<(u64, Outbound)> = conn.awaiting_sent.drain(..).collect();
+        unconfirmed.extend(conn.inflight.drain().map(|(_, v)| v));
+        unconfirmed.sort_by_key(|(seq, _)| *seq);
+        if !unconfirmed.is_empty() {
+            self.ctx.stats.redelivered.fetch_add(
+                unconfirmed.len() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            debug!(
+                count = unconfirmed.len(),
+                "unacknowledged messages requeued"
+            );
+        }
+        self.ctx
+            .queue
+            .requeue_front(unconfirmed.into_iter().map(|(_, o)| o).collect());
+        self.update_gauges(&conn);
+        outcome
+    }
+
+    fn on_event(&mut self, conn: &mut Conn, event: LinkEvent) {
+        match event {
+            LinkEvent::Connected {
+                session_present,
+                max_packet_size,
+            } => {
+                if !session_present {
+                    // The broker has no memory of us: packet ids of the old session mean nothing.
+                    self.epoch = self.epoch.wrapping_add(1);
+                    self.held.clear();
+                    self.pending_acks.clear();
+                }
+                conn.connected = Some(Instant::now());
+                conn.max_packet = max_packet_size;
+                info!(session_present, "connected");
+                // 3.1.1 has no "retained only on new subscription": skip re-subscribing a kept
+                // session, so the broker does not resend every retained message on each reconnect.
+                let subscribe =
+                    self.ctx.settings.broker.protocol == Protocol::V5 || !session_present;
+                if subscribe && let Err(e) = conn.client.subscribe(&self.ctx.topics) {
+                    warn!(error = %e, "subscribe could not be queued");
+                }
+                self.ctx.queue.set_connected(true);
+                self.ctx.stats.set_state(LinkState::Connected);
+            }
+            LinkEvent::Publish { msg, ack } => self.on_publish(msg, ack),
+            LinkEvent::Sent(pkid) => {
+                if let Some((seq, mut item)) = conn.awaiting_sent.pop_front() {
+                    if pkid == 0 {
+                        item.complete();
+                        inc(&self.ctx.stats.messages_out);
+                    } else {
+                        conn.inflight.insert(pkid, (seq, item));
+                    }
+                }
+            }
+            LinkEvent::PubAck(pkid, result) | LinkEvent::PubRec(pkid, result @ Err(_)) => {
+                self.acknowledged(conn, pkid, result)
+            }
+            LinkEvent::PubRec(_, Ok(())) => {}
+            LinkEvent::PubComp(pkid) => self.acknowledged(conn, pkid, Ok(())),
+            LinkEvent::SubAck(failures) => {
+                if failures.is_empty() {
+                    debug!(topics = ?self.ctx.topics, "subscribed");
+                } else {
+                    let error = format!("subscription refused: {}", failures.join(", "));
+                    warn!(%error);
+                    self.ctx.stats.set_error(error);
+                }
+            }
+            LinkEvent::Closed(_) => {}
+        }
+        self.update_gauges(conn);
+    }
+
+    fn acknowledged(&mut self, conn: &mut Conn, pkid: u16, result: Result<(), String>) {
+        let Some((_, mut item)) = conn.inflight.remove(&pkid) else {
+            return;
+        };
+        match result {
+            Ok(()) => inc(&self.ctx.stats.messages_out),
+            Err(reason) => metrics::message_rejected(&self.ctx.stats, &item.msg.topic, &reason),
+        }
+        item.complete();
+    }
+
+    fn on_publish(&mut self, msg: Message, ack: Option<AckRequest>) {
+        let stats = &self.ctx.stats;
+        inc(&stats.messages_in);
+        let ack = ack.map(|a| AckRequest {
+            epoch: self.epoch,
+            ..a
+        });
+        if self.ctx.stop.is_cancelled() {
+            // Not acknowledged: the broker keeps it for our next session.
+            return;
+        }
+        if msg.has_origin_tag() {
+            inc(&stats.dropped_tagged);
+            self.pending_acks.extend(ack);
+            return;
+        }
+        if self.ctx.settings.broker.protocol == Protocol::V311
+            && self
+                .echo
+                .take_echo(fingerprint(&msg.topic, &msg.payload), Instant::now())
+        {
+            inc(&stats.dropped_echo);
+            self.pending_acks.extend(ack);
+            return;
+        }
+        if let Some(a) = ack
+            && !self.held.insert(a.pkid)
+        {
+            // Redelivered after a reconnect while the first copy is still on its way:
+            // its acknowledgement will cover this one.
+            debug!(pkid = a.pkid, "redelivery of a message already forwarded");
+            return;
+        }
+        let targets = self
+            .ctx
+            .router
+            .forward(&self.ctx.name, msg, ack.map(|a| (a, &self.acks_tx)));
+        if targets > 0 {
+            inc(&stats.forwarded);
+        }
+    }
+
+    fn publish(&mut self, conn: &mut Conn, mut item: Outbound) {
+        let broker = &self.ctx.settings.broker;
+        let qos = item.msg.qos.min(broker.max_qos);
+        let Some(topic) = item.msg.topic_str() else {
+            metrics::message_rejected(&self.ctx.stats, &item.msg.topic, "topic is not UTF-8");
+            item.complete();
+            return;
+        };
+        if let Some(max) = conn.max_packet {
+            let size = approx_packet_size(&item.msg);
+            if size > max as usize {
+                let reason = format!("{size} bytes exceed the broker's maximum packet size {max}");
+                metrics::message_rejected(&self.ctx.stats, &item.msg.topic, &reason);
+                item.complete();
+                return;
+            }
+        }
+        let properties = match broker.protocol {
+            Protocol::V5 => Some(
+                item.msg
+                    .forward_properties(&format!("{}/{}", self.ctx.bridge_id, item.origin)),
+            ),
+            Protocol::V311 => None,
+        };
+        match conn.client.publish(&item.msg, topic, qos, properties) {
+            Ok(()) => {
+                if broker.protocol == Protocol::V311 {
+                    self.echo.record(
+                        fingerprint(&item.msg.topic, &item.msg.payload),
+                        Instant::now(),
+                    );
+                }
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                conn.awaiting_sent.push_back((seq, item));
+            }
+            Err(SendError::Full | SendError::Closed) => {
+                // Back to the front; retried after the next event (or on the next connection).
+                self.ctx.queue.requeue_front(vec![item]);
+            }
+        }
+    }
+
+    fn flush_acks(&mut self, client: &Client) {
+        while let Some(ack) = self.pending_acks.front().copied() {
+            if ack.epoch != self.epoch {
+                self.pending_acks.pop_front();
+                continue;
+            }
+            match client.ack(ack) {
+                Ok(()) => {
+                    self.pending_acks.pop_front();
+                    self.held.remove(&ack.pkid);
+                }
+                Err(_) => break,
+            }
+        }
+        // What could not be handed over now is retried after the next event.
+    }
+
+    async fn close(&mut self, conn: &mut Conn, session: &mut Session) -> Outcome {
+        self.flush_acks(&conn.client);
+        let _ = conn.client.disconnect();
+        // Let the driver write the acknowledgements and the DISCONNECT.
+        let deadline = tokio::time::sleep(Duration::from_secs(2));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => break,
+                event = session.events.recv() => match event {
+                    None | Some(LinkEvent::Closed(_)) => break,
+                    Some(_) => {}
+                },
+            }
+        }
+        info!("disconnected");
+        Outcome::Shutdown
+    }
+
+    fn update_gauges(&self, conn: &Conn) {
+        let s = &self.ctx.stats;
+        s.inflight.store(
+            (conn.awaiting_sent.len() + conn.inflight.len()) as i64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        s.dedup_entries
+            .store(self.echo.len() as i64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn uptime(conn: &Conn) -> Option<Duration> {
+    conn.connected.map(|t| t.elapsed())
+}
+
+/// Size of the PUBLISH packet that forwards `msg`, close enough to compare with a broker limit
+/// (properties counted with their encoded lengths, plus the origin tag).
+fn approx_packet_size(msg: &Message) -> usize {
+    let props = msg.properties.as_ref().map_or(0, |p| {
+        p.user_properties
+            .iter()
+            .map(|(k, v)| 5 + k.len() + v.len())
+            .sum::<usize>()
+            + p.response_topic.as_ref().map_or(0, |t| 3 + t.len())
+            + p.correlation_data.as_ref().map_or(0, |d| 3 + d.len())
+            + p.content_type.as_ref().map_or(0, |c| 3 + c.len())
+            + 16
+    });
+    // fixed header (≤5) + topic length (2) + topic + packet id (2) + properties length (≤4)
+    // + properties + origin tag + payload
+    5 + 2 + msg.topic.len() + 2 + 4 + props + 64 + msg.payload.len()
+}

@@ -1,0 +1,455 @@
+//! One connection to one broker: rumqttc client + event loop for MQTT 5 or 3.1.1, behind one
+//! protocol-neutral interface.
+//!
+//! Every connection attempt gets a fresh rumqttc `EventLoop`. The link (not rumqttc) keeps the
+//! messages that were not acknowledged and publishes them again on the next connection; that
+//! avoids two rumqttc behaviours that lose or wedge messages across reconnects: its pending
+//! queue is silently dropped when the broker answers `session_present = false`, and a PUBREL for
+//! a QoS 2 message received before the reconnect is answered with a disconnect
+//! (bytebeamio/rumqtt#664). For the latter, [`seed_qos2_receive_state`] marks every packet id as
+//! a known incoming QoS 2 exchange, so a resent PUBREL is answered with PUBCOMP as the MQTT 5
+//! spec asks.
+//!
+//! `EventLoop::poll` is not cancel-safe (a cancelled flush can resend half a packet), so it runs
+//! alone in a driver task that turns rumqttc events into [`LinkEvent`]s; the link task talks to
+//! the client only through non-blocking calls.
+
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5 as v5b;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::config::{BrokerConfig, Protocol};
+use crate::message::{AckRequest, Message};
+
+/// Largest packet MQTT allows; the bridge never refuses what a broker accepted.
+pub const MQTT_MAX_PACKET: u32 = 268_435_455;
+
+/// What a connection reports to its link.
+// `Publish` is by far the most frequent variant; boxing it would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// CONNACK accepted.
+    Connected {
+        /// The broker kept our session.
+        session_present: bool,
+        /// The broker's maximum packet size (MQTT 5), if it announced one.
+        max_packet_size: Option<u32>,
+    },
+    /// A message from the broker.
+    Publish {
+        /// The message.
+        msg: Message,
+        /// What to acknowledge (QoS ≥ 1).
+        ack: Option<AckRequest>,
+    },
+    /// One of our publishes was written to the socket (pkid 0 for QoS 0).
+    Sent(u16),
+    /// PUBACK for one of our QoS 1 publishes; `Err` carries the broker's reason.
+    PubAck(u16, Result<(), String>),
+    /// PUBREC for one of our QoS 2 publishes.
+    PubRec(u16, Result<(), String>),
+    /// PUBCOMP for one of our QoS 2 publishes.
+    PubComp(u16),
+    /// SUBACK; the failures, if any.
+    SubAck(Vec<String>),
+    /// The connection failed or closed; the driver has stopped.
+    Closed(String),
+}
+
+/// Settings of the connection shared by every attempt.
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    /// The broker.
+    pub broker: BrokerConfig,
+    /// Client id (`<bridge id>-<broker name>`).
+    pub client_id: String,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// Session expiry asked of MQTT 5 brokers.
+    pub session_expiry: Duration,
+    /// Outgoing QoS ≥ 1 messages in flight.
+    pub inflight: u16,
+}
+
+impl SessionSettings {
+    /// Capacity of rumqttc's request channel: the link never has more than `inflight` publishes
+    /// plus this many acknowledgements waiting in it.
+    pub fn request_capacity(&self) -> usize {
+        usize::from(self.inflight) + 1024
+    }
+}
+
+/// The client half of a connection.
+#[derive(Debug, Clone)]
+pub enum Client {
+    /// MQTT 3.1.1.
+    V4(rumqttc::AsyncClient),
+    /// MQTT 5.
+    V5(rumqttc::v5::AsyncClient),
+}
+
+/// Why a request could not be queued.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// rumqttc's request channel is full; try again after the next event.
+    #[error("request channel full")]
+    Full,
+    /// The connection is gone.
+    #[error("connection closed")]
+    Closed,
+}
+
+fn qos_v4(q: u8) -> rumqttc::QoS {
+    match q {
+        0 => rumqttc::QoS::AtMostOnce,
+        1 => rumqttc::QoS::AtLeastOnce,
+        _ => rumqttc::QoS::ExactlyOnce,
+    }
+}
+
+fn qos_v5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
+    match q {
+        0 => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        1 => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        _ => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+    }
+}
+
+/// Polls a future once; the request channel has room by construction, so sending completes
+/// on the first poll. `Pending` (the invariant broken) is reported as `Full`.
+fn send_now<F: Future<Output = Result<(), E>>, E>(fut: F) -> Result<(), SendError> {
+    let mut fut = pin!(fut);
+    match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(Ok(())) => Ok(()),
+        Poll::Ready(Err(_)) => Err(SendError::Closed),
+        Poll::Pending => Err(SendError::Full),
+    }
+}
+
+fn try_result<E: std::fmt::Display>(r: Result<(), E>) -> Result<(), SendError> {
+    r.map_err(|e| {
+        if e.to_string().contains("full") || e.to_string().contains("Full") {
+            SendError::Full
+        } else {
+            SendError::Closed
+        }
+    })
+}
+
+impl Client {
+    /// Queues a publish of `msg` at `qos`; on MQTT 5 with `properties`.
+    pub fn publish(
+        &self,
+        msg: &Message,
+        topic: &str,
+        qos: u8,
+        properties: Option<v5b::PublishProperties>,
+    ) -> Result<(), SendError> {
+        match self {
+            Client::V4(c) => {
+                send_now(c.publish_bytes(topic, qos_v4(qos), msg.retain, msg.payload.clone()))
+            }
+            Client::V5(c) => match properties {
+                Some(p) => send_now(c.publish_bytes_with_properties(
+                    topic,
+                    qos_v5(qos),
+                    msg.retain,
+                    msg.payload.clone(),
+                    p,
+                )),
+                None => {
+                    send_now(c.publish_bytes(topic, qos_v5(qos), msg.retain, msg.payload.clone()))
+                }
+            },
+        }
+    }
+
+    /// Queues the acknowledgement of an incoming publish (PUBACK or PUBREC).
+    pub fn ack(&self, ack: AckRequest) -> Result<(), SendError> {
+        match self {
+            Client::V4(c) => {
+                let mut p = rumqttc::Publish::new("", qos_v4(ack.qos), Vec::new());
+                p.pkid = ack.pkid;
+                try_result(c.try_ack(&p))
+            }
+            Client::V5(c) => {
+                let mut p = v5b::Publish::new("", qos_v5(ack.qos), Bytes::new(), None);
+                p.pkid = ack.pkid;
+                try_result(c.try_ack(&p))
+            }
+        }
+    }
+
+    /// Subscribes the filters: on MQTT 5 with No Local, retain-as-published, and retained
+    /// messages only on a new subscription (a resumed session does not re-flood them).
+    pub fn subscribe(&self, filters: &[String]) -> Result<(), SendError> {
+        match self {
+            Client::V4(c) => {
+                try_result(c.try_subscribe_many(
+                    filters.iter().map(|f| {
+                        rumqttc::SubscribeFilter::new(f.clone(), rumqttc::QoS::ExactlyOnce)
+                    }),
+                ))
+            }
+            Client::V5(c) => try_result(c.try_subscribe_many(filters.iter().map(|f| {
+                let mut filter =
+                    v5b::Filter::new(f.clone(), rumqttc::v5::mqttbytes::QoS::ExactlyOnce);
+                filter.nolocal = true;
+                filter.preserve_retain = true;
+                filter.retain_forward_rule = v5b::RetainForwardRule::OnNewSubscribe;
+                filter
+            }))),
+        }
+    }
+
+    /// Queues a DISCONNECT.
+    pub fn disconnect(&self) -> Result<(), SendError> {
+        match self {
+            Client::V4(c) => try_result(c.try_disconnect()),
+            Client::V5(c) => try_result(c.try_disconnect()),
+        }
+    }
+}
+
+/// A live connection attempt: the client, the events of its driver, and the driver task.
+#[derive(Debug)]
+pub struct Session {
+    /// Request side.
+    pub client: Client,
+    /// Events, ending with `Closed`.
+    pub events: mpsc::Receiver<LinkEvent>,
+    /// The driver task (aborted when the session is dropped).
+    pub driver: JoinHandle<()>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// Starts a connection attempt; the first event is `Connected` or `Closed`.
+pub fn open(s: &SessionSettings) -> Session {
+    let (tx, rx) = mpsc::channel(1024);
+    let b = &s.broker;
+    let (client, driver) = match b.protocol {
+        Protocol::V311 => {
+            let mut o = rumqttc::MqttOptions::new(s.client_id.clone(), b.host.clone(), b.port);
+            o.set_keep_alive(s.keep_alive)
+                .set_clean_session(false)
+                .set_manual_acks(true)
+                .set_inflight(s.inflight)
+                .set_max_packet_size(MQTT_MAX_PACKET as usize, MQTT_MAX_PACKET as usize);
+            if let Some(tls) = &b.tls {
+                o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+                    tls.clone(),
+                )));
+            }
+            if let Some((u, p)) = &b.credentials {
+                o.set_credentials(u.clone(), p.expose().to_string());
+            }
+            let (client, mut el) = rumqttc::AsyncClient::new(o, s.request_capacity());
+            seed_v4(&mut el);
+            (Client::V4(client), tokio::spawn(drive_v4(el, tx)))
+        }
+        Protocol::V5 => {
+            let mut o = rumqttc::v5::MqttOptions::new(s.client_id.clone(), b.host.clone(), b.port);
+            o.set_keep_alive(s.keep_alive)
+                .set_clean_start(false)
+                .set_manual_acks(true)
+                .set_session_expiry_interval(Some(
+                    u32::try_from(s.session_expiry.as_secs()).unwrap_or(u32::MAX),
+                ))
+                .set_receive_maximum(Some(s.inflight.max(20)))
+                .set_max_packet_size(Some(MQTT_MAX_PACKET))
+                .set_outgoing_inflight_upper_limit(s.inflight);
+            if let Some(tls) = &b.tls {
+                o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+                    tls.clone(),
+                )));
+            }
+            if let Some((u, p)) = &b.credentials {
+                o.set_credentials(u.clone(), p.expose().to_string());
+            }
+            let (client, mut el) = rumqttc::v5::AsyncClient::new(o, s.request_capacity());
+            seed_v5(&mut el);
+            (Client::V5(client), tokio::spawn(drive_v5(el, tx)))
+        }
+    };
+    Session {
+        client,
+        events: rx,
+        driver,
+    }
+}
+
+/// Marks every packet id as an incoming QoS 2 exchange, through rumqttc's public state API,
+/// so that a PUBREL the broker resends for an exchange of an earlier connection (or an earlier
+/// process) is answered with PUBCOMP instead of killing the connection (rumqtt#664). The
+/// events this produces are removed again.
+pub fn seed_qos2_receive_state<P>(
+    events: &mut std::collections::VecDeque<P>,
+    mut feed: impl FnMut(u16),
+) {
+    let before = events.len();
+    for pkid in 1..=u16::MAX {
+        feed(pkid);
+    }
+    events.truncate(before);
+}
+
+fn seed_v4(el: &mut rumqttc::EventLoop) {
+    let state = &mut el.state;
+    let mut events = std::mem::take(&mut state.events);
+    seed_qos2_receive_state(&mut events, |pkid| {
+        let mut p = rumqttc::Publish::new("seed", rumqttc::QoS::ExactlyOnce, Vec::new());
+        p.pkid = pkid;
+        let _ = state.handle_incoming_packet(rumqttc::Incoming::Publish(p));
+    });
+    let seeded = std::mem::replace(&mut state.events, events);
+    drop(seeded);
+}
+
+fn seed_v5(el: &mut rumqttc::v5::EventLoop) {
+    let state = &mut el.state;
+    let mut events = std::mem::take(&mut state.events);
+    seed_qos2_receive_state(&mut events, |pkid| {
+        let mut p = v5b::Publish::new(
+            "seed",
+            rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+            Bytes::new(),
+            None,
+        );
+        p.pkid = pkid;
+        let _ = state.handle_incoming_packet(rumqttc::v5::Incoming::Publish(p));
+    });
+    let seeded = std::mem::replace(&mut state.events, events);
+    drop(seeded);
+}
+
+fn qos_u8_v4(q: rumqttc::QoS) -> u8 {
+    q as u8
+}
+
+fn qos_u8_v5(q: rumqttc::v5::mqttbytes::QoS) -> u8 {
+    q as u8
+}
+
+async fn drive_v4(mut el: rumqttc::EventLoop, tx: mpsc::Sender<LinkEvent>) {
+    use rumqttc::{Event, Outgoing, Packet};
+    loop {
+        let event = match el.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(c))) => LinkEvent::Connected {
+                session_present: c.session_present,
+                max_packet_size: None,
+            },
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let qos = qos_u8_v4(p.qos);
+                LinkEvent::Publish {
+                    ack: (qos > 0).then_some(AckRequest {
+                        pkid: p.pkid,
+                        qos,
+                        epoch: 0,
+                    }),
+                    msg: Message {
+                        topic: Bytes::from(p.topic),
+                        payload: p.payload,
+                        qos,
+                        retain: p.retain,
+                        properties: None,
+                    },
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(a))) => LinkEvent::PubAck(a.pkid, Ok(())),
+            Ok(Event::Incoming(Packet::PubRec(a))) => LinkEvent::PubRec(a.pkid, Ok(())),
+            Ok(Event::Incoming(Packet::PubComp(a))) => LinkEvent::PubComp(a.pkid),
+            Ok(Event::Incoming(Packet::SubAck(s))) => LinkEvent::SubAck(
+                s.return_codes
+                    .iter()
+                    .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                    .map(|c| format!("{c:?}"))
+                    .collect(),
+            ),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => LinkEvent::Sent(pkid),
+            Ok(_) => continue,
+            Err(e) => {
+                let _ = tx.send(LinkEvent::Closed(e.to_string())).await;
+                return;
+            }
+        };
+        if tx.send(event).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn reason_v5<R: std::fmt::Debug>(reason: R, ok: &[&str]) -> Result<(), String> {
+    let text = format!("{reason:?}");
+    if ok.contains(&text.as_str()) {
+        Ok(())
+    } else {
+        Err(text)
+    }
+}
+
+async fn drive_v5(mut el: rumqttc::v5::EventLoop, tx: mpsc::Sender<LinkEvent>) {
+    use rumqttc::Outgoing;
+    use rumqttc::v5::Event;
+    use v5b::Packet;
+    const OK: &[&str] = &["Success", "NoMatchingSubscribers"];
+    loop {
+        let event = match el.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(c))) => LinkEvent::Connected {
+                session_present: c.session_present,
+                max_packet_size: c.properties.as_ref().and_then(|p| p.max_packet_size),
+            },
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let qos = qos_u8_v5(p.qos);
+                LinkEvent::Publish {
+                    ack: (qos > 0).then_some(AckRequest {
+                        pkid: p.pkid,
+                        qos,
+                        epoch: 0,
+                    }),
+                    msg: Message {
+                        topic: p.topic,
+                        payload: p.payload,
+                        qos,
+                        retain: p.retain,
+                        properties: p.properties,
+                    },
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(a))) => {
+                LinkEvent::PubAck(a.pkid, reason_v5(a.reason, OK))
+            }
+            Ok(Event::Incoming(Packet::PubRec(a))) => {
+                LinkEvent::PubRec(a.pkid, reason_v5(a.reason, OK))
+            }
+            Ok(Event::Incoming(Packet::PubComp(a))) => LinkEvent::PubComp(a.pkid),
+            Ok(Event::Incoming(Packet::SubAck(s))) => LinkEvent::SubAck(
+                s.return_codes
+                    .iter()
+                    .filter(|c| !matches!(c, v5b::SubscribeReasonCode::Success(_)))
+                    .map(|c| format!("{c:?}"))
+                    .collect(),
+            ),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => LinkEvent::Sent(pkid),
+            Ok(_) => continue,
+            Err(e) => {
+                let _ = tx.send(LinkEvent::Closed(e.to_string())).await;
+                return;
+            }
+        };
+        if tx.send(event).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! The message as it travels through the bridge, independent of the protocol version of the
+//! link it came from, and the acknowledgement owed to its origin broker.
+//!
+//! Topic and payload are `Bytes`, shared (not copied) between all targets.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use tokio::sync::mpsc;
+
+/// User property that marks a message forwarded by a meshbridge (`<bridge id>/<origin broker>`).
+pub const ORIGIN_TAG: &str = "mb-origin";
+
+/// A message received from one broker, to be forwarded to the others.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Topic name.
+    pub topic: Bytes,
+    /// Payload, shared by every copy.
+    pub payload: Bytes,
+    /// QoS it was received with (0, 1, 2).
+    pub qos: u8,
+    /// Retain flag as published (MQTT 5 retain-as-published) or as delivered (3.1.1).
+    pub retain: bool,
+    /// MQTT 5 properties; `None` from a 3.1.1 link.
+    pub properties: Option<PublishProperties>,
+}
+
+impl Message {
+    /// Whether any meshbridge has already forwarded this message (single-hop rule).
+    pub fn has_origin_tag(&self) -> bool {
+        self.properties
+            .as_ref()
+            .is_some_and(|p| p.user_properties.iter().any(|(k, _)| k == ORIGIN_TAG))
+    }
+
+    /// Properties to publish with on an MQTT 5 target: everything the origin gave, minus what is
+    /// only meaningful on the origin connection (topic alias, subscription identifiers), plus the
+    /// origin tag.
+    pub fn forward_properties(&self, tag: &str) -> PublishProperties {
+        let mut props = self.properties.clone().unwrap_or_default();
+        props.topic_alias = None;
+        props.subscription_identifiers.clear();
+        props
+            .user_properties
+            .push((ORIGIN_TAG.to_string(), tag.to_string()));
+        props
+    }
+
+    /// The topic as text (MQTT topics are UTF-8; a broker sending otherwise is reported upstream).
+    pub fn topic_str(&self) -> Option<&str> {
+        std::str::from_utf8(&self.topic).ok()
+    }
+}
+
+/// What is needed to acknowledge one QoS 1/2 publish on its origin connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckRequest {
+    /// Packet identifier of the incoming publish.
+    pub pkid: u16,
+    /// Its QoS (1: PUBACK, 2: PUBREC).
+    pub qos: u8,
+    /// The broker session it belongs to; an acknowledgement for an older session is discarded
+    /// (its packet id may by now name another message).
+    pub epoch: u32,
+}
+
+/// Collects the completions of every target of one message; when the last one reports, the
+/// acknowledgement is sent to the origin link. Dropping a share without completing it leaves the
+/// message unacknowledged, so the origin broker delivers it again (at-least-once).
+#[derive(Debug)]
+pub struct AckGroup {
+    remaining: AtomicUsize,
+    request: AckRequest,
+    origin: mpsc::UnboundedSender<AckRequest>,
+}
+
+/// One target's share of an [`AckGroup`].
+#[derive(Debug)]
+pub struct AckShare(Arc<AckGroup>);
+
+impl AckGroup {
+    /// A group expecting `targets` completions; returns the shares.
+    pub fn split(
+        request: AckRequest,
+        origin: mpsc::UnboundedSender<AckRequest>,
+        targets: usize,
+    ) -> Vec<AckShare> {
+        let group = Arc::new(AckGroup {
+            remaining: AtomicUsize::new(targets),
+            request,
+            origin,
+        });
+        (0..targets).map(|_| AckShare(group.clone())).collect()
+    }
+}
+
+impl AckShare {
+    /// This target is done with the message (acknowledged by its broker, or accepted for later
+    /// delivery); the last share acknowledges the origin.
+    pub fn complete(self) {
+        if self.0.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The origin link may be gone (removed, shutting down): the broker will redeliver.
+            let _ = self.0.origin.send(self.0.request);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_share_acks_once() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let req = AckRequest {
+            pkid: 7,
+            qos: 1,
+            epoch: 0,
+        };
+        let mut shares = AckGroup::split(req, tx, 3);
+        shares.pop().unwrap().complete();
+        shares.pop().unwrap().complete();
+        assert!(
+            rx.try_recv().is_err(),
+            "two of three targets done: no ack yet"
+        );
+        shares.pop().unwrap().complete();
+        assert_eq!(rx.try_recv().unwrap(), req);
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn dropped_share_never_acks() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut shares = AckGroup::split(
+            AckRequest {
+                pkid: 1,
+                qos: 2,
+                epoch: 0,
+            },
+            tx,
+            2,
+        );
+        shares.pop().unwrap().complete();
+        drop(shares);
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn forward_properties_tag_and_strip() {
+        let props = PublishProperties {
+            topic_alias: Some(3),
+            subscription_identifiers: vec![9],
+            content_type: Some("text/plain".into()),
+            user_properties: vec![("k".into(), "v".into())],
+            ..Default::default()
+        };
+        let m = Message {
+            topic: Bytes::from_static(b"t"),
+            payload: Bytes::new(),
+            qos: 1,
+            retain: false,
+            properties: Some(props),
+        };
+        assert!(!m.has_origin_tag());
+        let out = m.forward_properties("br/b1");
+        assert_eq!(out.topic_alias, None);
+        assert!(out.subscription_identifiers.is_empty());
+        assert_eq!(out.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(
+            out.user_properties,
+            vec![
+                ("k".into(), "v".into()),
+                (ORIGIN_TAG.into(), "br/b1".into())
+            ]
+        );
+    }
+}

@@ -1,0 +1,163 @@
+//! Every metric name in one place, and the per-link counters behind them.
+//!
+//! Counters are plain atomics updated on the hot path; the status view and (later) the
+//! Prometheus exposition read them. Events that are worth a log line go through the functions
+//! at the bottom, which log and count in one call, so the two never drift apart.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::SystemTime;
+
+/// Messages received from a broker (before loop checks).
+pub const MESSAGES_IN: &str = "meshbridge_messages_in_total";
+/// Messages published to a broker and acknowledged (QoS 0: written).
+pub const MESSAGES_OUT: &str = "meshbridge_messages_out_total";
+/// Messages received from a broker and handed to at least one target.
+pub const FORWARDED: &str = "meshbridge_forwarded_total";
+/// Echoes of our own publishes dropped on a 3.1.1 link.
+pub const DROPPED_ECHO: &str = "meshbridge_dropped_echo_total";
+/// Messages dropped because they carried an origin tag (single-hop rule).
+pub const DROPPED_TAGGED: &str = "meshbridge_dropped_tagged_total";
+/// Messages dropped because a target queue overflowed.
+pub const DROPPED_OVERFLOW: &str = "meshbridge_dropped_overflow_total";
+/// Messages a broker refused (error reason code, or larger than its maximum packet size).
+pub const REJECTED: &str = "meshbridge_rejected_total";
+/// Messages published again after a reconnect (possible duplicates downstream).
+pub const REDELIVERED: &str = "meshbridge_redelivered_total";
+/// Connection attempts after the first.
+pub const RECONNECTS: &str = "meshbridge_reconnects_total";
+/// 1 while the link is connected.
+pub const CONNECTED: &str = "meshbridge_connected";
+/// Live entries of the link's dedup window.
+pub const DEDUP_ENTRIES: &str = "meshbridge_dedup_window_entries";
+/// Messages waiting for the target (queued + in flight).
+pub const QUEUE_DEPTH: &str = "meshbridge_queue_depth";
+
+/// Lifecycle state of one link, as shown by `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkState {
+    /// Dialling or waiting for CONNACK.
+    Connecting,
+    /// Connected and subscribed.
+    Connected,
+    /// Waiting before the next attempt.
+    Backoff,
+    /// Finished (shutdown or removed).
+    Stopped,
+}
+
+/// Counters and state of one link.
+#[derive(Debug)]
+pub struct LinkStats {
+    /// See [`MESSAGES_IN`].
+    pub messages_in: AtomicU64,
+    /// See [`MESSAGES_OUT`].
+    pub messages_out: AtomicU64,
+    /// See [`FORWARDED`].
+    pub forwarded: AtomicU64,
+    /// See [`DROPPED_ECHO`].
+    pub dropped_echo: AtomicU64,
+    /// See [`DROPPED_TAGGED`].
+    pub dropped_tagged: AtomicU64,
+    /// See [`DROPPED_OVERFLOW`].
+    pub dropped_overflow: AtomicU64,
+    /// See [`REJECTED`].
+    pub rejected: AtomicU64,
+    /// See [`REDELIVERED`].
+    pub redelivered: AtomicU64,
+    /// See [`RECONNECTS`].
+    pub reconnects: AtomicU64,
+    /// See [`DEDUP_ENTRIES`].
+    pub dedup_entries: AtomicI64,
+    /// Messages in flight towards the broker (the queue's length is read from the queue).
+    pub inflight: AtomicI64,
+    state: Mutex<(LinkState, SystemTime)>,
+    last_error: Mutex<Option<String>>,
+    /// Whether the link has connected at least once (readiness).
+    pub ever_connected: std::sync::atomic::AtomicBool,
+}
+
+impl Default for LinkStats {
+    fn default() -> Self {
+        Self {
+            messages_in: AtomicU64::new(0),
+            messages_out: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
+            dropped_echo: AtomicU64::new(0),
+            dropped_tagged: AtomicU64::new(0),
+            dropped_overflow: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            redelivered: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            dedup_entries: AtomicI64::new(0),
+            inflight: AtomicI64::new(0),
+            state: Mutex::new((LinkState::Connecting, SystemTime::now())),
+            last_error: Mutex::new(None),
+            ever_connected: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+/// Adds one to a counter.
+pub fn inc(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl LinkStats {
+    /// Moves the link to `state` (the time is kept for `status`).
+    pub fn set_state(&self, state: LinkState) {
+        if let Ok(mut s) = self.state.lock()
+            && s.0 != state
+        {
+            *s = (state, SystemTime::now());
+        }
+        if state == LinkState::Connected {
+            self.ever_connected.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Current state and since when.
+    pub fn state(&self) -> (LinkState, SystemTime) {
+        self.state
+            .lock()
+            .map(|s| *s)
+            .unwrap_or((LinkState::Stopped, SystemTime::now()))
+    }
+
+    /// Remembers the last error for `status`.
+    pub fn set_error(&self, error: String) {
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = Some(error);
+        }
+    }
+
+    /// The last error, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+}
+
+/// A broker refused a message or it could not be sent to it: logged and counted.
+pub fn message_rejected(stats: &LinkStats, topic: &[u8], reason: &str) {
+    inc(&stats.rejected);
+    tracing::warn!(topic = %String::from_utf8_lossy(topic), reason, "message rejected by broker, skipped for this target");
+}
+
+/// A target queue overflowed: the oldest message was dropped.
+pub fn queue_overflow(stats: &LinkStats, dropped: u64) {
+    let total = stats.dropped_overflow.fetch_add(dropped, Ordering::Relaxed) + dropped;
+    // Log the first and then every 1000th, so a long outage does not flood the log.
+    if total == dropped || total % 1000 < dropped {
+        tracing::warn!(
+            dropped_total = total,
+            "target queue full: oldest messages dropped"
+        );
+    }
+}
+
+/// A link (re)connection failed or dropped: logged, counted, remembered for `status`.
+pub fn link_error(stats: &LinkStats, error: &str, retry_in: std::time::Duration) {
+    stats.set_error(error.to_string());
+    tracing::warn!(error, retry_in = ?retry_in, "link down");
+}
