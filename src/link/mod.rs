@@ -245,7 +245,9 @@ impl Link {
                 // session, so the broker does not resend every retained message on each reconnect.
                 let subscribe =
                     self.ctx.settings.broker.protocol == Protocol::V5 || !session_present;
-                if subscribe && let Err(e) = conn.client.subscribe(&self.ctx.topics) {
+                if !subscribe {
+                    info!("subscribed (the broker kept the session's subscriptions)");
+                } else if let Err(e) = conn.client.subscribe(&self.ctx.topics) {
                     warn!(error = %e, "subscribe could not be queued");
                 }
                 self.ctx.queue.set_connected(true);
@@ -269,7 +271,7 @@ impl Link {
             LinkEvent::PubComp(pkid) => self.acknowledged(conn, pkid, Ok(())),
             LinkEvent::SubAck(failures) => {
                 if failures.is_empty() {
-                    debug!(topics = ?self.ctx.topics, "subscribed");
+                    info!(topics = ?self.ctx.topics, "subscribed");
                 } else {
                     let error = format!("subscription refused: {}", failures.join(", "));
                     warn!(%error);

@@ -1,0 +1,401 @@
+//! Test harness: dev certificates, real mosquitto brokers on free loopback ports, the `bridge`
+//! binary as a child process, and MQTT test clients. Every wait has a deadline; every process is
+//! killed on drop.
+#![allow(dead_code)]
+
+pub mod mqtt;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on loopback (the listener is closed before the port is used).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port on loopback")
+}
+
+/// Waits until something accepts TCP connections on `port`.
+pub fn wait_port(port: u16, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Fails the test with a clear message when a required program is missing.
+pub fn require(program: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(found, "{program} is not installed: run ./scripts/test.sh (it installs what the tests need)");
+}
+
+/// Dev PKI made at test time: a CA, a server certificate for 127.0.0.1/localhost, one for the
+/// name `mqtt.internal` only (for server_name tests) and a client certificate for mTLS.
+pub struct Certs {
+    /// Directory holding the PEM files.
+    pub dir: PathBuf,
+}
+
+impl Certs {
+    /// Writes the PEM files into `dir`.
+    pub fn generate(dir: &Path) -> Certs {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        std::fs::create_dir_all(dir).unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, "meshbridge test CA");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
+        let leaf = |name: &str, sans: Vec<String>| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(sans).unwrap();
+            params.distinguished_name.push(DnType::CommonName, name);
+            let cert = params.signed_by(&key, &ca).unwrap();
+            std::fs::write(dir.join(format!("{name}.crt")), cert.pem()).unwrap();
+            std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        };
+        leaf("server", vec!["localhost".into(), "127.0.0.1".into()]);
+        leaf("internal", vec!["mqtt.internal".into()]);
+        leaf("client", vec!["bridge-client".into()]);
+        // A second, unrelated CA: its certificates must be refused.
+        let mut other = CertificateParams::new(Vec::<String>::new()).unwrap();
+        other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let other = CertifiedIssuer::self_signed(other, KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(dir.join("other-ca.crt"), other.pem()).unwrap();
+        Certs { dir: dir.to_path_buf() }
+    }
+
+    /// Path of a file in the cert directory.
+    pub fn path(&self, file: &str) -> String {
+        self.dir.join(file).display().to_string()
+    }
+}
+
+/// How a test broker is set up.
+#[derive(Clone, Debug)]
+pub struct BrokerOpts {
+    /// Server certificate name in the cert dir (`server` or `internal`).
+    pub server_cert: &'static str,
+    /// Require a client certificate on the TLS listener.
+    pub mtls: bool,
+    /// Add a third listener that requires this user name and password.
+    pub password: Option<(&'static str, &'static str)>,
+    /// Persist sessions and messages across restarts.
+    pub persistence: bool,
+}
+
+impl Default for BrokerOpts {
+    fn default() -> Self {
+        Self {
+            server_cert: "server",
+            mtls: true,
+            password: None,
+            persistence: false,
+        }
+    }
+}
+
+/// A real mosquitto on loopback with a TLS listener (for the bridge), a plain listener (for
+/// test clients) and optionally a password listener.
+pub struct Mosquitto {
+    /// Name (b1, b2, …).
+    pub name: String,
+    /// TLS (mTLS by default) listener.
+    pub tls_port: u16,
+    /// Plain anonymous listener.
+    pub plain_port: u16,
+    /// Password listener, if configured.
+    pub auth_port: Option<u16>,
+    dir: PathBuf,
+    conf: PathBuf,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    /// Starts a broker; its files live under `dir/name`.
+    pub fn start(dir: &Path, name: &str, certs: &Certs, opts: BrokerOpts) -> Mosquitto {
+        require("mosquitto");
+        let dir = dir.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (tls_port, plain_port) = (free_port(), free_port());
+        let auth_port = opts.password.map(|_| free_port());
+        let mut conf = String::new();
+        writeln!(conf, "per_listener_settings true").unwrap();
+        writeln!(conf, "user root").unwrap();
+        writeln!(conf, "max_queued_messages 1000000").unwrap();
+        writeln!(conf, "max_inflight_messages 100").unwrap();
+        writeln!(conf, "log_dest file {}", dir.join("mosquitto.log").display()).unwrap();
+        writeln!(conf, "log_type error\nlog_type warning\nlog_type notice\nlog_type information").unwrap();
+        if opts.persistence {
+            writeln!(conf, "persistence true\npersistence_location {}/\nautosave_interval 1", dir.display()).unwrap();
+        } else {
+            writeln!(conf, "persistence false").unwrap();
+        }
+        writeln!(conf, "listener {plain_port} 127.0.0.1\nallow_anonymous true").unwrap();
+        writeln!(conf, "listener {tls_port} 127.0.0.1\nallow_anonymous true").unwrap();
+        writeln!(conf, "cafile {}", certs.path("ca.crt")).unwrap();
+        writeln!(conf, "certfile {}", certs.path(&format!("{}.crt", opts.server_cert))).unwrap();
+        writeln!(conf, "keyfile {}", certs.path(&format!("{}.key", opts.server_cert))).unwrap();
+        writeln!(conf, "require_certificate {}", opts.mtls).unwrap();
+        if let (Some((user, pass)), Some(port)) = (opts.password, auth_port) {
+            let pwfile = dir.join("passwd");
+            std::fs::write(&pwfile, "").unwrap();
+            let ok = Command::new("mosquitto_passwd")
+                .args(["-b", pwfile.to_str().unwrap(), user, pass])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            assert!(ok, "mosquitto_passwd failed");
+            writeln!(conf, "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}", pwfile.display()).unwrap();
+        }
+        let conf_path = dir.join("mosquitto.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let mut broker = Mosquitto {
+            name: name.to_string(),
+            tls_port,
+            plain_port,
+            auth_port,
+            dir,
+            conf: conf_path,
+            child: None,
+        };
+        broker.spawn();
+        broker
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start mosquitto");
+        self.child = Some(child);
+        let ok = wait_port(self.plain_port, Duration::from_secs(10)) && wait_port(self.tls_port, Duration::from_secs(10));
+        assert!(ok, "mosquitto {} did not open its ports; log:\n{}", self.name, self.log());
+    }
+
+    /// The broker's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM (mosquitto saves its persistence file) and reap.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), "TERM");
+            let _ = wait_child(&mut c, Duration::from_secs(10));
+        }
+    }
+
+    /// Starts the broker again on the same ports.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sends a signal by name to a process.
+pub fn signal(pid: u32, name: &str) {
+    let _ = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status();
+}
+
+fn wait_child(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// The `bridge` binary running `run --config`, logging to a file.
+pub struct Bridge {
+    /// Directory with its config and log.
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Bridge {
+    /// Writes `config` to `dir/bridge.toml` and starts `bridge run`.
+    pub fn start(dir: &Path, config: &str) -> Bridge {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("bridge.toml"), config).unwrap();
+        let mut b = Bridge {
+            dir: dir.to_path_buf(),
+            child: None,
+        };
+        b.spawn();
+        b
+    }
+
+    /// Starts the process again with the same config (appending to the same log).
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("bridge.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_bridge"))
+            .args(["run", "--config"])
+            .arg(self.dir.join("bridge.toml"))
+            .env("RUST_LOG", "info,meshbridge=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start bridge");
+        self.child = Some(child);
+    }
+
+    /// The bridge's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("bridge.log")).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle` at least `times` times.
+    pub fn wait_log(&self, needle: &str, times: usize, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.log().matches(needle).count() >= times {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// Waits until every named link has logged that it subscribed (asserts, with the log).
+    pub fn wait_subscribed(&self, brokers: &[&str]) {
+        for b in brokers {
+            let needle = format!("link{{broker={b}}}");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let log = self.log();
+                if log.lines().any(|l| l.contains(&needle) && l.contains("subscribed")) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "link {b} did not subscribe; bridge log:\n{log}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// SIGTERM; returns the exit status (None when it did not exit within 20 s).
+    pub fn terminate(&mut self) -> Option<ExitStatus> {
+        let mut c = self.child.take()?;
+        signal(c.id(), "TERM");
+        let status = wait_child(&mut c, Duration::from_secs(20));
+        if status.is_none() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        status
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- bridge log ----\n{}", self.log());
+        }
+    }
+}
+
+/// A `[[broker]]` block for a test broker's TLS listener.
+pub fn broker_block(b: &Mosquitto, extra: &str) -> String {
+    format!(
+        "[[broker]]\nname = \"{}\"\naddress = \"127.0.0.1:{}\"\n{extra}\n",
+        b.name, b.tls_port
+    )
+}
+
+/// A bridge config for the given brokers over mTLS.
+pub fn bridge_config(certs: &Certs, id: &str, data: &Path, brokers: &[(&Mosquitto, &str)]) -> String {
+    let mut s = format!(
+        "[bridge]\nid = \"{id}\"\nadmin_listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n\n[tls]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n",
+        free_port(),
+        data.display(),
+        certs.path("ca.crt"),
+        certs.path("client.crt"),
+        certs.path("client.key"),
+    );
+    for (b, extra) in brokers {
+        s.push_str(&broker_block(b, extra));
+    }
+    s
+}
+
+/// Compares what a subscriber got with what was expected, as multisets of payloads; returns a
+/// description of the difference (empty when equal).
+pub fn multiset_diff(expected: &[Vec<u8>], got: &[Vec<u8>]) -> String {
+    let mut counts: BTreeMap<&[u8], i64> = BTreeMap::new();
+    for e in expected {
+        *counts.entry(e).or_default() += 1;
+    }
+    for g in got {
+        *counts.entry(g).or_default() -= 1;
+    }
+    let missing: Vec<_> = counts.iter().filter(|(_, c)| **c > 0).collect();
+    let extra: Vec<_> = counts.iter().filter(|(_, c)| **c < 0).collect();
+    if missing.is_empty() && extra.is_empty() {
+        return String::new();
+    }
+    let show = |v: &[(&&[u8], &i64)]| {
+        v.iter()
+            .take(5)
+            .map(|(k, c)| format!("{}x{}", String::from_utf8_lossy(k), c.abs()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "{} missing (e.g. {}), {} duplicated/unexpected (e.g. {}); expected {}, got {}",
+        missing.len(),
+        show(&missing),
+        extra.len(),
+        show(&extra),
+        expected.len(),
+        got.len()
+    )
+}
