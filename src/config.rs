@@ -296,19 +296,31 @@ impl Config {
 }
 
 fn one_line(message: &str) -> String {
-    // toml's messages span several lines (a source excerpt); keep the location and the reason.
-    let mut lines = message.lines().map(str::trim).filter(|l| !l.is_empty());
-    let first = lines.next().unwrap_or_default().to_string();
-    let last = message
-        .lines()
-        .map(str::trim)
-        .rfind(|l| !l.is_empty() && !l.starts_with('|') && !l.starts_with('^'))
-        .unwrap_or_default();
-    if last.is_empty() || last == first {
-        first
-    } else {
-        format!("{first} {last}")
+    // toml's messages span several lines: location, a source excerpt with a caret, the reason.
+    // Keep all three on one line: "line 3, column 12: `inflight = "lots"`: invalid type …".
+    let mut location = String::new();
+    let mut source = None;
+    let mut reason = Vec::new();
+    for line in message.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if location.is_empty() {
+            location = line.to_string();
+        } else if let Some((num, text)) = line.split_once('|') {
+            let num = num.trim();
+            if !num.is_empty() && num.chars().all(|c| c.is_ascii_digit()) {
+                source = Some(text.trim().to_string());
+            }
+        } else {
+            reason.push(line.to_string());
+        }
     }
+    let mut out = location;
+    if let Some(src) = source.filter(|s| !s.is_empty()) {
+        out.push_str(&format!(": `{src}`"));
+    }
+    if !reason.is_empty() {
+        out.push_str(&format!(": {}", reason.join(" ")));
+    }
+    out
 }
 
 fn parse_duration(

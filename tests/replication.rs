@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::mqtt::{self, Pub};
-use common::{BrokerOpts, Bridge, Certs, Mosquitto, bridge_config, multiset_diff};
+use common::{Bridge, BrokerOpts, Certs, Mosquitto, bridge_config, multiset_diff};
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 
 /// Publishes `per_qos` messages of each QoS on each broker in turn and checks that every
@@ -20,7 +20,13 @@ async fn exactly_once_everywhere(brokers: &[Mosquitto], per_qos: usize, tag: &st
     for b in brokers {
         for qos in 0..=2u8 {
             let msgs: Vec<Pub> = (0..per_qos)
-                .map(|i| Pub::new(format!("load/{}/q{qos}/{}", b.name, i % 7), format!("{}-q{qos}-{i}", b.name), qos))
+                .map(|i| {
+                    Pub::new(
+                        format!("load/{}/q{qos}/{}", b.name, i % 7),
+                        format!("{}-q{qos}-{i}", b.name),
+                        qos,
+                    )
+                })
                 .collect();
             expected.extend(msgs.iter().map(|m| m.payload.clone()));
             mqtt::publish(b.plain_port, &format!("pub-{tag}-{}-{qos}", b.name), &msgs).await;
@@ -55,7 +61,10 @@ async fn three_v5_brokers_over_mtls_exactly_once() {
     exactly_once_everywhere(&brokers, 1000, "v5").await;
 
     let log = bridge.log();
-    assert!(log.contains("link{broker=b1}"), "link logs carry the broker name");
+    assert!(
+        log.contains("link{broker=b1}"),
+        "link logs carry the broker name"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,10 +91,17 @@ async fn three_v311_brokers_no_echo_no_storm() {
 
     // Same content published twice on purpose: the counted window must let both through.
     let sub = mqtt::subscribe(brokers[2].plain_port, "sub-twice", "twice/#").await;
-    let twice = vec![Pub::new("twice/x", "same", 1), Pub::new("twice/x", "same", 1)];
+    let twice = vec![
+        Pub::new("twice/x", "same", 1),
+        Pub::new("twice/x", "same", 1),
+    ];
     mqtt::publish(brokers[0].plain_port, "pub-twice", &twice).await;
     sub.wait_count(2, Duration::from_secs(10)).await;
-    assert_eq!(sub.settle(Duration::from_millis(700)).await, 2, "identical messages are both delivered, once each");
+    assert_eq!(
+        sub.settle(Duration::from_millis(700)).await,
+        2,
+        "identical messages are both delivered, once each"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,9 +148,15 @@ async fn v5_properties_retain_and_max_qos_survive() {
     assert_eq!(p.response_topic.as_deref(), Some("reply/here"));
     assert_eq!(p.correlation_data.as_deref(), Some(&b"\x00corr\xff"[..]));
     assert_eq!(p.content_type.as_deref(), Some("application/json"));
-    assert_eq!(&p.user_properties[..2], &props.user_properties[..], "user properties in order, repeats kept");
+    assert_eq!(
+        &p.user_properties[..2],
+        &props.user_properties[..],
+        "user properties in order, repeats kept"
+    );
     assert!(
-        p.user_properties.iter().any(|(k, v)| k == "mb-origin" && v == "mesh/b1"),
+        p.user_properties
+            .iter()
+            .any(|(k, v)| k == "mb-origin" && v == "mesh/b1"),
         "origin tag present: {:?}",
         p.user_properties
     );
@@ -156,7 +178,10 @@ async fn v5_properties_retain_and_max_qos_survive() {
             assert!(m.retain, "delivered as retained to a new subscriber");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "retained message never reached b3");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retained message never reached b3"
+        );
     }
     let mut clear = Pub::new("retained/r", "", 1);
     clear.retain = true;
@@ -165,7 +190,11 @@ async fn v5_properties_retain_and_max_qos_survive() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let late = mqtt::subscribe(b3.plain_port, "late2", "retained/#").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(late.count(), 0, "retained clear replicated: nothing retained on b3 any more");
+    assert_eq!(
+        late.count(),
+        0,
+        "retained clear replicated: nothing retained on b3 any more"
+    );
 
     // Single-hop rule: a message that already carries an origin tag is not forwarded.
     let s1 = mqtt::subscribe(b1.plain_port, "s1", "tagged/#").await;
@@ -174,9 +203,18 @@ async fn v5_properties_retain_and_max_qos_survive() {
         user_properties: vec![("mb-origin".into(), "other/b9".into())],
         ..Default::default()
     });
-    mqtt::publish(b2.plain_port, "p4", &[tagged, Pub::new("tagged/y", "untagged", 1)]).await;
+    mqtt::publish(
+        b2.plain_port,
+        "p4",
+        &[tagged, Pub::new("tagged/y", "untagged", 1)],
+    )
+    .await;
     s1.wait_count(1, Duration::from_secs(10)).await;
     s1.settle(Duration::from_millis(700)).await;
     let payloads = s1.payloads();
-    assert_eq!(payloads, vec![b"untagged".to_vec()], "tagged message must not be forwarded");
+    assert_eq!(
+        payloads,
+        vec![b"untagged".to_vec()],
+        "tagged message must not be forwarded"
+    );
 }

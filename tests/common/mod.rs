@@ -41,7 +41,10 @@ pub fn require(program: &str) {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    assert!(found, "{program} is not installed: run ./scripts/test.sh (it installs what the tests need)");
+    assert!(
+        found,
+        "{program} is not installed: run ./scripts/test.sh (it installs what the tests need)"
+    );
 }
 
 /// Dev PKI made at test time: a CA, a server certificate for 127.0.0.1/localhost, one for the
@@ -58,7 +61,9 @@ impl Certs {
         std::fs::create_dir_all(dir).unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(DnType::CommonName, "meshbridge test CA");
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "meshbridge test CA");
         let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
         std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
         let leaf = |name: &str, sans: Vec<String>| {
@@ -77,7 +82,9 @@ impl Certs {
         other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let other = CertifiedIssuer::self_signed(other, KeyPair::generate().unwrap()).unwrap();
         std::fs::write(dir.join("other-ca.crt"), other.pem()).unwrap();
-        Certs { dir: dir.to_path_buf() }
+        Certs {
+            dir: dir.to_path_buf(),
+        }
     }
 
     /// Path of a file in the cert directory.
@@ -139,18 +146,46 @@ impl Mosquitto {
         writeln!(conf, "user root").unwrap();
         writeln!(conf, "max_queued_messages 1000000").unwrap();
         writeln!(conf, "max_inflight_messages 100").unwrap();
-        writeln!(conf, "log_dest file {}", dir.join("mosquitto.log").display()).unwrap();
-        writeln!(conf, "log_type error\nlog_type warning\nlog_type notice\nlog_type information").unwrap();
+        writeln!(
+            conf,
+            "log_dest file {}",
+            dir.join("mosquitto.log").display()
+        )
+        .unwrap();
+        writeln!(
+            conf,
+            "log_type error\nlog_type warning\nlog_type notice\nlog_type information"
+        )
+        .unwrap();
         if opts.persistence {
-            writeln!(conf, "persistence true\npersistence_location {}/\nautosave_interval 1", dir.display()).unwrap();
+            writeln!(
+                conf,
+                "persistence true\npersistence_location {}/\nautosave_interval 1",
+                dir.display()
+            )
+            .unwrap();
         } else {
             writeln!(conf, "persistence false").unwrap();
         }
-        writeln!(conf, "listener {plain_port} 127.0.0.1\nallow_anonymous true").unwrap();
+        writeln!(
+            conf,
+            "listener {plain_port} 127.0.0.1\nallow_anonymous true"
+        )
+        .unwrap();
         writeln!(conf, "listener {tls_port} 127.0.0.1\nallow_anonymous true").unwrap();
         writeln!(conf, "cafile {}", certs.path("ca.crt")).unwrap();
-        writeln!(conf, "certfile {}", certs.path(&format!("{}.crt", opts.server_cert))).unwrap();
-        writeln!(conf, "keyfile {}", certs.path(&format!("{}.key", opts.server_cert))).unwrap();
+        writeln!(
+            conf,
+            "certfile {}",
+            certs.path(&format!("{}.crt", opts.server_cert))
+        )
+        .unwrap();
+        writeln!(
+            conf,
+            "keyfile {}",
+            certs.path(&format!("{}.key", opts.server_cert))
+        )
+        .unwrap();
         writeln!(conf, "require_certificate {}", opts.mtls).unwrap();
         if let (Some((user, pass)), Some(port)) = (opts.password, auth_port) {
             let pwfile = dir.join("passwd");
@@ -161,7 +196,12 @@ impl Mosquitto {
                 .map(|s| s.success())
                 .unwrap_or(false);
             assert!(ok, "mosquitto_passwd failed");
-            writeln!(conf, "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}", pwfile.display()).unwrap();
+            writeln!(
+                conf,
+                "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}",
+                pwfile.display()
+            )
+            .unwrap();
         }
         let conf_path = dir.join("mosquitto.conf");
         std::fs::write(&conf_path, conf).unwrap();
@@ -187,8 +227,14 @@ impl Mosquitto {
             .spawn()
             .expect("cannot start mosquitto");
         self.child = Some(child);
-        let ok = wait_port(self.plain_port, Duration::from_secs(10)) && wait_port(self.tls_port, Duration::from_secs(10));
-        assert!(ok, "mosquitto {} did not open its ports; log:\n{}", self.name, self.log());
+        let ok = wait_port(self.plain_port, Duration::from_secs(10))
+            && wait_port(self.tls_port, Duration::from_secs(10));
+        assert!(
+            ok,
+            "mosquitto {} did not open its ports; log:\n{}",
+            self.name,
+            self.log()
+        );
     }
 
     /// The broker's log.
@@ -227,7 +273,10 @@ impl Drop for Mosquitto {
 
 /// Sends a signal by name to a process.
 pub fn signal(pid: u32, name: &str) {
-    let _ = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 fn wait_child(child: &mut Child, within: Duration) -> Option<ExitStatus> {
@@ -304,10 +353,16 @@ impl Bridge {
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
                 let log = self.log();
-                if log.lines().any(|l| l.contains(&needle) && l.contains("subscribed")) {
+                if log
+                    .lines()
+                    .any(|l| l.contains(&needle) && l.contains("subscribed"))
+                {
                     break;
                 }
-                assert!(Instant::now() < deadline, "link {b} did not subscribe; bridge log:\n{log}");
+                assert!(
+                    Instant::now() < deadline,
+                    "link {b} did not subscribe; bridge log:\n{log}"
+                );
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
@@ -352,7 +407,12 @@ pub fn broker_block(b: &Mosquitto, extra: &str) -> String {
 }
 
 /// A bridge config for the given brokers over mTLS.
-pub fn bridge_config(certs: &Certs, id: &str, data: &Path, brokers: &[(&Mosquitto, &str)]) -> String {
+pub fn bridge_config(
+    certs: &Certs,
+    id: &str,
+    data: &Path,
+    brokers: &[(&Mosquitto, &str)],
+) -> String {
     let mut s = format!(
         "[bridge]\nid = \"{id}\"\nadmin_listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n\n[tls]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n",
         free_port(),

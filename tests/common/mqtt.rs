@@ -131,13 +131,15 @@ impl Sub {
         self.count()
     }
 
-    /// Waits until no message arrived for `quiet`; returns the count.
+    /// Waits until no message arrived for `quiet` (at most 15 s: a message storm never
+    /// settles, and the caller's count check then fails); returns the count.
     pub async fn settle(&self, quiet: Duration) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(15);
         let mut last = self.count();
         loop {
             tokio::time::sleep(quiet).await;
             let now = self.count();
-            if now == last {
+            if now == last || Instant::now() > deadline {
                 return now;
             }
             last = now;
@@ -146,7 +148,12 @@ impl Sub {
 
     /// Payloads received.
     pub fn payloads(&self) -> Vec<Vec<u8>> {
-        self.got.lock().unwrap().iter().map(|g| g.payload.to_vec()).collect()
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|g| g.payload.to_vec())
+            .collect()
     }
 
     /// A copy of everything received.
@@ -178,7 +185,7 @@ pub async fn publish(port: u16, id: &str, msgs: &[Pub]) {
                     counter.fetch_add(1, Ordering::SeqCst);
                 }
                 Ok(_) => {}
-                Err(e) => panic!("test publisher: {e}"),
+                Err(e) => return e.to_string(),
             }
         }
     });
@@ -186,17 +193,32 @@ pub async fn publish(port: u16, id: &str, msgs: &[Pub]) {
         let r = match &m.props {
             Some(p) => {
                 client
-                    .publish_with_properties(m.topic.clone(), qos(m.qos), m.retain, m.payload.clone(), p.clone())
+                    .publish_with_properties(
+                        m.topic.clone(),
+                        qos(m.qos),
+                        m.retain,
+                        m.payload.clone(),
+                        p.clone(),
+                    )
                     .await
             }
-            None => client.publish(m.topic.clone(), qos(m.qos), m.retain, m.payload.clone()).await,
+            None => {
+                client
+                    .publish(m.topic.clone(), qos(m.qos), m.retain, m.payload.clone())
+                    .await
+            }
         };
         r.unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while done.load(Ordering::SeqCst) < msgs.len() {
-        assert!(Instant::now() < deadline, "test publisher: not every message was acknowledged");
-        assert!(!task.is_finished(), "test publisher died");
+        assert!(
+            Instant::now() < deadline,
+            "test publisher: not every message was acknowledged"
+        );
+        if task.is_finished() {
+            panic!("test publisher: connection lost: {:?}", task.await);
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let _ = client.disconnect().await;

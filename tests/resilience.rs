@@ -1,0 +1,142 @@
+//! Brokers that are down at start, die mid-stream and come back; graceful shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::mqtt::{self, Pub};
+use common::{Bridge, BrokerOpts, Certs, Mosquitto, bridge_config, multiset_diff};
+
+fn batch(prefix: &str, n: usize, qos: u8) -> Vec<Pub> {
+    (0..n)
+        .map(|i| Pub::new(format!("{prefix}/{}", i % 5), format!("{prefix}-{i}"), qos))
+        .collect()
+}
+
+fn payloads(msgs: &[Pub]) -> Vec<Vec<u8>> {
+    msgs.iter().map(|m| m.payload.clone()).collect()
+}
+
+fn only(prefix: &str, got: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    got.into_iter()
+        .filter(|p| p.starts_with(prefix.as_bytes()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_at_start_or_dying_later_never_stops_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = Certs::generate(&tmp.path().join("certs"));
+    let b1 = Mosquitto::start(tmp.path(), "b1", &certs, BrokerOpts::default());
+    let mut b2 = Mosquitto::start(tmp.path(), "b2", &certs, BrokerOpts::default());
+    let mut b3 = Mosquitto::start(tmp.path(), "b3", &certs, BrokerOpts::default());
+    b3.kill();
+    let cfg = bridge_config(
+        &certs,
+        "mesh",
+        &tmp.path().join("data"),
+        &[(&b1, ""), (&b2, ""), (&b3, "")],
+    );
+    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
+    bridge.wait_subscribed(&["b1", "b2"]);
+
+    // b3 is down: b1 -> b2 works all the same.
+    let s2 = mqtt::subscribe(b2.plain_port, "s2", "#").await;
+    let phase1 = batch("one", 300, 1);
+    mqtt::publish(b1.plain_port, "p1", &phase1).await;
+    s2.wait_count(300, Duration::from_secs(20)).await;
+    assert_eq!(
+        multiset_diff(&payloads(&phase1), &only("one", s2.payloads())),
+        ""
+    );
+    assert!(
+        bridge.wait_log("link down", 1, Duration::from_secs(5)),
+        "b3's failure is logged"
+    );
+    assert!(
+        bridge
+            .log()
+            .lines()
+            .any(|l| l.contains("link{broker=b3}") && l.contains("link down")),
+        "the failure names b3"
+    );
+
+    // b3 comes back: it joins the mesh.
+    b3.restart();
+    bridge.wait_subscribed(&["b3"]);
+    let s3 = mqtt::subscribe(b3.plain_port, "s3", "#").await;
+    let phase2 = batch("two", 300, 2);
+    mqtt::publish(b1.plain_port, "p2", &phase2).await;
+    let from_b3 = batch("three", 100, 1);
+    mqtt::publish(b3.plain_port, "p3", &from_b3).await;
+    s3.wait_count(300, Duration::from_secs(20)).await;
+    s2.wait_count(700, Duration::from_secs(20)).await;
+    assert_eq!(
+        multiset_diff(&payloads(&phase2), &only("two", s3.payloads())),
+        "",
+        "b1 -> b3 after rejoin"
+    );
+    assert_eq!(
+        multiset_diff(&payloads(&from_b3), &only("three", s2.payloads())),
+        "",
+        "b3 -> b2 after rejoin"
+    );
+
+    // b2 dies mid-stream: b1 -> b3 goes on without loss.
+    let phase4 = batch("four", 1000, 1);
+    let publisher = {
+        let msgs = phase4.clone();
+        let port = b1.plain_port;
+        tokio::spawn(async move { mqtt::publish(port, "p4", &msgs).await })
+    };
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    b2.kill();
+    publisher.await.unwrap();
+    s3.wait_count(300 + 100 + 1000, Duration::from_secs(30))
+        .await;
+    s3.settle(Duration::from_millis(500)).await;
+    assert_eq!(
+        multiset_diff(&payloads(&phase4), &only("four", s3.payloads())),
+        "",
+        "b1 -> b3 while b2 is down"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = Certs::generate(&tmp.path().join("certs"));
+    let b1 = Mosquitto::start(tmp.path(), "b1", &certs, BrokerOpts::default());
+    let b2 = Mosquitto::start(tmp.path(), "b2", &certs, BrokerOpts::default());
+    let cfg = bridge_config(
+        &certs,
+        "mesh",
+        &tmp.path().join("data"),
+        &[(&b1, ""), (&b2, "")],
+    );
+    let mut bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
+    bridge.wait_subscribed(&["b1", "b2"]);
+    let s2 = mqtt::subscribe(b2.plain_port, "s2", "#").await;
+    let msgs = batch("x", 200, 1);
+    mqtt::publish(b1.plain_port, "p1", &msgs).await;
+    s2.wait_count(200, Duration::from_secs(20)).await;
+
+    let status = bridge.terminate().expect("bridge exits after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    let log = bridge.log();
+    assert!(log.contains("SIGTERM received"), "{log}");
+    assert!(log.contains("bridge stopped"), "{log}");
+    for b in ["b1", "b2"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!("link{{broker={b}}}")) && l.contains("disconnected")),
+            "{b} disconnected cleanly:\n{log}"
+        );
+    }
+    // A clean DISCONNECT, not a dropped socket: mosquitto logs it as such.
+    assert!(
+        b1.log().contains("Client mesh-b1 disconnected"),
+        "b1 did not see a DISCONNECT:\n{}",
+        b1.log()
+    );
+}
