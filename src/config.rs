@@ -128,6 +128,8 @@ pub struct BridgeSection {
     pub queue_capacity: Option<usize>,
     /// How long shutdown waits for in-flight messages.
     pub drain_timeout: Option<String>,
+    /// Identical messages from one broker within 10 s before the storm guard drops repeats.
+    pub storm_threshold: Option<u32>,
 }
 
 /// `[tls]` or the TLS keys of one `[[broker]]`.
@@ -203,6 +205,8 @@ pub struct Config {
     pub queue_capacity: usize,
     /// How long shutdown waits for in-flight messages.
     pub drain_timeout: Duration,
+    /// Identical messages from one broker within 10 s before repeats are dropped (0: off).
+    pub storm_threshold: u32,
     /// `[tls]` defaults, kept to build brokers added at run time.
     pub tls_defaults: TlsSection,
     /// Directory of the config file (relative paths are resolved against it).
@@ -528,6 +532,7 @@ impl FileConfig {
                 b.drain_timeout.as_deref(),
                 Duration::from_secs(5),
             )?,
+            storm_threshold: b.storm_threshold.unwrap_or(1000),
             tls_defaults: self.tls,
             base_dir: base_dir.to_path_buf(),
             brokers: Vec::new(),

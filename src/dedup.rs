@@ -197,11 +197,122 @@ impl EchoWindow {
     }
 }
 
+/// Storm guard: notices when the same message (topic + payload) arrives from one broker over
+/// and over, which is what a forwarding loop looks like (two bridges over 3.1.1 brokers, a
+/// mosquitto bridge left in place, a broker ignoring No Local…). Past `threshold` copies within
+/// `window`, further copies are reported as a storm; the link drops them and says so.
+#[derive(Debug)]
+pub struct StormGuard {
+    threshold: u32,
+    window: Duration,
+    max_tracked: usize,
+    seen: HashMap<u64, (Instant, u32), ahash::RandomState>,
+}
+
+/// What the storm guard says about one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StormVerdict {
+    /// Forward it.
+    Normal,
+    /// A repeat past the threshold; `first` is true for the first such repeat in this window.
+    Storm {
+        /// First repeat past the threshold in the current window.
+        first: bool,
+    },
+}
+
+impl StormGuard {
+    /// A guard; `threshold` 0 disables it.
+    pub fn new(threshold: u32, window: Duration, max_tracked: usize) -> Self {
+        Self {
+            threshold,
+            window,
+            max_tracked: max_tracked.max(1),
+            seen: HashMap::default(),
+        }
+    }
+
+    /// Counts one arrival of `fp`.
+    pub fn observe(&mut self, fp: u64, now: Instant) -> StormVerdict {
+        if self.threshold == 0 {
+            return StormVerdict::Normal;
+        }
+        if self.seen.len() >= self.max_tracked && !self.seen.contains_key(&fp) {
+            let window = self.window;
+            self.seen
+                .retain(|_, (start, _)| now.duration_since(*start) < window);
+            if self.seen.len() >= self.max_tracked {
+                // Many distinct messages, none repeating much: forget them all.
+                self.seen.clear();
+            }
+        }
+        let entry = self.seen.entry(fp).or_insert((now, 0));
+        if now.duration_since(entry.0) >= self.window {
+            *entry = (now, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+        if entry.1 > self.threshold {
+            StormVerdict::Storm {
+                first: entry.1 == self.threshold + 1,
+            }
+        } else {
+            StormVerdict::Normal
+        }
+    }
+
+    /// Fingerprints tracked (memory bound: `max_tracked`).
+    pub fn tracked(&self) -> usize {
+        self.seen.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const TTL: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn storm_guard_trips_past_threshold_and_resets_per_window() {
+        let t0 = Instant::now();
+        let mut g = StormGuard::new(3, Duration::from_secs(10), 100);
+        let fp = fingerprint(b"loop", b"x");
+        let verdicts: Vec<_> = (0..5).map(|_| g.observe(fp, t0)).collect();
+        assert_eq!(
+            verdicts,
+            vec![
+                StormVerdict::Normal,
+                StormVerdict::Normal,
+                StormVerdict::Normal,
+                StormVerdict::Storm { first: true },
+                StormVerdict::Storm { first: false },
+            ]
+        );
+        assert_eq!(
+            g.observe(fingerprint(b"other", b"x"), t0),
+            StormVerdict::Normal
+        );
+        assert_eq!(
+            g.observe(fp, t0 + Duration::from_secs(10)),
+            StormVerdict::Normal,
+            "new window"
+        );
+    }
+
+    #[test]
+    fn storm_guard_memory_is_bounded_and_can_be_disabled() {
+        let t0 = Instant::now();
+        let mut g = StormGuard::new(2, Duration::from_secs(10), 1000);
+        for i in 0..100_000u32 {
+            g.observe(fingerprint(b"t", &i.to_be_bytes()), t0);
+            assert!(g.tracked() <= 1000);
+        }
+        let mut off = StormGuard::new(0, Duration::from_secs(10), 10);
+        for _ in 0..100 {
+            assert_eq!(off.observe(1, t0), StormVerdict::Normal);
+        }
+        assert_eq!(off.tracked(), 0);
+    }
 
     #[test]
     fn echo_is_consumed_once() {

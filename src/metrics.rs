@@ -20,6 +20,8 @@ pub const DROPPED_ECHO: &str = "meshbridge_dropped_echo_total";
 pub const DROPPED_TAGGED: &str = "meshbridge_dropped_tagged_total";
 /// Messages dropped because a target queue overflowed.
 pub const DROPPED_OVERFLOW: &str = "meshbridge_dropped_overflow_total";
+/// Repeats dropped by the storm guard (a forwarding loop somewhere).
+pub const DROPPED_STORM: &str = "meshbridge_dropped_storm_total";
 /// Messages a broker refused (error reason code, or larger than its maximum packet size).
 pub const REJECTED: &str = "meshbridge_rejected_total";
 /// Messages published again after a reconnect (possible duplicates downstream).
@@ -62,6 +64,8 @@ pub struct LinkStats {
     pub dropped_tagged: AtomicU64,
     /// See [`DROPPED_OVERFLOW`].
     pub dropped_overflow: AtomicU64,
+    /// See [`DROPPED_STORM`].
+    pub dropped_storm: AtomicU64,
     /// See [`REJECTED`].
     pub rejected: AtomicU64,
     /// See [`REDELIVERED`].
@@ -87,6 +91,7 @@ impl Default for LinkStats {
             dropped_echo: AtomicU64::new(0),
             dropped_tagged: AtomicU64::new(0),
             dropped_overflow: AtomicU64::new(0),
+            dropped_storm: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             redelivered: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
@@ -160,4 +165,18 @@ pub fn queue_overflow(stats: &LinkStats, dropped: u64) {
 pub fn link_error(stats: &LinkStats, error: &str, retry_in: std::time::Duration) {
     stats.set_error(error.to_string());
     tracing::warn!(error, retry_in = ?retry_in, "link down");
+}
+
+/// The storm guard tripped on a link: logged (once per message and window), counted, and
+/// shown in `status` as the link's last error.
+pub fn storm(stats: &LinkStats, topic: &[u8], first: bool, threshold: u32) {
+    inc(&stats.dropped_storm);
+    if first {
+        let error = format!(
+            "possible message loop: the same message on {:?} arrived more than {threshold} times within 10s; dropping repeats",
+            String::from_utf8_lossy(topic)
+        );
+        tracing::warn!(%error);
+        stats.set_error(error);
+    }
 }

@@ -79,6 +79,7 @@ impl Supervisor {
             stats: stats.clone(),
             dedup_window: self.config.dedup_window,
             dedup_max_entries: self.config.dedup_max_entries,
+            storm_threshold: self.config.storm_threshold,
             stop: stop.clone(),
             disconnect: disconnect.clone(),
             drained: drained_tx,

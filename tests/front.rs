@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::mqtt::{self, Pub};
-use common::{BrokerOpts, Bridge, Certs, Mosquitto, free_port, multiset_diff, require, wait_port};
+use common::{Bridge, BrokerOpts, Certs, Mosquitto, free_port, multiset_diff, require, wait_port};
 
 /// nginx with a `stream` round-robin upstream over the brokers' plain listeners.
 struct Nginx {
@@ -28,7 +28,11 @@ impl Nginx {
         if Path::new(module).exists() {
             writeln!(conf, "load_module {module};").unwrap();
         }
-        writeln!(conf, "daemon off;\nmaster_process off;\nworker_processes 1;").unwrap();
+        writeln!(
+            conf,
+            "daemon off;\nmaster_process off;\nworker_processes 1;"
+        )
+        .unwrap();
         writeln!(conf, "pid {}/nginx.pid;", dir.display()).unwrap();
         writeln!(conf, "error_log {}/error.log info;", dir.display()).unwrap();
         writeln!(conf, "events {{ worker_connections 256; }}").unwrap();
@@ -36,7 +40,11 @@ impl Nginx {
         for b in brokers {
             writeln!(conf, "    server 127.0.0.1:{};", b.plain_port).unwrap();
         }
-        writeln!(conf, "  }}\n  server {{\n    listen 127.0.0.1:{port};\n    proxy_pass mqtt;\n  }}\n}}").unwrap();
+        writeln!(
+            conf,
+            "  }}\n  server {{\n    listen 127.0.0.1:{port};\n    proxy_pass mqtt;\n  }}\n}}"
+        )
+        .unwrap();
         let path = dir.join("nginx.conf");
         std::fs::write(&path, conf).unwrap();
         let child = Command::new("nginx")
@@ -48,7 +56,10 @@ impl Nginx {
             .stderr(Stdio::null())
             .spawn()
             .expect("start nginx");
-        assert!(wait_port(port, Duration::from_secs(10)), "nginx did not listen on {port}");
+        assert!(
+            wait_port(port, Duration::from_secs(10)),
+            "nginx did not listen on {port}"
+        );
         Nginx { port, child }
     }
 }
@@ -62,7 +73,7 @@ impl Drop for Nginx {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_behind_an_nginx_round_robin_front_all_see_everything() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir();
     let certs = Certs::generate(&tmp.path().join("certs"));
     let brokers: Vec<Mosquitto> = ["b1", "b2", "b3"]
         .iter()
@@ -84,13 +95,19 @@ async fn clients_behind_an_nginx_round_robin_front_all_see_everything() {
     for i in 0..3 {
         subs.push(mqtt::subscribe(front.port, &format!("front-sub-{i}"), "front/#").await);
     }
-    let msgs: Vec<Pub> = (0..500).map(|i| Pub::new(format!("front/{}", i % 3), format!("m{i}"), 1)).collect();
+    let msgs: Vec<Pub> = (0..500)
+        .map(|i| Pub::new(format!("front/{}", i % 3), format!("m{i}"), 1))
+        .collect();
     mqtt::publish(front.port, "front-pub", &msgs).await;
     let expected: Vec<Vec<u8>> = msgs.iter().map(|m| m.payload.clone()).collect();
     for (i, s) in subs.iter().enumerate() {
         s.wait_count(500, Duration::from_secs(30)).await;
         s.settle(Duration::from_millis(500)).await;
-        assert_eq!(multiset_diff(&expected, &s.payloads()), "", "subscriber {i} behind the front");
+        assert_eq!(
+            multiset_diff(&expected, &s.payloads()),
+            "",
+            "subscriber {i} behind the front"
+        );
     }
     let homes: Vec<&str> = (0..3)
         .map(|i| {
@@ -105,12 +122,16 @@ async fn clients_behind_an_nginx_round_robin_front_all_see_everything() {
     let mut distinct = homes.clone();
     distinct.sort();
     distinct.dedup();
-    assert_eq!(distinct.len(), 3, "round robin spread the subscribers: {homes:?}");
+    assert_eq!(
+        distinct.len(),
+        3,
+        "round robin spread the subscribers: {homes:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_name_override_plain_tcp_and_password() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir();
     let certs = Certs::generate(&tmp.path().join("certs"));
     // b1's certificate names only mqtt.internal; the bridge dials 127.0.0.1.
     let b1 = Mosquitto::start(
@@ -186,19 +207,31 @@ cert_file = "{crt}"
     bridge.wait_subscribed(&["b1", "b2", "b3"]);
     let s2 = mqtt::subscribe(b2.plain_port, "s2", "#").await;
     let s3 = mqtt::subscribe(b3.plain_port, "s3", "#").await;
-    let msgs: Vec<Pub> = (0..100).map(|i| Pub::new("names/x", format!("n{i}"), 2)).collect();
+    let msgs: Vec<Pub> = (0..100)
+        .map(|i| Pub::new("names/x", format!("n{i}"), 2))
+        .collect();
     mqtt::publish(b1.plain_port, "p1", &msgs).await;
     let expected: Vec<Vec<u8>> = msgs.iter().map(|m| m.payload.clone()).collect();
     s2.wait_count(100, Duration::from_secs(20)).await;
     s3.wait_count(100, Duration::from_secs(20)).await;
-    assert_eq!(multiset_diff(&expected, &s2.payloads()), "", "b1 (server_name) -> b2 (password)");
+    assert_eq!(
+        multiset_diff(&expected, &s2.payloads()),
+        "",
+        "b1 (server_name) -> b2 (password)"
+    );
     assert_eq!(multiset_diff(&expected, &s3.payloads()), "", "b1 -> b3");
     let log = bridge.log();
-    assert!(!log.contains("pa55word"), "the password never reaches the log");
+    assert!(
+        !log.contains("pa55word"),
+        "the password never reaches the log"
+    );
 
     // Without server_name the same certificate is refused (the override is what made it work).
     let bad = cfg.replace("server_name = \"mqtt.internal\"\n", "");
-    let bridge2 = Bridge::start(&tmp.path().join("bridge2"), &bad.replace("id = \"mesh\"", "id = \"mesh2\""));
+    let bridge2 = Bridge::start(
+        &tmp.path().join("bridge2"),
+        &bad.replace("id = \"mesh\"", "id = \"mesh2\""),
+    );
     assert!(
         bridge2.wait_log("NotValidForName", 1, Duration::from_secs(10))
             || bridge2.wait_log("certificate", 1, Duration::from_secs(1)),
@@ -206,7 +239,10 @@ cert_file = "{crt}"
         bridge2.log()
     );
     assert!(
-        bridge2.log().lines().any(|l| l.contains("link{broker=b1}") && l.contains("link down")),
+        bridge2
+            .log()
+            .lines()
+            .any(|l| l.contains("link{broker=b1}") && l.contains("link down")),
         "{}",
         bridge2.log()
     );

@@ -25,7 +25,7 @@ fn only(prefix: &str, got: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_down_at_start_or_dying_later_never_stops_the_others() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir();
     let certs = Certs::generate(&tmp.path().join("certs"));
     let b1 = Mosquitto::start(tmp.path(), "b1", &certs, BrokerOpts::default());
     let mut b2 = Mosquitto::start(tmp.path(), "b2", &certs, BrokerOpts::default());
@@ -104,7 +104,7 @@ async fn broker_down_at_start_or_dying_later_never_stops_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_zero() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir();
     let certs = Certs::generate(&tmp.path().join("certs"));
     let b1 = Mosquitto::start(tmp.path(), "b1", &certs, BrokerOpts::default());
     let b2 = Mosquitto::start(tmp.path(), "b2", &certs, BrokerOpts::default());

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::config::Protocol;
-use crate::dedup::{EchoWindow, fingerprint};
+use crate::dedup::{EchoWindow, StormGuard, StormVerdict, fingerprint};
 use crate::message::{AckRequest, Message};
 use crate::metrics::{self, LinkState, LinkStats, inc};
 use crate::router::{Outbound, Router, TargetQueue};
@@ -52,6 +52,8 @@ pub struct LinkContext {
     pub dedup_window: Duration,
     /// Bound of the echo window.
     pub dedup_max_entries: usize,
+    /// Storm guard threshold (0: off).
+    pub storm_threshold: u32,
     /// First shutdown step: take no new messages.
     pub stop: CancellationToken,
     /// Second shutdown step: acknowledge, disconnect, exit.
@@ -78,14 +80,21 @@ struct Link {
     ctx: LinkContext,
     acks_tx: mpsc::UnboundedSender<AckRequest>,
     acks_rx: mpsc::UnboundedReceiver<AckRequest>,
-    /// Acknowledgements owed to the broker, not yet handed to rumqttc.
+    /// QoS 1/2 messages received and not yet acknowledged, in order of receipt: MQTT requires
+    /// PUBACK/PUBREC in that order (MQTT-4.6.0-2/3), and mosquitto reorders its later
+    /// deliveries when they come out of order.
+    received: VecDeque<AckRequest>,
+    /// Packet ids of `received` whose targets are all done.
+    completed: HashSet<u16>,
+    /// Acknowledgements due (in order), not yet handed to rumqttc.
     pending_acks: VecDeque<AckRequest>,
-    /// Incoming packet ids forwarded and not yet acknowledged: a redelivery of one of them
-    /// (after a reconnect) is not forwarded a second time.
+    /// Packet ids received and not yet acknowledged: a redelivery of one of them (after a
+    /// reconnect) is not forwarded a second time.
     held: HashSet<u16>,
     /// Broker session counter: bumped when a CONNACK says the session is new.
     epoch: u32,
     echo: EchoWindow,
+    storm: StormGuard,
     next_seq: u64,
 }
 
@@ -102,14 +111,18 @@ impl Link {
     fn new(ctx: LinkContext) -> Self {
         let (acks_tx, acks_rx) = mpsc::unbounded_channel();
         let echo = EchoWindow::new(ctx.dedup_window, ctx.dedup_max_entries);
+        let storm = StormGuard::new(ctx.storm_threshold, Duration::from_secs(10), 100_000);
         Self {
             ctx,
             acks_tx,
             acks_rx,
+            received: VecDeque::new(),
+            completed: HashSet::new(),
             pending_acks: VecDeque::new(),
             held: HashSet::new(),
             epoch: 0,
             echo,
+            storm,
             next_seq: 0,
         }
     }
@@ -163,6 +176,7 @@ impl Link {
         };
         let window = usize::from(self.ctx.settings.inflight);
         let mut batch = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
         let outcome = loop {
             if self.ctx.stop.is_cancelled() {
                 let idle = conn.awaiting_sent.is_empty()
@@ -199,9 +213,24 @@ impl Link {
                         Some(event) => self.on_event(&mut conn, event),
                     }
                 }
-                Some(ack) = self.acks_rx.recv() => self.pending_acks.push_back(ack),
+                Some(ack) = self.acks_rx.recv() => self.complete(ack),
                 _ = self.ctx.queue.notified(), if room => {}
                 _ = self.ctx.stop.cancelled(), if !self.ctx.stop.is_cancelled() => {}
+                _ = tick.tick() => {
+                    debug!(
+                        queued = self.ctx.queue.len(),
+                        awaiting_sent = conn.awaiting_sent.len(),
+                        inflight = conn.inflight.len(),
+                        unacked_in = self.received.len(),
+                        acks_due = self.pending_acks.len(),
+                        echo_window = self.echo.len(),
+                        messages_in = self.ctx.stats.messages_in.load(std::sync::atomic::Ordering::Relaxed),
+                        messages_out = self.ctx.stats.messages_out.load(std::sync::atomic::Ordering::Relaxed),
+                        forwarded = self.ctx.stats.forwarded.load(std::sync::atomic::Ordering::Relaxed),
+                        dropped_echo = self.ctx.stats.dropped_echo.load(std::sync::atomic::Ordering::Relaxed),
+                        "link state"
+                    );
+                }
             }
         };
         // Whatever was not acknowledged goes back to the queue, in its original order.
@@ -236,6 +265,8 @@ impl Link {
                     // The broker has no memory of us: packet ids of the old session mean nothing.
                     self.epoch = self.epoch.wrapping_add(1);
                     self.held.clear();
+                    self.received.clear();
+                    self.completed.clear();
                     self.pending_acks.clear();
                 }
                 conn.connected = Some(Instant::now());
@@ -305,26 +336,30 @@ impl Link {
             // Not acknowledged: the broker keeps it for our next session.
             return;
         }
+        if let Some(a) = ack {
+            if !self.held.insert(a.pkid) {
+                // Redelivered after a reconnect while the first copy is still on its way:
+                // the first copy's acknowledgement covers this one.
+                debug!(pkid = a.pkid, "redelivery of a message already forwarded");
+                return;
+            }
+            self.received.push_back(a);
+        }
         if msg.has_origin_tag() {
             inc(&stats.dropped_tagged);
-            self.pending_acks.extend(ack);
+            self.complete_opt(ack);
             return;
         }
-        if self.ctx.settings.broker.protocol == Protocol::V311
-            && self
-                .echo
-                .take_echo(fingerprint(&msg.topic, &msg.payload), Instant::now())
-        {
+        let fp = fingerprint(&msg.topic, &msg.payload);
+        let now = Instant::now();
+        if self.ctx.settings.broker.protocol == Protocol::V311 && self.echo.take_echo(fp, now) {
             inc(&stats.dropped_echo);
-            self.pending_acks.extend(ack);
+            self.complete_opt(ack);
             return;
         }
-        if let Some(a) = ack
-            && !self.held.insert(a.pkid)
-        {
-            // Redelivered after a reconnect while the first copy is still on its way:
-            // its acknowledgement will cover this one.
-            debug!(pkid = a.pkid, "redelivery of a message already forwarded");
+        if let StormVerdict::Storm { first } = self.storm.observe(fp, now) {
+            metrics::storm(stats, &msg.topic, first, self.ctx.storm_threshold);
+            self.complete_opt(ack);
             return;
         }
         let targets = self
@@ -376,6 +411,27 @@ impl Link {
                 // Back to the front; retried after the next event (or on the next connection).
                 self.ctx.queue.requeue_front(vec![item]);
             }
+        }
+    }
+
+    fn complete_opt(&mut self, ack: Option<AckRequest>) {
+        if let Some(a) = ack {
+            self.complete(a);
+        }
+    }
+
+    /// Every target is done with a received message: its acknowledgement becomes due once all
+    /// messages received before it are acknowledged too.
+    fn complete(&mut self, ack: AckRequest) {
+        if ack.epoch != self.epoch {
+            return;
+        }
+        self.completed.insert(ack.pkid);
+        while let Some(front) = self.received.front() {
+            if !self.completed.remove(&front.pkid) {
+                break;
+            }
+            self.pending_acks.extend(self.received.pop_front());
         }
     }
 

@@ -12,6 +12,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+/// A temporary directory for one test; kept (and its path printed) when MESHBRIDGE_KEEP_TMP is
+/// set, so the brokers' and the bridge's logs can be read after a failure.
+pub fn tempdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    if std::env::var_os("MESHBRIDGE_KEEP_TMP").is_some() {
+        eprintln!("test files kept in {}", dir.path().display());
+        let mut dir = dir;
+        dir.disable_cleanup(true);
+        return dir;
+    }
+    dir
+}
+
 /// A free TCP port on loopback (the listener is closed before the port is used).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -152,11 +165,7 @@ impl Mosquitto {
             dir.join("mosquitto.log").display()
         )
         .unwrap();
-        writeln!(
-            conf,
-            "log_type error\nlog_type warning\nlog_type notice\nlog_type information"
-        )
-        .unwrap();
+        writeln!(conf, "log_type all").unwrap();
         if opts.persistence {
             writeln!(
                 conf,
