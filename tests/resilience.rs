@@ -140,3 +140,70 @@ async fn sigterm_drains_and_exits_zero() {
         b1.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_killed_mid_stream_resumes_its_sessions_without_loss() {
+    // kill -9 while QoS 1 and 2 messages flow: the brokers keep the bridge's sessions, so what
+    // was published meanwhile (and what was in flight) is delivered after the restart. The QoS 2
+    // exchanges cut in half make the broker resend PUBREL on the new connection, which must be
+    // answered, not treated as a protocol error (rumqtt#664).
+    let tmp = common::tempdir();
+    let certs = Certs::generate(&tmp.path().join("certs"));
+    let b1 = Mosquitto::start(tmp.path(), "b1", &certs, BrokerOpts::default());
+    let b2 = Mosquitto::start(tmp.path(), "b2", &certs, BrokerOpts::default());
+    for protocol in ["v5", "v3.1.1"] {
+        let extra = format!("protocol = \"{protocol}\"");
+        let cfg = bridge_config(
+            &certs,
+            &format!("mesh{}", protocol.len()),
+            &tmp.path().join("data"),
+            &[(&b1, &extra), (&b2, &extra)],
+        );
+        let mut bridge = Bridge::start(&tmp.path().join(format!("bridge-{protocol}")), &cfg);
+        bridge.wait_subscribed(&["b1", "b2"]);
+        let s2 = mqtt::subscribe(b2.plain_port, &format!("s2-{protocol}"), "kill/#").await;
+        let mut msgs = batch("kill", 1500, 2);
+        msgs.extend(batch("kill/one", 1500, 1));
+        let publisher = {
+            let msgs = msgs.clone();
+            let port = b1.plain_port;
+            let id = format!("p-{protocol}");
+            tokio::spawn(async move { mqtt::publish(port, &id, &msgs).await })
+        };
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        bridge.kill();
+        let before = s2.count();
+        publisher.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        bridge.spawn();
+        s2.wait_count(msgs.len(), Duration::from_secs(30)).await;
+        s2.settle(Duration::from_millis(700)).await;
+        let got = s2.payloads();
+        let mut unique = got.clone();
+        unique.sort();
+        unique.dedup();
+        let mut want = payloads(&msgs);
+        want.sort();
+        assert_eq!(
+            unique,
+            want,
+            "{protocol}: every message arrives after the restart ({} before the kill, {} in all)",
+            before,
+            got.len()
+        );
+        assert!(
+            before < msgs.len(),
+            "{protocol}: the kill happened mid-stream"
+        );
+        assert!(
+            !bridge.log().contains("Unsolicited pubrel"),
+            "{protocol}: a resent PUBREL broke the connection:\n{}",
+            bridge.log()
+        );
+        eprintln!(
+            "{protocol}: {} duplicates after kill -9",
+            got.len() - unique.len()
+        );
+        bridge.terminate();
+    }
+}

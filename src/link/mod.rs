@@ -104,7 +104,11 @@ struct Conn {
     connected: Option<Instant>,
     max_packet: Option<u32>,
     awaiting_sent: VecDeque<(u64, Outbound)>,
+    /// Waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
     inflight: HashMap<u16, (u64, Outbound)>,
+    /// QoS 2 after PUBREC, waiting for PUBCOMP. Kept apart from `inflight`: rumqttc may give
+    /// the same packet id to a new publish once PUBREC arrived.
+    released: HashMap<u16, (u64, Outbound)>,
 }
 
 impl Link {
@@ -173,24 +177,22 @@ impl Link {
             max_packet: None,
             awaiting_sent: VecDeque::new(),
             inflight: HashMap::new(),
+            released: HashMap::new(),
         };
         let window = usize::from(self.ctx.settings.inflight);
         let mut batch = Vec::new();
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         let outcome = loop {
             if self.ctx.stop.is_cancelled() {
-                let idle = conn.awaiting_sent.is_empty()
-                    && conn.inflight.is_empty()
-                    && self.ctx.queue.is_empty();
+                let idle = conn.outstanding() == 0 && self.ctx.queue.is_empty();
                 let _ = self.ctx.drained.send(idle || conn.connected.is_none());
             }
             if conn.connected.is_some() {
                 self.flush_acks(&conn.client);
             }
-            let room =
-                conn.connected.is_some() && conn.awaiting_sent.len() + conn.inflight.len() < window;
+            let room = conn.connected.is_some() && conn.outstanding() < window;
             if room {
-                let free = window - conn.awaiting_sent.len() - conn.inflight.len();
+                let free = window - conn.outstanding();
                 self.ctx.queue.take(free, &mut batch);
                 let had = !batch.is_empty();
                 for item in batch.drain(..) {
@@ -237,6 +239,7 @@ impl Link {
         self.ctx.queue.set_connected(false);
         let mut unconfirmed: Vec<(u64, Outbound)> = conn.awaiting_sent.drain(..).collect();
         unconfirmed.extend(conn.inflight.drain().map(|(_, v)| v));
+        unconfirmed.extend(conn.released.drain().map(|(_, v)| v));
         unconfirmed.sort_by_key(|(seq, _)| *seq);
         if !unconfirmed.is_empty() {
             self.ctx.stats.redelivered.fetch_add(
@@ -296,10 +299,21 @@ impl Link {
                 }
             }
             LinkEvent::PubAck(pkid, result) | LinkEvent::PubRec(pkid, result @ Err(_)) => {
-                self.acknowledged(conn, pkid, result)
+                if let Some(entry) = conn.inflight.remove(&pkid) {
+                    self.acknowledged(entry.1, result);
+                }
             }
-            LinkEvent::PubRec(_, Ok(())) => {}
-            LinkEvent::PubComp(pkid) => self.acknowledged(conn, pkid, Ok(())),
+            LinkEvent::PubRec(pkid, Ok(())) => {
+                if let Some(entry) = conn.inflight.remove(&pkid) {
+                    conn.released.insert(pkid, entry);
+                }
+            }
+            LinkEvent::PubComp(pkid) => {
+                // Also answers the PUBRELs sent on a resumed session: those match nothing here.
+                if let Some(entry) = conn.released.remove(&pkid) {
+                    self.acknowledged(entry.1, Ok(()));
+                }
+            }
             LinkEvent::SubAck(failures) => {
                 if failures.is_empty() {
                     info!(topics = ?self.ctx.topics, "subscribed");
@@ -314,10 +328,7 @@ impl Link {
         self.update_gauges(conn);
     }
 
-    fn acknowledged(&mut self, conn: &mut Conn, pkid: u16, result: Result<(), String>) {
-        let Some((_, mut item)) = conn.inflight.remove(&pkid) else {
-            return;
-        };
+    fn acknowledged(&mut self, mut item: Outbound, result: Result<(), String>) {
         match result {
             Ok(()) => inc(&self.ctx.stats.messages_out),
             Err(reason) => metrics::message_rejected(&self.ctx.stats, &item.msg.topic, &reason),
@@ -474,11 +485,18 @@ impl Link {
     fn update_gauges(&self, conn: &Conn) {
         let s = &self.ctx.stats;
         s.inflight.store(
-            (conn.awaiting_sent.len() + conn.inflight.len()) as i64,
+            conn.outstanding() as i64,
             std::sync::atomic::Ordering::Relaxed,
         );
         s.dedup_entries
             .store(self.echo.len() as i64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Conn {
+    /// Messages handed to this connection and not yet acknowledged.
+    fn outstanding(&self) -> usize {
+        self.awaiting_sent.len() + self.inflight.len() + self.released.len()
     }
 }
 

@@ -10,6 +10,13 @@
 //! a known incoming QoS 2 exchange, so a resent PUBREL is answered with PUBCOMP as the MQTT 5
 //! spec asks.
 //!
+//! The same holds in the other direction: a QoS 2 message we published may sit in the broker's
+//! session waiting for our PUBREL when the connection (or the process) died. rumqttc numbers
+//! publishes 1..=`inflight`, so on a resumed session the bridge first sends PUBREL for each of
+//! those ids (through rumqttc's `pending` queue, which it drops by itself when the session is
+//! new). The broker completes what it holds and answers PUBCOMP for the rest; without this, a
+//! new publish reusing such an id would be taken by the broker for the old one and lost.
+//!
 //! `EventLoop::poll` is not cancel-safe (a cancelled flush can resend half a packet), so it runs
 //! alone in a driver task that turns rumqttc events into [`LinkEvent`]s; the link task talks to
 //! the client only through non-blocking calls.
@@ -257,6 +264,9 @@ pub fn open(s: &SessionSettings) -> Session {
             }
             let (client, mut el) = rumqttc::AsyncClient::new(o, s.request_capacity());
             seed_v4(&mut el);
+            el.pending.extend(
+                (1..=s.inflight).map(|pkid| rumqttc::Request::PubRel(rumqttc::PubRel::new(pkid))),
+            );
             (Client::V4(client), tokio::spawn(drive_v4(el, tx)))
         }
         Protocol::V5 => {
@@ -280,6 +290,10 @@ pub fn open(s: &SessionSettings) -> Session {
             }
             let (client, mut el) = rumqttc::v5::AsyncClient::new(o, s.request_capacity());
             seed_v5(&mut el);
+            el.pending.extend(
+                (1..=s.inflight)
+                    .map(|pkid| rumqttc::v5::Request::PubRel(v5b::PubRel::new(pkid, None))),
+            );
             (Client::V5(client), tokio::spawn(drive_v5(el, tx)))
         }
     };
