@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 /// Keeps several MQTT brokers in sync: every message published on one is delivered on all.
 #[derive(Debug, Parser)]
@@ -13,10 +13,21 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Where the running bridge's admin API is.
+#[derive(Debug, Args)]
+pub struct AdminTarget {
+    /// Admin API address of the running bridge (token: MESHBRIDGE_ADMIN_TOKEN).
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "config")]
+    pub admin: Option<String>,
+    /// Read admin_listen (and the token file) from this config file.
+    #[arg(long, short, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the bridge daemon (SIGTERM/SIGINT: drain and exit 0).
+    /// Run the bridge daemon (SIGTERM/SIGINT: drain and exit 0; SIGHUP: reload the brokers).
     Run {
         /// Config file.
         #[arg(long, short, default_value = "bridge.toml")]
@@ -30,35 +41,41 @@ pub enum Command {
     },
     /// Embedded brokers + bridge + sample traffic, for a first look.
     Demo,
-    /// Add a broker to a running bridge.
+    /// Add a broker to a running bridge (persisted under its data_dir).
     AddBroker {
         /// Broker address, host:port.
         address: String,
         /// Broker name (default: from the address).
         #[arg(long)]
         name: Option<String>,
-        /// Protocol version, v5 or v3.1.1.
+        /// Protocol version: v5 or v3.1.1.
         #[arg(long)]
         protocol: Option<String>,
         /// Plain TCP instead of TLS.
         #[arg(long)]
         no_tls: bool,
-        /// Admin API address of the running bridge.
+        /// Name to verify in the broker's certificate.
         #[arg(long)]
-        admin: Option<String>,
+        server_name: Option<String>,
+        /// Where the bridge is.
+        #[command(flatten)]
+        target: AdminTarget,
     },
-    /// Remove a broker from a running bridge.
+    /// Remove a broker (by name or address) from a running bridge.
     RemoveBroker {
-        /// Broker name or address.
+        /// Broker name or host:port.
         broker: String,
-        /// Admin API address of the running bridge.
-        #[arg(long)]
-        admin: Option<String>,
+        /// Where the bridge is.
+        #[command(flatten)]
+        target: AdminTarget,
     },
     /// Show the state of every link of a running bridge.
     Status {
-        /// Admin API address of the running bridge.
+        /// JSON for scripts instead of a table.
         #[arg(long)]
-        admin: Option<String>,
+        json: bool,
+        /// Where the bridge is.
+        #[command(flatten)]
+        target: AdminTarget,
     },
 }

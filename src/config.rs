@@ -130,6 +130,8 @@ pub struct BridgeSection {
     pub drain_timeout: Option<String>,
     /// Identical messages from one broker within 10 s before the storm guard drops repeats.
     pub storm_threshold: Option<u32>,
+    /// Retained messages the bridge remembers for brokers added at run time.
+    pub retained_max: Option<usize>,
 }
 
 /// `[tls]` or the TLS keys of one `[[broker]]`.
@@ -207,6 +209,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Identical messages from one broker within 10 s before repeats are dropped (0: off).
     pub storm_threshold: u32,
+    /// Retained messages remembered for brokers added at run time.
+    pub retained_max: usize,
     /// `[tls]` defaults, kept to build brokers added at run time.
     pub tls_defaults: TlsSection,
     /// Directory of the config file (relative paths are resolved against it).
@@ -533,6 +537,7 @@ impl FileConfig {
                 Duration::from_secs(5),
             )?,
             storm_threshold: b.storm_threshold.unwrap_or(1000),
+            retained_max: b.retained_max.unwrap_or(100_000),
             tls_defaults: self.tls,
             base_dir: base_dir.to_path_buf(),
             brokers: Vec::new(),

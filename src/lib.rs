@@ -7,45 +7,129 @@
 //!
 //! Loops are prevented in layers: MQTT 5 links subscribe with No Local and tag what they forward
 //! (a tagged message is never forwarded again); MQTT 3.1.1 links drop the echoes of their own
-//! publishes with a bounded [`dedup`] window.
+//! publishes with a bounded [`dedup`] window; a storm guard drops what still goes round.
 //!
 //! Layout:
 //! - [`config`]: `bridge.toml`, validated into [`config::Config`] with errors that name the key.
 //! - [`tls`]: rustls client configurations from PEM files.
 //! - [`message`]: the protocol-neutral message and the acknowledgement owed to its origin.
-//! - [`dedup`]: the echo window (pure, unit-tested).
-//! - [`router`]: per-target bounded queues and fan-out.
+//! - [`dedup`]: the echo window and the storm guard (pure, unit-tested).
+//! - [`router`]: per-target bounded queues, fan-out, the retained table.
 //! - [`link`]: connection, backoff, subscribe, receive, publish, acks.
-//! - [`supervisor`]: owns the links; start and ordered shutdown.
-//! - [`metrics`]: metric names and per-link counters.
+//! - [`supervisor`]: owns the links; start, add/remove at run time, ordered shutdown.
+//! - [`membership`]: run-time membership changes persisted under `data_dir`.
+//! - [`admin`]: the HTTP API (server and CLI client) with health, readiness and metrics.
+//! - [`metrics`]: metric names, per-link counters, Prometheus exposition.
 //! - [`cli`]: the command line.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod dedup;
 pub mod link;
+pub mod membership;
 pub mod message;
 pub mod metrics;
 pub mod router;
 pub mod supervisor;
 pub mod tls;
 
-use tokio_util::sync::CancellationToken;
+use std::path::PathBuf;
+use std::sync::Arc;
 
-/// Runs the bridge until `shutdown` is cancelled, then drains and returns.
-pub async fn run(config: config::Config, shutdown: CancellationToken) {
+use tokio::sync::{Mutex, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+/// Why the bridge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The admin API address cannot be bound.
+    #[error("bridge.admin_listen: cannot listen on {addr}: {source}")]
+    AdminBind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The persisted membership cannot be read.
+    #[error("{0}")]
+    Start(#[from] supervisor::ChangeError),
+}
+
+/// How the process controls a running bridge.
+#[derive(Debug)]
+pub struct Control {
+    /// Cancelled on SIGTERM/SIGINT: drain and return.
+    pub shutdown: CancellationToken,
+    /// One item per SIGHUP: reload the config file.
+    pub reload: mpsc::UnboundedReceiver<()>,
+    /// The config file, for reloads.
+    pub config_path: Option<PathBuf>,
+}
+
+/// Runs the bridge until `control.shutdown` is cancelled, then drains and returns.
+pub async fn run(config: config::Config, mut control: Control) -> Result<(), RunError> {
     let drain_timeout = config.drain_timeout;
-    tracing::info!(
+    let admin_addr = config.admin_listen;
+    let listener = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .map_err(|source| RunError::AdminBind {
+            addr: admin_addr,
+            source,
+        })?;
+    info!(
         bridge = %config.bridge_id,
         brokers = config.brokers.len(),
         topics = ?config.topics,
+        admin = %admin_addr,
         "bridge starting"
     );
-    let supervisor = supervisor::Supervisor::start(config);
-    shutdown.cancelled().await;
-    tracing::info!("shutting down: draining in-flight messages");
-    supervisor.shutdown(drain_timeout).await;
-    tracing::info!("bridge stopped");
+    let token = config.admin_token.clone();
+    let supervisor = Arc::new(Mutex::new(supervisor::Supervisor::start(config)?));
+    let admin_stop = CancellationToken::new();
+    let admin = tokio::spawn(admin::server::serve(
+        listener,
+        admin::server::AdminState {
+            supervisor: supervisor.clone(),
+            token,
+            drain_timeout,
+        },
+        admin_stop.clone(),
+    ));
+    loop {
+        tokio::select! {
+            _ = control.shutdown.cancelled() => break,
+            Some(()) = control.reload.recv() => reload(&supervisor, control.config_path.as_deref(), drain_timeout).await,
+        }
+    }
+    info!("shutting down: draining in-flight messages");
+    let links = supervisor.lock().await.take_all();
+    supervisor::shutdown_links(links, drain_timeout).await;
+    admin_stop.cancel();
+    let _ = admin.await;
+    info!("bridge stopped");
+    Ok(())
+}
+
+/// SIGHUP: re-read the config file and apply broker additions and removals.
+async fn reload(
+    supervisor: &Mutex<supervisor::Supervisor>,
+    path: Option<&std::path::Path>,
+    drain_timeout: std::time::Duration,
+) {
+    let Some(path) = path else { return };
+    let new = match config::Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %e, "reload refused: the running configuration is kept");
+            return;
+        }
+    };
+    let (started, gone) = supervisor.lock().await.reload(new);
+    let removed: Vec<String> = gone.iter().map(|h| h.broker.name.clone()).collect();
+    info!(?started, ?removed, "configuration reloaded");
+    supervisor::shutdown_links(gone, drain_timeout).await;
 }

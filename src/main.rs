@@ -1,16 +1,23 @@
 //! `bridge`: parse the command line, set up logging, dispatch. Exit codes: 0 ok, 64 bad
-//! configuration or usage, 1 other failures.
+//! configuration or usage, 1 other failures (admin API unreachable or refusing, runtime errors).
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use meshbridge::cli::{Cli, Command};
-use meshbridge::config::Config;
+use meshbridge::admin::AddBrokerRequest;
+use meshbridge::admin::client::{AdminClient, status_table};
+use meshbridge::cli::{AdminTarget, Cli, Command};
+use meshbridge::config::{Config, Protocol};
 use tokio_util::sync::CancellationToken;
 
 /// Exit code for bad configuration or usage (EX_USAGE, as linkerd2-proxy does).
 const EXIT_CONFIG: u8 = 64;
+
+fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(code)
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -21,43 +28,139 @@ fn main() -> ExitCode {
                 println!("{}: ok ({} brokers)", config.display(), c.brokers.len());
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(EXIT_CONFIG)
-            }
+            Err(e) => fail(EXIT_CONFIG, e),
         },
-        Command::Run { config } => {
-            let config = match Config::load(&config) {
+        Command::Run { config: path } => {
+            let config = match Config::load(&path) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
+                Err(e) => return fail(EXIT_CONFIG, e),
             };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
-                Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
             };
-            runtime.block_on(async {
+            let result = runtime.block_on(async {
                 let shutdown = CancellationToken::new();
-                tokio::spawn(wait_for_signal(shutdown.clone()));
-                meshbridge::run(config, shutdown).await;
+                let (reload_tx, reload) = tokio::sync::mpsc::unbounded_channel();
+                tokio::spawn(wait_for_signals(shutdown.clone(), reload_tx));
+                meshbridge::run(
+                    config,
+                    meshbridge::Control {
+                        shutdown,
+                        reload,
+                        config_path: Some(path),
+                    },
+                )
+                .await
             });
-            ExitCode::SUCCESS
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e @ meshbridge::RunError::AdminBind { .. }) => fail(EXIT_CONFIG, e),
+                Err(e) => fail(1, e),
+            }
         }
-        Command::Demo
-        | Command::AddBroker { .. }
-        | Command::RemoveBroker { .. }
-        | Command::Status { .. } => {
-            eprintln!(
-                "error: this command is not available yet in this version (see README: roadmap)"
-            );
-            ExitCode::from(EXIT_CONFIG)
+        Command::Demo => fail(
+            EXIT_CONFIG,
+            "`bridge demo` is not available yet in this version (see README: Status)",
+        ),
+        Command::AddBroker {
+            address,
+            name,
+            protocol,
+            no_tls,
+            server_name,
+            target,
+        } => {
+            let protocol = match protocol.map(|p| p.parse::<Protocol>()).transpose() {
+                Ok(p) => p,
+                Err(e) => return fail(EXIT_CONFIG, format!("--protocol: {e}")),
+            };
+            let client = match admin_client(&target) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let request = AddBrokerRequest {
+                address,
+                name,
+                protocol,
+                tls: Some(!no_tls),
+                server_name,
+            };
+            match client.add(&request) {
+                Ok(s) => {
+                    println!(
+                        "added {} ({}, {}{})",
+                        s.name,
+                        s.address,
+                        s.protocol,
+                        if s.tls { ", tls" } else { "" }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, e),
+            }
+        }
+        Command::RemoveBroker { broker, target } => {
+            let client = match admin_client(&target) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match client.remove(&broker) {
+                Ok(name) => {
+                    println!("removed {name}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, e),
+            }
+        }
+        Command::Status { json, target } => {
+            let client = match admin_client(&target) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match client.status() {
+                Ok(links) if json => match serde_json::to_string_pretty(&links) {
+                    Ok(text) => {
+                        println!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(1, e),
+                },
+                Ok(links) => {
+                    print!("{}", status_table(&links));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, e),
+            }
         }
     }
+}
+
+/// The admin client for `--admin` (token from MESHBRIDGE_ADMIN_TOKEN) or `--config` (address
+/// and token file from the config), defaulting to 127.0.0.1:9183.
+fn admin_client(target: &AdminTarget) -> Result<AdminClient, ExitCode> {
+    if let Some(path) = &target.config {
+        let config = Config::load(path).map_err(|e| fail(EXIT_CONFIG, e))?;
+        let mut addr = config.admin_listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        return Ok(AdminClient::new(
+            &addr.to_string(),
+            config.admin_token.map(|t| t.expose().to_string()),
+        ));
+    }
+    let addr = target
+        .admin
+        .clone()
+        .unwrap_or_else(|| "127.0.0.1:9183".into());
+    if let Err(e) = meshbridge::config::parse_address(&addr, 9183) {
+        return Err(fail(EXIT_CONFIG, format!("--admin: {e}")));
+    }
+    Ok(AdminClient::new(
+        &addr,
+        std::env::var("MESHBRIDGE_ADMIN_TOKEN").ok(),
+    ))
 }
 
 fn init_tracing() {
@@ -69,25 +172,36 @@ fn init_tracing() {
         .init();
 }
 
-async fn wait_for_signal(shutdown: CancellationToken) {
+async fn wait_for_signals(
+    shutdown: CancellationToken,
+    reload: tokio::sync::mpsc::UnboundedSender<()>,
+) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
         ) else {
             tracing::error!("cannot install signal handlers");
             return;
         };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM received"); break; }
+                _ = int.recv() => { tracing::info!("SIGINT received"); break; }
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP received: reloading the configuration");
+                    let _ = reload.send(());
+                }
+            }
         }
     }
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+        drop(reload);
     }
     shutdown.cancel();
 }

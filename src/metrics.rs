@@ -8,35 +8,140 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::SystemTime;
 
-/// Messages received from a broker (before loop checks).
-pub const MESSAGES_IN: &str = "meshbridge_messages_in_total";
-/// Messages published to a broker and acknowledged (QoS 0: written).
-pub const MESSAGES_OUT: &str = "meshbridge_messages_out_total";
-/// Messages received from a broker and handed to at least one target.
-pub const FORWARDED: &str = "meshbridge_forwarded_total";
-/// Echoes of our own publishes dropped on a 3.1.1 link.
-pub const DROPPED_ECHO: &str = "meshbridge_dropped_echo_total";
-/// Messages dropped because they carried an origin tag (single-hop rule).
-pub const DROPPED_TAGGED: &str = "meshbridge_dropped_tagged_total";
-/// Messages dropped because a target queue overflowed.
-pub const DROPPED_OVERFLOW: &str = "meshbridge_dropped_overflow_total";
-/// Repeats dropped by the storm guard (a forwarding loop somewhere).
-pub const DROPPED_STORM: &str = "meshbridge_dropped_storm_total";
-/// Messages a broker refused (error reason code, or larger than its maximum packet size).
-pub const REJECTED: &str = "meshbridge_rejected_total";
-/// Messages published again after a reconnect (possible duplicates downstream).
-pub const REDELIVERED: &str = "meshbridge_redelivered_total";
-/// Connection attempts after the first.
-pub const RECONNECTS: &str = "meshbridge_reconnects_total";
-/// 1 while the link is connected.
+// Counter names are given without `_total`: the Prometheus encoder appends it.
+
+/// Messages received from a broker (before loop checks). Counter.
+pub const MESSAGES_IN: &str = "meshbridge_messages_in";
+/// Messages published to a broker and acknowledged (QoS 0: written). Counter.
+pub const MESSAGES_OUT: &str = "meshbridge_messages_out";
+/// Messages received from a broker and handed to at least one target. Counter.
+pub const FORWARDED: &str = "meshbridge_forwarded";
+/// Echoes of our own publishes dropped on a 3.1.1 link. Counter.
+pub const DROPPED_ECHO: &str = "meshbridge_dropped_echo";
+/// Messages dropped because they carried an origin tag (single-hop rule). Counter.
+pub const DROPPED_TAGGED: &str = "meshbridge_dropped_tagged";
+/// Messages dropped because a target queue overflowed. Counter.
+pub const DROPPED_OVERFLOW: &str = "meshbridge_dropped_overflow";
+/// Repeats dropped by the storm guard (a forwarding loop somewhere). Counter.
+pub const DROPPED_STORM: &str = "meshbridge_dropped_storm";
+/// Messages a broker refused (error reason code, or larger than its maximum packet size). Counter.
+pub const REJECTED: &str = "meshbridge_rejected";
+/// Messages published again after a reconnect (possible duplicates downstream). Counter.
+pub const REDELIVERED: &str = "meshbridge_redelivered";
+/// Connection attempts after the first. Counter.
+pub const RECONNECTS: &str = "meshbridge_reconnects";
+/// 1 while the link is connected. Gauge.
 pub const CONNECTED: &str = "meshbridge_connected";
-/// Live entries of the link's dedup window.
+/// Live entries of the link's dedup window. Gauge.
 pub const DEDUP_ENTRIES: &str = "meshbridge_dedup_window_entries";
-/// Messages waiting for the target (queued + in flight).
+/// Messages waiting for the target (queued + in flight). Gauge.
 pub const QUEUE_DEPTH: &str = "meshbridge_queue_depth";
+/// Retained messages the bridge remembers for brokers added at run time. Gauge.
+pub const RETAINED: &str = "meshbridge_retained_messages";
+
+/// Renders every metric in the Prometheus text format.
+pub fn encode(links: &[crate::admin::BrokerStatus], retained: usize) -> String {
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    use prometheus_client::registry::Registry;
+    type Labels = Vec<(&'static str, String)>;
+    /// Name, help text, and how to read the value from a status row.
+    type Metric<T> = (
+        &'static str,
+        &'static str,
+        fn(&crate::admin::BrokerStatus) -> T,
+    );
+
+    let mut registry = Registry::default();
+    let counters: [Metric<u64>; 10] = [
+        (MESSAGES_IN, "Messages received from the broker", |s| {
+            s.messages_in
+        }),
+        (
+            MESSAGES_OUT,
+            "Messages published to the broker and acknowledged",
+            |s| s.messages_out,
+        ),
+        (
+            FORWARDED,
+            "Messages from the broker handed to other brokers",
+            |s| s.forwarded,
+        ),
+        (
+            DROPPED_ECHO,
+            "Echoes of the bridge's own publishes dropped (MQTT 3.1.1)",
+            |s| s.dropped_echo,
+        ),
+        (
+            DROPPED_TAGGED,
+            "Messages not forwarded because they carry an origin tag",
+            |s| s.dropped_tagged,
+        ),
+        (
+            DROPPED_OVERFLOW,
+            "Messages dropped because the broker's queue overflowed",
+            |s| s.dropped_overflow,
+        ),
+        (DROPPED_STORM, "Repeats dropped by the storm guard", |s| {
+            s.dropped_storm
+        }),
+        (REJECTED, "Messages the broker refused", |s| s.rejected),
+        (
+            REDELIVERED,
+            "Messages published again after a reconnect",
+            |s| s.redelivered,
+        ),
+        (RECONNECTS, "Reconnections", |s| s.reconnects),
+    ];
+    for (name, help, value) in counters {
+        let family = Family::<Labels, Counter>::default();
+        for s in links {
+            family
+                .get_or_create(&vec![("broker", s.name.clone())])
+                .inc_by(value(s));
+        }
+        registry.register(name, help, family);
+    }
+    let gauges: [Metric<i64>; 3] = [
+        (CONNECTED, "1 while the link is connected", |s| {
+            i64::from(s.state == LinkState::Connected)
+        }),
+        (
+            DEDUP_ENTRIES,
+            "Live entries of the link's dedup window",
+            |s| s.dedup_entries as i64,
+        ),
+        (
+            QUEUE_DEPTH,
+            "Messages waiting for the broker (queued and in flight)",
+            |s| s.queue_depth as i64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let family = Family::<Labels, Gauge>::default();
+        for s in links {
+            family
+                .get_or_create(&vec![("broker", s.name.clone())])
+                .set(value(s));
+        }
+        registry.register(name, help, family);
+    }
+    let retained_gauge = Gauge::<i64>::default();
+    retained_gauge.set(retained as i64);
+    registry.register(
+        RETAINED,
+        "Retained messages remembered for brokers added at run time",
+        retained_gauge,
+    );
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
+}
 
 /// Lifecycle state of one link, as shown by `status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LinkState {
     /// Dialling or waiting for CONNACK.

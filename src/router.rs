@@ -7,9 +7,10 @@
 //! down target never blocks the others). Queues are bounded; on overflow the oldest message is
 //! dropped and counted.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use dashmap::DashMap;
 use tokio::sync::{Notify, mpsc};
 
@@ -141,13 +142,50 @@ impl TargetQueue {
     }
 }
 
-/// The set of targets, by link name.
+/// A retained message with the name of the broker it came from.
+type Retained = (Arc<str>, Arc<Message>);
+
+/// The set of targets, by link name, and the mesh's retained messages.
 #[derive(Debug, Default)]
 pub struct Router {
     targets: DashMap<Arc<str>, Arc<TargetQueue>, ahash::RandomState>,
+    /// Last retained message per topic (with its origin), handed to brokers added at run time.
+    retained: Mutex<HashMap<Bytes, Retained, ahash::RandomState>>,
+    retained_max: usize,
 }
 
 impl Router {
+    /// A router keeping at most `retained_max` retained messages.
+    pub fn new(retained_max: usize) -> Self {
+        Self {
+            retained_max,
+            ..Self::default()
+        }
+    }
+
+    fn note_retained(&self, origin: &Arc<str>, msg: &Arc<Message>) {
+        let mut table = self.retained.lock().unwrap_or_else(|p| p.into_inner());
+        if msg.payload.is_empty() {
+            table.remove(&msg.topic);
+        } else if table.len() < self.retained_max || table.contains_key(&msg.topic) {
+            table.insert(msg.topic.clone(), (origin.clone(), msg.clone()));
+        }
+    }
+
+    /// The retained messages known to the mesh, with their origins.
+    pub fn retained_snapshot(&self) -> Vec<Retained> {
+        let table = self.retained.lock().unwrap_or_else(|p| p.into_inner());
+        table.values().cloned().collect()
+    }
+
+    /// Number of retained messages known.
+    pub fn retained_len(&self) -> usize {
+        self.retained
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
     /// Adds (or replaces) a target.
     pub fn insert(&self, name: Arc<str>, queue: Arc<TargetQueue>) {
         self.targets.insert(name, queue);
@@ -186,6 +224,9 @@ impl Router {
             None => Vec::new(),
         };
         let msg = Arc::new(msg);
+        if msg.retain {
+            self.note_retained(origin, &msg);
+        }
         for target in targets {
             target.push(Outbound {
                 msg: msg.clone(),
@@ -201,7 +242,6 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
     fn msg() -> Message {
         Message {
@@ -267,6 +307,44 @@ mod tests {
             "b is down: the origin is acked at once"
         );
         assert_eq!(b.len(), 1, "and b keeps the message");
+    }
+
+    #[test]
+    fn retained_table_keeps_last_per_topic_and_clears_on_empty() {
+        let router = Router::new(2);
+        let retained = |topic: &'static [u8], payload: &'static [u8]| Message {
+            topic: Bytes::from_static(topic),
+            payload: Bytes::from_static(payload),
+            qos: 0,
+            retain: true,
+            properties: None,
+        };
+        router.forward(&"a".into(), retained(b"t/1", b"one"), None);
+        router.forward(&"a".into(), retained(b"t/1", b"uno"), None);
+        router.forward(&"b".into(), retained(b"t/2", b"two"), None);
+        router.forward(&"b".into(), retained(b"t/3", b"three"), None);
+        assert_eq!(router.retained_len(), 2, "bounded");
+        let mut snap: Vec<_> = router
+            .retained_snapshot()
+            .into_iter()
+            .map(|(o, m)| (o.to_string(), m.payload.clone()))
+            .collect();
+        snap.sort();
+        assert_eq!(
+            snap,
+            vec![
+                ("a".into(), Bytes::from_static(b"uno")),
+                ("b".into(), Bytes::from_static(b"two"))
+            ]
+        );
+        router.forward(&"a".into(), retained(b"t/1", b""), None);
+        assert_eq!(
+            router.retained_len(),
+            1,
+            "an empty retained payload clears the topic"
+        );
+        router.forward(&"a".into(), msg(), None);
+        assert_eq!(router.retained_len(), 1, "live messages are not retained");
     }
 
     #[test]

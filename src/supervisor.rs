@@ -1,8 +1,10 @@
-//! Owns the set of links: starts one task per broker, registers its queue with the router, and
-//! shuts them all down in order (stop intake → drain → disconnect).
+//! Owns the set of links: starts one task per broker, registers its queue with the router,
+//! applies additions and removals at run time (persisting them), and shuts everything down in
+//! order (stop intake → drain → disconnect).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -10,10 +12,35 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{BrokerConfig, Config};
+use crate::admin::{BrokerStatus, ReadyReport};
+use crate::config::{BrokerConfig, BrokerSection, Config, ConfigError};
 use crate::link::{self, LinkContext, session::SessionSettings};
+use crate::membership::{AddedBroker, Membership, MembershipError};
 use crate::metrics::LinkStats;
-use crate::router::{Router, TargetQueue};
+use crate::router::{Outbound, Router, TargetQueue};
+
+/// Why a membership change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// The request itself is wrong (bad address, name, protocol…).
+    #[error("{0}")]
+    Invalid(String),
+    /// A broker with that name or address is already a member.
+    #[error("{0}")]
+    Conflict(String),
+    /// No such broker.
+    #[error("no broker named or addressed {0:?}")]
+    NotFound(String),
+    /// The change could not be persisted (it was not applied).
+    #[error("{0}")]
+    Persist(#[from] MembershipError),
+}
+
+impl From<ConfigError> for ChangeError {
+    fn from(e: ConfigError) -> Self {
+        ChangeError::Invalid(e.to_string())
+    }
+}
 
 /// What the supervisor keeps of one running link.
 #[derive(Debug)]
@@ -30,30 +57,140 @@ pub struct LinkHandle {
     join: JoinHandle<()>,
 }
 
+impl LinkHandle {
+    /// The status row of this link.
+    pub fn status(&self) -> BrokerStatus {
+        let s = &self.stats;
+        let (state, since) = s.state();
+        let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        BrokerStatus {
+            name: self.broker.name.clone(),
+            address: self.broker.address(),
+            protocol: self.broker.protocol,
+            tls: self.broker.tls.is_some(),
+            state,
+            since: humantime::format_rfc3339_seconds(since).to_string(),
+            messages_in: n(&s.messages_in),
+            messages_out: n(&s.messages_out),
+            forwarded: n(&s.forwarded),
+            dropped_echo: n(&s.dropped_echo),
+            dropped_tagged: n(&s.dropped_tagged),
+            dropped_overflow: n(&s.dropped_overflow),
+            dropped_storm: n(&s.dropped_storm),
+            rejected: n(&s.rejected),
+            redelivered: n(&s.redelivered),
+            reconnects: n(&s.reconnects),
+            queue_depth: self.queue.len() as u64 + s.inflight.load(Ordering::Relaxed).max(0) as u64,
+            dedup_entries: s.dedup_entries.load(Ordering::Relaxed).max(0) as u64,
+            last_error: s.last_error(),
+        }
+    }
+
+    /// Stops this link: no new messages are taken from its broker, what is queued for it is
+    /// delivered for up to `drain_timeout`, then it acknowledges what it can and disconnects.
+    pub async fn shutdown(self, drain_timeout: Duration) {
+        shutdown_all(vec![self], drain_timeout).await
+    }
+}
+
+async fn shutdown_all(links: Vec<LinkHandle>, drain_timeout: Duration) {
+    for l in &links {
+        l.stop.cancel();
+    }
+    let wait_drained = async {
+        for l in &links {
+            let mut rx = l.drained.clone();
+            let _ = rx.wait_for(|d| *d).await;
+        }
+    };
+    if tokio::time::timeout(drain_timeout, wait_drained)
+        .await
+        .is_err()
+    {
+        let left: usize = links.iter().map(|l| l.queue.len()).sum();
+        warn!(
+            queued = left,
+            "drain timeout: disconnecting with messages still queued"
+        );
+    }
+    for l in &links {
+        l.disconnect.cancel();
+    }
+    for l in links {
+        let name = l.broker.name.clone();
+        if tokio::time::timeout(Duration::from_secs(5), l.join)
+            .await
+            .is_err()
+        {
+            warn!(broker = %name, "link did not stop in time");
+        }
+    }
+}
+
 /// The running mesh.
 #[derive(Debug)]
 pub struct Supervisor {
     config: Config,
     router: Arc<Router>,
     links: BTreeMap<String, LinkHandle>,
+    membership: Membership,
+    /// Names of the brokers that come from the config file.
+    from_config: HashSet<String>,
 }
 
 impl Supervisor {
-    /// Starts a link for every broker of the config.
-    pub fn start(config: Config) -> Self {
+    /// Starts a link for every broker of the config, with the persisted membership changes
+    /// applied (see [`crate::membership`] for the precedence).
+    pub fn start(config: Config) -> Result<Self, ChangeError> {
+        let membership = Membership::load(&config.data_dir)?;
         let mut sup = Supervisor {
-            router: Arc::new(Router::default()),
+            router: Arc::new(Router::new(config.retained_max)),
             links: BTreeMap::new(),
+            from_config: config.brokers.iter().map(|b| b.name.clone()).collect(),
+            membership,
             config,
         };
         for broker in sup.config.brokers.clone() {
-            sup.add(broker);
+            if sup.membership.removed.contains(&broker.name) {
+                info!(broker = %broker.name, "not started: removed at run time (data_dir/membership.json)");
+                continue;
+            }
+            sup.spawn(broker);
         }
-        sup
+        for added in sup.membership.added.clone() {
+            if sup.links.contains_key(&added.name) {
+                warn!(broker = %added.name, "persisted addition ignored: the config file has a broker of that name");
+                continue;
+            }
+            match sup.build(&added) {
+                Ok(broker) => {
+                    sup.spawn(broker);
+                }
+                Err(e) => warn!(broker = %added.name, error = %e, "persisted addition ignored"),
+            }
+        }
+        Ok(sup)
     }
 
-    /// Starts a link for `broker` (its name must not be in use).
-    pub fn add(&mut self, broker: BrokerConfig) {
+    fn build(&self, spec: &AddedBroker) -> Result<BrokerConfig, ChangeError> {
+        let section = BrokerSection {
+            name: (!spec.name.is_empty()).then(|| spec.name.clone()),
+            address: spec.address.clone(),
+            protocol: Some(spec.protocol),
+            tls: Some(spec.tls),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            server_name: spec.server_name.clone(),
+            insecure_skip_verify: None,
+            username: None,
+            password_file: None,
+            max_qos: None,
+        };
+        Ok(self.config.broker_from_section("broker", section)?)
+    }
+
+    fn spawn(&mut self, broker: BrokerConfig) -> &LinkHandle {
         let stats = Arc::new(LinkStats::default());
         let queue = Arc::new(TargetQueue::new(self.config.queue_capacity, stats.clone()));
         let name: Arc<str> = broker.name.as_str().into();
@@ -87,8 +224,9 @@ impl Supervisor {
         self.router.insert(name, queue.clone());
         info!(broker = %broker.name, address = %broker.address(), protocol = %broker.protocol, "link added");
         let join = tokio::spawn(link::run(ctx));
+        let key = broker.name.clone();
         self.links.insert(
-            broker.name.clone(),
+            key.clone(),
             LinkHandle {
                 broker,
                 stats,
@@ -99,45 +237,153 @@ impl Supervisor {
                 join,
             },
         );
+        &self.links[&key]
     }
 
-    /// The running links, by name.
-    pub fn links(&self) -> &BTreeMap<String, LinkHandle> {
-        &self.links
-    }
-
-    /// Stops every link: no new messages are taken, queued ones are delivered for up to
-    /// `drain_timeout`, then the links acknowledge what they can and disconnect.
-    pub async fn shutdown(self, drain_timeout: Duration) {
-        for l in self.links.values() {
-            l.stop.cancel();
+    /// Adds a broker at run time: validated like a config entry, refused when its name or
+    /// address is taken, persisted, then started. It receives the mesh's retained messages.
+    pub fn add(&mut self, spec: AddedBroker) -> Result<BrokerStatus, ChangeError> {
+        let broker = self.build(&spec)?;
+        if self.links.contains_key(&broker.name) {
+            return Err(ChangeError::Conflict(format!(
+                "a broker named {:?} exists already",
+                broker.name
+            )));
         }
-        let wait_drained = async {
-            for l in self.links.values() {
-                let mut rx = l.drained.clone();
-                let _ = rx.wait_for(|d| *d).await;
-            }
-        };
-        if tokio::time::timeout(drain_timeout, wait_drained)
-            .await
-            .is_err()
+        if let Some(other) = self
+            .links
+            .values()
+            .find(|l| l.broker.address() == broker.address())
         {
-            let left: usize = self.links.values().map(|l| l.queue.len()).sum();
-            warn!(
-                queued = left,
-                "drain timeout: disconnecting with messages still queued"
-            );
+            return Err(ChangeError::Conflict(format!(
+                "{} is already in the mesh as {:?}",
+                broker.address(),
+                other.broker.name
+            )));
         }
-        for l in self.links.values() {
-            l.disconnect.cancel();
+        let spec = AddedBroker {
+            name: broker.name.clone(),
+            ..spec
+        };
+        let mut membership = self.membership.clone();
+        membership.record_add(spec);
+        membership.save(&self.config.data_dir)?;
+        self.membership = membership;
+        let retained = self.router.retained_snapshot();
+        let handle = self.spawn(broker);
+        for (origin, msg) in &retained {
+            handle.queue.push(Outbound {
+                msg: msg.clone(),
+                share: None,
+                origin: origin.clone(),
+                resent: false,
+            });
         }
-        for (name, l) in self.links {
-            if tokio::time::timeout(Duration::from_secs(5), l.join)
-                .await
-                .is_err()
-            {
-                warn!(broker = %name, "link did not stop in time");
+        info!(broker = %handle.broker.name, retained = retained.len(), "broker added at run time");
+        Ok(handle.status())
+    }
+
+    /// Takes a broker out of the mesh (by name or address) and persists that; the returned
+    /// handle must be shut down by the caller (outside any lock: it drains for a while).
+    pub fn remove(&mut self, key: &str) -> Result<LinkHandle, ChangeError> {
+        let name = self
+            .links
+            .values()
+            .find(|l| l.broker.name == key || l.broker.address() == key)
+            .map(|l| l.broker.name.clone())
+            .ok_or_else(|| ChangeError::NotFound(key.to_string()))?;
+        let mut membership = self.membership.clone();
+        membership.record_remove(&name, self.from_config.contains(&name));
+        membership.save(&self.config.data_dir)?;
+        self.membership = membership;
+        // No new messages for it; what was queued is released to its origins when it stops.
+        self.router.remove(&name);
+        let handle = self
+            .links
+            .remove(&name)
+            .ok_or_else(|| ChangeError::NotFound(key.to_string()))?;
+        info!(broker = %name, "broker removed at run time");
+        Ok(handle)
+    }
+
+    /// The status of every link, by name.
+    pub fn status(&self) -> Vec<BrokerStatus> {
+        self.links.values().map(LinkHandle::status).collect()
+    }
+
+    /// Ready once every link connected at least once or reported why it could not.
+    pub fn ready(&self) -> ReadyReport {
+        let waiting: Vec<String> = self
+            .links
+            .values()
+            .filter(|l| {
+                !l.stats.ever_connected.load(Ordering::Relaxed) && l.stats.last_error().is_none()
+            })
+            .map(|l| l.broker.name.clone())
+            .collect();
+        ReadyReport {
+            ready: waiting.is_empty(),
+            waiting,
+        }
+    }
+
+    /// The router (retained table size for the metrics).
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// The running configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Applies a reloaded config file (SIGHUP): brokers that appeared are started, brokers
+    /// that disappeared are taken out (returned, to be shut down by the caller). Persisted
+    /// run-time changes keep their precedence. Other settings need a restart.
+    pub fn reload(&mut self, new: Config) -> (Vec<String>, Vec<LinkHandle>) {
+        let new_names: HashSet<String> = new.brokers.iter().map(|b| b.name.clone()).collect();
+        let added_at_runtime: HashSet<String> = self
+            .membership
+            .added
+            .iter()
+            .map(|a| a.name.clone())
+            .collect();
+        let mut gone = Vec::new();
+        for name in self.from_config.difference(&new_names) {
+            if added_at_runtime.contains(name) {
+                continue;
+            }
+            self.router.remove(name);
+            if let Some(h) = self.links.remove(name) {
+                info!(broker = %name, "removed from the config file");
+                gone.push(h);
             }
         }
+        let mut started = Vec::new();
+        for broker in new.brokers.clone() {
+            if self.links.contains_key(&broker.name)
+                || self.membership.removed.contains(&broker.name)
+            {
+                continue;
+            }
+            started.push(broker.name.clone());
+            self.spawn(broker);
+        }
+        self.from_config = new_names;
+        self.config.brokers = new.brokers;
+        (started, gone)
+    }
+
+    /// Takes every link out, to be stopped with [`shutdown_links`] (outside any lock).
+    pub fn take_all(&mut self) -> Vec<LinkHandle> {
+        std::mem::take(&mut self.links).into_values().collect()
     }
 }
+
+/// Stops links together (see [`LinkHandle::shutdown`]): intake stops everywhere first, so
+/// acknowledgements between them still flow while they drain.
+pub async fn shutdown_links(links: Vec<LinkHandle>, drain_timeout: Duration) {
+    shutdown_all(links, drain_timeout).await
+}
+
+impl Supervisor {}

@@ -227,7 +227,17 @@ cert_file = "{crt}"
     );
 
     // Without server_name the same certificate is refused (the override is what made it work).
-    let bad = cfg.replace("server_name = \"mqtt.internal\"\n", "");
+    let bad: String = cfg
+        .replace("server_name = \"mqtt.internal\"\n", "")
+        .lines()
+        .map(|l| {
+            if l.starts_with("admin_listen") {
+                format!("admin_listen = \"127.0.0.1:{}\"\n", free_port())
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
     let bridge2 = Bridge::start(
         &tmp.path().join("bridge2"),
         &bad.replace("id = \"mesh\"", "id = \"mesh2\""),

@@ -377,6 +377,11 @@ impl Bridge {
         }
     }
 
+    /// Process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGTERM; returns the exit status (None when it did not exit within 20 s).
     pub fn terminate(&mut self) -> Option<ExitStatus> {
         let mut c = self.child.take()?;

@@ -1,0 +1,196 @@
+//! The CLI side of the admin API: `bridge add-broker`, `remove-broker`, `status`.
+//!
+//! Every failure is one line naming what went wrong (unreachable admin address, refused
+//! token, duplicate name, unknown broker…), and the CLI exits non-zero.
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use super::{AddBrokerRequest, BrokerStatus, ErrorBody};
+
+/// Why a CLI request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing answered at the admin address.
+    #[error(
+        "cannot reach the admin API at {addr}: {message} (is `bridge run` running, and is this its admin_listen?)"
+    )]
+    Unreachable {
+        /// The address tried.
+        addr: String,
+        /// The transport error.
+        message: String,
+    },
+    /// The API answered with an error.
+    #[error("{0}")]
+    Refused(String),
+    /// The answer could not be understood.
+    #[error("unexpected answer from the admin API: {0}")]
+    Protocol(String),
+}
+
+/// A client for one bridge's admin API.
+pub struct AdminClient {
+    base: String,
+    addr: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl AdminClient {
+    /// A client for `addr` (`host:port`), sending `token` as bearer token when given.
+    pub fn new(addr: &str, token: Option<String>) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .new_agent();
+        Self {
+            base: format!("http://{addr}"),
+            addr: addr.to_string(),
+            token,
+            agent,
+        }
+    }
+
+    fn auth(&self) -> Option<String> {
+        self.token.as_ref().map(|t| format!("Bearer {t}"))
+    }
+
+    fn answer<T: DeserializeOwned>(
+        &self,
+        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<T, ClientError> {
+        let mut response = result.map_err(|e| ClientError::Unreachable {
+            addr: self.addr.clone(),
+            message: e.to_string(),
+        })?;
+        let status = response.status();
+        let text = response
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if status.is_success() {
+            serde_json::from_str(&text).map_err(|e| ClientError::Protocol(format!("{e}: {text}")))
+        } else {
+            let message = serde_json::from_str::<ErrorBody>(&text)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| text.trim().to_string());
+            Err(ClientError::Refused(format!(
+                "{} ({})",
+                message,
+                status.as_u16()
+            )))
+        }
+    }
+
+    /// `GET /api/v1/brokers`.
+    pub fn status(&self) -> Result<Vec<BrokerStatus>, ClientError> {
+        let mut req = self.agent.get(format!("{}/api/v1/brokers", self.base));
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        self.answer(req.call())
+    }
+
+    /// `POST /api/v1/brokers`.
+    pub fn add(&self, body: &AddBrokerRequest) -> Result<BrokerStatus, ClientError> {
+        let mut req = self.agent.post(format!("{}/api/v1/brokers", self.base));
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        self.answer(req.send_json(body))
+    }
+
+    /// `DELETE /api/v1/brokers/{key}`.
+    pub fn remove(&self, key: &str) -> Result<String, ClientError> {
+        let mut req =
+            self.agent
+                .delete(format!("{}/api/v1/brokers/{}", self.base, encode_path(key)));
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        let v: serde_json::Value = self.answer(req.call())?;
+        Ok(v.get("removed")
+            .and_then(|n| n.as_str())
+            .unwrap_or(key)
+            .to_string())
+    }
+}
+
+/// Percent-encodes a path segment (names and `host:port` addresses, IPv6 brackets included).
+fn encode_path(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The status as a table a person reads at a glance.
+pub fn status_table(links: &[BrokerStatus]) -> String {
+    let mut rows = vec![[
+        "BROKER".to_string(),
+        "ADDRESS".into(),
+        "PROTO".into(),
+        "STATE".into(),
+        "SINCE".into(),
+        "IN".into(),
+        "OUT".into(),
+        "QUEUE".into(),
+        "RECONN".into(),
+        "LAST ERROR".into(),
+    ]];
+    for s in links {
+        rows.push([
+            s.name.clone(),
+            s.address.clone(),
+            s.protocol.to_string(),
+            format!("{:?}", s.state).to_lowercase(),
+            s.since.clone(),
+            s.messages_in.to_string(),
+            s.messages_out.to_string(),
+            s.queue_depth.to_string(),
+            s.reconnects.to_string(),
+            s.last_error.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    let widths: Vec<usize> = (0..10)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == 9 {
+                    c.clone()
+                } else {
+                    format!("{c:<w$}", w = widths[i])
+                }
+            })
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_segments_are_encoded() {
+        assert_eq!(encode_path("b1"), "b1");
+        assert_eq!(encode_path("10.0.0.3:8883"), "10.0.0.3:8883");
+        assert_eq!(encode_path("[::1]:1883"), "%5B::1%5D:1883");
+        assert_eq!(encode_path("a/b"), "a%2Fb");
+    }
+}

@@ -1,0 +1,101 @@
+//! Admin API: the HTTP/JSON server run by the daemon, the client used by the CLI verbs, and
+//! the types both sides share.
+//!
+//! Routes (JSON unless noted):
+//! - `GET /healthz` — 200 while the process works (no token needed)
+//! - `GET /readyz` — 200 once every link connected at least once or reported why it could
+//!   not, else 503 with the links still waiting (no token needed: keepalived/nginx checks)
+//! - `GET /metrics` — Prometheus text
+//! - `GET /api/v1/brokers` — status of every link
+//! - `POST /api/v1/brokers` — add a broker ([`AddBrokerRequest`]); 201, 400, 409
+//! - `DELETE /api/v1/brokers/{name-or-address}` — remove a broker; 200, 404
+//!
+//! When a token is configured every route but the two health checks requires
+//! `Authorization: Bearer <token>`; a request without it gets 401 and is logged.
+
+pub mod client;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Protocol;
+use crate::metrics::LinkState;
+
+/// One link, as `status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BrokerStatus {
+    /// Broker name.
+    pub name: String,
+    /// `host:port`.
+    pub address: String,
+    /// Protocol version of the link.
+    pub protocol: Protocol,
+    /// TLS on.
+    pub tls: bool,
+    /// Link state.
+    pub state: LinkState,
+    /// Since when (RFC 3339, UTC).
+    pub since: String,
+    /// Messages received from the broker.
+    pub messages_in: u64,
+    /// Messages published to the broker and acknowledged.
+    pub messages_out: u64,
+    /// Messages from this broker handed to other brokers.
+    pub forwarded: u64,
+    /// Echoes dropped (3.1.1).
+    pub dropped_echo: u64,
+    /// Tagged messages not forwarded (single hop).
+    pub dropped_tagged: u64,
+    /// Messages dropped because this broker's queue overflowed.
+    pub dropped_overflow: u64,
+    /// Repeats dropped by the storm guard.
+    pub dropped_storm: u64,
+    /// Messages the broker refused.
+    pub rejected: u64,
+    /// Messages published again after a reconnect.
+    pub redelivered: u64,
+    /// Reconnections.
+    pub reconnects: u64,
+    /// Messages waiting for this broker (queued + in flight).
+    pub queue_depth: u64,
+    /// Live entries of the dedup window.
+    pub dedup_entries: u64,
+    /// Last error, if any.
+    pub last_error: Option<String>,
+}
+
+/// `GET /readyz` body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReadyReport {
+    /// Every link connected at least once or reported an error.
+    pub ready: bool,
+    /// Links still waiting for their first connection.
+    pub waiting: Vec<String>,
+}
+
+/// `POST /api/v1/brokers` body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AddBrokerRequest {
+    /// `host:port`.
+    pub address: String,
+    /// Name (default: from the address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Protocol (default v5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+    /// TLS (default on, with the `[tls]` settings of the config file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<bool>,
+    /// Name to verify in the broker's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+}
+
+/// Body of every error answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// One line saying what is wrong.
+    pub error: String,
+}

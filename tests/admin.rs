@@ -1,0 +1,426 @@
+//! Admin API and CLI verbs against a running bridge and real mosquitto brokers: health,
+//! readiness, metrics, status, live add/remove with persistence, retained hand-over, tokens,
+//! SIGHUP reload.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::mqtt::{self, Pub};
+use common::{
+    Bridge, BrokerOpts, Certs, Mosquitto, bridge_config, free_port, multiset_diff, signal,
+};
+
+fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bridge"))
+        .args(args)
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("run bridge");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn admin_addr(cfg: &str) -> String {
+    cfg.lines()
+        .find_map(|l| l.strip_prefix("admin_listen = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("admin_listen in config")
+        .to_string()
+}
+
+fn http_get(url: &str, token: Option<&str>) -> (u16, String) {
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let mut req = agent.get(url);
+    if let Some(t) = token {
+        req = req.header("Authorization", format!("Bearer {t}"));
+    }
+    let mut resp = req.call().expect("admin API reachable");
+    let status = resp.status().as_u16();
+    (status, resp.body_mut().read_to_string().unwrap_or_default())
+}
+
+fn status_json(admin: &str) -> Vec<serde_json::Value> {
+    let (code, out, err) = cli(&["status", "--json", "--admin", admin]);
+    assert_eq!(code, 0, "status failed: {err}");
+    serde_json::from_str(&out).expect("status --json is JSON")
+}
+
+fn wait_state(admin: &str, broker: &str, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let links = status_json(admin);
+        if links
+            .iter()
+            .any(|l| l["name"] == broker && l["state"] == state)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{broker} never became {state}: {links:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Value of a metric line such as `meshbridge_forwarded_total{broker="b1"} 12`.
+fn metric(text: &str, name: &str, broker: &str) -> Option<f64> {
+    let prefix = format!("{name}{{broker=\"{broker}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_metrics_and_status() {
+    let tmp = common::tempdir();
+    let certs = Certs::generate(&tmp.path().join("certs"));
+    let b1 = Mosquitto::start(tmp.path(), "b1", &certs, BrokerOpts::default());
+    let b2 = Mosquitto::start(tmp.path(), "b2", &certs, BrokerOpts::default());
+    let mut b3 = Mosquitto::start(tmp.path(), "b3", &certs, BrokerOpts::default());
+    b3.kill();
+    let cfg = bridge_config(
+        &certs,
+        "mesh",
+        &tmp.path().join("data"),
+        &[(&b1, ""), (&b2, ""), (&b3, "")],
+    );
+    let admin = admin_addr(&cfg);
+    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
+    assert!(common::wait_port(
+        admin.rsplit(':').next().unwrap().parse().unwrap(),
+        Duration::from_secs(10)
+    ));
+    assert_eq!(http_get(&format!("http://{admin}/healthz"), None).0, 200);
+    bridge.wait_subscribed(&["b1", "b2"]);
+
+    // Ready once every link connected or reported why not (b3 is down: its error counts).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = http_get(&format!("http://{admin}/readyz"), None);
+        if code == 200 {
+            assert!(body.contains("\"ready\":true"), "{body}");
+            break;
+        }
+        assert_eq!(code, 503, "{body}");
+        assert!(Instant::now() < deadline, "never ready: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let s2 = mqtt::subscribe(b2.plain_port, "s2", "m/#").await;
+    let msgs: Vec<Pub> = (0..50)
+        .map(|i| Pub::new("m/x", format!("{i}"), 1))
+        .collect();
+    mqtt::publish(b1.plain_port, "p1", &msgs).await;
+    s2.wait_count(50, Duration::from_secs(10)).await;
+
+    let (code, text) = http_get(&format!("http://{admin}/metrics"), None);
+    assert_eq!(code, 200);
+    assert!(
+        metric(&text, "meshbridge_forwarded_total", "b1").unwrap() >= 50.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "meshbridge_messages_out_total", "b2").unwrap() >= 50.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "meshbridge_connected", "b1"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "meshbridge_connected", "b3"),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(
+        metric(&text, "meshbridge_reconnects_total", "b3").is_some(),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE meshbridge_queue_depth gauge"),
+        "{text}"
+    );
+    assert!(
+        text.trim_end().ends_with("# EOF"),
+        "OpenMetrics text ends with # EOF"
+    );
+
+    let links = status_json(&admin);
+    let b3s = links
+        .iter()
+        .find(|l| l["name"] == "b3")
+        .expect("b3 in status");
+    assert_ne!(b3s["state"], "connected");
+    assert!(
+        b3s["last_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{b3s}"
+    );
+    let (code, table, _) = cli(&["status", "--admin", &admin]);
+    assert_eq!(code, 0);
+    assert!(table.starts_with("BROKER"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("b1 ") && l.contains("connected")),
+        "{table}"
+    );
+
+    // Unknown routes and an unreachable admin address are clear errors.
+    assert_eq!(http_get(&format!("http://{admin}/nope"), None).0, 404);
+    let (code, _, err) = cli(&["status", "--admin", &format!("127.0.0.1:{}", free_port())]);
+    assert_eq!(code, 1);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("cannot reach the admin API"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_and_remove_brokers_live_and_persist_it() {
+    let tmp = common::tempdir();
+    let certs = Certs::generate(&tmp.path().join("certs"));
+    let b1 = Mosquitto::start(tmp.path(), "b1", &certs, BrokerOpts::default());
+    let b2 = Mosquitto::start(tmp.path(), "b2", &certs, BrokerOpts::default());
+    let b3 = Mosquitto::start(tmp.path(), "b3", &certs, BrokerOpts::default());
+    let cfg = bridge_config(
+        &certs,
+        "mesh",
+        &tmp.path().join("data"),
+        &[(&b1, ""), (&b2, "")],
+    );
+    let admin = admin_addr(&cfg);
+    let mut bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
+    bridge.wait_subscribed(&["b1", "b2"]);
+
+    // A retained message exists in the mesh before b3 joins.
+    let mut r = Pub::new("state/door", "open", 1);
+    r.retain = true;
+    mqtt::publish(b1.plain_port, "p-r", &[r]).await;
+    let s2 = mqtt::subscribe(b2.plain_port, "s2", "#").await;
+    s2.wait_count(1, Duration::from_secs(10)).await;
+
+    // add-broker while traffic flows between b1 and b2.
+    let flow: Vec<Pub> = (0..600)
+        .map(|i| Pub::new("flow/x", format!("f{i}"), 1))
+        .collect();
+    let publisher = {
+        let msgs = flow.clone();
+        let port = b1.plain_port;
+        tokio::spawn(async move { mqtt::publish(port, "p-flow", &msgs).await })
+    };
+    let addr3 = format!("127.0.0.1:{}", b3.tls_port);
+    let (code, out, err) = cli(&["add-broker", &addr3, "--name", "b3", "--admin", &admin]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("added b3"), "{out}");
+    publisher.await.unwrap();
+    s2.wait_count(601, Duration::from_secs(20)).await;
+    let flow_payloads: Vec<Vec<u8>> = flow.iter().map(|m| m.payload.clone()).collect();
+    let got: Vec<Vec<u8>> = s2
+        .payloads()
+        .into_iter()
+        .filter(|p| p.starts_with(b"f"))
+        .collect();
+    assert_eq!(
+        multiset_diff(&flow_payloads, &got),
+        "",
+        "b1 -> b2 undisturbed by the addition"
+    );
+    wait_state(&admin, "b3", "connected");
+    bridge.wait_subscribed(&["b3"]);
+
+    // The new broker got the mesh's retained state, and replicates both ways.
+    let late = mqtt::subscribe(b3.plain_port, "late", "state/#").await;
+    late.wait_count(1, Duration::from_secs(10)).await;
+    let m = late.messages();
+    assert_eq!(m.len(), 1);
+    assert_eq!(&m[0].payload[..], b"open");
+    assert!(m[0].retain);
+    let s3 = mqtt::subscribe(b3.plain_port, "s3", "live/#").await;
+    mqtt::publish(b1.plain_port, "p-a", &[Pub::new("live/a", "to b3", 1)]).await;
+    assert_eq!(s3.wait_count(1, Duration::from_secs(10)).await, 1);
+    let s2n = s2.count();
+    mqtt::publish(b3.plain_port, "p-b", &[Pub::new("live/b", "from b3", 1)]).await;
+    assert!(
+        s2.wait_count(s2n + 1, Duration::from_secs(10)).await > s2n,
+        "b3 -> b2"
+    );
+
+    // Errors: duplicate, bad address, bad protocol, unknown broker.
+    let (code, _, err) = cli(&["add-broker", &addr3, "--name", "b3", "--admin", &admin]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("exists already") && err.contains("409"),
+        "{err}"
+    );
+    let (code, _, err) = cli(&["add-broker", &addr3, "--name", "other", "--admin", &admin]);
+    assert_eq!(code, 1);
+    assert!(err.contains("already in the mesh as \"b3\""), "{err}");
+    let (code, _, err) = cli(&["add-broker", "10.0.0.3:88x3", "--admin", &admin]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("broker.address") && err.contains("invalid port"),
+        "{err}"
+    );
+    let (code, _, err) = cli(&["add-broker", &addr3, "--protocol", "v4", "--admin", &admin]);
+    assert_eq!(code, 64);
+    assert!(err.contains("--protocol"), "{err}");
+    let (code, _, err) = cli(&["remove-broker", "nope", "--admin", &admin]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no broker named or addressed \"nope\""),
+        "{err}"
+    );
+
+    // remove-broker by address: b2 leaves, b1 <-> b3 goes on.
+    let addr2 = format!("127.0.0.1:{}", b2.tls_port);
+    let (code, out, err) = cli(&["remove-broker", &addr2, "--admin", &admin]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("removed b2"), "{out}");
+    let before = s2.count();
+    mqtt::publish(
+        b1.plain_port,
+        "p-c",
+        &[Pub::new("live/c", "after removal", 1)],
+    )
+    .await;
+    // s3 has live/a (from b1), live/b (published on b3 itself), now live/c.
+    assert_eq!(s3.wait_count(3, Duration::from_secs(10)).await, 3);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s2.count(), before, "a removed broker receives nothing");
+    let names: Vec<String> = status_json(&admin)
+        .iter()
+        .map(|l| l["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, vec!["b1", "b3"]);
+
+    // The membership survives a restart.
+    assert!(bridge.terminate().is_some_and(|s| s.success()));
+    bridge.spawn();
+    let port: u16 = admin.rsplit(':').next().unwrap().parse().unwrap();
+    assert!(
+        common::wait_port(port, Duration::from_secs(10)),
+        "admin API back"
+    );
+    wait_state(&admin, "b1", "connected");
+    wait_state(&admin, "b3", "connected");
+    let names: Vec<String> = status_json(&admin)
+        .iter()
+        .map(|l| l["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, vec!["b1", "b3"], "persisted under data_dir");
+    let persisted = std::fs::read_to_string(tmp.path().join("data/membership.json")).unwrap();
+    assert!(
+        persisted.contains("\"b3\"") && persisted.contains("\"removed\""),
+        "{persisted}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_is_required_and_refusals_are_logged() {
+    let tmp = common::tempdir();
+    let certs = Certs::generate(&tmp.path().join("certs"));
+    let b1 = Mosquitto::start(tmp.path(), "b1", &certs, BrokerOpts::default());
+    let token_file = tmp.path().join("admin.token");
+    std::fs::write(&token_file, "s3cr3t-token\n").unwrap();
+    let cfg = bridge_config(&certs, "mesh", &tmp.path().join("data"), &[(&b1, "")]).replace(
+        "[bridge]\n",
+        &format!(
+            "[bridge]\nadmin_token_file = \"{}\"\n",
+            token_file.display()
+        ),
+    );
+    let admin = admin_addr(&cfg);
+    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
+    bridge.wait_subscribed(&["b1"]);
+    assert_eq!(
+        http_get(&format!("http://{admin}/healthz"), None).0,
+        200,
+        "health checks stay open"
+    );
+    assert_eq!(http_get(&format!("http://{admin}/metrics"), None).0, 401);
+    assert_eq!(
+        http_get(&format!("http://{admin}/metrics"), Some("wrong")).0,
+        401
+    );
+    assert_eq!(
+        http_get(&format!("http://{admin}/metrics"), Some("s3cr3t-token")).0,
+        200
+    );
+    let (code, _, err) = cli(&["status", "--admin", &admin]);
+    assert_eq!(code, 1);
+    assert!(err.contains("bearer token") && err.contains("401"), "{err}");
+    // --config reads the address and the token file.
+    let cfg_path = bridge.dir.join("bridge.toml");
+    let (code, out, err) = cli(&["status", "--config", cfg_path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("b1"), "{out}");
+    assert!(
+        bridge.wait_log("without a valid token refused", 3, Duration::from_secs(5)),
+        "{}",
+        bridge.log()
+    );
+    assert!(
+        !bridge.log().contains("s3cr3t-token"),
+        "the token never reaches the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_broker_changes_from_the_config_file() {
+    let tmp = common::tempdir();
+    let certs = Certs::generate(&tmp.path().join("certs"));
+    let b1 = Mosquitto::start(tmp.path(), "b1", &certs, BrokerOpts::default());
+    let b2 = Mosquitto::start(tmp.path(), "b2", &certs, BrokerOpts::default());
+    let b3 = Mosquitto::start(tmp.path(), "b3", &certs, BrokerOpts::default());
+    let data = tmp.path().join("data");
+    let cfg = bridge_config(&certs, "mesh", &data, &[(&b1, ""), (&b2, "")]);
+    let admin = admin_addr(&cfg);
+    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
+    bridge.wait_subscribed(&["b1", "b2"]);
+    let pid = bridge_pid(&bridge);
+
+    // b3 appears in the file, b2 disappears: SIGHUP applies both.
+    let new_cfg = format!(
+        "{}{}",
+        cfg.split("[[broker]]").next().unwrap(),
+        [&b1, &b3]
+            .iter()
+            .map(|b| common::broker_block(b, ""))
+            .collect::<String>()
+    );
+    std::fs::write(bridge.dir.join("bridge.toml"), &new_cfg).unwrap();
+    signal(pid, "HUP");
+    bridge.wait_subscribed(&["b3"]);
+    assert!(bridge.wait_log("configuration reloaded", 1, Duration::from_secs(10)));
+    wait_state(&admin, "b3", "connected");
+    let names: Vec<String> = status_json(&admin)
+        .iter()
+        .map(|l| l["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, vec!["b1", "b3"]);
+    let s3 = mqtt::subscribe(b3.plain_port, "s3", "#").await;
+    mqtt::publish(b1.plain_port, "p", &[Pub::new("hup/x", "after reload", 1)]).await;
+    assert_eq!(s3.wait_count(1, Duration::from_secs(10)).await, 1);
+
+    // A broken file is refused and the running set is kept.
+    std::fs::write(bridge.dir.join("bridge.toml"), "[bridge]\nid = ").unwrap();
+    signal(pid, "HUP");
+    assert!(
+        bridge.wait_log("reload refused", 1, Duration::from_secs(10)),
+        "{}",
+        bridge.log()
+    );
+    assert_eq!(status_json(&admin).len(), 2);
+}
+
+fn bridge_pid(bridge: &Bridge) -> u32 {
+    bridge.pid().expect("bridge running")
+}
