@@ -207,3 +207,54 @@ async fn bridge_killed_mid_stream_resumes_its_sessions_without_loss() {
         bridge.terminate();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnecting_does_not_reflood_retained_messages() {
+    // mosquitto#2248: a bridge that re-subscribes on every reconnect gets every retained
+    // message again and pushes it to the other brokers. With persistent sessions the bridge
+    // must not: MQTT 5 links subscribe with "retained only on new subscription", 3.1.1 links
+    // do not re-subscribe a session the broker kept.
+    let tmp = common::tempdir();
+    let certs = Certs::generate(&tmp.path().join("certs"));
+    let b1 = Mosquitto::start(tmp.path(), "b1", &certs, BrokerOpts::default());
+    let b2 = Mosquitto::start(tmp.path(), "b2", &certs, BrokerOpts::default());
+    for protocol in ["v5", "v3.1.1"] {
+        let extra = format!("protocol = \"{protocol}\"");
+        let cfg = bridge_config(
+            &certs,
+            &format!("rf{}", protocol.len()),
+            &tmp.path().join(format!("data-{protocol}")),
+            &[(&b1, &extra), (&b2, &extra)],
+        );
+        let mut bridge = Bridge::start(&tmp.path().join(format!("bridge-{protocol}")), &cfg);
+        bridge.wait_subscribed(&["b1", "b2"]);
+        let topic = format!("keep/{protocol}");
+        let live = mqtt::subscribe(b2.plain_port, &format!("live-{protocol}"), &topic).await;
+        let mut r = Pub::new(topic.clone(), "retained state", 1);
+        r.retain = true;
+        mqtt::publish(b1.plain_port, &format!("pr-{protocol}"), &[r]).await;
+        assert_eq!(
+            live.wait_count(1, Duration::from_secs(10)).await,
+            1,
+            "{protocol}: replicated once"
+        );
+
+        for round in 0..2 {
+            assert!(bridge.terminate().is_some_and(|s| s.success()));
+            bridge.spawn();
+            let needle = "session_present=true";
+            assert!(
+                bridge.wait_log(needle, 2 * (round + 1), Duration::from_secs(20)),
+                "{protocol}: sessions resumed:\n{}",
+                bridge.log()
+            );
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+        assert_eq!(
+            live.count(),
+            1,
+            "{protocol}: the retained message was flooded again on reconnect"
+        );
+        bridge.terminate();
+    }
+}
