@@ -8,9 +8,21 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "bridge", version, about)]
 pub struct Cli {
+    /// Log format on stderr (filter with RUST_LOG, e.g. RUST_LOG=info,meshbridge=debug).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (for log shippers).
+    Json,
 }
 
 /// Where the running bridge's admin API is.
@@ -39,8 +51,24 @@ pub enum Command {
         #[arg(long, short, default_value = "bridge.toml")]
         config: PathBuf,
     },
-    /// Embedded brokers + bridge + sample traffic, for a first look.
-    Demo,
+    /// Embedded brokers + bridge + sample traffic, for a first look (Ctrl-C stops it).
+    Demo {
+        /// Stop after this many seconds (exit 1 if a sample message did not arrive everywhere).
+        #[arg(long, value_name = "SECONDS")]
+        duration: Option<u64>,
+    },
+    /// Write a development PKI: CA, broker server certificate, bridge client certificate.
+    Certs {
+        /// Output directory.
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// DNS name or IP the brokers are dialled by (repeatable; default localhost, 127.0.0.1).
+        #[arg(long = "name", value_name = "NAME")]
+        names: Vec<String>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
     /// Add a broker to a running bridge (persisted under its data_dir).
     AddBroker {
         /// Broker address, host:port.

@@ -21,13 +21,17 @@
 //! - [`admin`]: the HTTP API (server and CLI client) with health, readiness and metrics.
 //! - [`metrics`]: metric names, per-link counters, Prometheus exposition.
 //! - [`cli`]: the command line.
+//! - [`certs`]: `bridge certs`, a development PKI.
+//! - [`demo`]: `bridge demo`, embedded brokers and sample traffic.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod dedup;
+pub mod demo;
 pub mod link;
 pub mod membership;
 pub mod message;

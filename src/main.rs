@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use meshbridge::admin::AddBrokerRequest;
 use meshbridge::admin::client::{AdminClient, status_table};
-use meshbridge::cli::{AdminTarget, Cli, Command};
+use meshbridge::cli::{AdminTarget, Cli, Command, LogFormat};
 use meshbridge::config::{Config, Protocol};
 use tokio_util::sync::CancellationToken;
 
@@ -21,7 +21,13 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // The demo prints its own story; its library logs only speak up for problems.
+    let default_filter = if matches!(cli.command, Command::Demo { .. }) {
+        "warn,rumqttd=off"
+    } else {
+        "info"
+    };
+    init_tracing(cli.log_format, default_filter);
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
@@ -59,10 +65,36 @@ fn main() -> ExitCode {
                 Err(e) => fail(1, e),
             }
         }
-        Command::Demo => fail(
-            EXIT_CONFIG,
-            "`bridge demo` is not available yet in this version (see README: Status)",
-        ),
+        Command::Demo { duration } => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
+            };
+            match runtime.block_on(meshbridge::demo::run(
+                duration.map(std::time::Duration::from_secs),
+            )) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(1, e),
+            }
+        }
+        Command::Certs { out, names, force } => {
+            let names = if names.is_empty() {
+                vec!["localhost".to_string(), "127.0.0.1".to_string()]
+            } else {
+                names
+            };
+            match meshbridge::certs::generate(&out, &names, force) {
+                Ok(files) => {
+                    for f in files {
+                        println!("wrote {}", f.display());
+                    }
+                    println!("server certificate names: {}", names.join(", "));
+                    ExitCode::SUCCESS
+                }
+                Err(e @ meshbridge::certs::CertsError::Write { .. }) => fail(1, e),
+                Err(e) => fail(EXIT_CONFIG, e),
+            }
+        }
         Command::AddBroker {
             address,
             name,
@@ -163,13 +195,20 @@ fn admin_client(target: &AdminTarget) -> Result<AdminClient, ExitCode> {
     ))
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
 }
 
 async fn wait_for_signals(

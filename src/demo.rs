@@ -1,0 +1,309 @@
+//! `bridge demo`: a first look with nothing installed. Starts four embedded rumqttd brokers on
+//! free loopback ports (TLS for the bridge, plain TCP for you), a bridge meshing three of them
+//! over MQTT 3.1.1, and sample traffic whose arrival on every other broker is printed as it
+//! happens. The fourth broker is there to try `bridge add-broker` on.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// Setting up files or ports failed.
+    #[error("demo setup: {0}")]
+    Setup(String),
+    /// Some sample messages did not arrive everywhere (only with `--duration`).
+    #[error("{missing} of {published} sample messages did not reach every other broker")]
+    Incomplete {
+        /// Messages that did not arrive everywhere.
+        missing: usize,
+        /// Messages published.
+        published: usize,
+    },
+}
+
+fn free_port() -> Result<u16, DemoError> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| DemoError::Setup(format!("no free loopback port: {e}")))
+}
+
+/// One embedded broker.
+struct Embedded {
+    name: String,
+    plain: u16,
+    tls: u16,
+}
+
+fn start_broker(name: &str, certs: &Path) -> Result<Embedded, DemoError> {
+    let (plain, tls) = (free_port()?, free_port()?);
+    let connections = "connection_timeout_ms = 60000\nmax_payload_size = 1048576\nmax_inflight_count = 100\ndynamic_filters = true\n";
+    let text = format!(
+        "id = 0\n[router]\nid = 0\nmax_connections = 1000\nmax_outgoing_packet_count = 200\nmax_segment_size = 104857600\nmax_segment_count = 10\n\
+         [v4.1]\nname = \"{name}-plain\"\nlisten = \"127.0.0.1:{plain}\"\nnext_connection_delay_ms = 1\n[v4.1.connections]\n{connections}\
+         [v4.2]\nname = \"{name}-tls\"\nlisten = \"127.0.0.1:{tls}\"\nnext_connection_delay_ms = 1\n\
+         [v4.2.tls]\ncapath = \"{ca}\"\ncertpath = \"{crt}\"\nkeypath = \"{key}\"\n[v4.2.connections]\n{connections}",
+        ca = certs.join("ca.crt").display(),
+        crt = certs.join("server.crt").display(),
+        key = certs.join("server.key").display(),
+    );
+    let config: rumqttd::Config = toml::from_str(&text)
+        .map_err(|e| DemoError::Setup(format!("embedded broker config: {e}")))?;
+    let thread_name = format!("rumqttd-{name}");
+    std::thread::Builder::new()
+        .name(thread_name)
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            if let Err(e) = broker.start() {
+                eprintln!("embedded broker stopped: {e}");
+            }
+        })
+        .map_err(|e| DemoError::Setup(format!("cannot start an embedded broker: {e}")))?;
+    Ok(Embedded {
+        name: name.to_string(),
+        plain,
+        tls,
+    })
+}
+
+async fn wait_port(port: u16) -> Result<(), DemoError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            return Err(DemoError::Setup(format!(
+                "embedded broker did not open port {port}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Sample message in flight: origin, when it was published, where it has arrived.
+type Pending = HashMap<u64, (String, Instant, Vec<(String, Duration)>)>;
+
+/// Runs the demo until Ctrl-C, or for `duration` when given.
+pub async fn run(duration: Option<Duration>) -> Result<(), DemoError> {
+    let dir = tempfile::tempdir().map_err(|e| DemoError::Setup(e.to_string()))?;
+    let certs = dir.path().join("certs");
+    crate::certs::generate(&certs, &["localhost".into(), "127.0.0.1".into()], true)
+        .map_err(|e| DemoError::Setup(e.to_string()))?;
+    let brokers: Vec<Embedded> = ["b1", "b2", "b3", "b4"]
+        .iter()
+        .map(|n| start_broker(n, &certs))
+        .collect::<Result<_, _>>()?;
+    for b in &brokers {
+        wait_port(b.plain).await?;
+        wait_port(b.tls).await?;
+    }
+    let (mesh, spare) = brokers.split_at(3);
+    let admin = free_port()?;
+    let mut cfg = format!(
+        "[bridge]\nid = \"demo\"\nadmin_listen = \"127.0.0.1:{admin}\"\ndata_dir = \"data\"\n\n[tls]\nca_file = \"certs/ca.crt\"\n\n"
+    );
+    for b in mesh {
+        cfg.push_str(&format!(
+            "[[broker]]\nname = \"{}\"\naddress = \"127.0.0.1:{}\"\nprotocol = \"v3.1.1\"\n\n",
+            b.name, b.tls
+        ));
+    }
+    let cfg_path = dir.path().join("bridge.toml");
+    std::fs::write(&cfg_path, &cfg).map_err(|e| DemoError::Setup(e.to_string()))?;
+    let config =
+        crate::config::Config::load(&cfg_path).map_err(|e| DemoError::Setup(e.to_string()))?;
+
+    let shutdown = CancellationToken::new();
+    let (_reload_tx, reload) = mpsc::unbounded_channel();
+    let bridge = tokio::spawn(crate::run(
+        config,
+        crate::Control {
+            shutdown: shutdown.clone(),
+            reload,
+            config_path: Some(cfg_path.clone()),
+        },
+    ));
+    wait_ready(admin).await?;
+
+    println!("meshbridge demo: 3 embedded MQTT brokers meshed by one bridge (TLS, MQTT 3.1.1).\n");
+    for b in mesh {
+        println!(
+            "  {}  plain 127.0.0.1:{}   (bridge connects over TLS to :{})",
+            b.name, b.plain, b.tls
+        );
+    }
+    let b4 = &spare[0];
+    println!("\nTry it (mosquitto-clients):");
+    println!("  mosquitto_sub -p {} -t 'demo/#' -v", mesh[0].plain);
+    println!(
+        "  mosquitto_pub -p {} -t demo/hello -m hi      # arrives on b1 too",
+        mesh[2].plain
+    );
+    println!("\nAdd a fourth broker (b4, not meshed yet) while this runs:");
+    println!(
+        "  cargo run --release -- add-broker 127.0.0.1:{} --name b4 --protocol v3.1.1 --no-tls --admin 127.0.0.1:{admin}",
+        b4.plain
+    );
+    println!("  cargo run --release -- status --admin 127.0.0.1:{admin}");
+    println!("\nSample traffic (Ctrl-C to stop):");
+
+    let pending: Arc<Mutex<Pending>> = Arc::default();
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    for b in mesh {
+        tasks.push(tokio::spawn(watch(
+            b.name.clone(),
+            b.plain,
+            pending.clone(),
+            stop.clone(),
+        )));
+    }
+    let mut publishers = Vec::new();
+    for b in mesh {
+        publishers.push(connect(&format!("demo-pub-{}", b.name), b.plain, &stop).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let started = Instant::now();
+    let mut published = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(700));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => break,
+        }
+        if duration.is_some_and(|d| started.elapsed() >= d) {
+            break;
+        }
+        published += 1;
+        let k = (published as usize - 1) % mesh.len();
+        let origin = &mesh[k].name;
+        let payload = format!("#{published} from {origin}");
+        pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(published, (origin.clone(), Instant::now(), Vec::new()));
+        println!("  published {payload:<14} on {origin} (demo/{origin})");
+        let _ = publishers[k]
+            .publish(format!("demo/{origin}"), QoS::AtLeastOnce, false, payload)
+            .await;
+    }
+    // Let the last messages land.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.cancel();
+    let missing = pending.lock().unwrap_or_else(|p| p.into_inner()).len();
+    println!(
+        "\n{published} sample messages published, {} arrived on every other broker.",
+        published as usize - missing
+    );
+    shutdown.cancel();
+    let _ = bridge.await;
+    for t in tasks {
+        t.abort();
+    }
+    match duration {
+        Some(_) if missing > 0 => Err(DemoError::Incomplete {
+            missing,
+            published: published as usize,
+        }),
+        _ => Ok(()),
+    }
+}
+
+async fn wait_ready(admin: u16) -> Result<(), DemoError> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ok = tokio::task::spawn_blocking(move || {
+            ureq::get(format!("http://127.0.0.1:{admin}/readyz"))
+                .call()
+                .map(|r| r.status().is_success())
+                .unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false);
+        if ok {
+            // Subscriptions go out right after CONNACK; give them a moment.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(DemoError::Setup(
+                "the bridge did not become ready within 20 s".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A plain-TCP client whose event loop runs until `stop`.
+async fn connect(id: &str, port: u16, stop: &CancellationToken) -> AsyncClient {
+    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut el) = AsyncClient::new(opts, 100);
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                e = el.poll() => if e.is_err() { tokio::time::sleep(Duration::from_millis(200)).await },
+            }
+        }
+    });
+    client
+}
+
+/// Subscribes on one broker and reports each sample message from another broker.
+async fn watch(name: String, port: u16, pending: Arc<Mutex<Pending>>, stop: CancellationToken) {
+    let mut opts = MqttOptions::new(format!("demo-sub-{name}"), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut el) = AsyncClient::new(opts, 100);
+    let _ = client.subscribe("demo/#", QoS::AtLeastOnce).await;
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => return,
+            e = el.poll() => e,
+        };
+        let Ok(Event::Incoming(Packet::Publish(p))) = event else {
+            if event.is_err() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            continue;
+        };
+        let text = String::from_utf8_lossy(&p.payload).to_string();
+        let Some(seq) = text
+            .strip_prefix('#')
+            .and_then(|t| t.split(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            println!("  {name} got {:?} on {}", text, p.topic);
+            continue;
+        };
+        let mut map = pending.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((origin, sent, arrivals)) = map.get_mut(&seq) else {
+            continue;
+        };
+        if *origin == name {
+            continue;
+        }
+        arrivals.push((name.clone(), sent.elapsed()));
+        if arrivals.len() == 2 {
+            let line = arrivals
+                .iter()
+                .map(|(b, d)| format!("{b} ({:.1} ms)", d.as_secs_f64() * 1000.0))
+                .collect::<Vec<_>>()
+                .join(", ");
+            println!("      #{seq} from {origin} arrived on {line}");
+            map.remove(&seq);
+        }
+    }
+}
