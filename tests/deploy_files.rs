@@ -1,0 +1,209 @@
+//! The deployment files under docker/ cannot run here (no Docker engine), so every one that a
+//! tool on this machine can check is checked: nginx -t, haproxy -c, mosquitto started on its
+//! config, bridge check, sh -n. The only changes made before checking are container paths,
+//! host names and ports, rewritten to this machine's (listed in each test).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Certs, free_port, require, wait_port};
+
+fn docker(file: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("docker")
+        .join(file);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn rewrite(text: &str, subs: &[(&str, String)]) -> String {
+    subs.iter()
+        .fold(text.to_string(), |t, (from, to)| t.replace(from, to))
+}
+
+fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().expect("run checker");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn certs(dir: &Path) -> Certs {
+    let certs = Certs::generate(&dir.join("certs"));
+    let pem = std::fs::read_to_string(certs.dir.join("server.crt")).unwrap()
+        + &std::fs::read_to_string(certs.dir.join("server.key")).unwrap();
+    std::fs::write(certs.dir.join("server.pem"), pem).unwrap();
+    certs
+}
+
+#[test]
+fn nginx_front_configs_pass_nginx_t() {
+    require("nginx");
+    let tmp = common::tempdir();
+    let certs = certs(tmp.path());
+    for file in [
+        "nginx/nginx-stream-passthrough.conf",
+        "nginx/nginx-stream-tls-termination.conf",
+    ] {
+        // Rewritten: broker host names (not resolvable here) and the certificate directory.
+        let mut text = rewrite(
+            &docker(file),
+            &[
+                ("mqtt1:", "127.0.0.1:".into()),
+                ("mqtt2:", "127.0.0.2:".into()),
+                ("mqtt3:", "127.0.0.3:".into()),
+                ("/etc/nginx/certs", certs.dir.display().to_string()),
+            ],
+        );
+        let module = "/usr/lib/nginx/modules/ngx_stream_module.so";
+        if Path::new(module).exists() {
+            // Debian builds the stream module as a dynamic module.
+            text = format!("load_module {module};\n{text}");
+        }
+        let conf = tmp.path().join("nginx.conf");
+        std::fs::write(&conf, text).unwrap();
+        let (ok, out) = run(Command::new("nginx")
+            .arg("-t")
+            .arg("-p")
+            .arg(tmp.path())
+            .arg("-c")
+            .arg(&conf)
+            .arg("-g")
+            .arg(format!(
+                "pid {0}/nginx.pid; error_log {0}/error.log;",
+                tmp.path().display()
+            )));
+        assert!(ok, "{file}: {out}");
+    }
+}
+
+#[test]
+fn haproxy_front_configs_pass_haproxy_c() {
+    require("haproxy");
+    let tmp = common::tempdir();
+    let certs = certs(tmp.path());
+    for file in [
+        "haproxy/haproxy-passthrough.cfg",
+        "haproxy/haproxy-tls-termination.cfg",
+    ] {
+        // Rewritten: the certificate directory only (unresolvable names are allowed by init-addr).
+        let text = rewrite(
+            &docker(file),
+            &[("/etc/haproxy/certs", certs.dir.display().to_string())],
+        );
+        let conf = tmp.path().join("haproxy.cfg");
+        std::fs::write(&conf, text).unwrap();
+        let (ok, out) = run(Command::new("haproxy").arg("-c").arg("-f").arg(&conf));
+        assert!(ok && out.contains("valid"), "{file}: {out}");
+    }
+}
+
+#[test]
+fn mosquitto_config_starts_a_broker() {
+    require("mosquitto");
+    let tmp = common::tempdir();
+    let certs = certs(tmp.path());
+    let port = free_port();
+    // Rewritten: certificate and data directories, the port, and loopback only.
+    let text = rewrite(
+        &docker("mosquitto/mosquitto.conf"),
+        &[
+            ("/mosquitto/certs", certs.dir.display().to_string()),
+            ("/mosquitto/data/", format!("{}/", tmp.path().display())),
+            ("listener 8883", format!("listener {port} 127.0.0.1")),
+        ],
+    ) + "user root\n";
+    let conf = tmp.path().join("mosquitto.conf");
+    std::fs::write(&conf, text).unwrap();
+    let mut child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let up = wait_port(port, Duration::from_secs(10));
+    let exited = child.try_wait().unwrap();
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        up && exited.is_none(),
+        "mosquitto refused docker/mosquitto/mosquitto.conf: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn bridge_config_passes_bridge_check() {
+    let tmp = common::tempdir();
+    let certs = certs(tmp.path());
+    // Rewritten: the certificate and data directories.
+    let text = rewrite(
+        &docker("bridge.toml"),
+        &[
+            ("/etc/meshbridge/certs", certs.dir.display().to_string()),
+            (
+                "/var/lib/meshbridge",
+                tmp.path().join("data").display().to_string(),
+            ),
+        ],
+    );
+    let conf = tmp.path().join("bridge.toml");
+    std::fs::write(&conf, text).unwrap();
+    let (ok, out) = run(Command::new(env!("CARGO_BIN_EXE_bridge"))
+        .args(["check", "--config"])
+        .arg(&conf));
+    assert!(ok && out.contains("ok (3 brokers)"), "{out}");
+}
+
+#[test]
+fn keepalived_check_script_fails_when_the_bridge_is_not_ready() {
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docker/keepalived/check_meshbridge.sh");
+    let (ok, out) = run(Command::new("sh").arg("-n").arg(&script));
+    assert!(ok, "syntax: {out}");
+    if Command::new("sh")
+        .arg("-c")
+        .arg("command -v curl")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        let (ok, _) = run(Command::new("sh")
+            .arg(&script)
+            .arg(format!("127.0.0.1:{}", free_port())));
+        assert!(!ok, "nothing listens there: the check must fail");
+    }
+}
+
+#[test]
+fn container_and_unit_files_keep_their_promises() {
+    let dockerfile = docker("Dockerfile");
+    assert!(
+        dockerfile.contains("USER meshbridge"),
+        "runs as a non-root user"
+    );
+    assert!(dockerfile.contains("HEALTHCHECK") && dockerfile.contains("/healthz"));
+    assert!(dockerfile.contains("--bin bridge"));
+    let compose = docker("compose.yaml");
+    for service in ["mqtt1:", "mqtt2:", "mqtt3:", "front:", "bridge:"] {
+        assert!(compose.contains(service), "compose.yaml has {service}");
+    }
+    for mounted in [
+        "./mosquitto/mosquitto.conf",
+        "./nginx/nginx-stream-passthrough.conf",
+        "./bridge.toml",
+    ] {
+        assert!(compose.contains(mounted), "compose.yaml mounts {mounted}");
+    }
+    let unit = docker("systemd/meshbridge.service");
+    assert!(unit.contains("Restart=always") && unit.contains("NoNewPrivileges=yes"));
+    assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+}
