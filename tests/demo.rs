@@ -148,3 +148,57 @@ fn certs_command_writes_a_usable_pki_and_refuses_to_overwrite() {
     assert_eq!(bad.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("\"not a name\""));
 }
+
+#[test]
+fn json_log_format_writes_one_object_per_line() {
+    let tmp = common::tempdir();
+    let cfg = tmp.path().join("bridge.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[bridge]\nid = \"j\"\nadmin_listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n[[broker]]\nname = \"b1\"\naddress = \"127.0.0.1:{}\"\ntls = false\n",
+            common::free_port(),
+            tmp.path().join("data").display(),
+            common::free_port()
+        ),
+    )
+    .unwrap();
+    let log = tmp.path().join("log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bridge"))
+        .args([
+            "--log-format",
+            "json",
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("link down")
+    {
+        assert!(std::time::Instant::now() < deadline, "no link-down line");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    common::signal(child.id(), "TERM");
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    for line in text.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            v.get("level").is_some() && v.get("timestamp").is_some(),
+            "{line}"
+        );
+    }
+    let down = text.lines().find(|l| l.contains("link down")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(down).unwrap();
+    assert_eq!(
+        v["span"]["broker"], "b1",
+        "the broker name is a field: {down}"
+    );
+}
