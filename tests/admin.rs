@@ -122,16 +122,22 @@ async fn health_readiness_metrics_and_status() {
     mqtt::publish(b1.plain_port, "p1", &msgs).await;
     s2.wait_count(50, Duration::from_secs(10)).await;
 
-    let (code, text) = http_get(&format!("http://{admin}/metrics"), None);
-    assert_eq!(code, 200);
-    assert!(
-        metric(&text, "meshbridge_forwarded_total", "b1").unwrap() >= 50.0,
-        "{text}"
-    );
-    assert!(
-        metric(&text, "meshbridge_messages_out_total", "b2").unwrap() >= 50.0,
-        "{text}"
-    );
+    // The subscriber can see a message before the bridge has processed the broker's PUBACK.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let (code, text) = http_get(&format!("http://{admin}/metrics"), None);
+        assert_eq!(code, 200);
+        let forwarded = metric(&text, "meshbridge_forwarded_total", "b1").unwrap_or(0.0);
+        let out = metric(&text, "meshbridge_messages_out_total", "b2").unwrap_or(0.0);
+        if forwarded >= 50.0 && out >= 50.0 {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "counters never reached 50:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(
         metric(&text, "meshbridge_connected", "b1"),
         Some(1.0),
