@@ -1,0 +1,461 @@
+//! meshbench: the mosquitto bridge master and `bridge`, side by side on the same brokers.
+//!
+//! `cargo run --release --bin meshbench -- [--brokers 3] [--messages 20000] [--qos 1] [--size 64]
+//! [--rate 5000] [--seconds 5] [--topics 1]`
+//!
+//! Starts N mosquitto brokers on free loopback ports, then, in turn, (a) a mosquitto "bridge
+//! master" (one `connection` per broker, `topic # both 2`, MQTT 3.1.1, bridge flag on) and
+//! (b) `bridge run` (MQTT 5 links), and drives each with the same load: a publisher on broker 1,
+//! a subscriber on every other broker, sequence-numbered payloads counted exactly once.
+//! Prints for each: delivered msgs/s per subscriber, CPU seconds of the bridge process per
+//! forwarded message, peak RSS, latency p50/p99 at a fixed offered rate, and the ratios.
+//! Linux only (reads /proc). Requires mosquitto on PATH (or in /usr/sbin).
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+
+#[derive(Debug, Clone)]
+struct Opts {
+    brokers: usize,
+    messages: usize,
+    qos: u8,
+    size: usize,
+    rate: u64,
+    seconds: u64,
+    topics: usize,
+}
+
+fn parse() -> Result<Opts, String> {
+    let mut o = Opts {
+        brokers: 3,
+        messages: 20_000,
+        qos: 1,
+        size: 64,
+        rate: 5_000,
+        seconds: 5,
+        topics: 1,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut v = || -> Result<u64, String> {
+            args.next()
+                .ok_or(format!("{a} needs a value"))?
+                .parse()
+                .map_err(|e| format!("{a}: {e}"))
+        };
+        match a.as_str() {
+            "--brokers" => o.brokers = v()? as usize,
+            "--messages" => o.messages = v()? as usize,
+            "--qos" => o.qos = v()? as u8,
+            "--size" => o.size = v()? as usize,
+            "--rate" => o.rate = v()?,
+            "--seconds" => o.seconds = v()?,
+            "--topics" => o.topics = v()? as usize,
+            "-h" | "--help" => {
+                return Err("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T]".into())
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    if o.brokers < 2 || o.qos > 2 || o.size < 24 || o.topics == 0 || o.rate == 0 {
+        return Err(
+            "need --brokers >= 2, --qos 0..2, --size >= 24, --topics >= 1, --rate >= 1".into(),
+        );
+    }
+    Ok(o)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn mosquitto(dir: &Path, name: &str, port: u16, extra: &str) -> Proc {
+    let conf = dir.join(format!("{name}.conf"));
+    let user = if is_root() { "user root\n" } else { "" };
+    std::fs::write(
+        &conf,
+        format!(
+            "{user}persistence false\nmax_queued_messages 1000000\nmax_inflight_messages 100\nlog_dest none\n\
+             listener {port} 127.0.0.1\nallow_anonymous true\n{extra}"
+        ),
+    )
+    .expect("write mosquitto config");
+    let bin = if Path::new("/usr/sbin/mosquitto").exists() {
+        "/usr/sbin/mosquitto"
+    } else {
+        "mosquitto"
+    };
+    let child = Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start mosquitto (apt-get install mosquitto)");
+    wait_port(port);
+    Proc(child)
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// Peak resident set size (VmHWM), in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn qos(q: u8) -> QoS {
+    match q {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Default)]
+struct Seen {
+    seqs: HashSet<u64>,
+    duplicates: u64,
+    latencies_us: Vec<u64>,
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+async fn subscriber(port: u16, id: String, seen: Arc<Mutex<Seen>>) -> AsyncClient {
+    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(60));
+    opts.set_max_packet_size(Some(16 * 1024 * 1024));
+    let (client, mut el) = AsyncClient::new(opts, 10_000);
+    client
+        .subscribe_many([Filter::new("bench/#", QoS::ExactlyOnce)])
+        .await
+        .expect("subscribe");
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut ready = Some(ready_tx);
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let now = Instant::now();
+                    let seq = u64::from_be_bytes(p.payload[0..8].try_into().unwrap_or_default());
+                    let sent = u64::from_be_bytes(p.payload[8..16].try_into().unwrap_or_default());
+                    let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
+                    if s.seqs.insert(seq) {
+                        s.latencies_us.push(now_micros().saturating_sub(sent));
+                    } else {
+                        s.duplicates += 1;
+                    }
+                    s.first.get_or_insert(now);
+                    s.last = Some(now);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(10), ready_rx).await;
+    client
+}
+
+/// Publishes `count` messages starting at `first_seq`; `rate` 0 means as fast as possible.
+async fn publish(port: u16, o: &Opts, first_seq: u64, count: usize, rate: u64) {
+    let mut opts = MqttOptions::new(format!("bench-pub-{first_seq}"), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(60));
+    let (client, mut el) = AsyncClient::new(opts, 10_000);
+    let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = acked.clone();
+    let q = o.qos;
+    let driver = tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))) => {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(Event::Outgoing(rumqttc::Outgoing::Publish(0))) if q == 0 => {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    let start = Instant::now();
+    for i in 0..count {
+        if rate > 0 {
+            let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let seq = first_seq + i as u64;
+        let mut payload = vec![b'x'; o.size];
+        payload[0..8].copy_from_slice(&seq.to_be_bytes());
+        payload[8..16].copy_from_slice(&now_micros().to_be_bytes());
+        let topic = format!("bench/t{}", seq as usize % o.topics);
+        let _ = client.publish(topic, qos(o.qos), false, payload).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while acked.load(std::sync::atomic::Ordering::Relaxed) < count && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let _ = client.disconnect().await;
+    driver.abort();
+}
+
+#[derive(Debug, Default, Clone)]
+struct Result_ {
+    throughput: f64,
+    cpu_per_msg_us: f64,
+    peak_rss_mib: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    missing: u64,
+    duplicates: u64,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+/// Runs both phases (throughput, then latency at a fixed rate) against one bridge process.
+async fn measure(o: &Opts, ports: &[u16], pid: u32, label: &str) -> Result_ {
+    // Throughput: as fast as possible.
+    let mut seen = Vec::new();
+    let mut subs = Vec::new();
+    for (i, port) in ports.iter().enumerate().skip(1) {
+        let s = Arc::new(Mutex::new(Seen::default()));
+        subs.push(subscriber(*port, format!("bench-sub-{label}-{i}"), s.clone()).await);
+        seen.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cpu0 = cpu_seconds(pid);
+    let started = Instant::now();
+    publish(ports[0], o, 0, o.messages, 0).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = seen
+            .iter()
+            .all(|s| s.lock().unwrap_or_else(|e| e.into_inner()).seqs.len() >= o.messages);
+        if done || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cpu = cpu_seconds(pid) - cpu0;
+    let mut r = Result_::default();
+    let mut rates = Vec::new();
+    for s in &seen {
+        let s = s.lock().unwrap_or_else(|e| e.into_inner());
+        let end = s.last.unwrap_or(started);
+        let secs = end.duration_since(started).as_secs_f64().max(1e-6);
+        rates.push(s.seqs.len() as f64 / secs);
+        r.missing += (o.messages - s.seqs.len().min(o.messages)) as u64;
+        r.duplicates += s.duplicates;
+    }
+    r.throughput = rates.iter().sum::<f64>() / rates.len() as f64;
+    let forwarded = (o.messages * (ports.len() - 1)) as f64;
+    r.cpu_per_msg_us = cpu / forwarded * 1e6;
+
+    // Latency at a fixed offered rate.
+    let base = 1_000_000_000u64;
+    let count = (o.rate * o.seconds) as usize;
+    for s in &seen {
+        *s.lock().unwrap_or_else(|e| e.into_inner()) = Seen::default();
+    }
+    publish(ports[0], o, base, count, o.rate).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let mut lat: Vec<u64> = seen
+        .iter()
+        .flat_map(|s| {
+            s.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .latencies_us
+                .clone()
+        })
+        .collect();
+    lat.sort_unstable();
+    r.p50_ms = percentile(&lat, 0.50);
+    r.p99_ms = percentile(&lat, 0.99);
+    r.peak_rss_mib = peak_rss_mib(pid);
+    for c in subs {
+        let _ = c.disconnect().await;
+    }
+    r
+}
+
+fn bridge_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.with_file_name("bridge")
+}
+
+#[tokio::main]
+async fn main() {
+    let o = match parse() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(64);
+        }
+    };
+    let bridge_bin = bridge_binary();
+    if !bridge_bin.exists() {
+        eprintln!(
+            "error: {} not found: run with `cargo run --release --bin meshbench`",
+            bridge_bin.display()
+        );
+        std::process::exit(1);
+    }
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ports: Vec<u16> = (0..o.brokers).map(|_| free_port()).collect();
+    let _brokers: Vec<Proc> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| mosquitto(dir.path(), &format!("b{}", i + 1), *p, ""))
+        .collect();
+
+    // (a) mosquitto bridge master, seed 004 style.
+    let mut conns = String::new();
+    for (i, p) in ports.iter().enumerate() {
+        let _ = write!(
+            conns,
+            "connection b{n}\naddress 127.0.0.1:{p}\ntopic # both 2\ncleansession false\ntry_private true\n\
+             bridge_protocol_version mqttv311\nnotifications false\nremote_clientid master-b{n}\n",
+            n = i + 1
+        );
+    }
+    let master = mosquitto(dir.path(), "master", free_port(), &conns);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let a = measure(&o, &ports, master.0.id(), "master").await;
+    drop(master);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // (b) bridge.
+    let mut cfg = format!(
+        "[bridge]\nid = \"bench\"\nadmin_listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n",
+        free_port(),
+        dir.path().join("data").display()
+    );
+    for (i, p) in ports.iter().enumerate() {
+        let _ = write!(
+            cfg,
+            "[[broker]]\nname = \"b{}\"\naddress = \"127.0.0.1:{p}\"\ntls = false\n",
+            i + 1
+        );
+    }
+    let cfg_path = dir.path().join("bridge.toml");
+    std::fs::write(&cfg_path, cfg).expect("write bridge config");
+    let bridge = Proc(
+        Command::new(&bridge_bin)
+            .args(["run", "--config"])
+            .arg(&cfg_path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start bridge"),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let b = measure(&o, &ports, bridge.0.id(), "bridge").await;
+    drop(bridge);
+
+    println!(
+        "meshbench: {} brokers, {} messages, QoS {}, {} B payload, {} topic(s); latency at {} msg/s for {} s",
+        o.brokers, o.messages, o.qos, o.size, o.topics, o.rate, o.seconds
+    );
+    println!(
+        "{:<26} {:>14} {:>14} {:>10}",
+        "", "mosquitto", "bridge", "ratio"
+    );
+    let row =
+        |name: &str, x: f64, y: f64| println!("{name:<26} {x:>14.2} {y:>14.2} {:>10.2}", y / x);
+    row("delivered msg/s per sub", a.throughput, b.throughput);
+    row(
+        "CPU µs per forwarded msg",
+        a.cpu_per_msg_us,
+        b.cpu_per_msg_us,
+    );
+    row("peak RSS MiB", a.peak_rss_mib, b.peak_rss_mib);
+    row("latency p50 ms", a.p50_ms, b.p50_ms);
+    row("latency p99 ms", a.p99_ms, b.p99_ms);
+    println!(
+        "{:<26} {:>14} {:>14}",
+        "missing / duplicates",
+        format!("{}/{}", a.missing, a.duplicates),
+        format!("{}/{}", b.missing, b.duplicates)
+    );
+}
