@@ -73,20 +73,7 @@ impl Drop for Nginx {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_behind_an_nginx_round_robin_front_all_see_everything() {
-    let tmp = common::tempdir();
-    let certs = Certs::generate(&tmp.path().join("certs"));
-    let brokers: Vec<Mosquitto> = ["b1", "b2", "b3"]
-        .iter()
-        .map(|n| Mosquitto::start(tmp.path(), n, &certs, BrokerOpts::default()))
-        .collect();
-    let cfg = common::bridge_config(
-        &certs,
-        "mesh",
-        &tmp.path().join("data"),
-        &brokers.iter().map(|b| (b, "")).collect::<Vec<_>>(),
-    );
-    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
-    bridge.wait_subscribed(&["b1", "b2", "b3"]);
+    let (tmp, brokers, _bridge) = common::three_brokers_meshed("");
     let front = Nginx::start(tmp.path(), &brokers.iter().collect::<Vec<_>>());
 
     // Three subscribers and one publisher through the front: round robin puts them on

@@ -60,20 +60,7 @@ fn assert_in_order(at: &str, got: &[mqtt::Got]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_v5_brokers_over_mtls_exactly_once() {
-    let tmp = common::tempdir();
-    let certs = Certs::generate(&tmp.path().join("certs"));
-    let brokers: Vec<Mosquitto> = ["b1", "b2", "b3"]
-        .iter()
-        .map(|n| Mosquitto::start(tmp.path(), n, &certs, BrokerOpts::default()))
-        .collect();
-    let cfg = bridge_config(
-        &certs,
-        "mesh",
-        &tmp.path().join("data"),
-        &brokers.iter().map(|b| (b, "")).collect::<Vec<_>>(),
-    );
-    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
-    bridge.wait_subscribed(&["b1", "b2", "b3"]);
+    let (_tmp, brokers, bridge) = common::three_brokers_meshed("");
 
     exactly_once_everywhere(&brokers, 1000, "v5").await;
 
@@ -86,23 +73,7 @@ async fn three_v5_brokers_over_mtls_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_v311_brokers_no_echo_no_storm() {
-    let tmp = common::tempdir();
-    let certs = Certs::generate(&tmp.path().join("certs"));
-    let brokers: Vec<Mosquitto> = ["b1", "b2", "b3"]
-        .iter()
-        .map(|n| Mosquitto::start(tmp.path(), n, &certs, BrokerOpts::default()))
-        .collect();
-    let cfg = bridge_config(
-        &certs,
-        "mesh",
-        &tmp.path().join("data"),
-        &brokers
-            .iter()
-            .map(|b| (b, "protocol = \"v3.1.1\""))
-            .collect::<Vec<_>>(),
-    );
-    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
-    bridge.wait_subscribed(&["b1", "b2", "b3"]);
+    let (_tmp, brokers, _bridge) = common::three_brokers_meshed("protocol = \"v3.1.1\"");
 
     exactly_once_everywhere(&brokers, 500, "v3").await;
 

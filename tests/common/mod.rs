@@ -450,6 +450,27 @@ pub fn bridge_config(
     s
 }
 
+/// Three mosquitto brokers (b1..b3, default options) and a bridge linking all of them with
+/// `link` as extra keys in every `[[broker]]`, subscribed and ready. The directory holds
+/// every file; keep it alive as long as the processes.
+pub fn three_brokers_meshed(link: &str) -> (tempfile::TempDir, Vec<Mosquitto>, Bridge) {
+    let tmp = tempdir();
+    let certs = Certs::generate(&tmp.path().join("certs"));
+    let brokers: Vec<Mosquitto> = ["b1", "b2", "b3"]
+        .iter()
+        .map(|n| Mosquitto::start(tmp.path(), n, &certs, BrokerOpts::default()))
+        .collect();
+    let cfg = bridge_config(
+        &certs,
+        "mesh",
+        &tmp.path().join("data"),
+        &brokers.iter().map(|b| (b, link)).collect::<Vec<_>>(),
+    );
+    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
+    bridge.wait_subscribed(&["b1", "b2", "b3"]);
+    (tmp, brokers, bridge)
+}
+
 /// Compares what a subscriber got with what was expected, as multisets of payloads; returns a
 /// description of the difference (empty when equal).
 pub fn multiset_diff(expected: &[Vec<u8>], got: &[Vec<u8>]) -> String {
