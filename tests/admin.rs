@@ -8,9 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::mqtt::{self, Pub};
-use common::{
-    Bridge, BrokerOpts, Certs, Mosquitto, bridge_config, free_port, multiset_diff, signal,
-};
+use common::{Bridge, bridge_config, free_port, multiset_diff, signal};
 
 fn cli(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_bridge"))
@@ -81,11 +79,7 @@ fn metric(text: &str, name: &str, broker: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_metrics_and_status() {
-    let tmp = common::tempdir();
-    let certs = Certs::generate(&tmp.path().join("certs"));
-    let b1 = Mosquitto::start(tmp.path(), "b1", &certs, BrokerOpts::default());
-    let b2 = Mosquitto::start(tmp.path(), "b2", &certs, BrokerOpts::default());
-    let mut b3 = Mosquitto::start(tmp.path(), "b3", &certs, BrokerOpts::default());
+    let (tmp, certs, [b1, b2, mut b3]) = common::lab();
     b3.kill();
     let cfg = bridge_config(
         &certs,
@@ -191,11 +185,7 @@ async fn health_readiness_metrics_and_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_and_remove_brokers_live_and_persist_it() {
-    let tmp = common::tempdir();
-    let certs = Certs::generate(&tmp.path().join("certs"));
-    let b1 = Mosquitto::start(tmp.path(), "b1", &certs, BrokerOpts::default());
-    let b2 = Mosquitto::start(tmp.path(), "b2", &certs, BrokerOpts::default());
-    let b3 = Mosquitto::start(tmp.path(), "b3", &certs, BrokerOpts::default());
+    let (tmp, certs, [b1, b2, b3]) = common::lab();
     let cfg = bridge_config(
         &certs,
         "mesh",
@@ -331,9 +321,7 @@ async fn add_and_remove_brokers_live_and_persist_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_token_is_required_and_refusals_are_logged() {
-    let tmp = common::tempdir();
-    let certs = Certs::generate(&tmp.path().join("certs"));
-    let b1 = Mosquitto::start(tmp.path(), "b1", &certs, BrokerOpts::default());
+    let (tmp, certs, [b1]) = common::lab();
     let token_file = tmp.path().join("admin.token");
     std::fs::write(&token_file, "s3cr3t-token\n").unwrap();
     let cfg = bridge_config(&certs, "mesh", &tmp.path().join("data"), &[(&b1, "")]).replace(
@@ -381,11 +369,7 @@ async fn admin_token_is_required_and_refusals_are_logged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_broker_changes_from_the_config_file() {
-    let tmp = common::tempdir();
-    let certs = Certs::generate(&tmp.path().join("certs"));
-    let b1 = Mosquitto::start(tmp.path(), "b1", &certs, BrokerOpts::default());
-    let b2 = Mosquitto::start(tmp.path(), "b2", &certs, BrokerOpts::default());
-    let b3 = Mosquitto::start(tmp.path(), "b3", &certs, BrokerOpts::default());
+    let (tmp, certs, [b1, b2, b3]) = common::lab();
     let data = tmp.path().join("data");
     let cfg = bridge_config(&certs, "mesh", &data, &[(&b1, ""), (&b2, "")]);
     let admin = admin_addr(&cfg);

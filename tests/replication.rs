@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::mqtt::{self, Pub};
-use common::{Bridge, BrokerOpts, Certs, Mosquitto, bridge_config, multiset_diff};
+use common::{Bridge, Mosquitto, bridge_config, multiset_diff};
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 
 /// Publishes `per_qos` messages of each QoS on each broker in turn and checks that every
@@ -94,11 +94,7 @@ async fn three_v311_brokers_no_echo_no_storm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v5_properties_retain_and_max_qos_survive() {
-    let tmp = common::tempdir();
-    let certs = Certs::generate(&tmp.path().join("certs"));
-    let b1 = Mosquitto::start(tmp.path(), "b1", &certs, BrokerOpts::default());
-    let b2 = Mosquitto::start(tmp.path(), "b2", &certs, BrokerOpts::default());
-    let b3 = Mosquitto::start(tmp.path(), "b3", &certs, BrokerOpts::default());
+    let (tmp, certs, [b1, b2, b3]) = common::lab();
     let cfg = bridge_config(
         &certs,
         "mesh",
@@ -211,10 +207,7 @@ async fn v5_properties_retain_and_max_qos_survive() {
 async fn storm_guard_stops_a_loop_between_two_bridges_on_v311() {
     // Two bridges over the same 3.1.1 brokers form a real loop (3.1.1 cannot carry the origin
     // tag). The storm guard must notice it, say so, and keep the brokers from melting.
-    let tmp = common::tempdir();
-    let certs = Certs::generate(&tmp.path().join("certs"));
-    let b1 = Mosquitto::start(tmp.path(), "b1", &certs, BrokerOpts::default());
-    let b2 = Mosquitto::start(tmp.path(), "b2", &certs, BrokerOpts::default());
+    let (tmp, certs, [b1, b2]) = common::lab();
     let mut bridges = Vec::new();
     for id in ["left", "right"] {
         let cfg = bridge_config(

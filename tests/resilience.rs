@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::mqtt::{self, Pub};
-use common::{Bridge, BrokerOpts, Certs, Mosquitto, bridge_config, multiset_diff};
+use common::{Bridge, bridge_config, multiset_diff};
 
 fn batch(prefix: &str, n: usize, qos: u8) -> Vec<Pub> {
     (0..n)
@@ -25,11 +25,7 @@ fn only(prefix: &str, got: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_down_at_start_or_dying_later_never_stops_the_others() {
-    let tmp = common::tempdir();
-    let certs = Certs::generate(&tmp.path().join("certs"));
-    let b1 = Mosquitto::start(tmp.path(), "b1", &certs, BrokerOpts::default());
-    let mut b2 = Mosquitto::start(tmp.path(), "b2", &certs, BrokerOpts::default());
-    let mut b3 = Mosquitto::start(tmp.path(), "b3", &certs, BrokerOpts::default());
+    let (tmp, certs, [b1, mut b2, mut b3]) = common::lab();
     b3.kill();
     let cfg = bridge_config(
         &certs,
@@ -104,10 +100,7 @@ async fn broker_down_at_start_or_dying_later_never_stops_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_zero() {
-    let tmp = common::tempdir();
-    let certs = Certs::generate(&tmp.path().join("certs"));
-    let b1 = Mosquitto::start(tmp.path(), "b1", &certs, BrokerOpts::default());
-    let b2 = Mosquitto::start(tmp.path(), "b2", &certs, BrokerOpts::default());
+    let (tmp, certs, [b1, b2]) = common::lab();
     let cfg = bridge_config(
         &certs,
         "mesh",
@@ -147,10 +140,7 @@ async fn bridge_killed_mid_stream_resumes_its_sessions_without_loss() {
     // was published meanwhile (and what was in flight) is delivered after the restart. The QoS 2
     // exchanges cut in half make the broker resend PUBREL on the new connection, which must be
     // answered, not treated as a protocol error (rumqtt#664).
-    let tmp = common::tempdir();
-    let certs = Certs::generate(&tmp.path().join("certs"));
-    let b1 = Mosquitto::start(tmp.path(), "b1", &certs, BrokerOpts::default());
-    let b2 = Mosquitto::start(tmp.path(), "b2", &certs, BrokerOpts::default());
+    let (tmp, certs, [b1, b2]) = common::lab();
     for protocol in ["v5", "v3.1.1"] {
         let extra = format!("protocol = \"{protocol}\"");
         let cfg = bridge_config(
@@ -214,10 +204,7 @@ async fn reconnecting_does_not_reflood_retained_messages() {
     // message again and pushes it to the other brokers. With persistent sessions the bridge
     // must not: MQTT 5 links subscribe with "retained only on new subscription", 3.1.1 links
     // do not re-subscribe a session the broker kept.
-    let tmp = common::tempdir();
-    let certs = Certs::generate(&tmp.path().join("certs"));
-    let b1 = Mosquitto::start(tmp.path(), "b1", &certs, BrokerOpts::default());
-    let b2 = Mosquitto::start(tmp.path(), "b2", &certs, BrokerOpts::default());
+    let (tmp, certs, [b1, b2]) = common::lab();
     for protocol in ["v5", "v3.1.1"] {
         let extra = format!("protocol = \"{protocol}\"");
         let cfg = bridge_config(

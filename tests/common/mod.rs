@@ -450,16 +450,27 @@ pub fn bridge_config(
     s
 }
 
+/// A test directory, its dev certificates and `N` mosquitto brokers named b1..bN with default
+/// options. Keep the directory alive as long as the processes.
+pub fn lab<const N: usize>() -> (tempfile::TempDir, Certs, [Mosquitto; N]) {
+    let tmp = tempdir();
+    let certs = Certs::generate(&tmp.path().join("certs"));
+    let brokers = std::array::from_fn(|i| {
+        Mosquitto::start(
+            tmp.path(),
+            &format!("b{}", i + 1),
+            &certs,
+            BrokerOpts::default(),
+        )
+    });
+    (tmp, certs, brokers)
+}
+
 /// Three mosquitto brokers (b1..b3, default options) and a bridge linking all of them with
 /// `link` as extra keys in every `[[broker]]`, subscribed and ready. The directory holds
 /// every file; keep it alive as long as the processes.
-pub fn three_brokers_meshed(link: &str) -> (tempfile::TempDir, Vec<Mosquitto>, Bridge) {
-    let tmp = tempdir();
-    let certs = Certs::generate(&tmp.path().join("certs"));
-    let brokers: Vec<Mosquitto> = ["b1", "b2", "b3"]
-        .iter()
-        .map(|n| Mosquitto::start(tmp.path(), n, &certs, BrokerOpts::default()))
-        .collect();
+pub fn three_brokers_meshed(link: &str) -> (tempfile::TempDir, [Mosquitto; 3], Bridge) {
+    let (tmp, certs, brokers) = lab::<3>();
     let cfg = bridge_config(
         &certs,
         "mesh",
