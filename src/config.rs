@@ -132,6 +132,22 @@ pub struct BridgeSection {
     pub storm_threshold: Option<u32>,
     /// Retained messages the bridge remembers for brokers added at run time.
     pub retained_max: Option<usize>,
+    /// Bound of one target's spool in bytes (`"1 GiB"`, or a number of bytes).
+    pub spool_max_bytes: Option<SizeValue>,
+    /// Bound of one target's spool in messages.
+    pub spool_max_messages: Option<u64>,
+    /// `drop_oldest` or `block`.
+    pub spool_overflow: Option<String>,
+}
+
+/// A byte size as written: a number of bytes or a string with a unit.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    /// Bytes.
+    Bytes(u64),
+    /// `"512 MiB"`, `"1GB"`…
+    Text(String),
 }
 
 /// `[tls]` or the TLS keys of one `[[broker]]`.
@@ -211,6 +227,8 @@ pub struct Config {
     pub storm_threshold: u32,
     /// Retained messages remembered for brokers added at run time.
     pub retained_max: usize,
+    /// Bounds and overflow policy of each target's spool.
+    pub spool: crate::spool::Limits,
     /// `[tls]` defaults, kept to build brokers added at run time.
     pub tls_defaults: TlsSection,
     /// Directory of the config file (relative paths are resolved against it).
@@ -345,6 +363,49 @@ fn parse_duration(
             )
         }),
     }
+}
+
+fn spool_limits(
+    max_bytes: Option<SizeValue>,
+    max_messages: Option<u64>,
+    overflow: Option<String>,
+) -> Result<crate::spool::Limits, ConfigError> {
+    use crate::spool::{Limits, Overflow};
+    let max_bytes = match max_bytes {
+        None => 1 << 30,
+        Some(SizeValue::Bytes(n)) => n,
+        Some(SizeValue::Text(t)) => t
+            .parse::<bytesize::ByteSize>()
+            .map_err(|e| {
+                invalid(
+                    "bridge.spool_max_bytes",
+                    format!("{t:?}: {e} (expected e.g. \"1 GiB\", \"500MB\")"),
+                )
+            })?
+            .as_u64(),
+    };
+    if max_bytes < 1024 {
+        return Err(invalid("bridge.spool_max_bytes", "must be at least 1 KiB"));
+    }
+    let max_messages = max_messages.unwrap_or(1_000_000);
+    if max_messages == 0 {
+        return Err(invalid("bridge.spool_max_messages", "must be at least 1"));
+    }
+    let overflow = match overflow.as_deref() {
+        None | Some("drop_oldest") => Overflow::DropOldest,
+        Some("block") => Overflow::Block,
+        Some(other) => {
+            return Err(invalid(
+                "bridge.spool_overflow",
+                format!("{other:?}: expected \"drop_oldest\" or \"block\""),
+            ));
+        }
+    };
+    Ok(Limits {
+        max_bytes,
+        max_messages,
+        overflow,
+    })
 }
 
 fn resolve(base_dir: &Path, path: &Path) -> PathBuf {
@@ -485,7 +546,7 @@ impl FileConfig {
         if inflight == 0 {
             return Err(invalid("bridge.inflight", "must be at least 1"));
         }
-        let queue_capacity = b.queue_capacity.unwrap_or(100_000);
+        let queue_capacity = b.queue_capacity.unwrap_or(10_000);
         if queue_capacity == 0 {
             return Err(invalid("bridge.queue_capacity", "must be at least 1"));
         }
@@ -515,7 +576,9 @@ impl FileConfig {
                 "must be between 1s and 65535s",
             ));
         }
+        let spool = spool_limits(b.spool_max_bytes, b.spool_max_messages, b.spool_overflow)?;
         let mut config = Config {
+            spool,
             bridge_id: b.id,
             admin_listen,
             admin_token,

@@ -15,6 +15,7 @@
 //! - [`message`]: the protocol-neutral message and the acknowledgement owed to its origin.
 //! - [`dedup`]: the echo window and the storm guard (pure, unit-tested).
 //! - [`router`]: per-target bounded queues, fan-out, the retained table.
+//! - [`spool`]: the durable per-target spool (redb) for down or slow targets.
 //! - [`link`]: connection, backoff, subscribe, receive, publish, acks.
 //! - [`supervisor`]: owns the links; start, add/remove at run time, ordered shutdown.
 //! - [`membership`]: run-time membership changes persisted under `data_dir`.
@@ -37,6 +38,7 @@ pub mod membership;
 pub mod message;
 pub mod metrics;
 pub mod router;
+pub mod spool;
 pub mod supervisor;
 pub mod tls;
 
@@ -61,6 +63,9 @@ pub enum RunError {
     /// The persisted membership cannot be read.
     #[error("{0}")]
     Start(#[from] supervisor::ChangeError),
+    /// The spool cannot be opened (in use, unreadable).
+    #[error("{0}")]
+    Spool(#[from] spool::SpoolError),
 }
 
 /// How the process controls a running bridge.
@@ -92,7 +97,11 @@ pub async fn run(config: config::Config, mut control: Control) -> Result<(), Run
         "bridge starting"
     );
     let token = config.admin_token.clone();
-    let supervisor = Arc::new(Mutex::new(supervisor::Supervisor::start(config)?));
+    let spool = spool::Spool::open(&config.data_dir, config.spool)?;
+    let supervisor = Arc::new(Mutex::new(supervisor::Supervisor::start(
+        config,
+        spool.clone(),
+    )?));
     let admin_stop = CancellationToken::new();
     let admin = tokio::spawn(admin::server::serve(
         listener,
@@ -112,6 +121,7 @@ pub async fn run(config: config::Config, mut control: Control) -> Result<(), Run
     info!("shutting down: draining in-flight messages");
     let links = supervisor.lock().await.take_all();
     supervisor::shutdown_links(links, drain_timeout).await;
+    spool.close();
     admin_stop.cancel();
     let _ = admin.await;
     info!("bridge stopped");

@@ -36,11 +36,23 @@ pub const CONNECTED: &str = "meshbridge_connected";
 pub const DEDUP_ENTRIES: &str = "meshbridge_dedup_window_entries";
 /// Messages waiting for the target (queued + in flight). Gauge.
 pub const QUEUE_DEPTH: &str = "meshbridge_queue_depth";
+/// Messages waiting in the target's durable spool. Gauge.
+pub const SPOOL_MESSAGES: &str = "meshbridge_spool_messages";
+/// Bytes of the messages in the target's spool. Gauge.
+pub const SPOOL_BYTES: &str = "meshbridge_spool_bytes";
+/// Messages waiting for room in a full spool, unacknowledged upstream (policy `block`). Gauge.
+pub const SPOOL_BLOCKED: &str = "meshbridge_spool_blocked";
+/// 1 for the spool overflow policy in force (label `policy`). Gauge.
+pub const SPOOL_OVERFLOW_POLICY: &str = "meshbridge_spool_overflow_policy";
 /// Retained messages the bridge remembers for brokers added at run time. Gauge.
 pub const RETAINED: &str = "meshbridge_retained_messages";
 
 /// Renders every metric in the Prometheus text format.
-pub fn encode(links: &[crate::admin::BrokerStatus], retained: usize) -> String {
+pub fn encode(
+    links: &[crate::admin::BrokerStatus],
+    retained: usize,
+    overflow: crate::spool::Overflow,
+) -> String {
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::family::Family;
     use prometheus_client::metrics::gauge::Gauge;
@@ -80,7 +92,7 @@ pub fn encode(links: &[crate::admin::BrokerStatus], retained: usize) -> String {
         ),
         (
             DROPPED_OVERFLOW,
-            "Messages dropped because the broker's queue overflowed",
+            "Messages dropped because the broker's spool (or queue) overflowed",
             |s| s.dropped_overflow,
         ),
         (DROPPED_STORM, "Repeats dropped by the storm guard", |s| {
@@ -103,7 +115,7 @@ pub fn encode(links: &[crate::admin::BrokerStatus], retained: usize) -> String {
         }
         registry.register(name, help, family);
     }
-    let gauges: [Metric<i64>; 3] = [
+    let gauges: [Metric<i64>; 6] = [
         (CONNECTED, "1 while the link is connected", |s| {
             i64::from(s.state == LinkState::Connected)
         }),
@@ -117,6 +129,19 @@ pub fn encode(links: &[crate::admin::BrokerStatus], retained: usize) -> String {
             "Messages waiting for the broker (queued and in flight)",
             |s| s.queue_depth as i64,
         ),
+        (
+            SPOOL_MESSAGES,
+            "Messages waiting in the broker's durable spool",
+            |s| s.spool_messages as i64,
+        ),
+        (SPOOL_BYTES, "Bytes in the broker's durable spool", |s| {
+            s.spool_bytes as i64
+        }),
+        (
+            SPOOL_BLOCKED,
+            "Messages waiting for room in a full spool, unacknowledged upstream",
+            |s| s.spool_blocked as i64,
+        ),
     ];
     for (name, help, value) in gauges {
         let family = Family::<Labels, Gauge>::default();
@@ -127,6 +152,15 @@ pub fn encode(links: &[crate::admin::BrokerStatus], retained: usize) -> String {
         }
         registry.register(name, help, family);
     }
+    let policy = Family::<Labels, Gauge>::default();
+    policy
+        .get_or_create(&vec![("policy", overflow.to_string())])
+        .set(1);
+    registry.register(
+        SPOOL_OVERFLOW_POLICY,
+        "Spool overflow policy in force (drop_oldest or block)",
+        policy,
+    );
     let retained_gauge = Gauge::<i64>::default();
     retained_gauge.set(retained as i64);
     registry.register(

@@ -18,6 +18,7 @@ use crate::link::{self, LinkContext, session::SessionSettings};
 use crate::membership::{AddedBroker, Membership, MembershipError};
 use crate::metrics::LinkStats;
 use crate::router::{Outbound, Router, TargetQueue};
+use crate::spool::Spool;
 
 /// Why a membership change was refused.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +56,8 @@ pub struct LinkHandle {
     disconnect: CancellationToken,
     drained: watch::Receiver<bool>,
     join: JoinHandle<()>,
+    /// The broker left the mesh: its spool is deleted once the link stopped.
+    leaving: bool,
 }
 
 impl LinkHandle {
@@ -63,6 +66,7 @@ impl LinkHandle {
         let s = &self.stats;
         let (state, since) = s.state();
         let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let (spool_messages, spool_bytes, spool_blocked) = self.queue.spool_depth();
         BrokerStatus {
             name: self.broker.name.clone(),
             address: self.broker.address(),
@@ -81,6 +85,10 @@ impl LinkHandle {
             redelivered: n(&s.redelivered),
             reconnects: n(&s.reconnects),
             queue_depth: self.queue.len() as u64 + s.inflight.load(Ordering::Relaxed).max(0) as u64,
+            spool_messages,
+            spool_bytes,
+            spool_blocked,
+            spool_overflow: self.queue.spool_overflow(),
             dedup_entries: s.dedup_entries.load(Ordering::Relaxed).max(0) as u64,
             last_error: s.last_error(),
         }
@@ -124,6 +132,10 @@ async fn shutdown_all(links: Vec<LinkHandle>, drain_timeout: Duration) {
         {
             warn!(broker = %name, "link did not stop in time");
         }
+        if l.leaving {
+            l.queue.discard_spool();
+            l.queue.sync().await;
+        }
     }
 }
 
@@ -132,6 +144,7 @@ async fn shutdown_all(links: Vec<LinkHandle>, drain_timeout: Duration) {
 pub struct Supervisor {
     config: Config,
     router: Arc<Router>,
+    spool: Arc<Spool>,
     links: BTreeMap<String, LinkHandle>,
     membership: Membership,
     /// Names of the brokers that come from the config file.
@@ -141,10 +154,12 @@ pub struct Supervisor {
 impl Supervisor {
     /// Starts a link for every broker of the config, with the persisted membership changes
     /// applied (see [`crate::membership`] for the precedence).
-    pub fn start(config: Config) -> Result<Self, ChangeError> {
+    /// Spools of brokers that are no longer members are deleted.
+    pub fn start(config: Config, spool: Arc<Spool>) -> Result<Self, ChangeError> {
         let membership = Membership::load(&config.data_dir)?;
         let mut sup = Supervisor {
             router: Arc::new(Router::new(config.retained_max)),
+            spool,
             links: BTreeMap::new(),
             from_config: config.brokers.iter().map(|b| b.name.clone()).collect(),
             membership,
@@ -169,6 +184,8 @@ impl Supervisor {
                 Err(e) => warn!(broker = %added.name, error = %e, "persisted addition ignored"),
             }
         }
+        sup.spool
+            .discard_others(&sup.links.keys().cloned().collect());
         Ok(sup)
     }
 
@@ -192,7 +209,12 @@ impl Supervisor {
 
     fn spawn(&mut self, broker: BrokerConfig) -> &LinkHandle {
         let stats = Arc::new(LinkStats::default());
-        let queue = Arc::new(TargetQueue::new(self.config.queue_capacity, stats.clone()));
+        let queue = Arc::new(TargetQueue::with_spool(
+            self.config.queue_capacity,
+            stats.clone(),
+            self.spool.clone(),
+            &broker.name,
+        ));
         let name: Arc<str> = broker.name.as_str().into();
         let (drained_tx, drained) = watch::channel(false);
         let stop = CancellationToken::new();
@@ -235,6 +257,7 @@ impl Supervisor {
                 disconnect,
                 drained,
                 join,
+                leaving: false,
             },
         );
         &self.links[&key]
@@ -272,12 +295,9 @@ impl Supervisor {
         let retained = self.router.retained_snapshot();
         let handle = self.spawn(broker);
         for (origin, msg) in &retained {
-            handle.queue.push(Outbound {
-                msg: msg.clone(),
-                share: None,
-                origin: origin.clone(),
-                resent: false,
-            });
+            handle
+                .queue
+                .push(Outbound::new(msg.clone(), None, origin.clone()));
         }
         info!(broker = %handle.broker.name, retained = retained.len(), "broker added at run time");
         Ok(handle.status())
@@ -298,10 +318,11 @@ impl Supervisor {
         self.membership = membership;
         // No new messages for it; what was queued is released to its origins when it stops.
         self.router.remove(&name);
-        let handle = self
+        let mut handle = self
             .links
             .remove(&name)
             .ok_or_else(|| ChangeError::NotFound(key.to_string()))?;
+        handle.leaving = true;
         info!(broker = %name, "broker removed at run time");
         Ok(handle)
     }
@@ -354,8 +375,9 @@ impl Supervisor {
                 continue;
             }
             self.router.remove(name);
-            if let Some(h) = self.links.remove(name) {
+            if let Some(mut h) = self.links.remove(name) {
                 info!(broker = %name, "removed from the config file");
+                h.leaving = true;
                 gone.push(h);
             }
         }

@@ -8,7 +8,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::mqtt::{self, Pub};
-use common::{Bridge, bridge_config, free_port, multiset_diff, signal};
+use common::{
+    Bridge, admin_addr, bridge_config, free_port, http_get, metric, multiset_diff, signal,
+};
 
 fn cli(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_bridge"))
@@ -21,28 +23,6 @@ fn cli(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-fn admin_addr(cfg: &str) -> String {
-    cfg.lines()
-        .find_map(|l| l.strip_prefix("admin_listen = \""))
-        .and_then(|l| l.strip_suffix('"'))
-        .expect("admin_listen in config")
-        .to_string()
-}
-
-fn http_get(url: &str, token: Option<&str>) -> (u16, String) {
-    let agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .new_agent();
-    let mut req = agent.get(url);
-    if let Some(t) = token {
-        req = req.header("Authorization", format!("Bearer {t}"));
-    }
-    let mut resp = req.call().expect("admin API reachable");
-    let status = resp.status().as_u16();
-    (status, resp.body_mut().read_to_string().unwrap_or_default())
 }
 
 fn status_json(admin: &str) -> Vec<serde_json::Value> {
@@ -67,14 +47,6 @@ fn wait_state(admin: &str, broker: &str, state: &str) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// Value of a metric line such as `meshbridge_forwarded_total{broker="b1"} 12`.
-fn metric(text: &str, name: &str, broker: &str) -> Option<f64> {
-    let prefix = format!("{name}{{broker=\"{broker}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -75,6 +75,14 @@ const CASES: &[(&str, &[&str])] = &[
         &["bridge.dedup_window", "thirty seconds"],
     ),
     ("bad_max_qos.toml", &["broker[0].max_qos"]),
+    (
+        "bad_spool_size.toml",
+        &["bridge.spool_max_bytes", "\"lots\""],
+    ),
+    (
+        "bad_spool_overflow.toml",
+        &["bridge.spool_overflow", "drop_newest", "block"],
+    ),
     ("bad_bridge_id.toml", &["bridge.id"]),
     ("bad_protocol.toml", &["unknown variant `v4`"]),
     ("bad_topic.toml", &["bridge.topics[0]"]),

@@ -227,7 +227,8 @@ cert_file = "{crt}"
         .collect();
     let bridge2 = Bridge::start(
         &tmp.path().join("bridge2"),
-        &bad.replace("id = \"mesh\"", "id = \"mesh2\""),
+        &bad.replace("id = \"mesh\"", "id = \"mesh2\"")
+            .replace("/data\"", "/data2\""),
     );
     assert!(
         bridge2.wait_log("NotValidForName", 1, Duration::from_secs(10))

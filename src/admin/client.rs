@@ -143,6 +143,7 @@ pub fn status_table(links: &[BrokerStatus]) -> String {
         "IN".into(),
         "OUT".into(),
         "QUEUE".into(),
+        "SPOOL".into(),
         "RECONN".into(),
         "LAST ERROR".into(),
     ]];
@@ -156,11 +157,12 @@ pub fn status_table(links: &[BrokerStatus]) -> String {
             s.messages_in.to_string(),
             s.messages_out.to_string(),
             s.queue_depth.to_string(),
+            spool_cell(s),
             s.reconnects.to_string(),
             s.last_error.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
-    let widths: Vec<usize> = (0..10)
+    let widths: Vec<usize> = (0..11)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -169,7 +171,7 @@ pub fn status_table(links: &[BrokerStatus]) -> String {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                if i == 9 {
+                if i == 10 {
                     c.clone()
                 } else {
                     format!("{c:<w$}", w = widths[i])
@@ -179,7 +181,22 @@ pub fn status_table(links: &[BrokerStatus]) -> String {
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
+    if let Some(s) = links.first() {
+        out.push_str(&format!("spool overflow policy: {}\n", s.spool_overflow));
+    }
     out
+}
+
+/// Spooled messages and size, and how many wait for room (policy `block`).
+fn spool_cell(s: &BrokerStatus) -> String {
+    let mut cell = s.spool_messages.to_string();
+    if s.spool_messages > 0 {
+        cell.push_str(&format!(" ({})", bytesize::ByteSize(s.spool_bytes)));
+    }
+    if s.spool_blocked > 0 {
+        cell.push_str(&format!(" +{} blocked", s.spool_blocked));
+    }
+    cell
 }
 
 #[cfg(test)]

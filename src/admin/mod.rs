@@ -58,6 +58,19 @@ pub struct BrokerStatus {
     pub reconnects: u64,
     /// Messages waiting for this broker (queued + in flight).
     pub queue_depth: u64,
+    /// Messages waiting in the durable spool.
+    #[serde(default)]
+    pub spool_messages: u64,
+    /// Bytes of those.
+    #[serde(default)]
+    pub spool_bytes: u64,
+    /// Messages waiting for room in a full spool (overflow policy `block`), unacknowledged
+    /// upstream.
+    #[serde(default)]
+    pub spool_blocked: u64,
+    /// What happens when the spool is full.
+    #[serde(default = "default_overflow")]
+    pub spool_overflow: crate::spool::Overflow,
     /// Live entries of the dedup window.
     pub dedup_entries: u64,
     /// Last error, if any.
@@ -98,4 +111,8 @@ pub struct AddBrokerRequest {
 pub struct ErrorBody {
     /// One line saying what is wrong.
     pub error: String,
+}
+
+fn default_overflow() -> crate::spool::Overflow {
+    crate::spool::Overflow::DropOldest
 }

@@ -120,7 +120,11 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 
 async fn metrics(State(state): State<AdminState>) -> Response {
     let sup = state.supervisor.lock().await;
-    let body = crate::metrics::encode(&sup.status(), sup.router().retained_len());
+    let body = crate::metrics::encode(
+        &sup.status(),
+        sup.router().retained_len(),
+        sup.config().spool.overflow,
+    );
     (
         [(
             header::CONTENT_TYPE,

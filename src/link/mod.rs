@@ -96,6 +96,9 @@ struct Link {
     echo: EchoWindow,
     storm: StormGuard,
     next_seq: u64,
+    /// Packet ids the last connection left unacknowledged, in the order it sent them: the next
+    /// connection releases them in that order (see `session::open`).
+    release_first: Vec<u16>,
 }
 
 /// Per-connection delivery state.
@@ -128,6 +131,7 @@ impl Link {
             echo,
             storm,
             next_seq: 0,
+            release_first: Vec::new(),
         }
     }
 
@@ -140,7 +144,7 @@ impl Link {
             }
             first = false;
             self.ctx.stats.set_state(LinkState::Connecting);
-            let mut session = session::open(&self.ctx.settings);
+            let mut session = session::open(&self.ctx.settings, &self.release_first);
             let outcome = self.connection(&mut session).await;
             drop(session);
             match outcome {
@@ -182,6 +186,9 @@ impl Link {
         let window = usize::from(self.ctx.settings.inflight);
         let mut batch = Vec::new();
         let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut stall_check = tokio::time::interval(Duration::from_secs(1));
+        let mut last_acked = 0;
+        let mut stalled_checks = 0u32;
         let outcome = loop {
             if self.ctx.stop.is_cancelled() {
                 let idle = conn.outstanding() == 0 && self.ctx.queue.is_empty();
@@ -190,15 +197,30 @@ impl Link {
             if conn.connected.is_some() {
                 self.flush_acks(&conn.client);
             }
+            self.ctx.queue.unblock();
+            if conn.connected.is_some() && self.ctx.queue.evacuate_requested() {
+                self.evacuate(&mut conn, "its queue is full");
+            }
             let room = conn.connected.is_some() && conn.outstanding() < window;
             if room {
                 let free = window - conn.outstanding();
                 self.ctx.queue.take(free, &mut batch);
                 let had = !batch.is_empty();
-                for item in batch.drain(..) {
-                    self.publish(&mut conn, item);
+                let mut refused = false;
+                let mut items = batch.drain(..);
+                while let Some(item) = items.next() {
+                    if let Err(item) = self.publish(&mut conn, item) {
+                        // The client takes no more for now (its channel is full, or the
+                        // connection is closing): the rest goes back, in order, and is retried
+                        // after the next event, which this waits for below. Retrying at once
+                        // would spin without ever reading that event.
+                        let rest: Vec<Outbound> = std::iter::once(item).chain(items).collect();
+                        self.ctx.queue.requeue_front(rest);
+                        refused = true;
+                        break;
+                    }
                 }
-                if had {
+                if had && !refused {
                     self.update_gauges(&conn);
                     continue;
                 }
@@ -208,17 +230,44 @@ impl Link {
                 _ = self.ctx.disconnect.cancelled() => {
                     break self.close(&mut conn, session).await;
                 }
-                event = session.events.recv() => {
-                    match event {
-                        None => break Outcome::Lost { error: "connection task ended".into(), uptime: uptime(&conn) },
-                        Some(LinkEvent::Closed(error)) => break Outcome::Lost { error, uptime: uptime(&conn) },
-                        Some(event) => self.on_event(&mut conn, event),
-                    }
-                }
+                event = session.events.recv() => match event {
+                    None => break Outcome::Lost { error: "connection task ended".into(), uptime: uptime(&conn) },
+                    Some(LinkEvent::Closed(error)) => break Outcome::Lost { error, uptime: uptime(&conn) },
+                    Some(event) => self.on_event(&mut conn, event),
+                },
                 Some(ack) = self.acks_rx.recv() => self.complete(ack),
                 _ = self.ctx.queue.notified(), if room => {}
                 _ = self.ctx.stop.cancelled(), if !self.ctx.stop.is_cancelled() => {}
+                _ = stall_check.tick() => {
+                    // A target that acknowledges nothing for two checks in a row while messages
+                    // wait on it (frozen process, stalled network) stops holding the origins.
+                    let acked = self.ctx.stats.messages_out.load(std::sync::atomic::Ordering::Relaxed);
+                    if conn.connected.is_some() && conn.outstanding() > 0 && acked == last_acked {
+                        stalled_checks += 1;
+                        if stalled_checks == 2 {
+                            self.evacuate(&mut conn, "it acknowledged nothing for 2 s");
+                        }
+                    } else {
+                        stalled_checks = 0;
+                    }
+                    last_acked = acked;
+                }
                 _ = tick.tick() => {
+                    // Safety net: a connected link holding nothing while its spool has rows
+                    // behind its read position that no pending deletion accounts for has lost
+                    // its place. Never expected; rewinding is safe because the link holds
+                    // nothing read from the spool.
+                    let idle = conn.connected.is_some()
+                        && conn.outstanding() == 0
+                        && self.ctx.queue.is_empty();
+                    if idle && let Some(first_row) = self.ctx.queue.orphaned_row() {
+                        warn!(
+                            first_row,
+                            rows = self.ctx.queue.spool_readable(),
+                            "spool rows behind the read position; reading the spool again"
+                        );
+                        self.ctx.queue.rewind();
+                    }
                     debug!(
                         queued = self.ctx.queue.len(),
                         awaiting_sent = conn.awaiting_sent.len(),
@@ -235,8 +284,19 @@ impl Link {
                 }
             }
         };
-        // Whatever was not acknowledged goes back to the queue, in its original order.
-        self.ctx.queue.set_connected(false);
+        // Whatever was not acknowledged goes back, in its original order: to the front of the
+        // spool (or, without one, of the memory queue).
+        let mut sent: Vec<(u64, u16)> = conn
+            .inflight
+            .iter()
+            .chain(conn.released.iter())
+            .map(|(pkid, (seq, _))| (*seq, *pkid))
+            .collect();
+        sent.sort_unstable();
+        if conn.connected.is_some() {
+            // (A connection that never got its CONNACK knows nothing newer.)
+            self.release_first = sent.into_iter().map(|(_, pkid)| pkid).collect();
+        }
         let mut unconfirmed: Vec<(u64, Outbound)> = conn.awaiting_sent.drain(..).collect();
         unconfirmed.extend(conn.inflight.drain().map(|(_, v)| v));
         unconfirmed.extend(conn.released.drain().map(|(_, v)| v));
@@ -251,9 +311,13 @@ impl Link {
                 "unacknowledged messages requeued"
             );
         }
+        let shutdown = matches!(outcome, Outcome::Shutdown);
         self.ctx
             .queue
-            .requeue_front(unconfirmed.into_iter().map(|(_, o)| o).collect());
+            .disconnected(unconfirmed.into_iter().map(|(_, o)| o).collect(), shutdown);
+        // The next connection reads the spool from its start: what was just put in front of
+        // it must be on disk first.
+        self.ctx.queue.sync().await;
         self.update_gauges(&conn);
         outcome
     }
@@ -289,23 +353,38 @@ impl Link {
             }
             LinkEvent::Publish { msg, ack } => self.on_publish(msg, ack),
             LinkEvent::Sent(pkid) => {
-                if let Some((seq, mut item)) = conn.awaiting_sent.pop_front() {
+                if let Some((seq, item)) = conn.awaiting_sent.pop_front() {
                     if pkid == 0 {
-                        item.complete();
+                        self.ctx.queue.finish(item);
                         inc(&self.ctx.stats.messages_out);
-                    } else {
-                        conn.inflight.insert(pkid, (seq, item));
+                    } else if let Some(old) = conn.inflight.insert(pkid, (seq, item)) {
+                        warn!(
+                            pkid,
+                            old_seq = old.0,
+                            new_seq = seq,
+                            "packet id reused before the broker acknowledged it"
+                        );
                     }
+                } else {
+                    warn!(pkid, "publish reported sent with no message waiting for it");
                 }
             }
             LinkEvent::PubAck(pkid, result) | LinkEvent::PubRec(pkid, result @ Err(_)) => {
                 if let Some(entry) = conn.inflight.remove(&pkid) {
                     self.acknowledged(entry.1, result);
+                } else {
+                    debug!(pkid, "acknowledgement for a packet id not in flight");
                 }
             }
             LinkEvent::PubRec(pkid, Ok(())) => {
-                if let Some(entry) = conn.inflight.remove(&pkid) {
-                    conn.released.insert(pkid, entry);
+                if let Some(entry) = conn.inflight.remove(&pkid)
+                    && let Some(old) = conn.released.insert(pkid, entry)
+                {
+                    warn!(
+                        pkid,
+                        old_seq = old.0,
+                        "packet id reused before the broker completed it"
+                    );
                 }
             }
             LinkEvent::PubComp(pkid) => {
@@ -328,12 +407,12 @@ impl Link {
         self.update_gauges(conn);
     }
 
-    fn acknowledged(&mut self, mut item: Outbound, result: Result<(), String>) {
+    fn acknowledged(&mut self, item: Outbound, result: Result<(), String>) {
         match result {
             Ok(()) => inc(&self.ctx.stats.messages_out),
             Err(reason) => metrics::message_rejected(&self.ctx.stats, &item.msg.topic, &reason),
         }
-        item.complete();
+        self.ctx.queue.finish(item);
     }
 
     fn on_publish(&mut self, msg: Message, ack: Option<AckRequest>) {
@@ -382,21 +461,23 @@ impl Link {
         }
     }
 
-    fn publish(&mut self, conn: &mut Conn, mut item: Outbound) {
+    /// Hands `item` to the client (or finishes it when the target cannot take it); gives it
+    /// back when the client's request channel is full or closed.
+    fn publish(&mut self, conn: &mut Conn, item: Outbound) -> Result<(), Outbound> {
         let broker = &self.ctx.settings.broker;
         let qos = item.msg.qos.min(broker.max_qos);
         let Some(topic) = item.msg.topic_str() else {
             metrics::message_rejected(&self.ctx.stats, &item.msg.topic, "topic is not UTF-8");
-            item.complete();
-            return;
+            self.ctx.queue.finish(item);
+            return Ok(());
         };
         if let Some(max) = conn.max_packet {
             let size = approx_packet_size(&item.msg);
             if size > max as usize {
                 let reason = format!("{size} bytes exceed the broker's maximum packet size {max}");
                 metrics::message_rejected(&self.ctx.stats, &item.msg.topic, &reason);
-                item.complete();
-                return;
+                self.ctx.queue.finish(item);
+                return Ok(());
             }
         }
         let properties = match broker.protocol {
@@ -417,11 +498,30 @@ impl Link {
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 conn.awaiting_sent.push_back((seq, item));
+                Ok(())
             }
-            Err(SendError::Full | SendError::Closed) => {
-                // Back to the front; retried after the next event (or on the next connection).
-                self.ctx.queue.requeue_front(vec![item]);
-            }
+            Err(SendError::Full | SendError::Closed) => Err(item),
+        }
+    }
+
+    /// Moves what waits on this target (queued and in flight) to its spool, so the origins
+    /// are acknowledged without waiting for it.
+    fn evacuate(&mut self, conn: &mut Conn, why: &str) {
+        let mut flying: Vec<&mut (u64, Outbound)> = conn
+            .awaiting_sent
+            .iter_mut()
+            .chain(conn.inflight.values_mut())
+            .chain(conn.released.values_mut())
+            .collect();
+        flying.sort_by_key(|(seq, _)| *seq);
+        let mut items: Vec<&mut Outbound> = flying.into_iter().map(|(_, o)| o).collect();
+        let moved = self.ctx.queue.evacuate(&mut items);
+        if moved > 0 {
+            info!(
+                moved,
+                reason = why,
+                "target slow: waiting messages moved to the spool"
+            );
         }
     }
 

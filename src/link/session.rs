@@ -15,7 +15,12 @@
 //! publishes 1..=`inflight`, so on a resumed session the bridge first sends PUBREL for each of
 //! those ids (through rumqttc's `pending` queue, which it drops by itself when the session is
 //! new). The broker completes what it holds and answers PUBCOMP for the rest; without this, a
-//! new publish reusing such an id would be taken by the broker for the old one and lost.
+//! new publish reusing such an id would be taken by the broker for the old one and lost. The
+//! broker delivers a stored QoS 2 message when it gets the PUBREL, so the ids the previous
+//! connection left unacknowledged go first, in the order it sent them ([`resume_order`]);
+//! rumqttc's ids wrap around, and id order would deliver newer messages before older ones.
+//! After a restart of the process that order is unknown: up to `inflight` QoS 2 messages held
+//! by a broker at the crash may be delivered out of order.
 //!
 //! `EventLoop::poll` is not cancel-safe (a cancelled flush can resend half a packet), so it runs
 //! alone in a driver task that turns rumqttc events into [`LinkEvent`]s; the link task talks to
@@ -242,8 +247,25 @@ impl Drop for Session {
     }
 }
 
-/// Starts a connection attempt; the first event is `Connected` or `Closed`.
-pub fn open(s: &SessionSettings) -> Session {
+/// Packet ids to send PUBREL for on a resumed session: `first` in the order given (the order
+/// in which the previous connection sent those publishes), then every other id up to
+/// `inflight`, whose order is unknown (after a restart of the process).
+pub fn resume_order(first: &[u16], inflight: u16) -> Vec<u16> {
+    let mut seen = std::collections::HashSet::new();
+    first
+        .iter()
+        .copied()
+        .chain(1..=inflight)
+        .filter(|p| (1..=inflight).contains(p) && seen.insert(*p))
+        .collect()
+}
+
+/// Starts a connection attempt; the first event is `Connected` or `Closed`. On a resumed
+/// session, PUBREL goes out first for the ids in `release_first`, in that order (see
+/// [`resume_order`]): a QoS 2 message the broker stored is delivered when it gets its PUBREL,
+/// so this order is the delivery order.
+pub fn open(s: &SessionSettings, release_first: &[u16]) -> Session {
+    let release = resume_order(release_first, s.inflight);
     let (tx, rx) = mpsc::channel(1024);
     let b = &s.broker;
     let (client, driver) = match b.protocol {
@@ -263,9 +285,12 @@ pub fn open(s: &SessionSettings) -> Session {
                 o.set_credentials(u.clone(), p.expose().to_string());
             }
             let (client, mut el) = rumqttc::AsyncClient::new(o, s.request_capacity());
+            el.set_network_options(network_options());
             seed_v4(&mut el);
             el.pending.extend(
-                (1..=s.inflight).map(|pkid| rumqttc::Request::PubRel(rumqttc::PubRel::new(pkid))),
+                release
+                    .iter()
+                    .map(|&pkid| rumqttc::Request::PubRel(rumqttc::PubRel::new(pkid))),
             );
             (Client::V4(client), tokio::spawn(drive_v4(el, tx)))
         }
@@ -279,7 +304,8 @@ pub fn open(s: &SessionSettings) -> Session {
                 ))
                 .set_receive_maximum(Some(s.inflight.max(20)))
                 .set_max_packet_size(Some(MQTT_MAX_PACKET))
-                .set_outgoing_inflight_upper_limit(s.inflight);
+                .set_outgoing_inflight_upper_limit(s.inflight)
+                .set_network_options(network_options());
             if let Some(tls) = &b.tls {
                 o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
                     tls.clone(),
@@ -291,8 +317,9 @@ pub fn open(s: &SessionSettings) -> Session {
             let (client, mut el) = rumqttc::v5::AsyncClient::new(o, s.request_capacity());
             seed_v5(&mut el);
             el.pending.extend(
-                (1..=s.inflight)
-                    .map(|pkid| rumqttc::v5::Request::PubRel(v5b::PubRel::new(pkid, None))),
+                release
+                    .iter()
+                    .map(|&pkid| rumqttc::v5::Request::PubRel(v5b::PubRel::new(pkid, None))),
             );
             (Client::V5(client), tokio::spawn(drive_v5(el, tx)))
         }
@@ -304,37 +331,55 @@ pub fn open(s: &SessionSettings) -> Session {
     }
 }
 
+/// TCP options of every broker connection: Nagle's algorithm off. The event loop already
+/// gathers what is ready into one write, and a relay must not hold a lone packet back for
+/// the peer's delayed acknowledgement (up to 40 ms on Linux).
+fn network_options() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n
+}
+
 /// Marks every packet id as an incoming QoS 2 exchange, through rumqttc's public state API,
 /// so that a PUBREL the broker resends for an exchange of an earlier connection (or an earlier
 /// process) is answered with PUBCOMP instead of killing the connection (rumqtt#664). The
-/// events this produces are removed again.
-pub fn seed_qos2_receive_state<P>(
-    events: &mut std::collections::VecDeque<P>,
-    mut feed: impl FnMut(u16),
-) {
-    let before = events.len();
+/// events this produces are dropped every [`SEED_CHUNK`] ids: 65 535 of them at once cost
+/// ~15 MiB per connection, and the allocator keeps such a peak as resident memory.
+pub fn seed_qos2_receive_state<E>(mut feed: impl FnMut(&mut std::collections::VecDeque<E>, u16)) {
+    let mut seeded = std::collections::VecDeque::with_capacity(SEED_CHUNK);
     for pkid in 1..=u16::MAX {
-        feed(pkid);
+        feed(&mut seeded, pkid);
+        if seeded.len() >= SEED_CHUNK {
+            seeded.clear();
+        }
     }
-    events.truncate(before);
 }
+
+/// Ids seeded between two clears of the event queue.
+const SEED_CHUNK: usize = 256;
 
 fn seed_v4(el: &mut rumqttc::EventLoop) {
     let state = &mut el.state;
-    let mut events = std::mem::take(&mut state.events);
-    seed_qos2_receive_state(&mut events, |pkid| {
+    // What was queued before seeding is kept as it was.
+    let kept = std::mem::take(&mut state.events);
+    seed_qos2_receive_state(|seeded, pkid| {
+        std::mem::swap(&mut state.events, seeded);
         let mut p = rumqttc::Publish::new("seed", rumqttc::QoS::ExactlyOnce, Vec::new());
         p.pkid = pkid;
         let _ = state.handle_incoming_packet(rumqttc::Incoming::Publish(p));
+        std::mem::swap(&mut state.events, seeded);
     });
-    let seeded = std::mem::replace(&mut state.events, events);
-    drop(seeded);
+    state.events = kept;
 }
 
-fn seed_v5(el: &mut rumqttc::v5::EventLoop) {
+/// [`seed_qos2_receive_state`] for an MQTT 5 event loop. Public for other rumqttc clients
+/// that resume sessions (the test subscribers need it too).
+pub fn seed_v5(el: &mut rumqttc::v5::EventLoop) {
     let state = &mut el.state;
-    let mut events = std::mem::take(&mut state.events);
-    seed_qos2_receive_state(&mut events, |pkid| {
+    // What was queued before seeding is kept as it was.
+    let kept = std::mem::take(&mut state.events);
+    seed_qos2_receive_state(|seeded, pkid| {
+        std::mem::swap(&mut state.events, seeded);
         let mut p = v5b::Publish::new(
             "seed",
             rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
@@ -343,9 +388,9 @@ fn seed_v5(el: &mut rumqttc::v5::EventLoop) {
         );
         p.pkid = pkid;
         let _ = state.handle_incoming_packet(rumqttc::v5::Incoming::Publish(p));
+        std::mem::swap(&mut state.events, seeded);
     });
-    let seeded = std::mem::replace(&mut state.events, events);
-    drop(seeded);
+    state.events = kept;
 }
 
 fn qos_u8_v4(q: rumqttc::QoS) -> u8 {
@@ -465,5 +510,25 @@ async fn drive_v5(mut el: rumqttc::v5::EventLoop, tx: mpsc::Sender<LinkEvent>) {
         if tx.send(event).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_order_releases_known_ids_first_in_send_order() {
+        // The last connection sent ids 98, 99, 100 and then (wrapped) 1, 2.
+        let order = resume_order(&[98, 99, 100, 1, 2], 100);
+        assert_eq!(&order[..5], &[98, 99, 100, 1, 2]);
+        assert_eq!(order[5..8], [3, 4, 5], "then every other id");
+        assert_eq!(order.len(), 100, "each id once");
+        assert_eq!(resume_order(&[], 3), vec![1, 2, 3]);
+        assert_eq!(
+            resume_order(&[7, 2], 3),
+            vec![2, 1, 3],
+            "ids beyond the window dropped"
+        );
     }
 }

@@ -126,6 +126,8 @@ pub struct BrokerOpts {
     pub password: Option<(&'static str, &'static str)>,
     /// Persist sessions and messages across restarts.
     pub persistence: bool,
+    /// More mosquitto.conf lines (global options).
+    pub extra_conf: &'static str,
 }
 
 impl Default for BrokerOpts {
@@ -135,6 +137,7 @@ impl Default for BrokerOpts {
             mtls: true,
             password: None,
             persistence: false,
+            extra_conf: "",
         }
     }
 }
@@ -175,6 +178,7 @@ impl Mosquitto {
         )
         .unwrap();
         writeln!(conf, "log_type all").unwrap();
+        writeln!(conf, "{}", opts.extra_conf).unwrap();
         if opts.persistence {
             writeln!(
                 conf,
@@ -266,6 +270,11 @@ impl Mosquitto {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGTERM (mosquitto saves its persistence file) and reap.
@@ -513,4 +522,36 @@ pub fn multiset_diff(expected: &[Vec<u8>], got: &[Vec<u8>]) -> String {
         expected.len(),
         got.len()
     )
+}
+
+/// The `admin_listen` address written in a bridge config.
+pub fn admin_addr(cfg: &str) -> String {
+    cfg.lines()
+        .find_map(|l| l.strip_prefix("admin_listen = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("admin_listen in config")
+        .to_string()
+}
+
+/// GET on the admin API: status code and body.
+pub fn http_get(url: &str, token: Option<&str>) -> (u16, String) {
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let mut req = agent.get(url);
+    if let Some(t) = token {
+        req = req.header("Authorization", format!("Bearer {t}"));
+    }
+    let mut resp = req.call().expect("admin API reachable");
+    let status = resp.status().as_u16();
+    (status, resp.body_mut().read_to_string().unwrap_or_default())
+}
+
+/// Value of a metric line such as `meshbridge_forwarded_total{broker="b1"} 12`.
+pub fn metric(text: &str, name: &str, broker: &str) -> Option<f64> {
+    let prefix = format!("{name}{{broker=\"{broker}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
 }
