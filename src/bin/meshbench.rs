@@ -1,12 +1,15 @@
 //! meshbench: the mosquitto bridge master and `bridge`, side by side on the same brokers.
 //!
 //! `cargo run --release --bin meshbench -- [--brokers 3] [--messages 20000] [--qos 1] [--size 64]
-//! [--rate 5000] [--seconds 5] [--topics 1]`
+//! [--rate 5000] [--seconds 5] [--topics 1] [--down 0]
+//! [--queue-capacity N]`
 //!
 //! Starts N mosquitto brokers on free loopback ports, then, in turn, (a) a mosquitto "bridge
 //! master" (one `connection` per broker, `topic # both 2`, MQTT 3.1.1, bridge flag on) and
 //! (b) `bridge run` (MQTT 5 links), and drives each with the same load: a publisher on broker 1,
 //! a subscriber on every other broker, sequence-numbered payloads counted exactly once.
+//! With `--down K`, K more brokers are configured but never started: the master queues their
+//! copies in memory, `bridge` writes them to its spool (the cost of the spool under load).
 //! Prints for each: delivered msgs/s per subscriber, CPU seconds of the bridge process per
 //! forwarded message, peak RSS, latency p50/p99 at a fixed offered rate, and the ratios.
 //! Linux only (reads /proc). Requires mosquitto on PATH (or in /usr/sbin).
@@ -32,6 +35,8 @@ struct Opts {
     rate: u64,
     seconds: u64,
     topics: usize,
+    down: usize,
+    queue_capacity: Option<u64>,
 }
 
 fn parse() -> Result<Opts, String> {
@@ -43,6 +48,8 @@ fn parse() -> Result<Opts, String> {
         rate: 5_000,
         seconds: 5,
         topics: 1,
+        down: 0,
+        queue_capacity: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -60,8 +67,10 @@ fn parse() -> Result<Opts, String> {
             "--rate" => o.rate = v()?,
             "--seconds" => o.seconds = v()?,
             "--topics" => o.topics = v()? as usize,
+            "--down" => o.down = v()? as usize,
+            "--queue-capacity" => o.queue_capacity = Some(v()?),
             "-h" | "--help" => {
-                return Err("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T]".into())
+                return Err("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T] [--down K] [--queue-capacity N]".into())
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -104,7 +113,7 @@ fn mosquitto(dir: &Path, name: &str, port: u16, extra: &str) -> Proc {
     std::fs::write(
         &conf,
         format!(
-            "{user}persistence false\nmax_queued_messages 1000000\nmax_inflight_messages 100\nlog_dest none\n\
+            "{user}persistence false\nmax_queued_messages 1000000\nmax_inflight_messages 100\nset_tcp_nodelay true\nlog_dest none\n\
              listener {port} 127.0.0.1\nallow_anonymous true\n{extra}"
         ),
     )
@@ -164,6 +173,14 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Nagle off for the load generator's own connections (mosquitto gets `set_tcp_nodelay true`):
+/// latency then measures the bridges, not 40 ms delayed-ACK stalls on one-way QoS 0 streams.
+fn nodelay() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n
+}
+
 fn qos(q: u8) -> QoS {
     match q {
         0 => QoS::AtMostOnce,
@@ -192,6 +209,7 @@ async fn subscriber(port: u16, id: String, seen: Arc<Mutex<Seen>>) -> AsyncClien
     let mut opts = MqttOptions::new(id, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(60));
     opts.set_max_packet_size(Some(16 * 1024 * 1024));
+    opts.set_network_options(nodelay());
     let (client, mut el) = AsyncClient::new(opts, 10_000);
     client
         .subscribe_many([Filter::new("bench/#", QoS::ExactlyOnce)])
@@ -233,6 +251,7 @@ async fn subscriber(port: u16, id: String, seen: Arc<Mutex<Seen>>) -> AsyncClien
 async fn publish(port: u16, o: &Opts, first_seq: u64, count: usize, rate: u64) {
     let mut opts = MqttOptions::new(format!("bench-pub-{first_seq}"), "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(60));
+    opts.set_network_options(nodelay());
     let (client, mut el) = AsyncClient::new(opts, 10_000);
     let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = acked.clone();
@@ -388,9 +407,13 @@ async fn main() {
         .map(|(i, p)| mosquitto(dir.path(), &format!("b{}", i + 1), *p, ""))
         .collect();
 
+    // Brokers configured on both contenders but never started.
+    let down: Vec<u16> = (0..o.down).map(|_| free_port()).collect();
+    let configured: Vec<u16> = ports.iter().chain(&down).copied().collect();
+
     // (a) mosquitto bridge master, seed 004 style.
     let mut conns = String::new();
-    for (i, p) in ports.iter().enumerate() {
+    for (i, p) in configured.iter().enumerate() {
         let _ = write!(
             conns,
             "connection b{n}\naddress 127.0.0.1:{p}\ntopic # both 2\ncleansession false\ntry_private true\n\
@@ -410,7 +433,10 @@ async fn main() {
         free_port(),
         dir.path().join("data").display()
     );
-    for (i, p) in ports.iter().enumerate() {
+    if let Some(n) = o.queue_capacity {
+        let _ = writeln!(cfg, "queue_capacity = {n}");
+    }
+    for (i, p) in configured.iter().enumerate() {
         let _ = write!(
             cfg,
             "[[broker]]\nname = \"b{}\"\naddress = \"127.0.0.1:{p}\"\ntls = false\n",
@@ -434,8 +460,8 @@ async fn main() {
     drop(bridge);
 
     println!(
-        "meshbench: {} brokers, {} messages, QoS {}, {} B payload, {} topic(s); latency at {} msg/s for {} s",
-        o.brokers, o.messages, o.qos, o.size, o.topics, o.rate, o.seconds
+        "meshbench: {} brokers (+{} down), {} messages, QoS {}, {} B payload, {} topic(s); latency at {} msg/s for {} s",
+        o.brokers, o.down, o.messages, o.qos, o.size, o.topics, o.rate, o.seconds
     );
     println!(
         "{:<26} {:>14} {:>14} {:>10}",
