@@ -358,12 +358,15 @@ impl Link {
                         self.ctx.queue.finish(item);
                         inc(&self.ctx.stats.messages_out);
                     } else if let Some(old) = conn.inflight.insert(pkid, (seq, item)) {
+                        // Never expected. The evicted message would hold its origin's
+                        // acknowledgement forever: send it again (a duplicate at worst).
                         warn!(
                             pkid,
                             old_seq = old.0,
                             new_seq = seq,
-                            "packet id reused before the broker acknowledged it"
+                            "packet id reused before the broker acknowledged it; message sent again"
                         );
+                        self.ctx.queue.requeue_front(vec![old.1]);
                     }
                 } else {
                     warn!(pkid, "publish reported sent with no message waiting for it");
@@ -383,8 +386,9 @@ impl Link {
                     warn!(
                         pkid,
                         old_seq = old.0,
-                        "packet id reused before the broker completed it"
+                        "packet id reused before the broker completed it; message sent again"
                     );
+                    self.ctx.queue.requeue_front(vec![old.1]);
                 }
             }
             LinkEvent::PubComp(pkid) => {
