@@ -5,6 +5,13 @@ use tokio_util::codec::Framed;
 use crate::mqttbytes::{self, v4::*};
 use crate::{Incoming, MqttState, StateError};
 
+/// Read buffer of a connection (meshbridge patch: upstream uses tokio-util's default, 8 KiB,
+/// so a burst of 1 KiB publishes takes a read syscall per ~8 packets).
+const READ_CAPACITY: usize = 64 * 1024;
+/// Most packets handled per bulk read before the event loop flushes the replies (meshbridge
+/// patch: upstream 10).
+const MAX_READB_COUNT: usize = 64;
+
 /// Network transforms packets <-> frames efficiently. It takes
 /// advantage of pre-allocation, buffering and vectorization when
 /// appropriate to achieve performance
@@ -26,11 +33,11 @@ impl Network {
             max_incoming_size,
             max_outgoing_size,
         };
-        let framed = Framed::new(socket, codec);
+        let framed = Framed::with_capacity(socket, codec, READ_CAPACITY);
 
         Network {
             framed,
-            max_readb_count: 10,
+            max_readb_count: MAX_READB_COUNT,
         }
     }
 

@@ -7,6 +7,13 @@ use crate::framed::AsyncReadWrite;
 use super::mqttbytes::v5::Packet;
 use super::{mqttbytes, Codec, Incoming, MqttState, StateError};
 
+/// Read buffer of a connection (meshbridge patch: upstream uses tokio-util's default, 8 KiB,
+/// so a burst of 1 KiB publishes takes a read syscall per ~8 packets).
+const READ_CAPACITY: usize = 64 * 1024;
+/// Most packets handled per bulk read before the event loop flushes the replies (meshbridge
+/// patch: upstream 10).
+const MAX_READB_COUNT: usize = 64;
+
 /// Network transforms packets <-> frames efficiently. It takes
 /// advantage of pre-allocation, buffering and vectorization when
 /// appropriate to achieve performance
@@ -23,11 +30,11 @@ impl Network {
             max_incoming_size,
             max_outgoing_size: None,
         };
-        let framed = Framed::new(socket, codec);
+        let framed = Framed::with_capacity(socket, codec, READ_CAPACITY);
 
         Network {
             framed,
-            max_readb_count: 10,
+            max_readb_count: MAX_READB_COUNT,
         }
     }
 
