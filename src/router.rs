@@ -699,8 +699,17 @@ mod tests {
         items.iter().map(|o| o.msg.payload[0]).collect()
     }
 
-    #[tokio::test]
-    async fn evacuated_messages_stay_held_and_are_read_once_in_order() {
+    /// A message whose one-byte payload is `n` (see [`payloads`]).
+    fn numbered(n: u8) -> Arc<Message> {
+        Arc::new(Message {
+            payload: Bytes::from(vec![n]),
+            ..msg()
+        })
+    }
+
+    /// A queue of `capacity` messages in front of target `t`'s spool, in a fresh directory
+    /// (keep it alive as long as the spool).
+    fn spooled_queue(capacity: usize) -> (tempfile::TempDir, Arc<Spool>, TargetQueue) {
         let dir = tempfile::tempdir().unwrap();
         let limits = spool::Limits {
             max_bytes: 1 << 30,
@@ -708,7 +717,13 @@ mod tests {
             overflow: Overflow::DropOldest,
         };
         let sp = Spool::open(dir.path(), limits).unwrap();
-        let q = TargetQueue::with_spool(2, Arc::new(LinkStats::default()), sp.clone(), "t");
+        let q = TargetQueue::with_spool(capacity, Arc::new(LinkStats::default()), sp.clone(), "t");
+        (dir, sp, q)
+    }
+
+    #[tokio::test]
+    async fn evacuated_messages_stay_held_and_are_read_once_in_order() {
+        let (_dir, sp, q) = spooled_queue(2);
         q.set_connected(true);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let push = |n: u8| {
@@ -718,11 +733,7 @@ mod tests {
                 epoch: 0,
             };
             let share = AckGroup::split(req, tx.clone(), 1).pop();
-            let m = Message {
-                payload: Bytes::from(vec![n]),
-                ..msg()
-            };
-            q.push(Outbound::new(Arc::new(m), share, "o".into()));
+            q.push(Outbound::new(numbered(n), share, "o".into()));
         };
         push(1);
         push(2);
@@ -772,24 +783,10 @@ mod tests {
 
     #[tokio::test]
     async fn only_rows_nobody_holds_or_deletes_count_as_orphaned() {
-        let dir = tempfile::tempdir().unwrap();
-        let limits = spool::Limits {
-            max_bytes: 1 << 30,
-            max_messages: 1_000_000,
-            overflow: Overflow::DropOldest,
-        };
-        let sp = Spool::open(dir.path(), limits).unwrap();
-        let q = TargetQueue::with_spool(1, Arc::new(LinkStats::default()), sp.clone(), "t");
-        let push = |n: u8| {
-            let m = Message {
-                payload: Bytes::from(vec![n]),
-                ..msg()
-            };
-            q.push(Outbound::new(Arc::new(m), None, "o".into()));
-        };
+        let (_dir, sp, q) = spooled_queue(1);
         // Down: everything goes to the spool.
         for n in 1..=4 {
-            push(n);
+            q.push(Outbound::new(numbered(n), None, "o".into()));
         }
         q.sync().await;
         q.set_connected(true);
