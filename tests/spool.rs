@@ -82,15 +82,6 @@ fn persistent() -> BrokerOpts {
     }
 }
 
-fn brokers(tmp: &std::path::Path, certs: &Certs, opts: [BrokerOpts; 3]) -> [Mosquitto; 3] {
-    let [o1, o2, o3] = opts;
-    [
-        Mosquitto::start(tmp, "b1", certs, o1),
-        Mosquitto::start(tmp, "b2", certs, o2),
-        Mosquitto::start(tmp, "b3", certs, o3),
-    ]
-}
-
 /// A bridge over b1..b3 with `bridge_keys` added to `[bridge]`.
 fn mesh(
     tmp: &std::path::Path,
@@ -138,21 +129,9 @@ fn wait_metric(admin: &str, name: &str, broker: &str, want: f64, within: Duratio
 async fn target_stopped_mid_stream(sigkill: bool) {
     const N: usize = 3000;
     const RATE: u32 = 500;
-    let tmp = common::tempdir();
-    let certs = Certs::generate(&tmp.path().join("certs"));
-    let [b1, b2, mut b3] = brokers(
-        tmp.path(),
-        &certs,
-        [persistent(), persistent(), persistent()],
-    );
-    let cfg = bridge_config(
-        &certs,
-        "mesh",
-        &tmp.path().join("data"),
-        &[(&b1, ""), (&b2, ""), (&b3, "")],
-    );
-    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
-    bridge.wait_subscribed(&["b1", "b2", "b3"]);
+    let (tmp, certs, b) = common::lab_with([persistent(), persistent(), persistent()]);
+    let (bridge, _admin) = mesh(tmp.path(), &certs, &b, "");
+    let [b1, b2, mut b3] = b;
     let s2 = mqtt::subscribe(b2.plain_port, "s2", "seq/#").await;
     let s3 = mqtt::subscribe_persistent(b3.plain_port, "s3", "seq/#").await;
 
@@ -240,13 +219,7 @@ async fn target_sigkill_mid_stream_loses_nothing_the_bridge_held() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spool_survives_a_bridge_crash_while_a_target_is_down() {
     const N: usize = 2000;
-    let tmp = common::tempdir();
-    let certs = Certs::generate(&tmp.path().join("certs"));
-    let mut b = brokers(
-        tmp.path(),
-        &certs,
-        [persistent(), persistent(), persistent()],
-    );
+    let (tmp, certs, mut b) = common::lab_with([persistent(), persistent(), persistent()]);
     let (mut bridge, admin) = mesh(tmp.path(), &certs, &b, "");
     let s2 = mqtt::subscribe(b[1].plain_port, "s2", "seq/#").await;
     let s3 = mqtt::subscribe_persistent(b[2].plain_port, "s3", "seq/#").await;
@@ -335,9 +308,7 @@ fn vm_hwm_kib(pid: u32) -> u64 {
 async fn slow_target_spills_to_disk_and_memory_stays_bounded() {
     const N: usize = 30_000;
     const SIZE: usize = 2048;
-    let tmp = common::tempdir();
-    let certs = Certs::generate(&tmp.path().join("certs"));
-    let b = brokers(tmp.path(), &certs, Default::default());
+    let (tmp, certs, b) = common::lab::<3>();
     let (bridge, admin) = mesh(tmp.path(), &certs, &b, "queue_capacity = 1000");
     let pid = bridge.pid().unwrap();
     let s2 = mqtt::subscribe(b[1].plain_port, "s2", "big/#").await;
@@ -400,13 +371,7 @@ async fn slow_target_spills_to_disk_and_memory_stays_bounded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_spool_drops_oldest_counted_and_logged() {
-    let tmp = common::tempdir();
-    let certs = Certs::generate(&tmp.path().join("certs"));
-    let mut b = brokers(
-        tmp.path(),
-        &certs,
-        [persistent(), persistent(), persistent()],
-    );
+    let (tmp, certs, mut b) = common::lab_with([persistent(), persistent(), persistent()]);
     let (bridge, admin) = mesh(tmp.path(), &certs, &b, "spool_max_messages = 100");
     let s3 = mqtt::subscribe_persistent(b[2].plain_port, "s3", "seq/#").await;
     b[2].terminate();
@@ -446,13 +411,7 @@ async fn full_spool_drops_oldest_counted_and_logged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_spool_with_block_policy_holds_the_origin_and_loses_nothing() {
-    let tmp = common::tempdir();
-    let certs = Certs::generate(&tmp.path().join("certs"));
-    let mut b = brokers(
-        tmp.path(),
-        &certs,
-        [persistent(), persistent(), persistent()],
-    );
+    let (tmp, certs, mut b) = common::lab_with([persistent(), persistent(), persistent()]);
     let (bridge, admin) = mesh(
         tmp.path(),
         &certs,
@@ -510,17 +469,11 @@ async fn full_spool_with_block_policy_holds_the_origin_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_over_a_targets_max_packet_size_is_skipped_for_it_only() {
-    let tmp = common::tempdir();
-    let certs = Certs::generate(&tmp.path().join("certs"));
     let small = BrokerOpts {
         extra_conf: "max_packet_size 2000",
         ..Default::default()
     };
-    let b = brokers(
-        tmp.path(),
-        &certs,
-        [Default::default(), Default::default(), small],
-    );
+    let (tmp, certs, b) = common::lab_with([Default::default(), Default::default(), small]);
     let (bridge, admin) = mesh(tmp.path(), &certs, &b, "");
     let s2 = mqtt::subscribe(b[1].plain_port, "s2", "size/#").await;
     let s3 = mqtt::subscribe(b[2].plain_port, "s3", "size/#").await;

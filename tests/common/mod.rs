@@ -462,15 +462,19 @@ pub fn bridge_config(
 /// A test directory, its dev certificates and `N` mosquitto brokers named b1..bN with default
 /// options. Keep the directory alive as long as the processes.
 pub fn lab<const N: usize>() -> (tempfile::TempDir, Certs, [Mosquitto; N]) {
+    lab_with(std::array::from_fn(|_| BrokerOpts::default()))
+}
+
+/// [`lab`] with broker `b{i+1}` set up by `opts[i]`.
+pub fn lab_with<const N: usize>(
+    opts: [BrokerOpts; N],
+) -> (tempfile::TempDir, Certs, [Mosquitto; N]) {
     let tmp = tempdir();
     let certs = Certs::generate(&tmp.path().join("certs"));
+    let mut opts = opts.into_iter();
     let brokers = std::array::from_fn(|i| {
-        Mosquitto::start(
-            tmp.path(),
-            &format!("b{}", i + 1),
-            &certs,
-            BrokerOpts::default(),
-        )
+        let o = opts.next().unwrap_or_default();
+        Mosquitto::start(tmp.path(), &format!("b{}", i + 1), &certs, o)
     });
     (tmp, certs, brokers)
 }
