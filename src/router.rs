@@ -85,30 +85,32 @@ struct Spooled {
 }
 
 impl Spooled {
-    /// Spools `item` behind everything spooled so far (call under the queue's lock, so keys
-    /// reach the writer in order).
-    fn append_back(&self, inner: &mut QueueInner, item: Outbound) {
-        let key = inner.next_key;
-        inner.next_key += 1;
+    /// Writes `item` under `key`; `share` completes once it is on disk.
+    fn write(&self, key: u64, item: &Outbound, share: Option<AckShare>) {
         self.spool.append(
             &self.target,
             key,
             spool::encode(&item.origin, &item.msg),
-            item.share,
+            share,
         );
+    }
+
+    /// Spools `item` behind everything spooled so far (call under the queue's lock, so keys
+    /// reach the writer in order).
+    fn append_back(&self, inner: &mut QueueInner, mut item: Outbound) {
+        let key = inner.next_key;
+        inner.next_key += 1;
+        let share = item.share.take();
+        self.write(key, &item, share);
     }
 
     /// Spools `items` (oldest first) in front of everything spooled so far.
     fn prepend(&self, inner: &mut QueueInner, items: Vec<Outbound>) {
-        let start = inner.front_key - items.len() as u64;
-        inner.front_key = start;
-        for (i, item) in items.into_iter().enumerate() {
-            self.spool.append(
-                &self.target,
-                start + i as u64,
-                spool::encode(&item.origin, &item.msg),
-                item.share,
-            );
+        inner.front_key -= items.len() as u64;
+        let start = inner.front_key;
+        for (key, mut item) in (start..).zip(items) {
+            let share = item.share.take();
+            self.write(key, &item, share);
         }
     }
 }
@@ -153,7 +155,7 @@ impl TargetQueue {
     ) -> Self {
         let (front_key, next_key) = spooled
             .as_ref()
-            .map_or((1 << 62, 1 << 62), |s| s.target.key_range());
+            .map_or((spool::MIDDLE, spool::MIDDLE), |s| s.target.key_range());
         Self {
             inner: Mutex::new(QueueInner {
                 items: VecDeque::new(),
@@ -269,19 +271,14 @@ impl TargetQueue {
         // Everything spooled is newer than what the link holds unkeyed (a message goes to
         // memory only while the spool is empty): it all goes in front, in order.
         let old_front = inner.front_key;
-        let start = old_front - held.len() as u64;
-        inner.front_key = start;
+        inner.front_key -= held.len() as u64;
+        let start = inner.front_key;
         if inner.cursor.is_none() {
             inner.cursor = Some(old_front);
         }
-        for (i, item) in held.iter_mut().enumerate() {
-            let key = start + i as u64;
-            sp.spool.append(
-                &sp.target,
-                key,
-                spool::encode(&item.origin, &item.msg),
-                item.share.take(),
-            );
+        for (key, item) in (start..).zip(held.iter_mut()) {
+            let share = item.share.take();
+            sp.write(key, item, share);
             item.key = Some(key);
         }
         held.len()
@@ -342,16 +339,17 @@ impl TargetQueue {
     /// Takes up to `max` messages: from memory first, then from the spool.
     pub fn take(&self, max: usize, out: &mut Vec<Outbound>) {
         let before = out.len();
-        let cursor = {
+        let (sp, cursor) = {
             let mut inner = self.lock();
             let n = max.min(inner.items.len());
             out.extend(inner.items.drain(..n));
             match &self.spooled {
-                Some(sp) if out.len() - before < max && sp.target.committed() > 0 => inner.cursor,
+                Some(sp) if out.len() - before < max && sp.target.committed() > 0 => {
+                    (sp, inner.cursor)
+                }
                 _ => return,
             }
         };
-        let Some(sp) = &self.spooled else { return };
         let want = max - (out.len() - before);
         let rows = match sp.spool.read(&sp.target, cursor, want) {
             Ok(rows) => rows,

@@ -40,7 +40,7 @@ pub const FILE_NAME: &str = "spool.redb";
 const TABLE_PREFIX: &str = "queue/";
 
 /// First key of an empty table: half the key space is left for messages put in front.
-const MIDDLE: u64 = 1 << 62;
+pub const MIDDLE: u64 = 1 << 62;
 
 /// redb page cache.
 const CACHE_BYTES: usize = 8 << 20;
