@@ -115,6 +115,22 @@ pub struct Target {
 }
 
 impl Target {
+    /// The counters of `table` as found when the spool was opened, nothing pending.
+    fn new(table: String, found: Found, notify: Arc<Notify>, stats: Arc<LinkStats>) -> Arc<Self> {
+        Arc::new(Target {
+            table,
+            stored_rows: AtomicU64::new(found.rows),
+            stored_bytes: AtomicU64::new(found.bytes),
+            pending_rows: AtomicU64::new(0),
+            pending_bytes: AtomicU64::new(0),
+            pending_deletes: AtomicU64::new(0),
+            first_key: found.first,
+            last_key: found.last,
+            notify,
+            stats,
+        })
+    }
+
     /// Messages spooled, committed or on their way to disk.
     pub fn len(&self) -> u64 {
         // Writer order: stored is raised before pending is lowered, so the sum never dips.
@@ -279,18 +295,7 @@ impl Spool {
                 first: 1,
                 last: 0,
             });
-        Arc::new(Target {
-            table,
-            stored_rows: AtomicU64::new(found.rows),
-            stored_bytes: AtomicU64::new(found.bytes),
-            pending_rows: AtomicU64::new(0),
-            pending_bytes: AtomicU64::new(0),
-            pending_deletes: AtomicU64::new(0),
-            first_key: found.first,
-            last_key: found.last,
-            notify,
-            stats,
-        })
+        Target::new(table, found, notify, stats)
     }
 
     /// Deletes the spools of brokers that are no longer members (left by an earlier run).
@@ -308,18 +313,12 @@ impl Spool {
                 messages = f.rows,
                 "spool of a broker that is no longer a member deleted"
             );
-            let target = Arc::new(Target {
+            let target = Target::new(
                 table,
-                stored_rows: AtomicU64::new(f.rows),
-                stored_bytes: AtomicU64::new(f.bytes),
-                pending_rows: AtomicU64::new(0),
-                pending_bytes: AtomicU64::new(0),
-                pending_deletes: AtomicU64::new(0),
-                first_key: f.first,
-                last_key: f.last,
-                notify: Arc::new(Notify::new()),
-                stats: Arc::new(LinkStats::default()),
-            });
+                f,
+                Arc::new(Notify::new()),
+                Arc::new(LinkStats::default()),
+            );
             self.send(Op::Discard { target });
         }
     }
