@@ -392,7 +392,8 @@ fn spool_limits(
         return Err(invalid("bridge.spool_max_messages", "must be at least 1"));
     }
     let overflow = match overflow.as_deref() {
-        None | Some("drop_oldest") => Overflow::DropOldest,
+        None => Overflow::default(),
+        Some("drop_oldest") => Overflow::DropOldest,
         Some("block") => Overflow::Block,
         Some(other) => {
             return Err(invalid(

@@ -462,7 +462,7 @@ impl TargetQueue {
     pub fn spool_overflow(&self) -> Overflow {
         self.spooled
             .as_ref()
-            .map_or(Overflow::DropOldest, |sp| sp.spool.limits().overflow)
+            .map_or(Overflow::default(), |sp| sp.spool.limits().overflow)
     }
 
     /// Marks the target connected (shares are held until its broker acknowledges) or down.

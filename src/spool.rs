@@ -56,10 +56,11 @@ const MAX_BATCH_BYTES: u64 = 2 << 20;
 const MAX_UNWRITTEN: u64 = 4 << 20;
 
 /// What happens when a target's spool is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Overflow {
     /// Drop the oldest spooled messages (counted and logged); the mesh keeps flowing.
+    #[default]
     DropOldest,
     /// Keep new messages in memory and stop acknowledging them upstream until there is room:
     /// nothing is dropped by the bridge, but the origin broker stalls (and may drop by its own

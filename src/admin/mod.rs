@@ -69,7 +69,7 @@ pub struct BrokerStatus {
     #[serde(default)]
     pub spool_blocked: u64,
     /// What happens when the spool is full.
-    #[serde(default = "default_overflow")]
+    #[serde(default)]
     pub spool_overflow: crate::spool::Overflow,
     /// Live entries of the dedup window.
     pub dedup_entries: u64,
@@ -111,8 +111,4 @@ pub struct AddBrokerRequest {
 pub struct ErrorBody {
     /// One line saying what is wrong.
     pub error: String,
-}
-
-fn default_overflow() -> crate::spool::Overflow {
-    crate::spool::Overflow::DropOldest
 }
