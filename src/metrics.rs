@@ -28,6 +28,8 @@ pub const DROPPED_STORM: &str = "meshbridge_dropped_storm";
 pub const REJECTED: &str = "meshbridge_rejected";
 /// Messages published again after a reconnect (possible duplicates downstream). Counter.
 pub const REDELIVERED: &str = "meshbridge_redelivered";
+/// Messages written to the broker's durable spool because it was down or fell behind. Counter.
+pub const SPOOLED: &str = "meshbridge_spooled";
 /// Connection attempts after the first. Counter.
 pub const RECONNECTS: &str = "meshbridge_reconnects";
 /// 1 while the link is connected. Gauge.
@@ -66,7 +68,7 @@ pub fn encode(
     );
 
     let mut registry = Registry::default();
-    let counters: [Metric<u64>; 10] = [
+    let counters: [Metric<u64>; 11] = [
         (MESSAGES_IN, "Messages received from the broker", |s| {
             s.messages_in
         }),
@@ -103,6 +105,11 @@ pub fn encode(
             REDELIVERED,
             "Messages published again after a reconnect",
             |s| s.redelivered,
+        ),
+        (
+            SPOOLED,
+            "Messages written to the broker's spool (down or behind)",
+            |s| s.spooled,
         ),
         (RECONNECTS, "Reconnections", |s| s.reconnects),
     ];
@@ -209,6 +216,8 @@ pub struct LinkStats {
     pub rejected: AtomicU64,
     /// See [`REDELIVERED`].
     pub redelivered: AtomicU64,
+    /// See [`SPOOLED`].
+    pub spooled: AtomicU64,
     /// See [`RECONNECTS`].
     pub reconnects: AtomicU64,
     /// See [`DEDUP_ENTRIES`].
@@ -233,6 +242,7 @@ impl Default for LinkStats {
             dropped_storm: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             redelivered: AtomicU64::new(0),
+            spooled: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             dedup_entries: AtomicI64::new(0),
             inflight: AtomicI64::new(0),

@@ -351,6 +351,7 @@ impl Spool {
     /// Waits (blocking the calling thread) while the writer is more than a few MiB behind.
     pub fn append(&self, target: &Arc<Target>, key: u64, value: Vec<u8>, share: Option<AckShare>) {
         self.unwritten.take(value.len() as u64);
+        crate::metrics::inc(&target.stats.spooled);
         target.pending_rows.fetch_add(1, Ordering::AcqRel);
         target
             .pending_bytes

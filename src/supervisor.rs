@@ -83,6 +83,7 @@ impl LinkHandle {
             dropped_storm: n(&s.dropped_storm),
             rejected: n(&s.rejected),
             redelivered: n(&s.redelivered),
+            spooled: n(&s.spooled),
             reconnects: n(&s.reconnects),
             queue_depth: self.queue.len() as u64 + s.inflight.load(Ordering::Relaxed).max(0) as u64,
             spool_messages,

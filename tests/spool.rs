@@ -245,6 +245,11 @@ async fn spool_survives_a_bridge_crash_while_a_target_is_down() {
         N as f64,
         Duration::from_secs(20),
     );
+    assert_eq!(
+        metric(&metrics(&admin), "meshbridge_spooled_total", "b3"),
+        Some(N as f64),
+        "every copy for the down b3 is counted as spooled, once"
+    );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_bridge"))
         .args(["status", "--admin", &admin])
         .output()

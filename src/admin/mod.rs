@@ -54,6 +54,9 @@ pub struct BrokerStatus {
     pub rejected: u64,
     /// Messages published again after a reconnect.
     pub redelivered: u64,
+    /// Messages written to the durable spool (the broker was down or fell behind).
+    #[serde(default)]
+    pub spooled: u64,
     /// Reconnections.
     pub reconnects: u64,
     /// Messages waiting for this broker (queued + in flight).
