@@ -17,6 +17,9 @@ use serde::Deserialize;
 
 use crate::tls;
 
+/// Upper bound of `bridge.worker_threads`.
+pub const MAX_WORKER_THREADS: usize = 256;
+
 /// An error in the configuration: the key (or file) at fault and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -126,6 +129,8 @@ pub struct BridgeSection {
     pub inflight: Option<u16>,
     /// Messages one target may hold in memory while it is down or slow.
     pub queue_capacity: Option<usize>,
+    /// Threads that run the links (read at start; a reload does not change it).
+    pub worker_threads: Option<usize>,
     /// How long shutdown waits for in-flight messages.
     pub drain_timeout: Option<String>,
     /// Identical messages from one broker within 10 s before the storm guard drops repeats.
@@ -221,6 +226,9 @@ pub struct Config {
     pub inflight: u16,
     /// Messages one target may hold in memory.
     pub queue_capacity: usize,
+    /// Threads of the async runtime that runs the links and the admin API; `None`: one per
+    /// CPU core.
+    pub worker_threads: Option<usize>,
     /// How long shutdown waits for in-flight messages.
     pub drain_timeout: Duration,
     /// Identical messages from one broker within 10 s before repeats are dropped (0: off).
@@ -551,6 +559,13 @@ impl FileConfig {
         if queue_capacity == 0 {
             return Err(invalid("bridge.queue_capacity", "must be at least 1"));
         }
+        let worker_threads = b.worker_threads;
+        if worker_threads.is_some_and(|n| !(1..=MAX_WORKER_THREADS).contains(&n)) {
+            return Err(invalid(
+                "bridge.worker_threads",
+                format!("must be between 1 and {MAX_WORKER_THREADS}"),
+            ));
+        }
         let dedup_max_entries = b.dedup_max_entries.unwrap_or(200_000);
         if dedup_max_entries == 0 {
             return Err(invalid("bridge.dedup_max_entries", "must be at least 1"));
@@ -595,6 +610,7 @@ impl FileConfig {
             keep_alive,
             inflight,
             queue_capacity,
+            worker_threads,
             drain_timeout: parse_duration(
                 "bridge.drain_timeout",
                 b.drain_timeout.as_deref(),

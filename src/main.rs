@@ -41,7 +41,11 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(EXIT_CONFIG, e),
             };
-            let runtime = match tokio::runtime::Runtime::new() {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = config.worker_threads {
+                builder.worker_threads(n);
+            }
+            let runtime = match builder.enable_all().build() {
                 Ok(r) => r,
                 Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
             };

@@ -35,6 +35,10 @@ const CASES: &[(&str, &[&str])] = &[
     ("wrong_type.toml", &["inflight", "invalid type"]),
     ("missing_bridge.toml", &["missing field `bridge`"]),
     ("bad_address.toml", &["broker[0].address", "invalid port"]),
+    (
+        "bad_worker_threads.toml",
+        &["bridge.worker_threads", "between 1 and 256"],
+    ),
     ("duplicate_names.toml", &["broker[1].name", "\"b1\""]),
     (
         "duplicate_addresses.toml",
