@@ -2,7 +2,7 @@
 //!
 //! `cargo run --release --bin meshbench -- [--brokers 3] [--messages 20000] [--qos 1] [--size 64]
 //! [--rate 5000] [--seconds 5] [--topics 1] [--down 0]
-//! [--queue-capacity N]`
+//! [--queue-capacity N] [--worker-threads N] [--repeat R]`
 //!
 //! Starts N mosquitto brokers on free loopback ports, then, in turn, (a) a mosquitto "bridge
 //! master" (one `connection` per broker, `topic # both 2`, MQTT 3.1.1, bridge flag on) and
@@ -12,6 +12,11 @@
 //! copies in memory, `bridge` writes them to its spool (the cost of the spool under load).
 //! Prints for each: delivered msgs/s per subscriber, CPU seconds of the bridge process per
 //! forwarded message, peak RSS, latency p50/p99 at a fixed offered rate, and the ratios.
+//! With `--repeat R`, the pair runs R times on the same brokers, which contender goes first
+//! alternating; each run's ratios are printed, then the medians. `--worker-threads N` sets the
+//! bridge's `worker_threads`. The last line is how many messages the bridge wrote to its spool
+//! in each run (`meshbridge_spooled_total`): a target more than `queue_capacity` messages behind
+//! is served from the spool, a slower path, so a run that spooled is a different case.
 //! Linux only (reads /proc). Requires mosquitto on PATH (or in /usr/sbin).
 
 use std::collections::HashSet;
@@ -37,6 +42,8 @@ struct Opts {
     topics: usize,
     down: usize,
     queue_capacity: Option<u64>,
+    worker_threads: Option<u64>,
+    repeat: usize,
 }
 
 fn parse() -> Result<Opts, String> {
@@ -50,6 +57,8 @@ fn parse() -> Result<Opts, String> {
         topics: 1,
         down: 0,
         queue_capacity: None,
+        worker_threads: None,
+        repeat: 1,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -69,15 +78,17 @@ fn parse() -> Result<Opts, String> {
             "--topics" => o.topics = v()? as usize,
             "--down" => o.down = v()? as usize,
             "--queue-capacity" => o.queue_capacity = Some(v()?),
+            "--worker-threads" => o.worker_threads = Some(v()?),
+            "--repeat" => o.repeat = v()? as usize,
             "-h" | "--help" => {
-                return Err("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T] [--down K] [--queue-capacity N]".into())
+                return Err("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T] [--down K] [--queue-capacity N] [--worker-threads N] [--repeat R]".into())
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    if o.brokers < 2 || o.qos > 2 || o.size < 24 || o.topics == 0 || o.rate == 0 {
+    if o.brokers < 2 || o.qos > 2 || o.size < 24 || o.topics == 0 || o.rate == 0 || o.repeat == 0 {
         return Err(
-            "need --brokers >= 2, --qos 0..2, --size >= 24, --topics >= 1, --rate >= 1".into(),
+            "need --brokers >= 2, --qos 0..2, --size >= 24, --topics >= 1, --rate >= 1, --repeat >= 1".into(),
         );
     }
     Ok(o)
@@ -382,6 +393,122 @@ fn bridge_binary() -> PathBuf {
     exe.with_file_name("bridge")
 }
 
+/// The contenders' setup, shared by every repetition.
+struct Lab {
+    dir: tempfile::TempDir,
+    /// Ports of the running brokers.
+    ports: Vec<u16>,
+    /// Those plus the ports of the brokers configured but never started (`--down`).
+    configured: Vec<u16>,
+    bridge_bin: PathBuf,
+}
+
+/// (a) The mosquitto bridge master, seed 004 style.
+async fn run_master(o: &Opts, lab: &Lab, run: usize) -> Result_ {
+    let mut conns = String::new();
+    for (i, p) in lab.configured.iter().enumerate() {
+        let _ = write!(
+            conns,
+            "connection b{n}\naddress 127.0.0.1:{p}\ntopic # both 2\ncleansession false\ntry_private true\n\
+             bridge_protocol_version mqttv311\nnotifications false\nremote_clientid master{run}-b{n}\n",
+            n = i + 1
+        );
+    }
+    let master = mosquitto(lab.dir.path(), "master", free_port(), &conns);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = measure(o, &lab.ports, master.0.id(), &format!("master{run}")).await;
+    drop(master);
+    discard_sessions(&lab.ports, |n| format!("master{run}-b{n}")).await;
+    r
+}
+
+/// Ends a stopped contender's persistent sessions on the running brokers (a clean-start
+/// connection with the same client id), so the brokers do not queue every later message for
+/// it while the next contender is measured.
+async fn discard_sessions(ports: &[u16], client_id: impl Fn(usize) -> String) {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (i, port) in ports.iter().enumerate() {
+        let mut opts = MqttOptions::new(client_id(i + 1), "127.0.0.1", *port);
+        opts.set_clean_start(true);
+        let (client, mut el) = AsyncClient::new(opts, 10);
+        let connected = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => return true,
+                    Ok(_) => {}
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+        if !connected {
+            eprintln!(
+                "warning: could not discard session {} on port {port}",
+                client_id(i + 1)
+            );
+            continue;
+        }
+        let _ = client.disconnect().await;
+        // Let the event loop write the DISCONNECT.
+        let _ = tokio::time::timeout(Duration::from_millis(200), async {
+            while el.poll().await.is_ok() {}
+        })
+        .await;
+    }
+}
+
+/// (b) `bridge run`; also returns how many messages it wrote to its spool.
+async fn run_bridge(o: &Opts, lab: &Lab, run: usize) -> (Result_, Option<u64>) {
+    let admin_port = free_port();
+    let mut cfg = format!(
+        "[bridge]\nid = \"bench{run}\"\nadmin_listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n",
+        admin_port,
+        lab.dir.path().join(format!("data{run}")).display()
+    );
+    if let Some(n) = o.queue_capacity {
+        let _ = writeln!(cfg, "queue_capacity = {n}");
+    }
+    if let Some(n) = o.worker_threads {
+        let _ = writeln!(cfg, "worker_threads = {n}");
+    }
+    for (i, p) in lab.configured.iter().enumerate() {
+        let _ = write!(
+            cfg,
+            "[[broker]]\nname = \"b{}\"\naddress = \"127.0.0.1:{p}\"\ntls = false\n",
+            i + 1
+        );
+    }
+    let cfg_path = lab.dir.path().join(format!("bridge{run}.toml"));
+    std::fs::write(&cfg_path, cfg).expect("write bridge config");
+    let bridge = Proc(
+        Command::new(&lab.bridge_bin)
+            .args(["run", "--config"])
+            .arg(&cfg_path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start bridge"),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = measure(o, &lab.ports, bridge.0.id(), &format!("bridge{run}")).await;
+    let spooled = spooled_total(admin_port);
+    drop(bridge);
+    discard_sessions(&lab.ports, |n| format!("bench{run}-b{n}")).await;
+    (r, spooled)
+}
+
+/// Median of a list (NaN when it is empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let o = match parse() {
@@ -406,82 +533,121 @@ async fn main() {
         .enumerate()
         .map(|(i, p)| mosquitto(dir.path(), &format!("b{}", i + 1), *p, ""))
         .collect();
-
     // Brokers configured on both contenders but never started.
     let down: Vec<u16> = (0..o.down).map(|_| free_port()).collect();
     let configured: Vec<u16> = ports.iter().chain(&down).copied().collect();
-
-    // (a) mosquitto bridge master, seed 004 style.
-    let mut conns = String::new();
-    for (i, p) in configured.iter().enumerate() {
-        let _ = write!(
-            conns,
-            "connection b{n}\naddress 127.0.0.1:{p}\ntopic # both 2\ncleansession false\ntry_private true\n\
-             bridge_protocol_version mqttv311\nnotifications false\nremote_clientid master-b{n}\n",
-            n = i + 1
-        );
-    }
-    let master = mosquitto(dir.path(), "master", free_port(), &conns);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let a = measure(&o, &ports, master.0.id(), "master").await;
-    drop(master);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    // (b) bridge.
-    let mut cfg = format!(
-        "[bridge]\nid = \"bench\"\nadmin_listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n",
-        free_port(),
-        dir.path().join("data").display()
-    );
-    if let Some(n) = o.queue_capacity {
-        let _ = writeln!(cfg, "queue_capacity = {n}");
-    }
-    for (i, p) in configured.iter().enumerate() {
-        let _ = write!(
-            cfg,
-            "[[broker]]\nname = \"b{}\"\naddress = \"127.0.0.1:{p}\"\ntls = false\n",
-            i + 1
-        );
-    }
-    let cfg_path = dir.path().join("bridge.toml");
-    std::fs::write(&cfg_path, cfg).expect("write bridge config");
-    let bridge = Proc(
-        Command::new(&bridge_bin)
-            .args(["run", "--config"])
-            .arg(&cfg_path)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start bridge"),
-    );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let b = measure(&o, &ports, bridge.0.id(), "bridge").await;
-    drop(bridge);
+    let lab = Lab {
+        dir,
+        ports,
+        configured,
+        bridge_bin,
+    };
 
     println!(
-        "meshbench: {} brokers (+{} down), {} messages, QoS {}, {} B payload, {} topic(s); latency at {} msg/s for {} s",
-        o.brokers, o.down, o.messages, o.qos, o.size, o.topics, o.rate, o.seconds
+        "meshbench: {} brokers (+{} down), {} messages, QoS {}, {} B payload, {} topic(s); latency at {} msg/s for {} s; {} run(s)",
+        o.brokers, o.down, o.messages, o.qos, o.size, o.topics, o.rate, o.seconds, o.repeat
     );
+    // Which contender goes first alternates, so neither always meets warmer (or busier) brokers.
+    let mut runs = Vec::new();
+    for run in 0..o.repeat {
+        let (a, (b, spooled)) = if run % 2 == 0 {
+            let a = run_master(&o, &lab, run).await;
+            (a, run_bridge(&o, &lab, run).await)
+        } else {
+            let b = run_bridge(&o, &lab, run).await;
+            (run_master(&o, &lab, run).await, b)
+        };
+        if o.repeat > 1 {
+            println!(
+                "run {}: throughput {:.2}, CPU/msg {:.2} ({:.1} vs {:.1} µs), p99 {:.2}, RSS {:.1} MiB, spooled {}, missing/dup {}/{} vs {}/{}",
+                run + 1,
+                b.throughput / a.throughput,
+                b.cpu_per_msg_us / a.cpu_per_msg_us,
+                b.cpu_per_msg_us,
+                a.cpu_per_msg_us,
+                b.p99_ms / a.p99_ms,
+                b.peak_rss_mib,
+                spooled.map_or("?".into(), |n| n.to_string()),
+                b.missing,
+                b.duplicates,
+                a.missing,
+                a.duplicates,
+            );
+        }
+        runs.push((a, b, spooled));
+    }
+
+    let med = |f: fn(&Result_) -> f64, bridge: bool| {
+        median(
+            runs.iter()
+                .map(|(a, b, _)| if bridge { f(b) } else { f(a) })
+                .collect(),
+        )
+    };
+    let ratio = |f: fn(&Result_) -> f64| median(runs.iter().map(|(a, b, _)| f(b) / f(a)).collect());
+    let label = if o.repeat > 1 { " (medians)" } else { "" };
     println!(
         "{:<26} {:>14} {:>14} {:>10}",
-        "", "mosquitto", "bridge", "ratio"
+        label, "mosquitto", "bridge", "ratio"
     );
-    let row =
-        |name: &str, x: f64, y: f64| println!("{name:<26} {x:>14.2} {y:>14.2} {:>10.2}", y / x);
-    row("delivered msg/s per sub", a.throughput, b.throughput);
-    row(
-        "CPU µs per forwarded msg",
-        a.cpu_per_msg_us,
-        b.cpu_per_msg_us,
-    );
-    row("peak RSS MiB", a.peak_rss_mib, b.peak_rss_mib);
-    row("latency p50 ms", a.p50_ms, b.p50_ms);
-    row("latency p99 ms", a.p99_ms, b.p99_ms);
+    let row = |name: &str, f: fn(&Result_) -> f64| {
+        println!(
+            "{name:<26} {:>14.2} {:>14.2} {:>10.2}",
+            med(f, false),
+            med(f, true),
+            ratio(f)
+        )
+    };
+    row("delivered msg/s per sub", |r| r.throughput);
+    row("CPU µs per forwarded msg", |r| r.cpu_per_msg_us);
+    row("peak RSS MiB", |r| r.peak_rss_mib);
+    row("latency p50 ms", |r| r.p50_ms);
+    row("latency p99 ms", |r| r.p99_ms);
+    let sum = |f: fn(&Result_) -> u64, bridge: bool| -> u64 {
+        runs.iter()
+            .map(|(a, b, _)| if bridge { f(b) } else { f(a) })
+            .sum()
+    };
     println!(
         "{:<26} {:>14} {:>14}",
         "missing / duplicates",
-        format!("{}/{}", a.missing, a.duplicates),
-        format!("{}/{}", b.missing, b.duplicates)
+        format!(
+            "{}/{}",
+            sum(|r| r.missing, false),
+            sum(|r| r.duplicates, false)
+        ),
+        format!(
+            "{}/{}",
+            sum(|r| r.missing, true),
+            sum(|r| r.duplicates, true)
+        )
     );
+    // A target that fell more than `queue_capacity` behind was moved to the spool, a slower
+    // path: runs that spooled and runs that did not are different cases.
+    let spooled: Vec<String> = runs
+        .iter()
+        .map(|(_, _, s)| s.map_or("?".into(), |n| n.to_string()))
+        .collect();
+    println!(
+        "{:<26} {:>14} {:>14}",
+        "bridge: spooled msgs",
+        "-",
+        spooled.join(",")
+    );
+}
+
+/// The bridge's `meshbridge_spooled_total`, summed over its links, from its admin API.
+fn spooled_total(admin_port: u16) -> Option<u64> {
+    let body = ureq::get(format!("http://127.0.0.1:{admin_port}/metrics"))
+        .call()
+        .ok()?
+        .body_mut()
+        .read_to_string()
+        .ok()?;
+    Some(
+        body.lines()
+            .filter(|l| l.starts_with("meshbridge_spooled_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum(),
+    )
 }
