@@ -243,3 +243,44 @@ async fn storm_guard_stops_a_loop_between_two_bridges_on_v311() {
         .any(|b| b.wait_log("possible message loop", 1, Duration::from_secs(2)));
     assert!(reported, "the loop is reported in the log");
 }
+
+/// Threads of a process named as tokio names its workers: "tokio-rt-worker" (tokio 1.54),
+/// "tokio-runtime-worker" before, which the kernel cuts to 15 characters.
+fn tokio_workers(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .filter_map(Result::ok)
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| matches!(c.trim(), "tokio-rt-worker" | "tokio-runtime-w"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_thread_replicates_exactly_once() {
+    let (tmp, certs, brokers) = common::lab::<3>();
+    let cfg = bridge_config(
+        &certs,
+        "mesh",
+        &tmp.path().join("data"),
+        &brokers.iter().map(|b| (b, "")).collect::<Vec<_>>(),
+    )
+    .replacen("\n\n[tls]", "\nworker_threads = 1\n\n[tls]", 1);
+    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
+    bridge.wait_subscribed(&["b1", "b2", "b3"]);
+    let pid = bridge.pid().expect("bridge runs");
+    // The default is one worker per core: on a machine with more than one, this tells the
+    // setting apart from the default.
+    assert_eq!(
+        tokio_workers(pid),
+        1,
+        "bridge.worker_threads = 1 is applied"
+    );
+
+    exactly_once_everywhere(&brokers, 300, "one-worker").await;
+    assert_eq!(tokio_workers(pid), 1, "and stays one under load");
+}
