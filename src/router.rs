@@ -20,7 +20,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -492,10 +492,17 @@ fn record_size(item: &Outbound) -> u64 {
 /// A retained message with the name of the broker it came from.
 type Retained = (Arc<str>, Arc<Message>);
 
+/// Every target with its link name, as the fan-out reads them.
+type TargetList = Arc<[(Arc<str>, Arc<TargetQueue>)]>;
+
 /// The set of targets, by link name, and the mesh's retained messages.
 #[derive(Debug, Default)]
 pub struct Router {
     targets: DashMap<Arc<str>, Arc<TargetQueue>, ahash::RandomState>,
+    /// `targets` as a list, rebuilt on every insert and remove: every message reads it, and
+    /// iterating the map would cost an allocation per shard and message (dashmap's iterator
+    /// keeps each shard's guard in an `Arc`).
+    snapshot: RwLock<TargetList>,
     /// Last retained message per topic (with its origin), handed to brokers added at run time.
     retained: Mutex<HashMap<Bytes, Retained, ahash::RandomState>>,
     retained_max: usize,
@@ -535,12 +542,24 @@ impl Router {
 
     /// Adds (or replaces) a target.
     pub fn insert(&self, name: Arc<str>, queue: Arc<TargetQueue>) {
+        let mut snapshot = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
         self.targets.insert(name, queue);
+        *snapshot = self.list();
     }
 
     /// Removes a target; what was queued for it is returned to the caller to dispose of.
     pub fn remove(&self, name: &str) -> Option<Arc<TargetQueue>> {
-        self.targets.remove(name).map(|(_, q)| q)
+        let mut snapshot = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
+        let removed = self.targets.remove(name).map(|(_, q)| q);
+        *snapshot = self.list();
+        removed
+    }
+
+    fn list(&self) -> TargetList {
+        self.targets
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect()
     }
 
     /// Sends `msg` from `origin` to every other target. With `ack`, the origin is acknowledged
@@ -552,13 +571,17 @@ impl Router {
         msg: Message,
         ack: Option<(AckRequest, &mpsc::UnboundedSender<AckRequest>)>,
     ) -> usize {
-        let targets: Vec<Arc<TargetQueue>> = self
-            .targets
-            .iter()
-            .filter(|e| e.key().as_ref() != origin.as_ref())
-            .map(|e| e.value().clone())
-            .collect();
-        let n = targets.len();
+        let list = self
+            .snapshot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let targets = || {
+            list.iter()
+                .filter(|(name, _)| name.as_ref() != origin.as_ref())
+                .map(|(_, queue)| queue)
+        };
+        let n = targets().count();
         let mut shares: Vec<Option<AckShare>> = match ack {
             Some((req, tx)) if n > 0 => AckGroup::split(req, tx.clone(), n)
                 .into_iter()
@@ -574,7 +597,7 @@ impl Router {
         if msg.retain {
             self.note_retained(origin, &msg);
         }
-        for target in targets {
+        for target in targets() {
             target.push(Outbound::new(
                 msg.clone(),
                 shares.pop().flatten(),
@@ -627,6 +650,20 @@ mod tests {
         c.take(10, &mut got);
         got.pop().unwrap().complete();
         assert_eq!(rx.try_recv().unwrap(), req);
+    }
+
+    #[test]
+    fn removed_or_replaced_targets_leave_the_fan_out() {
+        let router = Router::default();
+        let (a, b, c, c2) = (queue(10), queue(10), queue(10), queue(10));
+        router.insert("a".into(), a.clone());
+        router.insert("b".into(), b.clone());
+        router.insert("c".into(), c.clone());
+        assert!(router.remove("b").is_some_and(|q| Arc::ptr_eq(&q, &b)));
+        assert!(router.remove("b").is_none(), "removed once");
+        router.insert("c".into(), c2.clone());
+        assert_eq!(router.forward(&"a".into(), msg(), None), 1, "only c, once");
+        assert_eq!((b.len(), c.len(), c2.len()), (0, 0, 1));
     }
 
     #[test]
