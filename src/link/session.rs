@@ -449,12 +449,13 @@ async fn drive_v4(mut el: rumqttc::EventLoop, tx: mpsc::Sender<LinkEvent>) {
     }
 }
 
-fn reason_v5<R: std::fmt::Debug>(reason: R, ok: &[&str]) -> Result<(), String> {
-    let text = format!("{reason:?}");
-    if ok.contains(&text.as_str()) {
+/// `Ok` for a success reason code, the code's name otherwise (formatted only then: this runs
+/// for every acknowledgement).
+fn reason_v5<R: std::fmt::Debug>(reason: R, success: bool) -> Result<(), String> {
+    if success {
         Ok(())
     } else {
-        Err(text)
+        Err(format!("{reason:?}"))
     }
 }
 
@@ -462,7 +463,6 @@ async fn drive_v5(mut el: rumqttc::v5::EventLoop, tx: mpsc::Sender<LinkEvent>) {
     use rumqttc::Outgoing;
     use rumqttc::v5::Event;
     use v5b::Packet;
-    const OK: &[&str] = &["Success", "NoMatchingSubscribers"];
     loop {
         let event = match el.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(c))) => LinkEvent::Connected {
@@ -487,10 +487,14 @@ async fn drive_v5(mut el: rumqttc::v5::EventLoop, tx: mpsc::Sender<LinkEvent>) {
                 }
             }
             Ok(Event::Incoming(Packet::PubAck(a))) => {
-                LinkEvent::PubAck(a.pkid, reason_v5(a.reason, OK))
+                use v5b::PubAckReason as R;
+                let ok = matches!(a.reason, R::Success | R::NoMatchingSubscribers);
+                LinkEvent::PubAck(a.pkid, reason_v5(a.reason, ok))
             }
             Ok(Event::Incoming(Packet::PubRec(a))) => {
-                LinkEvent::PubRec(a.pkid, reason_v5(a.reason, OK))
+                use v5b::PubRecReason as R;
+                let ok = matches!(a.reason, R::Success | R::NoMatchingSubscribers);
+                LinkEvent::PubRec(a.pkid, reason_v5(a.reason, ok))
             }
             Ok(Event::Incoming(Packet::PubComp(a))) => LinkEvent::PubComp(a.pkid),
             Ok(Event::Incoming(Packet::SubAck(s))) => LinkEvent::SubAck(
