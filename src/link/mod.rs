@@ -99,6 +99,8 @@ struct Link {
     /// Packet ids the last connection left unacknowledged, in the order it sent them: the next
     /// connection releases them in that order (see `session::open`).
     release_first: Vec<u16>,
+    /// Origin tags (`<bridge id>/<origin broker>`) by origin, built once instead of per publish.
+    tags: HashMap<Arc<str>, String, ahash::RandomState>,
 }
 
 /// Per-connection delivery state.
@@ -132,6 +134,7 @@ impl Link {
             storm,
             next_seq: 0,
             release_first: Vec::new(),
+            tags: HashMap::default(),
         }
     }
 
@@ -485,10 +488,13 @@ impl Link {
             }
         }
         let properties = match broker.protocol {
-            Protocol::V5 => Some(
-                item.msg
-                    .forward_properties(&format!("{}/{}", self.ctx.bridge_id, item.origin)),
-            ),
+            Protocol::V5 => {
+                if !self.tags.contains_key(&item.origin) {
+                    let tag = format!("{}/{}", self.ctx.bridge_id, item.origin);
+                    self.tags.insert(item.origin.clone(), tag);
+                }
+                Some(item.msg.forward_properties(&self.tags[&item.origin]))
+            }
             Protocol::V311 => None,
         };
         match conn.client.publish(&item.msg, topic, qos, properties) {
