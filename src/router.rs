@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
-use dashmap::DashMap;
 use tokio::sync::{Notify, mpsc};
 use tracing::warn;
 
@@ -498,11 +497,9 @@ type TargetList = Arc<[(Arc<str>, Arc<TargetQueue>)]>;
 /// The set of targets, by link name, and the mesh's retained messages.
 #[derive(Debug, Default)]
 pub struct Router {
-    targets: DashMap<Arc<str>, Arc<TargetQueue>, ahash::RandomState>,
-    /// `targets` as a list, rebuilt on every insert and remove: every message reads it, and
-    /// iterating the map would cost an allocation per shard and message (dashmap's iterator
-    /// keeps each shard's guard in an `Arc`).
-    snapshot: RwLock<TargetList>,
+    /// Replaced as a whole on every insert and remove (links come and go rarely); every
+    /// message reads it with one `Arc` clone, no allocation.
+    targets: RwLock<TargetList>,
     /// Last retained message per topic (with its origin), handed to brokers added at run time.
     retained: Mutex<HashMap<Bytes, Retained, ahash::RandomState>>,
     retained_max: usize,
@@ -542,24 +539,29 @@ impl Router {
 
     /// Adds (or replaces) a target.
     pub fn insert(&self, name: Arc<str>, queue: Arc<TargetQueue>) {
-        let mut snapshot = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
-        self.targets.insert(name, queue);
-        *snapshot = self.list();
+        let mut targets = self.targets.write().unwrap_or_else(|p| p.into_inner());
+        let mut list: Vec<_> = targets
+            .iter()
+            .filter(|(n, _)| *n != name)
+            .cloned()
+            .collect();
+        list.push((name, queue));
+        *targets = list.into();
     }
 
     /// Removes a target; what was queued for it is returned to the caller to dispose of.
     pub fn remove(&self, name: &str) -> Option<Arc<TargetQueue>> {
-        let mut snapshot = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
-        let removed = self.targets.remove(name).map(|(_, q)| q);
-        *snapshot = self.list();
-        removed
-    }
-
-    fn list(&self) -> TargetList {
-        self.targets
+        let mut targets = self.targets.write().unwrap_or_else(|p| p.into_inner());
+        let removed = targets
             .iter()
-            .map(|e| (e.key().clone(), e.value().clone()))
-            .collect()
+            .find(|(n, _)| n.as_ref() == name)
+            .map(|(_, q)| q.clone());
+        *targets = targets
+            .iter()
+            .filter(|(n, _)| n.as_ref() != name)
+            .cloned()
+            .collect();
+        removed
     }
 
     /// Sends `msg` from `origin` to every other target. With `ack`, the origin is acknowledged
@@ -572,7 +574,7 @@ impl Router {
         ack: Option<(AckRequest, &mpsc::UnboundedSender<AckRequest>)>,
     ) -> usize {
         let list = self
-            .snapshot
+            .targets
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
