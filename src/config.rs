@@ -226,8 +226,7 @@ pub struct Config {
     pub inflight: u16,
     /// Messages one target may hold in memory.
     pub queue_capacity: usize,
-    /// Threads of the async runtime that runs the links and the admin API; `None`: one per
-    /// CPU core.
+    /// Threads that run the links (`link::threads`); `None`: one per CPU core.
     pub worker_threads: Option<usize>,
     /// How long shutdown waits for in-flight messages.
     pub drain_timeout: Duration,

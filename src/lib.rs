@@ -16,7 +16,8 @@
 //! - [`dedup`]: the echo window and the storm guard (pure, unit-tested).
 //! - [`router`]: per-target bounded queues, fan-out, the retained table.
 //! - [`spool`]: the durable per-target spool (redb) for down or slow targets.
-//! - [`link`]: connection, backoff, subscribe, receive, publish, acks.
+//! - [`link`]: connection, backoff, subscribe, receive, publish, acks; [`link::threads`]: the
+//!   threads the links run on (a link and its connection driver always share one).
 //! - [`supervisor`]: owns the links; start, add/remove at run time, ordered shutdown.
 //! - [`membership`]: run-time membership changes persisted under `data_dir`.
 //! - [`admin`]: the HTTP API (server and CLI client) with health, readiness and metrics.
@@ -66,6 +67,9 @@ pub enum RunError {
     /// The spool cannot be opened (in use, unreadable).
     #[error("{0}")]
     Spool(#[from] spool::SpoolError),
+    /// The threads that run the links cannot be started.
+    #[error("cannot start the link threads: {0}")]
+    Threads(std::io::Error),
 }
 
 /// How the process controls a running bridge.
@@ -98,9 +102,16 @@ pub async fn run(config: config::Config, mut control: Control) -> Result<(), Run
     );
     let token = config.admin_token.clone();
     let spool = spool::Spool::open(&config.data_dir, config.spool)?;
+    let threads = link::threads::LinkThreads::start(
+        config
+            .worker_threads
+            .unwrap_or_else(link::threads::LinkThreads::default_count),
+    )
+    .map_err(RunError::Threads)?;
     let supervisor = Arc::new(Mutex::new(supervisor::Supervisor::start(
         config,
         spool.clone(),
+        threads,
     )?));
     let admin_stop = CancellationToken::new();
     let admin = tokio::spawn(admin::server::serve(

@@ -41,11 +41,12 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(EXIT_CONFIG, e),
             };
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = config.worker_threads {
-                builder.worker_threads(n);
-            }
-            let runtime = match builder.enable_all().build() {
+            // The control plane (admin API, signals, supervisor) on this thread; the links on
+            // their own threads (`bridge.worker_threads`, see meshbridge::link::threads).
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
             };

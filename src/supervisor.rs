@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::admin::{BrokerStatus, ReadyReport};
 use crate::config::{BrokerConfig, BrokerSection, Config, ConfigError};
+use crate::link::threads::LinkThreads;
 use crate::link::{self, LinkContext, session::SessionSettings};
 use crate::membership::{AddedBroker, Membership, MembershipError};
 use crate::metrics::LinkStats;
@@ -150,15 +151,22 @@ pub struct Supervisor {
     membership: Membership,
     /// Names of the brokers that come from the config file.
     from_config: HashSet<String>,
+    /// Where the links run.
+    threads: LinkThreads,
 }
 
 impl Supervisor {
     /// Starts a link for every broker of the config, with the persisted membership changes
     /// applied (see [`crate::membership`] for the precedence).
-    /// Spools of brokers that are no longer members are deleted.
-    pub fn start(config: Config, spool: Arc<Spool>) -> Result<Self, ChangeError> {
+    /// Spools of brokers that are no longer members are deleted. The links run on `threads`.
+    pub fn start(
+        config: Config,
+        spool: Arc<Spool>,
+        threads: LinkThreads,
+    ) -> Result<Self, ChangeError> {
         let membership = Membership::load(&config.data_dir)?;
         let mut sup = Supervisor {
+            threads,
             router: Arc::new(Router::new(config.retained_max)),
             spool,
             links: BTreeMap::new(),
@@ -246,7 +254,7 @@ impl Supervisor {
         };
         self.router.insert(name, queue.clone());
         info!(broker = %broker.name, address = %broker.address(), protocol = %broker.protocol, "link added");
-        let join = tokio::spawn(link::run(ctx));
+        let join = self.threads.spawn(link::run(ctx));
         let key = broker.name.clone();
         self.links.insert(
             key.clone(),

@@ -14,6 +14,7 @@
 
 pub mod backoff;
 pub mod session;
+pub mod threads;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;

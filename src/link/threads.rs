@@ -1,0 +1,201 @@
+//! Link threads: where the links run.
+//!
+//! Every link runs on one of `bridge.worker_threads` threads, each a tokio runtime with a
+//! single worker, together with the connection driver it spawns. A message crosses several
+//! tasks on its way (driver → link → target link → target driver, and back for the
+//! acknowledgement). On one shared work-stealing runtime those tasks end up spread over all
+//! workers, and every hand-over wakes another thread. Here a link's own hand-overs stay on its
+//! thread: only the hand-over to a target link on another thread wakes that thread, and only
+//! when it is idle. Measured in docs/BENCHMARKS.md ("link threads").
+//!
+//! Links are packed: a new link goes to the first thread that runs fewer than
+//! [`LINKS_PER_THREAD`] links, and only when every thread has that many to the one that runs
+//! the fewest. A hand-over between two threads costs a wake-up, so a small mesh (the usual
+//! 2-4 brokers) runs on one thread, which forwards tens of thousands of messages per second;
+//! a larger one spreads over the threads, where one would fall behind on the fan-out. A link
+//! that ends frees its place. The control plane (admin API, supervisor, signals) stays on the
+//! runtime that called [`LinkThreads::start`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::runtime::{Builder, Runtime};
+use tokio::task::JoinHandle;
+
+/// Links a thread takes before the next thread is used. Measured on 2 cores shared with the
+/// brokers (docs/BENCHMARKS.md, "link threads"): 3 links on one thread cost 25-30 % less CPU
+/// per message than 3 spread over two, and 8 links on one thread fall behind.
+pub const LINKS_PER_THREAD: usize = 4;
+
+/// The threads that run the links.
+#[derive(Debug)]
+pub struct LinkThreads {
+    threads: Vec<LinkThread>,
+}
+
+#[derive(Debug)]
+struct LinkThread {
+    /// A runtime with one worker.
+    runtime: Runtime,
+    /// Links running on it now.
+    links: Arc<AtomicUsize>,
+}
+
+impl LinkThreads {
+    /// Starts `count` threads (at least one), named `link-0`, `link-1`, ….
+    pub fn start(count: usize) -> std::io::Result<Self> {
+        let threads = (0..count.max(1))
+            .map(|i| {
+                let runtime = Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name(format!("link-{i}"))
+                    .enable_all()
+                    .build()?;
+                Ok(LinkThread {
+                    runtime,
+                    links: Arc::new(AtomicUsize::new(0)),
+                })
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(Self { threads })
+    }
+
+    /// Default size: one thread per CPU core.
+    pub fn default_count() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
+    /// Runs `link` on the first thread with fewer than [`LINKS_PER_THREAD`] links, or else on
+    /// the one with the fewest (the first of those on a tie).
+    pub fn spawn<F>(&self, link: F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let loads = self.loads();
+        // `start` made at least one thread.
+        let pick = loads
+            .iter()
+            .position(|&n| n < LINKS_PER_THREAD)
+            .or_else(|| (0..loads.len()).min_by_key(|&i| loads[i]))
+            .unwrap_or(0);
+        let thread = &self.threads[pick];
+        let links = thread.links.clone();
+        links.fetch_add(1, Ordering::Relaxed);
+        let link = async move {
+            // Counted down however the link ends (returned, or aborted and dropped).
+            let _place = Place(links);
+            link.await
+        };
+        thread.runtime.spawn(link)
+    }
+
+    /// Links per thread, in thread order.
+    pub fn loads(&self) -> Vec<usize> {
+        self.threads
+            .iter()
+            .map(|t| t.links.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+impl Drop for LinkThreads {
+    fn drop(&mut self) {
+        // Links are shut down in order before this (supervisor::shutdown_links); what is left
+        // is dropped without waiting, which is allowed from inside another runtime.
+        for t in self.threads.drain(..) {
+            t.runtime.shutdown_background();
+        }
+    }
+}
+
+/// A link's place on its thread, given back when the link's future is dropped.
+struct Place(Arc<AtomicUsize>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Spawns a link that runs until its sender is dropped.
+    fn parked(threads: &LinkThreads) -> (tokio::sync::oneshot::Sender<()>, JoinHandle<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let join = threads.spawn(async move {
+            let _ = rx.await;
+        });
+        (tx, join)
+    }
+
+    #[tokio::test]
+    async fn links_fill_one_thread_then_spread_and_free_their_place() {
+        let threads = LinkThreads::start(2).expect("threads start");
+        let mut links: Vec<_> = (0..LINKS_PER_THREAD).map(|_| parked(&threads)).collect();
+        assert_eq!(
+            threads.loads(),
+            vec![LINKS_PER_THREAD, 0],
+            "packed on the first"
+        );
+        links.push(parked(&threads));
+        assert_eq!(threads.loads(), vec![LINKS_PER_THREAD, 1], "then the next");
+        // Past LINKS_PER_THREAD everywhere: the least loaded.
+        links.extend((0..LINKS_PER_THREAD).map(|_| parked(&threads)));
+        assert_eq!(
+            threads.loads(),
+            vec![LINKS_PER_THREAD + 1, LINKS_PER_THREAD],
+            "both full, then the fewest"
+        );
+        let (tx, join) = links.remove(0);
+        drop(tx);
+        join.await.expect("link ends");
+        assert_eq!(
+            threads.loads(),
+            vec![LINKS_PER_THREAD, LINKS_PER_THREAD],
+            "an ended link frees its place"
+        );
+        let (tx, join) = parked(&threads);
+        assert_eq!(
+            threads.loads(),
+            vec![LINKS_PER_THREAD + 1, LINKS_PER_THREAD]
+        );
+        drop(tx);
+        join.await.expect("link ends");
+        drop(links);
+    }
+
+    #[tokio::test]
+    async fn a_link_and_what_it_spawns_share_one_thread() {
+        let threads = LinkThreads::start(2).expect("threads start");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        threads
+            .spawn(async move {
+                let own = std::thread::current().id();
+                // The connection driver is spawned like this (link::session::open).
+                let spawned = tokio::spawn(async { std::thread::current().id() })
+                    .await
+                    .expect("task runs");
+                let _ = tx.send((
+                    own,
+                    spawned,
+                    std::thread::current().name().map(String::from),
+                ));
+            })
+            .await
+            .expect("link ends");
+        let (own, spawned, name) = rx.await.expect("reported");
+        assert_eq!(own, spawned);
+        assert_eq!(name.as_deref(), Some("link-0"));
+    }
+
+    #[test]
+    fn zero_threads_means_one() {
+        assert_eq!(
+            LinkThreads::start(0).expect("threads start").loads(),
+            vec![0]
+        );
+    }
+}
