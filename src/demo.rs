@@ -29,11 +29,33 @@ pub enum DemoError {
     },
 }
 
-fn free_port() -> Result<u16, DemoError> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| DemoError::Setup(format!("no free loopback port: {e}")))
+/// A free TCP port on 127.0.0.1 for a server of a loopback lab (this demo, meshbench, the
+/// tests), each call in a process a different one. Chosen below Linux's ephemeral range
+/// (32768-60999), between 20000 and 31999: a port from that range (what binding port 0
+/// returns) can be taken as the local port of any outgoing connection before the server binds
+/// it, and two calls may return the same one.
+pub fn free_port() -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    // Processes start at different places, so parallel labs rarely probe the same ports.
+    let start = (std::process::id().wrapping_mul(7_919)) % SPAN;
+    for _ in 0..SPAN {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = LOW + (start + offset) % SPAN;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return Ok(port as u16);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no free port on 127.0.0.1 between 20000 and 31999",
+    ))
+}
+
+fn lab_port() -> Result<u16, DemoError> {
+    free_port().map_err(|e| DemoError::Setup(format!("no free loopback port: {e}")))
 }
 
 /// One embedded broker.
@@ -44,7 +66,7 @@ struct Embedded {
 }
 
 fn start_broker(name: &str, certs: &Path) -> Result<Embedded, DemoError> {
-    let (plain, tls) = (free_port()?, free_port()?);
+    let (plain, tls) = (lab_port()?, lab_port()?);
     let connections = "connection_timeout_ms = 60000\nmax_payload_size = 1048576\nmax_inflight_count = 100\ndynamic_filters = true\n";
     let text = format!(
         "id = 0\n[router]\nid = 0\nmax_connections = 1000\nmax_outgoing_packet_count = 200\nmax_segment_size = 104857600\nmax_segment_count = 10\n\
@@ -108,7 +130,7 @@ pub async fn run(duration: Option<Duration>) -> Result<(), DemoError> {
         wait_port(b.tls).await?;
     }
     let (mesh, spare) = brokers.split_at(3);
-    let admin = free_port()?;
+    let admin = lab_port()?;
     let mut cfg = format!(
         "[bridge]\nid = \"demo\"\nadmin_listen = \"127.0.0.1:{admin}\"\ndata_dir = \"data\"\n\n[tls]\nca_file = \"certs/ca.crt\"\n\n"
     );

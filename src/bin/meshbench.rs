@@ -21,7 +21,6 @@
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -94,11 +93,10 @@ fn parse() -> Result<Opts, String> {
     Ok(o)
 }
 
+/// A port below the ephemeral range: the run's many client connections cannot take it before
+/// a broker or the bridge's admin API binds it.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    meshbridge::demo::free_port().expect("free loopback port")
 }
 
 fn wait_port(port: u16) {
@@ -110,6 +108,21 @@ fn wait_port(port: u16) {
 }
 
 struct Proc(Child);
+
+impl Proc {
+    /// An error when the process has exited (figures measured against it would be
+    /// meaningless), with the last line of its log if it has one.
+    fn running(&mut self, what: &str, log: Option<&Path>) -> Result<(), String> {
+        let Ok(Some(status)) = self.0.try_wait() else {
+            return Ok(());
+        };
+        let last = log
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| t.lines().last().map(str::to_string))
+            .unwrap_or_default();
+        Err(format!("{what} exited at start ({status}) {last}"))
+    }
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -404,7 +417,7 @@ struct Lab {
 }
 
 /// (a) The mosquitto bridge master, seed 004 style.
-async fn run_master(o: &Opts, lab: &Lab, run: usize) -> Result_ {
+async fn run_master(o: &Opts, lab: &Lab, run: usize) -> Result<Result_, String> {
     let mut conns = String::new();
     for (i, p) in lab.configured.iter().enumerate() {
         let _ = write!(
@@ -414,12 +427,13 @@ async fn run_master(o: &Opts, lab: &Lab, run: usize) -> Result_ {
             n = i + 1
         );
     }
-    let master = mosquitto(lab.dir.path(), "master", free_port(), &conns);
+    let mut master = mosquitto(lab.dir.path(), "master", free_port(), &conns);
     tokio::time::sleep(Duration::from_secs(2)).await;
+    master.running("the mosquitto bridge master", None)?;
     let r = measure(o, &lab.ports, master.0.id(), &format!("master{run}")).await;
     drop(master);
     discard_sessions(&lab.ports, |n| format!("master{run}-b{n}")).await;
-    r
+    Ok(r)
 }
 
 /// Ends a stopped contender's persistent sessions on the running brokers (a clean-start
@@ -459,7 +473,7 @@ async fn discard_sessions(ports: &[u16], client_id: impl Fn(usize) -> String) {
 }
 
 /// (b) `bridge run`; also returns how many messages it wrote to its spool.
-async fn run_bridge(o: &Opts, lab: &Lab, run: usize) -> (Result_, Option<u64>) {
+async fn run_bridge(o: &Opts, lab: &Lab, run: usize) -> Result<(Result_, Option<u64>), String> {
     let admin_port = free_port();
     let mut cfg = format!(
         "[bridge]\nid = \"bench{run}\"\nadmin_listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n",
@@ -481,22 +495,43 @@ async fn run_bridge(o: &Opts, lab: &Lab, run: usize) -> (Result_, Option<u64>) {
     }
     let cfg_path = lab.dir.path().join(format!("bridge{run}.toml"));
     std::fs::write(&cfg_path, cfg).expect("write bridge config");
-    let bridge = Proc(
+    // Warnings and errors only: nothing is written per message.
+    let log_path = lab.dir.path().join(format!("bridge{run}.log"));
+    let log = std::fs::File::create(&log_path).expect("create bridge log");
+    let mut bridge = Proc(
         Command::new(&lab.bridge_bin)
             .args(["run", "--config"])
             .arg(&cfg_path)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start bridge"),
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
+    bridge.running("bridge", Some(&log_path))?;
     let r = measure(o, &lab.ports, bridge.0.id(), &format!("bridge{run}")).await;
     let spooled = spooled_total(admin_port);
     drop(bridge);
     discard_sessions(&lab.ports, |n| format!("bench{run}-b{n}")).await;
-    (r, spooled)
+    Ok((r, spooled))
+}
+
+/// One run of both contenders, in the given order.
+async fn pair(
+    o: &Opts,
+    lab: &Lab,
+    run: usize,
+    master_first: bool,
+) -> Result<(Result_, Result_, Option<u64>), String> {
+    if master_first {
+        let a = run_master(o, lab, run).await?;
+        let (b, spooled) = run_bridge(o, lab, run).await?;
+        Ok((a, b, spooled))
+    } else {
+        let (b, spooled) = run_bridge(o, lab, run).await?;
+        Ok((run_master(o, lab, run).await?, b, spooled))
+    }
 }
 
 /// Median of a list (NaN when it is empty).
@@ -550,12 +585,14 @@ async fn main() {
     // Which contender goes first alternates, so neither always meets warmer (or busier) brokers.
     let mut runs = Vec::new();
     for run in 0..o.repeat {
-        let (a, (b, spooled)) = if run % 2 == 0 {
-            let a = run_master(&o, &lab, run).await;
-            (a, run_bridge(&o, &lab, run).await)
-        } else {
-            let b = run_bridge(&o, &lab, run).await;
-            (run_master(&o, &lab, run).await, b)
+        let (a, b, spooled) = match pair(&o, &lab, run, run % 2 == 0).await {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: run {}: {e}", run + 1);
+                // Stops the brokers (exit would skip their Drop).
+                drop((_brokers, lab));
+                std::process::exit(1);
+            }
         };
         if o.repeat > 1 {
             println!(

@@ -7,7 +7,6 @@ pub mod mqtt;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -25,21 +24,9 @@ pub fn tempdir() -> tempfile::TempDir {
     dir
 }
 
-/// A free TCP port on loopback. Chosen below Linux's ephemeral range (32768+), so that no
-/// outgoing connection of the tests can take it between this check and the server's bind;
-/// a per-process counter keeps parallel tests of one binary apart.
+/// A free TCP port on loopback, below the ephemeral range (see `meshbridge::demo::free_port`).
 pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let base = 20_000 + (std::process::id() * 7_919) % 10_000;
-    for _ in 0..10_000 {
-        let offset = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = 20_000 + (base - 20_000 + offset) % 12_000;
-        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
-            return port as u16;
-        }
-    }
-    panic!("no free port on loopback between 20000 and 32000");
+    meshbridge::demo::free_port().expect("free loopback port")
 }
 
 /// Waits until something accepts TCP connections on `port`.
