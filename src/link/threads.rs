@@ -3,8 +3,8 @@
 //! Every link runs on one of `bridge.worker_threads` threads, each a tokio runtime with a
 //! single worker, together with the connection driver it spawns. A message crosses several
 //! tasks on its way (driver → link → target link → target driver, and back for the
-//! acknowledgement). On one shared work-stealing runtime those tasks end up spread over all
-//! workers, and every hand-over wakes another thread. Here a link's own hand-overs stay on its
+//! acknowledgement). On one shared work-stealing runtime those tasks spread over all workers,
+//! and a hand-over often wakes another one. Here a link's own hand-overs stay on its
 //! thread: only the hand-over to a target link on another thread wakes that thread, and only
 //! when it is idle. Measured in docs/BENCHMARKS.md ("link threads").
 //!
@@ -80,11 +80,11 @@ impl LinkThreads {
             .or_else(|| (0..loads.len()).min_by_key(|&i| loads[i]))
             .unwrap_or(0);
         let thread = &self.threads[pick];
-        let links = thread.links.clone();
-        links.fetch_add(1, Ordering::Relaxed);
+        thread.links.fetch_add(1, Ordering::Relaxed);
+        // Given back however the link ends: returned, aborted, or dropped before it ever ran.
+        let place = Place(thread.links.clone());
         let link = async move {
-            // Counted down however the link ends (returned, or aborted and dropped).
-            let _place = Place(links);
+            let _place = place;
             link.await
         };
         thread.runtime.spawn(link)
@@ -165,6 +165,17 @@ mod tests {
         drop(tx);
         join.await.expect("link ends");
         drop(links);
+    }
+
+    #[tokio::test]
+    async fn an_aborted_link_frees_its_place() {
+        let threads = LinkThreads::start(1).expect("threads start");
+        let link = threads.spawn(std::future::pending());
+        assert_eq!(threads.loads(), vec![1]);
+        // Aborted whether or not it was polled yet: either way its future is dropped.
+        link.abort();
+        assert!(link.await.is_err_and(|e| e.is_cancelled()));
+        assert_eq!(threads.loads(), vec![0]);
     }
 
     #[tokio::test]
