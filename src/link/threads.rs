@@ -24,7 +24,7 @@ use tokio::runtime::{Builder, Runtime};
 use tokio::task::JoinHandle;
 
 /// Links a thread takes before the next thread is used. Measured on 2 cores shared with the
-/// brokers (docs/BENCHMARKS.md, "link threads"): 3 links on one thread cost 25-30 % less CPU
+/// brokers (docs/BENCHMARKS.md, "link threads"): 3 links on one thread cost 20-30 % less CPU
 /// per message than 3 spread over two, and 8 links on one thread fall behind.
 pub const LINKS_PER_THREAD: usize = 4;
 
