@@ -131,6 +131,8 @@ pub struct BridgeSection {
     pub queue_capacity: Option<usize>,
     /// Threads that run the links (read at start; a reload does not change it).
     pub worker_threads: Option<usize>,
+    /// Links one thread takes before the next thread is used (read at start).
+    pub links_per_thread: Option<usize>,
     /// How long shutdown waits for in-flight messages.
     pub drain_timeout: Option<String>,
     /// Identical messages from one broker within 10 s before the storm guard drops repeats.
@@ -228,6 +230,8 @@ pub struct Config {
     pub queue_capacity: usize,
     /// Threads that run the links (`link::threads`); `None`: one per CPU core.
     pub worker_threads: Option<usize>,
+    /// Links one thread takes before the next thread is used.
+    pub links_per_thread: usize,
     /// How long shutdown waits for in-flight messages.
     pub drain_timeout: Duration,
     /// Identical messages from one broker within 10 s before repeats are dropped (0: off).
@@ -565,6 +569,12 @@ impl FileConfig {
                 format!("must be between 1 and {MAX_WORKER_THREADS}"),
             ));
         }
+        let links_per_thread = b
+            .links_per_thread
+            .unwrap_or(crate::link::threads::LINKS_PER_THREAD);
+        if links_per_thread == 0 {
+            return Err(invalid("bridge.links_per_thread", "must be at least 1"));
+        }
         let dedup_max_entries = b.dedup_max_entries.unwrap_or(200_000);
         if dedup_max_entries == 0 {
             return Err(invalid("bridge.dedup_max_entries", "must be at least 1"));
@@ -610,6 +620,7 @@ impl FileConfig {
             inflight,
             queue_capacity,
             worker_threads,
+            links_per_thread,
             drain_timeout: parse_duration(
                 "bridge.drain_timeout",
                 b.drain_timeout.as_deref(),

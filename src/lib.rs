@@ -106,6 +106,7 @@ pub async fn run(config: config::Config, mut control: Control) -> Result<(), Run
         config
             .worker_threads
             .unwrap_or_else(link::threads::LinkThreads::default_count),
+        config.links_per_thread,
     )
     .map_err(RunError::Threads)?;
     let supervisor = Arc::new(Mutex::new(supervisor::Supervisor::start(

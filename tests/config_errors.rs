@@ -39,6 +39,10 @@ const CASES: &[(&str, &[&str])] = &[
         "bad_worker_threads.toml",
         &["bridge.worker_threads", "between 1 and 256"],
     ),
+    (
+        "bad_links_per_thread.toml",
+        &["bridge.links_per_thread", "at least 1"],
+    ),
     ("duplicate_names.toml", &["broker[1].name", "\"b1\""]),
     (
         "duplicate_addresses.toml",

@@ -267,10 +267,14 @@ fn link_threads(pid: u32) -> std::collections::BTreeMap<String, u64> {
         .collect()
 }
 
-/// `worker_threads` sets the link threads, and a small mesh is packed on the first one: its
-/// hand-overs between links never wake another thread (meshbridge::link::threads).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn small_mesh_runs_on_one_link_thread_exactly_once() {
+/// Three brokers meshed by a bridge with `settings` added to its `[bridge]` section; checks
+/// that the bridge runs the link threads `threads`, replicates exactly once, and returns the
+/// CPU ticks each link thread used.
+async fn mesh_on_link_threads(
+    settings: &str,
+    threads: &[&str],
+    tag: &str,
+) -> std::collections::BTreeMap<String, u64> {
     let (tmp, certs, brokers) = common::lab::<3>();
     let cfg = bridge_config(
         &certs,
@@ -278,20 +282,27 @@ async fn small_mesh_runs_on_one_link_thread_exactly_once() {
         &tmp.path().join("data"),
         &brokers.iter().map(|b| (b, "")).collect::<Vec<_>>(),
     )
-    .replacen("\n\n[tls]", "\nworker_threads = 3\n\n[tls]", 1);
+    .replacen("\n\n[tls]", &format!("\n{settings}\n\n[tls]"), 1);
     let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
     bridge.wait_subscribed(&["b1", "b2", "b3"]);
     let pid = bridge.pid().expect("bridge runs");
     let names: Vec<String> = link_threads(pid).into_keys().collect();
-    // The default is one thread per core: 3 tells the setting apart on the 2-core CI machine.
-    assert_eq!(
-        names,
-        ["link-0", "link-1", "link-2"],
-        "bridge.worker_threads = 3 is applied"
-    );
+    assert_eq!(names, threads, "{settings} is applied");
+    exactly_once_everywhere(&brokers, 300, tag).await;
+    link_threads(pid)
+}
 
-    exactly_once_everywhere(&brokers, 300, "link-threads").await;
-    let ticks = link_threads(pid);
+/// `worker_threads` sets the link threads, and a small mesh is packed on the first one: its
+/// hand-overs between links never wake another thread (meshbridge::link::threads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_mesh_runs_on_one_link_thread_exactly_once() {
+    // The default is one thread per core: 3 tells the setting apart on the 2-core CI machine.
+    let ticks = mesh_on_link_threads(
+        "worker_threads = 3",
+        &["link-0", "link-1", "link-2"],
+        "packed",
+    )
+    .await;
     assert!(
         ticks["link-0"] >= 10,
         "the links forwarded on link-0: {ticks:?}"
@@ -299,5 +310,20 @@ async fn small_mesh_runs_on_one_link_thread_exactly_once() {
     assert!(
         ticks["link-1"] <= 1 && ticks["link-2"] <= 1,
         "3 links fit on one thread, the others stay idle: {ticks:?}"
+    );
+}
+
+/// `links_per_thread = 1` gives every link a thread of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_link_per_thread_spreads_a_small_mesh_exactly_once() {
+    let ticks = mesh_on_link_threads(
+        "worker_threads = 3\nlinks_per_thread = 1",
+        &["link-0", "link-1", "link-2"],
+        "spread",
+    )
+    .await;
+    assert!(
+        ticks.values().all(|&t| t >= 2),
+        "every link thread forwarded: {ticks:?}"
     );
 }

@@ -2,7 +2,7 @@
 //!
 //! `cargo run --release --bin meshbench -- [--brokers 3] [--messages 20000] [--qos 1] [--size 64]
 //! [--rate 5000] [--seconds 5] [--topics 1] [--down 0]
-//! [--queue-capacity N] [--worker-threads N] [--repeat R]`
+//! [--queue-capacity N] [--worker-threads N] [--links-per-thread N] [--repeat R]`
 //!
 //! Starts N mosquitto brokers on free loopback ports, then, in turn, (a) a mosquitto "bridge
 //! master" (one `connection` per broker, `topic # both 2`, MQTT 3.1.1, bridge flag on) and
@@ -13,8 +13,9 @@
 //! Prints for each: delivered msgs/s per subscriber, CPU seconds of the bridge process per
 //! forwarded message, peak RSS, latency p50/p99 at a fixed offered rate, and the ratios.
 //! With `--repeat R`, the pair runs R times on the same brokers, which contender goes first
-//! alternating; each run's ratios are printed, then the medians. `--worker-threads N` sets the
-//! bridge's `worker_threads`. The last line is how many messages the bridge wrote to its spool
+//! alternating; each run's ratios are printed, then the medians. `--worker-threads N` and
+//! `--links-per-thread N` set the bridge's `worker_threads` and `links_per_thread`. The last
+//! line is how many messages the bridge wrote to its spool
 //! in each run (`meshbridge_spooled_total`): a target more than `queue_capacity` messages behind
 //! is served from the spool, a slower path, so a run that spooled is a different case.
 //! Linux only (reads /proc). Requires mosquitto on PATH (or in /usr/sbin).
@@ -42,6 +43,7 @@ struct Opts {
     down: usize,
     queue_capacity: Option<u64>,
     worker_threads: Option<u64>,
+    links_per_thread: Option<u64>,
     repeat: usize,
 }
 
@@ -57,6 +59,7 @@ fn parse() -> Result<Opts, String> {
         down: 0,
         queue_capacity: None,
         worker_threads: None,
+        links_per_thread: None,
         repeat: 1,
     };
     let mut args = std::env::args().skip(1);
@@ -78,6 +81,7 @@ fn parse() -> Result<Opts, String> {
             "--down" => o.down = v()? as usize,
             "--queue-capacity" => o.queue_capacity = Some(v()?),
             "--worker-threads" => o.worker_threads = Some(v()?),
+            "--links-per-thread" => o.links_per_thread = Some(v()?),
             "--repeat" => o.repeat = v()? as usize,
             "-h" | "--help" => {
                 return Err("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T] [--down K] [--queue-capacity N] [--worker-threads N] [--repeat R]".into())
@@ -485,6 +489,9 @@ async fn run_bridge(o: &Opts, lab: &Lab, run: usize) -> Result<(Result_, Option<
     }
     if let Some(n) = o.worker_threads {
         let _ = writeln!(cfg, "worker_threads = {n}");
+    }
+    if let Some(n) = o.links_per_thread {
+        let _ = writeln!(cfg, "links_per_thread = {n}");
     }
     for (i, p) in lab.configured.iter().enumerate() {
         let _ = write!(

@@ -9,11 +9,12 @@
 //! when it is idle. Measured in docs/BENCHMARKS.md ("link threads").
 //!
 //! Links are packed: a new link goes to the first thread that runs fewer than
-//! [`LINKS_PER_THREAD`] links, and only when every thread has that many to the one that runs
-//! the fewest. A hand-over between two threads costs a wake-up, so a small mesh (the usual
+//! `bridge.links_per_thread` links ([`LINKS_PER_THREAD`] by default), and only when every
+//! thread has that many to the one that runs the fewest. A hand-over between two threads costs a wake-up, so a small mesh (the usual
 //! 2-4 brokers) runs on one thread, which forwards tens of thousands of messages per second;
-//! a larger one spreads over the threads, where one would fall behind on the fan-out. A link
-//! that ends frees its place. The control plane (admin API, supervisor, signals) stays on the
+//! a larger one spreads over the threads, where one would fall behind on the fan-out. With 1,
+//! every link gets a thread of its own (while there are threads): more CPU per message, but a
+//! small mesh can use more than one core. A link that ends frees its place. The control plane (admin API, supervisor, signals) stays on the
 //! runtime that called [`LinkThreads::start`].
 
 use std::future::Future;
@@ -23,7 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::runtime::{Builder, Runtime};
 use tokio::task::JoinHandle;
 
-/// Links a thread takes before the next thread is used. Measured on 2 cores shared with the
+/// Links a thread takes before the next thread is used, by default. Measured on 2 cores shared with the
 /// brokers (docs/BENCHMARKS.md, "link threads"): 3 links on one thread cost 20-30 % less CPU
 /// per message than 3 spread over two, and 8 links on one thread fall behind.
 pub const LINKS_PER_THREAD: usize = 4;
@@ -32,6 +33,8 @@ pub const LINKS_PER_THREAD: usize = 4;
 #[derive(Debug)]
 pub struct LinkThreads {
     threads: Vec<LinkThread>,
+    /// Links a thread takes before the next one is used.
+    per_thread: usize,
 }
 
 #[derive(Debug)]
@@ -43,8 +46,9 @@ struct LinkThread {
 }
 
 impl LinkThreads {
-    /// Starts `count` threads (at least one), named `link-0`, `link-1`, ….
-    pub fn start(count: usize) -> std::io::Result<Self> {
+    /// Starts `count` threads (at least one), named `link-0`, `link-1`, …, each taking
+    /// `per_thread` links (at least one) before the next is used.
+    pub fn start(count: usize, per_thread: usize) -> std::io::Result<Self> {
         let threads = (0..count.max(1))
             .map(|i| {
                 let runtime = Builder::new_multi_thread()
@@ -58,7 +62,10 @@ impl LinkThreads {
                 })
             })
             .collect::<std::io::Result<_>>()?;
-        Ok(Self { threads })
+        Ok(Self {
+            threads,
+            per_thread: per_thread.max(1),
+        })
     }
 
     /// Default size: one thread per CPU core.
@@ -66,8 +73,8 @@ impl LinkThreads {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     }
 
-    /// Runs `link` on the first thread with fewer than [`LINKS_PER_THREAD`] links, or else on
-    /// the one with the fewest (the first of those on a tie).
+    /// Runs `link` on the first thread with fewer than `per_thread` links, or else on the one
+    /// with the fewest (the first of those on a tie).
     pub fn spawn<F>(&self, link: F) -> JoinHandle<()>
     where
         F: Future<Output = ()> + Send + 'static,
@@ -76,7 +83,7 @@ impl LinkThreads {
         // `start` made at least one thread.
         let pick = loads
             .iter()
-            .position(|&n| n < LINKS_PER_THREAD)
+            .position(|&n| n < self.per_thread)
             .or_else(|| (0..loads.len()).min_by_key(|&i| loads[i]))
             .unwrap_or(0);
         let thread = &self.threads[pick];
@@ -133,7 +140,7 @@ mod tests {
 
     #[tokio::test]
     async fn links_fill_one_thread_then_spread_and_free_their_place() {
-        let threads = LinkThreads::start(2).expect("threads start");
+        let threads = LinkThreads::start(2, LINKS_PER_THREAD).expect("threads start");
         let mut links: Vec<_> = (0..LINKS_PER_THREAD).map(|_| parked(&threads)).collect();
         assert_eq!(
             threads.loads(),
@@ -169,7 +176,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_aborted_link_frees_its_place() {
-        let threads = LinkThreads::start(1).expect("threads start");
+        let threads = LinkThreads::start(1, LINKS_PER_THREAD).expect("threads start");
         let link = threads.spawn(std::future::pending());
         assert_eq!(threads.loads(), vec![1]);
         // Aborted whether or not it was polled yet: either way its future is dropped.
@@ -180,7 +187,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_link_and_what_it_spawns_share_one_thread() {
-        let threads = LinkThreads::start(2).expect("threads start");
+        let threads = LinkThreads::start(2, LINKS_PER_THREAD).expect("threads start");
         let (tx, rx) = tokio::sync::oneshot::channel();
         threads
             .spawn(async move {
@@ -202,11 +209,18 @@ mod tests {
         assert_eq!(name.as_deref(), Some("link-0"));
     }
 
+    #[tokio::test]
+    async fn one_link_per_thread_spreads_them() {
+        let threads = LinkThreads::start(3, 1).expect("threads start");
+        let links: Vec<_> = (0..4).map(|_| parked(&threads)).collect();
+        assert_eq!(threads.loads(), vec![2, 1, 1], "one each, then the fewest");
+        drop(links);
+    }
+
     #[test]
-    fn zero_threads_means_one() {
-        assert_eq!(
-            LinkThreads::start(0).expect("threads start").loads(),
-            vec![0]
-        );
+    fn zero_means_one() {
+        let threads = LinkThreads::start(0, 0).expect("threads start");
+        assert_eq!(threads.loads(), vec![0]);
+        assert_eq!(threads.per_thread, 1);
     }
 }
