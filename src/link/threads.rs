@@ -10,11 +10,12 @@
 //!
 //! Links are packed: a new link goes to the first thread that runs fewer than
 //! `bridge.links_per_thread` links ([`LINKS_PER_THREAD`] by default), and only when every
-//! thread has that many to the one that runs the fewest. A hand-over between two threads costs a wake-up, so a small mesh (the usual
-//! 2-4 brokers) runs on one thread, which forwards tens of thousands of messages per second;
-//! a larger one spreads over the threads, where one would fall behind on the fan-out. With 1,
-//! every link gets a thread of its own (while there are threads): more CPU per message, but a
-//! small mesh can use more than one core. A link that ends frees its place. The control plane (admin API, supervisor, signals) stays on the
+//! thread has that many to the one that runs the fewest. A hand-over between two threads
+//! costs a wake-up, so a small mesh (the usual 2-4 brokers) runs on one thread, which forwards
+//! tens of thousands of messages per second; a larger one spreads over the threads, where one
+//! would fall behind on the fan-out. With 1, every link gets a thread of its own (while there
+//! are threads): more CPU per message, but a small mesh can use more than one core. A link
+//! that ends frees its place. The control plane (admin API, supervisor, signals) stays on the
 //! runtime that called [`LinkThreads::start`].
 
 use std::future::Future;
@@ -24,9 +25,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::runtime::{Builder, Runtime};
 use tokio::task::JoinHandle;
 
-/// Links a thread takes before the next thread is used, by default. Measured on 2 cores shared with the
-/// brokers (docs/BENCHMARKS.md, "link threads"): 3 links on one thread cost 20-30 % less CPU
-/// per message than 3 spread over two, and 8 links on one thread fall behind.
+/// Links a thread takes before the next thread is used, by default. Measured on 2 cores
+/// shared with the brokers (docs/BENCHMARKS.md, "link threads"): 3 links on one thread cost
+/// 20-30 % less CPU per message than 3 spread over two, and 8 links on one thread fall behind.
 pub const LINKS_PER_THREAD: usize = 4;
 
 /// The threads that run the links.
