@@ -261,7 +261,8 @@ fn link_threads(pid: u32) -> std::collections::BTreeMap<String, u64> {
             let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
             // Fields after the command: state is field 3, utime 14 and stime 15.
             let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-            let ticks = fields[11].parse::<u64>().ok()? + fields[12].parse::<u64>().ok()?;
+            let ticks =
+                fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
             Some((name.to_string(), ticks))
         })
         .collect()

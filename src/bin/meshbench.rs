@@ -15,9 +15,9 @@
 //! With `--repeat R`, the pair runs R times on the same brokers, which contender goes first
 //! alternating; each run's ratios are printed, then the medians. `--worker-threads N` and
 //! `--links-per-thread N` set the bridge's `worker_threads` and `links_per_thread`. The last
-//! line is how many messages the bridge wrote to its spool
-//! in each run (`meshbridge_spooled_total`): a target more than `queue_capacity` messages behind
-//! is served from the spool, a slower path, so a run that spooled is a different case.
+//! line is how many messages the bridge wrote to its spool in each run
+//! (`meshbridge_spooled_total`): a target more than `queue_capacity` messages behind is served
+//! from the spool, a slower path, so a run that spooled is a different case.
 //! Linux only (reads /proc). Requires mosquitto on PATH (or in /usr/sbin).
 
 use std::collections::HashSet;
@@ -84,7 +84,7 @@ fn parse() -> Result<Opts, String> {
             "--links-per-thread" => o.links_per_thread = Some(v()?),
             "--repeat" => o.repeat = v()? as usize,
             "-h" | "--help" => {
-                return Err("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T] [--down K] [--queue-capacity N] [--worker-threads N] [--repeat R]".into())
+                return Err("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T] [--down K] [--queue-capacity N] [--worker-threads N] [--links-per-thread N] [--repeat R]".into())
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
