@@ -112,8 +112,20 @@ async fn wait_port(port: u16) -> Result<(), DemoError> {
     Ok(())
 }
 
-/// Sample message in flight: origin, when it was published, where it has arrived.
-type Pending = HashMap<u64, (String, Instant, Vec<(String, Duration)>)>;
+/// A sample message in flight.
+struct Sample {
+    /// The broker it was published on.
+    origin: String,
+    /// When.
+    sent: Instant,
+    /// The brokers meshed with the origin when it was published.
+    expected: Vec<String>,
+    /// Where it has arrived so far, and after how long.
+    arrivals: Vec<(String, Duration)>,
+}
+
+/// Sample messages in flight, by sequence number.
+type Pending = HashMap<u64, Sample>;
 
 /// Runs the demo until Ctrl-C, or for `duration` when given.
 pub async fn run(duration: Option<Duration>) -> Result<(), DemoError> {
@@ -171,7 +183,9 @@ pub async fn run(duration: Option<Duration>) -> Result<(), DemoError> {
         "  mosquitto_pub -p {} -t demo/hello -m hi      # arrives on b1 too",
         mesh[2].plain
     );
-    println!("\nAdd a fourth broker (b4, not meshed yet) while this runs:");
+    println!(
+        "\nAdd a fourth broker (b4, not meshed yet) while this runs; the sample traffic then goes to and from it:"
+    );
     println!(
         "  cargo run --release -- add-broker 127.0.0.1:{} --name b4 --protocol v3.1.1 --no-tls --admin 127.0.0.1:{admin}",
         b4.plain
@@ -181,40 +195,71 @@ pub async fn run(duration: Option<Duration>) -> Result<(), DemoError> {
 
     let pending: Arc<Mutex<Pending>> = Arc::default();
     let stop = CancellationToken::new();
+    // Every embedded broker is watched and has a publisher from the start, b4 too: once it is
+    // added, it takes part in the sample traffic both ways.
     let mut tasks = Vec::new();
-    for b in mesh {
+    let mut publishers = Vec::new();
+    for b in &brokers {
         tasks.push(tokio::spawn(watch(
             b.name.clone(),
             b.plain,
             pending.clone(),
             stop.clone(),
         )));
-    }
-    let mut publishers = Vec::new();
-    for b in mesh {
         publishers.push(connect(&format!("demo-pub-{}", b.name), b.plain, &stop).await);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let started = Instant::now();
     let mut published = 0u64;
+    let mut meshed: Vec<usize> = (0..mesh.len()).collect();
     let mut tick = tokio::time::interval(Duration::from_millis(700));
+    // One listener for the whole run: a fresh `ctrl_c()` per turn would miss a Ctrl-C that
+    // comes while the turn publishes.
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = tokio::signal::ctrl_c() => break,
+            _ = &mut ctrl_c => break,
         }
         if duration.is_some_and(|d| started.elapsed() >= d) {
             break;
         }
+        // Which embedded brokers the bridge has connected links to, as its own status says.
+        if let Some(now) = meshed_brokers(admin, &brokers).await {
+            for &i in now.iter().filter(|i| !meshed.contains(i)) {
+                println!(
+                    "  -- {} joined the mesh: sample traffic now goes to and from it",
+                    brokers[i].name
+                );
+            }
+            for &i in meshed.iter().filter(|i| !now.contains(i)) {
+                println!("  -- {} left the mesh", brokers[i].name);
+            }
+            meshed = now;
+        }
+        if meshed.is_empty() {
+            continue;
+        }
         published += 1;
-        let k = (published as usize - 1) % mesh.len();
-        let origin = &mesh[k].name;
+        let k = meshed[(published as usize - 1) % meshed.len()];
+        let origin = &brokers[k].name;
+        let expected: Vec<String> = meshed
+            .iter()
+            .filter(|&&i| i != k)
+            .map(|&i| brokers[i].name.clone())
+            .collect();
         let payload = format!("#{published} from {origin}");
-        pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(published, (origin.clone(), Instant::now(), Vec::new()));
+        pending.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            published,
+            Sample {
+                origin: origin.clone(),
+                sent: Instant::now(),
+                expected,
+                arrivals: Vec::new(),
+            },
+        );
         println!("  published {payload:<14} on {origin} (demo/{origin})");
         let _ = publishers[k]
             .publish(format!("demo/{origin}"), QoS::AtLeastOnce, false, payload)
@@ -240,6 +285,36 @@ pub async fn run(duration: Option<Duration>) -> Result<(), DemoError> {
         }),
         _ => Ok(()),
     }
+}
+
+/// The embedded brokers (indexes into `brokers`) that the bridge has a connected link to,
+/// matched by port; `None` when the admin API did not answer (keep the previous set).
+async fn meshed_brokers(admin: u16, brokers: &[Embedded]) -> Option<Vec<usize>> {
+    let rows = tokio::task::spawn_blocking(move || {
+        crate::admin::client::AdminClient::new(&format!("127.0.0.1:{admin}"), None).status()
+    })
+    .await
+    .ok()?
+    .ok()?;
+    let connected: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.state == crate::metrics::LinkState::Connected)
+        .map(|r| r.address.as_str())
+        .collect();
+    Some(
+        brokers
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| {
+                connected.iter().any(|a| {
+                    a.rsplit_once(':')
+                        .and_then(|(_, p)| p.parse::<u16>().ok())
+                        .is_some_and(|p| p == b.plain || p == b.tls)
+                })
+            })
+            .map(|(i, _)| i)
+            .collect(),
+    )
 }
 
 async fn wait_ready(admin: u16) -> Result<(), DemoError> {
@@ -311,20 +386,21 @@ async fn watch(name: String, port: u16, pending: Arc<Mutex<Pending>>, stop: Canc
             continue;
         };
         let mut map = pending.lock().unwrap_or_else(|p| p.into_inner());
-        let Some((origin, sent, arrivals)) = map.get_mut(&seq) else {
+        let Some(sample) = map.get_mut(&seq) else {
             continue;
         };
-        if *origin == name {
+        if !sample.expected.contains(&name) || sample.arrivals.iter().any(|(b, _)| *b == name) {
             continue;
         }
-        arrivals.push((name.clone(), sent.elapsed()));
-        if arrivals.len() == 2 {
-            let line = arrivals
+        sample.arrivals.push((name.clone(), sample.sent.elapsed()));
+        if sample.arrivals.len() == sample.expected.len() {
+            let line = sample
+                .arrivals
                 .iter()
                 .map(|(b, d)| format!("{b} ({:.1} ms)", d.as_secs_f64() * 1000.0))
                 .collect::<Vec<_>>()
                 .join(", ");
-            println!("      #{seq} from {origin} arrived on {line}");
+            println!("      #{seq} from {} arrived on {line}", sample.origin);
             map.remove(&seq);
         }
     }
