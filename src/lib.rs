@@ -158,4 +158,5 @@ async fn reload(
     let removed: Vec<String> = gone.iter().map(|h| h.broker.name.clone()).collect();
     info!(?started, ?removed, "configuration reloaded");
     supervisor::shutdown_links(gone, drain_timeout).await;
+    supervisor.lock().await.drained(&removed);
 }

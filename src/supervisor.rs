@@ -153,6 +153,9 @@ pub struct Supervisor {
     from_config: HashSet<String>,
     /// Where the links run.
     threads: LinkThreads,
+    /// Brokers taken out whose links are still draining: their spool table is deleted when
+    /// the drain ends, so a broker of the same name may not start before (see [`Self::drained`]).
+    draining: HashSet<String>,
 }
 
 impl Supervisor {
@@ -173,6 +176,7 @@ impl Supervisor {
             from_config: config.brokers.iter().map(|b| b.name.clone()).collect(),
             membership,
             config,
+            draining: HashSet::new(),
         };
         for broker in sup.config.brokers.clone() {
             if sup.membership.removed.contains(&broker.name) {
@@ -276,6 +280,12 @@ impl Supervisor {
     /// address is taken, persisted, then started. It receives the mesh's retained messages.
     pub fn add(&mut self, spec: AddedBroker) -> Result<BrokerStatus, ChangeError> {
         let broker = self.build(&spec)?;
+        if self.draining.contains(&broker.name) {
+            return Err(ChangeError::Conflict(format!(
+                "{:?} was removed and is still draining (up to drain_timeout); add it again once the removal has finished",
+                broker.name
+            )));
+        }
         if self.links.contains_key(&broker.name) {
             return Err(ChangeError::Conflict(format!(
                 "a broker named {:?} exists already",
@@ -332,6 +342,7 @@ impl Supervisor {
             .remove(&name)
             .ok_or_else(|| ChangeError::NotFound(key.to_string()))?;
         handle.leaving = true;
+        self.draining.insert(name.clone());
         info!(broker = %name, "broker removed at run time");
         Ok(handle)
     }
@@ -387,6 +398,7 @@ impl Supervisor {
             if let Some(mut h) = self.links.remove(name) {
                 info!(broker = %name, "removed from the config file");
                 h.leaving = true;
+                self.draining.insert(name.clone());
                 gone.push(h);
             }
         }
@@ -397,12 +409,41 @@ impl Supervisor {
             {
                 continue;
             }
+            if self.draining.contains(&broker.name) {
+                info!(broker = %broker.name, "starts once its previous link has drained");
+                continue;
+            }
             started.push(broker.name.clone());
             self.spawn(broker);
         }
         self.from_config = new_names;
         self.config.brokers = new.brokers;
         (started, gone)
+    }
+
+    /// The links of `names`, taken out by [`Self::remove`] or [`Self::reload`], have stopped
+    /// and their spools are deleted: those names may be used again. A broker of the config
+    /// file that waited for one of them starts now; returns the names started.
+    pub fn drained(&mut self, names: &[String]) -> Vec<String> {
+        let mut started = Vec::new();
+        for name in names {
+            self.draining.remove(name);
+            let waiting = self
+                .config
+                .brokers
+                .iter()
+                .find(|b| &b.name == name)
+                .cloned();
+            if let Some(broker) = waiting
+                && !self.links.contains_key(name)
+                && !self.membership.removed.contains(name)
+            {
+                info!(broker = %name, "previous link drained: starting the configured broker");
+                started.push(name.clone());
+                self.spawn(broker);
+            }
+        }
+        started
     }
 
     /// Takes every link out, to be stopped with [`shutdown_links`] (outside any lock).

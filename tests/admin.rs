@@ -386,3 +386,69 @@ async fn sighup_applies_broker_changes_from_the_config_file() {
 fn bridge_pid(bridge: &Bridge) -> u32 {
     bridge.pid().expect("bridge running")
 }
+
+/// Removing a broker and adding one of the same name while the old link still drains must not
+/// cost the new one its messages (the old link's end deleted the spool table both shared): the
+/// add is refused, naming why, until the drain has ended; then the name is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_is_refused_while_its_removal_drains_then_free_again() {
+    let (tmp, certs, [b1, b2, b3, b4]) = common::lab::<4>();
+    let cfg = bridge_config(
+        &certs,
+        "mesh",
+        &tmp.path().join("data"),
+        &[(&b1, ""), (&b2, "")],
+    )
+    .replacen("\n[tls]", "drain_timeout = \"4s\"\n\n[tls]", 1);
+    let admin = admin_addr(&cfg);
+    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
+    bridge.wait_subscribed(&["b1", "b2"]);
+    let addr3 = format!("127.0.0.1:{}", b3.tls_port);
+    let addr4 = format!("127.0.0.1:{}", b4.tls_port);
+    let (code, _, err) = cli(&["add-broker", &addr3, "--name", "z", "--admin", &admin]);
+    assert_eq!(code, 0, "{err}");
+    wait_state(&admin, "z", "connected");
+
+    // z freezes with messages for it; its removal drains for up to 4 s.
+    signal(b3.pid().unwrap(), "STOP");
+    let msgs: Vec<Pub> = (0..50)
+        .map(|i| Pub::new("d/old", format!("{i}"), 1))
+        .collect();
+    mqtt::publish(b1.plain_port, "p-old", &msgs).await;
+    let admin2 = admin.clone();
+    let removal = std::thread::spawn(move || cli(&["remove-broker", "z", "--admin", &admin2]));
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        !removal.is_finished(),
+        "the removal should still be draining"
+    );
+    let (code, _, err) = cli(&["add-broker", &addr4, "--name", "z", "--admin", &admin]);
+    assert_eq!(code, 1, "an add during the drain must be refused: {err}");
+    assert!(
+        err.contains("still draining") && err.contains("409"),
+        "{err}"
+    );
+    let (code, out, err) = removal.join().unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("removed z"), "{out}");
+    signal(b3.pid().unwrap(), "CONT");
+
+    // The name is free again, and the new z gets every new message.
+    let (code, _, err) = cli(&["add-broker", &addr4, "--name", "z", "--admin", &admin]);
+    assert_eq!(code, 0, "{err}");
+    wait_state(&admin, "z", "connected");
+    bridge.wait_log("link{broker=z}", 1, Duration::from_secs(5));
+    let s4 = mqtt::subscribe(b4.plain_port, "s4", "d/new").await;
+    let msgs: Vec<Pub> = (0..30)
+        .map(|i| Pub::new("d/new", format!("{i}"), 1))
+        .collect();
+    mqtt::publish(b1.plain_port, "p-new", &msgs).await;
+    assert_eq!(s4.wait_count(30, Duration::from_secs(15)).await, 30);
+    let expected: Vec<Vec<u8>> = (0..30).map(|i| format!("{i}").into_bytes()).collect();
+    assert_eq!(multiset_diff(&expected, &s4.payloads()), "");
+    let z = status_json(&admin)
+        .into_iter()
+        .find(|l| l["name"] == "z")
+        .expect("z listed");
+    assert_eq!(z["spool_messages"], 0, "{z}");
+}

@@ -177,6 +177,11 @@ async fn remove(State(state): State<AdminState>, Path(key): Path<String>) -> Res
     let name = handle.broker.name.clone();
     // Drain outside the lock: status and metrics keep answering meanwhile.
     handle.shutdown(state.drain_timeout).await;
+    state
+        .supervisor
+        .lock()
+        .await
+        .drained(std::slice::from_ref(&name));
     info!(broker = %name, "removed through the admin API");
     Json(serde_json::json!({ "removed": name })).into_response()
 }
