@@ -310,6 +310,18 @@ pub fn queue_overflow(stats: &LinkStats, dropped: u64) {
     }
 }
 
+/// A QoS 0 message met a full spool with the `block` policy: it cannot hold its origin back
+/// (QoS 0 is never acknowledged), so it is dropped and counted as an overflow.
+pub fn spool_full_qos0_dropped(stats: &LinkStats) {
+    let total = stats.dropped_overflow.fetch_add(1, Ordering::Relaxed) + 1;
+    if total == 1 || total.is_multiple_of(1000) {
+        tracing::warn!(
+            dropped_total = total,
+            "spool full: QoS 0 message dropped (spool_overflow = \"block\" holds back QoS 1 and 2 only)"
+        );
+    }
+}
+
 /// A link (re)connection failed or dropped: logged, counted, remembered for `status`.
 pub fn link_error(stats: &LinkStats, error: &str, retry_in: std::time::Duration) {
     stats.set_error(error.to_string());

@@ -202,6 +202,13 @@ impl TargetQueue {
             || (sp.spool.limits().overflow == Overflow::Block
                 && sp.spool.is_full(&sp.target, record_size(&item)))
         {
+            if item.msg.qos == 0 {
+                // QoS 0 has no acknowledgement to hold its origin back with: holding it would
+                // only grow memory without bound. Dropped and counted.
+                drop(inner);
+                metrics::spool_full_qos0_dropped(&self.stats);
+                return false;
+            }
             if inner.blocked.is_empty() {
                 warn!(
                     messages = sp.target.len(),

@@ -513,3 +513,65 @@ async fn message_over_a_targets_max_packet_size_is_skipped_for_it_only() {
         "the skip is logged with the limit:\n{log}"
     );
 }
+
+/// `spool_overflow = "block"` holds back QoS 1 and 2 by their acknowledgement; QoS 0 has none,
+/// so holding it grew memory without bound (100k QoS 0 of 1 KB: +100k blocked, RSS +130 MB).
+/// With a full spool a QoS 0 message is dropped and counted, and nothing waits in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_spool_with_block_policy_drops_qos0_counted_and_memory_stays_bounded() {
+    const N: usize = 20_000;
+    const MAX: usize = 10;
+    let (tmp, certs, mut b) = common::lab::<3>();
+    let (_bridge, admin) = mesh(
+        tmp.path(),
+        &certs,
+        &b,
+        &format!("spool_max_messages = {MAX}\nspool_overflow = \"block\""),
+    );
+    let s2 = mqtt::subscribe(b[1].plain_port, "s2", "q0/#").await;
+    b[2].kill();
+    wait_metric(
+        &admin,
+        "meshbridge_connected",
+        "b3",
+        0.0,
+        Duration::from_secs(20),
+    );
+    let msgs: Vec<Pub> = (0..N)
+        .map(|i| {
+            let mut payload = format!("{i:06}").into_bytes();
+            payload.resize(1024, b'.');
+            Pub::new("q0/x", payload, 0)
+        })
+        .collect();
+    mqtt::publish(b[0].plain_port, "p1", &msgs).await;
+    // b2 is live and keeps receiving (QoS 0 may drop on the way; most must arrive).
+    let got2 = s2.wait_count(N * 9 / 10, Duration::from_secs(60)).await;
+    assert!(got2 >= N * 9 / 10, "b2 got {got2} of {N}");
+    wait_metric(
+        &admin,
+        "meshbridge_spool_messages",
+        "b3",
+        MAX as f64,
+        Duration::from_secs(20),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = metrics(&admin);
+        let in_b1 = metric(&text, "meshbridge_messages_in_total", "b1").unwrap_or(0.0);
+        let dropped = metric(&text, "meshbridge_dropped_overflow_total", "b3").unwrap_or(0.0);
+        if in_b1 > 0.0 && dropped + MAX as f64 >= in_b1 {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "every QoS 0 message beyond the spool's {MAX} is dropped and counted: in {in_b1}, dropped {dropped}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        metric(&text, "meshbridge_spool_blocked", "b3"),
+        Some(0.0),
+        "no QoS 0 message waits in memory"
+    );
+}
