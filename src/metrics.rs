@@ -24,6 +24,15 @@ pub const DROPPED_TAGGED: &str = "meshbridge_dropped_tagged";
 pub const DROPPED_OVERFLOW: &str = "meshbridge_dropped_overflow";
 /// Repeats dropped by the storm guard (a forwarding loop somewhere). Counter.
 pub const DROPPED_STORM: &str = "meshbridge_dropped_storm";
+/// Messages for the broker dropped because the spool's disk refused writes for so long that
+/// the memory holding them meanwhile was full.
+pub const DROPPED_SPOOL_FAILED: &str = "meshbridge_dropped_spool_failed";
+/// 1 while the spool's disk refuses writes.
+pub const SPOOL_FAILING: &str = "meshbridge_spool_failing";
+/// Spool transactions that failed.
+pub const SPOOL_WRITE_FAILURES: &str = "meshbridge_spool_write_failures";
+/// Messages held in memory until the spool's disk takes them.
+pub const SPOOL_HELD: &str = "meshbridge_spool_held_messages";
 /// Messages a broker refused (error reason code, or larger than its maximum packet size). Counter.
 pub const REJECTED: &str = "meshbridge_rejected";
 /// Messages published again after a reconnect (possible duplicates downstream). Counter.
@@ -54,6 +63,7 @@ pub fn encode(
     links: &[crate::admin::BrokerStatus],
     retained: usize,
     overflow: crate::spool::Overflow,
+    spool: &crate::spool::SpoolHealth,
 ) -> String {
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::family::Family;
@@ -68,7 +78,7 @@ pub fn encode(
     );
 
     let mut registry = Registry::default();
-    let counters: [Metric<u64>; 11] = [
+    let counters: [Metric<u64>; 12] = [
         (MESSAGES_IN, "Messages received from the broker", |s| {
             s.messages_in
         }),
@@ -100,6 +110,11 @@ pub fn encode(
         (DROPPED_STORM, "Repeats dropped by the storm guard", |s| {
             s.dropped_storm
         }),
+        (
+            DROPPED_SPOOL_FAILED,
+            "Messages dropped because the spool's disk refused writes and the memory holding them was full",
+            |s| s.dropped_spool_failed,
+        ),
         (REJECTED, "Messages the broker refused", |s| s.rejected),
         (
             REDELIVERED,
@@ -168,6 +183,27 @@ pub fn encode(
         "Spool overflow policy in force (drop_oldest or block)",
         policy,
     );
+    let failing = Gauge::<i64>::default();
+    failing.set(i64::from(spool.error.is_some()));
+    registry.register(
+        SPOOL_FAILING,
+        "1 while the spool's disk refuses writes (messages are held in memory meanwhile)",
+        failing,
+    );
+    let held = Gauge::<i64>::default();
+    held.set(spool.held_messages as i64);
+    registry.register(
+        SPOOL_HELD,
+        "Messages held in memory until the spool's disk takes them",
+        held,
+    );
+    let failures = Counter::<u64>::default();
+    failures.inc_by(spool.write_failures);
+    registry.register(
+        SPOOL_WRITE_FAILURES,
+        "Spool transactions that failed (disk full, I/O error)",
+        failures,
+    );
     let retained_gauge = Gauge::<i64>::default();
     retained_gauge.set(retained as i64);
     registry.register(
@@ -212,6 +248,8 @@ pub struct LinkStats {
     pub dropped_overflow: AtomicU64,
     /// See [`DROPPED_STORM`].
     pub dropped_storm: AtomicU64,
+    /// See [`DROPPED_SPOOL_FAILED`].
+    pub dropped_spool_failed: AtomicU64,
     /// See [`REJECTED`].
     pub rejected: AtomicU64,
     /// See [`REDELIVERED`].
@@ -240,6 +278,7 @@ impl Default for LinkStats {
             dropped_tagged: AtomicU64::new(0),
             dropped_overflow: AtomicU64::new(0),
             dropped_storm: AtomicU64::new(0),
+            dropped_spool_failed: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             redelivered: AtomicU64::new(0),
             spooled: AtomicU64::new(0),

@@ -360,7 +360,10 @@ impl TargetQueue {
         let rows = match sp.spool.read(&sp.target, cursor, want) {
             Ok(rows) => rows,
             Err(e) => {
-                warn!(error = %e, "spool read failed; retrying later");
+                // A failing spool is reported once by its writer, not on every read.
+                if !sp.spool.is_failing() {
+                    warn!(error = %e, "spool read failed; retrying later");
+                }
                 return;
             }
         };

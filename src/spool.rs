@@ -11,16 +11,23 @@
 //! wrote: a message counts as "in the spool" only once it is on disk, and one fsync covers
 //! every message that arrived meanwhile. Reads (by the target's link) see committed rows only.
 //!
+//! When the disk refuses a write (full, I/O error), the rows of the failed transaction are held
+//! in memory by their target ([`Target`]'s held rows, at most [`MAX_HELD_BYTES`] in all), readable
+//! like committed rows, and their shares complete: a live target never waits for a broken disk
+//! and nothing is dropped while memory lasts. redb refuses every write after an I/O error until
+//! the database is opened again, so the writer reopens it (at most every [`REOPEN_EVERY`]) and
+//! writes the held rows first once it works; [`Spool::health`] says meanwhile that it fails.
+//!
 //! Bounds: `spool_max_messages` and `spool_max_bytes` per target. On overflow either the oldest
 //! spooled messages are dropped ([`Overflow::DropOldest`], counted as `dropped_overflow`) or new
 //! messages wait in memory holding their origin's acknowledgement ([`Overflow::Block`]): the
 //! origin broker then stops sending once its in-flight window is full.
 
-use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes};
 use redb::{
@@ -54,6 +61,13 @@ const MAX_BATCH_BYTES: u64 = 2 << 20;
 /// Bytes of messages handed to the writer and not yet committed, beyond which `append`
 /// waits: when the disk is slower than the traffic, the backlog stays here and not in memory.
 const MAX_UNWRITTEN: u64 = 4 << 20;
+
+/// Most bytes of rows held in memory, all targets together, while the disk refuses writes;
+/// beyond it a target's oldest held rows are dropped (`meshbridge_dropped_spool_failed_total`).
+pub const MAX_HELD_BYTES: u64 = 64 << 20;
+
+/// How often a failing spool is opened again and its held rows retried.
+pub const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
 /// What happens when a target's spool is full.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -113,6 +127,10 @@ pub struct Target {
     last_key: u64,
     notify: Arc<Notify>,
     stats: Arc<LinkStats>,
+    /// Rows a failed write could not put on disk, by key: readable like committed rows and
+    /// counted in `pending_rows` until the writer gets them onto disk.
+    held: Mutex<BTreeMap<u64, Vec<u8>>>,
+    held_rows: AtomicU64,
 }
 
 impl Target {
@@ -129,6 +147,8 @@ impl Target {
             last_key: found.last,
             notify,
             stats,
+            held: Mutex::new(BTreeMap::new()),
+            held_rows: AtomicU64::new(0),
         })
     }
 
@@ -148,9 +168,40 @@ impl Target {
         self.pending_bytes.load(Ordering::Acquire) + self.stored_bytes.load(Ordering::Acquire)
     }
 
-    /// Rows readable now.
+    /// Rows readable now: committed, or held in memory while the disk refuses writes.
     pub fn committed(&self) -> u64 {
-        self.stored_rows.load(Ordering::Acquire)
+        self.stored_rows.load(Ordering::Acquire) + self.held_rows.load(Ordering::Acquire)
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Vec<u8>>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds `value` under `key` in memory (its write failed); false if `key` was held already.
+    fn hold(&self, key: u64, value: Vec<u8>, health: &Health) -> bool {
+        let len = value.len() as u64;
+        if self.lock_held().insert(key, value).is_some() {
+            return false;
+        }
+        self.held_rows.fetch_add(1, Ordering::AcqRel);
+        health.held_rows.fetch_add(1, Ordering::AcqRel);
+        health.held_bytes.fetch_add(len, Ordering::AcqRel);
+        true
+    }
+
+    /// Forgets the held row `key` (written, delivered or dropped); its length if it was held.
+    /// `pending` also lowers the pending counters (the row is gone, not on disk).
+    fn unhold(&self, key: u64, health: &Health, pending: bool) -> Option<u64> {
+        let value = self.lock_held().remove(&key)?;
+        let len = value.len() as u64;
+        self.held_rows.fetch_sub(1, Ordering::AcqRel);
+        health.held_rows.fetch_sub(1, Ordering::AcqRel);
+        health.held_bytes.fetch_sub(len, Ordering::AcqRel);
+        if pending {
+            self.pending_rows.fetch_sub(1, Ordering::AcqRel);
+            self.pending_bytes.fetch_sub(len, Ordering::AcqRel);
+        }
+        Some(len)
     }
 
     /// Deletions on their way to disk: rows already delivered that are still readable.
@@ -186,6 +237,12 @@ enum Op {
     Discard {
         target: Arc<Target>,
     },
+    /// A held row (see [`Target::hold`]) on its way to disk.
+    Unhold {
+        target: Arc<Target>,
+        key: u64,
+        value: Vec<u8>,
+    },
     Barrier(oneshot::Sender<()>),
 }
 
@@ -208,9 +265,94 @@ struct Found {
     last: u64,
 }
 
+/// How the spool's disk is doing, shared by the writer and everyone who reports it.
+#[derive(Debug, Default)]
+struct Health {
+    /// The last write error, while writes fail.
+    error: Mutex<Option<String>>,
+    /// Transactions that failed.
+    write_failures: AtomicU64,
+    /// Rows and bytes held in memory, all targets together.
+    held_rows: AtomicU64,
+    held_bytes: AtomicU64,
+}
+
+impl Health {
+    fn error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_error(&self, error: Option<String>) {
+        *self.error.lock().unwrap_or_else(|p| p.into_inner()) = error;
+    }
+}
+
+/// What [`Spool::health`] reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SpoolHealth {
+    /// The write error, while the disk refuses writes.
+    pub error: Option<String>,
+    /// Transactions that failed since the start.
+    pub write_failures: u64,
+    /// Messages held in memory until the disk takes them.
+    pub held_messages: u64,
+    /// Their bytes (at most [`MAX_HELD_BYTES`]).
+    pub held_bytes: u64,
+}
+
+/// The database file and its handle, which the writer replaces when it opens the file again
+/// after a failed write (redb refuses every write after an I/O error until then).
+struct Store {
+    path: PathBuf,
+    /// `None` while it is being opened again.
+    db: RwLock<Option<Arc<Database>>>,
+    health: Health,
+}
+
+impl Store {
+    fn db(&self) -> Option<Arc<Database>> {
+        self.db.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Closes the database and opens it again.
+    fn reopen(&self) -> Result<(), String> {
+        let old = self.db.write().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut old) = old {
+            // Readers hold a clone for the length of one read; the file lock goes with the last.
+            let deadline = Instant::now() + Duration::from_secs(1);
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(still_shared) if Instant::now() < deadline => {
+                        old = still_shared;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(still_shared) => {
+                        *self.db.write().unwrap_or_else(|p| p.into_inner()) = Some(still_shared);
+                        return Err("the database is still in use by a reader".into());
+                    }
+                }
+            }
+        }
+        let db = open_db(&self.path).map_err(|e| e.to_string())?;
+        *self.db.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(db));
+        Ok(())
+    }
+}
+
+/// Opens (or creates) the database file with the spool's cache size.
+fn open_db(path: &Path) -> Result<Database, redb::DatabaseError> {
+    // A small page cache: the spool is written once and read once, sequentially; redb's
+    // default (1 GiB) would show up as resident memory under a long outage.
+    Database::builder().set_cache_size(CACHE_BYTES).create(path)
+}
+
 /// The spool of every target.
 pub struct Spool {
-    db: Arc<Database>,
+    store: Arc<Store>,
     ops: Mutex<Option<mpsc::Sender<Op>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     unwritten: Arc<Budget>,
@@ -236,18 +378,12 @@ impl Spool {
         };
         std::fs::create_dir_all(dir)
             .map_err(|e| fail(format!("cannot create the directory: {e}")))?;
-        // A small page cache: the spool is written once and read once, sequentially; redb's
-        // default (1 GiB) would show up as resident memory under a long outage.
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => fail(
-                    "in use by another process (is another bridge running with this data_dir?)"
-                        .into(),
-                ),
-                other => fail(other.to_string()),
-            })?;
+        let db = open_db(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => fail(
+                "in use by another process (is another bridge running with this data_dir?)".into(),
+            ),
+            other => fail(other.to_string()),
+        })?;
         let found = scan(&db).map_err(fail)?;
         for (table, f) in &found {
             info!(
@@ -257,17 +393,21 @@ impl Spool {
                 "spooled messages found"
             );
         }
-        let db = Arc::new(db);
+        let store = Arc::new(Store {
+            path: path.clone(),
+            db: RwLock::new(Some(Arc::new(db))),
+            health: Health::default(),
+        });
         let (tx, rx) = mpsc::channel();
-        let writer_db = db.clone();
+        let writer_store = store.clone();
         let unwritten = Arc::new(Budget::default());
         let writer_budget = unwritten.clone();
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer(&writer_db, rx, limits, &writer_budget))
+            .spawn(move || writer(&writer_store, rx, limits, &writer_budget))
             .map_err(|e| fail(format!("cannot start the writer thread: {e}")))?;
         Ok(Arc::new(Spool {
-            db,
+            store,
             ops: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(thread)),
             unwritten,
@@ -279,6 +419,22 @@ impl Spool {
     /// The configured bounds.
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// Whether the disk takes writes, and what is held in memory meanwhile.
+    pub fn health(&self) -> SpoolHealth {
+        let h = &self.store.health;
+        SpoolHealth {
+            error: h.error(),
+            write_failures: h.write_failures.load(Ordering::Relaxed),
+            held_messages: h.held_rows.load(Ordering::Relaxed),
+            held_bytes: h.held_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// True while the disk refuses writes.
+    pub fn is_failing(&self) -> bool {
+        self.store.health.error().is_some()
     }
 
     /// The spool of target `broker`, with what an earlier run left in it. `notify` is woken
@@ -396,29 +552,51 @@ impl Spool {
         }
     }
 
-    /// Up to `max` committed rows of `target` from key `from` on (from the first when `None`).
+    /// Up to `max` readable rows of `target` (committed, or held in memory while the disk
+    /// refuses writes) from key `from` on (from the first when `None`), in key order.
     pub fn read(
         &self,
         target: &Target,
         from: Option<u64>,
         max: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, String> {
-        let txn = self.db.begin_read().map_err(|e| e.to_string())?;
-        let table = match txn.open_table(target.def()) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.to_string()),
-        };
-        let range = table
-            .range(from.unwrap_or(0)..)
-            .map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        for row in range.take(max) {
-            let (k, v) = row.map_err(|e| e.to_string())?;
-            out.push((k.value(), v.value().to_vec()));
+        let from = from.unwrap_or(0);
+        let mut rows = BTreeMap::new();
+        let on_disk = target.stored_rows.load(Ordering::Acquire) > 0;
+        match self.store.db().map(|db| read_disk(&db, target, from, max)) {
+            Some(Ok(disk)) => rows.extend(disk),
+            // Rows on disk that cannot be read now must not be skipped: read again later.
+            Some(Err(e)) if on_disk => return Err(e),
+            None if on_disk => return Err("the spool is being opened again".into()),
+            Some(Err(_)) | None => {}
         }
-        Ok(out)
+        // A held row may also be on disk already (written, not yet forgotten): same bytes.
+        for (k, v) in target.lock_held().range(from..).take(max) {
+            rows.entry(*k).or_insert_with(|| v.clone());
+        }
+        Ok(rows.into_iter().take(max).collect())
     }
+}
+
+fn read_disk(
+    db: &Database,
+    target: &Target,
+    from: u64,
+    max: usize,
+) -> Result<Vec<(u64, Vec<u8>)>, String> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let table = match txn.open_table(target.def()) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let range = table.range(from..).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for row in range.take(max) {
+        let (k, v) = row.map_err(|e| e.to_string())?;
+        out.push((k.value(), v.value().to_vec()));
+    }
+    Ok(out)
 }
 
 fn scan(db: &Database) -> Result<HashMap<String, Found>, String> {
@@ -495,11 +673,32 @@ impl Budget {
     }
 }
 
-fn writer(db: &Database, rx: mpsc::Receiver<Op>, limits: Limits, unwritten: &Budget) {
+fn writer(store: &Store, rx: mpsc::Receiver<Op>, limits: Limits, unwritten: &Budget) {
     let mut batch = Vec::new();
-    while let Ok(op) = rx.recv() {
-        let mut batch_bytes = op.bytes();
-        batch.push(op);
+    // While the disk refuses writes: deletions and discards to do again, the targets that hold
+    // rows in memory, and when to open the database again.
+    let mut retry: Vec<Op> = Vec::new();
+    let mut holding: HashMap<String, Arc<Target>> = HashMap::new();
+    let mut next_attempt = Instant::now();
+    loop {
+        let failing = store.health.error().is_some();
+        let first = if failing {
+            match rx.recv_timeout(REOPEN_EVERY) {
+                Ok(op) => Some(op),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(op) => Some(op),
+                Err(_) => break,
+            }
+        };
+        let mut batch_bytes = 0;
+        if let Some(op) = first {
+            batch_bytes += op.bytes();
+            batch.push(op);
+        }
         while batch.len() < MAX_BATCH && batch_bytes < MAX_BATCH_BYTES {
             match rx.try_recv() {
                 Ok(op) => {
@@ -509,89 +708,209 @@ fn writer(db: &Database, rx: mpsc::Receiver<Op>, limits: Limits, unwritten: &Bud
                 Err(_) => break,
             }
         }
-        let mut deltas: HashMap<String, (Arc<Target>, Delta)> = HashMap::new();
-        let result = apply(db, &batch, limits, &mut deltas);
-        if let Err(e) = &result {
-            error!(error = %e, ops = batch.len(), "spool write failed");
-        }
-        // Counters first: a barrier waiter (`sync`) then sees them up to date.
-        for (target, d) in deltas.into_values() {
-            if d.dropped > 0 {
-                let total = target
-                    .stats
-                    .dropped_overflow
-                    .fetch_add(d.dropped, Ordering::Relaxed)
-                    + d.dropped;
-                warn!(
-                    target_broker = target.table.trim_start_matches(TABLE_PREFIX),
-                    dropped = d.dropped,
-                    dropped_total = total,
-                    max_messages = limits.max_messages,
-                    max_bytes = limits.max_bytes,
-                    "spool full: oldest messages dropped (spool_overflow = \"drop_oldest\")"
-                );
+        // A deletion or discard of held rows needs no disk.
+        batch.retain(|op| match op {
+            Op::Delete { target, key } => {
+                if target.unhold(*key, &store.health, true).is_some() {
+                    target.pending_deletes.fetch_sub(1, Ordering::AcqRel);
+                    return false;
+                }
+                true
             }
-            target.notify.notify_one();
+            Op::Discard { target } => {
+                let keys: Vec<u64> = target.lock_held().keys().copied().collect();
+                for key in keys {
+                    target.unhold(key, &store.health, true);
+                }
+                true
+            }
+            _ => true,
+        });
+        let result = if failing && Instant::now() < next_attempt {
+            Err(store.health.error().unwrap_or_default())
+        } else {
+            let reopened = if failing {
+                next_attempt = Instant::now() + REOPEN_EVERY;
+                store.reopen()
+            } else {
+                Ok(())
+            };
+            // Held rows and deletions left over go first: a target's order is kept.
+            let mut ops: Vec<Op> = Vec::new();
+            if failing && reopened.is_ok() {
+                for target in holding.values() {
+                    for (key, value) in target.lock_held().iter() {
+                        ops.push(Op::Unhold {
+                            target: target.clone(),
+                            key: *key,
+                            value: value.clone(),
+                        });
+                    }
+                }
+                ops.append(&mut retry);
+            }
+            ops.append(&mut batch);
+            batch = ops;
+            match (reopened, store.db()) {
+                (Ok(()), Some(db)) => apply(&db, &batch, limits),
+                (Err(e), _) => Err(format!("cannot open the spool again: {e}")),
+                (Ok(()), None) => Err("the spool is not open".into()),
+            }
+        };
+        match &result {
+            Ok(deltas) => {
+                if failing {
+                    let held = store.health.held_rows.load(Ordering::Acquire);
+                    info!(
+                        held_written = batch
+                            .iter()
+                            .filter(|op| matches!(op, Op::Unhold { .. }))
+                            .count(),
+                        still_held = held,
+                        "spool writable again"
+                    );
+                    store.health.set_error(None);
+                    holding.clear();
+                }
+                // Counters first: a barrier waiter (`sync`) then sees them up to date.
+                for (target, d) in deltas.values() {
+                    if d.dropped > 0 {
+                        let total = target
+                            .stats
+                            .dropped_overflow
+                            .fetch_add(d.dropped, Ordering::Relaxed)
+                            + d.dropped;
+                        warn!(
+                            target_broker = target.table.trim_start_matches(TABLE_PREFIX),
+                            dropped = d.dropped,
+                            dropped_total = total,
+                            max_messages = limits.max_messages,
+                            max_bytes = limits.max_bytes,
+                            "spool full: oldest messages dropped (spool_overflow = \"drop_oldest\")"
+                        );
+                    }
+                    target.notify.notify_one();
+                }
+            }
+            Err(e) => {
+                store.health.write_failures.fetch_add(1, Ordering::Relaxed);
+                if !failing {
+                    error!(
+                        error = %e,
+                        held_up_to_bytes = MAX_HELD_BYTES,
+                        "spool write failed: messages are held in memory and written once the disk takes them (the spool is opened again every second)"
+                    );
+                    next_attempt = Instant::now() + REOPEN_EVERY;
+                }
+                store.health.set_error(Some(e.clone()));
+            }
         }
         for op in batch.drain(..) {
             match op {
                 Op::Append {
                     target,
+                    key,
                     value,
                     share,
-                    ..
                 } => {
-                    if result.is_err() {
-                        // Not on disk. Completing the share keeps the origin flowing; the
-                        // message is lost for this target, counted and logged above.
-                        target
-                            .stats
-                            .dropped_overflow
-                            .fetch_add(1, Ordering::Relaxed);
-                        target.stats.set_error(format!(
-                            "spool write failed: {}",
-                            result.as_ref().err().map_or("", String::as_str)
-                        ));
+                    let len = value.len() as u64;
+                    match &result {
+                        Ok(_) => {
+                            target.pending_rows.fetch_sub(1, Ordering::AcqRel);
+                            target.pending_bytes.fetch_sub(len, Ordering::AcqRel);
+                        }
+                        Err(e) => {
+                            // Held in memory, readable: the origin need not wait for the disk.
+                            target.hold(key, value, &store.health);
+                            target.stats.set_error(format!("spool write failed: {e}"));
+                            target.notify.notify_one();
+                            holding.insert(target.table.clone(), target.clone());
+                            drop_held_beyond_bound(&target, &store.health);
+                        }
                     }
-                    target.pending_rows.fetch_sub(1, Ordering::AcqRel);
-                    target
-                        .pending_bytes
-                        .fetch_sub(value.len() as u64, Ordering::AcqRel);
                     if let Some(share) = share {
                         share.complete();
+                    }
+                }
+                Op::Unhold { target, key, .. } => {
+                    if result.is_ok() {
+                        // On disk now (a deletion since would have removed it from memory).
+                        if let Some(len) = target.unhold(key, &store.health, false) {
+                            target.pending_rows.fetch_sub(1, Ordering::AcqRel);
+                            target.pending_bytes.fetch_sub(len, Ordering::AcqRel);
+                        }
+                    } else {
+                        holding.insert(target.table.clone(), target);
                     }
                 }
                 Op::Barrier(tx) => {
                     let _ = tx.send(());
                 }
-                Op::Delete { target, .. } => {
-                    target.pending_deletes.fetch_sub(1, Ordering::AcqRel);
+                Op::Delete { target, key } => match &result {
+                    Ok(_) => {
+                        target.pending_deletes.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    Err(_) => retry.push(Op::Delete { target, key }),
+                },
+                Op::Discard { target } => {
+                    if result.is_err() {
+                        retry.push(Op::Discard { target });
+                    }
                 }
-                Op::Discard { .. } => {}
             }
         }
         unwritten.give(batch_bytes);
     }
+    let held = store.health.held_rows.load(Ordering::Acquire);
+    if held > 0 {
+        error!(
+            messages = held,
+            "spool closed while the disk refused writes: messages held in memory are lost"
+        );
+    }
 }
 
-/// Applies a batch in one transaction; on success records what changed in `deltas` and
-/// applies it to the targets' counters (stored counters are raised before the caller lowers
-/// the pending ones).
-fn apply(
-    db: &Database,
-    batch: &[Op],
-    limits: Limits,
-    deltas: &mut HashMap<String, (Arc<Target>, Delta)>,
-) -> Result<(), String> {
+/// Keeps the rows held in memory within [`MAX_HELD_BYTES`]: `target`'s oldest go first.
+fn drop_held_beyond_bound(target: &Target, health: &Health) {
+    while health.held_bytes.load(Ordering::Acquire) > MAX_HELD_BYTES {
+        let Some(first) = target.lock_held().keys().next().copied() else {
+            return;
+        };
+        target.unhold(first, health, true);
+        let total = target
+            .stats
+            .dropped_spool_failed
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        if total == 1 || total.is_multiple_of(1000) {
+            warn!(
+                target_broker = target.table.trim_start_matches(TABLE_PREFIX),
+                dropped_total = total,
+                max_held_bytes = MAX_HELD_BYTES,
+                "spool failing and memory for held messages full: oldest dropped"
+            );
+        }
+    }
+}
+
+/// What one committed batch changed, per target table.
+type Deltas = HashMap<String, (Arc<Target>, Delta)>;
+
+/// Applies a batch in one transaction; on success applies what changed to the targets'
+/// counters (stored counters are raised before the caller lowers the pending ones) and
+/// returns it.
+fn apply(db: &Database, batch: &[Op], limits: Limits) -> Result<Deltas, String> {
+    let mut deltas = Deltas::new();
     let mut txn = db.begin_write().map_err(|e| e.to_string())?;
     txn.set_durability(Durability::Immediate);
     {
         let mut tables = HashMap::new();
         for op in batch {
             let target = match op {
-                Op::Append { target, .. } | Op::Delete { target, .. } | Op::Discard { target } => {
-                    target
-                }
+                Op::Append { target, .. }
+                | Op::Unhold { target, .. }
+                | Op::Delete { target, .. }
+                | Op::Discard { target } => target,
                 Op::Barrier(_) => continue,
             };
             let (_, delta) = deltas
@@ -614,7 +933,7 @@ fn apply(
                 continue;
             };
             match op {
-                Op::Append { key, value, .. } => {
+                Op::Append { key, value, .. } | Op::Unhold { key, value, .. } => {
                     if let Some(old) = table
                         .insert(*key, value.as_slice())
                         .map_err(|e| e.to_string())?
@@ -655,6 +974,7 @@ fn apply(
         }
     }
     txn.commit().map_err(|e| e.to_string())?;
+    let deltas = deltas;
     for (target, d) in deltas.values() {
         if d.discarded {
             target.stored_rows.store(d.added_rows, Ordering::Release);
@@ -672,7 +992,7 @@ fn apply(
             .stored_bytes
             .fetch_sub(d.removed_bytes, Ordering::AcqRel);
     }
-    Ok(())
+    Ok(deltas)
 }
 
 const FORMAT: u8 = 1;
@@ -960,6 +1280,56 @@ mod tests {
         assert_eq!(t.key_range(), (MIDDLE + 1, MIDDLE + 5));
         let other = target(&spool, "b3");
         assert_eq!(other.key_range(), (MIDDLE, MIDDLE));
+    }
+
+    #[tokio::test]
+    async fn held_rows_read_in_key_order_with_disk_rows_and_deleted_without_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_bytes: 1 << 30,
+            max_messages: 1000,
+            overflow: Overflow::DropOldest,
+        };
+        let spool = Spool::open(dir.path(), limits).unwrap();
+        let t = target(&spool, "b2");
+        spool.append(&t, MIDDLE, vec![0; 4], None);
+        spool.append(&t, MIDDLE + 2, vec![2; 4], None);
+        spool.sync().await;
+        // As the writer does when a transaction fails: the rows stay pending, held in memory.
+        for key in [MIDDLE + 1, MIDDLE + 3] {
+            t.pending_rows.fetch_add(1, Ordering::AcqRel);
+            t.pending_bytes.fetch_add(4, Ordering::AcqRel);
+            assert!(t.hold(key, vec![key as u8; 4], &spool.store.health));
+        }
+        assert_eq!((t.committed(), t.len()), (4, 4));
+        assert_eq!(spool.health().held_messages, 2);
+        let keys: Vec<u64> = spool
+            .read(&t, None, 10)
+            .unwrap()
+            .iter()
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(keys, vec![MIDDLE, MIDDLE + 1, MIDDLE + 2, MIDDLE + 3]);
+        let keys: Vec<u64> = spool
+            .read(&t, Some(MIDDLE + 1), 2)
+            .unwrap()
+            .iter()
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(keys, vec![MIDDLE + 1, MIDDLE + 2]);
+        spool.delete(&t, MIDDLE + 1);
+        spool.delete(&t, MIDDLE);
+        spool.sync().await;
+        assert_eq!((t.len(), t.deletes_pending()), (2, 0));
+        assert_eq!(spool.health().held_messages, 1);
+        let keys: Vec<u64> = spool
+            .read(&t, None, 10)
+            .unwrap()
+            .iter()
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(keys, vec![MIDDLE + 2, MIDDLE + 3]);
+        assert!(!spool.is_failing());
     }
 
     #[tokio::test]

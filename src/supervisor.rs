@@ -59,6 +59,8 @@ pub struct LinkHandle {
     join: JoinHandle<()>,
     /// The broker left the mesh: its spool is deleted once the link stopped.
     leaving: bool,
+    /// Started with the process: readiness waits for its first connection (or error).
+    at_start: bool,
 }
 
 impl LinkHandle {
@@ -82,6 +84,7 @@ impl LinkHandle {
             dropped_tagged: n(&s.dropped_tagged),
             dropped_overflow: n(&s.dropped_overflow),
             dropped_storm: n(&s.dropped_storm),
+            dropped_spool_failed: n(&s.dropped_spool_failed),
             rejected: n(&s.rejected),
             redelivered: n(&s.redelivered),
             spooled: n(&s.spooled),
@@ -199,6 +202,9 @@ impl Supervisor {
         }
         sup.spool
             .discard_others(&sup.links.keys().cloned().collect());
+        for link in sup.links.values_mut() {
+            link.at_start = true;
+        }
         Ok(sup)
     }
 
@@ -271,6 +277,7 @@ impl Supervisor {
                 drained,
                 join,
                 leaving: false,
+                at_start: false,
             },
         );
         &self.links[&key]
@@ -352,20 +359,38 @@ impl Supervisor {
         self.links.values().map(LinkHandle::status).collect()
     }
 
-    /// Ready once every link connected at least once or reported why it could not.
+    /// Ready (for a load balancer or keepalived: this process can do its job) when every link
+    /// started with the process has connected at least once or reported why it could not, at
+    /// least one link is connected, and the spool's disk takes writes. A broker added at run
+    /// time, or one broker down, does not make the process unready.
     pub fn ready(&self) -> ReadyReport {
         let waiting: Vec<String> = self
             .links
             .values()
             .filter(|l| {
-                !l.stats.ever_connected.load(Ordering::Relaxed) && l.stats.last_error().is_none()
+                l.at_start
+                    && !l.stats.ever_connected.load(Ordering::Relaxed)
+                    && l.stats.last_error().is_none()
             })
             .map(|l| l.broker.name.clone())
             .collect();
+        let connected = self
+            .links
+            .values()
+            .filter(|l| l.stats.state().0 == crate::metrics::LinkState::Connected)
+            .count();
+        let spool_error = self.spool.health().error;
         ReadyReport {
-            ready: waiting.is_empty(),
+            ready: waiting.is_empty() && connected > 0 && spool_error.is_none(),
             waiting,
+            connected,
+            spool_error,
         }
+    }
+
+    /// How the spool's disk is doing.
+    pub fn spool_health(&self) -> crate::spool::SpoolHealth {
+        self.spool.health()
     }
 
     /// The router (retained table size for the metrics).

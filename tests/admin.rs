@@ -452,3 +452,61 @@ async fn a_name_is_refused_while_its_removal_drains_then_free_again() {
         .expect("z listed");
     assert_eq!(z["spool_messages"], 0, "{z}");
 }
+
+/// `/readyz` is for a load balancer: it says whether this process can do its job. Before, it
+/// said 200 with every broker down, and 503 for seconds whenever a broker was added at run time
+/// (the keepalived check, `interval 2 fall 2`, could fail over on an `add-broker`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_ignores_a_broker_added_at_run_time_and_fails_with_every_broker_down() {
+    let (tmp, certs, [mut b1, mut b2]) = common::lab::<2>();
+    let cfg = bridge_config(
+        &certs,
+        "mesh",
+        &tmp.path().join("data"),
+        &[(&b1, ""), (&b2, "")],
+    );
+    let admin = admin_addr(&cfg);
+    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
+    bridge.wait_subscribed(&["b1", "b2"]);
+    let ready = || http_get(&format!("http://{admin}/readyz"), None);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ready().0 != 200 {
+        assert!(Instant::now() < deadline, "never ready: {}", ready().1);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A broker that accepts TCP and never answers: its link waits for CONNACK for seconds.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    let (code, _, err) = cli(&[
+        "add-broker", &silent_addr, "--name", "silent", "--no-tls", "--admin", &admin,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (_held, _) = silent.accept().unwrap();
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let (code, body) = ready();
+        assert_eq!(code, 200, "a broker added at run time made the process unready: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Every broker down: nothing can be forwarded, so not ready; back when one returns.
+    b1.kill();
+    b2.kill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = ready();
+        if code == 503 {
+            assert!(body.contains("\"connected\":0"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still ready with every broker down: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    b1.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ready().0 != 200 {
+        assert!(Instant::now() < deadline, "not ready again: {}", ready().1);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

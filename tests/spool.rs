@@ -25,8 +25,10 @@ fn stream(n: usize) -> Vec<Pub> {
         .collect()
 }
 
+/// The sequence number a payload starts with (padding may follow).
 fn seq(g: &Got) -> usize {
-    std::str::from_utf8(&g.payload)
+    let digits = g.payload.iter().take_while(|c| c.is_ascii_digit()).count();
+    std::str::from_utf8(&g.payload[..digits])
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(usize::MAX)
@@ -574,4 +576,152 @@ async fn full_spool_with_block_policy_drops_qos0_counted_and_memory_stays_bounde
         Some(0.0),
         "no QoS 0 message waits in memory"
     );
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. "8m") on `dir`; `None` when not root.
+    fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+
+    /// Bytes free on it.
+    fn free(&self) -> u64 {
+        let out = std::process::Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(&self.0)
+            .output()
+            .expect("df");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .expect("df output")
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The disk under the spool fills up while a target is down. Before: redb refused every later
+/// write until a restart, each failed write was counted as an overflow and its message lost,
+/// a live target stopped receiving, rows were sent again in a loop, and /readyz said 200.
+/// Now: what the disk refuses is held in memory (a live target keeps receiving), /readyz and
+/// the metrics say the spool fails, and once space is back the spool is opened again, the
+/// held messages go to disk, and the down target gets every message, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_holds_messages_in_memory_and_recovers_when_space_is_back() {
+    const N: usize = 3000;
+    let (tmp, certs, mut b) = common::lab_with([persistent(), persistent(), persistent()]);
+    let Some(disk) = Tmpfs::mount(&tmp.path().join("data"), "8m") else {
+        eprintln!("SKIPPED: mounting a tmpfs needs root");
+        return;
+    };
+    let (bridge, admin) = mesh(tmp.path(), &certs, &b, "");
+    let s2 = mqtt::subscribe(b[1].plain_port, "s2", "seq/#").await;
+    let s3 = mqtt::subscribe_persistent(b[2].plain_port, "s3", "seq/#").await;
+    b[2].terminate();
+    wait_metric(
+        &admin,
+        "meshbridge_connected",
+        "b3",
+        0.0,
+        Duration::from_secs(20),
+    );
+    // Leave the spool a few hundred KiB: 3000 messages of 1 KiB for b3 do not fit.
+    let filler = disk.0.join("filler");
+    let room = disk.free().saturating_sub(400 << 10);
+    std::fs::write(&filler, vec![0u8; room as usize]).unwrap();
+
+    let msgs: Vec<Pub> = (0..N)
+        .map(|i| {
+            let mut payload = format!("{i:06}").into_bytes();
+            payload.resize(1024, b'.');
+            Pub::new("seq/q1", payload, 1)
+        })
+        .collect();
+    mqtt::publish(b[0].plain_port, "p1", &msgs[..N - 100]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric_value(&admin, "meshbridge_spool_failing") != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the spool never reported failing"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, body) = http_get(&format!("http://{admin}/readyz"), None);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("spool_error"), "{body}");
+    // The live target keeps receiving while the disk is full, the last 100 too.
+    mqtt::publish(b[0].plain_port, "p1", &msgs[N - 100..]).await;
+    assert_eq!(
+        s2.wait_count(N, Duration::from_secs(60)).await,
+        N,
+        "b2 (live)"
+    );
+    let text = metrics(&admin);
+    for name in [
+        "meshbridge_dropped_overflow_total",
+        "meshbridge_dropped_spool_failed_total",
+    ] {
+        for broker in ["b2", "b3"] {
+            assert_eq!(metric(&text, name, broker), Some(0.0), "{name} {broker}");
+        }
+    }
+    assert!(
+        metric_value(&admin, "meshbridge_spool_held_messages").unwrap_or(0.0) > 0.0,
+        "messages for b3 are held in memory"
+    );
+
+    // Space is back: the spool is opened again, what was held goes to disk, ready again.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric_value(&admin, "meshbridge_spool_failing") != Some(0.0) {
+        assert!(Instant::now() < deadline, "the spool never recovered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        metric_value(&admin, "meshbridge_spool_held_messages"),
+        Some(0.0)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get(&format!("http://{admin}/readyz"), None).0 != 200 {
+        assert!(Instant::now() < deadline, "never ready again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    b[2].restart();
+    s3.wait_count(N, Duration::from_secs(60)).await;
+    s3.settle(Duration::from_millis(500)).await;
+    let t = tally(&s3.messages(), N);
+    assert_none("b3 missing", &t.missing);
+    assert_eq!(t.order, None, "b3 order");
+    eprintln!("b3 duplicates: {}", t.duplicates);
+    let log = bridge.log();
+    let failures = log.matches("spool write failed").count();
+    assert!(failures <= 2, "{failures} 'spool write failed' lines");
+    assert!(log.contains("spool writable again"));
+    assert!(!log.contains("reading the spool again"), "no re-read loop");
+}
+
+/// Value of an unlabelled metric line such as `meshbridge_spool_failing 1`.
+fn metric_value(admin: &str, name: &str) -> Option<f64> {
+    let prefix = format!("{name} ");
+    metrics(admin)
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
 }

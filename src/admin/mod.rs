@@ -3,8 +3,10 @@
 //!
 //! Routes (JSON unless noted):
 //! - `GET /healthz` — 200 while the process works (no token needed)
-//! - `GET /readyz` — 200 once every link connected at least once or reported why it could
-//!   not, else 503 with the links still waiting (no token needed: keepalived/nginx checks)
+//! - `GET /readyz` — 200 when the links started with the process have connected at least once
+//!   or reported why they could not, at least one link is connected, and the spool takes
+//!   writes; else 503 with the reason (no token needed: keepalived/nginx checks). A broker
+//!   added at run time, or one broker down, does not make the process unready.
 //! - `GET /metrics` — Prometheus text
 //! - `GET /api/v1/brokers` — status of every link
 //! - `POST /api/v1/brokers` — add a broker ([`AddBrokerRequest`]); 201, 400, 409
@@ -50,6 +52,9 @@ pub struct BrokerStatus {
     pub dropped_overflow: u64,
     /// Repeats dropped by the storm guard.
     pub dropped_storm: u64,
+    /// Messages dropped because the spool's disk refused writes for too long.
+    #[serde(default)]
+    pub dropped_spool_failed: u64,
     /// Messages the broker refused.
     pub rejected: u64,
     /// Messages published again after a reconnect.
@@ -80,13 +85,19 @@ pub struct BrokerStatus {
     pub last_error: Option<String>,
 }
 
-/// `GET /readyz` body.
+/// `GET /readyz` body (see [`crate::supervisor::Supervisor::ready`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ReadyReport {
-    /// Every link connected at least once or reported an error.
+    /// Start-up done, at least one link connected, and the spool takes writes.
     pub ready: bool,
+    /// Links connected now.
+    #[serde(default)]
+    pub connected: usize,
     /// Links still waiting for their first connection.
     pub waiting: Vec<String>,
+    /// The spool's write error, while its disk refuses writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spool_error: Option<String>,
 }
 
 /// `POST /api/v1/brokers` body.

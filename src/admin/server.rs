@@ -124,6 +124,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         &sup.status(),
         sup.router().retained_len(),
         sup.config().spool.overflow,
+        &sup.spool_health(),
     );
     (
         [(
