@@ -44,6 +44,10 @@ pub enum Command {
         /// Config file.
         #[arg(long, short, default_value = "bridge.toml")]
         config: PathBuf,
+        /// A damaged spool file is moved aside (`spool.redb.damaged-<time>`, logged; the
+        /// messages it held are lost) and an empty spool is started, instead of refusing to start.
+        #[arg(long)]
+        spool_recover: bool,
     },
     /// Validate a config file and exit (0: ok).
     Check {

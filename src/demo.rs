@@ -165,6 +165,7 @@ pub async fn run(duration: Option<Duration>) -> Result<(), DemoError> {
             shutdown: shutdown.clone(),
             reload,
             config_path: Some(cfg_path.clone()),
+            spool_recover: false,
         },
     ));
     wait_ready(admin).await?;

@@ -81,6 +81,8 @@ pub struct Control {
     pub reload: mpsc::UnboundedReceiver<()>,
     /// The config file, for reloads.
     pub config_path: Option<PathBuf>,
+    /// Move a damaged spool file aside and start with an empty spool (`--spool-recover`).
+    pub spool_recover: bool,
 }
 
 /// Runs the bridge until `control.shutdown` is cancelled, then drains and returns.
@@ -101,7 +103,11 @@ pub async fn run(config: config::Config, mut control: Control) -> Result<(), Run
         "bridge starting"
     );
     let token = config.admin_token.clone();
-    let spool = spool::Spool::open(&config.data_dir, config.spool)?;
+    let spool = if control.spool_recover {
+        spool::Spool::open_recovering(&config.data_dir, config.spool)?
+    } else {
+        spool::Spool::open(&config.data_dir, config.spool)?
+    };
     let threads = link::threads::LinkThreads::start(
         config
             .worker_threads

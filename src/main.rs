@@ -1,5 +1,6 @@
 //! `bridge`: parse the command line, set up logging, dispatch. Exit codes: 0 ok, 64 bad
-//! configuration or usage, 1 other failures (admin API unreachable or refusing, runtime errors).
+//! configuration or usage, 65 damaged spool file (see `run --spool-recover`), 1 other failures
+//! (admin API unreachable or refusing, runtime errors).
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
@@ -13,6 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 /// Exit code for bad configuration or usage (EX_USAGE, as linkerd2-proxy does).
 const EXIT_CONFIG: u8 = 64;
+
+/// Exit code for a damaged spool file (EX_DATAERR): restarting does not help, an operator must
+/// move it aside or run with `--spool-recover`.
+const EXIT_DATA: u8 = 65;
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {message}");
@@ -36,7 +41,10 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(EXIT_CONFIG, e),
         },
-        Command::Run { config: path } => {
+        Command::Run {
+            config: path,
+            spool_recover,
+        } => {
             let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => return fail(EXIT_CONFIG, e),
@@ -53,13 +61,14 @@ fn main() -> ExitCode {
             let result = runtime.block_on(async {
                 let shutdown = CancellationToken::new();
                 let (reload_tx, reload) = tokio::sync::mpsc::unbounded_channel();
-                tokio::spawn(wait_for_signals(shutdown.clone(), reload_tx));
+                tokio::spawn(signal_handler(shutdown.clone(), reload_tx));
                 meshbridge::run(
                     config,
                     meshbridge::Control {
                         shutdown,
                         reload,
                         config_path: Some(path),
+                        spool_recover,
                     },
                 )
                 .await
@@ -67,6 +76,11 @@ fn main() -> ExitCode {
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e @ meshbridge::RunError::AdminBind { .. }) => fail(EXIT_CONFIG, e),
+                Err(
+                    e @ meshbridge::RunError::Spool(meshbridge::spool::SpoolError::Damaged {
+                        ..
+                    }),
+                ) => fail(EXIT_DATA, e),
                 Err(e) => fail(1, e),
             }
         }
@@ -216,36 +230,43 @@ fn init_tracing(format: LogFormat, default_filter: &str) {
     }
 }
 
-async fn wait_for_signals(
+/// Installs the SIGTERM/SIGINT/SIGHUP handlers now (inside the runtime, before the admin port
+/// opens, so that a signal sent as soon as the process answers is handled) and returns the
+/// task that turns them into a shutdown or reloads.
+fn signal_handler(
     shutdown: CancellationToken,
     reload: tokio::sync::mpsc::UnboundedSender<()>,
-) {
+) -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        let installed = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
             signal(SignalKind::hangup()),
-        ) else {
-            tracing::error!("cannot install signal handlers");
-            return;
-        };
-        loop {
-            tokio::select! {
-                _ = term.recv() => { tracing::info!("SIGTERM received"); break; }
-                _ = int.recv() => { tracing::info!("SIGINT received"); break; }
-                _ = hup.recv() => {
-                    tracing::info!("SIGHUP received: reloading the configuration");
-                    let _ = reload.send(());
+        );
+        async move {
+            let (Ok(mut term), Ok(mut int), Ok(mut hup)) = installed else {
+                tracing::error!("cannot install signal handlers");
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = term.recv() => { tracing::info!("SIGTERM received"); break; }
+                    _ = int.recv() => { tracing::info!("SIGINT received"); break; }
+                    _ = hup.recv() => {
+                        tracing::info!("SIGHUP received: reloading the configuration");
+                        let _ = reload.send(());
+                    }
                 }
             }
+            shutdown.cancel();
         }
     }
     #[cfg(not(unix))]
-    {
+    async move {
         let _ = tokio::signal::ctrl_c().await;
         drop(reload);
+        shutdown.cancel();
     }
-    shutdown.cancel();
 }

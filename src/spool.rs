@@ -104,10 +104,25 @@ pub struct Limits {
 
 /// Why the spool cannot be opened.
 #[derive(Debug, thiserror::Error)]
-#[error("spool {path}: {reason}")]
-pub struct SpoolError {
-    path: String,
-    reason: String,
+pub enum SpoolError {
+    /// The file cannot be opened (in use, no permission, no directory…).
+    #[error("spool {path}: {reason}")]
+    Open {
+        /// The spool file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The file is damaged: redb cannot read it.
+    #[error(
+        "spool {path} is damaged ({reason}): move it aside (the messages in it are lost), or start once with `bridge run --spool-recover`, which does that"
+    )]
+    Damaged {
+        /// The spool file.
+        path: String,
+        /// What redb said.
+        reason: String,
+    },
 }
 
 /// One target's spool: its table and counters.
@@ -343,6 +358,35 @@ impl Store {
     }
 }
 
+/// Runs `f`, turning a panic into its message, without the panic hook printing it for this
+/// thread (other threads' panics are reported as usual).
+fn without_panic_message<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    let me = std::thread::current().id();
+    let previous: Arc<dyn Fn(&std::panic::PanicHookInfo<'_>) + Send + Sync> =
+        Arc::from(std::panic::take_hook());
+    let others = previous.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().id() != me {
+            others(info)
+        }
+    }));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(Box::new(move |info| previous(info)));
+    result.map_err(|payload| {
+        let text = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unreadable".into());
+        // One line: an assertion's message spans several.
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ")
+    })
+}
+
 /// Opens (or creates) the database file with the spool's cache size.
 fn open_db(path: &Path) -> Result<Database, redb::DatabaseError> {
     // A small page cache: the spool is written once and read once, sequentially; redb's
@@ -369,22 +413,63 @@ impl std::fmt::Debug for Spool {
 }
 
 impl Spool {
+    /// Opens `dir/spool.redb` like [`Spool::open`]; a damaged file is first moved aside to
+    /// `spool.redb.damaged-<unix seconds>` (logged as an error: what it held is lost) and an
+    /// empty spool is created (`bridge run --spool-recover`).
+    pub fn open_recovering(dir: &Path, limits: Limits) -> Result<Arc<Spool>, SpoolError> {
+        match Spool::open(dir, limits) {
+            Err(SpoolError::Damaged { path, reason }) => {
+                let aside = format!("{path}.damaged-{}", now_ms() / 1000);
+                std::fs::rename(&path, &aside).map_err(|e| SpoolError::Open {
+                    path: path.clone(),
+                    reason: format!("damaged ({reason}), and it cannot be moved aside: {e}"),
+                })?;
+                error!(
+                    damaged = %path,
+                    moved_to = %aside,
+                    reason = %reason,
+                    "spool damaged: moved aside, starting with an empty spool; the messages it held are lost"
+                );
+                Spool::open(dir, limits)
+            }
+            other => other,
+        }
+    }
+
     /// Opens (or creates) `dir/spool.redb` and starts the writer thread.
     pub fn open(dir: &Path, limits: Limits) -> Result<Arc<Spool>, SpoolError> {
         let path = dir.join(FILE_NAME);
-        let fail = |reason: String| SpoolError {
-            path: path.display().to_string(),
+        let shown = path.display().to_string();
+        let fail = |reason: String| SpoolError::Open {
+            path: shown.clone(),
+            reason,
+        };
+        let damaged = |reason: String| SpoolError::Damaged {
+            path: shown.clone(),
             reason,
         };
         std::fs::create_dir_all(dir)
             .map_err(|e| fail(format!("cannot create the directory: {e}")))?;
-        let db = open_db(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => fail(
-                "in use by another process (is another bridge running with this data_dir?)".into(),
-            ),
-            other => fail(other.to_string()),
-        })?;
-        let found = scan(&db).map_err(fail)?;
+        // redb panics on some damage (a file cut short) instead of returning an error.
+        let opened = without_panic_message(|| {
+            let db = open_db(&path)?;
+            let found = scan(&db).map_err(redb::StorageError::Corrupted)?;
+            Ok::<_, redb::DatabaseError>((db, found))
+        });
+        let (db, found) = match opened {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
+                return Err(fail(
+                    "in use by another process (is another bridge running with this data_dir?)"
+                        .into(),
+                ));
+            }
+            Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))) => {
+                return Err(fail(e.to_string()));
+            }
+            Ok(Err(other)) => return Err(damaged(other.to_string())),
+            Err(panic) => return Err(damaged(panic)),
+        };
         for (table, f) in &found {
             info!(
                 target_broker = table.trim_start_matches(TABLE_PREFIX),
@@ -1330,6 +1415,74 @@ mod tests {
             .collect();
         assert_eq!(keys, vec![MIDDLE + 2, MIDDLE + 3]);
         assert!(!spool.is_failing());
+    }
+
+    /// A spool file damaged on disk (cut short, or garbage written into it) must give an error
+    /// naming the file and what to do, never a panic (systemd would restart it in a loop).
+    #[tokio::test]
+    async fn a_damaged_file_is_an_error_not_a_panic() {
+        let limits = Limits {
+            max_bytes: 1 << 30,
+            max_messages: 100_000,
+            overflow: Overflow::DropOldest,
+        };
+        type Damage = fn(&mut Vec<u8>);
+        let damages: [(&str, Damage); 4] = [
+            ("cut to a third", |b| b.truncate(b.len() / 3)),
+            ("cut to its header", |b| b.truncate(600)),
+            ("garbage after the header", |b| {
+                for (i, x) in b.iter_mut().enumerate().skip(4096).take(64 << 10) {
+                    *x = (i * 7919 % 251) as u8;
+                }
+            }),
+            ("garbage in the header", |b| {
+                for x in b.iter_mut().skip(64).take(400) {
+                    *x = 0xA5;
+                }
+            }),
+        ];
+        for (what, damage) in damages {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let spool = Spool::open(dir.path(), limits).unwrap();
+                let t = target(&spool, "b2");
+                for k in 0..2000 {
+                    spool.append(&t, MIDDLE + k, vec![k as u8; 100], None);
+                }
+                spool.sync().await;
+                spool.close();
+            }
+            let path = dir.path().join(FILE_NAME);
+            let mut bytes = std::fs::read(&path).unwrap();
+            damage(&mut bytes);
+            std::fs::write(&path, bytes).unwrap();
+            match Spool::open(dir.path(), limits) {
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(
+                        e.contains(FILE_NAME) && e.contains("--spool-recover"),
+                        "{what}: {e}"
+                    );
+                    assert!(!e.contains('\n'), "{what}: one line: {e}");
+                    // --spool-recover moves it aside and starts empty.
+                    let spool = Spool::open_recovering(dir.path(), limits).unwrap();
+                    assert!(target(&spool, "b2").is_empty(), "{what}");
+                    spool.close();
+                    let aside = std::fs::read_dir(dir.path())
+                        .unwrap()
+                        .filter_map(Result::ok)
+                        .filter(|e| e.file_name().to_string_lossy().contains(".damaged-"))
+                        .count();
+                    assert_eq!(aside, 1, "{what}: the damaged file is kept aside");
+                }
+                // redb may repair some damage itself; then the rows it kept are readable.
+                Ok(spool) => {
+                    let t = target(&spool, "b2");
+                    let _ = spool.read(&t, None, 10_000);
+                    spool.close();
+                }
+            }
+        }
     }
 
     #[tokio::test]

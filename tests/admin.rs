@@ -479,14 +479,23 @@ async fn readiness_ignores_a_broker_added_at_run_time_and_fails_with_every_broke
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_addr = silent.local_addr().unwrap().to_string();
     let (code, _, err) = cli(&[
-        "add-broker", &silent_addr, "--name", "silent", "--no-tls", "--admin", &admin,
+        "add-broker",
+        &silent_addr,
+        "--name",
+        "silent",
+        "--no-tls",
+        "--admin",
+        &admin,
     ]);
     assert_eq!(code, 0, "{err}");
     let (_held, _) = silent.accept().unwrap();
     let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
         let (code, body) = ready();
-        assert_eq!(code, 200, "a broker added at run time made the process unready: {body}");
+        assert_eq!(
+            code, 200,
+            "a broker added at run time made the process unready: {body}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 
@@ -500,7 +509,10 @@ async fn readiness_ignores_a_broker_added_at_run_time_and_fails_with_every_broke
             assert!(body.contains("\"connected\":0"), "{body}");
             break;
         }
-        assert!(Instant::now() < deadline, "still ready with every broker down: {body}");
+        assert!(
+            Instant::now() < deadline,
+            "still ready with every broker down: {body}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     b1.restart();

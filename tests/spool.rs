@@ -725,3 +725,66 @@ fn metric_value(admin: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(&prefix))
         .and_then(|v| v.trim().parse().ok())
 }
+
+/// A damaged spool file (here: cut short, as a full disk or a bad copy leaves it) made redb
+/// panic at start (exit 101, a panic message, and systemd restarting it in a loop). Now: one
+/// line naming the file and the way out, exit 65; `--spool-recover` moves it aside and starts.
+#[test]
+fn damaged_spool_file_is_one_clear_error_and_spool_recover_moves_it_aside() {
+    let tmp = common::tempdir();
+    let data = tmp.path().join("data");
+    let admin = common::free_port();
+    let cfg = format!(
+        "[bridge]\nid = \"mesh\"\nadmin_listen = \"127.0.0.1:{admin}\"\ndata_dir = \"{}\"\n\n[[broker]]\nname = \"b1\"\naddress = \"127.0.0.1:{}\"\ntls = false\n",
+        data.display(),
+        common::free_port()
+    );
+    let mut bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
+    assert!(common::wait_port(admin, Duration::from_secs(10)));
+    assert_eq!(bridge.terminate().and_then(|s| s.code()), Some(0));
+    let file = data.join("spool.redb");
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len / 3)
+        .unwrap();
+
+    let config = tmp.path().join("bridge/bridge.toml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bridge"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("spool.redb") && err.contains("damaged") && err.contains("--spool-recover"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_bridge"))
+        .args(["run", "--spool-recover", "--config"])
+        .arg(&config)
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(common::wait_port(admin, Duration::from_secs(10)), "started");
+    signal(child.id(), "TERM");
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("spool damaged: moved aside"), "{log}");
+    let aside: Vec<String> = std::fs::read_dir(&data)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("spool.redb.damaged-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+}
