@@ -158,7 +158,7 @@ pub enum SizeValue {
 }
 
 /// `[tls]` or the TLS keys of one `[[broker]]`.
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
     /// PEM file with the CA certificates that sign the brokers' certificates.
@@ -265,9 +265,48 @@ pub struct BrokerConfig {
     pub credentials: Option<(String, Secret)>,
     /// Highest QoS forwarded to this broker.
     pub max_qos: u8,
+    /// What `tls` was built from (`None` for plain TCP): to see a change, and to report
+    /// `insecure_skip_verify`.
+    pub tls_inputs: Option<TlsInputs>,
+}
+
+/// The files and settings a broker's TLS client configuration was built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsInputs {
+    /// CA file.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key files (mTLS).
+    pub cert_file: Option<PathBuf>,
+    /// Client key file.
+    pub key_file: Option<PathBuf>,
+    /// Name verified in the broker's certificate.
+    pub server_name: Option<String>,
+    /// Certificate verification off.
+    pub insecure_skip_verify: bool,
 }
 
 impl BrokerConfig {
+    /// The settings of this broker that differ in `new` (a link cannot change them while it
+    /// runs), as config keys.
+    pub fn changed_keys(&self, new: &BrokerConfig) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        if self.address() != new.address() {
+            keys.push("address");
+        }
+        if self.protocol != new.protocol {
+            keys.push("protocol");
+        }
+        if self.tls_inputs != new.tls_inputs {
+            keys.push("tls");
+        }
+        if self.credentials != new.credentials {
+            keys.push("username/password_file");
+        }
+        if self.max_qos != new.max_qos {
+            keys.push("max_qos");
+        }
+        keys
+    }
     /// `host:port` as given.
     pub fn address(&self) -> String {
         if self.host.contains(':') {
@@ -717,6 +756,13 @@ impl Config {
             .insecure_skip_verify
             .or(d.insecure_skip_verify)
             .unwrap_or(false);
+        let tls_inputs = use_tls.then(|| TlsInputs {
+            ca_file: ca.as_ref().map(|(_, p)| p.clone()),
+            cert_file: cert.as_ref().map(|(_, p)| p.clone()),
+            key_file: keyf.as_ref().map(|(_, p)| p.clone()),
+            server_name: server_name.clone(),
+            insecure_skip_verify: insecure,
+        });
         let tls = if use_tls {
             let client_auth = match (cert, keyf) {
                 (Some(c), Some(k)) => Some((c, k)),
@@ -798,7 +844,71 @@ impl Config {
             tls,
             credentials,
             max_qos,
+            tls_inputs,
         })
+    }
+
+    /// What differs in `new` that a reload cannot apply (everything but adding and removing
+    /// brokers), as config keys: `bridge.id`, `broker b2: address, max_qos`… Empty when `new`
+    /// can be applied by a reload.
+    pub fn changes_needing_restart(&self, new: &Config) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut check = |changed: bool, key: &str| {
+            if changed {
+                keys.push(key.to_string());
+            }
+        };
+        check(self.bridge_id != new.bridge_id, "bridge.id");
+        check(self.admin_listen != new.admin_listen, "bridge.admin_listen");
+        check(
+            self.admin_token != new.admin_token,
+            "bridge.admin_token_file",
+        );
+        check(self.data_dir != new.data_dir, "bridge.data_dir");
+        check(self.topics != new.topics, "bridge.topics");
+        check(self.dedup_window != new.dedup_window, "bridge.dedup_window");
+        check(
+            self.dedup_max_entries != new.dedup_max_entries,
+            "bridge.dedup_max_entries",
+        );
+        check(
+            self.session_expiry != new.session_expiry,
+            "bridge.session_expiry",
+        );
+        check(self.keep_alive != new.keep_alive, "bridge.keep_alive");
+        check(self.inflight != new.inflight, "bridge.inflight");
+        check(
+            self.queue_capacity != new.queue_capacity,
+            "bridge.queue_capacity",
+        );
+        check(
+            self.worker_threads != new.worker_threads,
+            "bridge.worker_threads",
+        );
+        check(
+            self.links_per_thread != new.links_per_thread,
+            "bridge.links_per_thread",
+        );
+        check(
+            self.drain_timeout != new.drain_timeout,
+            "bridge.drain_timeout",
+        );
+        check(
+            self.storm_threshold != new.storm_threshold,
+            "bridge.storm_threshold",
+        );
+        check(self.retained_max != new.retained_max, "bridge.retained_max");
+        check(self.spool != new.spool, "bridge.spool_*");
+        check(self.tls_defaults != new.tls_defaults, "tls");
+        for old in &self.brokers {
+            if let Some(b) = new.brokers.iter().find(|b| b.name == old.name) {
+                let changed = old.changed_keys(b);
+                if !changed.is_empty() {
+                    keys.push(format!("broker {}: {}", old.name, changed.join(", ")));
+                }
+            }
+        }
+        keys
     }
 }
 

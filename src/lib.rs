@@ -160,6 +160,18 @@ async fn reload(
             return;
         }
     };
+    let restart = supervisor
+        .lock()
+        .await
+        .config()
+        .changes_needing_restart(&new);
+    if !restart.is_empty() {
+        error!(
+            changed = %restart.join("; "),
+            "reload refused: these settings need a restart (SIGHUP applies adding and removing brokers only); the running configuration is kept"
+        );
+        return;
+    }
     let (started, gone) = supervisor.lock().await.reload(new);
     let removed: Vec<String> = gone.iter().map(|h| h.broker.name.clone()).collect();
     info!(?started, ?removed, "configuration reloaded");

@@ -381,6 +381,43 @@ async fn sighup_applies_broker_changes_from_the_config_file() {
         bridge.log()
     );
     assert_eq!(status_json(&admin).len(), 2);
+
+    // Settings a running link cannot change: refused, naming each key; nothing is applied.
+    // (Before, the log said `configuration reloaded started=[] removed=[]` and kept the old
+    // address silently.)
+    let b3_moved = common::broker_block(&b3, "max_qos = 1").replace(
+        &format!("127.0.0.1:{}", b3.tls_port),
+        &format!("127.0.0.1:{}", b2.tls_port),
+    );
+    let head = cfg
+        .split("[[broker]]")
+        .next()
+        .unwrap()
+        .replace("id = \"mesh\"", "id = \"other\"");
+    let b4 = format!(
+        "[[broker]]\nname = \"b4\"\naddress = \"127.0.0.1:{}\"\n",
+        free_port()
+    );
+    let changed = format!("{head}{}{b3_moved}{b4}", common::broker_block(&b1, ""));
+    std::fs::write(bridge.dir.join("bridge.toml"), &changed).unwrap();
+    signal(pid, "HUP");
+    assert!(
+        bridge.wait_log("reload refused", 2, Duration::from_secs(10)),
+        "{}",
+        bridge.log()
+    );
+    let log = bridge.log();
+    let line = log.lines().rfind(|l| l.contains("reload refused")).unwrap();
+    assert!(line.contains("bridge.id"), "{line}");
+    assert!(line.contains("broker b3: address, max_qos"), "{line}");
+    let links = status_json(&admin);
+    let names: Vec<&str> = links.iter().map(|l| l["name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["b1", "b3"], "b4 not added by a refused reload");
+    assert_eq!(
+        links[1]["address"],
+        format!("127.0.0.1:{}", b3.tls_port),
+        "b3 keeps running as it was"
+    );
 }
 
 fn bridge_pid(bridge: &Bridge) -> u32 {
