@@ -246,6 +246,48 @@ pub struct Config {
     pub base_dir: PathBuf,
     /// The brokers, in file order.
     pub brokers: Vec<BrokerConfig>,
+    /// Settings that work but weaken security (a token file others can read…), one line each:
+    /// printed by `check`, logged at start. Each broker's own are in [`BrokerConfig::warnings`].
+    pub warnings: Vec<String>,
+}
+
+impl Config {
+    /// Every warning: the bridge's and each broker's.
+    pub fn all_warnings(&self) -> Vec<String> {
+        let mut all: Vec<String> = Vec::new();
+        // A `[tls]` file is every broker's: said once.
+        for w in self
+            .warnings
+            .iter()
+            .chain(self.brokers.iter().flat_map(|b| &b.warnings))
+        {
+            if !all.contains(w) {
+                all.push(w.clone());
+            }
+        }
+        all
+    }
+}
+
+/// A warning when the secret file at `path` (for `key`) can be read by other users, as ssh
+/// warns of a private key: it should be mode 0600 (or 0400).
+fn loose_permissions(key: &str, path: &Path) -> Option<String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+        (mode & 0o077 != 0).then(|| {
+            format!(
+                "{key}: {} can be read by other users (mode {mode:04o}): chmod 600 it",
+                path.display()
+            )
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (key, path);
+        None
+    }
 }
 
 /// One validated broker.
@@ -268,6 +310,8 @@ pub struct BrokerConfig {
     /// What `tls` was built from (`None` for plain TCP): to see a change, and to report
     /// `insecure_skip_verify`.
     pub tls_inputs: Option<TlsInputs>,
+    /// Settings of this broker that weaken security, one line each (logged when it starts).
+    pub warnings: Vec<String>,
 }
 
 /// The files and settings a broker's TLS client configuration was built from.
@@ -566,11 +610,13 @@ impl FileConfig {
                 format!("{admin_text:?}: expected IP:port, e.g. \"127.0.0.1:9183\""),
             )
         })?;
+        let mut warnings = Vec::new();
         let admin_token = match &b.admin_token_file {
-            Some(p) => Some(read_secret(
-                "bridge.admin_token_file",
-                &resolve(base_dir, p),
-            )?),
+            Some(p) => {
+                let path = resolve(base_dir, p);
+                warnings.extend(loose_permissions("bridge.admin_token_file", &path));
+                Some(read_secret("bridge.admin_token_file", &path)?)
+            }
             None => None,
         };
         if !admin_listen.ip().is_loopback() && admin_token.is_none() {
@@ -670,6 +716,7 @@ impl FileConfig {
             tls_defaults: self.tls,
             base_dir: base_dir.to_path_buf(),
             brokers: Vec::new(),
+            warnings,
         };
         let mut names = HashSet::new();
         let mut addresses = HashSet::new();
@@ -756,6 +803,26 @@ impl Config {
             .insecure_skip_verify
             .or(d.insecure_skip_verify)
             .unwrap_or(false);
+        let mut warnings = Vec::new();
+        if !use_tls && s.server_name.is_some() {
+            return Err(invalid(
+                format!("{key}.server_name"),
+                "set on a broker with tls = false (it names the certificate to verify); remove one of them",
+            ));
+        }
+        if use_tls && insecure {
+            warnings.push(format!(
+                "broker {name}: insecure_skip_verify = true: its certificate is not verified, so anyone on the path can pose as it{}",
+                if cert.is_some() {
+                    " and is offered the client certificate"
+                } else {
+                    ""
+                }
+            ));
+        }
+        if use_tls && let Some((k, p)) = &keyf {
+            warnings.extend(loose_permissions(k, p));
+        }
         let tls_inputs = use_tls.then(|| TlsInputs {
             ca_file: ca.as_ref().map(|(_, p)| p.clone()),
             cert_file: cert.as_ref().map(|(_, p)| p.clone()),
@@ -809,13 +876,12 @@ impl Config {
             None
         };
         let credentials = match (s.username, s.password_file) {
-            (Some(u), Some(p)) => Some((
-                u,
-                read_secret(
-                    &format!("{key}.password_file"),
-                    &resolve(&self.base_dir, &p),
-                )?,
-            )),
+            (Some(u), Some(p)) => {
+                let path = resolve(&self.base_dir, &p);
+                let k = format!("{key}.password_file");
+                warnings.extend(loose_permissions(&k, &path));
+                Some((u, read_secret(&k, &path)?))
+            }
             (Some(u), None) => Some((u, Secret(String::new()))),
             (None, Some(_)) => {
                 return Err(invalid(
@@ -845,6 +911,7 @@ impl Config {
             credentials,
             max_qos,
             tls_inputs,
+            warnings,
         })
     }
 

@@ -102,6 +102,9 @@ pub async fn run(config: config::Config, mut control: Control) -> Result<(), Run
         admin = %admin_addr,
         "bridge starting"
     );
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     let token = config.admin_token.clone();
     let spool = if control.spool_recover {
         spool::Spool::open_recovering(&config.data_dir, config.spool)?

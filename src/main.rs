@@ -36,6 +36,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
+                for w in c.all_warnings() {
+                    eprintln!("warning: {w}");
+                }
                 println!("{}: ok ({} brokers)", config.display(), c.brokers.len());
                 ExitCode::SUCCESS
             }

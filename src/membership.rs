@@ -96,7 +96,14 @@ impl Membership {
         let body = serde_json::to_vec_pretty(self).map_err(|e| err(std::io::Error::other(e)))?;
         {
             use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(err)?;
+            // A leftover from a crash would keep its mode: start afresh.
+            let _ = std::fs::remove_file(&tmp);
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            // It names every broker: readable by the bridge's user only.
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut f = options.open(&tmp).map_err(err)?;
             f.write_all(&body).map_err(err)?;
             f.sync_all().map_err(err)?;
         }
@@ -147,6 +154,15 @@ mod tests {
         m.save(dir.path()).unwrap();
         assert_eq!(Membership::load(dir.path()).unwrap(), m);
         assert!(!dir.path().join(".membership.json.tmp").exists());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(Membership::path(dir.path()))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "the topology is private");
+        }
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub const DROPPED_STORM: &str = "meshbridge_dropped_storm";
 /// Messages for the broker dropped because the spool's disk refused writes for so long that
 /// the memory holding them meanwhile was full.
 pub const DROPPED_SPOOL_FAILED: &str = "meshbridge_dropped_spool_failed";
+/// 1 per link, labelled with its protocol and TLS mode (`on`, `off`, `insecure`).
+pub const LINK_INFO: &str = "meshbridge_link_info";
 /// 1 while the spool's disk refuses writes.
 pub const SPOOL_FAILING: &str = "meshbridge_spool_failing";
 /// Spool transactions that failed.
@@ -174,6 +176,20 @@ pub fn encode(
         }
         registry.register(name, help, family);
     }
+    let info = Family::<Labels, Gauge>::default();
+    for s in links {
+        info.get_or_create(&vec![
+            ("broker", s.name.clone()),
+            ("protocol", s.protocol.to_string()),
+            ("tls", s.tls_mode().to_string()),
+        ])
+        .set(1);
+    }
+    registry.register(
+        LINK_INFO,
+        "1 per link: its protocol and TLS mode (insecure: the broker's certificate is not verified)",
+        info,
+    );
     let policy = Family::<Labels, Gauge>::default();
     policy
         .get_or_create(&vec![("policy", overflow.to_string())])

@@ -387,11 +387,21 @@ fn without_panic_message<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     })
 }
 
-/// Opens (or creates) the database file with the spool's cache size.
+/// Opens (or creates) the database file with the spool's cache size, readable by its owner
+/// only (it holds message payloads).
 fn open_db(path: &Path) -> Result<Database, redb::DatabaseError> {
     // A small page cache: the spool is written once and read once, sequentially; redb's
     // default (1 GiB) would show up as resident memory under a long outage.
-    Database::builder().set_cache_size(CACHE_BYTES).create(path)
+    let db = Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| redb::DatabaseError::Storage(redb::StorageError::Io(e)))?;
+    }
+    Ok(db)
 }
 
 /// The spool of every target.
@@ -1360,6 +1370,15 @@ mod tests {
             spool.close();
         }
         let spool = Spool::open(dir.path(), limits).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join(FILE_NAME))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "payloads are private");
+        }
         let t = target(&spool, "b2");
         assert_eq!((t.len(), t.bytes()), (4, 40), "found again after a reopen");
         assert_eq!(t.key_range(), (MIDDLE + 1, MIDDLE + 5));

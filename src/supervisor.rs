@@ -75,6 +75,11 @@ impl LinkHandle {
             address: self.broker.address(),
             protocol: self.broker.protocol,
             tls: self.broker.tls.is_some(),
+            tls_insecure: self
+                .broker
+                .tls_inputs
+                .as_ref()
+                .is_some_and(|t| t.insecure_skip_verify),
             state,
             since: humantime::format_rfc3339_seconds(since).to_string(),
             messages_in: n(&s.messages_in),
@@ -240,6 +245,9 @@ impl Supervisor {
         let disconnect = CancellationToken::new();
         if broker.tls.is_none() {
             warn!(broker = %broker.name, address = %broker.address(), "TLS is off for this broker");
+        }
+        for w in &broker.warnings {
+            warn!(broker = %broker.name, "{w}");
         }
         let ctx = LinkContext {
             settings: SessionSettings {

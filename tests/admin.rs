@@ -559,3 +559,43 @@ async fn readiness_ignores_a_broker_added_at_run_time_and_fails_with_every_broke
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// `insecure_skip_verify = true` works, but nobody may forget it is on: the log at start,
+/// `status` and `/metrics` say so (before: nothing did).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insecure_tls_is_shown_in_log_status_and_metrics() {
+    let (tmp, certs, [b1, b2]) = common::lab::<2>();
+    let cfg = bridge_config(
+        &certs,
+        "mesh",
+        &tmp.path().join("data"),
+        &[(&b1, "insecure_skip_verify = true"), (&b2, "")],
+    );
+    let admin = admin_addr(&cfg);
+    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
+    bridge.wait_subscribed(&["b1", "b2"]);
+    assert!(
+        bridge
+            .log()
+            .lines()
+            .any(|l| l.contains("broker=b1") && l.contains("insecure_skip_verify = true")),
+        "{}",
+        bridge.log()
+    );
+    let links = status_json(&admin);
+    assert_eq!(links[0]["tls_insecure"], true, "{links:?}");
+    assert_eq!(links[1]["tls_insecure"], false, "{links:?}");
+    let (code, table, err) = cli(&["status", "--admin", &admin]);
+    assert_eq!(code, 0, "{err}");
+    let b1_row = table.lines().find(|l| l.starts_with("b1 ")).unwrap();
+    assert!(b1_row.contains(" insecure "), "{table}");
+    let text = http_get(&format!("http://{admin}/metrics"), None).1;
+    assert!(
+        text.contains("meshbridge_link_info{broker=\"b1\",protocol=\"v5\",tls=\"insecure\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("meshbridge_link_info{broker=\"b2\",protocol=\"v5\",tls=\"on\"} 1"),
+        "{text}"
+    );
+}

@@ -79,6 +79,10 @@ const CASES: &[(&str, &[&str])] = &[
         &["broker[0].insecure_skip_verify"],
     ),
     (
+        "server_name_without_tls.toml",
+        &["broker[0].server_name", "tls = false"],
+    ),
+    (
         "bad_duration.toml",
         &["bridge.dedup_window", "thirty seconds"],
     ),
@@ -150,6 +154,64 @@ fn example_config_is_valid_apart_from_its_certificates() {
         stderr.contains("tls.ca_file") && stderr.contains("certs/ca.crt"),
         "{stderr}"
     );
+}
+
+/// Settings that work but weaken security are accepted with a warning naming them (before:
+/// `check` said ok and nothing anywhere mentioned them).
+#[test]
+fn check_warns_of_insecure_tls_and_secret_files_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let certs = dir.join("certs");
+    meshbridge::certs::generate(&certs, &["localhost".into()], false).unwrap();
+    let password = dir.join("password");
+    std::fs::write(&password, "secret\n").unwrap();
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let key = certs.join("client.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let cfg = dir.join("bridge.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[bridge]\nid = \"m\"\n\n[tls]\nca_file = \"{ca}\"\ncert_file = \"{crt}\"\nkey_file = \"{key}\"\n\n\
+             [[broker]]\nname = \"b1\"\naddress = \"127.0.0.1:8883\"\ninsecure_skip_verify = true\n\
+             username = \"u\"\npassword_file = \"{pw}\"\n\n\
+             [[broker]]\nname = \"b2\"\naddress = \"127.0.0.1:8884\"\n",
+            ca = certs.join("ca.crt").display(),
+            crt = certs.join("client.crt").display(),
+            key = key.display(),
+            pw = password.display(),
+        ),
+    )
+    .unwrap();
+    let (code, stdout, stderr) = bridge(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("ok (2 brokers)"), "{stdout}");
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: "))
+        .collect();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("broker b1: insecure_skip_verify = true")
+                && w.contains("client certificate")),
+        "{stderr}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("broker[0].password_file") && w.contains("0644")),
+        "{stderr}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("tls.key_file") && w.contains("0640")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("broker b2:"), "b2 is verified: {stderr}");
 }
 
 #[test]

@@ -138,6 +138,7 @@ pub fn status_table(links: &[BrokerStatus]) -> String {
         "BROKER".to_string(),
         "ADDRESS".into(),
         "PROTO".into(),
+        "TLS".into(),
         "STATE".into(),
         "SINCE".into(),
         "IN".into(),
@@ -152,6 +153,7 @@ pub fn status_table(links: &[BrokerStatus]) -> String {
             s.name.clone(),
             s.address.clone(),
             s.protocol.to_string(),
+            s.tls_mode().to_string(),
             format!("{:?}", s.state).to_lowercase(),
             s.since.clone(),
             s.messages_in.to_string(),
@@ -162,7 +164,7 @@ pub fn status_table(links: &[BrokerStatus]) -> String {
             s.last_error.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
-    let widths: Vec<usize> = (0..11)
+    let widths: Vec<usize> = (0..12)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -171,7 +173,7 @@ pub fn status_table(links: &[BrokerStatus]) -> String {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                if i == 10 {
+                if i == 11 {
                     c.clone()
                 } else {
                     format!("{c:<w$}", w = widths[i])

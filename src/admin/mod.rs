@@ -34,6 +34,9 @@ pub struct BrokerStatus {
     pub protocol: Protocol,
     /// TLS on.
     pub tls: bool,
+    /// TLS without verifying the broker's certificate (`insecure_skip_verify`).
+    #[serde(default)]
+    pub tls_insecure: bool,
     /// Link state.
     pub state: LinkState,
     /// Since when (RFC 3339, UTC).
@@ -83,6 +86,18 @@ pub struct BrokerStatus {
     pub dedup_entries: u64,
     /// Last error, if any.
     pub last_error: Option<String>,
+}
+
+impl BrokerStatus {
+    /// The link's TLS mode: `on`, `off`, or `insecure` (the broker's certificate is not
+    /// verified), as status and the metrics show it.
+    pub fn tls_mode(&self) -> &'static str {
+        match (self.tls, self.tls_insecure) {
+            (true, true) => "insecure",
+            (true, false) => "on",
+            (false, _) => "off",
+        }
+    }
 }
 
 /// `GET /readyz` body (see [`crate::supervisor::Supervisor::ready`]).
