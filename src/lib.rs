@@ -22,6 +22,7 @@
 //! - [`membership`]: run-time membership changes persisted under `data_dir`.
 //! - [`admin`]: the HTTP API (server and CLI client) with health, readiness and metrics.
 //! - [`metrics`]: metric names, per-link counters, Prometheus exposition.
+//! - [`ratelimit`]: at most one log line per key and interval (pure).
 //! - [`cli`]: the command line.
 //! - [`certs`]: `bridge certs`, a development PKI.
 //! - [`demo`]: `bridge demo`, embedded brokers and sample traffic.
@@ -38,6 +39,7 @@ pub mod link;
 pub mod membership;
 pub mod message;
 pub mod metrics;
+pub mod ratelimit;
 pub mod router;
 pub mod spool;
 pub mod supervisor;
@@ -126,11 +128,7 @@ pub async fn run(config: config::Config, mut control: Control) -> Result<(), Run
     let admin_stop = CancellationToken::new();
     let admin = tokio::spawn(admin::server::serve(
         listener,
-        admin::server::AdminState {
-            supervisor: supervisor.clone(),
-            token,
-            drain_timeout,
-        },
+        admin::server::AdminState::new(supervisor.clone(), token, drain_timeout),
         admin_stop.clone(),
     ));
     loop {

@@ -328,9 +328,38 @@ async fn admin_token_is_required_and_refusals_are_logged() {
     let (code, out, err) = cli(&["status", "--config", cfg_path.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("b1"), "{out}");
+    // The scheme is case-insensitive (RFC 7235).
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let lower = agent
+        .get(&format!("http://{admin}/metrics"))
+        .header("Authorization", "bearer s3cr3t-token")
+        .call()
+        .unwrap();
+    assert_eq!(lower.status().as_u16(), 200);
+    // A flood of refused requests is one log line per peer every 10 s, not one each.
+    for _ in 0..50 {
+        assert_eq!(
+            http_get(&format!("http://{admin}/metrics"), Some("guess")).0,
+            401
+        );
+    }
     assert!(
-        bridge.wait_log("without a valid token refused", 3, Duration::from_secs(5)),
+        bridge.wait_log("without a valid token refused", 1, Duration::from_secs(5)),
         "{}",
+        bridge.log()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let lines = bridge
+        .log()
+        .matches("without a valid token refused")
+        .count();
+    assert_eq!(
+        lines,
+        1,
+        "53 refusals within 10 s: one line\n{}",
         bridge.log()
     );
     assert!(

@@ -29,6 +29,26 @@ pub struct AdminState {
     pub token: Option<Secret>,
     /// Drain time of a removed link.
     pub drain_timeout: Duration,
+    /// Refused requests are logged at most once per peer address every 10 s.
+    pub refusals: Arc<std::sync::Mutex<crate::ratelimit::LogLimit>>,
+}
+
+impl AdminState {
+    /// The state for `supervisor`, with an empty refusal log limit.
+    pub fn new(
+        supervisor: Arc<Mutex<Supervisor>>,
+        token: Option<Secret>,
+        drain_timeout: Duration,
+    ) -> Self {
+        Self {
+            supervisor,
+            token,
+            drain_timeout,
+            refusals: Arc::new(std::sync::Mutex::new(crate::ratelimit::LogLimit::new(
+                Duration::from_secs(10),
+            ))),
+        }
+    }
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -83,9 +103,25 @@ pub async fn serve(
     }
 }
 
-/// Compares without an early exit, so the time taken says nothing about the token.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Compares the SHA-256 digests of both, without an early exit: the time taken says nothing
+/// about the token, its length included.
+fn same(given: &[u8], token: &[u8]) -> bool {
+    let a = ring::digest::digest(&ring::digest::SHA256, given);
+    let b = ring::digest::digest(&ring::digest::SHA256, token);
+    a.as_ref()
+        .iter()
+        .zip(b.as_ref())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// The credentials of an `Authorization: Bearer <token>` header; the scheme is
+/// case-insensitive (RFC 7235).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_matches(' '))
 }
 
 async fn require_token(
@@ -99,9 +135,16 @@ async fn require_token(
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(bearer);
         if !given.is_some_and(|g| same(g.as_bytes(), token.expose().as_bytes())) {
-            warn!(%peer, path = %request.uri().path(), "admin request without a valid token refused");
+            let logged = state
+                .refusals
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .event(&peer.ip().to_string(), std::time::Instant::now());
+            if let Some(more) = logged {
+                warn!(%peer, path = %request.uri().path(), refused_since_last_line = more, "admin request without a valid token refused (logged at most once per peer every 10 s)");
+            }
             return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
         }
     }
@@ -185,4 +228,22 @@ async fn remove(State(state): State<AdminState>, Path(key): Path<String>) -> Res
         .drained(std::slice::from_ref(&name));
     info!(broker = %name, "removed through the admin API");
     Json(serde_json::json!({ "removed": name })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison_and_bearer_scheme() {
+        assert!(same(b"s3cret", b"s3cret"));
+        assert!(!same(b"s3cre", b"s3cret"));
+        assert!(!same(b"s3cret-and-more", b"s3cret"));
+        assert!(!same(b"", b"s3cret"));
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer abc"), Some("abc"));
+        assert_eq!(bearer("BEARER  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearerabc"), None);
+    }
 }
