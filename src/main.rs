@@ -27,10 +27,12 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own story; its library logs only speak up for problems.
+    // rumqttc's state machine warns once per PUBACK/PUBREC with an error reason; the links
+    // count and log those themselves, rate-limited (metrics::message_rejected).
     let default_filter = if matches!(cli.command, Command::Demo { .. }) {
         "warn,rumqttd=off"
     } else {
-        "info"
+        "info,rumqttc::v5::state=error,rumqttc::state=error"
     };
     init_tracing(cli.log_format, default_filter);
     match cli.command {

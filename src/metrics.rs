@@ -280,6 +280,8 @@ pub struct LinkStats {
     pub inflight: AtomicI64,
     state: Mutex<(LinkState, SystemTime)>,
     last_error: Mutex<Option<String>>,
+    /// Rejected messages are logged at most once per reason every 10 s.
+    reject_log: Mutex<crate::ratelimit::LogLimit>,
     /// Whether the link has connected at least once (readiness).
     pub ever_connected: std::sync::atomic::AtomicBool,
 }
@@ -303,6 +305,9 @@ impl Default for LinkStats {
             inflight: AtomicI64::new(0),
             state: Mutex::new((LinkState::Connecting, SystemTime::now())),
             last_error: Mutex::new(None),
+            reject_log: Mutex::new(crate::ratelimit::LogLimit::new(
+                std::time::Duration::from_secs(10),
+            )),
             ever_connected: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -347,10 +352,32 @@ impl LinkStats {
     }
 }
 
-/// A broker refused a message or it could not be sent to it: logged and counted.
+/// A topic as it may be written to a log: not UTF-8 replaced, control characters escaped (a
+/// topic is whatever a client sent; it must not forge log lines).
+pub fn loggable_topic(topic: &[u8]) -> String {
+    String::from_utf8_lossy(topic).escape_debug().to_string()
+}
+
+/// A broker refused a message or it could not be sent to it: counted, and logged at most once
+/// per reason every 10 s with the number of rejections the line stands for (a filter like
+/// `$SYS/#` that a broker refuses would otherwise write a line per message).
 pub fn message_rejected(stats: &LinkStats, topic: &[u8], reason: &str) {
     inc(&stats.rejected);
-    tracing::warn!(topic = %String::from_utf8_lossy(topic), reason, "message rejected by broker, skipped for this target");
+    // Reasons that only differ by a number (a size) share one key.
+    let key: String = reason.chars().filter(|c| !c.is_ascii_digit()).collect();
+    let logged = stats
+        .reject_log
+        .lock()
+        .map(|mut l| l.event(&key, std::time::Instant::now()))
+        .unwrap_or(Some(0));
+    if let Some(more) = logged {
+        tracing::warn!(
+            topic = %loggable_topic(topic),
+            reason,
+            rejected_since_last_line = more,
+            "message rejected by broker, skipped for this target (logged at most once per reason every 10 s)"
+        );
+    }
 }
 
 /// A target queue overflowed: the oldest message was dropped.
@@ -389,10 +416,23 @@ pub fn storm(stats: &LinkStats, topic: &[u8], first: bool, threshold: u32) {
     inc(&stats.dropped_storm);
     if first {
         let error = format!(
-            "possible message loop: the same message on {:?} arrived more than {threshold} times within 10s; dropping repeats",
-            String::from_utf8_lossy(topic)
+            "possible message loop: the same message on \"{}\" arrived more than {threshold} times within 10s; dropping repeats",
+            loggable_topic(topic)
         );
         tracing::warn!(%error);
         stats.set_error(error);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_in_logs_cannot_forge_lines() {
+        assert_eq!(loggable_topic(b"a/b"), "a/b");
+        assert_eq!(loggable_topic(b"a\nWARN forged\r"), "a\\nWARN forged\\r");
+        assert_eq!(loggable_topic(b"x\x1b[31m"), "x\\u{1b}[31m");
+        assert_eq!(loggable_topic(b"\xff"), "\u{fffd}");
     }
 }

@@ -328,3 +328,45 @@ async fn one_link_per_thread_spreads_a_small_mesh_exactly_once() {
         "every link thread forwarded: {ticks:?}"
     );
 }
+
+/// A filter whose messages a broker refuses (`$SYS/#`: mosquitto answers every publish there
+/// with "not authorized") wrote one WARN per message: ~400 lines at start. Now each link logs
+/// a reason at most once every 10 s, the line counting what it stands for; all are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejections_are_counted_each_and_logged_once_per_reason() {
+    let (tmp, certs, [b1, b2]) = common::lab::<2>();
+    let cfg = common::bridge_config(
+        &certs,
+        "mesh",
+        &tmp.path().join("data"),
+        &[(&b1, ""), (&b2, "")],
+    )
+    .replacen("\n[tls]", "topics = [\"#\", \"$SYS/#\"]\n\n[tls]", 1);
+    let admin = common::admin_addr(&cfg);
+    let bridge = common::Bridge::start(&tmp.path().join("bridge"), &cfg);
+    bridge.wait_subscribed(&["b1", "b2"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let rejected = loop {
+        let text = common::http_get(&format!("http://{admin}/metrics"), None).1;
+        let r: f64 = ["b1", "b2"]
+            .iter()
+            .map(|b| common::metric(&text, "meshbridge_rejected_total", b).unwrap_or(0.0))
+            .sum();
+        if r >= 40.0 {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "only {r} rejected");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let lines = bridge
+        .log()
+        .lines()
+        .filter(|l| l.contains("meshbridge") && l.contains("message rejected by broker"))
+        .count();
+    eprintln!("{rejected} rejections, {lines} log lines");
+    assert!(
+        (1..=2).contains(&lines),
+        "{rejected} rejections gave {lines} lines:\n{}",
+        bridge.log()
+    );
+}

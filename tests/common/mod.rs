@@ -81,7 +81,14 @@ impl Certs {
             params.distinguished_name.push(DnType::CommonName, name);
             let cert = params.signed_by(&key, &ca).unwrap();
             std::fs::write(dir.join(format!("{name}.crt")), cert.pem()).unwrap();
-            std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+            let key_file = dir.join(format!("{name}.key"));
+            std::fs::write(&key_file, key.serialize_pem()).unwrap();
+            // Private, as the bridge asks of a key file (it warns otherwise).
+            std::fs::set_permissions(
+                &key_file,
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+            .unwrap();
         };
         leaf("server", vec!["localhost".into(), "127.0.0.1".into()]);
         leaf("internal", vec!["mqtt.internal".into()]);
