@@ -527,10 +527,12 @@ pub fn read_secret(key: &str, path: &Path) -> Result<Secret, ConfigError> {
     Ok(Secret(line))
 }
 
-/// Whether a broker or API name is acceptable: it lands in client ids, metric labels and paths.
+/// Whether a broker or API name is acceptable: it lands in client ids, metric labels and paths
+/// (so not `.` or `..`, which a URL path or a file path would read as a directory).
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
+        && !name.chars().all(|c| c == '.')
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
@@ -575,6 +577,15 @@ pub fn parse_address(text: &str, default_port: u16) -> Result<(String, u16), Str
     if !host_ok {
         return Err(format!("{text:?}: invalid host {host:?}"));
     }
+    // A name whose last label is all digits is no DNS name (RFC 3696): a mistyped IPv4 address.
+    if host.parse::<IpAddr>().is_err()
+        && host
+            .rsplit('.')
+            .next()
+            .is_some_and(|l| l.chars().all(|c| c.is_ascii_digit()))
+    {
+        return Err(format!("{text:?}: {host:?} is not a valid IPv4 address"));
+    }
     let port = match port {
         None => default_port,
         Some(p) => match p.parse::<u16>() {
@@ -583,6 +594,16 @@ pub fn parse_address(text: &str, default_port: u16) -> Result<(String, u16), Str
         },
     };
     Ok((host, port))
+}
+
+/// Whether `host` (as written, not resolved) names the address `listen` binds.
+fn is_this_host(host: &str, listen: IpAddr) -> bool {
+    match host.parse::<IpAddr>() {
+        Ok(ip) => {
+            ip == listen || (listen.is_unspecified() && (ip.is_loopback() || ip.is_unspecified()))
+        }
+        Err(_) => host == "localhost" && (listen.is_loopback() || listen.is_unspecified()),
+    }
 }
 
 fn is_loopback_host(host: &str) -> bool {
@@ -769,6 +790,15 @@ impl Config {
         let use_tls = s.tls.unwrap_or(true);
         let (host, port) = parse_address(&s.address, if use_tls { 8883 } else { 1883 })
             .map_err(|e| invalid(format!("{key}.address"), e))?;
+        if port == self.admin_listen.port() && is_this_host(&host, self.admin_listen.ip()) {
+            return Err(invalid(
+                format!("{key}.address"),
+                format!(
+                    "{host}:{port} is this bridge's own admin API (bridge.admin_listen = {})",
+                    self.admin_listen
+                ),
+            ));
+        }
         let name = match s.name {
             Some(n) => n,
             None => format!("{}-{port}", host.replace(':', "_")),
@@ -1007,8 +1037,21 @@ mod tests {
             "ho st:1",
             "mqtts://h:1",
             "[::1",
+            "999.1.1.1:1",
+            "1.2.3:1",
+            "10.0.0.256",
         ] {
             assert!(parse_address(bad, 1).is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["b1", "edge-7.site_2", "a.b"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", "...", "a/b", "a b", &"x".repeat(65)] {
+            assert!(!valid_name(bad), "{bad:?}");
         }
     }
 

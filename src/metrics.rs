@@ -14,6 +14,9 @@ use std::time::SystemTime;
 pub const MESSAGES_IN: &str = "meshbridge_messages_in";
 /// Messages published to a broker and acknowledged (QoS 0: written). Counter.
 pub const MESSAGES_OUT: &str = "meshbridge_messages_out";
+/// QoS 0 messages written to a broker's connection (QoS 0 has no acknowledgement, so they are
+/// not in [`MESSAGES_OUT`]: a frozen broker's socket takes them too). Counter.
+pub const SENT_QOS0: &str = "meshbridge_sent_qos0";
 /// Messages received from a broker and handed to at least one target. Counter.
 pub const FORWARDED: &str = "meshbridge_forwarded";
 /// Echoes of our own publishes dropped on a 3.1.1 link. Counter.
@@ -80,14 +83,19 @@ pub fn encode(
     );
 
     let mut registry = Registry::default();
-    let counters: [Metric<u64>; 12] = [
+    let counters: [Metric<u64>; 13] = [
         (MESSAGES_IN, "Messages received from the broker", |s| {
             s.messages_in
         }),
         (
             MESSAGES_OUT,
-            "Messages published to the broker and acknowledged",
+            "Messages (QoS 1 and 2) published to the broker and acknowledged",
             |s| s.messages_out,
+        ),
+        (
+            SENT_QOS0,
+            "QoS 0 messages written to the broker's connection (not acknowledged by MQTT)",
+            |s| s.sent_qos0,
         ),
         (
             FORWARDED,
@@ -254,6 +262,8 @@ pub struct LinkStats {
     pub messages_in: AtomicU64,
     /// See [`MESSAGES_OUT`].
     pub messages_out: AtomicU64,
+    /// See [`SENT_QOS0`].
+    pub sent_qos0: AtomicU64,
     /// See [`FORWARDED`].
     pub forwarded: AtomicU64,
     /// See [`DROPPED_ECHO`].
@@ -291,6 +301,7 @@ impl Default for LinkStats {
         Self {
             messages_in: AtomicU64::new(0),
             messages_out: AtomicU64::new(0),
+            sent_qos0: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
             dropped_echo: AtomicU64::new(0),
             dropped_tagged: AtomicU64::new(0),
@@ -343,6 +354,13 @@ impl LinkStats {
     pub fn set_error(&self, error: String) {
         if let Ok(mut e) = self.last_error.lock() {
             *e = Some(error);
+        }
+    }
+
+    /// Forgets the last error (the link connected again: an old error would mislead).
+    pub fn clear_error(&self) {
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = None;
         }
     }
 

@@ -84,6 +84,7 @@ impl LinkHandle {
             since: humantime::format_rfc3339_seconds(since).to_string(),
             messages_in: n(&s.messages_in),
             messages_out: n(&s.messages_out),
+            sent_qos0: n(&s.sent_qos0),
             forwarded: n(&s.forwarded),
             dropped_echo: n(&s.dropped_echo),
             dropped_tagged: n(&s.dropped_tagged),

@@ -581,12 +581,26 @@ async fn readiness_ignores_a_broker_added_at_run_time_and_fails_with_every_broke
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    let b1_status = || {
+        status_json(&admin)
+            .into_iter()
+            .find(|l| l["name"] == "b1")
+            .unwrap()
+    };
+    assert!(
+        b1_status()["last_error"].is_string(),
+        "b1 down: {}",
+        b1_status()
+    );
     b1.restart();
     let deadline = Instant::now() + Duration::from_secs(30);
     while ready().0 != 200 {
         assert!(Instant::now() < deadline, "not ready again: {}", ready().1);
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Connected again: the error of the outage no longer shows as the link's last error.
+    wait_state(&admin, "b1", "connected");
+    assert!(b1_status()["last_error"].is_null(), "{}", b1_status());
 }
 
 /// `insecure_skip_verify = true` works, but nobody may forget it is on: the log at start,

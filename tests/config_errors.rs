@@ -79,6 +79,15 @@ const CASES: &[(&str, &[&str])] = &[
         &["broker[0].insecure_skip_verify"],
     ),
     (
+        "broker_is_admin_address.toml",
+        &["broker[0].address", "own admin API"],
+    ),
+    ("dot_name.toml", &["broker[0].name", "\"..\""]),
+    (
+        "bad_ipv4_host.toml",
+        &["broker[0].address", "not a valid IPv4 address"],
+    ),
+    (
         "server_name_without_tls.toml",
         &["broker[0].server_name", "tls = false"],
     ),

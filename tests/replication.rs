@@ -370,3 +370,40 @@ async fn rejections_are_counted_each_and_logged_once_per_reason() {
         bridge.log()
     );
 }
+
+/// QoS 0 has no acknowledgement: writing it to a broker's socket (which a frozen broker's
+/// socket also takes) is not delivery, so it is counted apart from the acknowledged
+/// `messages_out` (before: QoS 0 counted as delivered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos0_is_counted_as_sent_not_as_acknowledged() {
+    let (tmp, certs, [b1, b2]) = common::lab::<2>();
+    let cfg = common::bridge_config(
+        &certs,
+        "mesh",
+        &tmp.path().join("data"),
+        &[(&b1, ""), (&b2, "")],
+    );
+    let admin = common::admin_addr(&cfg);
+    let bridge = common::Bridge::start(&tmp.path().join("bridge"), &cfg);
+    bridge.wait_subscribed(&["b1", "b2"]);
+    let s2 = mqtt::subscribe(b2.plain_port, "s2", "q/#").await;
+    let msgs: Vec<Pub> = (0..20)
+        .map(|i| Pub::new("q/0", format!("{i}"), 0))
+        .collect();
+    mqtt::publish(b1.plain_port, "p1", &msgs).await;
+    assert_eq!(s2.wait_count(20, Duration::from_secs(10)).await, 20);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = common::http_get(&format!("http://{admin}/metrics"), None).1;
+        let sent = common::metric(&text, "meshbridge_sent_qos0_total", "b2");
+        if sent == Some(20.0) {
+            assert_eq!(
+                common::metric(&text, "meshbridge_messages_out_total", "b2"),
+                Some(0.0)
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "sent_qos0 {sent:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

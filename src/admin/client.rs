@@ -157,7 +157,11 @@ pub fn status_table(links: &[BrokerStatus]) -> String {
             format!("{:?}", s.state).to_lowercase(),
             s.since.clone(),
             s.messages_in.to_string(),
-            s.messages_out.to_string(),
+            if s.sent_qos0 > 0 {
+                format!("{} (+{} qos0)", s.messages_out, s.sent_qos0)
+            } else {
+                s.messages_out.to_string()
+            },
             s.queue_depth.to_string(),
             spool_cell(s),
             s.reconnects.to_string(),

@@ -43,8 +43,11 @@ pub struct BrokerStatus {
     pub since: String,
     /// Messages received from the broker.
     pub messages_in: u64,
-    /// Messages published to the broker and acknowledged.
+    /// Messages (QoS 1 and 2) published to the broker and acknowledged.
     pub messages_out: u64,
+    /// QoS 0 messages written to the broker's connection (never acknowledged).
+    #[serde(default)]
+    pub sent_qos0: u64,
     /// Messages from this broker handed to other brokers.
     pub forwarded: u64,
     /// Echoes dropped (3.1.1).

@@ -353,14 +353,16 @@ impl Link {
                     warn!(error = %e, "subscribe could not be queued");
                 }
                 self.ctx.queue.set_connected(true);
+                self.ctx.stats.clear_error();
                 self.ctx.stats.set_state(LinkState::Connected);
             }
             LinkEvent::Publish { msg, ack } => self.on_publish(msg, ack),
             LinkEvent::Sent(pkid) => {
                 if let Some((seq, item)) = conn.awaiting_sent.pop_front() {
                     if pkid == 0 {
+                        // QoS 0: written, never acknowledged; not counted as delivered.
                         self.ctx.queue.finish(item);
-                        inc(&self.ctx.stats.messages_out);
+                        inc(&self.ctx.stats.sent_qos0);
                     } else if let Some(old) = conn.inflight.insert(pkid, (seq, item)) {
                         // Never expected. The evicted message would hold its origin's
                         // acknowledgement forever: send it again (a duplicate at worst).
