@@ -139,6 +139,8 @@ pub struct BridgeSection {
     pub storm_threshold: Option<u32>,
     /// Retained messages the bridge remembers for brokers added at run time.
     pub retained_max: Option<usize>,
+    /// Bytes those may take (`"64 MiB"`, or a number of bytes).
+    pub retained_max_bytes: Option<SizeValue>,
     /// Bound of one target's spool in bytes (`"1 GiB"`, or a number of bytes).
     pub spool_max_bytes: Option<SizeValue>,
     /// Bound of one target's spool in messages.
@@ -238,6 +240,8 @@ pub struct Config {
     pub storm_threshold: u32,
     /// Retained messages remembered for brokers added at run time.
     pub retained_max: usize,
+    /// Bytes those may take.
+    pub retained_max_bytes: u64,
     /// Bounds and overflow policy of each target's spool.
     pub spool: crate::spool::Limits,
     /// `[tls]` defaults, kept to build brokers added at run time.
@@ -465,19 +469,7 @@ fn spool_limits(
     overflow: Option<String>,
 ) -> Result<crate::spool::Limits, ConfigError> {
     use crate::spool::{Limits, Overflow};
-    let max_bytes = match max_bytes {
-        None => 1 << 30,
-        Some(SizeValue::Bytes(n)) => n,
-        Some(SizeValue::Text(t)) => t
-            .parse::<bytesize::ByteSize>()
-            .map_err(|e| {
-                invalid(
-                    "bridge.spool_max_bytes",
-                    format!("{t:?}: {e} (expected e.g. \"1 GiB\", \"500MB\")"),
-                )
-            })?
-            .as_u64(),
-    };
+    let max_bytes = parse_size("bridge.spool_max_bytes", max_bytes, 1 << 30)?;
     if max_bytes < 1024 {
         return Err(invalid("bridge.spool_max_bytes", "must be at least 1 KiB"));
     }
@@ -501,6 +493,24 @@ fn spool_limits(
         max_messages,
         overflow,
     })
+}
+
+/// A byte size of the config (`key`), `default` when absent.
+fn parse_size(key: &str, value: Option<SizeValue>, default: u64) -> Result<u64, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(SizeValue::Bytes(n)) => Ok(n),
+        Some(SizeValue::Text(t)) => {
+            t.parse::<bytesize::ByteSize>()
+                .map(|b| b.as_u64())
+                .map_err(|e| {
+                    invalid(
+                        key,
+                        format!("{t:?}: {e} (expected e.g. \"1 GiB\", \"500MB\")"),
+                    )
+                })
+        }
+    }
 }
 
 fn resolve(base_dir: &Path, path: &Path) -> PathBuf {
@@ -734,6 +744,11 @@ impl FileConfig {
             )?,
             storm_threshold: b.storm_threshold.unwrap_or(1000),
             retained_max: b.retained_max.unwrap_or(100_000),
+            retained_max_bytes: parse_size(
+                "bridge.retained_max_bytes",
+                b.retained_max_bytes,
+                64 << 20,
+            )?,
             tls_defaults: self.tls,
             base_dir: base_dir.to_path_buf(),
             brokers: Vec::new(),
@@ -995,6 +1010,10 @@ impl Config {
             "bridge.storm_threshold",
         );
         check(self.retained_max != new.retained_max, "bridge.retained_max");
+        check(
+            self.retained_max_bytes != new.retained_max_bytes,
+            "bridge.retained_max_bytes",
+        );
         check(self.spool != new.spool, "bridge.spool_*");
         check(self.tls_defaults != new.tls_defaults, "tls");
         for old in &self.brokers {

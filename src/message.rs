@@ -49,6 +49,25 @@ impl Message {
         props
     }
 
+    /// Size of the PUBLISH packet that forwards this message, close enough to compare with a
+    /// broker limit or a memory bound (properties counted with their encoded lengths, plus the
+    /// origin tag).
+    pub fn approx_packet_size(&self) -> usize {
+        let props = self.properties.as_ref().map_or(0, |p| {
+            p.user_properties
+                .iter()
+                .map(|(k, v)| 5 + k.len() + v.len())
+                .sum::<usize>()
+                + p.response_topic.as_ref().map_or(0, |t| 3 + t.len())
+                + p.correlation_data.as_ref().map_or(0, |d| 3 + d.len())
+                + p.content_type.as_ref().map_or(0, |c| 3 + c.len())
+                + 16
+        });
+        // fixed header (≤5) + topic length (2) + topic + packet id (2) + properties length (≤4)
+        // + properties + origin tag + payload
+        5 + 2 + self.topic.len() + 2 + 4 + props + 64 + self.payload.len()
+    }
+
     /// The topic as text (MQTT topics are UTF-8; a broker sending otherwise is reported upstream).
     pub fn topic_str(&self) -> Option<&str> {
         std::str::from_utf8(&self.topic).ok()

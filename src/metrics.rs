@@ -62,11 +62,15 @@ pub const SPOOL_BLOCKED: &str = "meshbridge_spool_blocked";
 pub const SPOOL_OVERFLOW_POLICY: &str = "meshbridge_spool_overflow_policy";
 /// Retained messages the bridge remembers for brokers added at run time. Gauge.
 pub const RETAINED: &str = "meshbridge_retained_messages";
+/// Bytes of those (bounded by `retained_max_bytes`). Gauge.
+pub const RETAINED_BYTES: &str = "meshbridge_retained_bytes";
+/// Retained messages not remembered because the table was full. Counter.
+pub const RETAINED_SKIPPED: &str = "meshbridge_retained_skipped";
 
 /// Renders every metric in the Prometheus text format.
 pub fn encode(
     links: &[crate::admin::BrokerStatus],
-    retained: usize,
+    retained: crate::router::RetainedStats,
     overflow: crate::spool::Overflow,
     spool: &crate::spool::SpoolHealth,
 ) -> String {
@@ -229,11 +233,25 @@ pub fn encode(
         failures,
     );
     let retained_gauge = Gauge::<i64>::default();
-    retained_gauge.set(retained as i64);
+    retained_gauge.set(retained.messages as i64);
     registry.register(
         RETAINED,
         "Retained messages remembered for brokers added at run time",
         retained_gauge,
+    );
+    let retained_bytes = Gauge::<i64>::default();
+    retained_bytes.set(retained.bytes as i64);
+    registry.register(
+        RETAINED_BYTES,
+        "Bytes of the retained messages remembered (bounded by retained_max_bytes)",
+        retained_bytes,
+    );
+    let retained_skipped = Counter::<u64>::default();
+    retained_skipped.inc_by(retained.skipped);
+    registry.register(
+        RETAINED_SKIPPED,
+        "Retained messages not remembered because the table was full (retained_max, retained_max_bytes)",
+        retained_skipped,
     );
     let mut out = String::new();
     // Writing into a String cannot fail.

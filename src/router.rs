@@ -511,40 +511,98 @@ pub struct Router {
     /// message reads it with one `Arc` clone, no allocation.
     targets: RwLock<TargetList>,
     /// Last retained message per topic (with its origin), handed to brokers added at run time.
-    retained: Mutex<HashMap<Bytes, Retained, ahash::RandomState>>,
+    retained: Mutex<RetainedTable>,
     retained_max: usize,
+    retained_max_bytes: u64,
+}
+
+/// The retained messages and their size.
+#[derive(Debug, Default)]
+struct RetainedTable {
+    by_topic: HashMap<Bytes, Retained, ahash::RandomState>,
+    /// Sum of [`Message::approx_packet_size`] over `by_topic`.
+    bytes: u64,
+    /// Retained messages not remembered because a bound was reached.
+    skipped: u64,
+}
+
+impl RetainedTable {
+    fn remove(&mut self, topic: &[u8]) {
+        if let Some((_, old)) = self.by_topic.remove(topic) {
+            self.bytes -= old.approx_packet_size() as u64;
+        }
+    }
+}
+
+/// What [`Router::retained_stats`] reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetainedStats {
+    /// Retained messages remembered.
+    pub messages: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Retained messages not remembered because a bound was reached.
+    pub skipped: u64,
 }
 
 impl Router {
-    /// A router keeping at most `retained_max` retained messages.
-    pub fn new(retained_max: usize) -> Self {
+    /// A router keeping at most `retained_max` retained messages of `retained_max_bytes` in all.
+    pub fn new(retained_max: usize, retained_max_bytes: u64) -> Self {
         Self {
             retained_max,
+            retained_max_bytes,
             ..Self::default()
         }
     }
 
     fn note_retained(&self, origin: &Arc<str>, msg: &Arc<Message>) {
         let mut table = self.retained.lock().unwrap_or_else(|p| p.into_inner());
+        // The older value goes in any case: kept, it would be handed out stale.
+        table.remove(&msg.topic);
         if msg.payload.is_empty() {
-            table.remove(&msg.topic);
-        } else if table.len() < self.retained_max || table.contains_key(&msg.topic) {
-            table.insert(msg.topic.clone(), (origin.clone(), msg.clone()));
+            return;
         }
+        let size = msg.approx_packet_size() as u64;
+        if table.by_topic.len() >= self.retained_max || table.bytes + size > self.retained_max_bytes
+        {
+            table.skipped += 1;
+            if table.skipped == 1 || table.skipped.is_multiple_of(1000) {
+                warn!(
+                    topic = %metrics::loggable_topic(&msg.topic),
+                    bytes = size,
+                    skipped_total = table.skipped,
+                    retained_max = self.retained_max,
+                    retained_max_bytes = self.retained_max_bytes,
+                    "retained table full: message not remembered for brokers added later"
+                );
+            }
+            return;
+        }
+        table.bytes += size;
+        table
+            .by_topic
+            .insert(msg.topic.clone(), (origin.clone(), msg.clone()));
     }
 
     /// The retained messages known to the mesh, with their origins.
     pub fn retained_snapshot(&self) -> Vec<Retained> {
         let table = self.retained.lock().unwrap_or_else(|p| p.into_inner());
-        table.values().cloned().collect()
+        table.by_topic.values().cloned().collect()
     }
 
     /// Number of retained messages known.
     pub fn retained_len(&self) -> usize {
-        self.retained
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
+        self.retained_stats().messages
+    }
+
+    /// Size of the retained table.
+    pub fn retained_stats(&self) -> RetainedStats {
+        let table = self.retained.lock().unwrap_or_else(|p| p.into_inner());
+        RetainedStats {
+            messages: table.by_topic.len(),
+            bytes: table.bytes,
+            skipped: table.skipped,
+        }
     }
 
     /// Adds (or replaces) a target.
@@ -704,9 +762,56 @@ mod tests {
         assert_eq!(b.len(), 1, "and b keeps the message");
     }
 
+    /// 31 retained messages of 10 MB took the bridge from 62 to 359 MB: the table is bounded
+    /// in bytes too. What does not fit is not remembered, and never handed out stale.
+    #[test]
+    fn retained_table_is_bounded_in_bytes_and_never_keeps_a_stale_value() {
+        let router = Router::new(1000, 10_000);
+        let retained = |topic: &'static [u8], size: usize| Message {
+            topic: Bytes::from_static(topic),
+            payload: Bytes::from(vec![b'x'; size]),
+            qos: 0,
+            retain: true,
+            properties: None,
+        };
+        for topic in [&b"t/1"[..], b"t/2", b"t/3", b"t/4"] {
+            router.forward(&"a".into(), retained(topic, 3_000), None);
+        }
+        let stats = router.retained_stats();
+        assert_eq!(
+            (stats.messages, stats.skipped),
+            (3, 1),
+            "the fourth does not fit"
+        );
+        assert!(stats.bytes <= 10_000, "{stats:?}");
+        // t/1 grows beyond what is left: its old value is forgotten, not kept stale.
+        router.forward(&"a".into(), retained(b"t/1", 8_000), None);
+        let stats = router.retained_stats();
+        assert_eq!((stats.messages, stats.skipped), (2, 2));
+        assert!(
+            router
+                .retained_snapshot()
+                .iter()
+                .all(|(_, m)| m.topic.as_ref() != b"t/1")
+        );
+        // Deleting frees room.
+        router.forward(&"a".into(), retained(b"t/2", 0), None);
+        router.forward(&"a".into(), retained(b"t/5", 3_000), None);
+        let stats = router.retained_stats();
+        assert_eq!(stats.messages, 2);
+        assert_eq!(
+            stats.bytes,
+            router
+                .retained_snapshot()
+                .iter()
+                .map(|(_, m)| m.approx_packet_size() as u64)
+                .sum::<u64>()
+        );
+    }
+
     #[test]
     fn retained_table_keeps_last_per_topic_and_clears_on_empty() {
-        let router = Router::new(2);
+        let router = Router::new(2, 1 << 20);
         let retained = |topic: &'static [u8], payload: &'static [u8]| Message {
             topic: Bytes::from_static(topic),
             payload: Bytes::from_static(payload),

@@ -179,7 +179,7 @@ impl Supervisor {
         let membership = Membership::load(&config.data_dir)?;
         let mut sup = Supervisor {
             threads,
-            router: Arc::new(Router::new(config.retained_max)),
+            router: Arc::new(Router::new(config.retained_max, config.retained_max_bytes)),
             spool,
             links: BTreeMap::new(),
             from_config: config.brokers.iter().map(|b| b.name.clone()).collect(),

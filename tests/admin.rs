@@ -642,3 +642,61 @@ async fn insecure_tls_is_shown_in_log_status_and_metrics() {
         "{text}"
     );
 }
+
+/// The retained table is bounded in bytes (`retained_max_bytes`): a broker added at run time
+/// gets what was remembered within the bound, and the metrics show size and misses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_table_byte_bound_applies_to_the_hand_over() {
+    let (tmp, certs, [b1, b2, b3]) = common::lab::<3>();
+    let cfg = bridge_config(
+        &certs,
+        "mesh",
+        &tmp.path().join("data"),
+        &[(&b1, ""), (&b2, "")],
+    )
+    .replacen("\n[tls]", "retained_max_bytes = \"4 KiB\"\n\n[tls]", 1);
+    let admin = admin_addr(&cfg);
+    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
+    bridge.wait_subscribed(&["b1", "b2"]);
+    let msgs: Vec<Pub> = (0..3)
+        .map(|i| Pub {
+            retain: true,
+            ..Pub::new(format!("big/{i}"), vec![b'x'; 2000], 1)
+        })
+        .collect();
+    let s2 = mqtt::subscribe(b2.plain_port, "s2", "big/#").await;
+    mqtt::publish(b1.plain_port, "p1", &msgs).await;
+    assert_eq!(
+        s2.wait_count(3, Duration::from_secs(10)).await,
+        3,
+        "forwarded all the same"
+    );
+    let text = http_get(&format!("http://{admin}/metrics"), None).1;
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    assert_eq!(value("meshbridge_retained_messages"), Some(1.0), "{text}");
+    assert_eq!(
+        value("meshbridge_retained_skipped_total"),
+        Some(2.0),
+        "{text}"
+    );
+    assert!(value("meshbridge_retained_bytes").unwrap_or(0.0) <= 4096.0);
+
+    let (code, _, err) = cli(&[
+        "add-broker",
+        &format!("127.0.0.1:{}", b3.tls_port),
+        "--name",
+        "b3",
+        "--admin",
+        &admin,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    wait_state(&admin, "b3", "connected");
+    let s3 = mqtt::subscribe(b3.plain_port, "s3", "big/#").await;
+    assert_eq!(s3.wait_count(1, Duration::from_secs(10)).await, 1);
+    s3.settle(Duration::from_millis(500)).await;
+    assert_eq!(s3.count(), 1, "only the remembered retained message");
+}

@@ -165,7 +165,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     let sup = state.supervisor.lock().await;
     let body = crate::metrics::encode(
         &sup.status(),
-        sup.router().retained_len(),
+        sup.router().retained_stats(),
         sup.config().spool.overflow,
         &sup.spool_health(),
     );

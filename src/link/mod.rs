@@ -482,7 +482,7 @@ impl Link {
             return Ok(());
         };
         if let Some(max) = conn.max_packet {
-            let size = approx_packet_size(&item.msg);
+            let size = item.msg.approx_packet_size();
             if size > max as usize {
                 let reason = format!("{size} bytes exceed the broker's maximum packet size {max}");
                 metrics::message_rejected(&self.ctx.stats, &item.msg.topic, &reason);
@@ -615,22 +615,4 @@ impl Conn {
 
 fn uptime(conn: &Conn) -> Option<Duration> {
     conn.connected.map(|t| t.elapsed())
-}
-
-/// Size of the PUBLISH packet that forwards `msg`, close enough to compare with a broker limit
-/// (properties counted with their encoded lengths, plus the origin tag).
-fn approx_packet_size(msg: &Message) -> usize {
-    let props = msg.properties.as_ref().map_or(0, |p| {
-        p.user_properties
-            .iter()
-            .map(|(k, v)| 5 + k.len() + v.len())
-            .sum::<usize>()
-            + p.response_topic.as_ref().map_or(0, |t| 3 + t.len())
-            + p.correlation_data.as_ref().map_or(0, |d| 3 + d.len())
-            + p.content_type.as_ref().map_or(0, |c| 3 + c.len())
-            + 16
-    });
-    // fixed header (≤5) + topic length (2) + topic + packet id (2) + properties length (≤4)
-    // + properties + origin tag + payload
-    5 + 2 + msg.topic.len() + 2 + 4 + props + 64 + msg.payload.len()
 }
