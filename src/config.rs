@@ -334,6 +334,54 @@ pub struct TlsInputs {
 }
 
 impl BrokerConfig {
+    /// The socket addresses this broker's `host:port` stands for, to tell a second entry for
+    /// one broker from a second broker: an IP address canonical (an IPv4-mapped IPv6 address is
+    /// its IPv4 address), `localhost` both loopback addresses, and a DNS name, with `resolve`,
+    /// what the system resolver answers (nothing when it fails; without `resolve`, nothing).
+    pub fn endpoints(&self, resolve: bool) -> Vec<SocketAddr> {
+        if let Ok(ip) = self.host.parse::<IpAddr>() {
+            return vec![SocketAddr::new(ip.to_canonical(), self.port)];
+        }
+        if self.host.eq_ignore_ascii_case("localhost") {
+            return vec![
+                SocketAddr::new(IpAddr::from([127, 0, 0, 1]), self.port),
+                SocketAddr::new(IpAddr::from(std::net::Ipv6Addr::LOCALHOST), self.port),
+            ];
+        }
+        if !resolve {
+            return Vec::new();
+        }
+        use std::net::ToSocketAddrs;
+        (self.host.as_str(), self.port)
+            .to_socket_addrs()
+            .map(|a| {
+                a.map(|s| SocketAddr::new(s.ip().to_canonical(), s.port()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether `other` (with its [`Self::endpoints`]) is this broker (with its) again: the
+    /// same address text, or an endpoint in common. Two entries that name distinct TLS
+    /// `server_name`s may share an endpoint: a proxy routing by SNI to two brokers.
+    pub fn same_broker(
+        &self,
+        mine: &[SocketAddr],
+        other: &BrokerConfig,
+        theirs: &[SocketAddr],
+    ) -> bool {
+        if self.address().eq_ignore_ascii_case(&other.address()) {
+            return true;
+        }
+        let sni = |b: &BrokerConfig| b.tls_inputs.as_ref().and_then(|t| t.server_name.clone());
+        if let (Some(a), Some(b)) = (sni(self), sni(other))
+            && a != b
+        {
+            return false;
+        }
+        mine.iter().any(|e| theirs.contains(e))
+    }
+
     /// The settings of this broker that differ in `new` (a link cannot change them while it
     /// runs), as config keys.
     pub fn changed_keys(&self, new: &BrokerConfig) -> Vec<&'static str> {
@@ -755,7 +803,6 @@ impl FileConfig {
             warnings,
         };
         let mut names = HashSet::new();
-        let mut addresses = HashSet::new();
         for (i, section) in self.brokers.into_iter().enumerate() {
             let broker = config.broker_from_section(&format!("broker[{i}]"), section)?;
             if !names.insert(broker.name.clone()) {
@@ -764,10 +811,22 @@ impl FileConfig {
                     format!("{:?} is used by another broker", broker.name),
                 ));
             }
-            if !addresses.insert(broker.address()) {
+            // Without DNS: `check` stays offline. Names are compared resolved when the links
+            // start (supervisor).
+            let mine = broker.endpoints(false);
+            if let Some(other) = config
+                .brokers
+                .iter()
+                .find(|b| b.same_broker(&b.endpoints(false), &broker, &mine))
+            {
                 return Err(invalid(
                     format!("broker[{i}].address"),
-                    format!("{} is listed twice", broker.address()),
+                    format!(
+                        "{} is listed twice (also broker {:?}, {})",
+                        broker.address(),
+                        other.name,
+                        other.address()
+                    ),
                 ));
             }
             config.brokers.push(broker);
@@ -1062,6 +1121,59 @@ mod tests {
         ] {
             assert!(parse_address(bad, 1).is_err(), "{bad} should be rejected");
         }
+    }
+
+    #[test]
+    fn one_broker_under_two_addresses_is_seen() {
+        let base = std::env::temp_dir();
+        let config = FileConfig {
+            bridge: toml::from_str("id = \"m\"").unwrap(),
+            tls: TlsSection::default(),
+            brokers: Vec::new(),
+        }
+        .validate(&base)
+        .unwrap();
+        let broker = |address: &str, server_name: Option<&str>| {
+            let mut section: BrokerSection = toml::from_str(&format!(
+                "address = \"{address}\"\ntls = {}",
+                server_name.is_some()
+            ))
+            .unwrap();
+            if let Some(n) = server_name {
+                section.server_name = Some(n.into());
+                section.insecure_skip_verify = Some(true);
+            }
+            config.broker_from_section("broker", section).unwrap()
+        };
+        let same = |a: &BrokerConfig, b: &BrokerConfig| {
+            a.same_broker(&a.endpoints(true), b, &b.endpoints(true))
+        };
+        let ip = broker("127.0.0.1:1883", None);
+        for alias in [
+            "localhost:1883",
+            "[::ffff:127.0.0.1]:1883",
+            "LOCALHOST:1883",
+        ] {
+            assert!(same(&ip, &broker(alias, None)), "{alias}");
+        }
+        assert!(same(
+            &broker("[::1]:1883", None),
+            &broker("localhost:1883", None)
+        ));
+        assert!(!same(&ip, &broker("127.0.0.1:1884", None)), "another port");
+        assert!(
+            !same(&ip, &broker("127.0.0.2:1883", None)),
+            "another address"
+        );
+        // Behind one SNI-routing proxy: distinct server names are distinct brokers.
+        assert!(!same(
+            &broker("127.0.0.1:8883", Some("b1.internal")),
+            &broker("localhost:8883", Some("b2.internal"))
+        ));
+        assert!(same(
+            &broker("127.0.0.1:8883", Some("b1.internal")),
+            &broker("localhost:8883", Some("b1.internal"))
+        ));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::admin::{BrokerStatus, ReadyReport};
 use crate::config::{BrokerConfig, BrokerSection, Config, ConfigError};
@@ -61,6 +61,9 @@ pub struct LinkHandle {
     leaving: bool,
     /// Started with the process: readiness waits for its first connection (or error).
     at_start: bool,
+    /// The broker's socket addresses (see [`BrokerConfig::endpoints`]), resolved when it
+    /// started: another entry for the same broker is refused.
+    endpoints: Vec<std::net::SocketAddr>,
 }
 
 impl LinkHandle {
@@ -199,9 +202,9 @@ impl Supervisor {
                 warn!(broker = %added.name, "persisted addition ignored: the config file has a broker of that name");
                 continue;
             }
-            match sup.build(&added) {
-                Ok(broker) => {
-                    sup.spawn(broker);
+            match sup.build(&added).and_then(|b| sup.not_a_member(b)) {
+                Ok((broker, endpoints)) => {
+                    sup.spawn_resolved(broker, endpoints);
                 }
                 Err(e) => warn!(broker = %added.name, error = %e, "persisted addition ignored"),
             }
@@ -232,7 +235,38 @@ impl Supervisor {
         Ok(self.config.broker_from_section("broker", section)?)
     }
 
+    /// `broker` with its endpoints, unless a running link is that broker already (by address
+    /// text, or an endpoint in common: see [`BrokerConfig::same_broker`]).
+    fn not_a_member(
+        &self,
+        broker: BrokerConfig,
+    ) -> Result<(BrokerConfig, Vec<std::net::SocketAddr>), ChangeError> {
+        let endpoints = broker.endpoints(true);
+        if let Some(other) = self
+            .links
+            .values()
+            .find(|l| l.broker.same_broker(&l.endpoints, &broker, &endpoints))
+        {
+            return Err(ChangeError::Conflict(format!(
+                "{} is already in the mesh as {:?} ({})",
+                broker.address(),
+                other.broker.name,
+                other.broker.address()
+            )));
+        }
+        Ok((broker, endpoints))
+    }
+
     fn spawn(&mut self, broker: BrokerConfig) -> &LinkHandle {
+        let endpoints = broker.endpoints(true);
+        self.spawn_resolved(broker, endpoints)
+    }
+
+    fn spawn_resolved(
+        &mut self,
+        broker: BrokerConfig,
+        endpoints: Vec<std::net::SocketAddr>,
+    ) -> &LinkHandle {
         let stats = Arc::new(LinkStats::default());
         let queue = Arc::new(TargetQueue::with_spool(
             self.config.queue_capacity,
@@ -287,6 +321,7 @@ impl Supervisor {
                 join,
                 leaving: false,
                 at_start: false,
+                endpoints,
             },
         );
         &self.links[&key]
@@ -308,17 +343,7 @@ impl Supervisor {
                 broker.name
             )));
         }
-        if let Some(other) = self
-            .links
-            .values()
-            .find(|l| l.broker.address() == broker.address())
-        {
-            return Err(ChangeError::Conflict(format!(
-                "{} is already in the mesh as {:?}",
-                broker.address(),
-                other.broker.name
-            )));
-        }
+        let (broker, endpoints) = self.not_a_member(broker)?;
         let spec = AddedBroker {
             name: broker.name.clone(),
             ..spec
@@ -328,7 +353,7 @@ impl Supervisor {
         membership.save(&self.config.data_dir)?;
         self.membership = membership;
         let retained = self.router.retained_snapshot();
-        let handle = self.spawn(broker);
+        let handle = self.spawn_resolved(broker, endpoints);
         for (origin, msg) in &retained {
             handle
                 .queue
@@ -447,8 +472,14 @@ impl Supervisor {
                 info!(broker = %broker.name, "starts once its previous link has drained");
                 continue;
             }
-            started.push(broker.name.clone());
-            self.spawn(broker);
+            let name = broker.name.clone();
+            match self.not_a_member(broker) {
+                Ok((broker, endpoints)) => {
+                    started.push(name);
+                    self.spawn_resolved(broker, endpoints);
+                }
+                Err(e) => error!(broker = %name, error = %e, "not started"),
+            }
         }
         self.from_config = new_names;
         self.config.brokers = new.brokers;
@@ -472,9 +503,14 @@ impl Supervisor {
                 && !self.links.contains_key(name)
                 && !self.membership.removed.contains(name)
             {
-                info!(broker = %name, "previous link drained: starting the configured broker");
-                started.push(name.clone());
-                self.spawn(broker);
+                match self.not_a_member(broker) {
+                    Ok((broker, endpoints)) => {
+                        info!(broker = %name, "previous link drained: starting the configured broker");
+                        started.push(name.clone());
+                        self.spawn_resolved(broker, endpoints);
+                    }
+                    Err(e) => error!(broker = %name, error = %e, "not started"),
+                }
             }
         }
         started

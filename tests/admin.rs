@@ -700,3 +700,69 @@ async fn retained_table_byte_bound_applies_to_the_hand_over() {
     s3.settle(Duration::from_millis(500)).await;
     assert_eq!(s3.count(), 1, "only the remembered retained message");
 }
+
+/// One broker under another spelling of its address (`localhost`, an IPv4-mapped IPv6
+/// address) was accepted as a second member, and every message then arrived on it twice.
+/// Refused now on add-broker, in the file, and for a persisted addition at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_broker_under_another_address_is_refused() {
+    let (tmp, certs, [b1, b2]) = common::lab::<2>();
+    let data = tmp.path().join("data");
+    // A persisted addition of b1 again, under another spelling: ignored at start.
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("membership.json"),
+        format!(
+            r#"{{"added":[{{"name":"b1-again","address":"localhost:{}","protocol":"v5","tls":true}}]}}"#,
+            b1.tls_port
+        ),
+    )
+    .unwrap();
+    let cfg = bridge_config(&certs, "mesh", &data, &[(&b1, ""), (&b2, "")]);
+    let admin = admin_addr(&cfg);
+    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
+    bridge.wait_subscribed(&["b1", "b2"]);
+    assert!(
+        bridge.log().contains("persisted addition ignored")
+            && bridge.log().contains("already in the mesh as \"b1\""),
+        "{}",
+        bridge.log()
+    );
+    for alias in [
+        format!("localhost:{}", b2.tls_port),
+        format!("[::ffff:127.0.0.1]:{}", b2.tls_port),
+    ] {
+        let (code, _, err) = cli(&["add-broker", &alias, "--name", "dup", "--admin", &admin]);
+        assert_eq!(code, 1, "{alias} accepted");
+        assert!(
+            err.contains("already in the mesh as \"b2\"") && err.contains("409"),
+            "{alias}: {err}"
+        );
+    }
+    let names: Vec<String> = status_json(&admin)
+        .iter()
+        .map(|l| l["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, vec!["b1", "b2"]);
+
+    // b2 once more in the file: the reload is refused as a file that does not validate.
+    let again = format!(
+        "{cfg}[[broker]]\nname = \"b2-again\"\naddress = \"localhost:{}\"\n",
+        b2.tls_port
+    );
+    std::fs::write(bridge.dir.join("bridge.toml"), again).unwrap();
+    signal(bridge_pid(&bridge), "HUP");
+    assert!(
+        bridge.wait_log("listed twice", 1, Duration::from_secs(10)),
+        "{}",
+        bridge.log()
+    );
+    assert_eq!(status_json(&admin).len(), 2);
+
+    // Messages still arrive once.
+    let s2 = mqtt::subscribe(b2.plain_port, "s2", "once/#").await;
+    mqtt::publish(b1.plain_port, "p1", &[Pub::new("once/x", "1", 1)]).await;
+    assert_eq!(s2.wait_count(1, Duration::from_secs(10)).await, 1);
+    s2.settle(Duration::from_millis(700)).await;
+    assert_eq!(s2.count(), 1);
+}
