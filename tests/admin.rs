@@ -766,3 +766,83 @@ async fn the_same_broker_under_another_address_is_refused() {
     s2.settle(Duration::from_millis(700)).await;
     assert_eq!(s2.count(), 1);
 }
+
+/// The admin port had no timeouts and no connection cap: idle connections stayed open for
+/// minutes, a POST whose body never came stayed open forever, and under a low LimitNOFILE idle
+/// connections starved /healthz and a link's reconnect. Now: a connection cap (the rest wait in
+/// the listen backlog, without a file descriptor), idle and stalled connections closed after
+/// 10 s, and 413 for an oversized body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_port_closes_idle_and_stalled_connections_and_caps_them() {
+    use std::io::{Read, Write};
+    let (tmp, certs, [b1]) = common::lab::<1>();
+    let cfg = bridge_config(&certs, "mesh", &tmp.path().join("data"), &[(&b1, "")]);
+    let admin = admin_addr(&cfg);
+    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
+    bridge.wait_subscribed(&["b1"]);
+    let pid = bridge_pid(&bridge);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+
+    // 413 for a body over the limit.
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let big = format!("{{\"address\": \"{}\"}}", "x".repeat(200 << 10));
+    let resp = agent
+        .post(&format!("http://{admin}/api/v1/brokers"))
+        .header("Content-Type", "application/json")
+        .send(big.as_bytes())
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 413);
+
+    // A body announced larger than what is sent, and 150 connections that send nothing.
+    let mut stalled = std::net::TcpStream::connect(&admin).unwrap();
+    stalled
+        .write_all(b"POST /api/v1/brokers HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"addr")
+        .unwrap();
+    let idle: Vec<std::net::TcpStream> = (0..150)
+        .map(|_| std::net::TcpStream::connect(&admin).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let during = fds();
+    assert!(
+        during <= before + 64 + 2,
+        "the bridge holds {during} descriptors with 151 admin connections open (was {before})"
+    );
+
+    // Within the timeouts the server closes both kinds; then /healthz answers again.
+    let started = Instant::now();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = stalled.read_to_end(&mut answer);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the stalled request was held {:?}",
+        started.elapsed()
+    );
+    let mut first = &idle[0];
+    first
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        first.read(&mut buf).unwrap_or(0),
+        0,
+        "idle connection closed"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while http_get(&format!("http://{admin}/healthz"), None).0 != 200 {
+        assert!(Instant::now() < deadline, "/healthz never answered again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

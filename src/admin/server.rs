@@ -88,18 +88,94 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-/// Serves until `shutdown` is cancelled.
+/// Most admin connections open at once. Beyond, new ones wait in the listen backlog without
+/// taking a file descriptor: idle clients cannot starve the links of descriptors.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long a client may take to send a request's headers, and how long an idle keep-alive
+/// connection is kept.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a client may take to send a request's body (a Content-Length larger than what is
+/// sent would otherwise hold the connection forever).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest request body accepted (an add request is a few hundred bytes); larger: 413.
+pub const MAX_BODY: usize = 64 << 10;
+
+/// Serves until `shutdown` is cancelled: at most [`MAX_CONNECTIONS`] at once, each closed
+/// after [`HEADER_TIMEOUT`] without a request and [`BODY_TIMEOUT`] on a body that stalls.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AdminState,
     shutdown: CancellationToken,
 ) {
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt;
+
+    let app = router(state)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            BODY_TIMEOUT,
+        ));
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let connections = tokio_util::task::TaskTracker::new();
+    let mut accept_errors = crate::ratelimit::LogLimit::new(Duration::from_secs(10));
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // EMFILE and the like: wait instead of spinning.
+                    if let Some(more) = accept_errors.event("accept", std::time::Instant::now()) {
+                        warn!(error = %e, failed_since_last_line = more, "admin API cannot accept a connection");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let service = app.clone().map_request(move |mut request: Request| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            request
+        });
+        let service =
+            TowerToHyperService::new(service.map_request(
+                |r: hyper::Request<hyper::body::Incoming>| r.map(axum::body::Body::new),
+            ));
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+                }
+            }
+        });
+    }
+    connections.close();
+    if tokio::time::timeout(Duration::from_secs(5), connections.wait())
         .await
+        .is_err()
     {
-        warn!(error = %e, "admin API stopped");
+        warn!("admin API: connections still open at shutdown");
     }
 }
 
@@ -189,12 +265,8 @@ async fn add(
 ) -> Response {
     let Json(req) = match body {
         Ok(b) => b,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("bad request body: {}", e.body_text()),
-            );
-        }
+        // 400 for what is not an add request, 413 for a body over MAX_BODY.
+        Err(e) => return error(e.status(), format!("bad request body: {}", e.body_text())),
     };
     // An empty name is derived from the address when the broker is built.
     let spec = AddedBroker {
