@@ -407,3 +407,62 @@ async fn qos0_is_counted_as_sent_not_as_acknowledged() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A target that refuses what it is sent (here: its ACL allows the bridge no publish on
+/// `deny/#`) answers every message, so it is not slow: its messages are counted as rejected
+/// and must not be moved to its spool. The stall check used to measure progress by
+/// acknowledgements only, so a target that rejected everything looked frozen after 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_rejects_everything_is_not_treated_as_slow() {
+    let (tmp, certs, [b1, b2]) = common::lab_with([
+        common::BrokerOpts::default(),
+        common::BrokerOpts {
+            tls_acl: Some("topic read #\ntopic write ok/#\n"),
+            ..Default::default()
+        },
+    ]);
+    let cfg = common::bridge_config(
+        &certs,
+        "mesh",
+        &tmp.path().join("data"),
+        &[(&b1, ""), (&b2, "")],
+    );
+    let admin = common::admin_addr(&cfg);
+    let bridge = common::Bridge::start(&tmp.path().join("bridge"), &cfg);
+    bridge.wait_subscribed(&["b1", "b2"]);
+    // A steady stream for 4 s: the stall check looks at two 1 s ticks in a row.
+    let started = std::time::Instant::now();
+    let mut sent = 0;
+    while started.elapsed() < Duration::from_secs(4) {
+        let msgs: Vec<Pub> = (sent..sent + 500)
+            .map(|i| Pub::new("deny/x", format!("{i}"), 1))
+            .collect();
+        mqtt::publish(b1.plain_port, &format!("p{sent}"), &msgs).await;
+        sent += 500;
+    }
+    let n = sent;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let text = loop {
+        let text = common::http_get(&format!("http://{admin}/metrics"), None).1;
+        let rejected = common::metric(&text, "meshbridge_rejected_total", "b2").unwrap_or(0.0);
+        if rejected >= n as f64 {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b2 rejected only {rejected} of {n}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        common::metric(&text, "meshbridge_spooled_total", "b2"),
+        Some(0.0),
+        "{}",
+        bridge
+            .log()
+            .lines()
+            .filter(|l| l.contains("moved to the spool"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

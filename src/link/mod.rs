@@ -102,6 +102,10 @@ struct Link {
     release_first: Vec<u16>,
     /// Origin tags (`<bridge id>/<origin broker>`) by origin, built once instead of per publish.
     tags: HashMap<Arc<str>, String, ahash::RandomState>,
+    /// Messages this target is done with (acknowledged, rejected, or QoS 0 written): the stall
+    /// check's measure of progress. Acknowledgements alone are not: a target that rejects
+    /// everything, or takes only QoS 0, would look frozen and be moved to the spool.
+    finished: u64,
 }
 
 /// Per-connection delivery state.
@@ -136,6 +140,7 @@ impl Link {
             next_seq: 0,
             release_first: Vec::new(),
             tags: HashMap::default(),
+            finished: 0,
         }
     }
 
@@ -191,7 +196,7 @@ impl Link {
         let mut batch = Vec::new();
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         let mut stall_check = tokio::time::interval(Duration::from_secs(1));
-        let mut last_acked = 0;
+        let mut last_finished = self.finished;
         let mut stalled_checks = 0u32;
         let outcome = loop {
             if self.ctx.stop.is_cancelled() {
@@ -243,10 +248,9 @@ impl Link {
                 _ = self.ctx.queue.notified(), if room => {}
                 _ = self.ctx.stop.cancelled(), if !self.ctx.stop.is_cancelled() => {}
                 _ = stall_check.tick() => {
-                    // A target that acknowledges nothing for two checks in a row while messages
-                    // wait on it (frozen process, stalled network) stops holding the origins.
-                    let acked = self.ctx.stats.messages_out.load(std::sync::atomic::Ordering::Relaxed);
-                    if conn.connected.is_some() && conn.outstanding() > 0 && acked == last_acked {
+                    // A target that finishes nothing for two checks in a row while messages wait
+                    // on it (frozen process, stalled network) stops holding the origins.
+                    if conn.connected.is_some() && conn.outstanding() > 0 && self.finished == last_finished {
                         stalled_checks += 1;
                         if stalled_checks == 2 {
                             self.evacuate(&mut conn, "it acknowledged nothing for 2 s");
@@ -254,7 +258,7 @@ impl Link {
                     } else {
                         stalled_checks = 0;
                     }
-                    last_acked = acked;
+                    last_finished = self.finished;
                 }
                 _ = tick.tick() => {
                     // Safety net: a connected link holding nothing while its spool has rows
@@ -361,7 +365,7 @@ impl Link {
                 if let Some((seq, item)) = conn.awaiting_sent.pop_front() {
                     if pkid == 0 {
                         // QoS 0: written, never acknowledged; not counted as delivered.
-                        self.ctx.queue.finish(item);
+                        self.finish(item);
                         inc(&self.ctx.stats.sent_qos0);
                     } else if let Some(old) = conn.inflight.insert(pkid, (seq, item)) {
                         // Never expected. The evicted message would hold its origin's
@@ -422,7 +426,7 @@ impl Link {
             Ok(()) => inc(&self.ctx.stats.messages_out),
             Err(reason) => metrics::message_rejected(&self.ctx.stats, &item.msg.topic, &reason),
         }
-        self.ctx.queue.finish(item);
+        self.finish(item);
     }
 
     fn on_publish(&mut self, msg: Message, ack: Option<AckRequest>) {
@@ -478,7 +482,7 @@ impl Link {
         let qos = item.msg.qos.min(broker.max_qos);
         let Some(topic) = item.msg.topic_str() else {
             metrics::message_rejected(&self.ctx.stats, &item.msg.topic, "topic is not UTF-8");
-            self.ctx.queue.finish(item);
+            self.finish(item);
             return Ok(());
         };
         if let Some(max) = conn.max_packet {
@@ -486,7 +490,7 @@ impl Link {
             if size > max as usize {
                 let reason = format!("{size} bytes exceed the broker's maximum packet size {max}");
                 metrics::message_rejected(&self.ctx.stats, &item.msg.topic, &reason);
-                self.ctx.queue.finish(item);
+                self.finish(item);
                 return Ok(());
             }
         }
@@ -536,6 +540,12 @@ impl Link {
                 "target slow: waiting messages moved to the spool"
             );
         }
+    }
+
+    /// This target is done with `item` (see [`Link::finished`]).
+    fn finish(&mut self, item: Outbound) {
+        self.finished += 1;
+        self.ctx.queue.finish(item);
     }
 
     fn complete_opt(&mut self, ack: Option<AckRequest>) {

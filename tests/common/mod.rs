@@ -122,6 +122,8 @@ pub struct BrokerOpts {
     pub persistence: bool,
     /// More mosquitto.conf lines (global options).
     pub extra_conf: &'static str,
+    /// An ACL file's lines for the TLS listener (the bridge's), e.g. to refuse its publishes.
+    pub tls_acl: Option<&'static str>,
 }
 
 impl Default for BrokerOpts {
@@ -132,6 +134,7 @@ impl Default for BrokerOpts {
             password: None,
             persistence: false,
             extra_conf: "",
+            tls_acl: None,
         }
     }
 }
@@ -203,6 +206,11 @@ impl Mosquitto {
         )
         .unwrap();
         writeln!(conf, "require_certificate {}", opts.mtls).unwrap();
+        if let Some(acl) = opts.tls_acl {
+            let acl_file = dir.join("tls.acl");
+            std::fs::write(&acl_file, acl).unwrap();
+            writeln!(conf, "acl_file {}", acl_file.display()).unwrap();
+        }
         if let (Some((user, pass)), Some(port)) = (opts.password, auth_port) {
             let pwfile = dir.join("passwd");
             std::fs::write(&pwfile, "").unwrap();
