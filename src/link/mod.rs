@@ -6,17 +6,20 @@
 //! from the broker, keep delivering what is queued) and `disconnect` (send the remaining
 //! acknowledgements, DISCONNECT, exit).
 //!
-//! Delivery bookkeeping per connection: a message taken from the queue is handed to rumqttc
-//! (`awaiting_sent`); rumqttc reports the packet id it wrote it with (`Sent`), and the message
-//! waits in `inflight` for PUBACK/PUBCOMP. When the connection is lost, everything not yet
-//! acknowledged goes back to the front of the queue, in order, and is published again on the
-//! next connection (counted as redelivered: the broker may have it twice).
+//! The MQTT bookkeeping is pure state beside the task: [`acks`] holds what the link owes its
+//! broker (acknowledgements in order of receipt, per broker session), [`outflight`] what one
+//! connection has sent and not seen acknowledged. The task only moves bytes and calls them.
+//! When a connection is lost, everything not yet acknowledged goes back to the front of the
+//! queue, in order, and is published again on the next connection (counted as redelivered: the
+//! broker may have it twice).
 
+mod acks;
 pub mod backoff;
+mod outflight;
 pub mod session;
 pub mod threads;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,7 +32,9 @@ use crate::dedup::{EchoWindow, StormGuard, StormVerdict, fingerprint};
 use crate::message::{AckRequest, Message};
 use crate::metrics::{self, LinkState, LinkStats, inc};
 use crate::router::{Outbound, Router, TargetQueue};
+use acks::InboundAcks;
 use backoff::Backoff;
+use outflight::{OutFlight, Sent};
 use session::{Client, LinkEvent, SendError, Session, SessionSettings};
 
 /// Everything a link task needs.
@@ -81,22 +86,10 @@ struct Link {
     ctx: LinkContext,
     acks_tx: mpsc::UnboundedSender<AckRequest>,
     acks_rx: mpsc::UnboundedReceiver<AckRequest>,
-    /// QoS 1/2 messages received and not yet acknowledged, in order of receipt: MQTT requires
-    /// PUBACK/PUBREC in that order (MQTT-4.6.0-2/3), and mosquitto reorders its later
-    /// deliveries when they come out of order.
-    received: VecDeque<AckRequest>,
-    /// Packet ids of `received` whose targets are all done.
-    completed: HashSet<u16>,
-    /// Acknowledgements due (in order), not yet handed to rumqttc.
-    pending_acks: VecDeque<AckRequest>,
-    /// Packet ids received and not yet acknowledged: a redelivery of one of them (after a
-    /// reconnect) is not forwarded a second time.
-    held: HashSet<u16>,
-    /// Broker session counter: bumped when a CONNACK says the session is new.
-    epoch: u32,
+    /// What this link owes its broker for what the broker sent (see [`acks`]).
+    acks: InboundAcks,
     echo: EchoWindow,
     storm: StormGuard,
-    next_seq: u64,
     /// Packet ids the last connection left unacknowledged, in the order it sent them: the next
     /// connection releases them in that order (see `session::open`).
     release_first: Vec<u16>,
@@ -113,12 +106,13 @@ struct Conn {
     client: Client,
     connected: Option<Instant>,
     max_packet: Option<u32>,
-    awaiting_sent: VecDeque<(u64, Outbound)>,
-    /// Waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
-    inflight: HashMap<u16, (u64, Outbound)>,
-    /// QoS 2 after PUBREC, waiting for PUBCOMP. Kept apart from `inflight`: rumqttc may give
-    /// the same packet id to a new publish once PUBREC arrived.
-    released: HashMap<u16, (u64, Outbound)>,
+    /// What the broker has not acknowledged yet (see [`outflight`]).
+    flight: OutFlight<Outbound>,
+    /// Taken from the queue, on its way to the client (kept to reuse its allocation).
+    batch: Vec<Outbound>,
+    /// [`Link::finished`] at the last stall check, and how many checks in a row saw no change.
+    last_finished: u64,
+    stalled_checks: u32,
 }
 
 impl Link {
@@ -130,14 +124,9 @@ impl Link {
             ctx,
             acks_tx,
             acks_rx,
-            received: VecDeque::new(),
-            completed: HashSet::new(),
-            pending_acks: VecDeque::new(),
-            held: HashSet::new(),
-            epoch: 0,
+            acks: InboundAcks::default(),
             echo,
             storm,
-            next_seq: 0,
             release_first: Vec::new(),
             tags: HashMap::default(),
             finished: 0,
@@ -182,57 +171,24 @@ impl Link {
         info!("link stopped");
     }
 
-    /// One connection, from dialling to its end.
+    /// One connection, from dialling to its end: a short loop over the steps below.
     async fn connection(&mut self, session: &mut Session) -> Outcome {
         let mut conn = Conn {
             client: session.client.clone(),
             connected: None,
             max_packet: None,
-            awaiting_sent: VecDeque::new(),
-            inflight: HashMap::new(),
-            released: HashMap::new(),
+            flight: OutFlight::default(),
+            batch: Vec::new(),
+            last_finished: self.finished,
+            stalled_checks: 0,
         };
-        let window = usize::from(self.ctx.settings.inflight);
-        let mut batch = Vec::new();
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut spool_check = tokio::time::interval(Duration::from_secs(5));
         let mut stall_check = tokio::time::interval(Duration::from_secs(1));
-        let mut last_finished = self.finished;
-        let mut stalled_checks = 0u32;
         let outcome = loop {
-            if self.ctx.stop.is_cancelled() {
-                let idle = conn.outstanding() == 0 && self.ctx.queue.is_empty();
-                let _ = self.ctx.drained.send(idle || conn.connected.is_none());
-            }
-            if conn.connected.is_some() {
-                self.flush_acks(&conn.client);
-            }
-            self.ctx.queue.unblock();
-            if conn.connected.is_some() && self.ctx.queue.evacuate_requested() {
-                self.evacuate(&mut conn, "its queue is full");
-            }
-            let room = conn.connected.is_some() && conn.outstanding() < window;
-            if room {
-                let free = window - conn.outstanding();
-                self.ctx.queue.take(free, &mut batch);
-                let had = !batch.is_empty();
-                let mut refused = false;
-                let mut items = batch.drain(..);
-                while let Some(item) = items.next() {
-                    if let Err(item) = self.publish(&mut conn, item) {
-                        // The client takes no more for now (its channel is full, or the
-                        // connection is closing): the rest goes back, in order, and is retried
-                        // after the next event, which this waits for below. Retrying at once
-                        // would spin without ever reading that event.
-                        let rest: Vec<Outbound> = std::iter::once(item).chain(items).collect();
-                        self.ctx.queue.requeue_front(rest);
-                        refused = true;
-                        break;
-                    }
-                }
-                if had && !refused {
-                    self.update_gauges(&conn);
-                    continue;
-                }
+            self.housekeeping(&mut conn);
+            let room = self.has_room(&conn);
+            if room && self.fill_window(&mut conn) {
+                continue;
             }
             tokio::select! {
                 biased;
@@ -247,68 +203,119 @@ impl Link {
                 Some(ack) = self.acks_rx.recv() => self.complete(ack),
                 _ = self.ctx.queue.notified(), if room => {}
                 _ = self.ctx.stop.cancelled(), if !self.ctx.stop.is_cancelled() => {}
-                _ = stall_check.tick() => {
-                    // A target that finishes nothing for two checks in a row while messages wait
-                    // on it (frozen process, stalled network) stops holding the origins.
-                    if conn.connected.is_some() && conn.outstanding() > 0 && self.finished == last_finished {
-                        stalled_checks += 1;
-                        if stalled_checks == 2 {
-                            self.evacuate(&mut conn, "it acknowledged nothing for 2 s");
-                        }
-                    } else {
-                        stalled_checks = 0;
-                    }
-                    last_finished = self.finished;
-                }
-                _ = tick.tick() => {
-                    // Safety net: a connected link holding nothing while its spool has rows
-                    // behind its read position that no pending deletion accounts for has lost
-                    // its place. Never expected; rewinding is safe because the link holds
-                    // nothing read from the spool.
-                    let idle = conn.connected.is_some()
-                        && conn.outstanding() == 0
-                        && self.ctx.queue.is_empty();
-                    if idle && let Some(first_row) = self.ctx.queue.orphaned_row() {
-                        warn!(
-                            first_row,
-                            rows = self.ctx.queue.spool_readable(),
-                            "spool rows behind the read position; reading the spool again"
-                        );
-                        self.ctx.queue.rewind();
-                    }
-                    debug!(
-                        queued = self.ctx.queue.len(),
-                        awaiting_sent = conn.awaiting_sent.len(),
-                        inflight = conn.inflight.len(),
-                        unacked_in = self.received.len(),
-                        acks_due = self.pending_acks.len(),
-                        echo_window = self.echo.len(),
-                        messages_in = self.ctx.stats.messages_in.load(std::sync::atomic::Ordering::Relaxed),
-                        messages_out = self.ctx.stats.messages_out.load(std::sync::atomic::Ordering::Relaxed),
-                        forwarded = self.ctx.stats.forwarded.load(std::sync::atomic::Ordering::Relaxed),
-                        dropped_echo = self.ctx.stats.dropped_echo.load(std::sync::atomic::Ordering::Relaxed),
-                        "link state"
-                    );
-                }
+                _ = stall_check.tick() => self.stall_tick(&mut conn),
+                _ = spool_check.tick() => self.spool_tick(&conn),
             }
         };
-        // Whatever was not acknowledged goes back, in its original order: to the front of the
-        // spool (or, without one, of the memory queue).
-        let mut sent: Vec<(u64, u16)> = conn
-            .inflight
-            .iter()
-            .chain(conn.released.iter())
-            .map(|(pkid, (seq, _))| (*seq, *pkid))
-            .collect();
-        sent.sort_unstable();
+        self.end_of_connection(conn, outcome).await
+    }
+
+    /// Before each wait: report drained while stopping, hand due acknowledgements to the
+    /// client, let a full spool take what waits for room, and evacuate a queue that overflowed.
+    fn housekeeping(&mut self, conn: &mut Conn) {
+        if self.ctx.stop.is_cancelled() {
+            let idle = conn.flight.outstanding() == 0 && self.ctx.queue.is_empty();
+            let _ = self.ctx.drained.send(idle || conn.connected.is_none());
+        }
+        if conn.connected.is_some() {
+            self.flush_acks(&conn.client);
+        }
+        self.ctx.queue.unblock();
+        if conn.connected.is_some() && self.ctx.queue.evacuate_requested() {
+            self.evacuate(conn, "its queue is full");
+        }
+    }
+
+    /// Connected, with room in the in-flight window.
+    fn has_room(&self, conn: &Conn) -> bool {
+        conn.connected.is_some()
+            && conn.flight.outstanding() < usize::from(self.ctx.settings.inflight)
+    }
+
+    /// Publishes from the queue up to the in-flight window. True when it published and the
+    /// client took everything (fill again before waiting); false when there was nothing, or
+    /// the client refused: the rest went back, in order, to be retried after the next event
+    /// (retrying at once would spin without ever reading that event).
+    fn fill_window(&mut self, conn: &mut Conn) -> bool {
+        let free = usize::from(self.ctx.settings.inflight) - conn.flight.outstanding();
+        let mut batch = std::mem::take(&mut conn.batch);
+        self.ctx.queue.take(free, &mut batch);
+        let had = !batch.is_empty();
+        let mut items = batch.drain(..);
+        while let Some(item) = items.next() {
+            if let Err(item) = self.publish(conn, item) {
+                let rest: Vec<Outbound> = std::iter::once(item).chain(items).collect();
+                self.ctx.queue.requeue_front(rest);
+                conn.batch = batch;
+                return false;
+            }
+        }
+        drop(items);
+        conn.batch = batch;
+        if had {
+            self.update_gauges(conn);
+        }
+        had
+    }
+
+    /// Every second: a target that finishes nothing for two checks in a row while messages
+    /// wait on it (frozen process, stalled network) stops holding the origins.
+    fn stall_tick(&mut self, conn: &mut Conn) {
+        if conn.connected.is_some()
+            && conn.flight.outstanding() > 0
+            && self.finished == conn.last_finished
+        {
+            conn.stalled_checks += 1;
+            if conn.stalled_checks == 2 {
+                self.evacuate(conn, "it acknowledged nothing for 2 s");
+            }
+        } else {
+            conn.stalled_checks = 0;
+        }
+        conn.last_finished = self.finished;
+    }
+
+    /// Every 5 s, a safety net: a connected link holding nothing while its spool has rows
+    /// behind its read position that no pending deletion accounts for has lost its place. Never
+    /// expected; rewinding is safe because the link holds nothing read from the spool. Also
+    /// logs the link's state at debug level.
+    fn spool_tick(&self, conn: &Conn) {
+        let idle =
+            conn.connected.is_some() && conn.flight.outstanding() == 0 && self.ctx.queue.is_empty();
+        if idle && let Some(first_row) = self.ctx.queue.orphaned_row() {
+            warn!(
+                first_row,
+                rows = self.ctx.queue.spool_readable(),
+                "spool rows behind the read position; reading the spool again"
+            );
+            self.ctx.queue.rewind();
+        }
+        let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let stats = &self.ctx.stats;
+        debug!(
+            queued = self.ctx.queue.len(),
+            awaiting_sent = conn.flight.awaiting_sent(),
+            inflight = conn.flight.inflight(),
+            unacked_in = self.acks.unacknowledged(),
+            acks_due = self.acks.due(),
+            echo_window = self.echo.len(),
+            messages_in = n(&stats.messages_in),
+            messages_out = n(&stats.messages_out),
+            forwarded = n(&stats.forwarded),
+            dropped_echo = n(&stats.dropped_echo),
+            "link state"
+        );
+    }
+
+    /// The connection ended: whatever was not acknowledged goes back, in its original order,
+    /// to the front of the spool (or, without one, of the memory queue), and is on disk before
+    /// the next connection reads the spool from its start.
+    async fn end_of_connection(&mut self, mut conn: Conn, outcome: Outcome) -> Outcome {
+        let (unconfirmed, release_first) = conn.flight.drain();
         if conn.connected.is_some() {
             // (A connection that never got its CONNACK knows nothing newer.)
-            self.release_first = sent.into_iter().map(|(_, pkid)| pkid).collect();
+            self.release_first = release_first;
         }
-        let mut unconfirmed: Vec<(u64, Outbound)> = conn.awaiting_sent.drain(..).collect();
-        unconfirmed.extend(conn.inflight.drain().map(|(_, v)| v));
-        unconfirmed.extend(conn.released.drain().map(|(_, v)| v));
-        unconfirmed.sort_by_key(|(seq, _)| *seq);
         if !unconfirmed.is_empty() {
             self.ctx.stats.redelivered.fetch_add(
                 unconfirmed.len() as u64,
@@ -320,11 +327,7 @@ impl Link {
             );
         }
         let shutdown = matches!(outcome, Outcome::Shutdown);
-        self.ctx
-            .queue
-            .disconnected(unconfirmed.into_iter().map(|(_, o)| o).collect(), shutdown);
-        // The next connection reads the spool from its start: what was just put in front of
-        // it must be on disk first.
+        self.ctx.queue.disconnected(unconfirmed, shutdown);
         self.ctx.queue.sync().await;
         self.update_gauges(&conn);
         outcome
@@ -338,11 +341,7 @@ impl Link {
             } => {
                 if !session_present {
                     // The broker has no memory of us: packet ids of the old session mean nothing.
-                    self.epoch = self.epoch.wrapping_add(1);
-                    self.held.clear();
-                    self.received.clear();
-                    self.completed.clear();
-                    self.pending_acks.clear();
+                    self.acks.new_session();
                 }
                 conn.connected = Some(Instant::now());
                 conn.max_packet = max_packet_size;
@@ -361,50 +360,48 @@ impl Link {
                 self.ctx.stats.set_state(LinkState::Connected);
             }
             LinkEvent::Publish { msg, ack } => self.on_publish(msg, ack),
-            LinkEvent::Sent(pkid) => {
-                if let Some((seq, item)) = conn.awaiting_sent.pop_front() {
-                    if pkid == 0 {
-                        // QoS 0: written, never acknowledged; not counted as delivered.
-                        self.finish(item);
-                        inc(&self.ctx.stats.sent_qos0);
-                    } else if let Some(old) = conn.inflight.insert(pkid, (seq, item)) {
-                        // Never expected. The evicted message would hold its origin's
-                        // acknowledgement forever: send it again (a duplicate at worst).
-                        warn!(
-                            pkid,
-                            old_seq = old.0,
-                            new_seq = seq,
-                            "packet id reused before the broker acknowledged it; message sent again"
-                        );
-                        self.ctx.queue.requeue_front(vec![old.1]);
-                    }
-                } else {
+            LinkEvent::Sent(pkid) => match conn.flight.sent(pkid) {
+                Sent::Done(item) => {
+                    // QoS 0: written, never acknowledged; not counted as delivered.
+                    self.finish(item);
+                    inc(&self.ctx.stats.sent_qos0);
+                }
+                Sent::InFlight => {}
+                Sent::Evicted { old, seqs } => {
+                    // Never expected. The evicted message would hold its origin's
+                    // acknowledgement forever: send it again (a duplicate at worst).
+                    warn!(
+                        pkid,
+                        old_seq = seqs.0,
+                        new_seq = seqs.1,
+                        "packet id reused before the broker acknowledged it; message sent again"
+                    );
+                    self.ctx.queue.requeue_front(vec![old]);
+                }
+                Sent::Unexpected => {
                     warn!(pkid, "publish reported sent with no message waiting for it");
                 }
-            }
+            },
             LinkEvent::PubAck(pkid, result) | LinkEvent::PubRec(pkid, result @ Err(_)) => {
-                if let Some(entry) = conn.inflight.remove(&pkid) {
-                    self.acknowledged(entry.1, result);
-                } else {
-                    debug!(pkid, "acknowledgement for a packet id not in flight");
+                match conn.flight.acknowledged(pkid) {
+                    Some(item) => self.acknowledged(item, result),
+                    None => debug!(pkid, "acknowledgement for a packet id not in flight"),
                 }
             }
             LinkEvent::PubRec(pkid, Ok(())) => {
-                if let Some(entry) = conn.inflight.remove(&pkid)
-                    && let Some(old) = conn.released.insert(pkid, entry)
-                {
+                if let Some((old_seq, old)) = conn.flight.received(pkid) {
                     warn!(
                         pkid,
-                        old_seq = old.0,
+                        old_seq,
                         "packet id reused before the broker completed it; message sent again"
                     );
-                    self.ctx.queue.requeue_front(vec![old.1]);
+                    self.ctx.queue.requeue_front(vec![old]);
                 }
             }
             LinkEvent::PubComp(pkid) => {
                 // Also answers the PUBRELs sent on a resumed session: those match nothing here.
-                if let Some(entry) = conn.released.remove(&pkid) {
-                    self.acknowledged(entry.1, Ok(()));
+                if let Some(item) = conn.flight.completed(pkid) {
+                    self.acknowledged(item, Ok(()));
                 }
             }
             LinkEvent::SubAck(failures) => {
@@ -432,23 +429,22 @@ impl Link {
     fn on_publish(&mut self, msg: Message, ack: Option<AckRequest>) {
         let stats = &self.ctx.stats;
         inc(&stats.messages_in);
-        let ack = ack.map(|a| AckRequest {
-            epoch: self.epoch,
-            ..a
-        });
         if self.ctx.stop.is_cancelled() {
             // Not acknowledged: the broker keeps it for our next session.
             return;
         }
-        if let Some(a) = ack {
-            if !self.held.insert(a.pkid) {
-                // Redelivered after a reconnect while the first copy is still on its way:
-                // the first copy's acknowledgement covers this one.
-                debug!(pkid = a.pkid, "redelivery of a message already forwarded");
-                return;
-            }
-            self.received.push_back(a);
-        }
+        let ack = match ack {
+            Some(a) => match self.acks.receive(a) {
+                Some(a) => Some(a),
+                None => {
+                    // Redelivered after a reconnect while the first copy is still on its way:
+                    // the first copy's acknowledgement covers this one.
+                    debug!(pkid = a.pkid, "redelivery of a message already forwarded");
+                    return;
+                }
+            },
+            None => None,
+        };
         if msg.has_origin_tag() {
             inc(&stats.dropped_tagged);
             self.complete_opt(ack);
@@ -512,9 +508,7 @@ impl Link {
                         Instant::now(),
                     );
                 }
-                let seq = self.next_seq;
-                self.next_seq += 1;
-                conn.awaiting_sent.push_back((seq, item));
+                conn.flight.handed(item);
                 Ok(())
             }
             Err(SendError::Full | SendError::Closed) => Err(item),
@@ -524,14 +518,7 @@ impl Link {
     /// Moves what waits on this target (queued and in flight) to its spool, so the origins
     /// are acknowledged without waiting for it.
     fn evacuate(&mut self, conn: &mut Conn, why: &str) {
-        let mut flying: Vec<&mut (u64, Outbound)> = conn
-            .awaiting_sent
-            .iter_mut()
-            .chain(conn.inflight.values_mut())
-            .chain(conn.released.values_mut())
-            .collect();
-        flying.sort_by_key(|(seq, _)| *seq);
-        let mut items: Vec<&mut Outbound> = flying.into_iter().map(|(_, o)| o).collect();
+        let mut items = conn.flight.all_mut();
         let moved = self.ctx.queue.evacuate(&mut items);
         if moved > 0 {
             info!(
@@ -554,36 +541,19 @@ impl Link {
         }
     }
 
-    /// Every target is done with a received message: its acknowledgement becomes due once all
-    /// messages received before it are acknowledged too.
+    /// Every target is done with a received message.
     fn complete(&mut self, ack: AckRequest) {
-        if ack.epoch != self.epoch {
-            return;
-        }
-        self.completed.insert(ack.pkid);
-        while let Some(front) = self.received.front() {
-            if !self.completed.remove(&front.pkid) {
-                break;
-            }
-            self.pending_acks.extend(self.received.pop_front());
-        }
+        self.acks.complete(ack);
     }
 
     fn flush_acks(&mut self, client: &Client) {
-        while let Some(ack) = self.pending_acks.front().copied() {
-            if ack.epoch != self.epoch {
-                self.pending_acks.pop_front();
-                continue;
+        while let Some(ack) = self.acks.next_due() {
+            if client.ack(ack).is_err() {
+                // Retried after the next event.
+                break;
             }
-            match client.ack(ack) {
-                Ok(()) => {
-                    self.pending_acks.pop_front();
-                    self.held.remove(&ack.pkid);
-                }
-                Err(_) => break,
-            }
+            self.acks.handed();
         }
-        // What could not be handed over now is retried after the next event.
     }
 
     async fn close(&mut self, conn: &mut Conn, session: &mut Session) -> Outcome {
@@ -608,18 +578,11 @@ impl Link {
     fn update_gauges(&self, conn: &Conn) {
         let s = &self.ctx.stats;
         s.inflight.store(
-            conn.outstanding() as i64,
+            conn.flight.outstanding() as i64,
             std::sync::atomic::Ordering::Relaxed,
         );
         s.dedup_entries
             .store(self.echo.len() as i64, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-impl Conn {
-    /// Messages handed to this connection and not yet acknowledged.
-    fn outstanding(&self) -> usize {
-        self.awaiting_sent.len() + self.inflight.len() + self.released.len()
     }
 }
 
