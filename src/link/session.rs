@@ -145,14 +145,26 @@ fn send_now<F: Future<Output = Result<(), E>>, E>(fut: F) -> Result<(), SendErro
     }
 }
 
-fn try_result<E: std::fmt::Display>(r: Result<(), E>) -> Result<(), SendError> {
-    r.map_err(|e| {
-        if e.to_string().contains("full") || e.to_string().contains("Full") {
-            SendError::Full
-        } else {
-            SendError::Closed
+impl From<rumqttc::ClientError> for SendError {
+    fn from(e: rumqttc::ClientError) -> Self {
+        match e {
+            rumqttc::ClientError::TryRequestFull(_) => SendError::Full,
+            rumqttc::ClientError::Request(_) | rumqttc::ClientError::TryRequest(_) => {
+                SendError::Closed
+            }
         }
-    })
+    }
+}
+
+impl From<rumqttc::v5::ClientError> for SendError {
+    fn from(e: rumqttc::v5::ClientError) -> Self {
+        match e {
+            rumqttc::v5::ClientError::TryRequestFull(_) => SendError::Full,
+            rumqttc::v5::ClientError::Request(_) | rumqttc::v5::ClientError::TryRequest(_) => {
+                SendError::Closed
+            }
+        }
+    }
 }
 
 impl Client {
@@ -189,12 +201,12 @@ impl Client {
             Client::V4(c) => {
                 let mut p = rumqttc::Publish::new("", qos_v4(ack.qos), Vec::new());
                 p.pkid = ack.pkid;
-                try_result(c.try_ack(&p))
+                Ok(c.try_ack(&p)?)
             }
             Client::V5(c) => {
                 let mut p = v5b::Publish::new("", qos_v5(ack.qos), Bytes::new(), None);
                 p.pkid = ack.pkid;
-                try_result(c.try_ack(&p))
+                Ok(c.try_ack(&p)?)
             }
         }
     }
@@ -203,29 +215,27 @@ impl Client {
     /// messages only on a new subscription (a resumed session does not re-flood them).
     pub fn subscribe(&self, filters: &[String]) -> Result<(), SendError> {
         match self {
-            Client::V4(c) => {
-                try_result(c.try_subscribe_many(
-                    filters.iter().map(|f| {
-                        rumqttc::SubscribeFilter::new(f.clone(), rumqttc::QoS::ExactlyOnce)
-                    }),
-                ))
-            }
-            Client::V5(c) => try_result(c.try_subscribe_many(filters.iter().map(|f| {
+            Client::V4(c) => Ok(c.try_subscribe_many(
+                filters
+                    .iter()
+                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), rumqttc::QoS::ExactlyOnce)),
+            )?),
+            Client::V5(c) => Ok(c.try_subscribe_many(filters.iter().map(|f| {
                 let mut filter =
                     v5b::Filter::new(f.clone(), rumqttc::v5::mqttbytes::QoS::ExactlyOnce);
                 filter.nolocal = true;
                 filter.preserve_retain = true;
                 filter.retain_forward_rule = v5b::RetainForwardRule::OnNewSubscribe;
                 filter
-            }))),
+            }))?),
         }
     }
 
     /// Queues a DISCONNECT.
     pub fn disconnect(&self) -> Result<(), SendError> {
         match self {
-            Client::V4(c) => try_result(c.try_disconnect()),
-            Client::V5(c) => try_result(c.try_disconnect()),
+            Client::V4(c) => Ok(c.try_disconnect()?),
+            Client::V5(c) => Ok(c.try_disconnect()?),
         }
     }
 }
@@ -534,5 +544,29 @@ mod tests {
             vec![2, 1, 3],
             "ids beyond the window dropped"
         );
+    }
+
+    #[test]
+    fn a_full_request_channel_is_told_apart_from_a_closed_one() {
+        let ack = AckRequest {
+            pkid: 1,
+            qos: 1,
+            epoch: 0,
+        };
+        let opts = rumqttc::v5::MqttOptions::new("t", "127.0.0.1", 1);
+        let (c, eventloop) = rumqttc::v5::AsyncClient::new(opts, 1);
+        let client = Client::V5(c);
+        assert!(client.ack(ack).is_ok());
+        assert!(matches!(client.ack(ack), Err(SendError::Full)));
+        drop(eventloop);
+        assert!(matches!(client.ack(ack), Err(SendError::Closed)));
+
+        let opts = rumqttc::MqttOptions::new("t", "127.0.0.1", 1);
+        let (c, eventloop) = rumqttc::AsyncClient::new(opts, 1);
+        let client = Client::V4(c);
+        assert!(client.disconnect().is_ok());
+        assert!(matches!(client.disconnect(), Err(SendError::Full)));
+        drop(eventloop);
+        assert!(matches!(client.disconnect(), Err(SendError::Closed)));
     }
 }

@@ -23,6 +23,10 @@ pub enum ClientError {
     Request(Request),
     #[error("Failed to send mqtt requests to eventloop")]
     TryRequest(Request),
+    /// meshbridge patch: `try_*` found the request channel full (the event loop is alive and
+    /// will take requests again), told apart from a closed channel (`TryRequest`).
+    #[error("Request channel to the eventloop is full")]
+    TryRequestFull(Request),
 }
 
 impl From<SendError<Request>> for ClientError {
@@ -33,7 +37,10 @@ impl From<SendError<Request>> for ClientError {
 
 impl From<TrySendError<Request>> for ClientError {
     fn from(e: TrySendError<Request>) -> Self {
-        Self::TryRequest(e.into_inner())
+        match e {
+            TrySendError::Full(request) => Self::TryRequestFull(request),
+            TrySendError::Disconnected(request) => Self::TryRequest(request),
+        }
     }
 }
 

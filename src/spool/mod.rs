@@ -23,21 +23,24 @@
 //! messages wait in memory holding their origin's acknowledgement ([`Overflow::Block`]): the
 //! origin broker then stops sending once its in-flight window is full.
 
+mod record;
+mod writer;
+
+use record::now_ms;
+pub use record::{Decoded, RecordError, decode, encode};
+use writer::{Budget, writer};
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, mpsc};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes};
-use redb::{
-    Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
-};
-use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle};
 use tokio::sync::{Notify, oneshot};
 use tracing::{error, info, warn};
 
-use crate::message::{AckShare, Message};
+use crate::message::AckShare;
 use crate::metrics::LinkStats;
 
 /// File name of the spool under `data_dir`.
@@ -124,6 +127,44 @@ pub enum SpoolError {
         reason: String,
     },
 }
+
+/// Why a read or write of the spool failed (its text is what status and the logs show).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// redb refused: I/O error (a full disk), or an earlier one it has not recovered from.
+    #[error(transparent)]
+    Db(Box<redb::Error>),
+    /// The database is being opened again after a failed write.
+    #[error("the spool is being opened again")]
+    Reopening,
+    /// Opening it again failed.
+    #[error("cannot open the spool again: {0}")]
+    Reopen(#[source] redb::DatabaseError),
+    /// Opening it again must wait for a reader to finish.
+    #[error("cannot open the spool again: the database is still in use by a reader")]
+    ReaderActive,
+    /// Writes fail, and the next attempt is not due yet; the last error.
+    #[error("{0}")]
+    StillFailing(String),
+}
+
+/// Each of redb's error types into [`StoreError::Db`], so that `?` works on all of them.
+macro_rules! from_redb {
+    ($($error:ty),*) => {
+        $(impl From<$error> for StoreError {
+            fn from(e: $error) -> Self {
+                StoreError::Db(Box::new(e.into()))
+            }
+        })*
+    };
+}
+from_redb!(
+    redb::Error,
+    redb::StorageError,
+    redb::TableError,
+    redb::TransactionError,
+    redb::CommitError
+);
 
 /// One target's spool: its table and counters.
 #[derive(Debug)]
@@ -330,7 +371,7 @@ impl Store {
     }
 
     /// Closes the database and opens it again.
-    fn reopen(&self) -> Result<(), String> {
+    fn reopen(&self) -> Result<(), StoreError> {
         let old = self.db.write().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(mut old) = old {
             // Readers hold a clone for the length of one read; the file lock goes with the last.
@@ -347,12 +388,12 @@ impl Store {
                     }
                     Err(still_shared) => {
                         *self.db.write().unwrap_or_else(|p| p.into_inner()) = Some(still_shared);
-                        return Err("the database is still in use by a reader".into());
+                        return Err(StoreError::ReaderActive);
                     }
                 }
             }
         }
-        let db = open_db(&self.path).map_err(|e| e.to_string())?;
+        let db = open_db(&self.path).map_err(StoreError::Reopen)?;
         *self.db.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(db));
         Ok(())
     }
@@ -462,21 +503,22 @@ impl Spool {
             .map_err(|e| fail(format!("cannot create the directory: {e}")))?;
         // redb panics on some damage (a file cut short) instead of returning an error.
         let opened = without_panic_message(|| {
-            let db = open_db(&path)?;
-            let found = scan(&db).map_err(redb::StorageError::Corrupted)?;
-            Ok::<_, redb::DatabaseError>((db, found))
+            let db = open_db(&path).map_err(|e| StoreError::from(redb::Error::from(e)))?;
+            let found = scan(&db)?;
+            Ok::<_, StoreError>((db, found))
         });
         let (db, found) = match opened {
             Ok(Ok(opened)) => opened,
-            Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
-                return Err(fail(
-                    "in use by another process (is another bridge running with this data_dir?)"
-                        .into(),
-                ));
-            }
-            Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))) => {
-                return Err(fail(e.to_string()));
-            }
+            Ok(Err(StoreError::Db(e))) => match *e {
+                redb::Error::DatabaseAlreadyOpen => {
+                    return Err(fail(
+                        "in use by another process (is another bridge running with this data_dir?)"
+                            .into(),
+                    ));
+                }
+                redb::Error::Io(e) => return Err(fail(e.to_string())),
+                other => return Err(damaged(other.to_string())),
+            },
             Ok(Err(other)) => return Err(damaged(other.to_string())),
             Err(panic) => return Err(damaged(panic)),
         };
@@ -654,7 +696,7 @@ impl Spool {
         target: &Target,
         from: Option<u64>,
         max: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, String> {
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let from = from.unwrap_or(0);
         let mut rows = BTreeMap::new();
         let on_disk = target.stored_rows.load(Ordering::Acquire) > 0;
@@ -662,7 +704,7 @@ impl Spool {
             Some(Ok(disk)) => rows.extend(disk),
             // Rows on disk that cannot be read now must not be skipped: read again later.
             Some(Err(e)) if on_disk => return Err(e),
-            None if on_disk => return Err("the spool is being opened again".into()),
+            None if on_disk => return Err(StoreError::Reopening),
             Some(Err(_)) | None => {}
         }
         // A held row may also be on disk already (written, not yet forgotten): same bytes.
@@ -678,49 +720,43 @@ fn read_disk(
     target: &Target,
     from: u64,
     max: usize,
-) -> Result<Vec<(u64, Vec<u8>)>, String> {
-    let txn = db.begin_read().map_err(|e| e.to_string())?;
+) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    let txn = db.begin_read()?;
     let table = match txn.open_table(target.def()) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(e.into()),
     };
-    let range = table.range(from..).map_err(|e| e.to_string())?;
+    let range = table.range(from..)?;
     let mut out = Vec::new();
     for row in range.take(max) {
-        let (k, v) = row.map_err(|e| e.to_string())?;
+        let (k, v) = row?;
         out.push((k.value(), v.value().to_vec()));
     }
     Ok(out)
 }
 
-fn scan(db: &Database) -> Result<HashMap<String, Found>, String> {
-    let txn = db.begin_read().map_err(|e| e.to_string())?;
+fn scan(db: &Database) -> Result<HashMap<String, Found>, StoreError> {
+    let txn = db.begin_read()?;
     let mut found = HashMap::new();
-    for handle in txn.list_tables().map_err(|e| e.to_string())? {
+    for handle in txn.list_tables()? {
         let name = handle.name().to_string();
         if !name.starts_with(TABLE_PREFIX) {
             continue;
         }
         let def: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(&name);
-        let table = txn.open_table(def).map_err(|e| e.to_string())?;
-        let rows = table.len().map_err(|e| e.to_string())?;
+        let table = txn.open_table(def)?;
+        let rows = table.len()?;
         if rows == 0 {
             continue;
         }
         let mut bytes = 0;
-        for row in table.iter().map_err(|e| e.to_string())? {
-            let (_, v) = row.map_err(|e| e.to_string())?;
+        for row in table.iter()? {
+            let (_, v) = row?;
             bytes += v.value().len() as u64;
         }
-        let first = table
-            .first()
-            .map_err(|e| e.to_string())?
-            .map_or(0, |(k, _)| k.value());
-        let last = table
-            .last()
-            .map_err(|e| e.to_string())?
-            .map_or(0, |(k, _)| k.value());
+        let first = table.first()?.map_or(0, |(k, _)| k.value());
+        let last = table.last()?.map_or(0, |(k, _)| k.value());
         found.insert(
             name,
             Found {
@@ -734,602 +770,9 @@ fn scan(db: &Database) -> Result<HashMap<String, Found>, String> {
     Ok(found)
 }
 
-/// What one committed batch changed for one target.
-#[derive(Default)]
-struct Delta {
-    added_rows: u64,
-    added_bytes: u64,
-    removed_rows: u64,
-    removed_bytes: u64,
-    dropped: u64,
-    discarded: bool,
-}
-
-/// Bytes handed to the writer and not yet committed; `take` waits above [`MAX_UNWRITTEN`].
-#[derive(Default)]
-struct Budget {
-    bytes: Mutex<u64>,
-    freed: std::sync::Condvar,
-}
-
-impl Budget {
-    fn take(&self, n: u64) {
-        let mut bytes = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
-        while *bytes > 0 && *bytes + n > MAX_UNWRITTEN {
-            bytes = self.freed.wait(bytes).unwrap_or_else(|p| p.into_inner());
-        }
-        *bytes += n;
-    }
-
-    fn give(&self, n: u64) {
-        let mut bytes = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
-        *bytes = bytes.saturating_sub(n);
-        self.freed.notify_all();
-    }
-}
-
-fn writer(store: &Store, rx: mpsc::Receiver<Op>, limits: Limits, unwritten: &Budget) {
-    let mut batch = Vec::new();
-    // While the disk refuses writes: deletions and discards to do again, the targets that hold
-    // rows in memory, and when to open the database again.
-    let mut retry: Vec<Op> = Vec::new();
-    let mut holding: HashMap<String, Arc<Target>> = HashMap::new();
-    let mut next_attempt = Instant::now();
-    loop {
-        let failing = store.health.error().is_some();
-        let first = if failing {
-            match rx.recv_timeout(REOPEN_EVERY) {
-                Ok(op) => Some(op),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-        } else {
-            match rx.recv() {
-                Ok(op) => Some(op),
-                Err(_) => break,
-            }
-        };
-        let mut batch_bytes = 0;
-        if let Some(op) = first {
-            batch_bytes += op.bytes();
-            batch.push(op);
-        }
-        while batch.len() < MAX_BATCH && batch_bytes < MAX_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(op) => {
-                    batch_bytes += op.bytes();
-                    batch.push(op);
-                }
-                Err(_) => break,
-            }
-        }
-        // A deletion or discard of held rows needs no disk.
-        batch.retain(|op| match op {
-            Op::Delete { target, key } => {
-                if target.unhold(*key, &store.health, true).is_some() {
-                    target.pending_deletes.fetch_sub(1, Ordering::AcqRel);
-                    return false;
-                }
-                true
-            }
-            Op::Discard { target } => {
-                let keys: Vec<u64> = target.lock_held().keys().copied().collect();
-                for key in keys {
-                    target.unhold(key, &store.health, true);
-                }
-                true
-            }
-            _ => true,
-        });
-        let result = if failing && Instant::now() < next_attempt {
-            Err(store.health.error().unwrap_or_default())
-        } else {
-            let reopened = if failing {
-                next_attempt = Instant::now() + REOPEN_EVERY;
-                store.reopen()
-            } else {
-                Ok(())
-            };
-            // Held rows and deletions left over go first: a target's order is kept.
-            let mut ops: Vec<Op> = Vec::new();
-            if failing && reopened.is_ok() {
-                for target in holding.values() {
-                    for (key, value) in target.lock_held().iter() {
-                        ops.push(Op::Unhold {
-                            target: target.clone(),
-                            key: *key,
-                            value: value.clone(),
-                        });
-                    }
-                }
-                ops.append(&mut retry);
-            }
-            ops.append(&mut batch);
-            batch = ops;
-            match (reopened, store.db()) {
-                (Ok(()), Some(db)) => apply(&db, &batch, limits),
-                (Err(e), _) => Err(format!("cannot open the spool again: {e}")),
-                (Ok(()), None) => Err("the spool is not open".into()),
-            }
-        };
-        match &result {
-            Ok(deltas) => {
-                if failing {
-                    let held = store.health.held_rows.load(Ordering::Acquire);
-                    info!(
-                        held_written = batch
-                            .iter()
-                            .filter(|op| matches!(op, Op::Unhold { .. }))
-                            .count(),
-                        still_held = held,
-                        "spool writable again"
-                    );
-                    store.health.set_error(None);
-                    holding.clear();
-                }
-                // Counters first: a barrier waiter (`sync`) then sees them up to date.
-                for (target, d) in deltas.values() {
-                    if d.dropped > 0 {
-                        let total = target
-                            .stats
-                            .dropped_overflow
-                            .fetch_add(d.dropped, Ordering::Relaxed)
-                            + d.dropped;
-                        warn!(
-                            target_broker = target.table.trim_start_matches(TABLE_PREFIX),
-                            dropped = d.dropped,
-                            dropped_total = total,
-                            max_messages = limits.max_messages,
-                            max_bytes = limits.max_bytes,
-                            "spool full: oldest messages dropped (spool_overflow = \"drop_oldest\")"
-                        );
-                    }
-                    target.notify.notify_one();
-                }
-            }
-            Err(e) => {
-                store.health.write_failures.fetch_add(1, Ordering::Relaxed);
-                if !failing {
-                    error!(
-                        error = %e,
-                        held_up_to_bytes = MAX_HELD_BYTES,
-                        "spool write failed: messages are held in memory and written once the disk takes them (the spool is opened again every second)"
-                    );
-                    next_attempt = Instant::now() + REOPEN_EVERY;
-                }
-                store.health.set_error(Some(e.clone()));
-            }
-        }
-        for op in batch.drain(..) {
-            match op {
-                Op::Append {
-                    target,
-                    key,
-                    value,
-                    share,
-                } => {
-                    let len = value.len() as u64;
-                    match &result {
-                        Ok(_) => {
-                            target.pending_rows.fetch_sub(1, Ordering::AcqRel);
-                            target.pending_bytes.fetch_sub(len, Ordering::AcqRel);
-                        }
-                        Err(e) => {
-                            // Held in memory, readable: the origin need not wait for the disk.
-                            target.hold(key, value, &store.health);
-                            target.stats.set_error(format!("spool write failed: {e}"));
-                            target.notify.notify_one();
-                            holding.insert(target.table.clone(), target.clone());
-                            drop_held_beyond_bound(&target, &store.health);
-                        }
-                    }
-                    if let Some(share) = share {
-                        share.complete();
-                    }
-                }
-                Op::Unhold { target, key, .. } => {
-                    if result.is_ok() {
-                        // On disk now (a deletion since would have removed it from memory).
-                        if let Some(len) = target.unhold(key, &store.health, false) {
-                            target.pending_rows.fetch_sub(1, Ordering::AcqRel);
-                            target.pending_bytes.fetch_sub(len, Ordering::AcqRel);
-                        }
-                    } else {
-                        holding.insert(target.table.clone(), target);
-                    }
-                }
-                Op::Barrier(tx) => {
-                    let _ = tx.send(());
-                }
-                Op::Delete { target, key } => match &result {
-                    Ok(_) => {
-                        target.pending_deletes.fetch_sub(1, Ordering::AcqRel);
-                    }
-                    Err(_) => retry.push(Op::Delete { target, key }),
-                },
-                Op::Discard { target } => {
-                    if result.is_err() {
-                        retry.push(Op::Discard { target });
-                    }
-                }
-            }
-        }
-        unwritten.give(batch_bytes);
-    }
-    let held = store.health.held_rows.load(Ordering::Acquire);
-    if held > 0 {
-        error!(
-            messages = held,
-            "spool closed while the disk refused writes: messages held in memory are lost"
-        );
-    }
-}
-
-/// Keeps the rows held in memory within [`MAX_HELD_BYTES`]: `target`'s oldest go first.
-fn drop_held_beyond_bound(target: &Target, health: &Health) {
-    while health.held_bytes.load(Ordering::Acquire) > MAX_HELD_BYTES {
-        let Some(first) = target.lock_held().keys().next().copied() else {
-            return;
-        };
-        target.unhold(first, health, true);
-        let total = target
-            .stats
-            .dropped_spool_failed
-            .fetch_add(1, Ordering::Relaxed)
-            + 1;
-        if total == 1 || total.is_multiple_of(1000) {
-            warn!(
-                target_broker = target.table.trim_start_matches(TABLE_PREFIX),
-                dropped_total = total,
-                max_held_bytes = MAX_HELD_BYTES,
-                "spool failing and memory for held messages full: oldest dropped"
-            );
-        }
-    }
-}
-
-/// What one committed batch changed, per target table.
-type Deltas = HashMap<String, (Arc<Target>, Delta)>;
-
-/// Applies a batch in one transaction; on success applies what changed to the targets'
-/// counters (stored counters are raised before the caller lowers the pending ones) and
-/// returns it.
-fn apply(db: &Database, batch: &[Op], limits: Limits) -> Result<Deltas, String> {
-    let mut deltas = Deltas::new();
-    let mut txn = db.begin_write().map_err(|e| e.to_string())?;
-    txn.set_durability(Durability::Immediate);
-    {
-        let mut tables = HashMap::new();
-        for op in batch {
-            let target = match op {
-                Op::Append { target, .. }
-                | Op::Unhold { target, .. }
-                | Op::Delete { target, .. }
-                | Op::Discard { target } => target,
-                Op::Barrier(_) => continue,
-            };
-            let (_, delta) = deltas
-                .entry(target.table.clone())
-                .or_insert_with(|| (target.clone(), Delta::default()));
-            if let Op::Discard { .. } = op {
-                tables.remove(&target.table);
-                txn.delete_table(target.def()).map_err(|e| e.to_string())?;
-                *delta = Delta {
-                    discarded: true,
-                    ..Delta::default()
-                };
-                continue;
-            }
-            if !tables.contains_key(&target.table) {
-                let t = txn.open_table(target.def()).map_err(|e| e.to_string())?;
-                tables.insert(target.table.clone(), t);
-            }
-            let Some(table) = tables.get_mut(&target.table) else {
-                continue;
-            };
-            match op {
-                Op::Append { key, value, .. } | Op::Unhold { key, value, .. } => {
-                    if let Some(old) = table
-                        .insert(*key, value.as_slice())
-                        .map_err(|e| e.to_string())?
-                    {
-                        delta.removed_rows += 1;
-                        delta.removed_bytes += old.value().len() as u64;
-                    }
-                    delta.added_rows += 1;
-                    delta.added_bytes += value.len() as u64;
-                    if limits.overflow == Overflow::DropOldest {
-                        let mut rows = (target.stored_rows.load(Ordering::Acquire)
-                            + delta.added_rows)
-                            .saturating_sub(delta.removed_rows);
-                        let mut bytes = (target.stored_bytes.load(Ordering::Acquire)
-                            + delta.added_bytes)
-                            .saturating_sub(delta.removed_bytes);
-                        while rows > limits.max_messages || (rows > 1 && bytes > limits.max_bytes) {
-                            let Some((_, v)) = table.pop_first().map_err(|e| e.to_string())? else {
-                                break;
-                            };
-                            let len = v.value().len() as u64;
-                            delta.removed_rows += 1;
-                            delta.removed_bytes += len;
-                            delta.dropped += 1;
-                            rows -= 1;
-                            bytes = bytes.saturating_sub(len);
-                        }
-                    }
-                }
-                Op::Delete { key, .. } => {
-                    if let Some(old) = table.remove(*key).map_err(|e| e.to_string())? {
-                        delta.removed_rows += 1;
-                        delta.removed_bytes += old.value().len() as u64;
-                    }
-                }
-                Op::Discard { .. } | Op::Barrier(_) => {}
-            }
-        }
-    }
-    txn.commit().map_err(|e| e.to_string())?;
-    let deltas = deltas;
-    for (target, d) in deltas.values() {
-        if d.discarded {
-            target.stored_rows.store(d.added_rows, Ordering::Release);
-            target.stored_bytes.store(d.added_bytes, Ordering::Release);
-            continue;
-        }
-        target.stored_rows.fetch_add(d.added_rows, Ordering::AcqRel);
-        target
-            .stored_bytes
-            .fetch_add(d.added_bytes, Ordering::AcqRel);
-        target
-            .stored_rows
-            .fetch_sub(d.removed_rows, Ordering::AcqRel);
-        target
-            .stored_bytes
-            .fetch_sub(d.removed_bytes, Ordering::AcqRel);
-    }
-    Ok(deltas)
-}
-
-const FORMAT: u8 = 1;
-const HAS_PROPS: u8 = 0b1000;
-const RETAIN: u8 = 0b0100;
-
-/// Encodes a message and its origin for the spool. The time is kept so that an MQTT 5 message
-/// expiry interval counts the time spent in the spool.
-pub fn encode(origin: &str, msg: &Message) -> Vec<u8> {
-    let mut b = Vec::with_capacity(32 + origin.len() + msg.topic.len() + msg.payload.len());
-    b.put_u8(FORMAT);
-    b.put_u64(now_ms());
-    let mut flags = msg.qos & 0b11;
-    if msg.retain {
-        flags |= RETAIN;
-    }
-    if msg.properties.is_some() {
-        flags |= HAS_PROPS;
-    }
-    b.put_u8(flags);
-    put_bytes(&mut b, origin.as_bytes());
-    put_bytes(&mut b, &msg.topic);
-    put_bytes(&mut b, &msg.payload);
-    if let Some(p) = &msg.properties {
-        put_opt(&mut b, p.payload_format_indicator.map(|v| vec![v]));
-        put_opt(
-            &mut b,
-            p.message_expiry_interval.map(|v| v.to_be_bytes().to_vec()),
-        );
-        put_opt(
-            &mut b,
-            p.response_topic.as_ref().map(|v| v.as_bytes().to_vec()),
-        );
-        put_opt(&mut b, p.correlation_data.as_ref().map(|v| v.to_vec()));
-        put_opt(
-            &mut b,
-            p.content_type.as_ref().map(|v| v.as_bytes().to_vec()),
-        );
-        b.put_u32(p.user_properties.len() as u32);
-        for (k, v) in &p.user_properties {
-            put_bytes(&mut b, k.as_bytes());
-            put_bytes(&mut b, v.as_bytes());
-        }
-    }
-    b
-}
-
-/// A spooled message decoded, or why it was not.
-#[derive(Debug)]
-pub enum Decoded {
-    /// The message and the name of its origin broker.
-    Message(Arc<str>, Message),
-    /// Its MQTT 5 message expiry interval ran out while it waited.
-    Expired(Message),
-}
-
-/// Decodes what [`encode`] wrote.
-pub fn decode(mut b: &[u8]) -> Result<Decoded, String> {
-    let r = &mut b;
-    let format = get_u8(r)?;
-    if format != FORMAT {
-        return Err(format!("unknown record format {format}"));
-    }
-    if r.remaining() < 8 {
-        return Err("truncated record".into());
-    }
-    let spooled_at = r.get_u64();
-    let flags = get_u8(r)?;
-    let origin = String::from_utf8(get_bytes(r)?.to_vec()).map_err(|_| "origin is not UTF-8")?;
-    let topic = Bytes::copy_from_slice(get_bytes(r)?);
-    let payload = Bytes::copy_from_slice(get_bytes(r)?);
-    let text = |v: Option<&[u8]>| -> Result<Option<String>, String> {
-        v.map(|v| String::from_utf8(v.to_vec()).map_err(|_| "property is not UTF-8".to_string()))
-            .transpose()
-    };
-    let properties = if flags & HAS_PROPS != 0 {
-        let pfi = get_opt(r)?.map(|v| v.first().copied().unwrap_or(0));
-        let expiry = match get_opt(r)? {
-            Some(v) => Some(u32::from_be_bytes(
-                v.try_into().map_err(|_| "bad expiry field")?,
-            )),
-            None => None,
-        };
-        let response_topic = text(get_opt(r)?)?;
-        let correlation_data = get_opt(r)?.map(Bytes::copy_from_slice);
-        let content_type = text(get_opt(r)?)?;
-        if r.remaining() < 4 {
-            return Err("truncated record".into());
-        }
-        let n = r.get_u32() as usize;
-        let mut user_properties = Vec::with_capacity(n.min(1024));
-        for _ in 0..n {
-            let k = text(Some(get_bytes(r)?))?.unwrap_or_default();
-            let v = text(Some(get_bytes(r)?))?.unwrap_or_default();
-            user_properties.push((k, v));
-        }
-        Some(PublishProperties {
-            payload_format_indicator: pfi,
-            message_expiry_interval: expiry,
-            topic_alias: None,
-            response_topic,
-            correlation_data,
-            user_properties,
-            subscription_identifiers: Vec::new(),
-            content_type,
-        })
-    } else {
-        None
-    };
-    let mut msg = Message {
-        topic,
-        payload,
-        qos: flags & 0b11,
-        retain: flags & RETAIN != 0,
-        properties,
-    };
-    if let Some(expiry) = msg
-        .properties
-        .as_mut()
-        .and_then(|p| p.message_expiry_interval.as_mut())
-    {
-        let waited = now_ms().saturating_sub(spooled_at) / 1000;
-        if waited >= u64::from(*expiry) {
-            return Ok(Decoded::Expired(msg));
-        }
-        *expiry -= waited as u32;
-    }
-    Ok(Decoded::Message(origin.into(), msg))
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn put_bytes(b: &mut Vec<u8>, v: &[u8]) {
-    b.put_u32(v.len() as u32);
-    b.put_slice(v);
-}
-
-fn put_opt(b: &mut Vec<u8>, v: Option<Vec<u8>>) {
-    match v {
-        Some(v) => {
-            b.put_u8(1);
-            put_bytes(b, &v);
-        }
-        None => b.put_u8(0),
-    }
-}
-
-fn get_u8(r: &mut &[u8]) -> Result<u8, String> {
-    if r.remaining() < 1 {
-        return Err("truncated record".into());
-    }
-    Ok(r.get_u8())
-}
-
-fn get_bytes<'a>(r: &mut &'a [u8]) -> Result<&'a [u8], String> {
-    if r.remaining() < 4 {
-        return Err("truncated record".into());
-    }
-    let n = r.get_u32() as usize;
-    if r.len() < n {
-        return Err("truncated record".into());
-    }
-    let (v, rest) = r.split_at(n);
-    *r = rest;
-    Ok(v)
-}
-
-fn get_opt<'a>(r: &mut &'a [u8]) -> Result<Option<&'a [u8]>, String> {
-    match get_u8(r)? {
-        0 => Ok(None),
-        1 => get_bytes(r).map(Some),
-        t => Err(format!("bad optional field tag {t}")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn msg(props: Option<PublishProperties>) -> Message {
-        Message {
-            topic: Bytes::from_static(b"a/b"),
-            payload: Bytes::from_static(b"\x00payload\xff"),
-            qos: 2,
-            retain: true,
-            properties: props,
-        }
-    }
-
-    #[test]
-    fn encode_decode_round_trip() {
-        let props = PublishProperties {
-            payload_format_indicator: Some(1),
-            message_expiry_interval: Some(3600),
-            topic_alias: None,
-            response_topic: Some("reply/here".into()),
-            correlation_data: Some(Bytes::from_static(b"\x01\x02")),
-            user_properties: vec![("k".into(), "v".into()), ("k".into(), "w".into())],
-            subscription_identifiers: Vec::new(),
-            content_type: Some("text/plain".into()),
-        };
-        for m in [msg(None), msg(Some(props))] {
-            let Decoded::Message(origin, back) = decode(&encode("b1", &m)).unwrap() else {
-                panic!("expired")
-            };
-            assert_eq!(&*origin, "b1");
-            assert_eq!(back.topic, m.topic);
-            assert_eq!(back.payload, m.payload);
-            assert_eq!((back.qos, back.retain), (2, true));
-            assert_eq!(back.properties, m.properties);
-        }
-    }
-
-    #[test]
-    fn expired_while_spooled() {
-        let props = PublishProperties {
-            message_expiry_interval: Some(10),
-            ..Default::default()
-        };
-        let mut rec = encode("b1", &msg(Some(props)));
-        // Pretend it was spooled 11 s ago.
-        let at = now_ms() - 11_000;
-        rec[1..9].copy_from_slice(&at.to_be_bytes());
-        assert!(matches!(decode(&rec).unwrap(), Decoded::Expired(_)));
-        rec[1..9].copy_from_slice(&(now_ms() - 4_000).to_be_bytes());
-        let Decoded::Message(_, m) = decode(&rec).unwrap() else {
-            panic!("not expired yet")
-        };
-        assert_eq!(m.properties.unwrap().message_expiry_interval, Some(6));
-    }
-
-    #[test]
-    fn truncated_records_are_errors_not_panics() {
-        let rec = encode("b1", &msg(Some(PublishProperties::default())));
-        for n in 0..rec.len() {
-            assert!(decode(&rec[..n]).is_err(), "prefix of {n} bytes");
-        }
-    }
 
     fn target(spool: &Spool, name: &str) -> Arc<Target> {
         spool.target(
