@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::message::Protocol;
 use crate::tls;
 
 /// Upper bound of `bridge.worker_threads`.
@@ -49,43 +50,25 @@ pub enum ConfigError {
     },
 }
 
+/// Links a thread takes before the next thread is used, by default (`bridge.links_per_thread`).
+/// Measured on 2 cores shared with the brokers (docs/BENCHMARKS.md, "link threads"): 3 links on
+/// one thread cost 20-30 % less CPU per message than 3 spread over two, and 8 links on one
+/// thread fall behind.
+pub const LINKS_PER_THREAD: usize = 4;
+
+impl From<crate::tls::TlsError> for ConfigError {
+    fn from(e: crate::tls::TlsError) -> Self {
+        ConfigError::Invalid {
+            key: e.key,
+            message: e.message,
+        }
+    }
+}
+
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         message: message.into(),
-    }
-}
-
-/// MQTT protocol version spoken on one link.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-pub enum Protocol {
-    /// MQTT 5: No Local, retain-as-published, properties and the origin tag.
-    #[serde(rename = "v5")]
-    V5,
-    /// MQTT 3.1.1: echo suppression through the dedup window.
-    #[serde(rename = "v3.1.1")]
-    V311,
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::V5 => "v5",
-            Protocol::V311 => "v3.1.1",
-        })
-    }
-}
-
-impl std::str::FromStr for Protocol {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "v5" | "5" => Ok(Protocol::V5),
-            "v3.1.1" | "3.1.1" | "v311" => Ok(Protocol::V311),
-            other => Err(format!(
-                "unknown protocol {other:?} (expected v5 or v3.1.1)"
-            )),
-        }
     }
 }
 
@@ -733,9 +716,7 @@ impl FileConfig {
                 format!("must be between 1 and {MAX_WORKER_THREADS}"),
             ));
         }
-        let links_per_thread = b
-            .links_per_thread
-            .unwrap_or(crate::link::threads::LINKS_PER_THREAD);
+        let links_per_thread = b.links_per_thread.unwrap_or(LINKS_PER_THREAD);
         if links_per_thread == 0 {
             return Err(invalid("bridge.links_per_thread", "must be at least 1"));
         }
@@ -1010,7 +991,7 @@ impl Config {
             name,
             host,
             port,
-            protocol: s.protocol.unwrap_or(Protocol::V5),
+            protocol: s.protocol.unwrap_or_default(),
             tls,
             credentials,
             max_qos,

@@ -18,6 +18,7 @@
 //! - [`spool`]: the durable per-target spool (redb) for down or slow targets.
 //! - [`link`]: connection, backoff, subscribe, receive, publish, acks; [`link::threads`]: the
 //!   threads the links run on (a link and its connection driver always share one).
+//! - [`status`]: a link's status row and readiness, as the supervisor reports them.
 //! - [`supervisor`]: owns the links; start, add/remove at run time, ordered shutdown.
 //! - [`membership`]: run-time membership changes persisted under `data_dir`.
 //! - [`admin`]: the HTTP API (server and CLI client) with health, readiness and metrics.
@@ -42,6 +43,7 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod router;
 pub mod spool;
+pub mod status;
 pub mod supervisor;
 pub mod tls;
 

@@ -9,7 +9,8 @@ use clap::Parser;
 use meshbridge::admin::AddBrokerRequest;
 use meshbridge::admin::client::{AdminClient, status_table};
 use meshbridge::cli::{AdminTarget, Cli, Command, LogFormat};
-use meshbridge::config::{Config, Protocol};
+use meshbridge::config::Config;
+use meshbridge::message::Protocol;
 use tokio_util::sync::CancellationToken;
 
 /// Exit code for bad configuration or usage (EX_USAGE, as linkerd2-proxy does).

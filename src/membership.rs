@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Protocol;
+use crate::message::Protocol;
 
 /// A broker added at run time, as the API received it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

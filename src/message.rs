@@ -10,6 +10,65 @@ use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use tokio::sync::mpsc;
 
+/// MQTT protocol version spoken on one link. It is written (config, CLI, admin API, status,
+/// metrics) as [`Protocol::as_str`] says, and read back only in that spelling.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(into = "&'static str", try_from = "String")]
+pub enum Protocol {
+    /// MQTT 5: No Local, retain-as-published, properties and the origin tag. The default.
+    #[default]
+    V5,
+    /// MQTT 3.1.1: echo suppression through the dedup window.
+    V311,
+}
+
+impl Protocol {
+    /// Every protocol.
+    pub const ALL: [Protocol; 2] = [Protocol::V5, Protocol::V311];
+
+    /// Its one spelling.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Protocol::V5 => "v5",
+            Protocol::V311 => "v3.1.1",
+        }
+    }
+}
+
+/// A protocol spelled otherwise than [`Protocol::as_str`].
+#[derive(Debug, thiserror::Error)]
+#[error("unknown protocol {0:?} (expected v5 or v3.1.1)")]
+pub struct UnknownProtocol(pub String);
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = UnknownProtocol;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| UnknownProtocol(s.to_string()))
+    }
+}
+
+impl From<Protocol> for &'static str {
+    fn from(p: Protocol) -> Self {
+        p.as_str()
+    }
+}
+
+impl TryFrom<String> for Protocol {
+    type Error = UnknownProtocol;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
 /// User property that marks a message forwarded by a meshbridge (`<bridge id>/<origin broker>`).
 pub const ORIGIN_TAG: &str = "mb-origin";
 
@@ -130,6 +189,22 @@ impl AckShare {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn protocol_has_one_spelling_everywhere() {
+        for p in Protocol::ALL {
+            assert_eq!(p.as_str().parse::<Protocol>().unwrap(), p);
+            assert_eq!(p.to_string(), p.as_str());
+            let json = serde_json::to_string(&p).unwrap();
+            assert_eq!(json, format!("\"{}\"", p.as_str()));
+            assert_eq!(serde_json::from_str::<Protocol>(&json).unwrap(), p);
+        }
+        for other in ["5", "v311", "3.1.1", "V5", ""] {
+            assert!(other.parse::<Protocol>().is_err(), "{other:?}");
+            assert!(serde_json::from_str::<Protocol>(&format!("\"{other}\"")).is_err());
+        }
+        assert_eq!(Protocol::default(), Protocol::V5);
+    }
 
     #[test]
     fn last_share_acks_once() {

@@ -12,7 +12,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::admin::{BrokerStatus, ReadyReport};
 use crate::config::{BrokerConfig, BrokerSection, Config, ConfigError};
 use crate::link::threads::LinkThreads;
 use crate::link::{self, LinkContext, session::SessionSettings};
@@ -20,6 +19,7 @@ use crate::membership::{AddedBroker, Membership, MembershipError};
 use crate::metrics::LinkStats;
 use crate::router::{Outbound, Router, TargetQueue};
 use crate::spool::Spool;
+use crate::status::{BrokerStatus, ReadyReport};
 
 /// Why a membership change was refused.
 #[derive(Debug, thiserror::Error)]

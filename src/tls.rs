@@ -13,7 +13,16 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
-use crate::config::ConfigError;
+/// A TLS setting that cannot be used: the config key at fault and why (the config turns it
+/// into its own error naming the key).
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct TlsError {
+    /// The config key, e.g. `tls.ca_file` or `broker[1].key_file`.
+    pub key: String,
+    /// What is wrong (with the file's path where there is one).
+    pub message: String,
+}
 
 /// A file and the config key that named it (for error messages).
 pub type KeyedPath<'a> = (&'a str, &'a Path);
@@ -34,15 +43,15 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn err(key: &str, path: &Path, message: impl std::fmt::Display) -> ConfigError {
-    ConfigError::Invalid {
+fn err(key: &str, path: &Path, message: impl std::fmt::Display) -> TlsError {
+    TlsError {
         key: key.to_string(),
         message: format!("{}: {message}", path.display()),
     }
 }
 
 /// Reads every certificate of a PEM file; an empty or unreadable file is an error.
-pub fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+pub fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bytes = std::fs::read(path).map_err(|e| err(key, path, e))?;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<_, _>>()
@@ -53,25 +62,25 @@ pub fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>
     Ok(certs)
 }
 
-fn load_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, ConfigError> {
+fn load_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let bytes = std::fs::read(path).map_err(|e| err(key, path, e))?;
     PrivateKeyDer::from_pem_slice(&bytes)
         .map_err(|e| err(key, path, format!("no usable PEM private key ({e})")))
 }
 
 /// Builds a client configuration; every file problem names its key.
-pub fn client_config(files: &TlsFiles<'_>) -> Result<Arc<ClientConfig>, ConfigError> {
+pub fn client_config(files: &TlsFiles<'_>) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| ConfigError::Invalid {
+        .map_err(|e| TlsError {
             key: "tls".into(),
             message: e.to_string(),
         })?;
     let verifier: Arc<dyn ServerCertVerifier> = if files.insecure {
         Arc::new(AcceptAny(provider.clone()))
     } else {
-        let (key, path) = files.ca.ok_or_else(|| ConfigError::Invalid {
+        let (key, path) = files.ca.ok_or_else(|| TlsError {
             key: "tls.ca_file".into(),
             message: "TLS is on but no CA is set".into(),
         })?;

@@ -105,7 +105,10 @@ const CASES: &[(&str, &[&str])] = &[
         &["bridge.spool_overflow", "drop_newest", "block"],
     ),
     ("bad_bridge_id.toml", &["bridge.id"]),
-    ("bad_protocol.toml", &["unknown variant `v4`"]),
+    (
+        "bad_protocol.toml",
+        &["unknown protocol \"v4\"", "expected v5 or v3.1.1"],
+    ),
     ("bad_topic.toml", &["bridge.topics[0]"]),
 ];
 

@@ -16,107 +16,14 @@
 //! `Authorization: Bearer <token>`; a request without it gets 401 and is logged.
 
 pub mod client;
+mod exposition;
 pub mod server;
+
+pub use crate::status::{BrokerStatus, ReadyReport};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Protocol;
-use crate::metrics::LinkState;
-
-/// One link, as `status` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct BrokerStatus {
-    /// Broker name.
-    pub name: String,
-    /// `host:port`.
-    pub address: String,
-    /// Protocol version of the link.
-    pub protocol: Protocol,
-    /// TLS on.
-    pub tls: bool,
-    /// TLS without verifying the broker's certificate (`insecure_skip_verify`).
-    #[serde(default)]
-    pub tls_insecure: bool,
-    /// Link state.
-    pub state: LinkState,
-    /// Since when (RFC 3339, UTC).
-    pub since: String,
-    /// Messages received from the broker.
-    pub messages_in: u64,
-    /// Messages (QoS 1 and 2) published to the broker and acknowledged.
-    pub messages_out: u64,
-    /// QoS 0 messages written to the broker's connection (never acknowledged).
-    #[serde(default)]
-    pub sent_qos0: u64,
-    /// Messages from this broker handed to other brokers.
-    pub forwarded: u64,
-    /// Echoes dropped (3.1.1).
-    pub dropped_echo: u64,
-    /// Tagged messages not forwarded (single hop).
-    pub dropped_tagged: u64,
-    /// Messages dropped because this broker's queue overflowed.
-    pub dropped_overflow: u64,
-    /// Repeats dropped by the storm guard.
-    pub dropped_storm: u64,
-    /// Messages dropped because the spool's disk refused writes for too long.
-    #[serde(default)]
-    pub dropped_spool_failed: u64,
-    /// Messages the broker refused.
-    pub rejected: u64,
-    /// Messages published again after a reconnect.
-    pub redelivered: u64,
-    /// Messages written to the durable spool (the broker was down or fell behind).
-    #[serde(default)]
-    pub spooled: u64,
-    /// Reconnections.
-    pub reconnects: u64,
-    /// Messages waiting for this broker (queued + in flight).
-    pub queue_depth: u64,
-    /// Messages waiting in the durable spool.
-    #[serde(default)]
-    pub spool_messages: u64,
-    /// Bytes of those.
-    #[serde(default)]
-    pub spool_bytes: u64,
-    /// Messages waiting for room in a full spool (overflow policy `block`), unacknowledged
-    /// upstream.
-    #[serde(default)]
-    pub spool_blocked: u64,
-    /// What happens when the spool is full.
-    #[serde(default)]
-    pub spool_overflow: crate::spool::Overflow,
-    /// Live entries of the dedup window.
-    pub dedup_entries: u64,
-    /// Last error, if any.
-    pub last_error: Option<String>,
-}
-
-impl BrokerStatus {
-    /// The link's TLS mode: `on`, `off`, or `insecure` (the broker's certificate is not
-    /// verified), as status and the metrics show it.
-    pub fn tls_mode(&self) -> &'static str {
-        match (self.tls, self.tls_insecure) {
-            (true, true) => "insecure",
-            (true, false) => "on",
-            (false, _) => "off",
-        }
-    }
-}
-
-/// `GET /readyz` body (see [`crate::supervisor::Supervisor::ready`]).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ReadyReport {
-    /// Start-up done, at least one link connected, and the spool takes writes.
-    pub ready: bool,
-    /// Links connected now.
-    #[serde(default)]
-    pub connected: usize,
-    /// Links still waiting for their first connection.
-    pub waiting: Vec<String>,
-    /// The spool's write error, while its disk refuses writes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub spool_error: Option<String>,
-}
+use crate::message::Protocol;
 
 /// `POST /api/v1/brokers` body.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -239,7 +239,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 
 async fn metrics(State(state): State<AdminState>) -> Response {
     let sup = state.supervisor.lock().await;
-    let body = crate::metrics::encode(
+    let body = super::exposition::encode(
         &sup.status(),
         sup.router().retained_stats(),
         sup.config().spool.overflow,
@@ -272,7 +272,7 @@ async fn add(
     let spec = AddedBroker {
         name: req.name.unwrap_or_default(),
         address: req.address,
-        protocol: req.protocol.unwrap_or(crate::config::Protocol::V5),
+        protocol: req.protocol.unwrap_or_default(),
         tls: req.tls.unwrap_or(true),
         server_name: req.server_name,
     };

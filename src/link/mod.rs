@@ -27,8 +27,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::config::Protocol;
 use crate::dedup::{EchoWindow, StormGuard, StormVerdict, fingerprint};
+use crate::message::Protocol;
 use crate::message::{AckRequest, Message};
 use crate::metrics::{self, LinkState, LinkStats, inc};
 use crate::router::{Outbound, Router, TargetQueue};

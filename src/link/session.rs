@@ -36,7 +36,8 @@ use rumqttc::v5::mqttbytes::v5 as v5b;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::config::{BrokerConfig, Protocol};
+use crate::config::BrokerConfig;
+use crate::message::Protocol;
 use crate::message::{AckRequest, Message};
 
 /// Largest packet MQTT allows; the bridge never refuses what a broker accepted.

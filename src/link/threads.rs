@@ -25,10 +25,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::runtime::{Builder, Runtime};
 use tokio::task::JoinHandle;
 
-/// Links a thread takes before the next thread is used, by default. Measured on 2 cores
-/// shared with the brokers (docs/BENCHMARKS.md, "link threads"): 3 links on one thread cost
-/// 20-30 % less CPU per message than 3 spread over two, and 8 links on one thread fall behind.
-pub const LINKS_PER_THREAD: usize = 4;
+/// The default of `bridge.links_per_thread`, owned by the config.
+pub use crate::config::LINKS_PER_THREAD;
 
 /// The threads that run the links.
 #[derive(Debug)]

@@ -1,0 +1,202 @@
+//! The Prometheus/OpenMetrics exposition of `GET /metrics`: every metric, rendered from the
+//! status rows and the process-wide figures. The names and their meaning are owned by
+//! [`crate::metrics`].
+
+use super::BrokerStatus;
+use crate::metrics;
+
+/// Renders every metric in the Prometheus text format.
+pub(crate) fn encode(
+    links: &[BrokerStatus],
+    retained: crate::router::RetainedStats,
+    overflow: crate::spool::Overflow,
+    spool: &crate::spool::SpoolHealth,
+) -> String {
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    use prometheus_client::registry::Registry;
+    type Labels = Vec<(&'static str, String)>;
+    /// Name, help text, and how to read the value from a status row.
+    type Metric<T> = (&'static str, &'static str, fn(&BrokerStatus) -> T);
+
+    let mut registry = Registry::default();
+    let counters: [Metric<u64>; 13] = [
+        (
+            metrics::MESSAGES_IN,
+            "Messages received from the broker",
+            |s| s.messages_in,
+        ),
+        (
+            metrics::MESSAGES_OUT,
+            "Messages (QoS 1 and 2) published to the broker and acknowledged",
+            |s| s.messages_out,
+        ),
+        (
+            metrics::SENT_QOS0,
+            "QoS 0 messages written to the broker's connection (not acknowledged by MQTT)",
+            |s| s.sent_qos0,
+        ),
+        (
+            metrics::FORWARDED,
+            "Messages from the broker handed to other brokers",
+            |s| s.forwarded,
+        ),
+        (
+            metrics::DROPPED_ECHO,
+            "Echoes of the bridge's own publishes dropped (MQTT 3.1.1)",
+            |s| s.dropped_echo,
+        ),
+        (
+            metrics::DROPPED_TAGGED,
+            "Messages not forwarded because they carry an origin tag",
+            |s| s.dropped_tagged,
+        ),
+        (
+            metrics::DROPPED_OVERFLOW,
+            "Messages dropped because the broker's spool (or queue) overflowed",
+            |s| s.dropped_overflow,
+        ),
+        (
+            metrics::DROPPED_STORM,
+            "Repeats dropped by the storm guard",
+            |s| s.dropped_storm,
+        ),
+        (
+            metrics::DROPPED_SPOOL_FAILED,
+            "Messages dropped because the spool's disk refused writes and the memory holding them was full",
+            |s| s.dropped_spool_failed,
+        ),
+        (metrics::REJECTED, "Messages the broker refused", |s| {
+            s.rejected
+        }),
+        (
+            metrics::REDELIVERED,
+            "Messages published again after a reconnect",
+            |s| s.redelivered,
+        ),
+        (
+            metrics::SPOOLED,
+            "Messages written to the broker's spool (down or behind)",
+            |s| s.spooled,
+        ),
+        (metrics::RECONNECTS, "Reconnections", |s| s.reconnects),
+    ];
+    for (name, help, value) in counters {
+        let family = Family::<Labels, Counter>::default();
+        for s in links {
+            family
+                .get_or_create(&vec![("broker", s.name.clone())])
+                .inc_by(value(s));
+        }
+        registry.register(name, help, family);
+    }
+    let gauges: [Metric<i64>; 6] = [
+        (metrics::CONNECTED, "1 while the link is connected", |s| {
+            i64::from(s.state == metrics::LinkState::Connected)
+        }),
+        (
+            metrics::DEDUP_ENTRIES,
+            "Live entries of the link's dedup window",
+            |s| s.dedup_entries as i64,
+        ),
+        (
+            metrics::QUEUE_DEPTH,
+            "Messages waiting for the broker (queued and in flight)",
+            |s| s.queue_depth as i64,
+        ),
+        (
+            metrics::SPOOL_MESSAGES,
+            "Messages waiting in the broker's durable spool",
+            |s| s.spool_messages as i64,
+        ),
+        (
+            metrics::SPOOL_BYTES,
+            "Bytes in the broker's durable spool",
+            |s| s.spool_bytes as i64,
+        ),
+        (
+            metrics::SPOOL_BLOCKED,
+            "Messages waiting for room in a full spool, unacknowledged upstream",
+            |s| s.spool_blocked as i64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let family = Family::<Labels, Gauge>::default();
+        for s in links {
+            family
+                .get_or_create(&vec![("broker", s.name.clone())])
+                .set(value(s));
+        }
+        registry.register(name, help, family);
+    }
+    let info = Family::<Labels, Gauge>::default();
+    for s in links {
+        info.get_or_create(&vec![
+            ("broker", s.name.clone()),
+            ("protocol", s.protocol.to_string()),
+            ("tls", s.tls_mode().to_string()),
+        ])
+        .set(1);
+    }
+    registry.register(
+        metrics::LINK_INFO,
+        "1 per link: its protocol and TLS mode (insecure: the broker's certificate is not verified)",
+        info,
+    );
+    let policy = Family::<Labels, Gauge>::default();
+    policy
+        .get_or_create(&vec![("policy", overflow.to_string())])
+        .set(1);
+    registry.register(
+        metrics::SPOOL_OVERFLOW_POLICY,
+        "Spool overflow policy in force (drop_oldest or block)",
+        policy,
+    );
+    let failing = Gauge::<i64>::default();
+    failing.set(i64::from(spool.error.is_some()));
+    registry.register(
+        metrics::SPOOL_FAILING,
+        "1 while the spool's disk refuses writes (messages are held in memory meanwhile)",
+        failing,
+    );
+    let held = Gauge::<i64>::default();
+    held.set(spool.held_messages as i64);
+    registry.register(
+        metrics::SPOOL_HELD,
+        "Messages held in memory until the spool's disk takes them",
+        held,
+    );
+    let failures = Counter::<u64>::default();
+    failures.inc_by(spool.write_failures);
+    registry.register(
+        metrics::SPOOL_WRITE_FAILURES,
+        "Spool transactions that failed (disk full, I/O error)",
+        failures,
+    );
+    let retained_gauge = Gauge::<i64>::default();
+    retained_gauge.set(retained.messages as i64);
+    registry.register(
+        metrics::RETAINED,
+        "Retained messages remembered for brokers added at run time",
+        retained_gauge,
+    );
+    let retained_bytes = Gauge::<i64>::default();
+    retained_bytes.set(retained.bytes as i64);
+    registry.register(
+        metrics::RETAINED_BYTES,
+        "Bytes of the retained messages remembered (bounded by retained_max_bytes)",
+        retained_bytes,
+    );
+    let retained_skipped = Counter::<u64>::default();
+    retained_skipped.inc_by(retained.skipped);
+    registry.register(
+        metrics::RETAINED_SKIPPED,
+        "Retained messages not remembered because the table was full (retained_max, retained_max_bytes)",
+        retained_skipped,
+    );
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
+}
