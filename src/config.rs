@@ -50,6 +50,17 @@ pub enum ConfigError {
     },
 }
 
+/// The admin API's port when `bridge.admin_listen` (or the CLI's `--admin`) names none.
+pub const DEFAULT_ADMIN_PORT: u16 = 9183;
+
+/// `bridge.admin_listen` when the file has none (and the CLI's `--admin` default): loopback.
+pub fn default_admin_listen() -> SocketAddr {
+    SocketAddr::new(IpAddr::from([127, 0, 0, 1]), DEFAULT_ADMIN_PORT)
+}
+
+/// Whether a broker is dialled over TLS when its `tls` key (or an add request's) says nothing.
+pub const DEFAULT_TLS: bool = true;
+
 /// Links a thread takes before the next thread is used, by default (`bridge.links_per_thread`).
 /// Measured on 2 cores shared with the brokers (docs/BENCHMARKS.md, "link threads"): 3 links on
 /// one thread cost 20-30 % less CPU per message than 3 spread over two, and 8 links on one
@@ -510,14 +521,9 @@ fn spool_limits(
     }
     let overflow = match overflow.as_deref() {
         None => Overflow::default(),
-        Some("drop_oldest") => Overflow::DropOldest,
-        Some("block") => Overflow::Block,
-        Some(other) => {
-            return Err(invalid(
-                "bridge.spool_overflow",
-                format!("{other:?}: expected \"drop_oldest\" or \"block\""),
-            ));
-        }
+        Some(text) => text
+            .parse::<Overflow>()
+            .map_err(|e| invalid("bridge.spool_overflow", e.to_string()))?,
     };
     Ok(Limits {
         max_bytes,
@@ -665,13 +671,18 @@ impl FileConfig {
                 format!("{:?}: use 1-64 characters from A-Z a-z 0-9 - _ .", b.id),
             ));
         }
-        let admin_text = b.admin_listen.as_deref().unwrap_or("127.0.0.1:9183");
-        let admin_listen: SocketAddr = admin_text.parse().map_err(|_| {
-            invalid(
-                "bridge.admin_listen",
-                format!("{admin_text:?}: expected IP:port, e.g. \"127.0.0.1:9183\""),
-            )
-        })?;
+        let admin_listen: SocketAddr = match b.admin_listen.as_deref() {
+            None => default_admin_listen(),
+            Some(text) => text.parse().map_err(|_| {
+                invalid(
+                    "bridge.admin_listen",
+                    format!(
+                        "{text:?}: expected IP:port, e.g. \"{}\"",
+                        default_admin_listen()
+                    ),
+                )
+            })?,
+        };
         let mut warnings = Vec::new();
         let admin_token = match &b.admin_token_file {
             Some(p) => {
@@ -842,7 +853,7 @@ impl Config {
         s: BrokerSection,
     ) -> Result<BrokerConfig, ConfigError> {
         let d = &self.tls_defaults;
-        let use_tls = s.tls.unwrap_or(true);
+        let use_tls = s.tls.unwrap_or(DEFAULT_TLS);
         let (host, port) = parse_address(&s.address, if use_tls { 8883 } else { 1883 })
             .map_err(|e| invalid(format!("{key}.address"), e))?;
         if port == self.admin_listen.port() && is_this_host(&host, self.admin_listen.ip()) {

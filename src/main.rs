@@ -20,9 +20,30 @@ const EXIT_CONFIG: u8 = 64;
 /// move it aside or run with `--spool-recover`.
 const EXIT_DATA: u8 = 65;
 
-fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("error: {message}");
-    ExitCode::from(code)
+/// Exit code for every other failure (admin API unreachable or refusing, runtime errors).
+const EXIT_FAILURE: u8 = 1;
+
+/// Why a subcommand failed: the one line to print and the exit code it carries.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: u8, message: impl std::fmt::Display) -> Self {
+        Self {
+            code,
+            message: message.to_string(),
+        }
+    }
+
+    fn config(message: impl std::fmt::Display) -> Self {
+        Self::new(EXIT_CONFIG, message)
+    }
+
+    fn other(message: impl std::fmt::Display) -> Self {
+        Self::new(EXIT_FAILURE, message)
+    }
 }
 
 fn main() -> ExitCode {
@@ -36,90 +57,14 @@ fn main() -> ExitCode {
         "info,rumqttc::v5::state=error,rumqttc::state=error"
     };
     init_tracing(cli.log_format, default_filter);
-    match cli.command {
-        Command::Check { config } => match Config::load(&config) {
-            Ok(c) => {
-                for w in c.all_warnings() {
-                    eprintln!("warning: {w}");
-                }
-                println!("{}: ok ({} brokers)", config.display(), c.brokers.len());
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(EXIT_CONFIG, e),
-        },
+    let result = match cli.command {
+        Command::Check { config } => check(&config),
         Command::Run {
-            config: path,
+            config,
             spool_recover,
-        } => {
-            let config = match Config::load(&path) {
-                Ok(c) => c,
-                Err(e) => return fail(EXIT_CONFIG, e),
-            };
-            // The control plane (admin API, signals, supervisor) on this thread; the links on
-            // their own threads (`bridge.worker_threads`, see meshbridge::link::threads).
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
-            };
-            let result = runtime.block_on(async {
-                let shutdown = CancellationToken::new();
-                let (reload_tx, reload) = tokio::sync::mpsc::unbounded_channel();
-                tokio::spawn(signal_handler(shutdown.clone(), reload_tx));
-                meshbridge::run(
-                    config,
-                    meshbridge::Control {
-                        shutdown,
-                        reload,
-                        config_path: Some(path),
-                        spool_recover,
-                    },
-                )
-                .await
-            });
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e @ meshbridge::RunError::AdminBind { .. }) => fail(EXIT_CONFIG, e),
-                Err(
-                    e @ meshbridge::RunError::Spool(meshbridge::spool::SpoolError::Damaged {
-                        ..
-                    }),
-                ) => fail(EXIT_DATA, e),
-                Err(e) => fail(1, e),
-            }
-        }
-        Command::Demo { duration } => {
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(r) => r,
-                Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
-            };
-            match runtime.block_on(meshbridge::demo::run(
-                duration.map(std::time::Duration::from_secs),
-            )) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(1, e),
-            }
-        }
-        Command::Certs { out, names, force } => {
-            let names = if names.is_empty() {
-                vec!["localhost".to_string(), "127.0.0.1".to_string()]
-            } else {
-                names
-            };
-            match meshbridge::certs::generate(&out, &names, force) {
-                Ok(files) => {
-                    for f in files {
-                        println!("wrote {}", f.display());
-                    }
-                    println!("server certificate names: {}", names.join(", "));
-                    ExitCode::SUCCESS
-                }
-                Err(e @ meshbridge::certs::CertsError::Write { .. }) => fail(1, e),
-                Err(e) => fail(EXIT_CONFIG, e),
-            }
-        }
+        } => run(config, spool_recover),
+        Command::Demo { duration } => demo(duration),
+        Command::Certs { out, names, force } => certs(&out, names, force),
         Command::AddBroker {
             address,
             name,
@@ -127,77 +72,148 @@ fn main() -> ExitCode {
             no_tls,
             server_name,
             target,
-        } => {
-            let protocol = match protocol.map(|p| p.parse::<Protocol>()).transpose() {
-                Ok(p) => p,
-                Err(e) => return fail(EXIT_CONFIG, format!("--protocol: {e}")),
-            };
-            let client = match admin_client(&target) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let request = AddBrokerRequest {
-                address,
-                name,
-                protocol,
-                tls: Some(!no_tls),
-                server_name,
-            };
-            match client.add(&request) {
-                Ok(s) => {
-                    println!(
-                        "added {} ({}, {}{})",
-                        s.name,
-                        s.address,
-                        s.protocol,
-                        if s.tls { ", tls" } else { "" }
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(1, e),
-            }
-        }
-        Command::RemoveBroker { broker, target } => {
-            let client = match admin_client(&target) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            match client.remove(&broker) {
-                Ok(name) => {
-                    println!("removed {name}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(1, e),
-            }
-        }
-        Command::Status { json, target } => {
-            let client = match admin_client(&target) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            match client.status() {
-                Ok(links) if json => match serde_json::to_string_pretty(&links) {
-                    Ok(text) => {
-                        println!("{text}");
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => fail(1, e),
-                },
-                Ok(links) => {
-                    print!("{}", status_table(&links));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(1, e),
-            }
+        } => add_broker(address, name, protocol, no_tls, server_name, &target),
+        Command::RemoveBroker { broker, target } => remove_broker(&broker, &target),
+        Command::Status { json, target } => status(json, &target),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.code)
         }
     }
 }
 
+/// `bridge check`: the config's warnings on stderr, then ok or the one-line error.
+fn check(path: &std::path::Path) -> Result<(), Failure> {
+    let config = Config::load(path).map_err(Failure::config)?;
+    for w in config.all_warnings() {
+        eprintln!("warning: {w}");
+    }
+    println!("{}: ok ({} brokers)", path.display(), config.brokers.len());
+    Ok(())
+}
+
+/// `bridge run`: the control plane (admin API, signals, supervisor) on this thread; the links on
+/// their own threads (`bridge.worker_threads`, see meshbridge::link::threads).
+fn run(path: std::path::PathBuf, spool_recover: bool) -> Result<(), Failure> {
+    let config = Config::load(&path).map_err(Failure::config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::other(format!("cannot start the runtime: {e}")))?;
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let (reload_tx, reload) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(signal_handler(shutdown.clone(), reload_tx));
+        meshbridge::run(
+            config,
+            meshbridge::Control {
+                shutdown,
+                reload,
+                config_path: Some(path),
+                spool_recover,
+            },
+        )
+        .await
+    });
+    result.map_err(|e| match e {
+        meshbridge::RunError::AdminBind { .. } => Failure::config(e),
+        meshbridge::RunError::Spool(meshbridge::spool::SpoolError::Damaged { .. }) => {
+            Failure::new(EXIT_DATA, e)
+        }
+        other => Failure::other(other),
+    })
+}
+
+/// `bridge demo`.
+fn demo(duration: Option<u64>) -> Result<(), Failure> {
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| Failure::other(format!("cannot start the runtime: {e}")))?;
+    runtime
+        .block_on(meshbridge::demo::run(
+            duration.map(std::time::Duration::from_secs),
+        ))
+        .map_err(Failure::other)
+}
+
+/// `bridge certs`.
+fn certs(out: &std::path::Path, names: Vec<String>, force: bool) -> Result<(), Failure> {
+    let names = if names.is_empty() {
+        vec!["localhost".to_string(), "127.0.0.1".to_string()]
+    } else {
+        names
+    };
+    let files = meshbridge::certs::generate(out, &names, force).map_err(|e| match e {
+        meshbridge::certs::CertsError::Write { .. } => Failure::other(e),
+        other => Failure::config(other),
+    })?;
+    for f in files {
+        println!("wrote {}", f.display());
+    }
+    println!("server certificate names: {}", names.join(", "));
+    Ok(())
+}
+
+/// `bridge add-broker`.
+fn add_broker(
+    address: String,
+    name: Option<String>,
+    protocol: Option<String>,
+    no_tls: bool,
+    server_name: Option<String>,
+    target: &AdminTarget,
+) -> Result<(), Failure> {
+    let protocol = protocol
+        .map(|p| p.parse::<Protocol>())
+        .transpose()
+        .map_err(|e| Failure::config(format!("--protocol: {e}")))?;
+    let client = admin_client(target)?;
+    let request = AddBrokerRequest {
+        address,
+        name,
+        protocol,
+        tls: Some(!no_tls),
+        server_name,
+    };
+    let s = client.add(&request).map_err(Failure::other)?;
+    println!(
+        "added {} ({}, {}{})",
+        s.name,
+        s.address,
+        s.protocol,
+        if s.tls { ", tls" } else { "" }
+    );
+    Ok(())
+}
+
+/// `bridge remove-broker`.
+fn remove_broker(broker: &str, target: &AdminTarget) -> Result<(), Failure> {
+    let name = admin_client(target)?
+        .remove(broker)
+        .map_err(Failure::other)?;
+    println!("removed {name}");
+    Ok(())
+}
+
+/// `bridge status`: a table, or JSON for scripts.
+fn status(json: bool, target: &AdminTarget) -> Result<(), Failure> {
+    let links = admin_client(target)?.status().map_err(Failure::other)?;
+    if json {
+        let text = serde_json::to_string_pretty(&links).map_err(Failure::other)?;
+        println!("{text}");
+    } else {
+        print!("{}", status_table(&links));
+    }
+    Ok(())
+}
+
 /// The admin client for `--admin` (token from MESHBRIDGE_ADMIN_TOKEN) or `--config` (address
-/// and token file from the config), defaulting to 127.0.0.1:9183.
-fn admin_client(target: &AdminTarget) -> Result<AdminClient, ExitCode> {
+/// and token file from the config), defaulting to the default `admin_listen`.
+fn admin_client(target: &AdminTarget) -> Result<AdminClient, Failure> {
     if let Some(path) = &target.config {
-        let config = Config::load(path).map_err(|e| fail(EXIT_CONFIG, e))?;
+        let config = Config::load(path).map_err(Failure::config)?;
         let mut addr = config.admin_listen;
         if addr.ip().is_unspecified() {
             addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
@@ -207,13 +223,17 @@ fn admin_client(target: &AdminTarget) -> Result<AdminClient, ExitCode> {
             config.admin_token.map(|t| t.expose().to_string()),
         ));
     }
-    let addr = target
-        .admin
-        .clone()
-        .unwrap_or_else(|| "127.0.0.1:9183".into());
-    if let Err(e) = meshbridge::config::parse_address(&addr, 9183) {
-        return Err(fail(EXIT_CONFIG, format!("--admin: {e}")));
-    }
+    let default = meshbridge::config::default_admin_listen().to_string();
+    let given = target.admin.as_deref().unwrap_or(&default);
+    // A host without a port dials the default admin port (not HTTP's 80).
+    let (host, port) =
+        meshbridge::config::parse_address(given, meshbridge::config::DEFAULT_ADMIN_PORT)
+            .map_err(|e| Failure::config(format!("--admin: {e}")))?;
+    let addr = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
     Ok(AdminClient::new(
         &addr,
         std::env::var("MESHBRIDGE_ADMIN_TOKEN").ok(),

@@ -273,7 +273,7 @@ async fn add(
         name: req.name.unwrap_or_default(),
         address: req.address,
         protocol: req.protocol.unwrap_or_default(),
-        tls: req.tls.unwrap_or(true),
+        tls: req.tls.unwrap_or(crate::config::DEFAULT_TLS),
         server_name: req.server_name,
     };
     match state.supervisor.lock().await.add(spec) {

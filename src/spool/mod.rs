@@ -74,9 +74,10 @@ pub const MAX_HELD_BYTES: u64 = 64 << 20;
 /// How often a failing spool is opened again and its held rows retried.
 pub const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
-/// What happens when a target's spool is full.
+/// What happens when a target's spool is full. Written (config, status, metrics) as
+/// [`Overflow::as_str`] says, and read back only in that spelling.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(into = "&'static str", try_from = "String")]
 pub enum Overflow {
     /// Drop the oldest spooled messages (counted and logged); the mesh keeps flowing.
     #[default]
@@ -87,12 +88,50 @@ pub enum Overflow {
     Block,
 }
 
-impl std::fmt::Display for Overflow {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl Overflow {
+    /// Every policy.
+    pub const ALL: [Overflow; 2] = [Overflow::DropOldest, Overflow::Block];
+
+    /// Its one spelling.
+    pub const fn as_str(self) -> &'static str {
+        match self {
             Overflow::DropOldest => "drop_oldest",
             Overflow::Block => "block",
-        })
+        }
+    }
+}
+
+/// An overflow policy spelled otherwise than [`Overflow::as_str`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?}: expected \"drop_oldest\" or \"block\"")]
+pub struct UnknownOverflow(pub String);
+
+impl std::fmt::Display for Overflow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Overflow {
+    type Err = UnknownOverflow;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|o| o.as_str() == s)
+            .ok_or_else(|| UnknownOverflow(s.to_string()))
+    }
+}
+
+impl From<Overflow> for &'static str {
+    fn from(o: Overflow) -> Self {
+        o.as_str()
+    }
+}
+
+impl TryFrom<String> for Overflow {
+    type Error = UnknownOverflow;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
     }
 }
 

@@ -206,3 +206,17 @@ async fn drop_oldest_keeps_the_bound() {
     assert!(t.is_empty());
     assert!(spool.read(&t, None, 10).unwrap().is_empty());
 }
+
+#[test]
+fn overflow_has_one_spelling_everywhere() {
+    for o in Overflow::ALL {
+        assert_eq!(o.as_str().parse::<Overflow>().unwrap(), o);
+        assert_eq!(o.to_string(), o.as_str());
+        let json = serde_json::to_string(&o).unwrap();
+        assert_eq!(json, format!("\"{}\"", o.as_str()));
+        assert_eq!(serde_json::from_str::<Overflow>(&json).unwrap(), o);
+    }
+    let e = "drop_newest".parse::<Overflow>().unwrap_err().to_string();
+    assert!(e.contains("drop_newest") && e.contains("block"), "{e}");
+    assert_eq!(Overflow::default(), Overflow::DropOldest);
+}
