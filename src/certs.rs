@@ -32,7 +32,7 @@ pub enum CertsError {
 }
 
 /// The files `generate` writes, in order.
-pub const FILES: [&str; 6] = [
+pub(crate) const FILES: [&str; 6] = [
     "ca.crt",
     "ca.key",
     "server.crt",

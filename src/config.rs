@@ -19,7 +19,7 @@ use crate::message::Protocol;
 use crate::tls;
 
 /// Upper bound of `bridge.worker_threads`.
-pub const MAX_WORKER_THREADS: usize = 256;
+pub(crate) const MAX_WORKER_THREADS: usize = 256;
 
 /// An error in the configuration: the key (or file) at fault and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -59,13 +59,13 @@ pub fn default_admin_listen() -> SocketAddr {
 }
 
 /// Whether a broker is dialled over TLS when its `tls` key (or an add request's) says nothing.
-pub const DEFAULT_TLS: bool = true;
+pub(crate) const DEFAULT_TLS: bool = true;
 
 /// Links a thread takes before the next thread is used, by default (`bridge.links_per_thread`).
 /// Measured on 2 cores shared with the brokers (docs/BENCHMARKS.md, "link threads"): 3 links on
 /// one thread cost 20-30 % less CPU per message than 3 spread over two, and 8 links on one
 /// thread fall behind.
-pub const LINKS_PER_THREAD: usize = 4;
+pub(crate) const LINKS_PER_THREAD: usize = 4;
 
 impl From<crate::tls::TlsError> for ConfigError {
     fn from(e: crate::tls::TlsError) -> Self {
@@ -86,67 +86,67 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 /// The file as written: `[bridge]`, `[tls]` and `[[broker]]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
+pub(crate) struct FileConfig {
     /// `[bridge]`: identity and process-wide settings.
-    pub bridge: BridgeSection,
+    pub(crate) bridge: BridgeSection,
     /// `[tls]`: defaults for every broker.
     #[serde(default)]
-    pub tls: TlsSection,
+    pub(crate) tls: TlsSection,
     /// `[[broker]]`: the initial members of the mesh.
     #[serde(default, rename = "broker")]
-    pub brokers: Vec<BrokerSection>,
+    pub(crate) brokers: Vec<BrokerSection>,
 }
 
 /// `[bridge]` as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BridgeSection {
+pub(crate) struct BridgeSection {
     /// Origin tag and client-id prefix.
-    pub id: String,
+    pub(crate) id: String,
     /// Admin API address (`/healthz`, `/readyz`, `/metrics`).
-    pub admin_listen: Option<String>,
+    pub(crate) admin_listen: Option<String>,
     /// File holding the bearer token; required when `admin_listen` is not loopback.
-    pub admin_token_file: Option<PathBuf>,
+    pub(crate) admin_token_file: Option<PathBuf>,
     /// Where membership and spool live.
-    pub data_dir: Option<PathBuf>,
+    pub(crate) data_dir: Option<PathBuf>,
     /// Filters subscribed on every broker.
-    pub topics: Option<Vec<String>>,
+    pub(crate) topics: Option<Vec<String>>,
     /// How long a message published on a 3.1.1 link waits for its echo.
-    pub dedup_window: Option<String>,
+    pub(crate) dedup_window: Option<String>,
     /// Bound on the entries of one link's dedup window.
-    pub dedup_max_entries: Option<usize>,
+    pub(crate) dedup_max_entries: Option<usize>,
     /// Session expiry asked of MQTT 5 brokers.
-    pub session_expiry: Option<String>,
+    pub(crate) session_expiry: Option<String>,
     /// MQTT keep-alive.
-    pub keep_alive: Option<String>,
+    pub(crate) keep_alive: Option<String>,
     /// Messages one link may have handed to its broker without an acknowledgement.
-    pub inflight: Option<u16>,
+    pub(crate) inflight: Option<u16>,
     /// Messages one target may hold in memory while it is down or slow.
-    pub queue_capacity: Option<usize>,
+    pub(crate) queue_capacity: Option<usize>,
     /// Threads that run the links (read at start; a reload does not change it).
-    pub worker_threads: Option<usize>,
+    pub(crate) worker_threads: Option<usize>,
     /// Links one thread takes before the next thread is used (read at start).
-    pub links_per_thread: Option<usize>,
+    pub(crate) links_per_thread: Option<usize>,
     /// How long shutdown waits for in-flight messages.
-    pub drain_timeout: Option<String>,
+    pub(crate) drain_timeout: Option<String>,
     /// Identical messages from one broker within 10 s before the storm guard drops repeats.
-    pub storm_threshold: Option<u32>,
+    pub(crate) storm_threshold: Option<u32>,
     /// Retained messages the bridge remembers for brokers added at run time.
-    pub retained_max: Option<usize>,
+    pub(crate) retained_max: Option<usize>,
     /// Bytes those may take (`"64 MiB"`, or a number of bytes).
-    pub retained_max_bytes: Option<SizeValue>,
+    pub(crate) retained_max_bytes: Option<SizeValue>,
     /// Bound of one target's spool in bytes (`"1 GiB"`, or a number of bytes).
-    pub spool_max_bytes: Option<SizeValue>,
+    pub(crate) spool_max_bytes: Option<SizeValue>,
     /// Bound of one target's spool in messages.
-    pub spool_max_messages: Option<u64>,
+    pub(crate) spool_max_messages: Option<u64>,
     /// `drop_oldest` or `block`.
-    pub spool_overflow: Option<String>,
+    pub(crate) spool_overflow: Option<String>,
 }
 
 /// A byte size as written: a number of bytes or a string with a unit.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-pub enum SizeValue {
+pub(crate) enum SizeValue {
     /// Bytes.
     Bytes(u64),
     /// `"512 MiB"`, `"1GB"`…
@@ -156,97 +156,97 @@ pub enum SizeValue {
 /// `[tls]` or the TLS keys of one `[[broker]]`.
 #[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TlsSection {
+pub(crate) struct TlsSection {
     /// PEM file with the CA certificates that sign the brokers' certificates.
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
     /// PEM client certificate (chain) for mTLS.
-    pub cert_file: Option<PathBuf>,
+    pub(crate) cert_file: Option<PathBuf>,
     /// PEM private key of `cert_file`.
-    pub key_file: Option<PathBuf>,
+    pub(crate) key_file: Option<PathBuf>,
     /// Name to verify in the broker's certificate (and to send as SNI) instead of the address host.
-    pub server_name: Option<String>,
+    pub(crate) server_name: Option<String>,
     /// Accept any broker certificate. For labs only.
-    pub insecure_skip_verify: Option<bool>,
+    pub(crate) insecure_skip_verify: Option<bool>,
 }
 
 /// `[[broker]]` as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BrokerSection {
+pub(crate) struct BrokerSection {
     /// Name used in logs, metrics, the client id and the origin tag. Default: from the address.
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
     /// `host:port`; the port defaults to 8883 with TLS and 1883 without.
-    pub address: String,
+    pub(crate) address: String,
     /// `v5` (default) or `v3.1.1`.
-    pub protocol: Option<Protocol>,
+    pub(crate) protocol: Option<Protocol>,
     /// `false` for plain TCP.
-    pub tls: Option<bool>,
+    pub(crate) tls: Option<bool>,
     /// Per-broker override of `[tls].ca_file`.
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
     /// Per-broker override of `[tls].cert_file`.
-    pub cert_file: Option<PathBuf>,
+    pub(crate) cert_file: Option<PathBuf>,
     /// Per-broker override of `[tls].key_file`.
-    pub key_file: Option<PathBuf>,
+    pub(crate) key_file: Option<PathBuf>,
     /// Per-broker override of `[tls].server_name`.
-    pub server_name: Option<String>,
+    pub(crate) server_name: Option<String>,
     /// Per-broker override of `[tls].insecure_skip_verify`.
-    pub insecure_skip_verify: Option<bool>,
+    pub(crate) insecure_skip_verify: Option<bool>,
     /// MQTT user name.
-    pub username: Option<String>,
+    pub(crate) username: Option<String>,
     /// File whose first line is the MQTT password.
-    pub password_file: Option<PathBuf>,
+    pub(crate) password_file: Option<PathBuf>,
     /// Highest QoS forwarded to this broker (0, 1 or 2; default 2).
-    pub max_qos: Option<u8>,
+    pub(crate) max_qos: Option<u8>,
 }
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Origin tag and client-id prefix.
-    pub bridge_id: String,
+    pub(crate) bridge_id: String,
     /// Admin API address.
     pub admin_listen: SocketAddr,
     /// Bearer token for the admin API, when configured.
     pub admin_token: Option<Secret>,
     /// Directory for persisted state.
-    pub data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
     /// Filters subscribed on every broker.
-    pub topics: Vec<String>,
+    pub(crate) topics: Vec<String>,
     /// TTL of the dedup window of 3.1.1 links.
-    pub dedup_window: Duration,
+    pub(crate) dedup_window: Duration,
     /// Bound on the entries of one dedup window.
-    pub dedup_max_entries: usize,
+    pub(crate) dedup_max_entries: usize,
     /// Session expiry asked of MQTT 5 brokers.
-    pub session_expiry: Duration,
+    pub(crate) session_expiry: Duration,
     /// MQTT keep-alive.
-    pub keep_alive: Duration,
+    pub(crate) keep_alive: Duration,
     /// Unacknowledged messages one link may have in flight towards its broker.
-    pub inflight: u16,
+    pub(crate) inflight: u16,
     /// Messages one target may hold in memory.
-    pub queue_capacity: usize,
+    pub(crate) queue_capacity: usize,
     /// Threads that run the links (`link::threads`); `None`: one per CPU core.
-    pub worker_threads: Option<usize>,
+    pub(crate) worker_threads: Option<usize>,
     /// Links one thread takes before the next thread is used.
-    pub links_per_thread: usize,
+    pub(crate) links_per_thread: usize,
     /// How long shutdown waits for in-flight messages.
-    pub drain_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
     /// Identical messages from one broker within 10 s before repeats are dropped (0: off).
-    pub storm_threshold: u32,
+    pub(crate) storm_threshold: u32,
     /// Retained messages remembered for brokers added at run time.
-    pub retained_max: usize,
+    pub(crate) retained_max: usize,
     /// Bytes those may take.
-    pub retained_max_bytes: u64,
+    pub(crate) retained_max_bytes: u64,
     /// Bounds and overflow policy of each target's spool.
-    pub spool: crate::spool::Limits,
+    pub(crate) spool: crate::spool::Limits,
     /// `[tls]` defaults, kept to build brokers added at run time.
-    pub tls_defaults: TlsSection,
+    pub(crate) tls_defaults: TlsSection,
     /// Directory of the config file (relative paths are resolved against it).
-    pub base_dir: PathBuf,
+    pub(crate) base_dir: PathBuf,
     /// The brokers, in file order.
     pub brokers: Vec<BrokerConfig>,
     /// Settings that work but weaken security (a token file others can read…), one line each:
     /// printed by `check`, logged at start. Each broker's own are in [`BrokerConfig::warnings`].
-    pub warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
 }
 
 impl Config {
@@ -292,39 +292,39 @@ fn loose_permissions(key: &str, path: &Path) -> Option<String> {
 #[derive(Clone)]
 pub struct BrokerConfig {
     /// Unique name.
-    pub name: String,
+    pub(crate) name: String,
     /// Host name or IP address to dial.
-    pub host: String,
+    pub(crate) host: String,
     /// TCP port.
-    pub port: u16,
+    pub(crate) port: u16,
     /// Protocol version of the link.
-    pub protocol: Protocol,
+    pub(crate) protocol: Protocol,
     /// TLS client configuration; `None` for plain TCP.
-    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
     /// MQTT credentials.
-    pub credentials: Option<(String, Secret)>,
+    pub(crate) credentials: Option<(String, Secret)>,
     /// Highest QoS forwarded to this broker.
-    pub max_qos: u8,
+    pub(crate) max_qos: u8,
     /// What `tls` was built from (`None` for plain TCP): to see a change, and to report
     /// `insecure_skip_verify`.
-    pub tls_inputs: Option<TlsInputs>,
+    pub(crate) tls_inputs: Option<TlsInputs>,
     /// Settings of this broker that weaken security, one line each (logged when it starts).
-    pub warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
 }
 
 /// The files and settings a broker's TLS client configuration was built from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsInputs {
+pub(crate) struct TlsInputs {
     /// CA file.
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
     /// Client certificate and key files (mTLS).
-    pub cert_file: Option<PathBuf>,
+    pub(crate) cert_file: Option<PathBuf>,
     /// Client key file.
-    pub key_file: Option<PathBuf>,
+    pub(crate) key_file: Option<PathBuf>,
     /// Name verified in the broker's certificate.
-    pub server_name: Option<String>,
+    pub(crate) server_name: Option<String>,
     /// Certificate verification off.
-    pub insecure_skip_verify: bool,
+    pub(crate) insecure_skip_verify: bool,
 }
 
 impl BrokerConfig {
@@ -332,7 +332,7 @@ impl BrokerConfig {
     /// one broker from a second broker: an IP address canonical (an IPv4-mapped IPv6 address is
     /// its IPv4 address), `localhost` both loopback addresses, and a DNS name, with `resolve`,
     /// what the system resolver answers (nothing when it fails; without `resolve`, nothing).
-    pub fn endpoints(&self, resolve: bool) -> Vec<SocketAddr> {
+    pub(crate) fn endpoints(&self, resolve: bool) -> Vec<SocketAddr> {
         if let Ok(ip) = self.host.parse::<IpAddr>() {
             return vec![SocketAddr::new(ip.to_canonical(), self.port)];
         }
@@ -358,7 +358,7 @@ impl BrokerConfig {
     /// Whether `other` (with its [`Self::endpoints`]) is this broker (with its) again: the
     /// same address text, or an endpoint in common. Two entries that name distinct TLS
     /// `server_name`s may share an endpoint: a proxy routing by SNI to two brokers.
-    pub fn same_broker(
+    pub(crate) fn same_broker(
         &self,
         mine: &[SocketAddr],
         other: &BrokerConfig,
@@ -378,7 +378,7 @@ impl BrokerConfig {
 
     /// The settings of this broker that differ in `new` (a link cannot change them while it
     /// runs), as config keys.
-    pub fn changed_keys(&self, new: &BrokerConfig) -> Vec<&'static str> {
+    pub(crate) fn changed_keys(&self, new: &BrokerConfig) -> Vec<&'static str> {
         let mut keys = Vec::new();
         if self.address() != new.address() {
             keys.push("address");
@@ -398,7 +398,7 @@ impl BrokerConfig {
         keys
     }
     /// `host:port` as given.
-    pub fn address(&self) -> String {
+    pub(crate) fn address(&self) -> String {
         if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
         } else {
@@ -452,7 +452,11 @@ impl Config {
     }
 
     /// Parses and validates TOML text; `path` only names the file in errors.
-    pub fn from_toml(text: &str, path: &Path, base_dir: &Path) -> Result<Config, ConfigError> {
+    pub(crate) fn from_toml(
+        text: &str,
+        path: &Path,
+        base_dir: &Path,
+    ) -> Result<Config, ConfigError> {
         let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: one_line(&e.to_string()),
@@ -559,7 +563,7 @@ fn resolve(base_dir: &Path, path: &Path) -> PathBuf {
 }
 
 /// Reads the first line of a secret file.
-pub fn read_secret(key: &str, path: &Path) -> Result<Secret, ConfigError> {
+pub(crate) fn read_secret(key: &str, path: &Path) -> Result<Secret, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| invalid(key, format!("{}: {e}", path.display())))?;
     let line = text
@@ -576,7 +580,7 @@ pub fn read_secret(key: &str, path: &Path) -> Result<Secret, ConfigError> {
 
 /// Whether a broker or API name is acceptable: it lands in client ids, metric labels and paths
 /// (so not `.` or `..`, which a URL path or a file path would read as a directory).
-pub fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && !name.chars().all(|c| c == '.')
@@ -663,7 +667,7 @@ fn is_loopback_host(host: &str) -> bool {
 
 impl FileConfig {
     /// Checks every value and builds the runtime [`Config`].
-    pub fn validate(self, base_dir: &Path) -> Result<Config, ConfigError> {
+    pub(crate) fn validate(self, base_dir: &Path) -> Result<Config, ConfigError> {
         let b = self.bridge;
         if !valid_name(&b.id) {
             return Err(invalid(
@@ -847,7 +851,7 @@ fn check_filter(filter: &str) -> Result<(), &'static str> {
 impl Config {
     /// Builds and checks one broker from its section; `key` prefixes error keys
     /// (`broker[2]` for the file, `broker` for the admin API).
-    pub fn broker_from_section(
+    pub(crate) fn broker_from_section(
         &self,
         key: &str,
         s: BrokerSection,
@@ -1014,7 +1018,7 @@ impl Config {
     /// What differs in `new` that a reload cannot apply (everything but adding and removing
     /// brokers), as config keys: `bridge.id`, `broker b2: address, max_qos`… Empty when `new`
     /// can be applied by a reload.
-    pub fn changes_needing_restart(&self, new: &Config) -> Vec<String> {
+    pub(crate) fn changes_needing_restart(&self, new: &Config) -> Vec<String> {
         let mut keys = Vec::new();
         let mut check = |changed: bool, key: &str| {
             if changed {

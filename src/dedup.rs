@@ -19,7 +19,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
 /// Fingerprint of a message's topic and payload (64-bit, fixed seeds so it is stable per process).
-pub fn fingerprint(topic: &[u8], payload: &[u8]) -> u64 {
+pub(crate) fn fingerprint(topic: &[u8], payload: &[u8]) -> u64 {
     let state = ahash::RandomState::with_seeds(0x6d62_7269, 0x6467_655f, 0x6563_686f, 0x5f77_696e);
     let mut h = state.build_hasher();
     h.write_usize(topic.len());
@@ -37,7 +37,7 @@ const SEQ_BYTES: usize = 8;
 
 /// A counted multiset of fingerprints with a TTL and a bound on its size.
 #[derive(Debug)]
-pub struct EchoWindow {
+pub(crate) struct EchoWindow {
     ttl: Duration,
     max_entries: usize,
     /// Live records per fingerprint: their sequence numbers, oldest first.
@@ -53,7 +53,7 @@ pub struct EchoWindow {
 
 impl EchoWindow {
     /// An empty window.
-    pub fn new(ttl: Duration, max_entries: usize) -> Self {
+    pub(crate) fn new(ttl: Duration, max_entries: usize) -> Self {
         Self {
             ttl,
             max_entries: max_entries.max(1),
@@ -67,7 +67,7 @@ impl EchoWindow {
     }
 
     /// Notes that a message with this fingerprint was published to the broker at `now`.
-    pub fn record(&mut self, fp: u64, now: Instant) {
+    pub(crate) fn record(&mut self, fp: u64, now: Instant) {
         self.expire(now);
         while self.live_count >= self.max_entries {
             if self.pop_front_live().is_some() {
@@ -92,7 +92,7 @@ impl EchoWindow {
     }
 
     /// If a live record matches, consumes it and returns true: the message is an echo.
-    pub fn take_echo(&mut self, fp: u64, now: Instant) -> bool {
+    pub(crate) fn take_echo(&mut self, fp: u64, now: Instant) -> bool {
         self.expire(now);
         let Some(seqs) = self.live.get_mut(&fp) else {
             return false;
@@ -107,27 +107,22 @@ impl EchoWindow {
     }
 
     /// Live records (echoes still expected).
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.live_count
     }
 
-    /// True when no echo is expected.
-    pub fn is_empty(&self) -> bool {
-        self.live_count == 0
-    }
-
     /// Records dropped because the window was full.
-    pub fn evictions(&self) -> u64 {
+    pub(crate) fn evictions(&self) -> u64 {
         self.evictions
     }
 
     /// Records that expired without their echo.
-    pub fn expirations(&self) -> u64 {
+    pub(crate) fn expirations(&self) -> u64 {
         self.expirations
     }
 
     /// Approximate heap bytes held, for the metrics.
-    pub fn approx_bytes(&self) -> usize {
+    pub(crate) fn approx_bytes(&self) -> usize {
         self.order.len() * SLOT_BYTES
             + self.live.len() * MAP_ENTRY_BYTES
             + self.live_count * SEQ_BYTES
@@ -135,7 +130,8 @@ impl EchoWindow {
 
     /// The upper bound of [`approx_bytes`](Self::approx_bytes): the order queue holds at most
     /// twice `max_entries` slots (consumed slots are compacted away), the map at most `max_entries`.
-    pub fn max_bytes(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn max_bytes(&self) -> usize {
         self.max_entries * (2 * SLOT_BYTES + MAP_ENTRY_BYTES + SEQ_BYTES)
     }
 
@@ -202,7 +198,7 @@ impl EchoWindow {
 /// mosquitto bridge left in place, a broker ignoring No Local…). Past `threshold` copies within
 /// `window`, further copies are reported as a storm; the link drops them and says so.
 #[derive(Debug)]
-pub struct StormGuard {
+pub(crate) struct StormGuard {
     threshold: u32,
     window: Duration,
     max_tracked: usize,
@@ -211,7 +207,7 @@ pub struct StormGuard {
 
 /// What the storm guard says about one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StormVerdict {
+pub(crate) enum StormVerdict {
     /// Forward it.
     Normal,
     /// A repeat past the threshold; `first` is true for the first such repeat in this window.
@@ -223,7 +219,7 @@ pub enum StormVerdict {
 
 impl StormGuard {
     /// A guard; `threshold` 0 disables it.
-    pub fn new(threshold: u32, window: Duration, max_tracked: usize) -> Self {
+    pub(crate) fn new(threshold: u32, window: Duration, max_tracked: usize) -> Self {
         Self {
             threshold,
             window,
@@ -233,7 +229,7 @@ impl StormGuard {
     }
 
     /// Counts one arrival of `fp`.
-    pub fn observe(&mut self, fp: u64, now: Instant) -> StormVerdict {
+    pub(crate) fn observe(&mut self, fp: u64, now: Instant) -> StormVerdict {
         if self.threshold == 0 {
             return StormVerdict::Normal;
         }
@@ -261,7 +257,8 @@ impl StormGuard {
     }
 
     /// Fingerprints tracked (memory bound: `max_tracked`).
-    pub fn tracked(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn tracked(&self) -> usize {
         self.seen.len()
     }
 }
@@ -322,7 +319,7 @@ mod tests {
         w.record(fp, t0);
         assert!(w.take_echo(fp, t0));
         assert!(!w.take_echo(fp, t0), "a second copy is not an echo");
-        assert!(w.is_empty());
+        assert_eq!(w.len(), 0);
     }
 
     #[test]
@@ -360,7 +357,7 @@ mod tests {
         w.record(fp, t0);
         assert!(!w.take_echo(fp, t0 + TTL), "expired at exactly ttl");
         assert_eq!(w.expirations(), 1);
-        assert!(w.is_empty());
+        assert_eq!(w.len(), 0);
 
         w.record(fp, t0);
         assert!(w.take_echo(fp, t0 + TTL - Duration::from_millis(1)));
@@ -410,7 +407,7 @@ mod tests {
             w.record(fp, t0);
             assert!(w.take_echo(fp, t0));
         }
-        assert!(w.is_empty());
+        assert_eq!(w.len(), 0);
         assert!(
             w.order.len() <= 1,
             "stale slots were kept: {}",
@@ -452,7 +449,7 @@ mod tests {
         for &fp in fps.iter().rev() {
             assert!(w.take_echo(fp, t0));
         }
-        assert!(w.is_empty());
+        assert_eq!(w.len(), 0);
         assert!(w.order.is_empty());
     }
 

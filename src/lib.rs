@@ -27,6 +27,7 @@
 //! - [`cli`]: the command line.
 //! - [`certs`]: `bridge certs`, a development PKI.
 //! - [`demo`]: `bridge demo`, embedded brokers and sample traffic.
+//! - [`testing`]: what the integration tests and meshbench use of the insides.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -34,18 +35,19 @@ pub mod admin;
 pub mod certs;
 pub mod cli;
 pub mod config;
-pub mod dedup;
+pub(crate) mod dedup;
 pub mod demo;
-pub mod link;
-pub mod membership;
+pub(crate) mod link;
+pub(crate) mod membership;
 pub mod message;
-pub mod metrics;
-pub mod ratelimit;
-pub mod router;
+pub(crate) mod metrics;
+pub(crate) mod ratelimit;
+pub(crate) mod router;
 pub mod spool;
-pub mod status;
-pub mod supervisor;
-pub mod tls;
+pub(crate) mod status;
+pub(crate) mod supervisor;
+pub mod testing;
+pub(crate) mod tls;
 
 use std::path::PathBuf;
 use std::sync::Arc;

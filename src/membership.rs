@@ -15,30 +15,30 @@ use crate::message::Protocol;
 /// A broker added at run time, as the API received it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AddedBroker {
+pub(crate) struct AddedBroker {
     /// Broker name.
-    pub name: String,
+    pub(crate) name: String,
     /// `host:port`.
-    pub address: String,
+    pub(crate) address: String,
     /// Protocol version.
-    pub protocol: Protocol,
+    pub(crate) protocol: Protocol,
     /// TLS on (with the `[tls]` defaults) or plain TCP.
-    pub tls: bool,
+    pub(crate) tls: bool,
     /// Name to verify in its certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub server_name: Option<String>,
+    pub(crate) server_name: Option<String>,
 }
 
 /// The persisted changes.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Membership {
+pub(crate) struct Membership {
     /// Brokers added at run time.
     #[serde(default)]
-    pub added: Vec<AddedBroker>,
+    pub(crate) added: Vec<AddedBroker>,
     /// Names of config-file brokers removed at run time.
     #[serde(default)]
-    pub removed: Vec<String>,
+    pub(crate) removed: Vec<String>,
 }
 
 /// Errors reading or writing the membership file.
@@ -64,12 +64,12 @@ pub enum MembershipError {
 
 impl Membership {
     /// Path of the file under `data_dir`.
-    pub fn path(data_dir: &Path) -> PathBuf {
+    pub(crate) fn path(data_dir: &Path) -> PathBuf {
         data_dir.join("membership.json")
     }
 
     /// Loads the file; a missing file is an empty membership.
-    pub fn load(data_dir: &Path) -> Result<Membership, MembershipError> {
+    pub(crate) fn load(data_dir: &Path) -> Result<Membership, MembershipError> {
         let path = Self::path(data_dir);
         match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| MembershipError::Read {
@@ -85,7 +85,7 @@ impl Membership {
     }
 
     /// Writes the file atomically.
-    pub fn save(&self, data_dir: &Path) -> Result<(), MembershipError> {
+    pub(crate) fn save(&self, data_dir: &Path) -> Result<(), MembershipError> {
         let path = Self::path(data_dir);
         let err = |source| MembershipError::Write {
             path: path.clone(),
@@ -115,14 +115,14 @@ impl Membership {
     }
 
     /// Records an addition (replacing an earlier record of the same name, undoing a removal).
-    pub fn record_add(&mut self, broker: AddedBroker) {
+    pub(crate) fn record_add(&mut self, broker: AddedBroker) {
         self.removed.retain(|n| *n != broker.name);
         self.added.retain(|b| b.name != broker.name);
         self.added.push(broker);
     }
 
     /// Records a removal: forgets an addition, or remembers that a config broker is gone.
-    pub fn record_remove(&mut self, name: &str, from_config: bool) {
+    pub(crate) fn record_remove(&mut self, name: &str, from_config: bool) {
         self.added.retain(|b| b.name != name);
         if from_config && !self.removed.iter().any(|n| n == name) {
             self.removed.push(name.to_string());

@@ -70,26 +70,26 @@ impl TryFrom<String> for Protocol {
 }
 
 /// User property that marks a message forwarded by a meshbridge (`<bridge id>/<origin broker>`).
-pub const ORIGIN_TAG: &str = "mb-origin";
+pub(crate) const ORIGIN_TAG: &str = "mb-origin";
 
 /// A message received from one broker, to be forwarded to the others.
 #[derive(Debug, Clone)]
-pub struct Message {
+pub(crate) struct Message {
     /// Topic name.
-    pub topic: Bytes,
+    pub(crate) topic: Bytes,
     /// Payload, shared by every copy.
-    pub payload: Bytes,
+    pub(crate) payload: Bytes,
     /// QoS it was received with (0, 1, 2).
-    pub qos: u8,
+    pub(crate) qos: u8,
     /// Retain flag as published (MQTT 5 retain-as-published) or as delivered (3.1.1).
-    pub retain: bool,
+    pub(crate) retain: bool,
     /// MQTT 5 properties; `None` from a 3.1.1 link.
-    pub properties: Option<PublishProperties>,
+    pub(crate) properties: Option<PublishProperties>,
 }
 
 impl Message {
     /// Whether any meshbridge has already forwarded this message (single-hop rule).
-    pub fn has_origin_tag(&self) -> bool {
+    pub(crate) fn has_origin_tag(&self) -> bool {
         self.properties
             .as_ref()
             .is_some_and(|p| p.user_properties.iter().any(|(k, _)| k == ORIGIN_TAG))
@@ -98,7 +98,7 @@ impl Message {
     /// Properties to publish with on an MQTT 5 target: everything the origin gave, minus what is
     /// only meaningful on the origin connection (topic alias, subscription identifiers), plus the
     /// origin tag.
-    pub fn forward_properties(&self, tag: &str) -> PublishProperties {
+    pub(crate) fn forward_properties(&self, tag: &str) -> PublishProperties {
         let mut props = self.properties.clone().unwrap_or_default();
         props.topic_alias = None;
         props.subscription_identifiers.clear();
@@ -111,7 +111,7 @@ impl Message {
     /// Size of the PUBLISH packet that forwards this message, close enough to compare with a
     /// broker limit or a memory bound (properties counted with their encoded lengths, plus the
     /// origin tag).
-    pub fn approx_packet_size(&self) -> usize {
+    pub(crate) fn approx_packet_size(&self) -> usize {
         let props = self.properties.as_ref().map_or(0, |p| {
             p.user_properties
                 .iter()
@@ -128,28 +128,28 @@ impl Message {
     }
 
     /// The topic as text (MQTT topics are UTF-8; a broker sending otherwise is reported upstream).
-    pub fn topic_str(&self) -> Option<&str> {
+    pub(crate) fn topic_str(&self) -> Option<&str> {
         std::str::from_utf8(&self.topic).ok()
     }
 }
 
 /// What is needed to acknowledge one QoS 1/2 publish on its origin connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AckRequest {
+pub(crate) struct AckRequest {
     /// Packet identifier of the incoming publish.
-    pub pkid: u16,
+    pub(crate) pkid: u16,
     /// Its QoS (1: PUBACK, 2: PUBREC).
-    pub qos: u8,
+    pub(crate) qos: u8,
     /// The broker session it belongs to; an acknowledgement for an older session is discarded
     /// (its packet id may by now name another message).
-    pub epoch: u32,
+    pub(crate) epoch: u32,
 }
 
 /// Collects the completions of every target of one message; when the last one reports, the
 /// acknowledgement is sent to the origin link. Dropping a share without completing it leaves the
 /// message unacknowledged, so the origin broker delivers it again (at-least-once).
 #[derive(Debug)]
-pub struct AckGroup {
+pub(crate) struct AckGroup {
     remaining: AtomicUsize,
     request: AckRequest,
     origin: mpsc::UnboundedSender<AckRequest>,
@@ -157,11 +157,11 @@ pub struct AckGroup {
 
 /// One target's share of an [`AckGroup`].
 #[derive(Debug)]
-pub struct AckShare(Arc<AckGroup>);
+pub(crate) struct AckShare(Arc<AckGroup>);
 
 impl AckGroup {
     /// A group expecting `targets` completions; returns the shares.
-    pub fn split(
+    pub(crate) fn split(
         request: AckRequest,
         origin: mpsc::UnboundedSender<AckRequest>,
         targets: usize,
@@ -178,7 +178,7 @@ impl AckGroup {
 impl AckShare {
     /// This target is done with the message (acknowledged by its broker, or accepted for later
     /// delivery); the last share acknowledges the origin.
-    pub fn complete(self) {
+    pub(crate) fn complete(self) {
         if self.0.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             // The origin link may be gone (removed, shutting down): the broker will redeliver.
             let _ = self.0.origin.send(self.0.request);

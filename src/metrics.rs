@@ -11,61 +11,69 @@ use std::time::SystemTime;
 // Counter names are given without `_total`: the Prometheus encoder appends it.
 
 /// Messages received from a broker (before loop checks). Counter.
-pub const MESSAGES_IN: &str = "meshbridge_messages_in";
+pub(crate) const MESSAGES_IN: &str = "meshbridge_messages_in";
 /// Messages published to a broker and acknowledged (QoS 0: written). Counter.
-pub const MESSAGES_OUT: &str = "meshbridge_messages_out";
+pub(crate) const MESSAGES_OUT: &str = "meshbridge_messages_out";
 /// QoS 0 messages written to a broker's connection (QoS 0 has no acknowledgement, so they are
 /// not in [`MESSAGES_OUT`]: a frozen broker's socket takes them too). Counter.
-pub const SENT_QOS0: &str = "meshbridge_sent_qos0";
+pub(crate) const SENT_QOS0: &str = "meshbridge_sent_qos0";
 /// Messages received from a broker and handed to at least one target. Counter.
-pub const FORWARDED: &str = "meshbridge_forwarded";
+pub(crate) const FORWARDED: &str = "meshbridge_forwarded";
 /// Echoes of our own publishes dropped on a 3.1.1 link. Counter.
-pub const DROPPED_ECHO: &str = "meshbridge_dropped_echo";
+pub(crate) const DROPPED_ECHO: &str = "meshbridge_dropped_echo";
 /// Messages dropped because they carried an origin tag (single-hop rule). Counter.
-pub const DROPPED_TAGGED: &str = "meshbridge_dropped_tagged";
+pub(crate) const DROPPED_TAGGED: &str = "meshbridge_dropped_tagged";
 /// Messages dropped because a target queue overflowed. Counter.
-pub const DROPPED_OVERFLOW: &str = "meshbridge_dropped_overflow";
+pub(crate) const DROPPED_OVERFLOW: &str = "meshbridge_dropped_overflow";
 /// Repeats dropped by the storm guard (a forwarding loop somewhere). Counter.
-pub const DROPPED_STORM: &str = "meshbridge_dropped_storm";
+pub(crate) const DROPPED_STORM: &str = "meshbridge_dropped_storm";
 /// Messages for the broker dropped because the spool's disk refused writes for so long that
 /// the memory holding them meanwhile was full.
-pub const DROPPED_SPOOL_FAILED: &str = "meshbridge_dropped_spool_failed";
+pub(crate) const DROPPED_SPOOL_FAILED: &str = "meshbridge_dropped_spool_failed";
 /// 1 per link, labelled with its protocol and TLS mode (`on`, `off`, `insecure`).
-pub const LINK_INFO: &str = "meshbridge_link_info";
+pub(crate) const LINK_INFO: &str = "meshbridge_link_info";
 /// 1 while the spool's disk refuses writes.
-pub const SPOOL_FAILING: &str = "meshbridge_spool_failing";
+pub(crate) const SPOOL_FAILING: &str = "meshbridge_spool_failing";
 /// Spool transactions that failed.
-pub const SPOOL_WRITE_FAILURES: &str = "meshbridge_spool_write_failures";
+pub(crate) const SPOOL_WRITE_FAILURES: &str = "meshbridge_spool_write_failures";
 /// Messages held in memory until the spool's disk takes them.
-pub const SPOOL_HELD: &str = "meshbridge_spool_held_messages";
+pub(crate) const SPOOL_HELD: &str = "meshbridge_spool_held_messages";
 /// Messages a broker refused (error reason code, or larger than its maximum packet size). Counter.
-pub const REJECTED: &str = "meshbridge_rejected";
+pub(crate) const REJECTED: &str = "meshbridge_rejected";
 /// Messages published again after a reconnect (possible duplicates downstream). Counter.
-pub const REDELIVERED: &str = "meshbridge_redelivered";
+pub(crate) const REDELIVERED: &str = "meshbridge_redelivered";
 /// Messages written to the broker's durable spool because it was down or fell behind. Counter.
-pub const SPOOLED: &str = "meshbridge_spooled";
+pub(crate) const SPOOLED: &str = "meshbridge_spooled";
 /// Connection attempts after the first. Counter.
-pub const RECONNECTS: &str = "meshbridge_reconnects";
+pub(crate) const RECONNECTS: &str = "meshbridge_reconnects";
 /// 1 while the link is connected. Gauge.
-pub const CONNECTED: &str = "meshbridge_connected";
+pub(crate) const CONNECTED: &str = "meshbridge_connected";
 /// Live entries of the link's dedup window. Gauge.
-pub const DEDUP_ENTRIES: &str = "meshbridge_dedup_window_entries";
+pub(crate) const DEDUP_ENTRIES: &str = "meshbridge_dedup_window_entries";
+/// Approximate heap bytes of a 3.1.1 link's dedup window (bounded by `dedup_max_entries`).
+/// Gauge.
+pub(crate) const DEDUP_BYTES: &str = "meshbridge_dedup_window_bytes";
+/// Dedup records dropped because the window was full: each one's echo will be forwarded once
+/// more, a duplicate. Counter.
+pub(crate) const DEDUP_EVICTIONS: &str = "meshbridge_dedup_evictions";
+/// Dedup records that expired (`dedup_window`) without their echo coming back. Counter.
+pub(crate) const DEDUP_EXPIRATIONS: &str = "meshbridge_dedup_expirations";
 /// Messages waiting for the target (queued + in flight). Gauge.
-pub const QUEUE_DEPTH: &str = "meshbridge_queue_depth";
+pub(crate) const QUEUE_DEPTH: &str = "meshbridge_queue_depth";
 /// Messages waiting in the target's durable spool. Gauge.
-pub const SPOOL_MESSAGES: &str = "meshbridge_spool_messages";
+pub(crate) const SPOOL_MESSAGES: &str = "meshbridge_spool_messages";
 /// Bytes of the messages in the target's spool. Gauge.
-pub const SPOOL_BYTES: &str = "meshbridge_spool_bytes";
+pub(crate) const SPOOL_BYTES: &str = "meshbridge_spool_bytes";
 /// Messages waiting for room in a full spool, unacknowledged upstream (policy `block`). Gauge.
-pub const SPOOL_BLOCKED: &str = "meshbridge_spool_blocked";
+pub(crate) const SPOOL_BLOCKED: &str = "meshbridge_spool_blocked";
 /// 1 for the spool overflow policy in force (label `policy`). Gauge.
-pub const SPOOL_OVERFLOW_POLICY: &str = "meshbridge_spool_overflow_policy";
+pub(crate) const SPOOL_OVERFLOW_POLICY: &str = "meshbridge_spool_overflow_policy";
 /// Retained messages the bridge remembers for brokers added at run time. Gauge.
-pub const RETAINED: &str = "meshbridge_retained_messages";
+pub(crate) const RETAINED: &str = "meshbridge_retained_messages";
 /// Bytes of those (bounded by `retained_max_bytes`). Gauge.
-pub const RETAINED_BYTES: &str = "meshbridge_retained_bytes";
+pub(crate) const RETAINED_BYTES: &str = "meshbridge_retained_bytes";
 /// Retained messages not remembered because the table was full. Counter.
-pub const RETAINED_SKIPPED: &str = "meshbridge_retained_skipped";
+pub(crate) const RETAINED_SKIPPED: &str = "meshbridge_retained_skipped";
 
 /// Lifecycle state of one link, as shown by `status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -83,43 +91,49 @@ pub enum LinkState {
 
 /// Counters and state of one link.
 #[derive(Debug)]
-pub struct LinkStats {
+pub(crate) struct LinkStats {
     /// See [`MESSAGES_IN`].
-    pub messages_in: AtomicU64,
+    pub(crate) messages_in: AtomicU64,
     /// See [`MESSAGES_OUT`].
-    pub messages_out: AtomicU64,
+    pub(crate) messages_out: AtomicU64,
     /// See [`SENT_QOS0`].
-    pub sent_qos0: AtomicU64,
+    pub(crate) sent_qos0: AtomicU64,
     /// See [`FORWARDED`].
-    pub forwarded: AtomicU64,
+    pub(crate) forwarded: AtomicU64,
     /// See [`DROPPED_ECHO`].
-    pub dropped_echo: AtomicU64,
+    pub(crate) dropped_echo: AtomicU64,
     /// See [`DROPPED_TAGGED`].
-    pub dropped_tagged: AtomicU64,
+    pub(crate) dropped_tagged: AtomicU64,
     /// See [`DROPPED_OVERFLOW`].
-    pub dropped_overflow: AtomicU64,
+    pub(crate) dropped_overflow: AtomicU64,
     /// See [`DROPPED_STORM`].
-    pub dropped_storm: AtomicU64,
+    pub(crate) dropped_storm: AtomicU64,
     /// See [`DROPPED_SPOOL_FAILED`].
-    pub dropped_spool_failed: AtomicU64,
+    pub(crate) dropped_spool_failed: AtomicU64,
     /// See [`REJECTED`].
-    pub rejected: AtomicU64,
+    pub(crate) rejected: AtomicU64,
     /// See [`REDELIVERED`].
-    pub redelivered: AtomicU64,
+    pub(crate) redelivered: AtomicU64,
     /// See [`SPOOLED`].
-    pub spooled: AtomicU64,
+    pub(crate) spooled: AtomicU64,
     /// See [`RECONNECTS`].
-    pub reconnects: AtomicU64,
+    pub(crate) reconnects: AtomicU64,
     /// See [`DEDUP_ENTRIES`].
-    pub dedup_entries: AtomicI64,
+    pub(crate) dedup_entries: AtomicI64,
+    /// See [`DEDUP_BYTES`].
+    pub(crate) dedup_bytes: AtomicI64,
+    /// See [`DEDUP_EVICTIONS`] (the window's own count, stored by the link).
+    pub(crate) dedup_evictions: AtomicU64,
+    /// See [`DEDUP_EXPIRATIONS`] (likewise).
+    pub(crate) dedup_expirations: AtomicU64,
     /// Messages in flight towards the broker (the queue's length is read from the queue).
-    pub inflight: AtomicI64,
+    pub(crate) inflight: AtomicI64,
     state: Mutex<(LinkState, SystemTime)>,
     last_error: Mutex<Option<String>>,
     /// Rejected messages are logged at most once per reason every 10 s.
     reject_log: Mutex<crate::ratelimit::LogLimit>,
     /// Whether the link has connected at least once (readiness).
-    pub ever_connected: std::sync::atomic::AtomicBool,
+    pub(crate) ever_connected: std::sync::atomic::AtomicBool,
 }
 
 impl Default for LinkStats {
@@ -139,6 +153,9 @@ impl Default for LinkStats {
             spooled: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             dedup_entries: AtomicI64::new(0),
+            dedup_bytes: AtomicI64::new(0),
+            dedup_evictions: AtomicU64::new(0),
+            dedup_expirations: AtomicU64::new(0),
             inflight: AtomicI64::new(0),
             state: Mutex::new((LinkState::Connecting, SystemTime::now())),
             last_error: Mutex::new(None),
@@ -151,13 +168,13 @@ impl Default for LinkStats {
 }
 
 /// Adds one to a counter.
-pub fn inc(counter: &AtomicU64) {
+pub(crate) fn inc(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
 impl LinkStats {
     /// Moves the link to `state` (the time is kept for `status`).
-    pub fn set_state(&self, state: LinkState) {
+    pub(crate) fn set_state(&self, state: LinkState) {
         if let Ok(mut s) = self.state.lock()
             && s.0 != state
         {
@@ -169,7 +186,7 @@ impl LinkStats {
     }
 
     /// Current state and since when.
-    pub fn state(&self) -> (LinkState, SystemTime) {
+    pub(crate) fn state(&self) -> (LinkState, SystemTime) {
         self.state
             .lock()
             .map(|s| *s)
@@ -177,35 +194,35 @@ impl LinkStats {
     }
 
     /// Remembers the last error for `status`.
-    pub fn set_error(&self, error: String) {
+    pub(crate) fn set_error(&self, error: String) {
         if let Ok(mut e) = self.last_error.lock() {
             *e = Some(error);
         }
     }
 
     /// Forgets the last error (the link connected again: an old error would mislead).
-    pub fn clear_error(&self) {
+    pub(crate) fn clear_error(&self) {
         if let Ok(mut e) = self.last_error.lock() {
             *e = None;
         }
     }
 
     /// The last error, if any.
-    pub fn last_error(&self) -> Option<String> {
+    pub(crate) fn last_error(&self) -> Option<String> {
         self.last_error.lock().ok().and_then(|e| e.clone())
     }
 }
 
 /// A topic as it may be written to a log: not UTF-8 replaced, control characters escaped (a
 /// topic is whatever a client sent; it must not forge log lines).
-pub fn loggable_topic(topic: &[u8]) -> String {
+pub(crate) fn loggable_topic(topic: &[u8]) -> String {
     String::from_utf8_lossy(topic).escape_debug().to_string()
 }
 
 /// A broker refused a message or it could not be sent to it: counted, and logged at most once
 /// per reason every 10 s with the number of rejections the line stands for (a filter like
 /// `$SYS/#` that a broker refuses would otherwise write a line per message).
-pub fn message_rejected(stats: &LinkStats, topic: &[u8], reason: &str) {
+pub(crate) fn message_rejected(stats: &LinkStats, topic: &[u8], reason: &str) {
     inc(&stats.rejected);
     // Reasons that only differ by a number (a size) share one key.
     let key: String = reason.chars().filter(|c| !c.is_ascii_digit()).collect();
@@ -225,7 +242,7 @@ pub fn message_rejected(stats: &LinkStats, topic: &[u8], reason: &str) {
 }
 
 /// A target queue overflowed: the oldest message was dropped.
-pub fn queue_overflow(stats: &LinkStats, dropped: u64) {
+pub(crate) fn queue_overflow(stats: &LinkStats, dropped: u64) {
     let total = stats.dropped_overflow.fetch_add(dropped, Ordering::Relaxed) + dropped;
     // Log the first and then every 1000th, so a long outage does not flood the log.
     if total == dropped || total % 1000 < dropped {
@@ -238,7 +255,7 @@ pub fn queue_overflow(stats: &LinkStats, dropped: u64) {
 
 /// A QoS 0 message met a full spool with the `block` policy: it cannot hold its origin back
 /// (QoS 0 is never acknowledged), so it is dropped and counted as an overflow.
-pub fn spool_full_qos0_dropped(stats: &LinkStats) {
+pub(crate) fn spool_full_qos0_dropped(stats: &LinkStats) {
     let total = stats.dropped_overflow.fetch_add(1, Ordering::Relaxed) + 1;
     if total == 1 || total.is_multiple_of(1000) {
         tracing::warn!(
@@ -249,14 +266,14 @@ pub fn spool_full_qos0_dropped(stats: &LinkStats) {
 }
 
 /// A link (re)connection failed or dropped: logged, counted, remembered for `status`.
-pub fn link_error(stats: &LinkStats, error: &str, retry_in: std::time::Duration) {
+pub(crate) fn link_error(stats: &LinkStats, error: &str, retry_in: std::time::Duration) {
     stats.set_error(error.to_string());
     tracing::warn!(error, retry_in = ?retry_in, "link down");
 }
 
 /// The storm guard tripped on a link: logged (once per message and window), counted, and
 /// shown in `status` as the link's last error.
-pub fn storm(stats: &LinkStats, topic: &[u8], first: bool, threshold: u32) {
+pub(crate) fn storm(stats: &LinkStats, topic: &[u8], first: bool, threshold: u32) {
     inc(&stats.dropped_storm);
     if first {
         let error = format!(

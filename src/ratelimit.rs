@@ -11,7 +11,7 @@ const MAX_KEYS: usize = 256;
 
 /// At most one log line per key and interval.
 #[derive(Debug)]
-pub struct LogLimit {
+pub(crate) struct LogLimit {
     every: Duration,
     /// Per key: when the next line may be written, and the events not logged since the last.
     keys: HashMap<String, (Instant, u64)>,
@@ -19,7 +19,7 @@ pub struct LogLimit {
 
 impl LogLimit {
     /// One line per key every `every`.
-    pub fn new(every: Duration) -> Self {
+    pub(crate) fn new(every: Duration) -> Self {
         Self {
             every,
             keys: HashMap::new(),
@@ -28,7 +28,7 @@ impl LogLimit {
 
     /// Records an event of `key` at `now`: `Some(n)` when it is to be logged, `n` being the
     /// events of that key not logged since the last line; `None` when it is only counted.
-    pub fn event(&mut self, key: &str, now: Instant) -> Option<u64> {
+    pub(crate) fn event(&mut self, key: &str, now: Instant) -> Option<u64> {
         if let Some((next, suppressed)) = self.keys.get_mut(key) {
             if now < *next {
                 *suppressed += 1;

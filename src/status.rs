@@ -70,6 +70,15 @@ pub struct BrokerStatus {
     pub spool_overflow: crate::spool::Overflow,
     /// Live entries of the dedup window.
     pub dedup_entries: u64,
+    /// Approximate heap bytes of the dedup window.
+    #[serde(default)]
+    pub dedup_bytes: u64,
+    /// Dedup records evicted because the window was full (each a duplicate to come).
+    #[serde(default)]
+    pub dedup_evictions: u64,
+    /// Dedup records expired without their echo.
+    #[serde(default)]
+    pub dedup_expirations: u64,
     /// Last error, if any.
     pub last_error: Option<String>,
 }
@@ -88,15 +97,15 @@ impl BrokerStatus {
 
 /// `GET /readyz` body (see [`crate::supervisor::Supervisor::ready`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ReadyReport {
+pub(crate) struct ReadyReport {
     /// Start-up done, at least one link connected, and the spool takes writes.
-    pub ready: bool,
+    pub(crate) ready: bool,
     /// Links connected now.
     #[serde(default)]
-    pub connected: usize,
+    pub(crate) connected: usize,
     /// Links still waiting for their first connection.
-    pub waiting: Vec<String>,
+    pub(crate) waiting: Vec<String>,
     /// The spool's write error, while its disk refuses writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub spool_error: Option<String>,
+    pub(crate) spool_error: Option<String>,
 }

@@ -46,13 +46,13 @@ impl From<ConfigError> for ChangeError {
 
 /// What the supervisor keeps of one running link.
 #[derive(Debug)]
-pub struct LinkHandle {
+pub(crate) struct LinkHandle {
     /// The broker.
-    pub broker: BrokerConfig,
+    pub(crate) broker: BrokerConfig,
     /// Its counters.
-    pub stats: Arc<LinkStats>,
+    pub(crate) stats: Arc<LinkStats>,
     /// Its queue.
-    pub queue: Arc<TargetQueue>,
+    pub(crate) queue: Arc<TargetQueue>,
     stop: CancellationToken,
     disconnect: CancellationToken,
     drained: watch::Receiver<bool>,
@@ -68,7 +68,7 @@ pub struct LinkHandle {
 
 impl LinkHandle {
     /// The status row of this link.
-    pub fn status(&self) -> BrokerStatus {
+    pub(crate) fn status(&self) -> BrokerStatus {
         let s = &self.stats;
         let (state, since) = s.state();
         let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
@@ -104,13 +104,16 @@ impl LinkHandle {
             spool_blocked,
             spool_overflow: self.queue.spool_overflow(),
             dedup_entries: s.dedup_entries.load(Ordering::Relaxed).max(0) as u64,
+            dedup_bytes: s.dedup_bytes.load(Ordering::Relaxed).max(0) as u64,
+            dedup_evictions: n(&s.dedup_evictions),
+            dedup_expirations: n(&s.dedup_expirations),
             last_error: s.last_error(),
         }
     }
 
     /// Stops this link: no new messages are taken from its broker, what is queued for it is
     /// delivered for up to `drain_timeout`, then it acknowledges what it can and disconnects.
-    pub async fn shutdown(self, drain_timeout: Duration) {
+    pub(crate) async fn shutdown(self, drain_timeout: Duration) {
         shutdown_all(vec![self], drain_timeout).await
     }
 }
@@ -155,7 +158,7 @@ async fn shutdown_all(links: Vec<LinkHandle>, drain_timeout: Duration) {
 
 /// The running mesh.
 #[derive(Debug)]
-pub struct Supervisor {
+pub(crate) struct Supervisor {
     config: Config,
     router: Arc<Router>,
     spool: Arc<Spool>,
@@ -174,7 +177,7 @@ impl Supervisor {
     /// Starts a link for every broker of the config, with the persisted membership changes
     /// applied (see [`crate::membership`] for the precedence).
     /// Spools of brokers that are no longer members are deleted. The links run on `threads`.
-    pub fn start(
+    pub(crate) fn start(
         config: Config,
         spool: Arc<Spool>,
         threads: LinkThreads,
@@ -329,7 +332,7 @@ impl Supervisor {
 
     /// Adds a broker at run time: validated like a config entry, refused when its name or
     /// address is taken, persisted, then started. It receives the mesh's retained messages.
-    pub fn add(&mut self, spec: AddedBroker) -> Result<BrokerStatus, ChangeError> {
+    pub(crate) fn add(&mut self, spec: AddedBroker) -> Result<BrokerStatus, ChangeError> {
         let broker = self.build(&spec)?;
         if self.draining.contains(&broker.name) {
             return Err(ChangeError::Conflict(format!(
@@ -365,7 +368,7 @@ impl Supervisor {
 
     /// Takes a broker out of the mesh (by name or address) and persists that; the returned
     /// handle must be shut down by the caller (outside any lock: it drains for a while).
-    pub fn remove(&mut self, key: &str) -> Result<LinkHandle, ChangeError> {
+    pub(crate) fn remove(&mut self, key: &str) -> Result<LinkHandle, ChangeError> {
         let name = self
             .links
             .values()
@@ -389,7 +392,7 @@ impl Supervisor {
     }
 
     /// The status of every link, by name.
-    pub fn status(&self) -> Vec<BrokerStatus> {
+    pub(crate) fn status(&self) -> Vec<BrokerStatus> {
         self.links.values().map(LinkHandle::status).collect()
     }
 
@@ -397,7 +400,7 @@ impl Supervisor {
     /// started with the process has connected at least once or reported why it could not, at
     /// least one link is connected, and the spool's disk takes writes. A broker added at run
     /// time, or one broker down, does not make the process unready.
-    pub fn ready(&self) -> ReadyReport {
+    pub(crate) fn ready(&self) -> ReadyReport {
         let waiting: Vec<String> = self
             .links
             .values()
@@ -423,24 +426,24 @@ impl Supervisor {
     }
 
     /// How the spool's disk is doing.
-    pub fn spool_health(&self) -> crate::spool::SpoolHealth {
+    pub(crate) fn spool_health(&self) -> crate::spool::SpoolHealth {
         self.spool.health()
     }
 
     /// The router (retained table size for the metrics).
-    pub fn router(&self) -> &Router {
+    pub(crate) fn router(&self) -> &Router {
         &self.router
     }
 
     /// The running configuration.
-    pub fn config(&self) -> &Config {
+    pub(crate) fn config(&self) -> &Config {
         &self.config
     }
 
     /// Applies a reloaded config file (SIGHUP): brokers that appeared are started, brokers
     /// that disappeared are taken out (returned, to be shut down by the caller). Persisted
     /// run-time changes keep their precedence. Other settings need a restart.
-    pub fn reload(&mut self, new: Config) -> (Vec<String>, Vec<LinkHandle>) {
+    pub(crate) fn reload(&mut self, new: Config) -> (Vec<String>, Vec<LinkHandle>) {
         let new_names: HashSet<String> = new.brokers.iter().map(|b| b.name.clone()).collect();
         let added_at_runtime: HashSet<String> = self
             .membership
@@ -489,7 +492,7 @@ impl Supervisor {
     /// The links of `names`, taken out by [`Self::remove`] or [`Self::reload`], have stopped
     /// and their spools are deleted: those names may be used again. A broker of the config
     /// file that waited for one of them starts now; returns the names started.
-    pub fn drained(&mut self, names: &[String]) -> Vec<String> {
+    pub(crate) fn drained(&mut self, names: &[String]) -> Vec<String> {
         let mut started = Vec::new();
         for name in names {
             self.draining.remove(name);
@@ -517,15 +520,13 @@ impl Supervisor {
     }
 
     /// Takes every link out, to be stopped with [`shutdown_links`] (outside any lock).
-    pub fn take_all(&mut self) -> Vec<LinkHandle> {
+    pub(crate) fn take_all(&mut self) -> Vec<LinkHandle> {
         std::mem::take(&mut self.links).into_values().collect()
     }
 }
 
 /// Stops links together (see [`LinkHandle::shutdown`]): intake stops everywhere first, so
 /// acknowledgements between them still flow while they drain.
-pub async fn shutdown_links(links: Vec<LinkHandle>, drain_timeout: Duration) {
+pub(crate) async fn shutdown_links(links: Vec<LinkHandle>, drain_timeout: Duration) {
     shutdown_all(links, drain_timeout).await
 }
-
-impl Supervisor {}

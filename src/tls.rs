@@ -17,26 +17,26 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 /// into its own error naming the key).
 #[derive(Debug, thiserror::Error)]
 #[error("{key}: {message}")]
-pub struct TlsError {
+pub(crate) struct TlsError {
     /// The config key, e.g. `tls.ca_file` or `broker[1].key_file`.
-    pub key: String,
+    pub(crate) key: String,
     /// What is wrong (with the file's path where there is one).
-    pub message: String,
+    pub(crate) message: String,
 }
 
 /// A file and the config key that named it (for error messages).
-pub type KeyedPath<'a> = (&'a str, &'a Path);
+pub(crate) type KeyedPath<'a> = (&'a str, &'a Path);
 
 /// The files and options of one broker's TLS settings.
-pub struct TlsFiles<'a> {
+pub(crate) struct TlsFiles<'a> {
     /// CA bundle (`None` only together with `insecure`).
-    pub ca: Option<KeyedPath<'a>>,
+    pub(crate) ca: Option<KeyedPath<'a>>,
     /// Client certificate and key for mTLS.
-    pub client_auth: Option<(KeyedPath<'a>, KeyedPath<'a>)>,
+    pub(crate) client_auth: Option<(KeyedPath<'a>, KeyedPath<'a>)>,
     /// Name to verify instead of the dialled host.
-    pub server_name: Option<ServerName<'static>>,
+    pub(crate) server_name: Option<ServerName<'static>>,
     /// Skip certificate verification.
-    pub insecure: bool,
+    pub(crate) insecure: bool,
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -51,7 +51,7 @@ fn err(key: &str, path: &Path, message: impl std::fmt::Display) -> TlsError {
 }
 
 /// Reads every certificate of a PEM file; an empty or unreadable file is an error.
-pub fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bytes = std::fs::read(path).map_err(|e| err(key, path, e))?;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<_, _>>()
@@ -69,7 +69,7 @@ fn load_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> 
 }
 
 /// Builds a client configuration; every file problem names its key.
-pub fn client_config(files: &TlsFiles<'_>) -> Result<Arc<ClientConfig>, TlsError> {
+pub(crate) fn client_config(files: &TlsFiles<'_>) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

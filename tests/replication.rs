@@ -73,7 +73,7 @@ async fn three_v5_brokers_over_mtls_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_v311_brokers_no_echo_no_storm() {
-    let (_tmp, brokers, _bridge) = common::three_brokers_meshed("protocol = \"v3.1.1\"");
+    let (_tmp, brokers, bridge) = common::three_brokers_meshed("protocol = \"v3.1.1\"");
 
     exactly_once_everywhere(&brokers, 500, "v3").await;
 
@@ -90,6 +90,18 @@ async fn three_v311_brokers_no_echo_no_storm() {
         2,
         "identical messages are both delivered, once each"
     );
+
+    // The dedup window's size and what it lost are in /metrics: nothing evicted here, so no
+    // echo was forwarded again.
+    let cfg = std::fs::read_to_string(bridge.dir.join("bridge.toml")).unwrap();
+    let url = format!("http://{}/metrics", common::admin_addr(&cfg));
+    let text = common::http_get(&url, None).1;
+    for b in ["b1", "b2", "b3"] {
+        let m = |name| common::metric(&text, name, b);
+        assert_eq!(m("meshbridge_dedup_evictions_total"), Some(0.0), "{b}");
+        assert!(m("meshbridge_dedup_expirations_total").is_some(), "{b}");
+        assert!(m("meshbridge_dedup_window_bytes").is_some(), "{b}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

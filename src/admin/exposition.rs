@@ -21,7 +21,7 @@ pub(crate) fn encode(
     type Metric<T> = (&'static str, &'static str, fn(&BrokerStatus) -> T);
 
     let mut registry = Registry::default();
-    let counters: [Metric<u64>; 13] = [
+    let counters: [Metric<u64>; 15] = [
         (
             metrics::MESSAGES_IN,
             "Messages received from the broker",
@@ -81,6 +81,16 @@ pub(crate) fn encode(
             |s| s.spooled,
         ),
         (metrics::RECONNECTS, "Reconnections", |s| s.reconnects),
+        (
+            metrics::DEDUP_EVICTIONS,
+            "Dedup records dropped because the window was full: each one's echo is forwarded once more",
+            |s| s.dedup_evictions,
+        ),
+        (
+            metrics::DEDUP_EXPIRATIONS,
+            "Dedup records that expired without their echo coming back",
+            |s| s.dedup_expirations,
+        ),
     ];
     for (name, help, value) in counters {
         let family = Family::<Labels, Counter>::default();
@@ -91,7 +101,7 @@ pub(crate) fn encode(
         }
         registry.register(name, help, family);
     }
-    let gauges: [Metric<i64>; 6] = [
+    let gauges: [Metric<i64>; 7] = [
         (metrics::CONNECTED, "1 while the link is connected", |s| {
             i64::from(s.state == metrics::LinkState::Connected)
         }),
@@ -99,6 +109,11 @@ pub(crate) fn encode(
             metrics::DEDUP_ENTRIES,
             "Live entries of the link's dedup window",
             |s| s.dedup_entries as i64,
+        ),
+        (
+            metrics::DEDUP_BYTES,
+            "Approximate heap bytes of the link's dedup window",
+            |s| s.dedup_bytes as i64,
         ),
         (
             metrics::QUEUE_DEPTH,

@@ -17,9 +17,9 @@
 
 pub mod client;
 mod exposition;
-pub mod server;
+pub(crate) mod server;
 
-pub use crate::status::{BrokerStatus, ReadyReport};
+pub use crate::status::BrokerStatus;
 
 use serde::{Deserialize, Serialize};
 
@@ -47,7 +47,7 @@ pub struct AddBrokerRequest {
 
 /// Body of every error answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ErrorBody {
+pub(crate) struct ErrorBody {
     /// One line saying what is wrong.
-    pub error: String,
+    pub(crate) error: String,
 }

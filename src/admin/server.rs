@@ -22,20 +22,20 @@ use crate::supervisor::{ChangeError, Supervisor};
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
-pub struct AdminState {
+pub(crate) struct AdminState {
     /// The mesh.
-    pub supervisor: Arc<Mutex<Supervisor>>,
+    pub(crate) supervisor: Arc<Mutex<Supervisor>>,
     /// Bearer token required on every route but the health checks.
-    pub token: Option<Secret>,
+    pub(crate) token: Option<Secret>,
     /// Drain time of a removed link.
-    pub drain_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
     /// Refused requests are logged at most once per peer address every 10 s.
-    pub refusals: Arc<std::sync::Mutex<crate::ratelimit::LogLimit>>,
+    pub(crate) refusals: Arc<std::sync::Mutex<crate::ratelimit::LogLimit>>,
 }
 
 impl AdminState {
     /// The state for `supervisor`, with an empty refusal log limit.
-    pub fn new(
+    pub(crate) fn new(
         supervisor: Arc<Mutex<Supervisor>>,
         token: Option<Secret>,
         drain_timeout: Duration,
@@ -74,7 +74,7 @@ impl IntoResponse for ChangeError {
 }
 
 /// The routes.
-pub fn router(state: AdminState) -> Router {
+pub(crate) fn router(state: AdminState) -> Router {
     let protected = Router::new()
         .route("/metrics", get(metrics))
         .route("/api/v1/brokers", get(list).post(add))
@@ -90,22 +90,22 @@ pub fn router(state: AdminState) -> Router {
 
 /// Most admin connections open at once. Beyond, new ones wait in the listen backlog without
 /// taking a file descriptor: idle clients cannot starve the links of descriptors.
-pub const MAX_CONNECTIONS: usize = 64;
+pub(crate) const MAX_CONNECTIONS: usize = 64;
 
 /// How long a client may take to send a request's headers, and how long an idle keep-alive
 /// connection is kept.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a client may take to send a request's body (a Content-Length larger than what is
 /// sent would otherwise hold the connection forever).
-pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest request body accepted (an add request is a few hundred bytes); larger: 413.
-pub const MAX_BODY: usize = 64 << 10;
+pub(crate) const MAX_BODY: usize = 64 << 10;
 
 /// Serves until `shutdown` is cancelled: at most [`MAX_CONNECTIONS`] at once, each closed
 /// after [`HEADER_TIMEOUT`] without a request and [`BODY_TIMEOUT`] on a body that stalls.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     state: AdminState,
     shutdown: CancellationToken,

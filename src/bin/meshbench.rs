@@ -100,7 +100,7 @@ fn parse() -> Result<Opts, String> {
 /// A port below the ephemeral range: the run's many client connections cannot take it before
 /// a broker or the bridge's admin API binds it.
 fn free_port() -> u16 {
-    meshbridge::demo::free_port().expect("free loopback port")
+    meshbridge::testing::free_port().expect("free loopback port")
 }
 
 fn wait_port(port: u16) {

@@ -5,7 +5,7 @@ use std::time::Duration;
 /// Reconnect delays: `initial`, doubling up to `max`, each with ±50 % jitter; a connection
 /// that stayed up for `stable_after` resets the sequence.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     initial: Duration,
     max: Duration,
     stable_after: Duration,
@@ -24,7 +24,7 @@ impl Default for Backoff {
 
 impl Backoff {
     /// A fresh sequence.
-    pub fn new(initial: Duration, max: Duration, stable_after: Duration) -> Self {
+    pub(crate) fn new(initial: Duration, max: Duration, stable_after: Duration) -> Self {
         Self {
             initial,
             max,
@@ -35,7 +35,7 @@ impl Backoff {
 
     /// The delay before the next attempt, given how long the last connection lasted
     /// (`None` when it never connected). `jitter` in [0, 1) comes from the caller.
-    pub fn next_delay(&mut self, last_uptime: Option<Duration>, jitter: f64) -> Duration {
+    pub(crate) fn next_delay(&mut self, last_uptime: Option<Duration>, jitter: f64) -> Duration {
         if last_uptime.is_some_and(|up| up >= self.stable_after) {
             self.current = self.initial;
         }

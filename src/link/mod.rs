@@ -14,10 +14,10 @@
 //! broker may have it twice).
 
 mod acks;
-pub mod backoff;
+pub(crate) mod backoff;
 mod outflight;
 pub mod session;
-pub mod threads;
+pub(crate) mod threads;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,37 +39,37 @@ use session::{Client, LinkEvent, SendError, Session, SessionSettings};
 
 /// Everything a link task needs.
 #[derive(Debug)]
-pub struct LinkContext {
+pub(crate) struct LinkContext {
     /// Connection settings.
-    pub settings: SessionSettings,
+    pub(crate) settings: SessionSettings,
     /// Broker name.
-    pub name: Arc<str>,
+    pub(crate) name: Arc<str>,
     /// Bridge id, for origin tags.
-    pub bridge_id: Arc<str>,
+    pub(crate) bridge_id: Arc<str>,
     /// Filters to subscribe.
-    pub topics: Vec<String>,
+    pub(crate) topics: Vec<String>,
     /// Fan-out to the other links.
-    pub router: Arc<Router>,
+    pub(crate) router: Arc<Router>,
     /// This link's own queue (registered in the router under `name`).
-    pub queue: Arc<TargetQueue>,
+    pub(crate) queue: Arc<TargetQueue>,
     /// Counters and state.
-    pub stats: Arc<LinkStats>,
+    pub(crate) stats: Arc<LinkStats>,
     /// TTL of the echo window (3.1.1 links).
-    pub dedup_window: Duration,
+    pub(crate) dedup_window: Duration,
     /// Bound of the echo window.
-    pub dedup_max_entries: usize,
+    pub(crate) dedup_max_entries: usize,
     /// Storm guard threshold (0: off).
-    pub storm_threshold: u32,
+    pub(crate) storm_threshold: u32,
     /// First shutdown step: take no new messages.
-    pub stop: CancellationToken,
+    pub(crate) stop: CancellationToken,
     /// Second shutdown step: acknowledge, disconnect, exit.
-    pub disconnect: CancellationToken,
+    pub(crate) disconnect: CancellationToken,
     /// Set to true while stopping once nothing is queued or in flight.
-    pub drained: watch::Sender<bool>,
+    pub(crate) drained: watch::Sender<bool>,
 }
 
 /// Runs the link until `disconnect` is cancelled.
-pub async fn run(ctx: LinkContext) {
+pub(crate) async fn run(ctx: LinkContext) {
     let span = tracing::info_span!("link", broker = %ctx.name);
     Link::new(ctx).run().instrument(span).await
 }
@@ -581,8 +581,12 @@ impl Link {
             conn.flight.outstanding() as i64,
             std::sync::atomic::Ordering::Relaxed,
         );
-        s.dedup_entries
-            .store(self.echo.len() as i64, std::sync::atomic::Ordering::Relaxed);
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        s.dedup_entries.store(self.echo.len() as i64, relaxed);
+        s.dedup_bytes
+            .store(self.echo.approx_bytes() as i64, relaxed);
+        s.dedup_evictions.store(self.echo.evictions(), relaxed);
+        s.dedup_expirations.store(self.echo.expirations(), relaxed);
     }
 }
 

@@ -41,13 +41,13 @@ use crate::message::Protocol;
 use crate::message::{AckRequest, Message};
 
 /// Largest packet MQTT allows; the bridge never refuses what a broker accepted.
-pub const MQTT_MAX_PACKET: u32 = 268_435_455;
+pub(crate) const MQTT_MAX_PACKET: u32 = 268_435_455;
 
 /// What a connection reports to its link.
 // `Publish` is by far the most frequent variant; boxing it would cost an allocation per message.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
-pub enum LinkEvent {
+pub(crate) enum LinkEvent {
     /// CONNACK accepted.
     Connected {
         /// The broker kept our session.
@@ -78,30 +78,30 @@ pub enum LinkEvent {
 
 /// Settings of the connection shared by every attempt.
 #[derive(Debug, Clone)]
-pub struct SessionSettings {
+pub(crate) struct SessionSettings {
     /// The broker.
-    pub broker: BrokerConfig,
+    pub(crate) broker: BrokerConfig,
     /// Client id (`<bridge id>-<broker name>`).
-    pub client_id: String,
+    pub(crate) client_id: String,
     /// MQTT keep-alive.
-    pub keep_alive: Duration,
+    pub(crate) keep_alive: Duration,
     /// Session expiry asked of MQTT 5 brokers.
-    pub session_expiry: Duration,
+    pub(crate) session_expiry: Duration,
     /// Outgoing QoS ≥ 1 messages in flight.
-    pub inflight: u16,
+    pub(crate) inflight: u16,
 }
 
 impl SessionSettings {
     /// Capacity of rumqttc's request channel: the link never has more than `inflight` publishes
     /// plus this many acknowledgements waiting in it.
-    pub fn request_capacity(&self) -> usize {
+    pub(crate) fn request_capacity(&self) -> usize {
         usize::from(self.inflight) + 1024
     }
 }
 
 /// The client half of a connection.
 #[derive(Debug, Clone)]
-pub enum Client {
+pub(crate) enum Client {
     /// MQTT 3.1.1.
     V4(rumqttc::AsyncClient),
     /// MQTT 5.
@@ -110,7 +110,7 @@ pub enum Client {
 
 /// Why a request could not be queued.
 #[derive(Debug, thiserror::Error)]
-pub enum SendError {
+pub(crate) enum SendError {
     /// rumqttc's request channel is full; try again after the next event.
     #[error("request channel full")]
     Full,
@@ -170,7 +170,7 @@ impl From<rumqttc::v5::ClientError> for SendError {
 
 impl Client {
     /// Queues a publish of `msg` at `qos`; on MQTT 5 with `properties`.
-    pub fn publish(
+    pub(crate) fn publish(
         &self,
         msg: &Message,
         topic: &str,
@@ -197,7 +197,7 @@ impl Client {
     }
 
     /// Queues the acknowledgement of an incoming publish (PUBACK or PUBREC).
-    pub fn ack(&self, ack: AckRequest) -> Result<(), SendError> {
+    pub(crate) fn ack(&self, ack: AckRequest) -> Result<(), SendError> {
         match self {
             Client::V4(c) => {
                 let mut p = rumqttc::Publish::new("", qos_v4(ack.qos), Vec::new());
@@ -214,7 +214,7 @@ impl Client {
 
     /// Subscribes the filters: on MQTT 5 with No Local, retain-as-published, and retained
     /// messages only on a new subscription (a resumed session does not re-flood them).
-    pub fn subscribe(&self, filters: &[String]) -> Result<(), SendError> {
+    pub(crate) fn subscribe(&self, filters: &[String]) -> Result<(), SendError> {
         match self {
             Client::V4(c) => Ok(c.try_subscribe_many(
                 filters
@@ -233,7 +233,7 @@ impl Client {
     }
 
     /// Queues a DISCONNECT.
-    pub fn disconnect(&self) -> Result<(), SendError> {
+    pub(crate) fn disconnect(&self) -> Result<(), SendError> {
         match self {
             Client::V4(c) => Ok(c.try_disconnect()?),
             Client::V5(c) => Ok(c.try_disconnect()?),
@@ -243,13 +243,13 @@ impl Client {
 
 /// A live connection attempt: the client, the events of its driver, and the driver task.
 #[derive(Debug)]
-pub struct Session {
+pub(crate) struct Session {
     /// Request side.
-    pub client: Client,
+    pub(crate) client: Client,
     /// Events, ending with `Closed`.
-    pub events: mpsc::Receiver<LinkEvent>,
+    pub(crate) events: mpsc::Receiver<LinkEvent>,
     /// The driver task (aborted when the session is dropped).
-    pub driver: JoinHandle<()>,
+    pub(crate) driver: JoinHandle<()>,
 }
 
 impl Drop for Session {
@@ -261,7 +261,7 @@ impl Drop for Session {
 /// Packet ids to send PUBREL for on a resumed session: `first` in the order given (the order
 /// in which the previous connection sent those publishes), then every other id up to
 /// `inflight`, whose order is unknown (after a restart of the process).
-pub fn resume_order(first: &[u16], inflight: u16) -> Vec<u16> {
+pub(crate) fn resume_order(first: &[u16], inflight: u16) -> Vec<u16> {
     let mut seen = std::collections::HashSet::new();
     first
         .iter()
@@ -275,7 +275,7 @@ pub fn resume_order(first: &[u16], inflight: u16) -> Vec<u16> {
 /// session, PUBREL goes out first for the ids in `release_first`, in that order (see
 /// [`resume_order`]): a QoS 2 message the broker stored is delivered when it gets its PUBREL,
 /// so this order is the delivery order.
-pub fn open(s: &SessionSettings, release_first: &[u16]) -> Session {
+pub(crate) fn open(s: &SessionSettings, release_first: &[u16]) -> Session {
     let release = resume_order(release_first, s.inflight);
     let (tx, rx) = mpsc::channel(1024);
     let b = &s.broker;
@@ -356,7 +356,9 @@ fn network_options() -> rumqttc::NetworkOptions {
 /// process) is answered with PUBCOMP instead of killing the connection (rumqtt#664). The
 /// events this produces are dropped every [`SEED_CHUNK`] ids: 65 535 of them at once cost
 /// ~15 MiB per connection, and the allocator keeps such a peak as resident memory.
-pub fn seed_qos2_receive_state<E>(mut feed: impl FnMut(&mut std::collections::VecDeque<E>, u16)) {
+pub(crate) fn seed_qos2_receive_state<E>(
+    mut feed: impl FnMut(&mut std::collections::VecDeque<E>, u16),
+) {
     let mut seeded = std::collections::VecDeque::with_capacity(SEED_CHUNK);
     for pkid in 1..=u16::MAX {
         feed(&mut seeded, pkid);

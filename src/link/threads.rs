@@ -9,7 +9,7 @@
 //! when it is idle. Measured in docs/BENCHMARKS.md ("link threads").
 //!
 //! Links are packed: a new link goes to the first thread that runs fewer than
-//! `bridge.links_per_thread` links ([`LINKS_PER_THREAD`] by default), and only when every
+//! `bridge.links_per_thread` links ([`LINKS_PER_THREAD`](crate::config::LINKS_PER_THREAD) by default), and only when every
 //! thread has that many to the one that runs the fewest. A hand-over between two threads
 //! costs a wake-up, so a small mesh (the usual 2-4 brokers) runs on one thread, which forwards
 //! tens of thousands of messages per second; a larger one spreads over the threads, where one
@@ -25,12 +25,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::runtime::{Builder, Runtime};
 use tokio::task::JoinHandle;
 
-/// The default of `bridge.links_per_thread`, owned by the config.
-pub use crate::config::LINKS_PER_THREAD;
+#[cfg(test)]
+use crate::config::LINKS_PER_THREAD;
 
 /// The threads that run the links.
 #[derive(Debug)]
-pub struct LinkThreads {
+pub(crate) struct LinkThreads {
     threads: Vec<LinkThread>,
     /// Links a thread takes before the next one is used.
     per_thread: usize,
@@ -47,7 +47,7 @@ struct LinkThread {
 impl LinkThreads {
     /// Starts `count` threads (at least one), named `link-0`, `link-1`, …, each taking
     /// `per_thread` links (at least one) before the next is used.
-    pub fn start(count: usize, per_thread: usize) -> std::io::Result<Self> {
+    pub(crate) fn start(count: usize, per_thread: usize) -> std::io::Result<Self> {
         let threads = (0..count.max(1))
             .map(|i| {
                 let runtime = Builder::new_multi_thread()
@@ -68,13 +68,13 @@ impl LinkThreads {
     }
 
     /// Default size: one thread per CPU core.
-    pub fn default_count() -> usize {
+    pub(crate) fn default_count() -> usize {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     }
 
     /// Runs `link` on the first thread with fewer than `per_thread` links, or else on the one
     /// with the fewest (the first of those on a tie).
-    pub fn spawn<F>(&self, link: F) -> JoinHandle<()>
+    pub(crate) fn spawn<F>(&self, link: F) -> JoinHandle<()>
     where
         F: Future<Output = ()> + Send + 'static,
     {
@@ -97,7 +97,7 @@ impl LinkThreads {
     }
 
     /// Links per thread, in thread order.
-    pub fn loads(&self) -> Vec<usize> {
+    pub(crate) fn loads(&self) -> Vec<usize> {
         self.threads
             .iter()
             .map(|t| t.links.load(Ordering::Relaxed))

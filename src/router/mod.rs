@@ -5,8 +5,8 @@
 mod queue;
 mod retained;
 
-pub use queue::{Outbound, TargetQueue};
-pub use retained::RetainedStats;
+pub(crate) use queue::{Outbound, TargetQueue};
+pub(crate) use retained::RetainedStats;
 
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -20,7 +20,7 @@ type TargetList = Arc<[(Arc<str>, Arc<TargetQueue>)]>;
 
 /// The set of targets, by link name, and the mesh's retained messages.
 #[derive(Debug, Default)]
-pub struct Router {
+pub(crate) struct Router {
     /// Replaced as a whole on every insert and remove (links come and go rarely); every
     /// message reads it with one `Arc` clone, no allocation.
     targets: RwLock<TargetList>,
@@ -32,7 +32,7 @@ pub struct Router {
 
 impl Router {
     /// A router keeping at most `retained_max` retained messages of `retained_max_bytes` in all.
-    pub fn new(retained_max: usize, retained_max_bytes: u64) -> Self {
+    pub(crate) fn new(retained_max: usize, retained_max_bytes: u64) -> Self {
         Self {
             retained_max,
             retained_max_bytes,
@@ -48,7 +48,7 @@ impl Router {
     }
 
     /// The retained messages known to the mesh, with their origins.
-    pub fn retained_snapshot(&self) -> Vec<Retained> {
+    pub(crate) fn retained_snapshot(&self) -> Vec<Retained> {
         self.retained
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -56,12 +56,13 @@ impl Router {
     }
 
     /// Number of retained messages known.
-    pub fn retained_len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn retained_len(&self) -> usize {
         self.retained_stats().messages
     }
 
     /// Size of the retained table.
-    pub fn retained_stats(&self) -> RetainedStats {
+    pub(crate) fn retained_stats(&self) -> RetainedStats {
         self.retained
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -69,7 +70,7 @@ impl Router {
     }
 
     /// Adds (or replaces) a target.
-    pub fn insert(&self, name: Arc<str>, queue: Arc<TargetQueue>) {
+    pub(crate) fn insert(&self, name: Arc<str>, queue: Arc<TargetQueue>) {
         let mut targets = self.targets.write().unwrap_or_else(|p| p.into_inner());
         let mut list: Vec<_> = targets
             .iter()
@@ -81,7 +82,7 @@ impl Router {
     }
 
     /// Removes a target; what was queued for it is returned to the caller to dispose of.
-    pub fn remove(&self, name: &str) -> Option<Arc<TargetQueue>> {
+    pub(crate) fn remove(&self, name: &str) -> Option<Arc<TargetQueue>> {
         let mut targets = self.targets.write().unwrap_or_else(|p| p.into_inner());
         let removed = targets
             .iter()
@@ -98,7 +99,7 @@ impl Router {
     /// Sends `msg` from `origin` to every other target. With `ack`, the origin is acknowledged
     /// once every target has completed its share (at once when there is no target).
     /// Returns the number of targets.
-    pub fn forward(
+    pub(crate) fn forward(
         &self,
         origin: &Arc<str>,
         msg: Message,

@@ -31,20 +31,20 @@ use crate::spool::{self, Decoded, Overflow, Spool};
 
 /// A message on its way to one target.
 #[derive(Debug)]
-pub struct Outbound {
+pub(crate) struct Outbound {
     /// The message, shared by all targets.
-    pub msg: Arc<Message>,
+    pub(crate) msg: Arc<Message>,
     /// This target's share of the origin's acknowledgement (QoS ≥ 1 only).
-    pub share: Option<AckShare>,
+    pub(crate) share: Option<AckShare>,
     /// Origin broker name, for the origin tag.
-    pub origin: Arc<str>,
+    pub(crate) origin: Arc<str>,
     /// Its key in the target's spool, when it was read from there (removed once delivered).
-    pub key: Option<u64>,
+    pub(crate) key: Option<u64>,
 }
 
 impl Outbound {
     /// A message for a target, not (yet) spooled.
-    pub fn new(msg: Arc<Message>, share: Option<AckShare>, origin: Arc<str>) -> Self {
+    pub(crate) fn new(msg: Arc<Message>, share: Option<AckShare>, origin: Arc<str>) -> Self {
         Self {
             msg,
             share,
@@ -54,7 +54,7 @@ impl Outbound {
     }
 
     /// Completes this target's share, if any.
-    pub fn complete(&mut self) {
+    pub(crate) fn complete(&mut self) {
         if let Some(share) = self.share.take() {
             share.complete();
         }
@@ -115,7 +115,7 @@ impl Spooled {
 
 /// The queue of messages waiting for one target.
 #[derive(Debug)]
-pub struct TargetQueue {
+pub(crate) struct TargetQueue {
     inner: Mutex<QueueInner>,
     notify: Arc<Notify>,
     capacity: usize,
@@ -129,12 +129,13 @@ pub struct TargetQueue {
 
 impl TargetQueue {
     /// An in-memory queue holding at most `capacity` messages (no spool).
-    pub fn new(capacity: usize, stats: Arc<LinkStats>) -> Self {
+    #[cfg(test)]
+    pub(crate) fn new(capacity: usize, stats: Arc<LinkStats>) -> Self {
         Self::build(capacity, stats, Arc::new(Notify::new()), None)
     }
 
     /// A queue holding at most `capacity` messages in memory in front of `name`'s spool.
-    pub fn with_spool(
+    pub(crate) fn with_spool(
         capacity: usize,
         stats: Arc<LinkStats>,
         spool: Arc<Spool>,
@@ -179,7 +180,7 @@ impl TargetQueue {
 
     /// Appends a message; returns false when a message had to be dropped to make room
     /// (memory-only queues; a spool reports its own drops).
-    pub fn push(&self, item: Outbound) -> bool {
+    pub(crate) fn push(&self, item: Outbound) -> bool {
         let Some(sp) = &self.spooled else {
             return self.push_memory_only(item);
         };
@@ -249,7 +250,7 @@ impl TargetQueue {
     }
 
     /// Whether the memory queue overflowed since the last [`TargetQueue::evacuate`].
-    pub fn evacuate_requested(&self) -> bool {
+    pub(crate) fn evacuate_requested(&self) -> bool {
         self.evacuate_requested.load(Ordering::Acquire)
     }
 
@@ -259,7 +260,7 @@ impl TargetQueue {
     /// or queued) with their spool key, and a later acknowledgement removes them from the
     /// spool; the spool's read position does not move back, so nothing is read twice while
     /// connected. Returns how many messages were spooled.
-    pub fn evacuate(&self, inflight: &mut [&mut Outbound]) -> usize {
+    pub(crate) fn evacuate(&self, inflight: &mut [&mut Outbound]) -> usize {
         self.evacuate_requested.store(false, Ordering::Release);
         let Some(sp) = &self.spooled else { return 0 };
         let mut inner = self.lock();
@@ -293,7 +294,7 @@ impl TargetQueue {
     /// queue and no deletion is on its way to disk: a row nobody will read. Never expected
     /// (the link keeps every row it read until it deletes it); `None` when there is none, or
     /// when the answer is not certain yet.
-    pub fn orphaned_row(&self) -> Option<u64> {
+    pub(crate) fn orphaned_row(&self) -> Option<u64> {
         let sp = self.spooled.as_ref()?;
         let inner = self.lock();
         let cursor = inner.cursor?;
@@ -306,12 +307,12 @@ impl TargetQueue {
 
     /// Reads the spool from its first row again. Only safe while the link holds nothing
     /// taken from this queue: rows it holds would be read twice.
-    pub fn rewind(&self) {
+    pub(crate) fn rewind(&self) {
         self.lock().cursor = None;
     }
 
     /// Moves messages held by a full spool (policy `block`) into it as room appears.
-    pub fn unblock(&self) {
+    pub(crate) fn unblock(&self) {
         let Some(sp) = &self.spooled else { return };
         if self.blocked_len.load(Ordering::Relaxed) == 0 {
             return;
@@ -331,7 +332,7 @@ impl TargetQueue {
     }
 
     /// Puts messages back at the front, in the order given (the connection could not take them).
-    pub fn requeue_front(&self, items: Vec<Outbound>) {
+    pub(crate) fn requeue_front(&self, items: Vec<Outbound>) {
         let mut inner = self.lock();
         for mut item in items.into_iter().rev() {
             if !inner.connected && self.spooled.is_none() {
@@ -342,7 +343,7 @@ impl TargetQueue {
     }
 
     /// Takes up to `max` messages: from memory first, then from the spool.
-    pub fn take(&self, max: usize, out: &mut Vec<Outbound>) {
+    pub(crate) fn take(&self, max: usize, out: &mut Vec<Outbound>) {
         let before = out.len();
         let (sp, cursor) = {
             let mut inner = self.lock();
@@ -397,7 +398,7 @@ impl TargetQueue {
 
     /// The target is done with a message (acknowledged, or skipped): its share completes and
     /// its spool row is removed.
-    pub fn finish(&self, mut item: Outbound) {
+    pub(crate) fn finish(&self, mut item: Outbound) {
         item.complete();
         if let (Some(sp), Some(key)) = (&self.spooled, item.key) {
             sp.spool.delete(&sp.target, key);
@@ -409,7 +410,7 @@ impl TargetQueue {
     /// the spool (messages read from the spool are still there); on `shutdown` only those
     /// without an origin acknowledgement waiting on them are spooled: the others are left
     /// unacknowledged, so their origin brokers deliver them again after the restart.
-    pub fn disconnected(&self, unconfirmed: Vec<Outbound>, shutdown: bool) {
+    pub(crate) fn disconnected(&self, unconfirmed: Vec<Outbound>, shutdown: bool) {
         let Some(sp) = &self.spooled else {
             self.requeue_front(unconfirmed);
             self.set_connected(false);
@@ -427,36 +428,36 @@ impl TargetQueue {
     }
 
     /// Waits until what was spooled for this target is on disk.
-    pub async fn sync(&self) {
+    pub(crate) async fn sync(&self) {
         if let Some(sp) = &self.spooled {
             sp.spool.sync().await;
         }
     }
 
     /// Deletes this target's spool (its broker left the mesh).
-    pub fn discard_spool(&self) {
+    pub(crate) fn discard_spool(&self) {
         if let Some(sp) = &self.spooled {
             sp.spool.discard(&sp.target);
         }
     }
 
     /// Number of messages in memory (not counting those in flight or spooled).
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.lock().items.len()
     }
 
     /// True when nothing is queued in memory.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// Spooled messages readable now (committed to disk).
-    pub fn spool_readable(&self) -> u64 {
+    pub(crate) fn spool_readable(&self) -> u64 {
         self.spooled.as_ref().map_or(0, |sp| sp.target.committed())
     }
 
     /// Spooled messages, their bytes, and messages waiting for room in the spool.
-    pub fn spool_depth(&self) -> (u64, u64, u64) {
+    pub(crate) fn spool_depth(&self) -> (u64, u64, u64) {
         self.spooled.as_ref().map_or((0, 0, 0), |sp| {
             (
                 sp.target.len(),
@@ -467,7 +468,7 @@ impl TargetQueue {
     }
 
     /// The overflow policy of the spool (`drop_oldest` without one).
-    pub fn spool_overflow(&self) -> Overflow {
+    pub(crate) fn spool_overflow(&self) -> Overflow {
         self.spooled
             .as_ref()
             .map_or(Overflow::default(), |sp| sp.spool.limits().overflow)
@@ -475,7 +476,7 @@ impl TargetQueue {
 
     /// Marks the target connected (shares are held until its broker acknowledges) or down.
     /// Without a spool, going down completes the shares of everything queued.
-    pub fn set_connected(&self, connected: bool) {
+    pub(crate) fn set_connected(&self, connected: bool) {
         let mut inner = self.lock();
         inner.connected = connected;
         inner.cursor = None;
@@ -487,7 +488,7 @@ impl TargetQueue {
     }
 
     /// Waits until something is pushed, or the spool changed.
-    pub async fn notified(&self) {
+    pub(crate) async fn notified(&self) {
         self.notify.notified().await
     }
 }

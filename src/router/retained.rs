@@ -81,11 +81,11 @@ impl RetainedTable {
 
 /// What [`Router::retained_stats`] reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RetainedStats {
+pub(crate) struct RetainedStats {
     /// Retained messages remembered.
-    pub messages: usize,
+    pub(crate) messages: usize,
     /// Their bytes.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
     /// Retained messages not remembered because a bound was reached.
-    pub skipped: u64,
+    pub(crate) skipped: u64,
 }

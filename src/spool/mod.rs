@@ -28,8 +28,8 @@ mod target;
 mod writer;
 
 use record::now_ms;
-pub use record::{Decoded, RecordError, decode, encode};
-pub use target::Target;
+pub(crate) use record::{Decoded, decode, encode};
+pub(crate) use target::Target;
 use writer::{Budget, writer};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -46,13 +46,13 @@ use crate::message::AckShare;
 use crate::metrics::LinkStats;
 
 /// File name of the spool under `data_dir`.
-pub const FILE_NAME: &str = "spool.redb";
+pub(crate) const FILE_NAME: &str = "spool.redb";
 
 /// Prefix of a target's table name.
 const TABLE_PREFIX: &str = "queue/";
 
 /// First key of an empty table: half the key space is left for messages put in front.
-pub const MIDDLE: u64 = 1 << 62;
+pub(crate) const MIDDLE: u64 = 1 << 62;
 
 /// redb page cache.
 const CACHE_BYTES: usize = 8 << 20;
@@ -69,10 +69,10 @@ const MAX_UNWRITTEN: u64 = 4 << 20;
 
 /// Most bytes of rows held in memory, all targets together, while the disk refuses writes;
 /// beyond it a target's oldest held rows are dropped (`meshbridge_dropped_spool_failed_total`).
-pub const MAX_HELD_BYTES: u64 = 64 << 20;
+pub(crate) const MAX_HELD_BYTES: u64 = 64 << 20;
 
 /// How often a failing spool is opened again and its held rows retried.
-pub const REOPEN_EVERY: Duration = Duration::from_secs(1);
+pub(crate) const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
 /// What happens when a target's spool is full. Written (config, status, metrics) as
 /// [`Overflow::as_str`] says, and read back only in that spelling.
@@ -90,10 +90,10 @@ pub enum Overflow {
 
 impl Overflow {
     /// Every policy.
-    pub const ALL: [Overflow; 2] = [Overflow::DropOldest, Overflow::Block];
+    pub(crate) const ALL: [Overflow; 2] = [Overflow::DropOldest, Overflow::Block];
 
     /// Its one spelling.
-    pub const fn as_str(self) -> &'static str {
+    pub(crate) const fn as_str(self) -> &'static str {
         match self {
             Overflow::DropOldest => "drop_oldest",
             Overflow::Block => "block",
@@ -137,13 +137,13 @@ impl TryFrom<String> for Overflow {
 
 /// Bounds of each target's spool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Most bytes (encoded messages) per target.
-    pub max_bytes: u64,
+    pub(crate) max_bytes: u64,
     /// Most messages per target.
-    pub max_messages: u64,
+    pub(crate) max_messages: u64,
     /// What to do when a bound is reached.
-    pub overflow: Overflow,
+    pub(crate) overflow: Overflow,
 }
 
 /// Why the spool cannot be opened.
@@ -171,7 +171,7 @@ pub enum SpoolError {
 
 /// Why a read or write of the spool failed (its text is what status and the logs show).
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub(crate) enum StoreError {
     /// redb refused: I/O error (a full disk), or an earlier one it has not recovered from.
     #[error(transparent)]
     Db(Box<redb::Error>),
@@ -273,15 +273,15 @@ impl Health {
 
 /// What [`Spool::health`] reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SpoolHealth {
+pub(crate) struct SpoolHealth {
     /// The write error, while the disk refuses writes.
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
     /// Transactions that failed since the start.
-    pub write_failures: u64,
+    pub(crate) write_failures: u64,
     /// Messages held in memory until the disk takes them.
-    pub held_messages: u64,
+    pub(crate) held_messages: u64,
     /// Their bytes (at most [`MAX_HELD_BYTES`]).
-    pub held_bytes: u64,
+    pub(crate) held_bytes: u64,
 }
 
 /// The database file and its handle, which the writer replaces when it opens the file again
@@ -374,7 +374,7 @@ fn open_db(path: &Path) -> Result<Database, redb::DatabaseError> {
 }
 
 /// The spool of every target.
-pub struct Spool {
+pub(crate) struct Spool {
     store: Arc<Store>,
     ops: Mutex<Option<mpsc::Sender<Op>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -395,7 +395,7 @@ impl Spool {
     /// Opens `dir/spool.redb` like [`Spool::open`]; a damaged file is first moved aside to
     /// `spool.redb.damaged-<unix seconds>` (logged as an error: what it held is lost) and an
     /// empty spool is created (`bridge run --spool-recover`).
-    pub fn open_recovering(dir: &Path, limits: Limits) -> Result<Arc<Spool>, SpoolError> {
+    pub(crate) fn open_recovering(dir: &Path, limits: Limits) -> Result<Arc<Spool>, SpoolError> {
         match Spool::open(dir, limits) {
             Err(SpoolError::Damaged { path, reason }) => {
                 let aside = format!("{path}.damaged-{}", now_ms() / 1000);
@@ -416,7 +416,7 @@ impl Spool {
     }
 
     /// Opens (or creates) `dir/spool.redb` and starts the writer thread.
-    pub fn open(dir: &Path, limits: Limits) -> Result<Arc<Spool>, SpoolError> {
+    pub(crate) fn open(dir: &Path, limits: Limits) -> Result<Arc<Spool>, SpoolError> {
         let path = dir.join(FILE_NAME);
         let shown = path.display().to_string();
         let fail = |reason: String| SpoolError::Open {
@@ -482,12 +482,12 @@ impl Spool {
     }
 
     /// The configured bounds.
-    pub fn limits(&self) -> Limits {
+    pub(crate) fn limits(&self) -> Limits {
         self.limits
     }
 
     /// Whether the disk takes writes, and what is held in memory meanwhile.
-    pub fn health(&self) -> SpoolHealth {
+    pub(crate) fn health(&self) -> SpoolHealth {
         let h = &self.store.health;
         SpoolHealth {
             error: h.error(),
@@ -498,13 +498,18 @@ impl Spool {
     }
 
     /// True while the disk refuses writes.
-    pub fn is_failing(&self) -> bool {
+    pub(crate) fn is_failing(&self) -> bool {
         self.store.health.error().is_some()
     }
 
     /// The spool of target `broker`, with what an earlier run left in it. `notify` is woken
     /// whenever rows were committed or removed.
-    pub fn target(&self, broker: &str, notify: Arc<Notify>, stats: Arc<LinkStats>) -> Arc<Target> {
+    pub(crate) fn target(
+        &self,
+        broker: &str,
+        notify: Arc<Notify>,
+        stats: Arc<LinkStats>,
+    ) -> Arc<Target> {
         let table = format!("{TABLE_PREFIX}{broker}");
         let found = self
             .found
@@ -521,7 +526,7 @@ impl Spool {
     }
 
     /// Deletes the spools of brokers that are no longer members (left by an earlier run).
-    pub fn discard_others(&self, members: &HashSet<String>) {
+    pub(crate) fn discard_others(&self, members: &HashSet<String>) {
         let stale: Vec<(String, Found)> = self
             .found
             .lock()
@@ -560,7 +565,7 @@ impl Spool {
     }
 
     /// True when one more message of `size` bytes does not fit in `target`'s spool.
-    pub fn is_full(&self, target: &Target, size: u64) -> bool {
+    pub(crate) fn is_full(&self, target: &Target, size: u64) -> bool {
         let rows = target.len();
         rows >= self.limits.max_messages
             || (rows > 0 && target.bytes() + size > self.limits.max_bytes)
@@ -570,7 +575,13 @@ impl Spool {
     /// Callers must send a target's appends in key order of commit visibility (under the
     /// target queue's lock).
     /// Waits (blocking the calling thread) while the writer is more than a few MiB behind.
-    pub fn append(&self, target: &Arc<Target>, key: u64, value: Vec<u8>, share: Option<AckShare>) {
+    pub(crate) fn append(
+        &self,
+        target: &Arc<Target>,
+        key: u64,
+        value: Vec<u8>,
+        share: Option<AckShare>,
+    ) {
         self.unwritten.take(value.len() as u64);
         crate::metrics::inc(&target.stats.spooled);
         target.pending_rows.fetch_add(1, Ordering::AcqRel);
@@ -586,7 +597,7 @@ impl Spool {
     }
 
     /// Removes a delivered message.
-    pub fn delete(&self, target: &Arc<Target>, key: u64) {
+    pub(crate) fn delete(&self, target: &Arc<Target>, key: u64) {
         target.pending_deletes.fetch_add(1, Ordering::AcqRel);
         self.send(Op::Delete {
             target: target.clone(),
@@ -595,14 +606,14 @@ impl Spool {
     }
 
     /// Deletes a target's whole spool (the broker left the mesh).
-    pub fn discard(&self, target: &Arc<Target>) {
+    pub(crate) fn discard(&self, target: &Arc<Target>) {
         self.send(Op::Discard {
             target: target.clone(),
         });
     }
 
     /// Waits until everything sent so far is committed.
-    pub async fn sync(&self) {
+    pub(crate) async fn sync(&self) {
         let (tx, rx) = oneshot::channel();
         self.send(Op::Barrier(tx));
         let _ = rx.await;
@@ -610,7 +621,7 @@ impl Spool {
 
     /// Commits what was sent and stops the writer (end of the process). Later writes are
     /// refused and leave their origins unacknowledged.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         drop(self.ops.lock().unwrap_or_else(|p| p.into_inner()).take());
         if let Some(thread) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = thread.join();
@@ -619,7 +630,7 @@ impl Spool {
 
     /// Up to `max` readable rows of `target` (committed, or held in memory while the disk
     /// refuses writes) from key `from` on (from the first when `None`), in key order.
-    pub fn read(
+    pub(crate) fn read(
         &self,
         target: &Target,
         from: Option<u64>,

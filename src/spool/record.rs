@@ -20,7 +20,7 @@ use crate::message::Message;
 
 /// Why a record cannot be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RecordError {
+pub(crate) enum RecordError {
     /// It ends before its last field.
     #[error("truncated record")]
     Truncated,
@@ -44,7 +44,7 @@ const RETAIN: u8 = 0b0100;
 
 /// Encodes a message and its origin for the spool. The time is kept so that an MQTT 5 message
 /// expiry interval counts the time spent in the spool.
-pub fn encode(origin: &str, msg: &Message) -> Vec<u8> {
+pub(crate) fn encode(origin: &str, msg: &Message) -> Vec<u8> {
     let mut b = Vec::with_capacity(32 + origin.len() + msg.topic.len() + msg.payload.len());
     b.put_u8(FORMAT);
     b.put_u64(now_ms());
@@ -85,7 +85,7 @@ pub fn encode(origin: &str, msg: &Message) -> Vec<u8> {
 
 /// A spooled message decoded, or why it was not.
 #[derive(Debug)]
-pub enum Decoded {
+pub(crate) enum Decoded {
     /// The message and the name of its origin broker.
     Message(Arc<str>, Message),
     /// Its MQTT 5 message expiry interval ran out while it waited.
@@ -93,7 +93,7 @@ pub enum Decoded {
 }
 
 /// Decodes what [`encode`] wrote.
-pub fn decode(mut b: &[u8]) -> Result<Decoded, RecordError> {
+pub(crate) fn decode(mut b: &[u8]) -> Result<Decoded, RecordError> {
     let r = &mut b;
     let format = get_u8(r)?;
     if format != FORMAT {

@@ -13,7 +13,7 @@ use crate::metrics::LinkStats;
 
 /// One target's spool: its table and counters.
 #[derive(Debug)]
-pub struct Target {
+pub(crate) struct Target {
     pub(super) table: String,
     /// Rows committed.
     pub(super) stored_rows: AtomicU64,
@@ -59,23 +59,23 @@ impl Target {
     }
 
     /// Messages spooled, committed or on their way to disk.
-    pub fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         // Writer order: stored is raised before pending is lowered, so the sum never dips.
         self.pending_rows.load(Ordering::Acquire) + self.stored_rows.load(Ordering::Acquire)
     }
 
     /// True when nothing is spooled.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// Bytes spooled, committed or on their way to disk.
-    pub fn bytes(&self) -> u64 {
+    pub(crate) fn bytes(&self) -> u64 {
         self.pending_bytes.load(Ordering::Acquire) + self.stored_bytes.load(Ordering::Acquire)
     }
 
     /// Rows readable now: committed, or held in memory while the disk refuses writes.
-    pub fn committed(&self) -> u64 {
+    pub(crate) fn committed(&self) -> u64 {
         self.stored_rows.load(Ordering::Acquire) + self.held_rows.load(Ordering::Acquire)
     }
 
@@ -111,12 +111,12 @@ impl Target {
     }
 
     /// Deletions on their way to disk: rows already delivered that are still readable.
-    pub fn deletes_pending(&self) -> u64 {
+    pub(crate) fn deletes_pending(&self) -> u64 {
         self.pending_deletes.load(Ordering::Acquire)
     }
 
     /// Key range found when the spool was opened: `(first, next)`.
-    pub fn key_range(&self) -> (u64, u64) {
+    pub(crate) fn key_range(&self) -> (u64, u64) {
         if self.first_key > self.last_key {
             (MIDDLE, MIDDLE)
         } else {

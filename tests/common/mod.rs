@@ -24,9 +24,9 @@ pub fn tempdir() -> tempfile::TempDir {
     dir
 }
 
-/// A free TCP port on loopback, below the ephemeral range (see `meshbridge::demo::free_port`).
+/// A free TCP port on loopback, below the ephemeral range (see `meshbridge::testing::free_port`).
 pub fn free_port() -> u16 {
-    meshbridge::demo::free_port().expect("free loopback port")
+    meshbridge::testing::free_port().expect("free loopback port")
 }
 
 /// Waits until something accepts TCP connections on `port`.

@@ -140,7 +140,7 @@ async fn collect(client: AsyncClient, mut el: EventLoop, resubscribe: Option<Str
                 Err(_) => {
                     // rumqttc forgets its QoS 2 receive state when the connection drops, and a
                     // broker resuming the session resends PUBREL for it (rumqtt#664).
-                    meshbridge::link::session::seed_v5(&mut el);
+                    meshbridge::testing::seed_v5(&mut el);
                     tokio::time::sleep(Duration::from_millis(100)).await
                 }
             }
