@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::mqtt::{self, Pub};
 use common::{
-    Bridge, admin_addr, bridge_config, free_port, http_get, metric, multiset_diff, signal,
+    Bridge, MeshBuilder, admin_addr, bridge_config, free_port, http_get, metric, multiset_diff,
+    signal,
 };
 
 fn cli(args: &[&str]) -> (i32, String, String) {
@@ -51,16 +52,11 @@ fn wait_state(admin: &str, broker: &str, state: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_metrics_and_status() {
-    let (tmp, certs, [b1, b2, mut b3]) = common::lab();
-    b3.kill();
-    let cfg = bridge_config(
-        &certs,
-        "mesh",
-        &tmp.path().join("data"),
-        &[(&b1, ""), (&b2, ""), (&b3, "")],
-    );
-    let admin = admin_addr(&cfg);
-    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
+    let m = MeshBuilder::new(3).down(2).start();
+    let [b1, b2, _b3] = &m.brokers[..] else {
+        unreachable!()
+    };
+    let (admin, bridge) = (m.admin.clone(), &m.bridge);
     assert!(common::wait_port(
         admin.rsplit(':').next().unwrap().parse().unwrap(),
         Duration::from_secs(10)
@@ -157,16 +153,17 @@ async fn health_readiness_metrics_and_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_and_remove_brokers_live_and_persist_it() {
-    let (tmp, certs, [b1, b2, b3]) = common::lab();
-    let cfg = bridge_config(
-        &certs,
-        "mesh",
-        &tmp.path().join("data"),
-        &[(&b1, ""), (&b2, "")],
-    );
-    let admin = admin_addr(&cfg);
-    let mut bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
-    bridge.wait_subscribed(&["b1", "b2"]);
+    let mut m = MeshBuilder::new(3).meshed(&[0, 1]).start();
+    let admin = m.admin.clone();
+    let common::Mesh {
+        brokers,
+        bridge,
+        tmp,
+        ..
+    } = &mut m;
+    let [b1, b2, b3] = &brokers[..] else {
+        unreachable!()
+    };
 
     // A retained message exists in the mesh before b3 joins.
     let mut r = Pub::new("state/door", "open", 1);
@@ -370,13 +367,12 @@ async fn admin_token_is_required_and_refusals_are_logged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_broker_changes_from_the_config_file() {
-    let (tmp, certs, [b1, b2, b3]) = common::lab();
-    let data = tmp.path().join("data");
-    let cfg = bridge_config(&certs, "mesh", &data, &[(&b1, ""), (&b2, "")]);
-    let admin = admin_addr(&cfg);
-    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
-    bridge.wait_subscribed(&["b1", "b2"]);
-    let pid = bridge_pid(&bridge);
+    let m = MeshBuilder::new(3).meshed(&[0, 1]).start();
+    let [b1, b2, b3] = &m.brokers[..] else {
+        unreachable!()
+    };
+    let (admin, bridge, cfg) = (m.admin.clone(), &m.bridge, m.config.clone());
+    let pid = bridge_pid(bridge);
 
     // b3 appears in the file, b2 disappears: SIGHUP applies both.
     let new_cfg = format!(
@@ -414,7 +410,7 @@ async fn sighup_applies_broker_changes_from_the_config_file() {
     // Settings a running link cannot change: refused, naming each key; nothing is applied.
     // (Before, the log said `configuration reloaded started=[] removed=[]` and kept the old
     // address silently.)
-    let b3_moved = common::broker_block(&b3, "max_qos = 1").replace(
+    let b3_moved = common::broker_block(b3, "max_qos = 1").replace(
         &format!("127.0.0.1:{}", b3.tls_port),
         &format!("127.0.0.1:{}", b2.tls_port),
     );
@@ -427,7 +423,7 @@ async fn sighup_applies_broker_changes_from_the_config_file() {
         "[[broker]]\nname = \"b4\"\naddress = \"127.0.0.1:{}\"\n",
         free_port()
     );
-    let changed = format!("{head}{}{b3_moved}{b4}", common::broker_block(&b1, ""));
+    let changed = format!("{head}{}{b3_moved}{b4}", common::broker_block(b1, ""));
     std::fs::write(bridge.dir.join("bridge.toml"), &changed).unwrap();
     signal(pid, "HUP");
     assert!(
@@ -458,17 +454,14 @@ fn bridge_pid(bridge: &Bridge) -> u32 {
 /// add is refused, naming why, until the drain has ended; then the name is free again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_is_refused_while_its_removal_drains_then_free_again() {
-    let (tmp, certs, [b1, b2, b3, b4]) = common::lab::<4>();
-    let cfg = bridge_config(
-        &certs,
-        "mesh",
-        &tmp.path().join("data"),
-        &[(&b1, ""), (&b2, "")],
-    )
-    .replacen("\n[tls]", "drain_timeout = \"4s\"\n\n[tls]", 1);
-    let admin = admin_addr(&cfg);
-    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
-    bridge.wait_subscribed(&["b1", "b2"]);
+    let m = MeshBuilder::new(4)
+        .meshed(&[0, 1])
+        .bridge_keys("drain_timeout = \"4s\"")
+        .start();
+    let [b1, _b2, b3, b4] = &m.brokers[..] else {
+        unreachable!()
+    };
+    let (admin, bridge) = (m.admin.clone(), &m.bridge);
     let addr3 = format!("127.0.0.1:{}", b3.tls_port);
     let addr4 = format!("127.0.0.1:{}", b4.tls_port);
     let (code, _, err) = cli(&["add-broker", &addr3, "--name", "z", "--admin", &admin]);
@@ -524,16 +517,11 @@ async fn a_name_is_refused_while_its_removal_drains_then_free_again() {
 /// (the keepalived check, `interval 2 fall 2`, could fail over on an `add-broker`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_ignores_a_broker_added_at_run_time_and_fails_with_every_broker_down() {
-    let (tmp, certs, [mut b1, mut b2]) = common::lab::<2>();
-    let cfg = bridge_config(
-        &certs,
-        "mesh",
-        &tmp.path().join("data"),
-        &[(&b1, ""), (&b2, "")],
-    );
-    let admin = admin_addr(&cfg);
-    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
-    bridge.wait_subscribed(&["b1", "b2"]);
+    let mut m = MeshBuilder::new(2).start();
+    let admin = m.admin.clone();
+    let [b1, b2] = &mut m.brokers[..] else {
+        unreachable!()
+    };
     let ready = || http_get(&format!("http://{admin}/readyz"), None);
     let deadline = Instant::now() + Duration::from_secs(10);
     while ready().0 != 200 {
@@ -607,16 +595,10 @@ async fn readiness_ignores_a_broker_added_at_run_time_and_fails_with_every_broke
 /// `status` and `/metrics` say so (before: nothing did).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insecure_tls_is_shown_in_log_status_and_metrics() {
-    let (tmp, certs, [b1, b2]) = common::lab::<2>();
-    let cfg = bridge_config(
-        &certs,
-        "mesh",
-        &tmp.path().join("data"),
-        &[(&b1, "insecure_skip_verify = true"), (&b2, "")],
-    );
-    let admin = admin_addr(&cfg);
-    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
-    bridge.wait_subscribed(&["b1", "b2"]);
+    let m = MeshBuilder::new(2)
+        .link_keys_of(0, "insecure_skip_verify = true")
+        .start();
+    let (admin, bridge) = (m.admin.clone(), &m.bridge);
     assert!(
         bridge
             .log()
@@ -647,17 +629,14 @@ async fn insecure_tls_is_shown_in_log_status_and_metrics() {
 /// gets what was remembered within the bound, and the metrics show size and misses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_table_byte_bound_applies_to_the_hand_over() {
-    let (tmp, certs, [b1, b2, b3]) = common::lab::<3>();
-    let cfg = bridge_config(
-        &certs,
-        "mesh",
-        &tmp.path().join("data"),
-        &[(&b1, ""), (&b2, "")],
-    )
-    .replacen("\n[tls]", "retained_max_bytes = \"4 KiB\"\n\n[tls]", 1);
-    let admin = admin_addr(&cfg);
-    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
-    bridge.wait_subscribed(&["b1", "b2"]);
+    let m = MeshBuilder::new(3)
+        .meshed(&[0, 1])
+        .bridge_keys("retained_max_bytes = \"4 KiB\"")
+        .start();
+    let [b1, b2, b3] = &m.brokers[..] else {
+        unreachable!()
+    };
+    let admin = m.admin.clone();
     let msgs: Vec<Pub> = (0..3)
         .map(|i| Pub {
             retain: true,
@@ -775,12 +754,9 @@ async fn the_same_broker_under_another_address_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_port_closes_idle_and_stalled_connections_and_caps_them() {
     use std::io::{Read, Write};
-    let (tmp, certs, [b1]) = common::lab::<1>();
-    let cfg = bridge_config(&certs, "mesh", &tmp.path().join("data"), &[(&b1, "")]);
-    let admin = admin_addr(&cfg);
-    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
-    bridge.wait_subscribed(&["b1"]);
-    let pid = bridge_pid(&bridge);
+    let m = MeshBuilder::new(1).start();
+    let admin = m.admin.clone();
+    let pid = bridge_pid(&m.bridge);
     let fds = || {
         std::fs::read_dir(format!("/proc/{pid}/fd"))
             .unwrap()

@@ -346,17 +346,10 @@ async fn one_link_per_thread_spreads_a_small_mesh_exactly_once() {
 /// a reason at most once every 10 s, the line counting what it stands for; all are counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejections_are_counted_each_and_logged_once_per_reason() {
-    let (tmp, certs, [b1, b2]) = common::lab::<2>();
-    let cfg = common::bridge_config(
-        &certs,
-        "mesh",
-        &tmp.path().join("data"),
-        &[(&b1, ""), (&b2, "")],
-    )
-    .replacen("\n[tls]", "topics = [\"#\", \"$SYS/#\"]\n\n[tls]", 1);
-    let admin = common::admin_addr(&cfg);
-    let bridge = common::Bridge::start(&tmp.path().join("bridge"), &cfg);
-    bridge.wait_subscribed(&["b1", "b2"]);
+    let m = common::MeshBuilder::new(2)
+        .bridge_keys("topics = [\"#\", \"$SYS/#\"]")
+        .start();
+    let (admin, bridge) = (&m.admin, &m.bridge);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let rejected = loop {
         let text = common::http_get(&format!("http://{admin}/metrics"), None).1;
@@ -388,16 +381,11 @@ async fn rejections_are_counted_each_and_logged_once_per_reason() {
 /// `messages_out` (before: QoS 0 counted as delivered).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos0_is_counted_as_sent_not_as_acknowledged() {
-    let (tmp, certs, [b1, b2]) = common::lab::<2>();
-    let cfg = common::bridge_config(
-        &certs,
-        "mesh",
-        &tmp.path().join("data"),
-        &[(&b1, ""), (&b2, "")],
-    );
-    let admin = common::admin_addr(&cfg);
-    let bridge = common::Bridge::start(&tmp.path().join("bridge"), &cfg);
-    bridge.wait_subscribed(&["b1", "b2"]);
+    let m = common::MeshBuilder::new(2).start();
+    let [b1, b2] = &m.brokers[..] else {
+        unreachable!()
+    };
+    let admin = &m.admin;
     let s2 = mqtt::subscribe(b2.plain_port, "s2", "q/#").await;
     let msgs: Vec<Pub> = (0..20)
         .map(|i| Pub::new("q/0", format!("{i}"), 0))
@@ -426,22 +414,17 @@ async fn qos0_is_counted_as_sent_not_as_acknowledged() {
 /// acknowledgements only, so a target that rejected everything looked frozen after 2 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_that_rejects_everything_is_not_treated_as_slow() {
-    let (tmp, certs, [b1, b2]) = common::lab_with([
-        common::BrokerOpts::default(),
-        common::BrokerOpts {
-            tls_acl: Some("topic read #\ntopic write ok/#\n"),
-            ..Default::default()
-        },
-    ]);
-    let cfg = common::bridge_config(
-        &certs,
-        "mesh",
-        &tmp.path().join("data"),
-        &[(&b1, ""), (&b2, "")],
-    );
-    let admin = common::admin_addr(&cfg);
-    let bridge = common::Bridge::start(&tmp.path().join("bridge"), &cfg);
-    bridge.wait_subscribed(&["b1", "b2"]);
+    let m = common::MeshBuilder::new(2)
+        .broker(
+            1,
+            common::BrokerOpts {
+                tls_acl: Some("topic read #\ntopic write ok/#\n"),
+                ..Default::default()
+            },
+        )
+        .start();
+    let b1 = &m.brokers[0];
+    let (admin, bridge) = (&m.admin, &m.bridge);
     // A steady stream for 4 s: the stall check looks at two 1 s ticks in a row.
     let started = std::time::Instant::now();
     let mut sent = 0;

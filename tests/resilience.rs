@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::mqtt::{self, Pub};
-use common::{Bridge, bridge_config, multiset_diff};
+use common::{Bridge, MeshBuilder, bridge_config, multiset_diff};
 
 fn batch(prefix: &str, n: usize, qos: u8) -> Vec<Pub> {
     (0..n)
@@ -25,16 +25,13 @@ fn only(prefix: &str, got: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_down_at_start_or_dying_later_never_stops_the_others() {
-    let (tmp, certs, [b1, mut b2, mut b3]) = common::lab();
-    b3.kill();
-    let cfg = bridge_config(
-        &certs,
-        "mesh",
-        &tmp.path().join("data"),
-        &[(&b1, ""), (&b2, ""), (&b3, "")],
-    );
-    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
-    bridge.wait_subscribed(&["b1", "b2"]);
+    let mut m = MeshBuilder::new(3).down(2).start();
+    let common::Mesh {
+        brokers, bridge, ..
+    } = &mut m;
+    let [b1, b2, b3] = &mut brokers[..] else {
+        unreachable!()
+    };
 
     // b3 is down: b1 -> b2 works all the same.
     let s2 = mqtt::subscribe(b2.plain_port, "s2", "#").await;
@@ -100,15 +97,13 @@ async fn broker_down_at_start_or_dying_later_never_stops_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_zero() {
-    let (tmp, certs, [b1, b2]) = common::lab();
-    let cfg = bridge_config(
-        &certs,
-        "mesh",
-        &tmp.path().join("data"),
-        &[(&b1, ""), (&b2, "")],
-    );
-    let mut bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
-    bridge.wait_subscribed(&["b1", "b2"]);
+    let mut m = MeshBuilder::new(2).start();
+    let common::Mesh {
+        brokers, bridge, ..
+    } = &mut m;
+    let [b1, b2] = &brokers[..] else {
+        unreachable!()
+    };
     let s2 = mqtt::subscribe(b2.plain_port, "s2", "#").await;
     let msgs = batch("x", 200, 1);
     mqtt::publish(b1.plain_port, "p1", &msgs).await;

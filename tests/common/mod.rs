@@ -561,3 +561,135 @@ pub fn metric(text: &str, name: &str, broker: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(&prefix))
         .and_then(|v| v.trim().parse().ok())
 }
+
+/// A lab built step by step: `n` mosquitto brokers (b1..bn) and a bridge meshing some of them.
+/// Replaces the setup each test used to repeat (lab, config, bridge, wait).
+pub struct MeshBuilder {
+    opts: Vec<BrokerOpts>,
+    link_keys: Vec<String>,
+    bridge_keys: String,
+    meshed: Vec<usize>,
+    down: Vec<usize>,
+}
+
+/// What [`MeshBuilder::start`] made. Keep it alive as long as the processes.
+pub struct Mesh {
+    /// The brokers, b1 first.
+    pub brokers: Vec<Mosquitto>,
+    /// The bridge, subscribed on every meshed broker that is up.
+    pub bridge: Bridge,
+    /// Its admin address (`host:port`).
+    pub admin: String,
+    /// Its config file's text.
+    pub config: String,
+    /// Dev certificates of the lab.
+    pub certs: Certs,
+    /// The directory holding every file (dropped last).
+    pub tmp: tempfile::TempDir,
+}
+
+impl MeshBuilder {
+    /// `n` brokers with default options, all meshed.
+    pub fn new(n: usize) -> Self {
+        Self {
+            opts: vec![BrokerOpts::default(); n],
+            link_keys: vec![String::new(); n],
+            bridge_keys: String::new(),
+            meshed: (0..n).collect(),
+            down: Vec::new(),
+        }
+    }
+
+    /// Broker `b{i+1}` set up by `opts`.
+    pub fn broker(mut self, i: usize, opts: BrokerOpts) -> Self {
+        self.opts[i] = opts;
+        self
+    }
+
+    /// Every broker set up by `opts`.
+    pub fn every_broker(mut self, opts: BrokerOpts) -> Self {
+        self.opts = vec![opts; self.opts.len()];
+        self
+    }
+
+    /// Keys added to `[bridge]` (one per line).
+    pub fn bridge_keys(mut self, keys: &str) -> Self {
+        self.bridge_keys = keys.to_string();
+        self
+    }
+
+    /// Keys added to every `[[broker]]`.
+    pub fn link_keys(mut self, keys: &str) -> Self {
+        for k in &mut self.link_keys {
+            *k = keys.to_string();
+        }
+        self
+    }
+
+    /// Keys added to broker `b{i+1}`'s `[[broker]]`.
+    pub fn link_keys_of(mut self, i: usize, keys: &str) -> Self {
+        self.link_keys[i] = keys.to_string();
+        self
+    }
+
+    /// Only these brokers (indexes) are in the config file; the others are there to add.
+    pub fn meshed(mut self, indexes: &[usize]) -> Self {
+        self.meshed = indexes.to_vec();
+        self
+    }
+
+    /// Broker `b{i+1}` is killed before the bridge starts.
+    pub fn down(mut self, i: usize) -> Self {
+        self.down.push(i);
+        self
+    }
+
+    /// Starts the brokers and the bridge; returns once the bridge subscribed on every meshed
+    /// broker that is up.
+    pub fn start(self) -> Mesh {
+        let tmp = tempdir();
+        let certs = Certs::generate(&tmp.path().join("certs"));
+        let mut brokers: Vec<Mosquitto> = self
+            .opts
+            .into_iter()
+            .enumerate()
+            .map(|(i, o)| Mosquitto::start(tmp.path(), &format!("b{}", i + 1), &certs, o))
+            .collect();
+        for &i in &self.down {
+            brokers[i].kill();
+        }
+        let links: Vec<(&Mosquitto, &str)> = self
+            .meshed
+            .iter()
+            .map(|&i| (&brokers[i], self.link_keys[i].as_str()))
+            .collect();
+        let mut config = bridge_config(&certs, "mesh", &tmp.path().join("data"), &links);
+        if !self.bridge_keys.is_empty() {
+            config = config.replacen("\n\n[tls]", &format!("\n{}\n\n[tls]", self.bridge_keys), 1);
+        }
+        let admin = admin_addr(&config);
+        let bridge = Bridge::start(&tmp.path().join("bridge"), &config);
+        let up: Vec<String> = self
+            .meshed
+            .iter()
+            .filter(|i| !self.down.contains(i))
+            .map(|i| format!("b{}", i + 1))
+            .collect();
+        bridge.wait_subscribed(&up.iter().map(String::as_str).collect::<Vec<_>>());
+        Mesh {
+            brokers,
+            bridge,
+            admin,
+            config,
+            certs,
+            tmp,
+        }
+    }
+}
+
+impl Mesh {
+    /// `/metrics` of the bridge.
+    pub fn metrics(&self) -> String {
+        http_get(&format!("http://{}/metrics", self.admin), None).1
+    }
+}
