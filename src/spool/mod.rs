@@ -7,7 +7,7 @@
 //! down) can be put in front of them.
 //!
 //! All writes go through one writer thread that commits in batches with
-//! [`Durability::Immediate`] (fsync), then completes the acknowledgement shares of what it
+//! [`redb::Durability::Immediate`] (fsync), then completes the acknowledgement shares of what it
 //! wrote: a message counts as "in the spool" only once it is on disk, and one fsync covers
 //! every message that arrived meanwhile. Reads (by the target's link) see committed rows only.
 //!
