@@ -16,10 +16,12 @@
 //!   storm guard, pure), [`ratelimit`] (one log line per key and interval, pure); [`metrics`]
 //!   (metric names, per-link counters, log-and-count functions) uses only `ratelimit`.
 //! - [`config`]: `bridge.toml`, validated into [`config::Config`] with errors that name the key;
-//!   owner of every default.
+//!   owner of every default. `file.rs` the file as written and its validation, `broker.rs` one
+//!   broker, `address.rs` names and addresses.
 //! - [`spool`]: the durable per-target spool: `mod.rs` the store (redb) and its API, `writer.rs`
 //!   the group-commit thread, `record.rs` the versioned on-disk record, `target.rs` one target's
-//!   counters and the rows held in memory while the disk fails.
+//!   counters and the rows held in memory while the disk fails, `store.rs` the database handle
+//!   and its health.
 //! - [`router`]: `mod.rs` the fan-out, `queue.rs` a target's queue in front of its spool,
 //!   `retained.rs` the bounded retained table.
 //! - [`link`]: one task per broker; `acks.rs` what it owes its broker and `outflight.rs` what one

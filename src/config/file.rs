@@ -1,0 +1,382 @@
+//! The config file as written (serde structs, unknown keys refused) and its validation into a
+//! [`Config`], every error naming its key.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::*;
+
+/// The file as written: `[bridge]`, `[tls]` and `[[broker]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileConfig {
+    /// `[bridge]`: identity and process-wide settings.
+    pub(crate) bridge: BridgeSection,
+    /// `[tls]`: defaults for every broker.
+    #[serde(default)]
+    pub(crate) tls: TlsSection,
+    /// `[[broker]]`: the initial members of the mesh.
+    #[serde(default, rename = "broker")]
+    pub(crate) brokers: Vec<BrokerSection>,
+}
+
+/// `[bridge]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BridgeSection {
+    /// Origin tag and client-id prefix.
+    pub(crate) id: String,
+    /// Admin API address (`/healthz`, `/readyz`, `/metrics`).
+    pub(crate) admin_listen: Option<String>,
+    /// File holding the bearer token; required when `admin_listen` is not loopback.
+    pub(crate) admin_token_file: Option<PathBuf>,
+    /// Where membership and spool live.
+    pub(crate) data_dir: Option<PathBuf>,
+    /// Filters subscribed on every broker.
+    pub(crate) topics: Option<Vec<String>>,
+    /// How long a message published on a 3.1.1 link waits for its echo.
+    pub(crate) dedup_window: Option<String>,
+    /// Bound on the entries of one link's dedup window.
+    pub(crate) dedup_max_entries: Option<usize>,
+    /// Session expiry asked of MQTT 5 brokers.
+    pub(crate) session_expiry: Option<String>,
+    /// MQTT keep-alive.
+    pub(crate) keep_alive: Option<String>,
+    /// Messages one link may have handed to its broker without an acknowledgement.
+    pub(crate) inflight: Option<u16>,
+    /// Messages one target may hold in memory while it is down or slow.
+    pub(crate) queue_capacity: Option<usize>,
+    /// Threads that run the links (read at start; a reload does not change it).
+    pub(crate) worker_threads: Option<usize>,
+    /// Links one thread takes before the next thread is used (read at start).
+    pub(crate) links_per_thread: Option<usize>,
+    /// How long shutdown waits for in-flight messages.
+    pub(crate) drain_timeout: Option<String>,
+    /// Identical messages from one broker within 10 s before the storm guard drops repeats.
+    pub(crate) storm_threshold: Option<u32>,
+    /// Retained messages the bridge remembers for brokers added at run time.
+    pub(crate) retained_max: Option<usize>,
+    /// Bytes those may take (`"64 MiB"`, or a number of bytes).
+    pub(crate) retained_max_bytes: Option<SizeValue>,
+    /// Bound of one target's spool in bytes (`"1 GiB"`, or a number of bytes).
+    pub(crate) spool_max_bytes: Option<SizeValue>,
+    /// Bound of one target's spool in messages.
+    pub(crate) spool_max_messages: Option<u64>,
+    /// `drop_oldest` or `block`.
+    pub(crate) spool_overflow: Option<String>,
+}
+
+/// A byte size as written: a number of bytes or a string with a unit.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum SizeValue {
+    /// Bytes.
+    Bytes(u64),
+    /// `"512 MiB"`, `"1GB"`…
+    Text(String),
+}
+
+/// `[tls]` or the TLS keys of one `[[broker]]`.
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TlsSection {
+    /// PEM file with the CA certificates that sign the brokers' certificates.
+    pub(crate) ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for mTLS.
+    pub(crate) cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub(crate) key_file: Option<PathBuf>,
+    /// Name to verify in the broker's certificate (and to send as SNI) instead of the address host.
+    pub(crate) server_name: Option<String>,
+    /// Accept any broker certificate. For labs only.
+    pub(crate) insecure_skip_verify: Option<bool>,
+}
+
+/// `[[broker]]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BrokerSection {
+    /// Name used in logs, metrics, the client id and the origin tag. Default: from the address.
+    pub(crate) name: Option<String>,
+    /// `host:port`; the port defaults to 8883 with TLS and 1883 without.
+    pub(crate) address: String,
+    /// `v5` (default) or `v3.1.1`.
+    pub(crate) protocol: Option<Protocol>,
+    /// `false` for plain TCP.
+    pub(crate) tls: Option<bool>,
+    /// Per-broker override of `[tls].ca_file`.
+    pub(crate) ca_file: Option<PathBuf>,
+    /// Per-broker override of `[tls].cert_file`.
+    pub(crate) cert_file: Option<PathBuf>,
+    /// Per-broker override of `[tls].key_file`.
+    pub(crate) key_file: Option<PathBuf>,
+    /// Per-broker override of `[tls].server_name`.
+    pub(crate) server_name: Option<String>,
+    /// Per-broker override of `[tls].insecure_skip_verify`.
+    pub(crate) insecure_skip_verify: Option<bool>,
+    /// MQTT user name.
+    pub(crate) username: Option<String>,
+    /// File whose first line is the MQTT password.
+    pub(crate) password_file: Option<PathBuf>,
+    /// Highest QoS forwarded to this broker (0, 1 or 2; default 2).
+    pub(crate) max_qos: Option<u8>,
+}
+
+impl FileConfig {
+    /// Checks every value and builds the runtime [`Config`].
+    pub(crate) fn validate(self, base_dir: &Path) -> Result<Config, ConfigError> {
+        let b = self.bridge;
+        if !valid_name(&b.id) {
+            return Err(invalid(
+                "bridge.id",
+                format!("{:?}: use 1-64 characters from A-Z a-z 0-9 - _ .", b.id),
+            ));
+        }
+        let admin_listen: SocketAddr = match b.admin_listen.as_deref() {
+            None => default_admin_listen(),
+            Some(text) => text.parse().map_err(|_| {
+                invalid(
+                    "bridge.admin_listen",
+                    format!(
+                        "{text:?}: expected IP:port, e.g. \"{}\"",
+                        default_admin_listen()
+                    ),
+                )
+            })?,
+        };
+        let mut warnings = Vec::new();
+        let admin_token = match &b.admin_token_file {
+            Some(p) => {
+                let path = resolve(base_dir, p);
+                warnings.extend(loose_permissions("bridge.admin_token_file", &path));
+                Some(read_secret("bridge.admin_token_file", &path)?)
+            }
+            None => None,
+        };
+        if !admin_listen.ip().is_loopback() && admin_token.is_none() {
+            return Err(invalid(
+                "bridge.admin_listen",
+                format!(
+                    "{admin_listen} is not loopback: set bridge.admin_token_file so the API requires a token"
+                ),
+            ));
+        }
+        let topics = b.topics.unwrap_or_else(|| vec!["#".to_string()]);
+        if topics.is_empty() {
+            return Err(invalid("bridge.topics", "at least one filter is needed"));
+        }
+        for (i, t) in topics.iter().enumerate() {
+            if let Err(e) = check_filter(t) {
+                return Err(invalid(
+                    format!("bridge.topics[{i}]"),
+                    format!("{t:?}: {e}"),
+                ));
+            }
+        }
+        let inflight = b.inflight.unwrap_or(100);
+        if inflight == 0 {
+            return Err(invalid("bridge.inflight", "must be at least 1"));
+        }
+        let queue_capacity = b.queue_capacity.unwrap_or(10_000);
+        if queue_capacity == 0 {
+            return Err(invalid("bridge.queue_capacity", "must be at least 1"));
+        }
+        let worker_threads = b.worker_threads;
+        if worker_threads.is_some_and(|n| !(1..=MAX_WORKER_THREADS).contains(&n)) {
+            return Err(invalid(
+                "bridge.worker_threads",
+                format!("must be between 1 and {MAX_WORKER_THREADS}"),
+            ));
+        }
+        let links_per_thread = b.links_per_thread.unwrap_or(LINKS_PER_THREAD);
+        if links_per_thread == 0 {
+            return Err(invalid("bridge.links_per_thread", "must be at least 1"));
+        }
+        let dedup_max_entries = b.dedup_max_entries.unwrap_or(200_000);
+        if dedup_max_entries == 0 {
+            return Err(invalid("bridge.dedup_max_entries", "must be at least 1"));
+        }
+        let session_expiry = parse_duration(
+            "bridge.session_expiry",
+            b.session_expiry.as_deref(),
+            Duration::from_secs(7 * 24 * 3600),
+        )?;
+        if session_expiry.as_secs() > u64::from(u32::MAX) {
+            return Err(invalid(
+                "bridge.session_expiry",
+                "longer than MQTT allows (~136 years)",
+            ));
+        }
+        let keep_alive = parse_duration(
+            "bridge.keep_alive",
+            b.keep_alive.as_deref(),
+            Duration::from_secs(30),
+        )?;
+        if keep_alive < Duration::from_secs(1) || keep_alive.as_secs() > u64::from(u16::MAX) {
+            return Err(invalid(
+                "bridge.keep_alive",
+                "must be between 1s and 65535s",
+            ));
+        }
+        let spool = spool_limits(b.spool_max_bytes, b.spool_max_messages, b.spool_overflow)?;
+        let mut config = Config {
+            spool,
+            bridge_id: b.id,
+            admin_listen,
+            admin_token,
+            data_dir: resolve(base_dir, b.data_dir.as_deref().unwrap_or(Path::new("data"))),
+            topics,
+            dedup_window: parse_duration(
+                "bridge.dedup_window",
+                b.dedup_window.as_deref(),
+                Duration::from_secs(30),
+            )?,
+            dedup_max_entries,
+            session_expiry,
+            keep_alive,
+            inflight,
+            queue_capacity,
+            worker_threads,
+            links_per_thread,
+            drain_timeout: parse_duration(
+                "bridge.drain_timeout",
+                b.drain_timeout.as_deref(),
+                Duration::from_secs(5),
+            )?,
+            storm_threshold: b.storm_threshold.unwrap_or(1000),
+            retained_max: b.retained_max.unwrap_or(100_000),
+            retained_max_bytes: parse_size(
+                "bridge.retained_max_bytes",
+                b.retained_max_bytes,
+                64 << 20,
+            )?,
+            tls_defaults: self.tls,
+            base_dir: base_dir.to_path_buf(),
+            brokers: Vec::new(),
+            warnings,
+        };
+        let mut names = HashSet::new();
+        for (i, section) in self.brokers.into_iter().enumerate() {
+            let broker = config.broker_from_section(&format!("broker[{i}]"), section)?;
+            if !names.insert(broker.name.clone()) {
+                return Err(invalid(
+                    format!("broker[{i}].name"),
+                    format!("{:?} is used by another broker", broker.name),
+                ));
+            }
+            // Without DNS: `check` stays offline. Names are compared resolved when the links
+            // start (supervisor).
+            let mine = broker.endpoints(false);
+            if let Some(other) = config
+                .brokers
+                .iter()
+                .find(|b| b.same_broker(&b.endpoints(false), &broker, &mine))
+            {
+                return Err(invalid(
+                    format!("broker[{i}].address"),
+                    format!(
+                        "{} is listed twice (also broker {:?}, {})",
+                        broker.address(),
+                        other.name,
+                        other.address()
+                    ),
+                ));
+            }
+            config.brokers.push(broker);
+        }
+        Ok(config)
+    }
+}
+
+pub(super) fn parse_duration(
+    key: &str,
+    value: Option<&str>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(text) => humantime::parse_duration(text).map_err(|e| {
+            invalid(
+                key,
+                format!("{text:?}: {e} (expected e.g. \"30s\", \"5m\")"),
+            )
+        }),
+    }
+}
+
+pub(super) fn spool_limits(
+    max_bytes: Option<SizeValue>,
+    max_messages: Option<u64>,
+    overflow: Option<String>,
+) -> Result<crate::spool::Limits, ConfigError> {
+    use crate::spool::{Limits, Overflow};
+    let max_bytes = parse_size("bridge.spool_max_bytes", max_bytes, 1 << 30)?;
+    if max_bytes < 1024 {
+        return Err(invalid("bridge.spool_max_bytes", "must be at least 1 KiB"));
+    }
+    let max_messages = max_messages.unwrap_or(1_000_000);
+    if max_messages == 0 {
+        return Err(invalid("bridge.spool_max_messages", "must be at least 1"));
+    }
+    let overflow = match overflow.as_deref() {
+        None => Overflow::default(),
+        Some(text) => text
+            .parse::<Overflow>()
+            .map_err(|e| invalid("bridge.spool_overflow", e.to_string()))?,
+    };
+    Ok(Limits {
+        max_bytes,
+        max_messages,
+        overflow,
+    })
+}
+
+/// A byte size of the config (`key`), `default` when absent.
+pub(super) fn parse_size(
+    key: &str,
+    value: Option<SizeValue>,
+    default: u64,
+) -> Result<u64, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(SizeValue::Bytes(n)) => Ok(n),
+        Some(SizeValue::Text(t)) => {
+            t.parse::<bytesize::ByteSize>()
+                .map(|b| b.as_u64())
+                .map_err(|e| {
+                    invalid(
+                        key,
+                        format!("{t:?}: {e} (expected e.g. \"1 GiB\", \"500MB\")"),
+                    )
+                })
+        }
+    }
+}
+
+pub(super) fn resolve(base_dir: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base_dir.join(path)
+    }
+}
+
+/// Checks an MQTT topic filter.
+pub(super) fn check_filter(filter: &str) -> Result<(), &'static str> {
+    if filter.is_empty() {
+        return Err("empty filter");
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        if level.contains('#') && (*level != "#" || i + 1 != levels.len()) {
+            return Err("'#' must be a whole level and the last one");
+        }
+        if level.contains('+') && *level != "+" {
+            return Err("'+' must be a whole level");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,341 @@
+//! `bridge.toml`: serde structs with defaults, then `validate()` into a [`Config`] whose every
+//! value has been checked (addresses parsed, certificate files loaded, secrets read).
+//!
+//! Every error is one line that names the key at fault, e.g.
+//! `broker[2].address: "10.0.0.3:88x3": invalid port`. Unknown keys are errors (`deny_unknown_fields`).
+//! Relative paths are resolved against the directory of the config file, so a systemd unit or a
+//! container can start the bridge from any working directory.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::message::Protocol;
+use crate::tls;
+
+mod address;
+mod broker;
+mod file;
+
+pub use address::parse_address;
+pub(crate) use address::valid_name;
+use address::{is_loopback_host, is_this_host};
+pub use broker::BrokerConfig;
+use file::resolve;
+pub(crate) use file::{BrokerSection, FileConfig, TlsSection};
+
+/// Upper bound of `bridge.worker_threads`.
+pub(crate) const MAX_WORKER_THREADS: usize = 256;
+
+/// An error in the configuration: the key (or file) at fault and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file that could not be read.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a key is unknown or of the wrong type.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// The parser's message, folded onto one line.
+        message: String,
+    },
+    /// A key has a value that is not acceptable.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The key at fault, e.g. `broker[1].address` or `tls.ca_file`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The admin API's port when `bridge.admin_listen` (or the CLI's `--admin`) names none.
+pub const DEFAULT_ADMIN_PORT: u16 = 9183;
+
+/// `bridge.admin_listen` when the file has none (and the CLI's `--admin` default): loopback.
+pub fn default_admin_listen() -> SocketAddr {
+    SocketAddr::new(IpAddr::from([127, 0, 0, 1]), DEFAULT_ADMIN_PORT)
+}
+
+/// Whether a broker is dialled over TLS when its `tls` key (or an add request's) says nothing.
+pub(crate) const DEFAULT_TLS: bool = true;
+
+/// Links a thread takes before the next thread is used, by default (`bridge.links_per_thread`).
+/// Measured on 2 cores shared with the brokers (docs/BENCHMARKS.md, "link threads"): 3 links on
+/// one thread cost 20-30 % less CPU per message than 3 spread over two, and 8 links on one
+/// thread fall behind.
+pub(crate) const LINKS_PER_THREAD: usize = 4;
+
+impl From<crate::tls::TlsError> for ConfigError {
+    fn from(e: crate::tls::TlsError) -> Self {
+        ConfigError::Invalid {
+            key: e.key,
+            message: e.message,
+        }
+    }
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Origin tag and client-id prefix.
+    pub(crate) bridge_id: String,
+    /// Admin API address.
+    pub admin_listen: SocketAddr,
+    /// Bearer token for the admin API, when configured.
+    pub admin_token: Option<Secret>,
+    /// Directory for persisted state.
+    pub(crate) data_dir: PathBuf,
+    /// Filters subscribed on every broker.
+    pub(crate) topics: Vec<String>,
+    /// TTL of the dedup window of 3.1.1 links.
+    pub(crate) dedup_window: Duration,
+    /// Bound on the entries of one dedup window.
+    pub(crate) dedup_max_entries: usize,
+    /// Session expiry asked of MQTT 5 brokers.
+    pub(crate) session_expiry: Duration,
+    /// MQTT keep-alive.
+    pub(crate) keep_alive: Duration,
+    /// Unacknowledged messages one link may have in flight towards its broker.
+    pub(crate) inflight: u16,
+    /// Messages one target may hold in memory.
+    pub(crate) queue_capacity: usize,
+    /// Threads that run the links (`link::threads`); `None`: one per CPU core.
+    pub(crate) worker_threads: Option<usize>,
+    /// Links one thread takes before the next thread is used.
+    pub(crate) links_per_thread: usize,
+    /// How long shutdown waits for in-flight messages.
+    pub(crate) drain_timeout: Duration,
+    /// Identical messages from one broker within 10 s before repeats are dropped (0: off).
+    pub(crate) storm_threshold: u32,
+    /// Retained messages remembered for brokers added at run time.
+    pub(crate) retained_max: usize,
+    /// Bytes those may take.
+    pub(crate) retained_max_bytes: u64,
+    /// Bounds and overflow policy of each target's spool.
+    pub(crate) spool: crate::spool::Limits,
+    /// `[tls]` defaults, kept to build brokers added at run time.
+    pub(crate) tls_defaults: TlsSection,
+    /// Directory of the config file (relative paths are resolved against it).
+    pub(crate) base_dir: PathBuf,
+    /// The brokers, in file order.
+    pub brokers: Vec<BrokerConfig>,
+    /// Settings that work but weaken security (a token file others can read…), one line each:
+    /// printed by `check`, logged at start. Each broker's own are in [`BrokerConfig::warnings`].
+    pub(crate) warnings: Vec<String>,
+}
+
+impl Config {
+    /// Every warning: the bridge's and each broker's.
+    pub fn all_warnings(&self) -> Vec<String> {
+        let mut all: Vec<String> = Vec::new();
+        // A `[tls]` file is every broker's: said once.
+        for w in self
+            .warnings
+            .iter()
+            .chain(self.brokers.iter().flat_map(|b| &b.warnings))
+        {
+            if !all.contains(w) {
+                all.push(w.clone());
+            }
+        }
+        all
+    }
+}
+
+/// A warning when the secret file at `path` (for `key`) can be read by other users, as ssh
+/// warns of a private key: it should be mode 0600 (or 0400).
+fn loose_permissions(key: &str, path: &Path) -> Option<String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+        (mode & 0o077 != 0).then(|| {
+            format!(
+                "{key}: {} can be read by other users (mode {mode:04o}): chmod 600 it",
+                path.display()
+            )
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (key, path);
+        None
+    }
+}
+
+/// A secret (password, token) that never shows in logs or `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself; call only where it is sent.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base_dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Config::from_toml(&text, path, &base_dir)
+    }
+
+    /// Parses and validates TOML text; `path` only names the file in errors.
+    pub(crate) fn from_toml(
+        text: &str,
+        path: &Path,
+        base_dir: &Path,
+    ) -> Result<Config, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: one_line(&e.to_string()),
+        })?;
+        file.validate(base_dir)
+    }
+}
+
+fn one_line(message: &str) -> String {
+    // toml's messages span several lines: location, a source excerpt with a caret, the reason.
+    // Keep all three on one line: "line 3, column 12: `inflight = "lots"`: invalid type …".
+    let mut location = String::new();
+    let mut source = None;
+    let mut reason = Vec::new();
+    for line in message.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if location.is_empty() {
+            location = line.to_string();
+        } else if let Some((num, text)) = line.split_once('|') {
+            let num = num.trim();
+            if !num.is_empty() && num.chars().all(|c| c.is_ascii_digit()) {
+                source = Some(text.trim().to_string());
+            }
+        } else {
+            reason.push(line.to_string());
+        }
+    }
+    let mut out = location;
+    if let Some(src) = source.filter(|s| !s.is_empty()) {
+        out.push_str(&format!(": `{src}`"));
+    }
+    if !reason.is_empty() {
+        out.push_str(&format!(": {}", reason.join(" ")));
+    }
+    out
+}
+
+/// Reads the first line of a secret file.
+pub(crate) fn read_secret(key: &str, path: &Path) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("{}: {e}", path.display())))?;
+    let line = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_end()
+        .to_string();
+    if line.is_empty() {
+        return Err(invalid(key, format!("{}: file is empty", path.display())));
+    }
+    Ok(Secret(line))
+}
+
+impl Config {
+    /// What differs in `new` that a reload cannot apply (everything but adding and removing
+    /// brokers), as config keys: `bridge.id`, `broker b2: address, max_qos`… Empty when `new`
+    /// can be applied by a reload.
+    pub(crate) fn changes_needing_restart(&self, new: &Config) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut check = |changed: bool, key: &str| {
+            if changed {
+                keys.push(key.to_string());
+            }
+        };
+        check(self.bridge_id != new.bridge_id, "bridge.id");
+        check(self.admin_listen != new.admin_listen, "bridge.admin_listen");
+        check(
+            self.admin_token != new.admin_token,
+            "bridge.admin_token_file",
+        );
+        check(self.data_dir != new.data_dir, "bridge.data_dir");
+        check(self.topics != new.topics, "bridge.topics");
+        check(self.dedup_window != new.dedup_window, "bridge.dedup_window");
+        check(
+            self.dedup_max_entries != new.dedup_max_entries,
+            "bridge.dedup_max_entries",
+        );
+        check(
+            self.session_expiry != new.session_expiry,
+            "bridge.session_expiry",
+        );
+        check(self.keep_alive != new.keep_alive, "bridge.keep_alive");
+        check(self.inflight != new.inflight, "bridge.inflight");
+        check(
+            self.queue_capacity != new.queue_capacity,
+            "bridge.queue_capacity",
+        );
+        check(
+            self.worker_threads != new.worker_threads,
+            "bridge.worker_threads",
+        );
+        check(
+            self.links_per_thread != new.links_per_thread,
+            "bridge.links_per_thread",
+        );
+        check(
+            self.drain_timeout != new.drain_timeout,
+            "bridge.drain_timeout",
+        );
+        check(
+            self.storm_threshold != new.storm_threshold,
+            "bridge.storm_threshold",
+        );
+        check(self.retained_max != new.retained_max, "bridge.retained_max");
+        check(
+            self.retained_max_bytes != new.retained_max_bytes,
+            "bridge.retained_max_bytes",
+        );
+        check(self.spool != new.spool, "bridge.spool_*");
+        check(self.tls_defaults != new.tls_defaults, "tls");
+        for old in &self.brokers {
+            if let Some(b) = new.brokers.iter().find(|b| b.name == old.name) {
+                let changed = old.changed_keys(b);
+                if !changed.is_empty() {
+                    keys.push(format!("broker {}: {}", old.name, changed.join(", ")));
+                }
+            }
+        }
+        keys
+    }
+}
+
+#[cfg(test)]
+mod tests;
