@@ -13,7 +13,8 @@
 //! - vocabulary and leaf services, importing nothing of the crate: [`message`] (the
 //!   protocol-neutral message, [`message::Protocol`], the acknowledgement owed to an origin),
 //!   [`tls`] (rustls client configurations from PEM files), [`dedup`] (the echo window and the
-//!   storm guard, pure), [`ratelimit`] (one log line per key and interval, pure); [`metrics`]
+//!   storm guard, pure), [`ratelimit`] (one log line per key and interval, pure), [`rules`]
+//!   (per-broker topic rules: filters, directions, QoS caps, prefix mapping; pure); [`metrics`]
 //!   (metric names, per-link counters, log-and-count functions) uses only `ratelimit`.
 //! - [`config`]: `bridge.toml`, validated into [`config::Config`] with errors that name the key;
 //!   owner of every default. `file.rs` the file as written and its validation, `broker.rs` one
@@ -51,6 +52,7 @@ pub mod message;
 pub(crate) mod metrics;
 pub(crate) mod ratelimit;
 pub(crate) mod router;
+pub(crate) mod rules;
 pub mod spool;
 pub(crate) mod status;
 pub(crate) mod supervisor;

@@ -32,6 +32,9 @@ pub(crate) const DROPPED_STORM: &str = "meshbridge_dropped_storm";
 pub(crate) const DROPPED_SPOOL_FAILED: &str = "meshbridge_dropped_spool_failed";
 /// 1 per link, labelled with its protocol and TLS mode (`on`, `off`, `insecure`).
 pub(crate) const LINK_INFO: &str = "meshbridge_link_info";
+/// Messages no topic rule of the broker took: received on a topic no `in` rule matches, or
+/// (from the spool, after a rule change) for a broker no `out` rule takes it to. Counter.
+pub(crate) const DROPPED_UNMATCHED: &str = "meshbridge_dropped_unmatched";
 /// 1 while the spool's disk refuses writes.
 pub(crate) const SPOOL_FAILING: &str = "meshbridge_spool_failing";
 /// Spool transactions that failed.
@@ -110,6 +113,8 @@ pub(crate) struct LinkStats {
     pub(crate) dropped_storm: AtomicU64,
     /// See [`DROPPED_SPOOL_FAILED`].
     pub(crate) dropped_spool_failed: AtomicU64,
+    /// See [`DROPPED_UNMATCHED`].
+    pub(crate) dropped_unmatched: AtomicU64,
     /// See [`REJECTED`].
     pub(crate) rejected: AtomicU64,
     /// See [`REDELIVERED`].
@@ -148,6 +153,7 @@ impl Default for LinkStats {
             dropped_overflow: AtomicU64::new(0),
             dropped_storm: AtomicU64::new(0),
             dropped_spool_failed: AtomicU64::new(0),
+            dropped_unmatched: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             redelivered: AtomicU64::new(0),
             spooled: AtomicU64::new(0),

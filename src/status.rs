@@ -44,6 +44,9 @@ pub struct BrokerStatus {
     /// Messages dropped because the spool's disk refused writes for too long.
     #[serde(default)]
     pub dropped_spool_failed: u64,
+    /// Messages no topic rule took (see `meshbridge_dropped_unmatched_total`).
+    #[serde(default)]
+    pub dropped_unmatched: u64,
     /// Messages the broker refused.
     pub rejected: u64,
     /// Messages published again after a reconnect.

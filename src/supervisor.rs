@@ -94,6 +94,7 @@ impl LinkHandle {
             dropped_overflow: n(&s.dropped_overflow),
             dropped_storm: n(&s.dropped_storm),
             dropped_spool_failed: n(&s.dropped_spool_failed),
+            dropped_unmatched: n(&s.dropped_unmatched),
             rejected: n(&s.rejected),
             redelivered: n(&s.redelivered),
             spooled: n(&s.spooled),
@@ -234,6 +235,8 @@ impl Supervisor {
             username: None,
             password_file: None,
             max_qos: None,
+            // A broker added at run time takes `[bridge] topics` both ways (rules: the file).
+            rules: Vec::new(),
         };
         Ok(self.config.broker_from_section("broker", section)?)
     }
@@ -271,12 +274,15 @@ impl Supervisor {
         endpoints: Vec<std::net::SocketAddr>,
     ) -> &LinkHandle {
         let stats = Arc::new(LinkStats::default());
-        let queue = Arc::new(TargetQueue::with_spool(
-            self.config.queue_capacity,
-            stats.clone(),
-            self.spool.clone(),
-            &broker.name,
-        ));
+        let queue = Arc::new(
+            TargetQueue::with_spool(
+                self.config.queue_capacity,
+                stats.clone(),
+                self.spool.clone(),
+                &broker.name,
+            )
+            .with_rules(broker.rules.clone()),
+        );
         let name: Arc<str> = broker.name.as_str().into();
         let (drained_tx, drained) = watch::channel(false);
         let stop = CancellationToken::new();
@@ -297,7 +303,6 @@ impl Supervisor {
             },
             name: name.clone(),
             bridge_id: self.config.bridge_id.as_str().into(),
-            topics: self.config.topics.clone(),
             router: self.router.clone(),
             queue: queue.clone(),
             stats: stats.clone(),
@@ -357,7 +362,10 @@ impl Supervisor {
         self.membership = membership;
         let retained = self.router.retained_snapshot();
         let handle = self.spawn_resolved(broker, endpoints);
-        for (origin, msg) in &retained {
+        for (origin, msg) in retained
+            .iter()
+            .filter(|(_, m)| handle.queue.accepts(&m.topic))
+        {
             handle
                 .queue
                 .push(Outbound::new(msg.clone(), None, origin.clone()));

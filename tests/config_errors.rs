@@ -88,6 +88,23 @@ const CASES: &[(&str, &[&str])] = &[
         &["broker[0].address", "not a valid IPv4 address"],
     ),
     (
+        "rule_bad_filter.toml",
+        &["broker[0].rule[0].filter", "edge", "a/#/b", "last one"],
+    ),
+    (
+        "rule_prefix_wildcard.toml",
+        &["broker[0].rule[0].broker_prefix", "edge", "x/+/"],
+    ),
+    (
+        "rule_overlap.toml",
+        &["broker[0].rule[0]", "edge", "rule[1]", "a/b/#", "twice"],
+    ),
+    (
+        "rule_bad_direction.toml",
+        &["rule_bad_direction.toml", "unknown variant `sideways`"],
+    ),
+    ("rule_unknown_key.toml", &["unknown field `topic`"]),
+    (
         "server_name_without_tls.toml",
         &["broker[0].server_name", "tls = false"],
     ),

@@ -21,7 +21,7 @@ pub(crate) fn encode(
     type Metric<T> = (&'static str, &'static str, fn(&BrokerStatus) -> T);
 
     let mut registry = Registry::default();
-    let counters: [Metric<u64>; 15] = [
+    let counters: [Metric<u64>; 16] = [
         (
             metrics::MESSAGES_IN,
             "Messages received from the broker",
@@ -81,6 +81,11 @@ pub(crate) fn encode(
             |s| s.spooled,
         ),
         (metrics::RECONNECTS, "Reconnections", |s| s.reconnects),
+        (
+            metrics::DROPPED_UNMATCHED,
+            "Messages no topic rule of the broker took",
+            |s| s.dropped_unmatched,
+        ),
         (
             metrics::DEDUP_EVICTIONS,
             "Dedup records dropped because the window was full: each one's echo is forwarded once more",

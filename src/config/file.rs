@@ -123,6 +123,28 @@ pub(crate) struct BrokerSection {
     pub(crate) password_file: Option<PathBuf>,
     /// Highest QoS forwarded to this broker (0, 1 or 2; default 2).
     pub(crate) max_qos: Option<u8>,
+    /// Topic rules (`[[broker.rule]]`); none: `[bridge] topics` both ways.
+    #[serde(default, rename = "rule")]
+    pub(crate) rules: Vec<RuleSection>,
+}
+
+/// One `[[broker.rule]]` as written (see [`crate::rules`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RuleSection {
+    /// Topic filter, relative to the prefixes.
+    pub(crate) filter: String,
+    /// `in`, `out` or `both` (default).
+    #[serde(default)]
+    pub(crate) direction: crate::rules::Direction,
+    /// QoS cap (default 2).
+    pub(crate) qos: Option<u8>,
+    /// Prefix of the broker's topics (mosquitto's remote prefix).
+    #[serde(default)]
+    pub(crate) broker_prefix: String,
+    /// Prefix of the same topics in the mesh (mosquitto's local prefix).
+    #[serde(default)]
+    pub(crate) mesh_prefix: String,
 }
 
 impl FileConfig {
@@ -169,7 +191,7 @@ impl FileConfig {
             return Err(invalid("bridge.topics", "at least one filter is needed"));
         }
         for (i, t) in topics.iter().enumerate() {
-            if let Err(e) = check_filter(t) {
+            if let Err(e) = crate::rules::check_filter(t) {
                 return Err(invalid(
                     format!("bridge.topics[{i}]"),
                     format!("{t:?}: {e}"),
@@ -362,21 +384,4 @@ pub(super) fn resolve(base_dir: &Path, path: &Path) -> PathBuf {
     } else {
         base_dir.join(path)
     }
-}
-
-/// Checks an MQTT topic filter.
-pub(super) fn check_filter(filter: &str) -> Result<(), &'static str> {
-    if filter.is_empty() {
-        return Err("empty filter");
-    }
-    let levels: Vec<&str> = filter.split('/').collect();
-    for (i, level) in levels.iter().enumerate() {
-        if level.contains('#') && (*level != "#" || i + 1 != levels.len()) {
-            return Err("'#' must be a whole level and the last one");
-        }
-        if level.contains('+') && *level != "+" {
-            return Err("'+' must be a whole level");
-        }
-    }
-    Ok(())
 }

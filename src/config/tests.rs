@@ -1,7 +1,7 @@
 //! Validation of addresses, names, filters and brokers; no broker needed.
 
-use super::file::check_filter;
 use super::*;
+use crate::rules::check_filter;
 
 #[test]
 fn addresses() {

@@ -46,8 +46,6 @@ pub(crate) struct LinkContext {
     pub(crate) name: Arc<str>,
     /// Bridge id, for origin tags.
     pub(crate) bridge_id: Arc<str>,
-    /// Filters to subscribe.
-    pub(crate) topics: Vec<String>,
     /// Fan-out to the other links.
     pub(crate) router: Arc<Router>,
     /// This link's own queue (registered in the router under `name`).
@@ -352,7 +350,10 @@ impl Link {
                     self.ctx.settings.broker.protocol == Protocol::V5 || !session_present;
                 if !subscribe {
                     info!("subscribed (the broker kept the session's subscriptions)");
-                } else if let Err(e) = conn.client.subscribe(&self.ctx.topics) {
+                } else if let Err(e) = conn
+                    .client
+                    .subscribe(&self.ctx.settings.broker.rules.subscriptions())
+                {
                     warn!(error = %e, "subscribe could not be queued");
                 }
                 self.ctx.queue.set_connected(true);
@@ -406,7 +407,7 @@ impl Link {
             }
             LinkEvent::SubAck(failures) => {
                 if failures.is_empty() {
-                    info!(topics = ?self.ctx.topics, "subscribed");
+                    info!(topics = ?self.ctx.settings.broker.rules.subscriptions(), "subscribed");
                 } else {
                     let error = format!("subscription refused: {}", failures.join(", "));
                     warn!(%error);
@@ -462,6 +463,26 @@ impl Link {
             self.complete_opt(ack);
             return;
         }
+        // Into the mesh through this broker's first matching `in` rule (topic and QoS cap).
+        let mapped = msg
+            .topic_str()
+            .and_then(|t| self.ctx.settings.broker.rules.inbound(t))
+            .map(|m| match m.topic {
+                // Unchanged (no prefix): the received bytes go on as they are.
+                std::borrow::Cow::Borrowed(_) => (None, m.qos_cap),
+                std::borrow::Cow::Owned(t) => (Some(bytes::Bytes::from(t)), m.qos_cap),
+            });
+        let Some((mesh_topic, qos_cap)) = mapped else {
+            // Only what a rule subscribed arrives; a topic none takes (not UTF-8) goes nowhere.
+            inc(&stats.dropped_unmatched);
+            self.complete_opt(ack);
+            return;
+        };
+        let mut msg = msg;
+        if let Some(topic) = mesh_topic {
+            msg.topic = topic;
+        }
+        msg.qos = msg.qos.min(qos_cap);
         let targets = self
             .ctx
             .router
@@ -481,6 +502,15 @@ impl Link {
             self.finish(item);
             return Ok(());
         };
+        // Out to this broker through its first matching `out` rule (the fan-out only queues
+        // what one takes; a spooled message may predate a rule change).
+        let Some(mapped) = broker.rules.outbound(topic) else {
+            inc(&self.ctx.stats.dropped_unmatched);
+            self.finish(item);
+            return Ok(());
+        };
+        let qos = qos.min(mapped.qos_cap);
+        let topic = mapped.topic;
         if let Some(max) = conn.max_packet {
             let size = item.msg.approx_packet_size();
             if size > max as usize {
@@ -500,11 +530,12 @@ impl Link {
             }
             Protocol::V311 => None,
         };
-        match conn.client.publish(&item.msg, topic, qos, properties) {
+        match conn.client.publish(&item.msg, &topic, qos, properties) {
             Ok(()) => {
                 if broker.protocol == Protocol::V311 {
+                    // The echo comes back on the broker's topic, as published.
                     self.echo.record(
-                        fingerprint(&item.msg.topic, &item.msg.payload),
+                        fingerprint(topic.as_bytes(), &item.msg.payload),
                         Instant::now(),
                     );
                 }

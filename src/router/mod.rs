@@ -110,9 +110,11 @@ impl Router {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        // One cheap clone of the topic (Bytes): the closure must not borrow `msg`, moved below.
+        let topic = msg.topic.clone();
         let targets = || {
             list.iter()
-                .filter(|(name, _)| name.as_ref() != origin.as_ref())
+                .filter(|(name, queue)| name.as_ref() != origin.as_ref() && queue.accepts(&topic))
                 .map(|(_, queue)| queue)
         };
         let n = targets().count();

@@ -125,6 +125,8 @@ pub(crate) struct TargetQueue {
     /// Set when the memory queue overflowed: the link should move what holds origin
     /// acknowledgements to the spool ([`TargetQueue::evacuate`]).
     evacuate_requested: AtomicBool,
+    /// The target's topic rules: the fan-out queues only what an `out` rule takes.
+    rules: Arc<crate::rules::Rules>,
 }
 
 impl TargetQueue {
@@ -170,7 +172,20 @@ impl TargetQueue {
             spooled,
             blocked_len: AtomicUsize::new(0),
             evacuate_requested: AtomicBool::new(false),
+            rules: Arc::new(crate::rules::Rules::everything(&["#".to_string()])),
         }
+    }
+
+    /// This queue with its target's topic rules (default: everything).
+    pub(crate) fn with_rules(mut self, rules: Arc<crate::rules::Rules>) -> Self {
+        self.rules = rules;
+        self
+    }
+
+    /// Whether the target takes a mesh message on `topic` (a topic that is not UTF-8 is taken:
+    /// the link reports it as rejected).
+    pub(crate) fn accepts(&self, topic: &[u8]) -> bool {
+        std::str::from_utf8(topic).map_or(true, |t| self.rules.outbound(t).is_some())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, QueueInner> {

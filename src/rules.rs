@@ -1,0 +1,488 @@
+//! Topic rules per broker, as a mosquitto bridge `topic` line has them: a filter, a direction,
+//! a QoS cap, and a prefix pair mapping the broker's topics to the mesh's. Pure: no I/O.
+//!
+//! Meaning (mosquitto's, with the mesh in the place of the bridge master's own broker):
+//! - `in` takes messages from the broker into the mesh: the broker is subscribed to
+//!   `broker_prefix + filter`, and a message on `broker_prefix + rest` enters the mesh as
+//!   `mesh_prefix + rest`.
+//! - `out` gives messages of the mesh to the broker: a mesh topic matching
+//!   `mesh_prefix + filter` is published to the broker as `broker_prefix + rest`.
+//! - `both` is both.
+//!
+//! The first matching rule in file order decides (its mapping and its QoS cap); a message goes
+//! to a broker at most once whatever else matches. Because a broker delivers one copy per
+//! matching subscription, the `in` filters of one broker must not overlap unless one covers
+//! the other ([`Rules::new`] refuses that); a covered filter is not subscribed on its own.
+//! A broker without rules has one `both` rule per `[bridge] topics` filter, without prefixes.
+
+/// Which way a rule lets messages through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Direction {
+    /// From the broker into the mesh.
+    In,
+    /// From the mesh to the broker.
+    Out,
+    /// Both ways (the default).
+    #[default]
+    Both,
+}
+
+impl Direction {
+    fn inbound(self) -> bool {
+        self != Direction::Out
+    }
+
+    fn outbound(self) -> bool {
+        self != Direction::In
+    }
+}
+
+/// One rule of one broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Rule {
+    /// Topic filter, relative to the prefixes.
+    pub(crate) filter: String,
+    /// Which way it lets messages through.
+    pub(crate) direction: Direction,
+    /// Highest QoS forwarded through it.
+    pub(crate) qos: u8,
+    /// Prefix of the broker's topics.
+    pub(crate) broker_prefix: String,
+    /// Prefix of the same topics in the mesh.
+    pub(crate) mesh_prefix: String,
+}
+
+/// A topic mapped by a rule, with the rule's QoS cap. Borrowed when no prefix changes it (no
+/// allocation on the common path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Mapped<'a> {
+    /// The topic on the other side.
+    pub(crate) topic: std::borrow::Cow<'a, str>,
+    /// Highest QoS through this rule.
+    pub(crate) qos_cap: u8,
+}
+
+/// Why a broker's rules are refused (`rule` is its index); [`RuleError::key`] names the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum RuleError {
+    /// The filter is not a valid MQTT filter.
+    #[error("{filter:?}: {why}")]
+    Filter {
+        /// The rule.
+        rule: usize,
+        /// Its filter.
+        filter: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// A prefix holds a wildcard (it would make invalid topics).
+    #[error("{prefix:?}: a prefix cannot contain '+' or '#'")]
+    Prefix {
+        /// The rule.
+        rule: usize,
+        /// `broker_prefix` or `mesh_prefix`.
+        key: &'static str,
+        /// The prefix.
+        prefix: String,
+    },
+    /// The QoS cap is not 0, 1 or 2.
+    #[error("{qos}: must be 0, 1 or 2")]
+    Qos {
+        /// The rule.
+        rule: usize,
+        /// The value.
+        qos: u8,
+    },
+    /// Two `in` filters overlap and neither covers the other: a message matching both would
+    /// arrive twice.
+    #[error(
+        "{a:?} and rule[{second}] ({b:?}) take overlapping topics from the broker and neither covers the other: a message on both would arrive twice; narrow one, or make one cover the other"
+    )]
+    Overlap {
+        /// The earlier rule.
+        first: usize,
+        /// Its subscription.
+        a: String,
+        /// The later rule.
+        second: usize,
+        /// Its subscription.
+        b: String,
+    },
+}
+
+impl RuleError {
+    /// The key at fault, relative to the broker: `rule[1].filter`, `rule[0]`…
+    pub(crate) fn key(&self) -> String {
+        match self {
+            RuleError::Filter { rule, .. } => format!("rule[{rule}].filter"),
+            RuleError::Prefix { rule, key, .. } => format!("rule[{rule}].{key}"),
+            RuleError::Qos { rule, .. } => format!("rule[{rule}].qos"),
+            RuleError::Overlap { first, .. } => format!("rule[{first}]"),
+        }
+    }
+}
+
+/// The rules of one broker, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Rules {
+    rules: Vec<Rule>,
+}
+
+impl Rules {
+    /// Checks `rules`: valid filters, no wildcard in a prefix, QoS caps 0-2, and `in` filters
+    /// that overlap only where one covers the other.
+    pub(crate) fn new(rules: Vec<Rule>) -> Result<Self, RuleError> {
+        for (i, r) in rules.iter().enumerate() {
+            check_filter(&r.filter).map_err(|why| RuleError::Filter {
+                rule: i,
+                filter: r.filter.clone(),
+                why,
+            })?;
+            for (key, prefix) in [
+                ("broker_prefix", &r.broker_prefix),
+                ("mesh_prefix", &r.mesh_prefix),
+            ] {
+                if prefix.contains(['+', '#']) {
+                    return Err(RuleError::Prefix {
+                        rule: i,
+                        key,
+                        prefix: prefix.clone(),
+                    });
+                }
+            }
+            if r.qos > 2 {
+                return Err(RuleError::Qos {
+                    rule: i,
+                    qos: r.qos,
+                });
+            }
+        }
+        let inbound: Vec<(usize, String)> = rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.direction.inbound())
+            .map(|(i, r)| (i, format!("{}{}", r.broker_prefix, r.filter)))
+            .collect();
+        for (n, (i, a)) in inbound.iter().enumerate() {
+            for (j, b) in &inbound[n + 1..] {
+                if overlap(a, b) && !covers(a, b) && !covers(b, a) {
+                    return Err(RuleError::Overlap {
+                        first: *i,
+                        a: a.clone(),
+                        second: *j,
+                        b: b.clone(),
+                    });
+                }
+            }
+        }
+        Ok(Self { rules })
+    }
+
+    /// The rules of a broker that has none: every filter both ways, no prefixes, no cap.
+    /// The filters were checked by the config.
+    pub(crate) fn everything(filters: &[String]) -> Self {
+        Self {
+            rules: filters
+                .iter()
+                .map(|f| Rule {
+                    filter: f.clone(),
+                    direction: Direction::Both,
+                    qos: 2,
+                    broker_prefix: String::new(),
+                    mesh_prefix: String::new(),
+                })
+                .collect(),
+        }
+    }
+
+    /// What to subscribe on the broker: the `in` filters with their prefixes, without those
+    /// another one covers, in rule order.
+    pub(crate) fn subscriptions(&self) -> Vec<String> {
+        let all: Vec<String> = self
+            .rules
+            .iter()
+            .filter(|r| r.direction.inbound())
+            .map(|r| format!("{}{}", r.broker_prefix, r.filter))
+            .collect();
+        let mut out: Vec<String> = Vec::new();
+        for (i, f) in all.iter().enumerate() {
+            let covered = all
+                .iter()
+                .enumerate()
+                .any(|(j, g)| j != i && covers(g, f) && (!covers(f, g) || j < i));
+            if !covered && !out.contains(f) {
+                out.push(f.clone());
+            }
+        }
+        out
+    }
+
+    /// A message the broker sent on `topic`: its mesh topic and QoS cap, by the first `in`
+    /// rule that matches; `None` when no rule takes it.
+    pub(crate) fn inbound<'a>(&self, topic: &'a str) -> Option<Mapped<'a>> {
+        self.rules
+            .iter()
+            .filter(|r| r.direction.inbound())
+            .find_map(|r| map(r, topic, &r.broker_prefix, &r.mesh_prefix))
+    }
+
+    /// A mesh message on `topic` for this broker: its topic there and QoS cap, by the first
+    /// `out` rule that matches; `None` when the broker does not take it.
+    pub(crate) fn outbound<'a>(&self, topic: &'a str) -> Option<Mapped<'a>> {
+        self.rules
+            .iter()
+            .filter(|r| r.direction.outbound())
+            .find_map(|r| map(r, topic, &r.mesh_prefix, &r.broker_prefix))
+    }
+}
+
+/// `topic` through `rule` from the side with prefix `from` to the side with prefix `to`.
+fn map<'a>(rule: &Rule, topic: &'a str, from: &str, to: &str) -> Option<Mapped<'a>> {
+    let rest = topic.strip_prefix(from)?;
+    // `from + filter` matches `topic` exactly when `filter` matches the rest; the rule on `$`
+    // topics looks at the topic's first level, which is the rest's only without a prefix.
+    let matched = if from.is_empty() {
+        matches(&rule.filter, rest)
+    } else {
+        matches_levels(&rule.filter, rest)
+    };
+    if !matched {
+        return None;
+    }
+    let topic = if from == to {
+        std::borrow::Cow::Borrowed(topic)
+    } else {
+        std::borrow::Cow::Owned(format!("{to}{rest}"))
+    };
+    Some(Mapped {
+        topic,
+        qos_cap: rule.qos,
+    })
+}
+
+/// Checks an MQTT topic filter.
+pub(crate) fn check_filter(filter: &str) -> Result<(), &'static str> {
+    if filter.is_empty() {
+        return Err("empty filter");
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        if level.contains('#') && (*level != "#" || i + 1 != levels.len()) {
+            return Err("'#' must be a whole level and the last one");
+        }
+        if level.contains('+') && *level != "+" {
+            return Err("'+' must be a whole level");
+        }
+    }
+    Ok(())
+}
+
+/// Whether `topic` matches `filter` (MQTT 3.1.1/5 rules: `+` one level, `#` the rest and the
+/// parent level, and a leading wildcard does not match a topic that starts with `$`).
+pub(crate) fn matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    matches_levels(filter, topic)
+}
+
+/// [`matches`] without the rule on `$` topics.
+fn matches_levels(filter: &str, topic: &str) -> bool {
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Whether a filter starting with a wildcard meets one starting with a `$` level: it does not
+/// (a leading wildcard never matches a `$` topic).
+fn dollar_apart(wild: &str, other: &str) -> bool {
+    wild.starts_with(['+', '#']) && other.starts_with('$')
+}
+
+/// Whether some topic matches both filters.
+fn overlap(a: &str, b: &str) -> bool {
+    if dollar_apart(a, b) || dollar_apart(b, a) {
+        return false;
+    }
+    let (mut x, mut y) = (a.split('/'), b.split('/'));
+    loop {
+        match (x.next(), y.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (Some("+"), Some(_)) | (Some(_), Some("+")) => {}
+            (Some(p), Some(q)) if p == q => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Whether every topic that matches `b` matches `a`.
+fn covers(a: &str, b: &str) -> bool {
+    if dollar_apart(a, b) {
+        return false;
+    }
+    let (mut x, mut y) = (a.split('/'), b.split('/'));
+    loop {
+        match (x.next(), y.next()) {
+            (Some("#"), _) => return true,
+            (Some(_), Some("#")) => return false,
+            (Some("+"), Some(_)) => {}
+            (Some(p), Some(q)) if p == q => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(filter: &str, direction: Direction, qos: u8, bp: &str, mp: &str) -> Rule {
+        Rule {
+            filter: filter.into(),
+            direction,
+            qos,
+            broker_prefix: bp.into(),
+            mesh_prefix: mp.into(),
+        }
+    }
+
+    fn mapped(topic: &str, qos_cap: u8) -> Option<Mapped<'_>> {
+        Some(Mapped {
+            topic: topic.into(),
+            qos_cap,
+        })
+    }
+
+    #[test]
+    fn matching_follows_mqtt() {
+        for (f, t) in [
+            ("#", "a/b"),
+            ("a/#", "a"),
+            ("a/#", "a/b/c"),
+            ("a/+/c", "a/b/c"),
+            ("+", "a"),
+            ("a/+", "a/"),
+            ("$SYS/#", "$SYS/x"),
+        ] {
+            assert!(matches(f, t), "{f} {t}");
+        }
+        for (f, t) in [
+            ("a/+", "a"),
+            ("a/+/c", "a/b/d"),
+            ("a/b", "a/b/c"),
+            ("#", "$SYS/x"),
+            ("+/x", "$SYS/x"),
+        ] {
+            assert!(!matches(f, t), "{f} {t}");
+        }
+    }
+
+    #[test]
+    fn covering_and_overlap() {
+        assert!(covers("a/#", "a/b/#") && covers("a/#", "a") && covers("#", "a/+"));
+        assert!(covers("a/+", "a/b") && !covers("a/+", "a/#") && !covers("a/b", "a/+"));
+        assert!(overlap("a/+/c", "a/b/#") && !covers("a/+/c", "a/b/#"));
+        assert!(!overlap("a/b", "a/c") && !overlap("a/+", "a/b/c"));
+        // A leading wildcard never matches a `$` topic.
+        assert!(!covers("#", "$SYS/#") && !overlap("#", "$SYS/#") && !overlap("+/x", "$SYS/x"));
+        let r = Rules::everything(&["#".into(), "$SYS/#".into()]);
+        assert_eq!(r.subscriptions(), vec!["#", "$SYS/#"]);
+        assert_eq!(
+            r.inbound("$SYS/broker/uptime"),
+            mapped("$SYS/broker/uptime", 2)
+        );
+    }
+
+    #[test]
+    fn no_rules_means_everything_both_ways() {
+        let r = Rules::everything(&["#".into()]);
+        assert_eq!(r.subscriptions(), vec!["#"]);
+        assert_eq!(r.inbound("a/b"), mapped("a/b", 2));
+        assert_eq!(r.outbound("a/b"), mapped("a/b", 2));
+    }
+
+    #[test]
+    fn directions_caps_and_prefixes() {
+        let r = Rules::new(vec![
+            rule("telemetry/#", Direction::In, 1, "", "site7/"),
+            rule("commands/site7/#", Direction::Out, 2, "", ""),
+            rule("sensors/#", Direction::Both, 0, "local/", "site7/"),
+        ])
+        .unwrap();
+        assert_eq!(r.subscriptions(), vec!["telemetry/#", "local/sensors/#"]);
+        assert_eq!(r.inbound("telemetry/t1"), mapped("site7/telemetry/t1", 1));
+        assert_eq!(r.inbound("commands/site7/x"), None, "out only");
+        assert_eq!(
+            r.outbound("commands/site7/x"),
+            mapped("commands/site7/x", 2)
+        );
+        assert_eq!(r.outbound("site7/telemetry/t1"), None, "in only");
+        assert_eq!(r.inbound("local/sensors/a"), mapped("site7/sensors/a", 0));
+        assert_eq!(r.outbound("site7/sensors/a"), mapped("local/sensors/a", 0));
+        assert_eq!(r.outbound("sensors/a"), None, "not under the mesh prefix");
+        assert_eq!(r.inbound("sensors/a"), None, "not under the broker prefix");
+    }
+
+    #[test]
+    fn first_matching_rule_decides_and_covered_filters_are_not_subscribed() {
+        let r = Rules::new(vec![
+            rule("a/b/#", Direction::In, 1, "", "special/"),
+            rule("a/#", Direction::Both, 2, "", ""),
+        ])
+        .unwrap();
+        assert_eq!(r.subscriptions(), vec!["a/#"], "one subscription, one copy");
+        assert_eq!(r.inbound("a/b/c"), mapped("special/a/b/c", 1));
+        assert_eq!(r.inbound("a/x"), mapped("a/x", 2));
+        let same = Rules::new(vec![
+            rule("x/#", Direction::In, 1, "", ""),
+            rule("x/#", Direction::Both, 2, "", "m/"),
+        ])
+        .unwrap();
+        assert_eq!(same.subscriptions(), vec!["x/#"]);
+        assert_eq!(same.inbound("x/1"), mapped("x/1", 1));
+    }
+
+    #[test]
+    fn bad_rules_are_refused_naming_the_rule() {
+        let err = |rules: Vec<Rule>| {
+            let e = Rules::new(rules).unwrap_err();
+            format!("{}: {e}", e.key())
+        };
+        assert!(err(vec![rule("a/#/b", Direction::In, 2, "", "")]).starts_with("rule[0].filter"));
+        assert!(err(vec![rule("+x", Direction::In, 2, "", "")]).contains("whole level"));
+        assert!(err(vec![rule("", Direction::In, 2, "", "")]).contains("empty filter"));
+        let e = err(vec![
+            rule("a", Direction::Out, 2, "", ""),
+            rule("b", Direction::In, 2, "x/+/", ""),
+        ]);
+        assert!(e.starts_with("rule[1].broker_prefix"), "{e}");
+        assert!(err(vec![rule("a", Direction::In, 3, "", "")]).starts_with("rule[0].qos"));
+        let e = err(vec![
+            rule("a/+/c", Direction::In, 2, "", ""),
+            rule("a/b/#", Direction::Both, 2, "", ""),
+        ]);
+        assert!(
+            e.starts_with("rule[0]: ") && e.contains("rule[1]") && e.contains("twice"),
+            "{e}"
+        );
+        // Overlapping out rules are fine: the first match decides, one publish.
+        assert!(
+            Rules::new(vec![
+                rule("a/+/c", Direction::Out, 2, "", ""),
+                rule("a/b/#", Direction::Out, 1, "", ""),
+            ])
+            .is_ok()
+        );
+    }
+}
