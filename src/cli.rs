@@ -101,6 +101,21 @@ pub enum Command {
         #[command(flatten)]
         target: AdminTarget,
     },
+    /// Convert a mosquitto bridge master's configuration into a bridge.toml (every option it
+    /// cannot express is reported, one line each).
+    ImportMosquitto {
+        /// The mosquitto configuration file (its `include_dir`s are read too).
+        file: PathBuf,
+        /// Where to write the bridge.toml (password files go beside it, mode 0600).
+        #[arg(long, default_value = "bridge.toml")]
+        out: PathBuf,
+        /// `[bridge] id` of the result.
+        #[arg(long, default_value = "mesh")]
+        id: String,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
     /// Show the state of every link of a running bridge.
     Status {
         /// JSON for scripts instead of a table.

@@ -33,7 +33,8 @@
 //! - [`supervisor`]: owns the links; start, add/remove at run time, reload, ordered shutdown.
 //! - [`admin`]: the HTTP API: `server.rs` (accept loop with limits, routes), `exposition.rs`
 //!   (Prometheus text), `client.rs` (the CLI side).
-//! - [`cli`], [`certs`] (`bridge certs`), [`demo`] (`bridge demo`), and [`testing`] (what the
+//! - [`cli`], [`certs`] (`bridge certs`), [`demo`] (`bridge demo`), [`import`] (`bridge
+//!   import-mosquitto`), and [`testing`] (what the
 //!   integration tests and meshbench use of the insides).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -46,6 +47,7 @@ pub mod cli;
 pub mod config;
 pub(crate) mod dedup;
 pub mod demo;
+pub mod import;
 pub(crate) mod link;
 pub(crate) mod membership;
 pub mod message;

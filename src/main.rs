@@ -75,6 +75,12 @@ fn main() -> ExitCode {
         } => add_broker(address, name, protocol, no_tls, server_name, &target),
         Command::RemoveBroker { broker, target } => remove_broker(&broker, &target),
         Command::Status { json, target } => status(json, &target),
+        Command::ImportMosquitto {
+            file,
+            out,
+            id,
+            force,
+        } => import_mosquitto(&file, &out, &id, force),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -194,6 +200,92 @@ fn remove_broker(broker: &str, target: &AdminTarget) -> Result<(), Failure> {
         .remove(broker)
         .map_err(Failure::other)?;
     println!("removed {name}");
+    Ok(())
+}
+
+/// `bridge import-mosquitto`: reads the configuration and the files of its `include_dir`s (in
+/// alphabetical order, as mosquitto does; a relative directory is taken from the file's), writes
+/// the bridge.toml and the password files, prints what could not be expressed, then checks the
+/// result like `bridge check`.
+fn import_mosquitto(
+    file: &std::path::Path,
+    out: &std::path::Path,
+    id: &str,
+    force: bool,
+) -> Result<(), Failure> {
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .map_err(|e| Failure::config(format!("{}: {e}", path.display())))
+    };
+    let main = read(file)?;
+    let mut files = vec![(file.display().to_string(), main.clone())];
+    for line in main.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("include_dir") {
+            continue;
+        }
+        let Some(dir) = words.next() else { continue };
+        let dir = file
+            .parent()
+            .map_or_else(|| dir.into(), |base| base.join(dir));
+        let mut confs: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|e| Failure::config(format!("include_dir {}: {e}", dir.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "conf"))
+            .collect();
+        confs.sort();
+        for conf in confs {
+            files.push((conf.display().to_string(), read(&conf)?));
+        }
+    }
+    let imported = meshbridge::import::convert(&files, id).map_err(Failure::config)?;
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let targets: Vec<std::path::PathBuf> = std::iter::once(out.to_path_buf())
+        .chain(imported.passwords.iter().map(|(name, _)| dir.join(name)))
+        .collect();
+    if !force && let Some(existing) = targets.iter().find(|p| p.exists()) {
+        return Err(Failure::config(format!(
+            "{} exists already (use --force to overwrite)",
+            existing.display()
+        )));
+    }
+    let write = |path: &std::path::Path, text: &str, secret: bool| {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        if secret {
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        }
+        let _ = secret;
+        std::io::Write::write_all(&mut options.open(path)?, text.as_bytes())
+    };
+    for (name, password) in &imported.passwords {
+        let path = dir.join(name);
+        write(&path, &format!("{password}\n"), true)
+            .map_err(|e| Failure::other(format!("cannot write {}: {e}", path.display())))?;
+        println!("wrote {} (mode 0600)", path.display());
+    }
+    write(out, &imported.toml, false)
+        .map_err(|e| Failure::other(format!("cannot write {}: {e}", out.display())))?;
+    println!("wrote {}", out.display());
+    for note in &imported.notes {
+        println!("note: {note}");
+    }
+    let config = Config::load(out).map_err(|e| {
+        Failure::other(format!(
+            "{} was written, but does not check: {e}",
+            out.display()
+        ))
+    })?;
+    println!(
+        "{}: ok ({} brokers); review the notes, then `bridge run --config {}`",
+        out.display(),
+        config.brokers.len(),
+        out.display()
+    );
     Ok(())
 }
 

@@ -348,7 +348,11 @@ impl Link {
                 // session, so the broker does not resend every retained message on each reconnect.
                 let subscribe =
                     self.ctx.settings.broker.protocol == Protocol::V5 || !session_present;
-                if !subscribe {
+                if self.ctx.settings.broker.rules.subscriptions().is_empty() {
+                    // Only `out` rules: nothing to take from this broker (and an empty
+                    // SUBSCRIBE is a protocol error).
+                    info!("subscribed to nothing (no `in` rule)");
+                } else if !subscribe {
                     info!("subscribed (the broker kept the session's subscriptions)");
                 } else if let Err(e) = conn
                     .client
