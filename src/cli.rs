@@ -89,6 +89,11 @@ pub enum Command {
         /// Name to verify in the broker's certificate.
         #[arg(long)]
         server_name: Option<String>,
+        /// A topic rule in mosquitto's syntax, repeatable:
+        /// 'PATTERN [in|out|both] [QOS] [MESH-PREFIX BROKER-PREFIX]' (mosquitto's local and remote
+        /// prefix; defaults out and QoS 0, as mosquitto). None: [bridge] topics both ways.
+        #[arg(long = "topic", value_name = "RULE")]
+        topics: Vec<String>,
         /// Where the bridge is.
         #[command(flatten)]
         target: AdminTarget,

@@ -69,38 +69,7 @@ fn q(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
-/// Splits a line into words; double quotes group (and `""` is an empty word).
-fn words(line: &str) -> Result<Vec<String>, String> {
-    let mut out = Vec::new();
-    let mut chars = line.chars().peekable();
-    while let Some(&c) = chars.peek() {
-        if c.is_whitespace() {
-            chars.next();
-            continue;
-        }
-        let mut word = String::new();
-        if c == '"' {
-            chars.next();
-            loop {
-                match chars.next() {
-                    Some('"') => break,
-                    Some(ch) => word.push(ch),
-                    None => return Err("unclosed quote".into()),
-                }
-            }
-        } else {
-            while let Some(&ch) = chars.peek() {
-                if ch.is_whitespace() {
-                    break;
-                }
-                word.push(ch);
-                chars.next();
-            }
-        }
-        out.push(word);
-    }
-    Ok(out)
-}
+use crate::rules::words;
 
 /// Converts the configuration `files` (name and text, in the order mosquitto reads them: the
 /// main file, then each `include_dir`'s files in alphabetical order, which the caller resolves)

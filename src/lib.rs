@@ -54,7 +54,7 @@ pub mod message;
 pub(crate) mod metrics;
 pub(crate) mod ratelimit;
 pub(crate) mod router;
-pub(crate) mod rules;
+pub mod rules;
 pub mod spool;
 pub(crate) mod status;
 pub(crate) mod supervisor;

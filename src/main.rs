@@ -71,8 +71,17 @@ fn main() -> ExitCode {
             protocol,
             no_tls,
             server_name,
+            topics,
             target,
-        } => add_broker(address, name, protocol, no_tls, server_name, &target),
+        } => add_broker(
+            address,
+            name,
+            protocol,
+            no_tls,
+            server_name,
+            topics,
+            &target,
+        ),
         Command::RemoveBroker { broker, target } => remove_broker(&broker, &target),
         Command::Status { json, target } => status(json, &target),
         Command::ImportMosquitto {
@@ -169,8 +178,16 @@ fn add_broker(
     protocol: Option<String>,
     no_tls: bool,
     server_name: Option<String>,
+    topics: Vec<String>,
     target: &AdminTarget,
 ) -> Result<(), Failure> {
+    let rules = topics
+        .iter()
+        .map(|t| {
+            meshbridge::rules::RuleSpec::from_mosquitto(t)
+                .map_err(|e| Failure::config(format!("--topic {t:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let protocol = protocol
         .map(|p| p.parse::<Protocol>())
         .transpose()
@@ -182,6 +199,7 @@ fn add_broker(
         protocol,
         tls: Some(!no_tls),
         server_name,
+        rules,
     };
     let s = client.add(&request).map_err(Failure::other)?;
     println!(

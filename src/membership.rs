@@ -27,6 +27,9 @@ pub(crate) struct AddedBroker {
     /// Name to verify in its certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) server_name: Option<String>,
+    /// Its topic rules (none: `[bridge] topics` both ways).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) rules: Vec<crate::rules::RuleSpec>,
 }
 
 /// The persisted changes.
@@ -141,6 +144,7 @@ mod tests {
             protocol: Protocol::V5,
             tls: false,
             server_name: None,
+            rules: vec![crate::rules::RuleSpec::from_mosquitto("a/# in 1 m/ \"\"").unwrap()],
         }
     }
 

@@ -16,9 +16,9 @@
 //! A broker without rules has one `both` rule per `[bridge] topics` filter, without prefixes.
 
 /// Which way a rule lets messages through.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub(crate) enum Direction {
+pub enum Direction {
     /// From the broker into the mesh.
     In,
     /// From the mesh to the broker.
@@ -36,6 +36,101 @@ impl Direction {
     fn outbound(self) -> bool {
         self != Direction::In
     }
+}
+
+/// One rule as written: a `[[broker.rule]]` table, an element of an add request's `rules`,
+/// or a `--topic` line; persisted with a broker added at run time.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    /// Topic filter, relative to the prefixes.
+    pub filter: String,
+    /// `in`, `out` or `both` (default).
+    #[serde(default)]
+    pub direction: Direction,
+    /// QoS cap (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<u8>,
+    /// Prefix of the broker's topics (mosquitto's remote prefix).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub broker_prefix: String,
+    /// Prefix of the same topics in the mesh (mosquitto's local prefix).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mesh_prefix: String,
+}
+
+impl RuleSpec {
+    /// A mosquitto `topic` line's arguments: `pattern [in|out|both] [qos] [local remote]`, with
+    /// mosquitto's defaults (`out`, QoS 0); words in double quotes (`""` is empty).
+    pub fn from_mosquitto(line: &str) -> Result<Self, String> {
+        let w = words(line)?;
+        let filter = w.first().cloned().ok_or("empty topic line")?;
+        let direction = match w.get(1).map(String::as_str) {
+            None | Some("out") => Direction::Out,
+            Some("in") => Direction::In,
+            Some("both") => Direction::Both,
+            Some(other) => return Err(format!("direction {other:?}: expected in, out or both")),
+        };
+        let qos = match w.get(2) {
+            None => 0,
+            Some(q) => q
+                .parse()
+                .map_err(|_| format!("QoS {q:?}: expected 0, 1 or 2"))?,
+        };
+        if w.len() == 4 || w.len() > 5 {
+            return Err("expected `pattern [direction [qos [local-prefix remote-prefix]]]`".into());
+        }
+        Ok(RuleSpec {
+            filter,
+            direction,
+            qos: Some(qos),
+            mesh_prefix: w.get(3).cloned().unwrap_or_default(),
+            broker_prefix: w.get(4).cloned().unwrap_or_default(),
+        })
+    }
+
+    fn rule(&self) -> Rule {
+        Rule {
+            filter: self.filter.clone(),
+            direction: self.direction,
+            qos: self.qos.unwrap_or(2),
+            broker_prefix: self.broker_prefix.clone(),
+            mesh_prefix: self.mesh_prefix.clone(),
+        }
+    }
+}
+
+/// Splits a line into words; double quotes group (`""` is an empty word).
+pub(crate) fn words(line: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut chars = line.chars().peekable();
+    while let Some(&c) = chars.peek() {
+        if c.is_whitespace() {
+            chars.next();
+            continue;
+        }
+        let mut word = String::new();
+        if c == '"' {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('"') => break,
+                    Some(ch) => word.push(ch),
+                    None => return Err("unclosed quote".into()),
+                }
+            }
+        } else {
+            while let Some(&ch) = chars.peek() {
+                if ch.is_whitespace() {
+                    break;
+                }
+                word.push(ch);
+                chars.next();
+            }
+        }
+        out.push(word);
+    }
+    Ok(out)
 }
 
 /// One rule of one broker.
@@ -130,6 +225,14 @@ pub(crate) struct Rules {
 }
 
 impl Rules {
+    /// The rules of `specs` (none: `filters` both ways), checked like [`Rules::new`].
+    pub(crate) fn from_specs(specs: &[RuleSpec], filters: &[String]) -> Result<Self, RuleError> {
+        if specs.is_empty() {
+            return Ok(Self::everything(filters));
+        }
+        Self::new(specs.iter().map(RuleSpec::rule).collect())
+    }
+
     /// Checks `rules`: valid filters, no wildcard in a prefix, QoS caps 0-2, and `in` filters
     /// that overlap only where one covers the other.
     pub(crate) fn new(rules: Vec<Rule>) -> Result<Self, RuleError> {
@@ -451,6 +554,43 @@ mod tests {
         .unwrap();
         assert_eq!(same.subscriptions(), vec!["x/#"]);
         assert_eq!(same.inbound("x/1"), mapped("x/1", 1));
+    }
+
+    #[test]
+    fn mosquitto_topic_lines_parse_with_mosquittos_defaults() {
+        let r = RuleSpec::from_mosquitto("sensors/# in 1 \"site7/\" \"\"").unwrap();
+        assert_eq!(
+            (
+                r.filter.as_str(),
+                r.direction,
+                r.qos,
+                r.mesh_prefix.as_str(),
+                r.broker_prefix.as_str()
+            ),
+            ("sensors/#", Direction::In, Some(1), "site7/", "")
+        );
+        let r = RuleSpec::from_mosquitto("a/#").unwrap();
+        assert_eq!(
+            (r.direction, r.qos),
+            (Direction::Out, Some(0)),
+            "mosquitto's defaults"
+        );
+        assert!(
+            RuleSpec::from_mosquitto("a/# sideways")
+                .unwrap_err()
+                .contains("sideways")
+        );
+        assert!(
+            RuleSpec::from_mosquitto("a/# in x")
+                .unwrap_err()
+                .contains("QoS")
+        );
+        assert!(
+            RuleSpec::from_mosquitto("a/# in 1 onlyone").is_err(),
+            "prefixes come in pairs"
+        );
+        assert!(RuleSpec::from_mosquitto("").is_err());
+        assert!(RuleSpec::from_mosquitto("\"a/#").is_err());
     }
 
     #[test]

@@ -235,8 +235,7 @@ impl Supervisor {
             username: None,
             password_file: None,
             max_qos: None,
-            // A broker added at run time takes `[bridge] topics` both ways (rules: the file).
-            rules: Vec::new(),
+            rules: spec.rules.clone(),
         };
         Ok(self.config.broker_from_section("broker", section)?)
     }
@@ -452,6 +451,18 @@ impl Supervisor {
     /// that disappeared are taken out (returned, to be shut down by the caller). Persisted
     /// run-time changes keep their precedence. Other settings need a restart.
     pub(crate) fn reload(&mut self, new: Config) -> (Vec<String>, Vec<LinkHandle>) {
+        // Topic rules of running brokers change in place: the fan-out and the link take them
+        // from the queue, and the link re-subscribes the difference.
+        for b in &new.brokers {
+            if let Some(link) = self.links.get_mut(&b.name)
+                && self.from_config.contains(&b.name)
+                && link.broker.rules != b.rules
+            {
+                info!(broker = %b.name, "topic rules changed by the reload");
+                link.queue.set_rules(b.rules.clone());
+                link.broker.rules = b.rules.clone();
+            }
+        }
         let new_names: HashSet<String> = new.brokers.iter().map(|b| b.name.clone()).collect();
         let added_at_runtime: HashSet<String> = self
             .membership

@@ -148,3 +148,146 @@ async fn rules_filter_cap_and_map_topics_per_broker() {
     assert!(door.retain, "retained on b1");
     assert_eq!(&door.payload[..], b"site7/sensors/door@b2");
 }
+
+/// Rules change while messages flow: a SIGHUP widens b2's rules (the link subscribes nothing
+/// new for out rules, the fan-out starts queueing b/ for it), and add-broker --topic adds b4
+/// taking only a/. Nothing already flowing is lost, nothing goes where the rules in force say
+/// it must not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_change_under_load_by_reload_and_add_broker() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const N: usize = 1200;
+    let m = MeshBuilder::new(4)
+        .meshed(&[0, 1, 2])
+        .link_keys_of(1, "[[broker.rule]]\nfilter = \"a/#\"\n")
+        .start();
+    let port = |i: usize| m.brokers[i].plain_port;
+    let s2 = mqtt::subscribe(port(1), "s2", "#").await;
+    let s3 = mqtt::subscribe(port(2), "s3", "#").await;
+    let s4 = mqtt::subscribe(port(3), "s4", "#").await;
+    // a/i and b/i alternate, 400 msg/s for 3 s.
+    let msgs: Vec<Pub> = (0..N)
+        .map(|i| {
+            let t = if i % 2 == 0 { "a" } else { "b" };
+            Pub::new(format!("{t}/{i}"), format!("{i}"), 1)
+        })
+        .collect();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let stream = tokio::spawn({
+        let progress = progress.clone();
+        let port = port(0);
+        async move { mqtt::publish_paced(port, "stream", &msgs, 400, progress).await }
+    });
+    let wait_progress = |n: usize| {
+        let progress = progress.clone();
+        async move {
+            while progress.load(Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+
+    // A third of the way: b2 also takes b/#, by SIGHUP.
+    wait_progress(N / 3).await;
+    let cfg = m.config.replacen(
+        "[[broker.rule]]\nfilter = \"a/#\"\n",
+        "[[broker.rule]]\nfilter = \"a/#\"\n\n[[broker.rule]]\nfilter = \"b/#\"\n",
+        1,
+    );
+    assert_ne!(cfg, m.config);
+    std::fs::write(m.bridge.dir.join("bridge.toml"), &cfg).unwrap();
+    common::signal(m.bridge.pid().unwrap(), "HUP");
+    assert!(
+        m.bridge.wait_log(
+            "topic rules changed by the reload",
+            1,
+            Duration::from_secs(10)
+        ),
+        "{}",
+        m.bridge.log()
+    );
+    let reloaded_at = progress.load(Ordering::SeqCst);
+
+    // Two thirds: b4 joins with one rule, mosquitto syntax.
+    wait_progress(2 * N / 3).await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bridge"))
+        .args([
+            "add-broker",
+            &format!("127.0.0.1:{}", m.brokers[3].tls_port),
+            "--name",
+            "b4",
+            "--topic",
+            "a/# out 1 \"\" \"\"",
+            "--admin",
+            &m.admin,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    m.bridge.wait_subscribed(&["b4"]);
+    let added_at = progress.load(Ordering::SeqCst);
+    stream.await.unwrap();
+
+    let seqs = |s: &Sub, prefix: &str| -> Vec<usize> {
+        let mut v: Vec<usize> = s
+            .messages()
+            .iter()
+            .filter(|g| g.topic.starts_with(prefix))
+            .map(|g| String::from_utf8_lossy(&g.payload).parse().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    for s in [&s2, &s3, &s4] {
+        s.settle(Duration::from_millis(800)).await;
+    }
+    let a_all: Vec<usize> = (0..N).step_by(2).collect();
+    let b_all: Vec<usize> = (1..N).step_by(2).collect();
+    // b3 (no rules) and b2 (a/# all along) lose nothing of a/; b3 nothing of b/.
+    assert_eq!(seqs(&s3, "a/"), a_all, "b3 a/");
+    assert_eq!(seqs(&s3, "b/"), b_all, "b3 b/");
+    assert_eq!(seqs(&s2, "a/"), a_all, "b2 a/ across the reload");
+    // b2's b/: none before the reload began, every one after it took effect.
+    let b2_b = seqs(&s2, "b/");
+    let reload_began = N / 3;
+    assert!(
+        b2_b.iter().all(|&i| i + 20 >= reload_began),
+        "b/ before the reload reached b2: {:?}",
+        &b2_b[..b2_b.len().min(5)]
+    );
+    let after: Vec<usize> = b_all.iter().copied().filter(|&i| i > reloaded_at).collect();
+    assert!(
+        after.iter().all(|i| b2_b.contains(i)),
+        "b/ after the reload missing on b2: {:?}",
+        after
+            .iter()
+            .filter(|i| !b2_b.contains(i))
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    // b4 takes only a/, and every a/ published once it was subscribed.
+    assert!(seqs(&s4, "b/").is_empty(), "b4 has no rule for b/");
+    let a4 = seqs(&s4, "a/");
+    let expected: Vec<usize> = a_all.iter().copied().filter(|&i| i > added_at).collect();
+    assert!(
+        expected.iter().all(|i| a4.contains(i)),
+        "a/ after the add missing on b4: {:?}",
+        expected
+            .iter()
+            .filter(|i| !a4.contains(i))
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    // One copy each, everywhere.
+    for (name, s) in [("b2", &s2), ("b3", &s3), ("b4", &s4)] {
+        let all = s.messages().len();
+        let distinct: std::collections::HashSet<String> =
+            s.messages().into_iter().map(|g| g.topic).collect();
+        assert_eq!(all, distinct.len(), "{name} got duplicates");
+    }
+}

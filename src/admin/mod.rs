@@ -43,6 +43,9 @@ pub struct AddBrokerRequest {
     /// Name to verify in the broker's certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
+    /// Topic rules (none: `[bridge] topics` both ways), as in `[[broker.rule]]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<crate::rules::RuleSpec>,
 }
 
 /// Body of every error answer.

@@ -275,6 +275,7 @@ async fn add(
         protocol: req.protocol.unwrap_or_default(),
         tls: req.tls.unwrap_or(crate::config::DEFAULT_TLS),
         server_name: req.server_name,
+        rules: req.rules,
     };
     match state.supervisor.lock().await.add(spec) {
         Ok(status) => {

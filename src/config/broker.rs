@@ -117,9 +117,6 @@ impl BrokerConfig {
         if self.max_qos != new.max_qos {
             keys.push("max_qos");
         }
-        if self.rules != new.rules {
-            keys.push("rule");
-        }
         keys
     }
     /// `host:port` as given.
@@ -183,23 +180,8 @@ impl Config {
                 format!("{max_qos}: must be 0, 1 or 2"),
             ));
         }
-        let rules = if s.rules.is_empty() {
-            crate::rules::Rules::everything(&self.topics)
-        } else {
-            crate::rules::Rules::new(
-                s.rules
-                    .iter()
-                    .map(|r| crate::rules::Rule {
-                        filter: r.filter.clone(),
-                        direction: r.direction,
-                        qos: r.qos.unwrap_or(2),
-                        broker_prefix: r.broker_prefix.clone(),
-                        mesh_prefix: r.mesh_prefix.clone(),
-                    })
-                    .collect(),
-            )
-            .map_err(|e| invalid(format!("{key}.{}", e.key()), format!("{name}: {e}")))?
-        };
+        let rules = crate::rules::Rules::from_specs(&s.rules, &self.topics)
+            .map_err(|e| invalid(format!("{key}.{}", e.key()), format!("{name}: {e}")))?;
         let pick = |own: &Option<PathBuf>, default: &Option<PathBuf>, k: &str| {
             own.as_ref()
                 .map(|p| (format!("{key}.{k}"), resolve(&self.base_dir, p)))

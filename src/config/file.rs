@@ -125,26 +125,7 @@ pub(crate) struct BrokerSection {
     pub(crate) max_qos: Option<u8>,
     /// Topic rules (`[[broker.rule]]`); none: `[bridge] topics` both ways.
     #[serde(default, rename = "rule")]
-    pub(crate) rules: Vec<RuleSection>,
-}
-
-/// One `[[broker.rule]]` as written (see [`crate::rules`]).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RuleSection {
-    /// Topic filter, relative to the prefixes.
-    pub(crate) filter: String,
-    /// `in`, `out` or `both` (default).
-    #[serde(default)]
-    pub(crate) direction: crate::rules::Direction,
-    /// QoS cap (default 2).
-    pub(crate) qos: Option<u8>,
-    /// Prefix of the broker's topics (mosquitto's remote prefix).
-    #[serde(default)]
-    pub(crate) broker_prefix: String,
-    /// Prefix of the same topics in the mesh (mosquitto's local prefix).
-    #[serde(default)]
-    pub(crate) mesh_prefix: String,
+    pub(crate) rules: Vec<crate::rules::RuleSpec>,
 }
 
 impl FileConfig {

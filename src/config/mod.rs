@@ -270,7 +270,7 @@ pub(crate) fn read_secret(key: &str, path: &Path) -> Result<Secret, ConfigError>
 
 impl Config {
     /// What differs in `new` that a reload cannot apply (everything but adding and removing
-    /// brokers), as config keys: `bridge.id`, `broker b2: address, max_qos`… Empty when `new`
+    /// brokers and changing their topic rules), as config keys: `bridge.id`, `broker b2: address, max_qos`… Empty when `new`
     /// can be applied by a reload.
     pub(crate) fn changes_needing_restart(&self, new: &Config) -> Vec<String> {
         let mut keys = Vec::new();

@@ -93,6 +93,8 @@ struct Link {
     release_first: Vec<u16>,
     /// Origin tags (`<bridge id>/<origin broker>`) by origin, built once instead of per publish.
     tags: HashMap<Arc<str>, String, ahash::RandomState>,
+    /// The filters this broker's session is subscribed to, as this link last set them.
+    subscribed: Vec<String>,
     /// Messages this target is done with (acknowledged, rejected, or QoS 0 written): the stall
     /// check's measure of progress. Acknowledgements alone are not: a target that rejects
     /// everything, or takes only QoS 0, would look frozen and be moved to the spool.
@@ -127,6 +129,7 @@ impl Link {
             storm,
             release_first: Vec::new(),
             tags: HashMap::default(),
+            subscribed: Vec::new(),
             finished: 0,
         }
     }
@@ -219,9 +222,42 @@ impl Link {
             self.flush_acks(&conn.client);
         }
         self.ctx.queue.unblock();
+        if conn.connected.is_some() && self.ctx.queue.take_rules_changed() {
+            self.apply_rule_change(conn);
+        }
         if conn.connected.is_some() && self.ctx.queue.evacuate_requested() {
             self.evacuate(conn, "its queue is full");
         }
+    }
+
+    /// The rules changed (a reload): subscribe what they want now and unsubscribe what they no
+    /// longer want. What is queued or in flight is unaffected: a queued message is mapped by
+    /// the rules in force when it is published.
+    fn apply_rule_change(&mut self, conn: &Conn) {
+        let wanted = self.ctx.queue.rules().subscriptions();
+        let added: Vec<String> = wanted
+            .iter()
+            .filter(|f| !self.subscribed.contains(f))
+            .cloned()
+            .collect();
+        let removed: Vec<String> = self
+            .subscribed
+            .iter()
+            .filter(|f| !wanted.contains(f))
+            .cloned()
+            .collect();
+        info!(?added, ?removed, "topic rules changed");
+        if !added.is_empty()
+            && let Err(e) = conn.client.subscribe(&added)
+        {
+            warn!(error = %e, "subscribe could not be queued");
+        }
+        if !removed.is_empty()
+            && let Err(e) = conn.client.unsubscribe(&removed)
+        {
+            warn!(error = %e, "unsubscribe could not be queued");
+        }
+        self.subscribed = wanted;
     }
 
     /// Connected, with room in the in-flight window.
@@ -344,22 +380,44 @@ impl Link {
                 conn.connected = Some(Instant::now());
                 conn.max_packet = max_packet_size;
                 info!(session_present, "connected");
-                // 3.1.1 has no "retained only on new subscription": skip re-subscribing a kept
-                // session, so the broker does not resend every retained message on each reconnect.
-                let subscribe =
-                    self.ctx.settings.broker.protocol == Protocol::V5 || !session_present;
-                if self.ctx.settings.broker.rules.subscriptions().is_empty() {
+                // This connection applies the rules as they are now.
+                self.ctx.queue.take_rules_changed();
+                let wanted = self.ctx.queue.rules().subscriptions();
+                // 3.1.1 has no "retained only on new subscription": skip re-subscribing what a
+                // kept session has, so the broker does not resend every retained message on
+                // each reconnect; a kept session also drops what the rules no longer want.
+                let kept = session_present.then(|| self.subscribed.clone());
+                let stale: Vec<String> = kept
+                    .iter()
+                    .flatten()
+                    .filter(|f| !wanted.contains(f))
+                    .cloned()
+                    .collect();
+                if !stale.is_empty()
+                    && let Err(e) = conn.client.unsubscribe(&stale)
+                {
+                    warn!(error = %e, "unsubscribe could not be queued");
+                }
+                let to_subscribe: Vec<String> =
+                    if self.ctx.settings.broker.protocol == Protocol::V5 || kept.is_none() {
+                        wanted.clone()
+                    } else {
+                        wanted
+                            .iter()
+                            .filter(|f| !self.subscribed.contains(f))
+                            .cloned()
+                            .collect()
+                    };
+                if wanted.is_empty() {
                     // Only `out` rules: nothing to take from this broker (and an empty
                     // SUBSCRIBE is a protocol error).
                     info!("subscribed to nothing (no `in` rule)");
-                } else if !subscribe {
+                } else if to_subscribe.is_empty() {
                     info!("subscribed (the broker kept the session's subscriptions)");
-                } else if let Err(e) = conn
-                    .client
-                    .subscribe(&self.ctx.settings.broker.rules.subscriptions())
-                {
+                } else if let Err(e) = conn.client.subscribe(&to_subscribe) {
                     warn!(error = %e, "subscribe could not be queued");
                 }
+                self.subscribed = wanted;
                 self.ctx.queue.set_connected(true);
                 self.ctx.stats.clear_error();
                 self.ctx.stats.set_state(LinkState::Connected);
@@ -411,7 +469,7 @@ impl Link {
             }
             LinkEvent::SubAck(failures) => {
                 if failures.is_empty() {
-                    info!(topics = ?self.ctx.settings.broker.rules.subscriptions(), "subscribed");
+                    info!(topics = ?self.subscribed, "subscribed");
                 } else {
                     let error = format!("subscription refused: {}", failures.join(", "));
                     warn!(%error);
@@ -470,7 +528,7 @@ impl Link {
         // Into the mesh through this broker's first matching `in` rule (topic and QoS cap).
         let mapped = msg
             .topic_str()
-            .and_then(|t| self.ctx.settings.broker.rules.inbound(t))
+            .and_then(|t| self.ctx.queue.rules().inbound(t))
             .map(|m| match m.topic {
                 // Unchanged (no prefix): the received bytes go on as they are.
                 std::borrow::Cow::Borrowed(_) => (None, m.qos_cap),
@@ -508,7 +566,7 @@ impl Link {
         };
         // Out to this broker through its first matching `out` rule (the fan-out only queues
         // what one takes; a spooled message may predate a rule change).
-        let Some(mapped) = broker.rules.outbound(topic) else {
+        let Some(mapped) = self.ctx.queue.rules().outbound(topic) else {
             inc(&self.ctx.stats.dropped_unmatched);
             self.finish(item);
             return Ok(());

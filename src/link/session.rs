@@ -232,6 +232,17 @@ impl Client {
         }
     }
 
+    /// Queues an UNSUBSCRIBE per filter (a rule change).
+    pub(crate) fn unsubscribe(&self, filters: &[String]) -> Result<(), SendError> {
+        for f in filters {
+            match self {
+                Client::V4(c) => c.try_unsubscribe(f.clone())?,
+                Client::V5(c) => c.try_unsubscribe(f.clone())?,
+            }
+        }
+        Ok(())
+    }
+
     /// Queues a DISCONNECT.
     pub(crate) fn disconnect(&self) -> Result<(), SendError> {
         match self {

@@ -125,8 +125,11 @@ pub(crate) struct TargetQueue {
     /// Set when the memory queue overflowed: the link should move what holds origin
     /// acknowledgements to the spool ([`TargetQueue::evacuate`]).
     evacuate_requested: AtomicBool,
-    /// The target's topic rules: the fan-out queues only what an `out` rule takes.
-    rules: Arc<crate::rules::Rules>,
+    /// The target's topic rules (the fan-out queues only what an `out` rule takes; the link
+    /// maps through them), replaced as a whole when they change at run time.
+    rules: std::sync::RwLock<Arc<crate::rules::Rules>>,
+    /// Set when the rules changed: the link subscribes and unsubscribes the difference.
+    rules_changed: AtomicBool,
 }
 
 impl TargetQueue {
@@ -172,20 +175,46 @@ impl TargetQueue {
             spooled,
             blocked_len: AtomicUsize::new(0),
             evacuate_requested: AtomicBool::new(false),
-            rules: Arc::new(crate::rules::Rules::everything(&["#".to_string()])),
+            rules: std::sync::RwLock::new(Arc::new(crate::rules::Rules::everything(&[
+                "#".to_string()
+            ]))),
+            rules_changed: AtomicBool::new(false),
         }
     }
 
     /// This queue with its target's topic rules (default: everything).
-    pub(crate) fn with_rules(mut self, rules: Arc<crate::rules::Rules>) -> Self {
-        self.rules = rules;
+    pub(crate) fn with_rules(self, rules: Arc<crate::rules::Rules>) -> Self {
+        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = rules;
         self
+    }
+
+    /// The target's rules now.
+    pub(crate) fn rules(&self) -> Arc<crate::rules::Rules> {
+        self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// New rules for the target (a reload): from the next message on; the link is told.
+    pub(crate) fn set_rules(&self, rules: Arc<crate::rules::Rules>) {
+        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = rules;
+        self.rules_changed.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    /// Whether the rules changed since the last call.
+    pub(crate) fn take_rules_changed(&self) -> bool {
+        self.rules_changed.swap(false, Ordering::AcqRel)
     }
 
     /// Whether the target takes a mesh message on `topic` (a topic that is not UTF-8 is taken:
     /// the link reports it as rejected).
     pub(crate) fn accepts(&self, topic: &[u8]) -> bool {
-        std::str::from_utf8(topic).map_or(true, |t| self.rules.outbound(t).is_some())
+        std::str::from_utf8(topic).map_or(true, |t| {
+            self.rules
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .outbound(t)
+                .is_some()
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, QueueInner> {
