@@ -93,8 +93,10 @@ struct Link {
     release_first: Vec<u16>,
     /// Origin tags (`<bridge id>/<origin broker>`) by origin, built once instead of per publish.
     tags: HashMap<Arc<str>, String, ahash::RandomState>,
-    /// The filters this broker's session is subscribed to, as this link last set them.
-    subscribed: Vec<String>,
+    /// The filters this broker's session is subscribed to, as this link last set them; `None`
+    /// before this process first connected (a kept session is then taken to hold the filters
+    /// the rules want now, as the process that subscribed had the same configuration).
+    subscribed: Option<Vec<String>>,
     /// Messages this target is done with (acknowledged, rejected, or QoS 0 written): the stall
     /// check's measure of progress. Acknowledgements alone are not: a target that rejects
     /// everything, or takes only QoS 0, would look frozen and be moved to the spool.
@@ -129,7 +131,7 @@ impl Link {
             storm,
             release_first: Vec::new(),
             tags: HashMap::default(),
-            subscribed: Vec::new(),
+            subscribed: None,
             finished: 0,
         }
     }
@@ -235,13 +237,13 @@ impl Link {
     /// the rules in force when it is published.
     fn apply_rule_change(&mut self, conn: &Conn) {
         let wanted = self.ctx.queue.rules().subscriptions();
+        let have = self.subscribed.clone().unwrap_or_default();
         let added: Vec<String> = wanted
             .iter()
-            .filter(|f| !self.subscribed.contains(f))
+            .filter(|f| !have.contains(f))
             .cloned()
             .collect();
-        let removed: Vec<String> = self
-            .subscribed
+        let removed: Vec<String> = have
             .iter()
             .filter(|f| !wanted.contains(f))
             .cloned()
@@ -257,7 +259,7 @@ impl Link {
         {
             warn!(error = %e, "unsubscribe could not be queued");
         }
-        self.subscribed = wanted;
+        self.subscribed = Some(wanted);
     }
 
     /// Connected, with room in the in-flight window.
@@ -386,7 +388,8 @@ impl Link {
                 // 3.1.1 has no "retained only on new subscription": skip re-subscribing what a
                 // kept session has, so the broker does not resend every retained message on
                 // each reconnect; a kept session also drops what the rules no longer want.
-                let kept = session_present.then(|| self.subscribed.clone());
+                let kept = session_present
+                    .then(|| self.subscribed.clone().unwrap_or_else(|| wanted.clone()));
                 let stale: Vec<String> = kept
                     .iter()
                     .flatten()
@@ -402,9 +405,10 @@ impl Link {
                     if self.ctx.settings.broker.protocol == Protocol::V5 || kept.is_none() {
                         wanted.clone()
                     } else {
+                        let have = kept.clone().unwrap_or_default();
                         wanted
                             .iter()
-                            .filter(|f| !self.subscribed.contains(f))
+                            .filter(|f| !have.contains(f))
                             .cloned()
                             .collect()
                     };
@@ -417,7 +421,7 @@ impl Link {
                 } else if let Err(e) = conn.client.subscribe(&to_subscribe) {
                     warn!(error = %e, "subscribe could not be queued");
                 }
-                self.subscribed = wanted;
+                self.subscribed = Some(wanted);
                 self.ctx.queue.set_connected(true);
                 self.ctx.stats.clear_error();
                 self.ctx.stats.set_state(LinkState::Connected);
@@ -469,7 +473,7 @@ impl Link {
             }
             LinkEvent::SubAck(failures) => {
                 if failures.is_empty() {
-                    info!(topics = ?self.subscribed, "subscribed");
+                    info!(topics = ?self.subscribed.as_deref().unwrap_or_default(), "subscribed");
                 } else {
                     let error = format!("subscription refused: {}", failures.join(", "));
                     warn!(%error);
