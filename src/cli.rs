@@ -74,30 +74,7 @@ pub enum Command {
         force: bool,
     },
     /// Add a broker to a running bridge (persisted under its data_dir).
-    AddBroker {
-        /// Broker address, host:port.
-        address: String,
-        /// Broker name (default: from the address).
-        #[arg(long)]
-        name: Option<String>,
-        /// Protocol version: v5 or v3.1.1.
-        #[arg(long)]
-        protocol: Option<String>,
-        /// Plain TCP instead of TLS.
-        #[arg(long)]
-        no_tls: bool,
-        /// Name to verify in the broker's certificate.
-        #[arg(long)]
-        server_name: Option<String>,
-        /// A topic rule in mosquitto's syntax, repeatable:
-        /// 'PATTERN [in|out|both] [QOS] [MESH-PREFIX BROKER-PREFIX]' (mosquitto's local and remote
-        /// prefix; defaults out and QoS 0, as mosquitto). None: [bridge] topics both ways.
-        #[arg(long = "topic", value_name = "RULE")]
-        topics: Vec<String>,
-        /// Where the bridge is.
-        #[command(flatten)]
-        target: AdminTarget,
-    },
+    AddBroker(AddBrokerArgs),
     /// Remove a broker (by name or address) from a running bridge.
     RemoveBroker {
         /// Broker name or host:port.
@@ -130,4 +107,31 @@ pub enum Command {
         #[command(flatten)]
         target: AdminTarget,
     },
+}
+
+/// `bridge add-broker`'s arguments.
+#[derive(Debug, Args)]
+pub struct AddBrokerArgs {
+    /// Broker address, host:port.
+    pub address: String,
+    /// Broker name (default: from the address).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Protocol version: v5 or v3.1.1.
+    #[arg(long)]
+    pub protocol: Option<String>,
+    /// Plain TCP instead of TLS.
+    #[arg(long)]
+    pub no_tls: bool,
+    /// Name to verify in the broker's certificate.
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// A topic rule in mosquitto's syntax, repeatable:
+    /// 'PATTERN [in|out|both] [QOS] [MESH-PREFIX BROKER-PREFIX]' (mosquitto's local and remote
+    /// prefix; defaults out and QoS 0, as mosquitto). None: [bridge] topics both ways.
+    #[arg(long = "topic", value_name = "RULE")]
+    pub topics: Vec<String>,
+    /// Where the bridge is.
+    #[command(flatten)]
+    pub target: AdminTarget,
 }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use meshbridge::admin::AddBrokerRequest;
 use meshbridge::admin::client::{AdminClient, status_table};
-use meshbridge::cli::{AdminTarget, Cli, Command, LogFormat};
+use meshbridge::cli::{AddBrokerArgs, AdminTarget, Cli, Command, LogFormat};
 use meshbridge::config::Config;
 use meshbridge::message::Protocol;
 use tokio_util::sync::CancellationToken;
@@ -65,23 +65,7 @@ fn main() -> ExitCode {
         } => run(config, spool_recover),
         Command::Demo { duration } => demo(duration),
         Command::Certs { out, names, force } => certs(&out, names, force),
-        Command::AddBroker {
-            address,
-            name,
-            protocol,
-            no_tls,
-            server_name,
-            topics,
-            target,
-        } => add_broker(
-            address,
-            name,
-            protocol,
-            no_tls,
-            server_name,
-            topics,
-            &target,
-        ),
+        Command::AddBroker(args) => add_broker(args),
         Command::RemoveBroker { broker, target } => remove_broker(&broker, &target),
         Command::Status { json, target } => status(json, &target),
         Command::ImportMosquitto {
@@ -172,15 +156,16 @@ fn certs(out: &std::path::Path, names: Vec<String>, force: bool) -> Result<(), F
 }
 
 /// `bridge add-broker`.
-fn add_broker(
-    address: String,
-    name: Option<String>,
-    protocol: Option<String>,
-    no_tls: bool,
-    server_name: Option<String>,
-    topics: Vec<String>,
-    target: &AdminTarget,
-) -> Result<(), Failure> {
+fn add_broker(args: AddBrokerArgs) -> Result<(), Failure> {
+    let AddBrokerArgs {
+        address,
+        name,
+        protocol,
+        no_tls,
+        server_name,
+        topics,
+        target,
+    } = args;
     let rules = topics
         .iter()
         .map(|t| {
@@ -192,7 +177,7 @@ fn add_broker(
         .map(|p| p.parse::<Protocol>())
         .transpose()
         .map_err(|e| Failure::config(format!("--protocol: {e}")))?;
-    let client = admin_client(target)?;
+    let client = admin_client(&target)?;
     let request = AddBrokerRequest {
         address,
         name,

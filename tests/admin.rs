@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::mqtt::{self, Pub};
@@ -14,16 +13,7 @@ use common::{
 };
 
 fn cli(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_bridge"))
-        .args(args)
-        .env("RUST_LOG", "off")
-        .output()
-        .expect("run bridge");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::cli_in(args, None)
 }
 
 fn status_json(admin: &str) -> Vec<serde_json::Value> {

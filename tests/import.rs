@@ -14,17 +14,7 @@ use common::mqtt::{self, Pub, Sub};
 use common::{Bridge, BrokerOpts, Mosquitto, free_port};
 
 fn bridge(args: &[&str], dir: &Path) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_bridge"))
-        .args(args)
-        .current_dir(dir)
-        .env("RUST_LOG", "off")
-        .output()
-        .expect("run bridge");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::cli_in(args, Some(dir))
 }
 
 /// Plain brokers (the master template dials port 1883 without TLS).

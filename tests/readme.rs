@@ -31,6 +31,18 @@ fn first_code_block(readme: &str) -> Vec<String> {
         .collect()
 }
 
+/// `line` to run through bash in `dir`, as a user at a prompt types it, output captured.
+fn bash(line: &str, dir: &Path) -> Command {
+    let mut command = Command::new("bash");
+    command
+        .args(["-c", line])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
 /// A shell line run through bash in the repository, as a user at a prompt would; its own
 /// process group, so that it can be interrupted like Ctrl-C interrupts a terminal's job.
 struct Job {
@@ -41,12 +53,7 @@ struct Job {
 
 impl Job {
     fn start(line: &str, dir: &Path) -> Job {
-        let mut child = Command::new("bash")
-            .args(["-c", line])
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+        let mut child = bash(line, dir)
             .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {line:?}: {e}"));
@@ -124,12 +131,7 @@ impl Drop for Job {
 
 /// Runs one line to completion through bash in `dir`: (success, stdout + stderr).
 fn run_line(line: &str, dir: &Path) -> (bool, String) {
-    let mut child = Command::new("bash")
-        .args(["-c", line])
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let mut child = bash(line, dir)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {line:?}: {e}"));
     let mut err = String::new();

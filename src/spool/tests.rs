@@ -10,14 +10,19 @@ fn target(spool: &Spool, name: &str) -> Arc<Target> {
     )
 }
 
+/// Bounds of a test spool: 1 GiB, `max_messages`, drop the oldest.
+fn limits(max_messages: u64) -> Limits {
+    Limits {
+        max_bytes: 1 << 30,
+        max_messages,
+        overflow: Overflow::DropOldest,
+    }
+}
+
 #[tokio::test]
 async fn append_read_delete_and_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let limits = Limits {
-        max_bytes: 1 << 30,
-        max_messages: 1000,
-        overflow: Overflow::DropOldest,
-    };
+    let limits = limits(1000);
     {
         let spool = Spool::open(dir.path(), limits).unwrap();
         let t = target(&spool, "b2");
@@ -60,11 +65,7 @@ async fn append_read_delete_and_reopen() {
 #[tokio::test]
 async fn held_rows_read_in_key_order_with_disk_rows_and_deleted_without_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let limits = Limits {
-        max_bytes: 1 << 30,
-        max_messages: 1000,
-        overflow: Overflow::DropOldest,
-    };
+    let limits = limits(1000);
     let spool = Spool::open(dir.path(), limits).unwrap();
     let t = target(&spool, "b2");
     spool.append(&t, MIDDLE, vec![0; 4], None);
@@ -111,11 +112,7 @@ async fn held_rows_read_in_key_order_with_disk_rows_and_deleted_without_disk() {
 /// naming the file and what to do, never a panic (systemd would restart it in a loop).
 #[tokio::test]
 async fn a_damaged_file_is_an_error_not_a_panic() {
-    let limits = Limits {
-        max_bytes: 1 << 30,
-        max_messages: 100_000,
-        overflow: Overflow::DropOldest,
-    };
+    let limits = limits(100_000);
     type Damage = fn(&mut Vec<u8>);
     let damages: [(&str, Damage); 4] = [
         ("cut to a third", |b| b.truncate(b.len() / 3)),
@@ -178,15 +175,7 @@ async fn a_damaged_file_is_an_error_not_a_panic() {
 #[tokio::test]
 async fn drop_oldest_keeps_the_bound() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(
-        dir.path(),
-        Limits {
-            max_bytes: 1 << 30,
-            max_messages: 3,
-            overflow: Overflow::DropOldest,
-        },
-    )
-    .unwrap();
+    let spool = Spool::open(dir.path(), limits(3)).unwrap();
     let t = target(&spool, "b1");
     for k in 0..5 {
         spool.append(&t, MIDDLE + k, vec![0; 4], None);

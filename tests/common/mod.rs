@@ -693,3 +693,19 @@ impl Mesh {
         http_get(&format!("http://{}/metrics", self.admin), None).1
     }
 }
+
+/// Runs the `bridge` binary with `args` (in `dir` when given), logs off: (exit code, stdout,
+/// stderr).
+pub fn cli_in(args: &[&str], dir: Option<&Path>) -> (i32, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_bridge"));
+    command.args(args).env("RUST_LOG", "off");
+    if let Some(dir) = dir {
+        command.current_dir(dir);
+    }
+    let out = command.output().expect("run bridge");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
