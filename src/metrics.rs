@@ -247,11 +247,16 @@ pub(crate) fn message_rejected(stats: &LinkStats, topic: &[u8], reason: &str) {
     }
 }
 
+/// Whether an event counter that just grew by `added` to `total` is to be logged: the first
+/// time, and each time it passes a multiple of 1000, so a long outage does not flood the log.
+pub(crate) fn sampled(total: u64, added: u64) -> bool {
+    total == added || total % 1000 < added
+}
+
 /// A target queue overflowed: the oldest message was dropped.
 pub(crate) fn queue_overflow(stats: &LinkStats, dropped: u64) {
     let total = stats.dropped_overflow.fetch_add(dropped, Ordering::Relaxed) + dropped;
-    // Log the first and then every 1000th, so a long outage does not flood the log.
-    if total == dropped || total % 1000 < dropped {
+    if sampled(total, dropped) {
         tracing::warn!(
             dropped_total = total,
             "target queue full: oldest messages dropped"
@@ -263,7 +268,7 @@ pub(crate) fn queue_overflow(stats: &LinkStats, dropped: u64) {
 /// (QoS 0 is never acknowledged), so it is dropped and counted as an overflow.
 pub(crate) fn spool_full_qos0_dropped(stats: &LinkStats) {
     let total = stats.dropped_overflow.fetch_add(1, Ordering::Relaxed) + 1;
-    if total == 1 || total.is_multiple_of(1000) {
+    if sampled(total, 1) {
         tracing::warn!(
             dropped_total = total,
             "spool full: QoS 0 message dropped (spool_overflow = \"block\" holds back QoS 1 and 2 only)"
@@ -294,6 +299,17 @@ pub(crate) fn storm(stats: &LinkStats, topic: &[u8], first: bool, threshold: u32
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_and_every_thousandth_event_is_logged() {
+        let logged: Vec<u64> = (1..=3001).filter(|&t| sampled(t, 1)).collect();
+        assert_eq!(logged, vec![1, 1000, 2000, 3000]);
+        assert!(sampled(5, 5), "a first batch");
+        assert!(
+            sampled(1002, 5) && !sampled(1007, 5),
+            "a batch that passes 1000"
+        );
+    }
 
     #[test]
     fn topics_in_logs_cannot_forge_lines() {

@@ -47,7 +47,7 @@ impl RetainedTable {
         let size = msg.approx_packet_size() as u64;
         if self.by_topic.len() >= max || self.bytes + size > max_bytes {
             self.skipped += 1;
-            if self.skipped == 1 || self.skipped.is_multiple_of(1000) {
+            if metrics::sampled(self.skipped, 1) {
                 warn!(
                     topic = %metrics::loggable_topic(&msg.topic),
                     bytes = size,

@@ -261,7 +261,7 @@ fn drop_held_beyond_bound(target: &Target, health: &Health) {
             .dropped_spool_failed
             .fetch_add(1, Ordering::Relaxed)
             + 1;
-        if total == 1 || total.is_multiple_of(1000) {
+        if crate::metrics::sampled(total, 1) {
             warn!(
                 target_broker = target.table.trim_start_matches(TABLE_PREFIX),
                 dropped_total = total,
