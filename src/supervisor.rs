@@ -363,7 +363,7 @@ impl Supervisor {
         let handle = self.spawn_resolved(broker, endpoints);
         for (origin, msg) in retained
             .iter()
-            .filter(|(_, m)| handle.queue.accepts(&m.topic))
+            .filter(|(_, m)| handle.queue.accepts(m.topic_str()))
         {
             handle
                 .queue

@@ -110,14 +110,14 @@ impl Router {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        // One cheap clone of the topic (Bytes): the closure must not borrow `msg`, moved below.
-        let topic = msg.topic.clone();
-        let targets = || {
-            list.iter()
-                .filter(|(name, queue)| name.as_ref() != origin.as_ref() && queue.accepts(&topic))
-                .map(|(_, queue)| queue)
-        };
-        let n = targets().count();
+        // Each target's rules are asked once (the count and the pushes use the same answer).
+        let topic = msg.topic_str();
+        let targets: Vec<&Arc<TargetQueue>> = list
+            .iter()
+            .filter(|(name, queue)| name.as_ref() != origin.as_ref() && queue.accepts(topic))
+            .map(|(_, queue)| queue)
+            .collect();
+        let n = targets.len();
         let mut shares: Vec<Option<AckShare>> = match ack {
             Some((req, tx)) if n > 0 => AckGroup::split(req, tx.clone(), n)
                 .into_iter()
@@ -133,7 +133,7 @@ impl Router {
         if msg.retain {
             self.note_retained(origin, &msg);
         }
-        for target in targets() {
+        for target in targets {
             target.push(Outbound::new(
                 msg.clone(),
                 shares.pop().flatten(),

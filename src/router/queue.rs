@@ -205,10 +205,10 @@ impl TargetQueue {
         self.rules_changed.swap(false, Ordering::AcqRel)
     }
 
-    /// Whether the target takes a mesh message on `topic` (a topic that is not UTF-8 is taken:
-    /// the link reports it as rejected).
-    pub(crate) fn accepts(&self, topic: &[u8]) -> bool {
-        std::str::from_utf8(topic).map_or(true, |t| {
+    /// Whether the target takes a mesh message on `topic` ([`Message::topic_str`]; a topic that
+    /// is not UTF-8, `None`, is taken: the link reports it as rejected).
+    pub(crate) fn accepts(&self, topic: Option<&str>) -> bool {
+        topic.is_none_or(|t| {
             self.rules
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
