@@ -238,27 +238,9 @@ impl Link {
     fn apply_rule_change(&mut self, conn: &Conn) {
         let wanted = self.ctx.queue.rules().subscriptions();
         let have = self.subscribed.clone().unwrap_or_default();
-        let added: Vec<String> = wanted
-            .iter()
-            .filter(|f| !have.contains(f))
-            .cloned()
-            .collect();
-        let removed: Vec<String> = have
-            .iter()
-            .filter(|f| !wanted.contains(f))
-            .cloned()
-            .collect();
+        let (added, removed) = (missing(&wanted, &have), missing(&have, &wanted));
         info!(?added, ?removed, "topic rules changed");
-        if !added.is_empty()
-            && let Err(e) = conn.client.subscribe(&added)
-        {
-            warn!(error = %e, "subscribe could not be queued");
-        }
-        if !removed.is_empty()
-            && let Err(e) = conn.client.unsubscribe(&removed)
-        {
-            warn!(error = %e, "unsubscribe could not be queued");
-        }
+        change_subscriptions(&conn.client, &added, &removed);
         self.subscribed = Some(wanted);
     }
 
@@ -390,37 +372,23 @@ impl Link {
                 // each reconnect; a kept session also drops what the rules no longer want.
                 let kept = session_present
                     .then(|| self.subscribed.clone().unwrap_or_else(|| wanted.clone()));
-                let stale: Vec<String> = kept
-                    .iter()
-                    .flatten()
-                    .filter(|f| !wanted.contains(f))
-                    .cloned()
-                    .collect();
-                if !stale.is_empty()
-                    && let Err(e) = conn.client.unsubscribe(&stale)
-                {
-                    warn!(error = %e, "unsubscribe could not be queued");
-                }
-                let to_subscribe: Vec<String> =
-                    if self.ctx.settings.broker.protocol == Protocol::V5 || kept.is_none() {
-                        wanted.clone()
-                    } else {
-                        let have = kept.clone().unwrap_or_default();
-                        wanted
-                            .iter()
-                            .filter(|f| !have.contains(f))
-                            .cloned()
-                            .collect()
-                    };
+                let (to_subscribe, stale) = match &kept {
+                    None => (wanted.clone(), Vec::new()),
+                    Some(have) if self.ctx.settings.broker.protocol == Protocol::V5 => {
+                        (wanted.clone(), missing(have, &wanted))
+                    }
+                    Some(have) => (missing(&wanted, have), missing(have, &wanted)),
+                };
+                // What the rules dropped first, then what they want.
+                change_subscriptions(&conn.client, &[], &stale);
                 if wanted.is_empty() {
                     // Only `out` rules: nothing to take from this broker (and an empty
                     // SUBSCRIBE is a protocol error).
                     info!("subscribed to nothing (no `in` rule)");
                 } else if to_subscribe.is_empty() {
                     info!("subscribed (the broker kept the session's subscriptions)");
-                } else if let Err(e) = conn.client.subscribe(&to_subscribe) {
-                    warn!(error = %e, "subscribe could not be queued");
                 }
+                change_subscriptions(&conn.client, &to_subscribe, &[]);
                 self.subscribed = Some(wanted);
                 self.ctx.queue.set_connected(true);
                 self.ctx.stats.clear_error();
@@ -684,6 +652,26 @@ impl Link {
             .store(self.echo.approx_bytes() as i64, relaxed);
         s.dedup_evictions.store(self.echo.evictions(), relaxed);
         s.dedup_expirations.store(self.echo.expirations(), relaxed);
+    }
+}
+
+/// The filters of `a` that `b` lacks, in `a`'s order.
+fn missing(a: &[String], b: &[String]) -> Vec<String> {
+    a.iter().filter(|f| !b.contains(f)).cloned().collect()
+}
+
+/// Queues a SUBSCRIBE of `subscribe` and UNSUBSCRIBEs of `unsubscribe`, each only when not
+/// empty (an empty SUBSCRIBE is a protocol error); what cannot be queued is logged.
+fn change_subscriptions(client: &Client, subscribe: &[String], unsubscribe: &[String]) {
+    if !subscribe.is_empty()
+        && let Err(e) = client.subscribe(subscribe)
+    {
+        warn!(error = %e, "subscribe could not be queued");
+    }
+    if !unsubscribe.is_empty()
+        && let Err(e) = client.unsubscribe(unsubscribe)
+    {
+        warn!(error = %e, "unsubscribe could not be queued");
     }
 }
 
