@@ -206,11 +206,11 @@ impl Supervisor {
                 warn!(broker = %added.name, "persisted addition ignored: the config file has a broker of that name");
                 continue;
             }
-            match sup.build(&added).and_then(|b| sup.not_a_member(b)) {
-                Ok((broker, endpoints)) => {
-                    sup.spawn_resolved(broker, endpoints);
-                }
-                Err(e) => warn!(broker = %added.name, error = %e, "persisted addition ignored"),
+            if let Err(e) = sup
+                .build(&added)
+                .and_then(|b| sup.spawn_member(b).map(|_| ()))
+            {
+                warn!(broker = %added.name, error = %e, "persisted addition ignored");
             }
         }
         sup.spool
@@ -260,6 +260,12 @@ impl Supervisor {
             )));
         }
         Ok((broker, endpoints))
+    }
+
+    /// Starts `broker` unless a running link is that broker already ([`Self::not_a_member`]).
+    fn spawn_member(&mut self, broker: BrokerConfig) -> Result<&LinkHandle, ChangeError> {
+        let (broker, endpoints) = self.not_a_member(broker)?;
+        Ok(self.spawn_resolved(broker, endpoints))
     }
 
     fn spawn(&mut self, broker: BrokerConfig) -> &LinkHandle {
@@ -495,11 +501,8 @@ impl Supervisor {
                 continue;
             }
             let name = broker.name.clone();
-            match self.not_a_member(broker) {
-                Ok((broker, endpoints)) => {
-                    started.push(name);
-                    self.spawn_resolved(broker, endpoints);
-                }
+            match self.spawn_member(broker) {
+                Ok(_) => started.push(name),
                 Err(e) => error!(broker = %name, error = %e, "not started"),
             }
         }
@@ -525,11 +528,10 @@ impl Supervisor {
                 && !self.links.contains_key(name)
                 && !self.membership.removed.contains(name)
             {
-                match self.not_a_member(broker) {
-                    Ok((broker, endpoints)) => {
+                match self.spawn_member(broker) {
+                    Ok(_) => {
                         info!(broker = %name, "previous link drained: starting the configured broker");
                         started.push(name.clone());
-                        self.spawn_resolved(broker, endpoints);
                     }
                     Err(e) => error!(broker = %name, error = %e, "not started"),
                 }
