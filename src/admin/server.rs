@@ -144,14 +144,14 @@ pub(crate) async fn serve(
                 }
             },
         };
-        let service = app.clone().map_request(move |mut request: Request| {
-            request.extensions_mut().insert(ConnectInfo(peer));
-            request
-        });
-        let service =
-            TowerToHyperService::new(service.map_request(
-                |r: hyper::Request<hyper::body::Incoming>| r.map(axum::body::Body::new),
-            ));
+        // hyper's request into axum's, with the peer address the handlers log.
+        let service = TowerToHyperService::new(app.clone().map_request(
+            move |request: hyper::Request<hyper::body::Incoming>| {
+                let mut request = request.map(axum::body::Body::new);
+                request.extensions_mut().insert(ConnectInfo(peer));
+                request
+            },
+        ));
         let shutdown = shutdown.clone();
         connections.spawn(async move {
             let _permit = permit;
