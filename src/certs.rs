@@ -109,15 +109,7 @@ fn write(path: &Path, body: &str, secret: bool) -> Result<(), CertsError> {
         path: path.to_path_buf(),
         source,
     };
-    std::fs::write(path, body).map_err(err)?;
-    #[cfg(unix)]
-    if secret {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    }
-    #[cfg(not(unix))]
-    let _ = secret;
-    Ok(())
+    crate::files::write(path, body.as_bytes(), secret).map_err(err)
 }
 
 #[cfg(test)]

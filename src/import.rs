@@ -8,6 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 
 /// One `connection` block as read.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -62,6 +63,59 @@ pub enum ImportError {
         /// What is wrong.
         message: String,
     },
+}
+
+/// Why [`write`] did not write the result.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// A file to write exists and `force` was not given.
+    #[error("{} exists already (use --force to overwrite)", .0.display())]
+    Exists(PathBuf),
+    /// A file cannot be written.
+    #[error("cannot write {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Writes `imported` to `out`, and its password files beside it readable by their owner only;
+/// refuses to overwrite a file unless `force`. Returns the files written (with whether each is
+/// private), the password files first.
+pub fn write(
+    imported: &Imported,
+    out: &Path,
+    force: bool,
+) -> Result<Vec<(PathBuf, bool)>, WriteError> {
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut files: Vec<(PathBuf, &[u8], bool)> = imported
+        .passwords
+        .iter()
+        .map(|(name, password)| (dir.join(name), password.as_bytes(), true))
+        .collect();
+    files.push((out.to_path_buf(), imported.toml.as_bytes(), false));
+    if !force && let Some((existing, ..)) = files.iter().find(|(p, ..)| p.exists()) {
+        return Err(WriteError::Exists(existing.clone()));
+    }
+    let mut written = Vec::new();
+    for (path, bytes, private) in files {
+        let text = if private {
+            [bytes, b"\n"].concat()
+        } else {
+            bytes.to_vec()
+        };
+        crate::files::write(&path, &text, private).map_err(|source| WriteError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        written.push((path, private));
+    }
+    Ok(written)
 }
 
 /// `s` as a TOML string, quoted and escaped.
@@ -398,6 +452,30 @@ mod tests {
             );
         }
         assert!(out.notes.iter().all(|n| !n.contains("s3cret")));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn written_password_files_are_private_also_when_forced_over_old_ones() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("bridge.toml");
+        let imported = one("connection b\naddress h:1\nremote_username u\nremote_password pw\n");
+        let password = dir.path().join("b.password");
+        std::fs::write(&password, "old").unwrap();
+        std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            write(&imported, &out, false),
+            Err(WriteError::Exists(p)) if p == password
+        ));
+        let written = write(&imported, &out, true).unwrap();
+        assert_eq!(
+            written,
+            vec![(password.clone(), true), (out.clone(), false)]
+        );
+        assert_eq!(std::fs::read_to_string(&password).unwrap(), "pw\n");
+        let mode = std::fs::metadata(&password).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the old file's 0644 does not survive");
     }
 
     #[test]

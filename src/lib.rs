@@ -13,7 +13,7 @@
 //! - vocabulary and leaf services, importing nothing of the crate: [`message`] (the
 //!   protocol-neutral message, [`message::Protocol`], the acknowledgement owed to an origin),
 //!   [`tls`] (rustls client configurations from PEM files), [`dedup`] (the echo window and the
-//!   storm guard, pure), [`ratelimit`] (one log line per key and interval, pure), [`rules`]
+//!   storm guard, pure), [`files`] (files only their owner reads), [`ratelimit`] (one log line per key and interval, pure), [`rules`]
 //!   (per-broker topic rules: filters, directions, QoS caps, prefix mapping; pure); [`metrics`]
 //!   (metric names, per-link counters, log-and-count functions) uses only `ratelimit`.
 //! - [`config`]: `bridge.toml`, validated into [`config::Config`] with errors that name the key;
@@ -47,6 +47,7 @@ pub mod cli;
 pub mod config;
 pub(crate) mod dedup;
 pub mod demo;
+pub(crate) mod files;
 pub mod import;
 pub(crate) mod link;
 pub(crate) mod membership;

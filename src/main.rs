@@ -242,38 +242,14 @@ fn import_mosquitto(
         }
     }
     let imported = meshbridge::import::convert(&files, id).map_err(Failure::config)?;
-    let dir = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    let targets: Vec<std::path::PathBuf> = std::iter::once(out.to_path_buf())
-        .chain(imported.passwords.iter().map(|(name, _)| dir.join(name)))
-        .collect();
-    if !force && let Some(existing) = targets.iter().find(|p| p.exists()) {
-        return Err(Failure::config(format!(
-            "{} exists already (use --force to overwrite)",
-            existing.display()
-        )));
+    let written = meshbridge::import::write(&imported, out, force).map_err(|e| match e {
+        meshbridge::import::WriteError::Exists(_) => Failure::config(e),
+        meshbridge::import::WriteError::Io { .. } => Failure::other(e),
+    })?;
+    for (path, private) in written {
+        let mode = if private { " (mode 0600)" } else { "" };
+        println!("wrote {}{mode}", path.display());
     }
-    let write = |path: &std::path::Path, text: &str, secret: bool| {
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        if secret {
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        }
-        let _ = secret;
-        std::io::Write::write_all(&mut options.open(path)?, text.as_bytes())
-    };
-    for (name, password) in &imported.passwords {
-        let path = dir.join(name);
-        write(&path, &format!("{password}\n"), true)
-            .map_err(|e| Failure::other(format!("cannot write {}: {e}", path.display())))?;
-        println!("wrote {} (mode 0600)", path.display());
-    }
-    write(out, &imported.toml, false)
-        .map_err(|e| Failure::other(format!("cannot write {}: {e}", out.display())))?;
-    println!("wrote {}", out.display());
     for note in &imported.notes {
         println!("note: {note}");
     }

@@ -99,14 +99,8 @@ impl Membership {
         let body = serde_json::to_vec_pretty(self).map_err(|e| err(std::io::Error::other(e)))?;
         {
             use std::io::Write;
-            // A leftover from a crash would keep its mode: start afresh.
-            let _ = std::fs::remove_file(&tmp);
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create(true).truncate(true);
             // It names every broker: readable by the bridge's user only.
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut f = options.open(&tmp).map_err(err)?;
+            let mut f = crate::files::create_private(&tmp).map_err(err)?;
             f.write_all(&body).map_err(err)?;
             f.sync_all().map_err(err)?;
         }
