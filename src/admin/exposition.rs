@@ -173,48 +173,51 @@ pub(crate) fn encode(
         "Spool overflow policy in force (drop_oldest or block)",
         policy,
     );
-    let failing = Gauge::<i64>::default();
-    failing.set(i64::from(spool.error.is_some()));
-    registry.register(
-        metrics::SPOOL_FAILING,
-        "1 while the spool's disk refuses writes (messages are held in memory meanwhile)",
-        failing,
-    );
-    let held = Gauge::<i64>::default();
-    held.set(spool.held_messages as i64);
-    registry.register(
-        metrics::SPOOL_HELD,
-        "Messages held in memory until the spool's disk takes them",
-        held,
-    );
-    let failures = Counter::<u64>::default();
-    failures.inc_by(spool.write_failures);
-    registry.register(
-        metrics::SPOOL_WRITE_FAILURES,
-        "Spool transactions that failed (disk full, I/O error)",
-        failures,
-    );
-    let retained_gauge = Gauge::<i64>::default();
-    retained_gauge.set(retained.messages as i64);
-    registry.register(
-        metrics::RETAINED,
-        "Retained messages remembered for brokers added at run time",
-        retained_gauge,
-    );
-    let retained_bytes = Gauge::<i64>::default();
-    retained_bytes.set(retained.bytes as i64);
-    registry.register(
-        metrics::RETAINED_BYTES,
-        "Bytes of the retained messages remembered (bounded by retained_max_bytes)",
-        retained_bytes,
-    );
-    let retained_skipped = Counter::<u64>::default();
-    retained_skipped.inc_by(retained.skipped);
-    registry.register(
-        metrics::RETAINED_SKIPPED,
-        "Retained messages not remembered because the table was full (retained_max, retained_max_bytes)",
-        retained_skipped,
-    );
+    // Process-wide figures: one value each.
+    let gauges: [(&str, &str, i64); 4] = [
+        (
+            metrics::SPOOL_FAILING,
+            "1 while the spool's disk refuses writes (messages are held in memory meanwhile)",
+            i64::from(spool.error.is_some()),
+        ),
+        (
+            metrics::SPOOL_HELD,
+            "Messages held in memory until the spool's disk takes them",
+            spool.held_messages as i64,
+        ),
+        (
+            metrics::RETAINED,
+            "Retained messages remembered for brokers added at run time",
+            retained.messages as i64,
+        ),
+        (
+            metrics::RETAINED_BYTES,
+            "Bytes of the retained messages remembered (bounded by retained_max_bytes)",
+            retained.bytes as i64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let gauge = Gauge::<i64>::default();
+        gauge.set(value);
+        registry.register(name, help, gauge);
+    }
+    let counters: [(&str, &str, u64); 2] = [
+        (
+            metrics::SPOOL_WRITE_FAILURES,
+            "Spool transactions that failed (disk full, I/O error)",
+            spool.write_failures,
+        ),
+        (
+            metrics::RETAINED_SKIPPED,
+            "Retained messages not remembered because the table was full (retained_max, retained_max_bytes)",
+            retained.skipped,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let counter = Counter::<u64>::default();
+        counter.inc_by(value);
+        registry.register(name, help, counter);
+    }
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
