@@ -10,6 +10,16 @@ fn target(spool: &Spool, name: &str) -> Arc<Target> {
     )
 }
 
+/// The keys of up to `max` readable rows from `from` on.
+fn read_keys(spool: &Spool, t: &Target, from: Option<u64>, max: usize) -> Vec<u64> {
+    spool
+        .read(t, from, max)
+        .unwrap()
+        .iter()
+        .map(|r| r.0)
+        .collect()
+}
+
 /// Bounds of a test spool: 1 GiB, `max_messages`, drop the oldest.
 fn limits(max_messages: u64) -> Limits {
     Limits {
@@ -32,8 +42,7 @@ async fn append_read_delete_and_reopen() {
         spool.append(&t, MIDDLE - 1, vec![9; 10], None);
         spool.sync().await;
         assert_eq!((t.len(), t.bytes()), (6, 60));
-        let rows = spool.read(&t, None, 3).unwrap();
-        let keys: Vec<u64> = rows.iter().map(|r| r.0).collect();
+        let keys = read_keys(&spool, &t, None, 3);
         assert_eq!(keys, vec![MIDDLE - 1, MIDDLE, MIDDLE + 1]);
         spool.delete(&t, MIDDLE - 1);
         spool.delete(&t, MIDDLE);
@@ -79,31 +88,16 @@ async fn held_rows_read_in_key_order_with_disk_rows_and_deleted_without_disk() {
     }
     assert_eq!((t.committed(), t.len()), (4, 4));
     assert_eq!(spool.health().held_messages, 2);
-    let keys: Vec<u64> = spool
-        .read(&t, None, 10)
-        .unwrap()
-        .iter()
-        .map(|r| r.0)
-        .collect();
+    let keys = read_keys(&spool, &t, None, 10);
     assert_eq!(keys, vec![MIDDLE, MIDDLE + 1, MIDDLE + 2, MIDDLE + 3]);
-    let keys: Vec<u64> = spool
-        .read(&t, Some(MIDDLE + 1), 2)
-        .unwrap()
-        .iter()
-        .map(|r| r.0)
-        .collect();
+    let keys = read_keys(&spool, &t, Some(MIDDLE + 1), 2);
     assert_eq!(keys, vec![MIDDLE + 1, MIDDLE + 2]);
     spool.delete(&t, MIDDLE + 1);
     spool.delete(&t, MIDDLE);
     spool.sync().await;
     assert_eq!((t.len(), t.deletes_pending()), (2, 0));
     assert_eq!(spool.health().held_messages, 1);
-    let keys: Vec<u64> = spool
-        .read(&t, None, 10)
-        .unwrap()
-        .iter()
-        .map(|r| r.0)
-        .collect();
+    let keys = read_keys(&spool, &t, None, 10);
     assert_eq!(keys, vec![MIDDLE + 2, MIDDLE + 3]);
     assert!(!spool.is_failing());
 }
@@ -183,12 +177,7 @@ async fn drop_oldest_keeps_the_bound() {
     spool.sync().await;
     assert_eq!(t.len(), 3);
     assert_eq!(t.stats.dropped_overflow.load(Ordering::Relaxed), 2);
-    let keys: Vec<u64> = spool
-        .read(&t, None, 10)
-        .unwrap()
-        .into_iter()
-        .map(|r| r.0)
-        .collect();
+    let keys = read_keys(&spool, &t, None, 10);
     assert_eq!(keys, vec![MIDDLE + 2, MIDDLE + 3, MIDDLE + 4]);
     spool.discard(&t);
     spool.sync().await;
