@@ -65,6 +65,64 @@ pub enum ImportError {
     },
 }
 
+/// Why a mosquitto configuration cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The file, or one of an `include_dir`.
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An `include_dir` cannot be listed.
+    #[error("include_dir {}: {source}", dir.display())]
+    IncludeDir {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Reads `file` and the `*.conf` files of its `include_dir`s, in the order mosquitto reads
+/// them (each directory's files alphabetically; a relative directory is taken from `file`'s),
+/// as [`convert`] takes them: (name, text).
+pub fn read(file: &Path) -> Result<Vec<(String, String)>, ReadError> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|source| ReadError::File {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let main = read(file)?;
+    let mut files = vec![(file.display().to_string(), main.clone())];
+    for line in main.lines() {
+        // A line that does not split is reported by `convert`, with its number.
+        let Ok(w) = words(line) else { continue };
+        let (Some("include_dir"), Some(dir)) = (w.first().map(String::as_str), w.get(1)) else {
+            continue;
+        };
+        let dir = file
+            .parent()
+            .map_or_else(|| PathBuf::from(dir), |base| base.join(dir));
+        let mut confs: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|source| ReadError::IncludeDir {
+                dir: dir.clone(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "conf"))
+            .collect();
+        confs.sort();
+        for conf in confs {
+            files.push((conf.display().to_string(), read(&conf)?));
+        }
+    }
+    Ok(files)
+}
+
 /// Why [`write`] did not write the result.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -476,6 +534,44 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&password).unwrap(), "pw\n");
         let mode = std::fs::metadata(&password).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "the old file's 0644 does not survive");
+    }
+
+    #[test]
+    fn read_takes_include_dirs_conf_files_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf_d = dir.path().join("conf d");
+        std::fs::create_dir(&conf_d).unwrap();
+        std::fs::write(conf_d.join("b.conf"), "connection b\n").unwrap();
+        std::fs::write(conf_d.join("a.conf"), "connection a\n").unwrap();
+        std::fs::write(conf_d.join("notes.txt"), "not read\n").unwrap();
+        let main = dir.path().join("mosquitto.conf");
+        std::fs::write(&main, "listener 1883\ninclude_dir \"conf d\"\n").unwrap();
+        let files = read(&main).unwrap();
+        let names: Vec<String> = files
+            .iter()
+            .map(|(n, _)| {
+                Path::new(n)
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        assert_eq!(names, vec!["mosquitto.conf", "a.conf", "b.conf"]);
+        let missing = dir.path().join("nope.conf");
+        assert!(
+            read(&missing)
+                .unwrap_err()
+                .to_string()
+                .contains("nope.conf")
+        );
+        std::fs::write(&main, "include_dir gone\n").unwrap();
+        assert!(
+            read(&main)
+                .unwrap_err()
+                .to_string()
+                .starts_with("include_dir ")
+        );
     }
 
     #[test]

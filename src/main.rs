@@ -206,9 +206,8 @@ fn remove_broker(broker: &str, target: &AdminTarget) -> Result<(), Failure> {
     Ok(())
 }
 
-/// `bridge import-mosquitto`: reads the configuration and the files of its `include_dir`s (in
-/// alphabetical order, as mosquitto does; a relative directory is taken from the file's), writes
-/// the bridge.toml and the password files, prints what could not be expressed, then checks the
+/// `bridge import-mosquitto`: reads the configuration with its `include_dir`s, writes the
+/// bridge.toml and the password files, prints what could not be expressed, then checks the
 /// result like `bridge check`.
 fn import_mosquitto(
     file: &std::path::Path,
@@ -216,31 +215,7 @@ fn import_mosquitto(
     id: &str,
     force: bool,
 ) -> Result<(), Failure> {
-    let read = |path: &std::path::Path| {
-        std::fs::read_to_string(path)
-            .map_err(|e| Failure::config(format!("{}: {e}", path.display())))
-    };
-    let main = read(file)?;
-    let mut files = vec![(file.display().to_string(), main.clone())];
-    for line in main.lines() {
-        let mut words = line.split_whitespace();
-        if words.next() != Some("include_dir") {
-            continue;
-        }
-        let Some(dir) = words.next() else { continue };
-        let dir = file
-            .parent()
-            .map_or_else(|| dir.into(), |base| base.join(dir));
-        let mut confs: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
-            .map_err(|e| Failure::config(format!("include_dir {}: {e}", dir.display())))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "conf"))
-            .collect();
-        confs.sort();
-        for conf in confs {
-            files.push((conf.display().to_string(), read(&conf)?));
-        }
-    }
+    let files = meshbridge::import::read(file).map_err(Failure::config)?;
     let imported = meshbridge::import::convert(&files, id).map_err(Failure::config)?;
     let written = meshbridge::import::write(&imported, out, force).map_err(|e| match e {
         meshbridge::import::WriteError::Exists(_) => Failure::config(e),
