@@ -306,7 +306,13 @@ pub fn convert(files: &[(String, String)], id: &str) -> Result<Imported, ImportE
         files.first().map_or("", |f| f.0.as_str()),
         q(id)
     );
-    if let Some(k) = keepalives.iter().next() {
+    if let Some(&k) = keepalives.iter().next() {
+        if k < 5 {
+            notes.push(format!(
+                "keepalive_interval {k}s: meshbridge's smallest keep-alive is 5s, used instead"
+            ));
+        }
+        let k = k.max(5);
         let _ = writeln!(toml, "keep_alive = \"{k}s\"");
         if keepalives.len() > 1 {
             notes.push(format!(

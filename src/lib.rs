@@ -14,7 +14,8 @@
 //!   protocol-neutral message, [`message::Protocol`], the acknowledgement owed to an origin),
 //!   [`tls`] (rustls client configurations from PEM files), [`dedup`] (the echo window and the
 //!   storm guard, pure), [`files`] (files only their owner reads), [`ratelimit`] (one log line per key and interval, pure), [`rules`]
-//!   (per-broker topic rules: filters, directions, QoS caps, prefix mapping; pure); [`metrics`]
+//!   (per-broker topic rules: filters, directions, QoS caps, prefix mapping; pure), [`ha`] (which
+//!   instance of a mesh consumes which broker: records and the decision; pure); [`metrics`]
 //!   (metric names, per-link counters, log-and-count functions) uses only `ratelimit`.
 //! - [`config`]: `bridge.toml`, validated into [`config::Config`] with errors that name the key;
 //!   owner of every default. `file.rs` the file as written and its validation, `broker.rs` one
@@ -48,6 +49,7 @@ pub mod config;
 pub(crate) mod dedup;
 pub mod demo;
 pub(crate) mod files;
+pub(crate) mod ha;
 pub mod import;
 pub(crate) mod link;
 pub(crate) mod membership;

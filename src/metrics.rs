@@ -49,6 +49,16 @@ pub(crate) const REDELIVERED: &str = "meshbridge_redelivered";
 pub(crate) const SPOOLED: &str = "meshbridge_spooled";
 /// Connection attempts after the first. Counter.
 pub(crate) const RECONNECTS: &str = "meshbridge_reconnects";
+/// Times this instance took a broker's consumer session (see `ha`). Counter.
+pub(crate) const TAKEOVERS: &str = "meshbridge_ha_takeovers";
+/// Times this instance stopped consuming a broker another instance owns. Counter.
+pub(crate) const STEP_DOWNS: &str = "meshbridge_ha_step_downs";
+/// Times this instance handed a broker over to an instance that joined. Counter.
+pub(crate) const HANDOVERS: &str = "meshbridge_ha_handovers";
+/// 1 while this instance consumes the broker. Gauge.
+pub(crate) const CONSUMING: &str = "meshbridge_ha_consuming";
+/// Live instances of the mesh, as the broker shows them. Gauge.
+pub(crate) const INSTANCES: &str = "meshbridge_ha_instances";
 /// 1 while the link is connected. Gauge.
 pub(crate) const CONNECTED: &str = "meshbridge_connected";
 /// Live entries of the link's dedup window. Gauge.
@@ -139,6 +149,24 @@ pub(crate) struct LinkStats {
     reject_log: Mutex<crate::ratelimit::LogLimit>,
     /// Whether the link has connected at least once (readiness).
     pub(crate) ever_connected: std::sync::atomic::AtomicBool,
+    /// See [`TAKEOVERS`].
+    pub(crate) takeovers: AtomicU64,
+    /// See [`STEP_DOWNS`].
+    pub(crate) step_downs: AtomicU64,
+    /// See [`HANDOVERS`].
+    pub(crate) handovers: AtomicU64,
+    ha: Mutex<HaStatus>,
+}
+
+/// Ownership of one broker as its link last saw it (see `ha`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HaStatus {
+    /// The live owner the broker's record names.
+    pub(crate) owner: Option<String>,
+    /// This instance consumes the broker.
+    pub(crate) consuming: bool,
+    /// Live instances on this broker, this one included.
+    pub(crate) instances: usize,
 }
 
 impl Default for LinkStats {
@@ -169,6 +197,10 @@ impl Default for LinkStats {
                 std::time::Duration::from_secs(10),
             )),
             ever_connected: std::sync::atomic::AtomicBool::new(false),
+            takeovers: AtomicU64::new(0),
+            step_downs: AtomicU64::new(0),
+            handovers: AtomicU64::new(0),
+            ha: Mutex::new(HaStatus::default()),
         }
     }
 }
@@ -197,6 +229,18 @@ impl LinkStats {
             .lock()
             .map(|s| *s)
             .unwrap_or((LinkState::Stopped, SystemTime::now()))
+    }
+
+    /// Changes the ownership status.
+    pub(crate) fn set_ha(&self, change: impl FnOnce(&mut HaStatus)) {
+        if let Ok(mut h) = self.ha.lock() {
+            change(&mut h);
+        }
+    }
+
+    /// The ownership status.
+    pub(crate) fn ha(&self) -> HaStatus {
+        self.ha.lock().map(|h| h.clone()).unwrap_or_default()
     }
 
     /// Remembers the last error for `status`.

@@ -82,6 +82,25 @@ pub struct BrokerStatus {
     /// Dedup records expired without their echo.
     #[serde(default)]
     pub dedup_expirations: u64,
+    /// The instance that consumes this broker, as the broker's owner record names it (see
+    /// docs/HA.md); none while nobody does.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// This instance consumes the broker.
+    #[serde(default)]
+    pub consuming: bool,
+    /// Live instances of the mesh, as this broker shows them.
+    #[serde(default)]
+    pub instances: u64,
+    /// Times this instance took the broker's session.
+    #[serde(default)]
+    pub takeovers: u64,
+    /// Times this instance stopped consuming the broker because another owns it.
+    #[serde(default)]
+    pub step_downs: u64,
+    /// Times this instance handed the broker over to an instance that joined.
+    #[serde(default)]
+    pub handovers: u64,
     /// Last error, if any.
     pub last_error: Option<String>,
 }

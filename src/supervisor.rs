@@ -73,6 +73,7 @@ impl LinkHandle {
         let (state, since) = s.state();
         let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         let (spool_messages, spool_bytes, spool_blocked) = self.queue.spool_depth();
+        let ha = s.ha();
         BrokerStatus {
             name: self.broker.name.clone(),
             address: self.broker.address(),
@@ -108,6 +109,12 @@ impl LinkHandle {
             dedup_bytes: s.dedup_bytes.load(Ordering::Relaxed).max(0) as u64,
             dedup_evictions: n(&s.dedup_evictions),
             dedup_expirations: n(&s.dedup_expirations),
+            owner: ha.owner,
+            consuming: ha.consuming,
+            instances: ha.instances as u64,
+            takeovers: n(&s.takeovers),
+            step_downs: n(&s.step_downs),
+            handovers: n(&s.handovers),
             last_error: s.last_error(),
         }
     }
@@ -172,6 +179,8 @@ pub(crate) struct Supervisor {
     /// Brokers taken out whose links are still draining: their spool table is deleted when
     /// the drain ends, so a broker of the same name may not start before (see [`Self::drained`]).
     draining: HashSet<String>,
+    /// This process among the mesh's instances.
+    ha: Arc<link::HaContext>,
 }
 
 impl Supervisor {
@@ -184,7 +193,15 @@ impl Supervisor {
         threads: LinkThreads,
     ) -> Result<Self, ChangeError> {
         let membership = Membership::load(&config.data_dir)?;
+        let ha = Arc::new(link::HaContext {
+            identity: crate::ha::Identity::new(&config.instance, &config.admin_listen.to_string()),
+            control: crate::ha::Control::new(&config.bridge_id),
+            will_delay: config.will_delay,
+            enabled: config.ha,
+        });
+        info!(instance = %config.instance, "instance of mesh {:?}", config.bridge_id);
         let mut sup = Supervisor {
+            ha,
             threads,
             router: Arc::new(Router::new(config.retained_max, config.retained_max_bytes)),
             spool,
@@ -308,6 +325,7 @@ impl Supervisor {
             },
             name: name.clone(),
             bridge_id: self.config.bridge_id.as_str().into(),
+            ha: self.ha.clone(),
             router: self.router.clone(),
             queue: queue.clone(),
             stats: stats.clone(),

@@ -146,6 +146,7 @@ pub fn status_table(links: &[BrokerStatus]) -> String {
         "QUEUE".into(),
         "SPOOL".into(),
         "RECONN".into(),
+        "OWNER".into(),
         "LAST ERROR".into(),
     ]];
     for s in links {
@@ -165,10 +166,11 @@ pub fn status_table(links: &[BrokerStatus]) -> String {
             s.queue_depth.to_string(),
             spool_cell(s),
             s.reconnects.to_string(),
+            owner_cell(s),
             s.last_error.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
-    let widths: Vec<usize> = (0..12)
+    let widths: Vec<usize> = (0..13)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -177,7 +179,7 @@ pub fn status_table(links: &[BrokerStatus]) -> String {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                if i == 11 {
+                if i == 12 {
                     c.clone()
                 } else {
                     format!("{c:<w$}", w = widths[i])
@@ -191,6 +193,15 @@ pub fn status_table(links: &[BrokerStatus]) -> String {
         out.push_str(&format!("spool overflow policy: {}\n", s.spool_overflow));
     }
     out
+}
+
+/// Who consumes the broker: `NAME*` when this instance does.
+fn owner_cell(s: &BrokerStatus) -> String {
+    match &s.owner {
+        Some(owner) if s.consuming => format!("{owner}*"),
+        Some(owner) => owner.clone(),
+        None => "-".into(),
+    }
 }
 
 /// Spooled messages and size, and how many wait for room (policy `block`).

@@ -21,7 +21,7 @@ pub(crate) fn encode(
     type Metric<T> = (&'static str, &'static str, fn(&BrokerStatus) -> T);
 
     let mut registry = Registry::default();
-    let counters: [Metric<u64>; 16] = [
+    let counters: [Metric<u64>; 19] = [
         (
             metrics::MESSAGES_IN,
             "Messages received from the broker",
@@ -82,6 +82,21 @@ pub(crate) fn encode(
         ),
         (metrics::RECONNECTS, "Reconnections", |s| s.reconnects),
         (
+            metrics::TAKEOVERS,
+            "Times this instance took the broker's consumer session",
+            |s| s.takeovers,
+        ),
+        (
+            metrics::STEP_DOWNS,
+            "Times this instance stopped consuming the broker because another instance owns it",
+            |s| s.step_downs,
+        ),
+        (
+            metrics::HANDOVERS,
+            "Times this instance handed the broker over to an instance that joined",
+            |s| s.handovers,
+        ),
+        (
             metrics::DROPPED_UNMATCHED,
             "Messages no topic rule of the broker took",
             |s| s.dropped_unmatched,
@@ -106,7 +121,17 @@ pub(crate) fn encode(
         }
         registry.register(name, help, family);
     }
-    let gauges: [Metric<i64>; 7] = [
+    let gauges: [Metric<i64>; 9] = [
+        (
+            metrics::CONSUMING,
+            "1 while this instance consumes the broker",
+            |s| i64::from(s.consuming),
+        ),
+        (
+            metrics::INSTANCES,
+            "Live instances of the mesh, as the broker shows them",
+            |s| s.instances as i64,
+        ),
         (metrics::CONNECTED, "1 while the link is connected", |s| {
             i64::from(s.state == metrics::LinkState::Connected)
         }),

@@ -29,6 +29,12 @@ pub(crate) struct FileConfig {
 pub(crate) struct BridgeSection {
     /// Origin tag and client-id prefix.
     pub(crate) id: String,
+    /// This process's name within the mesh (default: the host name).
+    pub(crate) instance: Option<String>,
+    /// MQTT 5 Will Delay of the instance records' Wills.
+    pub(crate) will_delay: Option<String>,
+    /// Coordinate with other processes of the mesh (default true).
+    pub(crate) ha: Option<bool>,
     /// Admin API address (`/healthz`, `/readyz`, `/metrics`).
     pub(crate) admin_listen: Option<String>,
     /// File holding the bearer token; required when `admin_listen` is not loopback.
@@ -218,16 +224,32 @@ impl FileConfig {
             b.keep_alive.as_deref(),
             Duration::from_secs(30),
         )?;
-        if keep_alive < Duration::from_secs(1) || keep_alive.as_secs() > u64::from(u16::MAX) {
+        // rumqttc refuses (panics on) an MQTT 5 keep-alive under 5 s.
+        if keep_alive < Duration::from_secs(5) || keep_alive.as_secs() > u64::from(u16::MAX) {
             return Err(invalid(
                 "bridge.keep_alive",
-                "must be between 1s and 65535s",
+                "must be between 5s and 65535s",
             ));
         }
         let spool = spool_limits(b.spool_max_bytes, b.spool_max_messages, b.spool_overflow)?;
+        let instance = b.instance.unwrap_or_else(crate::ha::default_instance);
+        if !valid_name(&instance) {
+            return Err(invalid(
+                "bridge.instance",
+                format!("{instance:?}: use 1-64 characters from A-Z a-z 0-9 - _ ."),
+            ));
+        }
+        let will_delay =
+            parse_duration("bridge.will_delay", b.will_delay.as_deref(), Duration::ZERO)?;
+        if will_delay.as_secs() > u64::from(u32::MAX) {
+            return Err(invalid("bridge.will_delay", "longer than MQTT allows"));
+        }
         let mut config = Config {
             spool,
             bridge_id: b.id,
+            instance,
+            will_delay,
+            ha: b.ha.unwrap_or(true),
             admin_listen,
             admin_token,
             data_dir: resolve(base_dir, b.data_dir.as_deref().unwrap_or(Path::new("data"))),

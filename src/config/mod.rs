@@ -95,6 +95,12 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 pub struct Config {
     /// Origin tag and client-id prefix.
     pub(crate) bridge_id: String,
+    /// This process's name within the mesh (see [`crate::ha`]).
+    pub(crate) instance: String,
+    /// MQTT 5 Will Delay of the instance records' Wills.
+    pub(crate) will_delay: Duration,
+    /// Coordinate with the mesh's other processes (see [`crate::ha`]).
+    pub(crate) ha: bool,
     /// Admin API address.
     pub admin_listen: SocketAddr,
     /// Bearer token for the admin API, when configured.
@@ -297,6 +303,9 @@ impl Config {
             "bridge.session_expiry",
         );
         check(self.keep_alive != new.keep_alive, "bridge.keep_alive");
+        check(self.instance != new.instance, "bridge.instance");
+        check(self.will_delay != new.will_delay, "bridge.will_delay");
+        check(self.ha != new.ha, "bridge.ha");
         check(self.inflight != new.inflight, "bridge.inflight");
         check(
             self.queue_capacity != new.queue_capacity,

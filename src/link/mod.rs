@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::dedup::{EchoWindow, StormGuard, StormVerdict, fingerprint};
+use crate::ha::{self, Control, ControlTopic, Decision, Identity, InstanceRecord, OwnerRecord};
 use crate::message::Protocol;
 use crate::message::{AckRequest, Message};
 use crate::metrics::{self, LinkState, LinkStats, inc};
@@ -35,7 +36,25 @@ use crate::router::{Outbound, Router, TargetQueue};
 use acks::InboundAcks;
 use backoff::Backoff;
 use outflight::{OutFlight, Sent};
-use session::{Client, LinkEvent, SendError, Session, SessionSettings};
+use session::{Client, ConnectAs, LinkEvent, SendError, Session, SessionSettings};
+
+/// What every link of this process shares about the mesh's instances (see [`crate::ha`]).
+#[derive(Debug)]
+pub(crate) struct HaContext {
+    /// This process.
+    pub(crate) identity: Identity,
+    /// The mesh's control topics.
+    pub(crate) control: Control,
+    /// MQTT 5 Will Delay of the instance records' Wills.
+    pub(crate) will_delay: Duration,
+    /// Coordinate with other instances (`[bridge] ha`); off: this process is the mesh's only
+    /// one and consumes every broker, writing no control records.
+    pub(crate) enabled: bool,
+}
+
+/// How long a connection that changes role (owner ↔ publisher) waits for what it has in flight
+/// before it goes anyway.
+const SWITCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything a link task needs.
 #[derive(Debug)]
@@ -46,6 +65,8 @@ pub(crate) struct LinkContext {
     pub(crate) name: Arc<str>,
     /// Bridge id, for origin tags.
     pub(crate) bridge_id: Arc<str>,
+    /// Instances and ownership.
+    pub(crate) ha: Arc<HaContext>,
     /// Fan-out to the other links.
     pub(crate) router: Arc<Router>,
     /// This link's own queue (registered in the router under `name`).
@@ -78,6 +99,17 @@ enum Outcome {
         uptime: Option<Duration>,
     },
     Shutdown,
+    /// The connection ended to come back in the other role (see [`crate::ha`]).
+    Switch,
+}
+
+/// A connection changing role: it takes nothing new, finishes what it has, and reconnects.
+#[derive(Debug, Clone, Copy)]
+struct Switch {
+    /// Since when.
+    since: Instant,
+    /// Write a released owner record before leaving (a handover).
+    release: bool,
 }
 
 struct Link {
@@ -101,6 +133,23 @@ struct Link {
     /// check's measure of progress. Acknowledgements alone are not: a target that rejects
     /// everything, or takes only QoS 0, would look frozen and be moved to the spool.
     finished: u64,
+    /// The next connection consumes the broker (the mesh's session, the rules' subscriptions);
+    /// otherwise it only publishes. Decided from the control records (see [`crate::ha`]).
+    consumer: bool,
+    /// What the broker shows of the instances and of its owner, this connection.
+    view: ha::View,
+    /// When this link last wrote an owner record naming this instance.
+    claimed: Option<Instant>,
+    /// The connection is changing role.
+    switch: Option<Switch>,
+    /// When the instance record was last written.
+    announced: Option<Instant>,
+    /// This link coordinates through control records: off when `[bridge] ha` is, or when the
+    /// broker ended two connections in a row before they read their own record back (a broker
+    /// that refuses `$` topics by disconnecting, as rumqttd does).
+    coordinate: bool,
+    /// Connections in a row that ended before reading their own record back.
+    unsynced_ends: u32,
 }
 
 /// Per-connection delivery state.
@@ -115,6 +164,10 @@ struct Conn {
     /// [`Link::finished`] at the last stall check, and how many checks in a row saw no change.
     last_finished: u64,
     stalled_checks: u32,
+    /// This connection consumes the broker.
+    consumer: bool,
+    /// The next SUBACK answers the control subscription (queued before any other).
+    control_suback: bool,
 }
 
 impl Link {
@@ -122,8 +175,8 @@ impl Link {
         let (acks_tx, acks_rx) = mpsc::unbounded_channel();
         let echo = EchoWindow::new(ctx.dedup_window, ctx.dedup_max_entries);
         let storm = StormGuard::new(ctx.storm_threshold, Duration::from_secs(10), 100_000);
+        let coordinate = ctx.ha.enabled;
         Self {
-            ctx,
             acks_tx,
             acks_rx,
             acks: InboundAcks::default(),
@@ -133,24 +186,52 @@ impl Link {
             tags: HashMap::default(),
             subscribed: None,
             finished: 0,
+            consumer: !coordinate,
+            view: ha::View::default(),
+            claimed: None,
+            switch: None,
+            announced: None,
+            coordinate,
+            unsynced_ends: 0,
+            ctx,
         }
     }
 
     async fn run(mut self) {
         let mut backoff = Backoff::default();
-        let mut first = true;
+        let mut reconnect = false;
         loop {
-            if !first {
+            if reconnect {
                 inc(&self.ctx.stats.reconnects);
             }
-            first = false;
+            reconnect = true;
             self.ctx.stats.set_state(LinkState::Connecting);
-            let mut session = session::open(&self.ctx.settings, &self.release_first);
+            let who = self.connect_as();
+            let mut session = session::open(&self.ctx.settings, &who, &self.release_first);
             let outcome = self.connection(&mut session).await;
             drop(session);
             match outcome {
                 Outcome::Shutdown => break,
+                Outcome::Switch => {
+                    // Another session: its packet ids are not the last connection's.
+                    self.release_first.clear();
+                    self.consumer = !self.consumer;
+                    if self.consumer {
+                        // A session another process may have subscribed (same configuration).
+                        self.subscribed = None;
+                    }
+                    reconnect = false;
+                }
                 Outcome::Lost { error, uptime } => {
+                    // Read the owner record before consuming again: another instance may have
+                    // taken the session over (mosquitto just closes the connection then).
+                    if self.coordinate {
+                        self.note_unsynced_end(uptime.is_some());
+                    }
+                    if self.consumer && self.coordinate {
+                        self.consumer = false;
+                        self.release_first.clear();
+                    }
                     let delay = backoff.next_delay(uptime, rand::random::<f64>());
                     self.ctx.stats.set_state(LinkState::Backoff);
                     metrics::link_error(&self.ctx.stats, &error, delay);
@@ -171,7 +252,29 @@ impl Link {
         }
         self.ctx.queue.set_connected(false);
         self.ctx.stats.set_state(LinkState::Stopped);
+        self.ctx.stats.set_ha(|h| h.consuming = false);
         info!("link stopped");
+    }
+
+    /// The identity of the next connection: the mesh's consumer session, or this instance's
+    /// own clean one; both with a retained Will saying this instance is gone.
+    fn connect_as(&self) -> ConnectAs {
+        let ha = &self.ctx.ha;
+        let id = &ha.identity;
+        let will = (
+            ha.control.instance_topic(&id.instance),
+            record_bytes(&id.record(false)),
+            ha.will_delay,
+        );
+        ConnectAs {
+            client_id: if self.consumer {
+                self.ctx.settings.client_id.clone()
+            } else {
+                format!("{}@{}", self.ctx.settings.client_id, id.instance)
+            },
+            clean: !self.consumer,
+            will: self.coordinate.then_some(will),
+        }
     }
 
     /// One connection, from dialling to its end: a short loop over the steps below.
@@ -184,11 +287,23 @@ impl Link {
             batch: Vec::new(),
             last_finished: self.finished,
             stalled_checks: 0,
+            consumer: self.consumer,
+            control_suback: false,
         };
+        self.view = ha::View::default();
+        self.switch = None;
+        self.announced = None;
+        self.ctx.stats.set_ha(|h| {
+            h.consuming = false;
+            h.owner = None;
+        });
         let mut spool_check = tokio::time::interval(Duration::from_secs(5));
         let mut stall_check = tokio::time::interval(Duration::from_secs(1));
+        let mut ha_check = tokio::time::interval(Duration::from_millis(250));
         let outcome = loop {
-            self.housekeeping(&mut conn);
+            if self.housekeeping(&mut conn) {
+                break self.leave(&mut conn, session).await;
+            }
             let room = self.has_room(&conn);
             if room && self.fill_window(&mut conn) {
                 continue;
@@ -204,9 +319,11 @@ impl Link {
                     Some(event) => self.on_event(&mut conn, event),
                 },
                 Some(ack) = self.acks_rx.recv() => self.complete(ack),
+                _ = tokio::time::sleep(Duration::from_millis(20)), if self.switch.is_some() => {}
                 _ = self.ctx.queue.notified(), if room => {}
                 _ = self.ctx.stop.cancelled(), if !self.ctx.stop.is_cancelled() => {}
                 _ = stall_check.tick() => self.stall_tick(&mut conn),
+                _ = ha_check.tick(), if self.coordinate => self.ha_tick(&mut conn),
                 _ = spool_check.tick() => self.spool_tick(&conn),
             }
         };
@@ -215,7 +332,7 @@ impl Link {
 
     /// Before each wait: report drained while stopping, hand due acknowledgements to the
     /// client, let a full spool take what waits for room, and evacuate a queue that overflowed.
-    fn housekeeping(&mut self, conn: &mut Conn) {
+    fn housekeeping(&mut self, conn: &mut Conn) -> bool {
         if self.ctx.stop.is_cancelled() {
             let idle = conn.flight.outstanding() == 0 && self.ctx.queue.is_empty();
             let _ = self.ctx.drained.send(idle || conn.connected.is_none());
@@ -224,12 +341,13 @@ impl Link {
             self.flush_acks(&conn.client);
         }
         self.ctx.queue.unblock();
-        if conn.connected.is_some() && self.ctx.queue.take_rules_changed() {
+        if conn.connected.is_some() && conn.consumer && self.ctx.queue.take_rules_changed() {
             self.apply_rule_change(conn);
         }
         if conn.connected.is_some() && self.ctx.queue.evacuate_requested() {
             self.evacuate(conn, "its queue is full");
         }
+        self.switch_ready(conn)
     }
 
     /// The rules changed (a reload): subscribe what they want now and unsubscribe what they no
@@ -244,9 +362,13 @@ impl Link {
         self.subscribed = Some(wanted);
     }
 
-    /// Connected, with room in the in-flight window.
+    /// Connected, with room in the in-flight window, not changing role, and (3.1.1) the broker
+    /// is consumed by this process: a 3.1.1 message carries no origin tag, so what another
+    /// instance's consumer received from this process's publish would go round the mesh again.
     fn has_room(&self, conn: &Conn) -> bool {
         conn.connected.is_some()
+            && self.switch.is_none()
+            && (conn.consumer || self.ctx.settings.broker.protocol == Protocol::V5)
             && conn.flight.outstanding() < usize::from(self.ctx.settings.inflight)
     }
 
@@ -344,9 +466,15 @@ impl Link {
                 "unacknowledged messages requeued"
             );
         }
-        let shutdown = matches!(outcome, Outcome::Shutdown);
-        self.ctx.queue.disconnected(unconfirmed, shutdown);
-        self.ctx.queue.sync().await;
+        match outcome {
+            // Back in a moment in the other role: the queue stays in memory.
+            Outcome::Switch => self.ctx.queue.requeue_front(unconfirmed),
+            Outcome::Shutdown | Outcome::Lost { .. } => {
+                let shutdown = matches!(outcome, Outcome::Shutdown);
+                self.ctx.queue.disconnected(unconfirmed, shutdown);
+                self.ctx.queue.sync().await;
+            }
+        }
         self.update_gauges(&conn);
         outcome
     }
@@ -363,36 +491,36 @@ impl Link {
                 }
                 conn.connected = Some(Instant::now());
                 conn.max_packet = max_packet_size;
-                info!(session_present, "connected");
-                // This connection applies the rules as they are now.
-                self.ctx.queue.take_rules_changed();
-                let wanted = self.ctx.queue.rules().subscriptions();
-                // 3.1.1 has no "retained only on new subscription": skip re-subscribing what a
-                // kept session has, so the broker does not resend every retained message on
-                // each reconnect; a kept session also drops what the rules no longer want.
-                let kept = session_present
-                    .then(|| self.subscribed.clone().unwrap_or_else(|| wanted.clone()));
-                let (to_subscribe, stale) = match &kept {
-                    None => (wanted.clone(), Vec::new()),
-                    Some(have) if self.ctx.settings.broker.protocol == Protocol::V5 => {
-                        (wanted.clone(), missing(have, &wanted))
+                let role = if conn.consumer { "owner" } else { "publisher" };
+                info!(session_present, role, "connected");
+                if self.coordinate {
+                    match conn.client.subscribe_control(&self.ctx.ha.control.filter()) {
+                        Ok(()) => conn.control_suback = true,
+                        Err(e) => warn!(error = %e, "control subscription could not be queued"),
                     }
-                    Some(have) => (missing(&wanted, have), missing(have, &wanted)),
-                };
-                // What the rules dropped first, then what they want.
-                change_subscriptions(&conn.client, &[], &stale);
-                if wanted.is_empty() {
-                    // Only `out` rules: nothing to take from this broker (and an empty
-                    // SUBSCRIBE is a protocol error).
-                    info!("subscribed to nothing (no `in` rule)");
-                } else if to_subscribe.is_empty() {
-                    info!("subscribed (the broker kept the session's subscriptions)");
+                    self.announce(conn, true);
                 }
-                change_subscriptions(&conn.client, &to_subscribe, &[]);
-                self.subscribed = Some(wanted);
+                if conn.consumer {
+                    self.subscribe_rules(conn, session_present);
+                    let alone = (!self.coordinate).then(|| self.ctx.ha.identity.instance.clone());
+                    self.ctx.stats.set_ha(|h| {
+                        h.consuming = true;
+                        if let Some(me) = alone {
+                            h.owner = Some(me);
+                            h.instances = 1;
+                        }
+                    });
+                }
                 self.ctx.queue.set_connected(true);
                 self.ctx.stats.clear_error();
                 self.ctx.stats.set_state(LinkState::Connected);
+            }
+            LinkEvent::Publish { msg, ack } if self.ctx.ha.control.is_control(&msg.topic) => {
+                if let Some(a) = ack.and_then(|a| self.acks.receive(a)) {
+                    // Subscribed at QoS 0; a broker that upgraded it is acknowledged in turn.
+                    self.complete(a);
+                }
+                self.on_control(conn, &msg);
             }
             LinkEvent::Publish { msg, ack } => self.on_publish(msg, ack),
             LinkEvent::Sent(pkid) => match conn.flight.sent(pkid) {
@@ -413,6 +541,7 @@ impl Link {
                     );
                     self.ctx.queue.requeue_front(vec![old]);
                 }
+                Sent::Control => {}
                 Sent::Unexpected => {
                     warn!(pkid, "publish reported sent with no message waiting for it");
                 }
@@ -439,6 +568,19 @@ impl Link {
                     self.acknowledged(item, Ok(()));
                 }
             }
+            LinkEvent::SubAck(failures) if conn.control_suback => {
+                conn.control_suback = false;
+                if !failures.is_empty() {
+                    let error = format!(
+                        "control subscription {} refused ({}): this instance cannot see the \
+                         others; allow it in the broker's ACL",
+                        self.ctx.ha.control.filter(),
+                        failures.join(", ")
+                    );
+                    warn!(%error);
+                    self.go_lone(conn);
+                }
+            }
             LinkEvent::SubAck(failures) => {
                 if failures.is_empty() {
                     info!(topics = ?self.subscribed.as_deref().unwrap_or_default(), "subscribed");
@@ -453,6 +595,36 @@ impl Link {
         self.update_gauges(conn);
     }
 
+    /// A consuming connection subscribes what the rules want.
+    fn subscribe_rules(&mut self, conn: &Conn, session_present: bool) {
+        // This connection applies the rules as they are now.
+        self.ctx.queue.take_rules_changed();
+        let wanted = self.ctx.queue.rules().subscriptions();
+        // 3.1.1 has no "retained only on new subscription": skip re-subscribing what a
+        // kept session has, so the broker does not resend every retained message on
+        // each reconnect; a kept session also drops what the rules no longer want.
+        let kept =
+            session_present.then(|| self.subscribed.clone().unwrap_or_else(|| wanted.clone()));
+        let (to_subscribe, stale) = match &kept {
+            None => (wanted.clone(), Vec::new()),
+            Some(have) if self.ctx.settings.broker.protocol == Protocol::V5 => {
+                (wanted.clone(), missing(have, &wanted))
+            }
+            Some(have) => (missing(&wanted, have), missing(have, &wanted)),
+        };
+        // What the rules dropped first, then what they want.
+        change_subscriptions(&conn.client, &[], &stale);
+        if wanted.is_empty() {
+            // Only `out` rules: nothing to take from this broker (and an empty
+            // SUBSCRIBE is a protocol error).
+            info!("subscribed to nothing (no `in` rule)");
+        } else if to_subscribe.is_empty() {
+            info!("subscribed (the broker kept the session's subscriptions)");
+        }
+        change_subscriptions(&conn.client, &to_subscribe, &[]);
+        self.subscribed = Some(wanted);
+    }
+
     fn acknowledged(&mut self, item: Outbound, result: Result<(), String>) {
         match result {
             Ok(()) => inc(&self.ctx.stats.messages_out),
@@ -464,8 +636,9 @@ impl Link {
     fn on_publish(&mut self, msg: Message, ack: Option<AckRequest>) {
         let stats = &self.ctx.stats;
         inc(&stats.messages_in);
-        if self.ctx.stop.is_cancelled() {
-            // Not acknowledged: the broker keeps it for our next session.
+        if self.ctx.stop.is_cancelled() || self.switch.is_some() {
+            // Not acknowledged: the broker keeps it for the session's next connection (ours,
+            // or the next owner's).
             return;
         }
         let ack = match ack {
@@ -611,6 +784,13 @@ impl Link {
         self.acks.complete(ack);
     }
 
+    /// Takes every completion the targets reported so far (before a last flush).
+    fn take_completions(&mut self) {
+        while let Ok(ack) = self.acks_rx.try_recv() {
+            self.complete(ack);
+        }
+    }
+
     fn flush_acks(&mut self, client: &Client) {
         while let Some(ack) = self.acks.next_due() {
             if client.ack(ack).is_err() {
@@ -622,22 +802,239 @@ impl Link {
     }
 
     async fn close(&mut self, conn: &mut Conn, session: &mut Session) -> Outcome {
+        self.take_completions();
         self.flush_acks(&conn.client);
-        let _ = conn.client.disconnect();
-        // Let the driver write the acknowledgements and the DISCONNECT.
-        let deadline = tokio::time::sleep(Duration::from_secs(2));
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                _ = &mut deadline => break,
-                event = session.events.recv() => match event {
-                    None | Some(LinkEvent::Closed(_)) => break,
-                    Some(_) => {}
-                },
+        if conn.connected.is_some() && self.coordinate {
+            // A planned handover: everything received was acknowledged above; a peer may take
+            // the session at once.
+            if conn.consumer {
+                self.release(conn);
             }
+            self.announce(conn, false);
         }
+        let _ = conn.client.disconnect();
+        wait_closed(session).await;
         info!("disconnected");
         Outcome::Shutdown
+    }
+
+    /// Writes this instance's record on this broker: alive (and read back to sync the view), or
+    /// gone (at shutdown).
+    fn announce(&mut self, conn: &mut Conn, alive: bool) {
+        let ha = &self.ctx.ha;
+        let topic = ha.control.instance_topic(&ha.identity.instance);
+        let payload = record_bytes(&ha.identity.record(alive));
+        // An alive record expires (MQTT 5) unless refreshed: a record left by a process that
+        // died without its Will reaching the broker does not name a live instance for long.
+        let expiry = alive.then_some(ha::LIVENESS);
+        if conn.client.publish_control(&topic, payload, expiry).is_ok() {
+            conn.flight.handed_control();
+            self.announced = Some(Instant::now());
+        }
+    }
+
+    /// Writes an owner record for `broker`: this instance's claim, or its release.
+    fn write_owner(&mut self, conn: &mut Conn, released: bool) {
+        let ha = &self.ctx.ha;
+        let record = OwnerRecord {
+            instance: ha.identity.instance.clone(),
+            since: ha::unix_ms(),
+            released,
+        };
+        let topic = ha.control.owner_topic(&self.ctx.name);
+        let payload = serde_json::to_vec(&record).unwrap_or_default();
+        if conn.client.publish_control(&topic, payload, None).is_ok() {
+            conn.flight.handed_control();
+        }
+    }
+
+    fn release(&mut self, conn: &mut Conn) {
+        self.write_owner(conn, true);
+        info!("ownership released");
+    }
+
+    /// A control record arrived.
+    fn on_control(&mut self, conn: &mut Conn, msg: &Message) {
+        let Some(topic) = msg.topic_str() else { return };
+        let now = Instant::now();
+        match self.ctx.ha.control.parse(topic) {
+            Some(ControlTopic::Instance(name)) => {
+                let Ok(record) = serde_json::from_slice::<InstanceRecord>(&msg.payload) else {
+                    if !msg.payload.is_empty() {
+                        debug!(topic, "unreadable instance record ignored");
+                    }
+                    self.view.instances.remove(name);
+                    return;
+                };
+                let me = &self.ctx.ha.identity;
+                if name == me.instance && record.nonce == me.nonce && !record.alive {
+                    // The Will of an earlier connection of ours, fired after we reconnected.
+                    if conn.connected.is_some() && !self.ctx.stop.is_cancelled() {
+                        self.announce(conn, true);
+                    }
+                    return;
+                }
+                let impostor = self.view.impostor;
+                self.view.instance(name, record, msg.retain, me, now);
+                if self.view.impostor != impostor {
+                    let error = format!(
+                        "another process announces itself as instance {:?}: give every process                          of the mesh its own [bridge] instance",
+                        me.instance
+                    );
+                    tracing::error!(%error);
+                    self.ctx.stats.set_error(error);
+                }
+            }
+            Some(ControlTopic::Owner(broker)) if broker == &*self.ctx.name => {
+                let record = serde_json::from_slice::<OwnerRecord>(&msg.payload).ok();
+                self.view.owner(record, msg.retain, now);
+            }
+            _ => return,
+        }
+        self.reconsider(conn);
+    }
+
+    /// Every 250 ms: refresh the instance record when due, and decide again (records go stale,
+    /// claims settle).
+    fn ha_tick(&mut self, conn: &mut Conn) {
+        if conn.connected.is_none() || self.ctx.stop.is_cancelled() || !self.coordinate {
+            return;
+        }
+        if self.announced.is_none_or(|t| t.elapsed() >= ha::HEARTBEAT) {
+            self.announce(conn, true);
+        }
+        if !self.view.synced && uptime(conn).is_some_and(|t| t >= ha::SYNC_TIMEOUT) {
+            self.go_lone(conn);
+        }
+        self.reconsider(conn);
+    }
+
+    /// A connection ended: two in a row that ended before reading their own record back mean
+    /// the broker refuses the control topic by disconnecting; stop coordinating on it.
+    fn note_unsynced_end(&mut self, had_connack: bool) {
+        if self.view.synced || self.view.lone || !had_connack {
+            self.unsynced_ends = 0;
+            return;
+        }
+        self.unsynced_ends += 1;
+        if self.unsynced_ends >= 2 {
+            self.coordinate = false;
+            self.consumer = true;
+            warn!(
+                filter = %self.ctx.ha.control.filter(),
+                "the broker closed two connections in a row before they read their control \
+                 records back (it refuses `$` topics?): consuming it as a lone instance; set \
+                 [bridge] ha = false for a mesh of one process on such brokers"
+            );
+        }
+    }
+
+    /// The broker hides the control topic from this connection: consume it as a lone instance
+    /// (what every instance did before instances coordinated).
+    fn go_lone(&mut self, conn: &mut Conn) {
+        if self.view.lone {
+            return;
+        }
+        self.view.lone = true;
+        warn!(
+            filter = %self.ctx.ha.control.filter(),
+            "this connection cannot read its control records back (a broker ACL?): consuming \
+             the broker as a lone instance; for several instances, allow the bridge's user to \
+             read and write the filter"
+        );
+        self.reconsider(conn);
+    }
+
+    /// Acts on [`ha::decide`]: claim, take over, step down or hand over.
+    fn reconsider(&mut self, conn: &mut Conn) {
+        if conn.connected.is_none() || self.switch.is_some() || self.ctx.stop.is_cancelled() {
+            return;
+        }
+        let ha = self.ctx.ha.clone();
+        let me = &ha.identity;
+        let now = Instant::now();
+        let decision = ha::decide(&self.view, me, &self.ctx.name, now);
+        let owner = self.view.live_owner(me, now).map(str::to_string);
+        let instances = self.view.live(me, now).len();
+        self.ctx.stats.set_ha(|h| {
+            h.owner = owner.clone();
+            h.instances = instances;
+        });
+        match decision {
+            Decision::Own if !conn.consumer => {
+                info!("this instance owns the broker: taking its session");
+                inc(&self.ctx.stats.takeovers);
+                self.begin_switch(false);
+            }
+            Decision::Claim
+                if self
+                    .claimed
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) =>
+            {
+                info!("no live owner: claiming the broker");
+                self.claimed = Some(now);
+                self.write_owner(conn, false);
+            }
+            Decision::Standby { owner: Some(owner) } if conn.consumer => {
+                warn!(%owner, "another instance owns the broker: stepping down");
+                inc(&self.ctx.stats.step_downs);
+                self.begin_switch(false);
+            }
+            Decision::HandOver { to } if conn.consumer => {
+                info!(to = %to, "handing the broker over to an instance that joined");
+                inc(&self.ctx.stats.handovers);
+                self.begin_switch(true);
+            }
+            _ => {}
+        }
+        if self.ctx.settings.broker.protocol == Protocol::V311
+            && !conn.consumer
+            && owner.as_deref().is_some_and(|o| o != me.instance)
+        {
+            self.ctx.stats.set_error(format!(
+                "MQTT 3.1.1 broker consumed by instance {:?}: this instance holds what it has \
+                 for it (a 3.1.1 message carries no origin tag; publishing would loop)",
+                owner.unwrap_or_default()
+            ));
+        }
+    }
+
+    fn begin_switch(&mut self, release: bool) {
+        self.switch = Some(Switch {
+            since: Instant::now(),
+            release,
+        });
+        self.ctx.stats.set_ha(|h| h.consuming = false);
+    }
+
+    /// A connection changing role leaves once nothing is in flight either way (or after
+    /// [`SWITCH_TIMEOUT`]): what it received is acknowledged, what it sent is acknowledged.
+    fn switch_ready(&self, conn: &Conn) -> bool {
+        let Some(switch) = self.switch else {
+            return false;
+        };
+        let idle = conn.flight.outstanding() == 0 && self.acks.unacknowledged() == 0;
+        if !idle && switch.since.elapsed() >= SWITCH_TIMEOUT {
+            warn!(
+                in_flight = conn.flight.outstanding(),
+                unacknowledged = self.acks.unacknowledged(),
+                "changing role with messages still in flight"
+            );
+        }
+        idle || switch.since.elapsed() >= SWITCH_TIMEOUT || conn.connected.is_none()
+    }
+
+    /// Ends a connection that changes role: acknowledges, releases when handing over, and
+    /// disconnects cleanly (no Will).
+    async fn leave(&mut self, conn: &mut Conn, session: &mut Session) -> Outcome {
+        self.take_completions();
+        self.flush_acks(&conn.client);
+        if self.switch.is_some_and(|s| s.release) {
+            self.release(conn);
+        }
+        let _ = conn.client.disconnect();
+        wait_closed(session).await;
+        Outcome::Switch
     }
 
     fn update_gauges(&self, conn: &Conn) {
@@ -653,6 +1050,26 @@ impl Link {
         s.dedup_evictions.store(self.echo.evictions(), relaxed);
         s.dedup_expirations.store(self.echo.expirations(), relaxed);
     }
+}
+
+/// Lets the driver write what was queued (acknowledgements, records, the DISCONNECT), for up
+/// to 2 s.
+async fn wait_closed(session: &mut Session) {
+    let deadline = tokio::time::sleep(Duration::from_secs(2));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => break,
+            event = session.events.recv() => match event {
+                None | Some(LinkEvent::Closed(_)) => break,
+                Some(_) => {}
+            },
+        }
+    }
+}
+
+fn record_bytes(record: &InstanceRecord) -> Vec<u8> {
+    serde_json::to_vec(record).unwrap_or_default()
 }
 
 /// The filters of `a` that `b` lacks, in `a`'s order.

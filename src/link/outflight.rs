@@ -28,6 +28,8 @@ pub(crate) enum Sent<T> {
         /// Its sequence number, and the new one's.
         seqs: (u64, u64),
     },
+    /// A control record (see [`OutFlight::handed_control`]) was written.
+    Control,
     /// The client reported a write with no message waiting for it.
     Unexpected,
 }
@@ -36,7 +38,8 @@ pub(crate) enum Sent<T> {
 #[derive(Debug)]
 pub(crate) struct OutFlight<T> {
     next_seq: u64,
-    awaiting_sent: VecDeque<(u64, T)>,
+    /// `None`: a control record, written at QoS 0 between the messages.
+    awaiting_sent: VecDeque<(u64, Option<T>)>,
     inflight: HashMap<u16, (u64, T)>,
     released: HashMap<u16, (u64, T)>,
 }
@@ -57,13 +60,24 @@ impl<T> OutFlight<T> {
     pub(crate) fn handed(&mut self, item: T) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.awaiting_sent.push_back((seq, item));
+        self.awaiting_sent.push_back((seq, Some(item)));
+    }
+
+    /// A control record (QoS 0, not a message of the mesh) was handed to the client: its
+    /// write report comes in order with the messages' and is matched to nothing.
+    pub(crate) fn handed_control(&mut self) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.awaiting_sent.push_back((seq, None));
     }
 
     /// The client wrote the oldest handed message with `pkid` (0 for QoS 0).
     pub(crate) fn sent(&mut self, pkid: u16) -> Sent<T> {
         let Some((seq, item)) = self.awaiting_sent.pop_front() else {
             return Sent::Unexpected;
+        };
+        let Some(item) = item else {
+            return Sent::Control;
         };
         if pkid == 0 {
             return Sent::Done(item);
@@ -113,11 +127,12 @@ impl<T> OutFlight<T> {
 
     /// Every unacknowledged message, in the order it was handed over.
     pub(crate) fn all_mut(&mut self) -> Vec<&mut T> {
-        let mut all: Vec<&mut (u64, T)> = self
+        let mut all: Vec<(u64, &mut T)> = self
             .awaiting_sent
             .iter_mut()
-            .chain(self.inflight.values_mut())
-            .chain(self.released.values_mut())
+            .filter_map(|(seq, item)| item.as_mut().map(|i| (*seq, i)))
+            .chain(self.inflight.values_mut().map(|(seq, i)| (*seq, i)))
+            .chain(self.released.values_mut().map(|(seq, i)| (*seq, i)))
             .collect();
         all.sort_by_key(|(seq, _)| *seq);
         all.into_iter().map(|(_, item)| item).collect()
@@ -134,7 +149,11 @@ impl<T> OutFlight<T> {
             .map(|(pkid, (seq, _))| (*seq, *pkid))
             .collect();
         sent.sort_unstable();
-        let mut all: Vec<(u64, T)> = self.awaiting_sent.drain(..).collect();
+        let mut all: Vec<(u64, T)> = self
+            .awaiting_sent
+            .drain(..)
+            .filter_map(|(seq, item)| item.map(|i| (seq, i)))
+            .collect();
         all.extend(self.inflight.drain().map(|(_, v)| v));
         all.extend(self.released.drain().map(|(_, v)| v));
         all.sort_by_key(|(seq, _)| *seq);
@@ -162,6 +181,20 @@ mod tests {
         assert_eq!(f.acknowledged(5), Some("q1"));
         assert_eq!(f.outstanding(), 0);
         assert_eq!(f.sent(1), Sent::Unexpected);
+    }
+
+    #[test]
+    fn control_records_between_messages_match_nothing() {
+        let mut f = OutFlight::default();
+        f.handed("m1");
+        f.handed_control();
+        f.handed("m2");
+        assert_eq!(f.sent(4), Sent::InFlight);
+        assert_eq!(f.sent(0), Sent::Control);
+        assert_eq!(f.sent(0), Sent::Done("m2"));
+        f.handed_control();
+        let (unconfirmed, _) = f.drain();
+        assert_eq!(unconfirmed, vec!["m1"], "a record is not given back");
     }
 
     #[test]

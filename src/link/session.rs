@@ -76,12 +76,24 @@ pub(crate) enum LinkEvent {
     Closed(String),
 }
 
+/// Who a connection is (see [`crate::ha`]): the mesh's persistent consumer session of this
+/// broker, or this instance's own clean session that only publishes.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectAs {
+    /// Client id.
+    pub(crate) client_id: String,
+    /// Clean session (3.1.1) / clean start with no session expiry (MQTT 5).
+    pub(crate) clean: bool,
+    /// Retained Will: topic, payload, and (MQTT 5) Will Delay.
+    pub(crate) will: Option<(String, Vec<u8>, Duration)>,
+}
+
 /// Settings of the connection shared by every attempt.
 #[derive(Debug, Clone)]
 pub(crate) struct SessionSettings {
     /// The broker.
     pub(crate) broker: BrokerConfig,
-    /// Client id (`<bridge id>-<broker name>`).
+    /// The consumer session's client id (`<bridge id>-<broker name>`).
     pub(crate) client_id: String,
     /// MQTT keep-alive.
     pub(crate) keep_alive: Duration,
@@ -196,6 +208,49 @@ impl Client {
         }
     }
 
+    /// Queues a control record (QoS 0; on MQTT 5 with a message expiry when given).
+    pub(crate) fn publish_control(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        expiry: Option<Duration>,
+    ) -> Result<(), SendError> {
+        match self {
+            Client::V4(c) => send_now(c.publish_bytes(
+                topic,
+                rumqttc::QoS::AtMostOnce,
+                true,
+                Bytes::from(payload),
+            )),
+            Client::V5(c) => {
+                let properties = v5b::PublishProperties {
+                    message_expiry_interval: expiry
+                        .map(|e| u32::try_from(e.as_secs()).unwrap_or(u32::MAX)),
+                    ..Default::default()
+                };
+                send_now(c.publish_bytes_with_properties(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+                    true,
+                    Bytes::from(payload),
+                    properties,
+                ))
+            }
+        }
+    }
+
+    /// Subscribes the control filter: QoS 0, without No Local (the link reads its own records
+    /// back), retained records sent on every subscription.
+    pub(crate) fn subscribe_control(&self, filter: &str) -> Result<(), SendError> {
+        match self {
+            Client::V4(c) => Ok(c.try_subscribe(filter, rumqttc::QoS::AtMostOnce)?),
+            Client::V5(c) => {
+                let filter = v5b::Filter::new(filter, rumqttc::v5::mqttbytes::QoS::AtMostOnce);
+                Ok(c.try_subscribe_many(std::iter::once(filter))?)
+            }
+        }
+    }
+
     /// Queues the acknowledgement of an incoming publish (PUBACK or PUBREC).
     pub(crate) fn ack(&self, ack: AckRequest) -> Result<(), SendError> {
         match self {
@@ -286,15 +341,23 @@ pub(crate) fn resume_order(first: &[u16], inflight: u16) -> Vec<u16> {
 /// session, PUBREL goes out first for the ids in `release_first`, in that order (see
 /// [`resume_order`]): a QoS 2 message the broker stored is delivered when it gets its PUBREL,
 /// so this order is the delivery order.
-pub(crate) fn open(s: &SessionSettings, release_first: &[u16]) -> Session {
+pub(crate) fn open(s: &SessionSettings, who: &ConnectAs, release_first: &[u16]) -> Session {
     let release = resume_order(release_first, s.inflight);
     let (tx, rx) = mpsc::channel(1024);
     let b = &s.broker;
     let (client, driver) = match b.protocol {
         Protocol::V311 => {
-            let mut o = rumqttc::MqttOptions::new(s.client_id.clone(), b.host.clone(), b.port);
+            let mut o = rumqttc::MqttOptions::new(who.client_id.clone(), b.host.clone(), b.port);
+            if let Some((topic, payload, _)) = &who.will {
+                o.set_last_will(rumqttc::LastWill::new(
+                    topic,
+                    payload.clone(),
+                    rumqttc::QoS::AtLeastOnce,
+                    true,
+                ));
+            }
             o.set_keep_alive(s.keep_alive)
-                .set_clean_session(false)
+                .set_clean_session(who.clean)
                 .set_manual_acks(true)
                 .set_inflight(s.inflight)
                 .set_max_packet_size(MQTT_MAX_PACKET as usize, MQTT_MAX_PACKET as usize);
@@ -317,13 +380,35 @@ pub(crate) fn open(s: &SessionSettings, release_first: &[u16]) -> Session {
             (Client::V4(client), tokio::spawn(drive_v4(el, tx)))
         }
         Protocol::V5 => {
-            let mut o = rumqttc::v5::MqttOptions::new(s.client_id.clone(), b.host.clone(), b.port);
+            let mut o =
+                rumqttc::v5::MqttOptions::new(who.client_id.clone(), b.host.clone(), b.port);
+            if let Some((topic, payload, delay)) = &who.will {
+                let properties = v5b::LastWillProperties {
+                    delay_interval: Some(u32::try_from(delay.as_secs()).unwrap_or(u32::MAX)),
+                    payload_format_indicator: None,
+                    message_expiry_interval: None,
+                    content_type: None,
+                    response_topic: None,
+                    correlation_data: None,
+                    user_properties: Vec::new(),
+                };
+                o.set_last_will(v5b::LastWill::new(
+                    topic,
+                    payload.clone(),
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    true,
+                    Some(properties),
+                ));
+            }
+            let expiry = if who.clean {
+                0
+            } else {
+                u32::try_from(s.session_expiry.as_secs()).unwrap_or(u32::MAX)
+            };
             o.set_keep_alive(s.keep_alive)
-                .set_clean_start(false)
+                .set_clean_start(who.clean)
                 .set_manual_acks(true)
-                .set_session_expiry_interval(Some(
-                    u32::try_from(s.session_expiry.as_secs()).unwrap_or(u32::MAX),
-                ))
+                .set_session_expiry_interval(Some(expiry))
                 .set_receive_maximum(Some(s.inflight.max(20)))
                 .set_max_packet_size(Some(MQTT_MAX_PACKET))
                 .set_outgoing_inflight_upper_limit(s.inflight)

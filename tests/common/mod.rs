@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod mqtt;
+pub mod proxy;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

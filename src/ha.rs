@@ -1,0 +1,566 @@
+//! Several processes, one mesh: which process consumes which broker. Pure state, no I/O.
+//!
+//! Every process ("instance") of a mesh holds one connection to every broker. Through it the
+//! instance publishes what the mesh forwards to that broker, and it announces itself with a
+//! retained *instance record* under the control topic `$meshbridge/<bridge id>/instance/<name>`
+//! (refreshed every [`HEARTBEAT`], with a retained Will saying it is gone). `#` never matches a
+//! `$` topic, so no user subscriber and no link sees these.
+//!
+//! Only the *owner* of a broker consumes it: it connects with the mesh's persistent session
+//! `<bridge id>-<broker>` and subscribes the rules' filters; every other instance connects with
+//! a clean session of its own (`<bridge id>-<broker>@<instance>`) and only publishes. The broker
+//! arbitrates: one connection per client id, so a second owner takes the session (and every
+//! message it holds unacknowledged) over and the first loses its connection. Which instance
+//! should own a broker is written in a retained *owner record* (`…/owner/<broker>`) on that
+//! broker, and decided by [`decide`] from what that broker shows, by every instance alike:
+//!
+//! - the recorded owner keeps the broker while it is live there (sticky: a process that comes
+//!   back does not take a broker back, which is what keeps ownership from flapping);
+//! - a broker without a live owner goes to the live instance with the highest rendezvous score
+//!   ([`score`]), which claims it by writing the owner record; the broker orders competing
+//!   claims and everyone acts on the last one;
+//! - an owner hands a broker over, cleanly, to an instance that started after the owner took it
+//!   and that the rendezvous prefers, once that instance has been live for [`REBALANCE_SETTLE`]:
+//!   this spreads the brokers over instances that join, and never moves one back to an instance
+//!   that merely reconnected.
+//!
+//! Views are per broker: an instance cut from one broker is gone (its Will) on that broker only,
+//! and only that broker changes owner.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// Every instance republishes its record this often.
+pub(crate) const HEARTBEAT: Duration = Duration::from_secs(5);
+/// An instance record not refreshed for this long is stale: its instance is taken for gone even
+/// though no Will said so (a broker restarted without persistence of the Will, a record that
+/// outlived its process).
+pub(crate) const LIVENESS: Duration = Duration::from_secs(15);
+/// How long a newcomer the rendezvous prefers must have been live before an owner hands it a
+/// broker.
+pub(crate) const REBALANCE_SETTLE: Duration = Duration::from_secs(5);
+
+/// The control topics of one mesh.
+#[derive(Debug, Clone)]
+pub(crate) struct Control {
+    prefix: String,
+}
+
+/// What a control topic names.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ControlTopic<'a> {
+    /// An instance record.
+    Instance(&'a str),
+    /// An owner record.
+    Owner(&'a str),
+}
+
+impl Control {
+    /// The control topics of the mesh `bridge_id`.
+    pub(crate) fn new(bridge_id: &str) -> Self {
+        Self {
+            prefix: format!("$meshbridge/{bridge_id}/"),
+        }
+    }
+
+    /// The filter every link subscribes (without No Local: it reads its own records back).
+    pub(crate) fn filter(&self) -> String {
+        format!("{}#", self.prefix)
+    }
+
+    /// The record of `instance`.
+    pub(crate) fn instance_topic(&self, instance: &str) -> String {
+        format!("{}instance/{instance}", self.prefix)
+    }
+
+    /// The owner record of `broker`.
+    pub(crate) fn owner_topic(&self, broker: &str) -> String {
+        format!("{}owner/{broker}", self.prefix)
+    }
+
+    /// Whether `topic` is one of this mesh's control topics.
+    pub(crate) fn is_control(&self, topic: &[u8]) -> bool {
+        topic.starts_with(self.prefix.as_bytes())
+    }
+
+    /// What `topic` names, if it is a record of this mesh.
+    pub(crate) fn parse<'a>(&self, topic: &'a str) -> Option<ControlTopic<'a>> {
+        let rest = topic.strip_prefix(self.prefix.as_str())?;
+        if let Some(name) = rest.strip_prefix("instance/") {
+            return Some(ControlTopic::Instance(name));
+        }
+        rest.strip_prefix("owner/").map(ControlTopic::Owner)
+    }
+}
+
+/// What an instance says of itself on one broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct InstanceRecord {
+    /// False in the Will and in the record written at shutdown.
+    pub(crate) alive: bool,
+    /// Random per process: tells two processes with one instance name apart.
+    pub(crate) nonce: u64,
+    /// When the process started, milliseconds since the Unix epoch.
+    pub(crate) started: u64,
+    /// Its admin API address, for operators.
+    pub(crate) admin: String,
+}
+
+/// Who owns a broker, as written on that broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct OwnerRecord {
+    /// The owning instance.
+    pub(crate) instance: String,
+    /// When it claimed the broker, milliseconds since the Unix epoch.
+    pub(crate) since: u64,
+    /// Written by an owner that stopped consuming (shutdown, handover): nobody owns it now.
+    pub(crate) released: bool,
+}
+
+/// This process.
+#[derive(Debug, Clone)]
+pub(crate) struct Identity {
+    /// Its instance name.
+    pub(crate) instance: String,
+    /// Its nonce (see [`InstanceRecord::nonce`]).
+    pub(crate) nonce: u64,
+    /// Its start time (see [`InstanceRecord::started`]).
+    pub(crate) started: u64,
+    /// Its admin address.
+    pub(crate) admin: String,
+}
+
+impl Identity {
+    /// The identity of a process that starts now.
+    pub(crate) fn new(instance: &str, admin: &str) -> Self {
+        Self {
+            instance: instance.to_string(),
+            nonce: rand::random(),
+            started: unix_ms(),
+            admin: admin.to_string(),
+        }
+    }
+
+    /// Its record, `alive` or gone.
+    pub(crate) fn record(&self, alive: bool) -> InstanceRecord {
+        InstanceRecord {
+            alive,
+            nonce: self.nonce,
+            started: self.started,
+            admin: self.admin.clone(),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// An instance as one broker shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct Seen {
+    /// Its last record.
+    pub(crate) record: InstanceRecord,
+    /// When that record arrived.
+    pub(crate) at: Instant,
+    /// Since when it has been live without a break (for [`REBALANCE_SETTLE`]).
+    pub(crate) live_since: Option<Instant>,
+}
+
+/// What one broker shows of the mesh's instances and of its owner.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct View {
+    /// Instance records by name.
+    pub(crate) instances: HashMap<String, Seen>,
+    /// The owner record.
+    pub(crate) owner: Option<OwnerRecord>,
+    /// When the owner record arrived; `None` when the broker had it stored before this
+    /// connection subscribed (it stood unchallenged).
+    pub(crate) owner_at: Option<Instant>,
+    /// This connection read its own instance record back: every retained record, which the
+    /// broker sends before it, has arrived.
+    pub(crate) synced: bool,
+    /// An instance record with this process's name and another nonce arrived live: two
+    /// processes use one name.
+    pub(crate) impostor: Option<u64>,
+    /// The broker does not let this connection read its records back (an ACL): the instance
+    /// cannot coordinate on it and consumes it as a lone instance would.
+    pub(crate) lone: bool,
+}
+
+/// What this instance should do about one broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// Consume it (the owner record names this instance).
+    Own,
+    /// Write an owner record naming this instance.
+    Claim,
+    /// Leave it to `owner` (none: the instance the rendezvous prefers is expected to claim).
+    Standby {
+        /// The live owner, if any.
+        owner: Option<String>,
+    },
+    /// Stop consuming it and release it for `to`, which the rendezvous prefers (see the module
+    /// documentation on rebalancing).
+    HandOver {
+        /// The instance expected to claim it.
+        to: String,
+    },
+}
+
+impl View {
+    /// Takes an instance record that arrived now; `retained` when the broker sent it on
+    /// subscription (stored, possibly old) rather than as it was published.
+    pub(crate) fn instance(
+        &mut self,
+        name: &str,
+        record: InstanceRecord,
+        retained: bool,
+        me: &Identity,
+        now: Instant,
+    ) {
+        if name == me.instance {
+            if record.nonce == me.nonce {
+                if record.alive {
+                    self.synced = true;
+                }
+            } else if !retained && record.alive {
+                self.impostor = Some(record.nonce);
+            }
+            // This process knows whether it is alive: its own entry is not kept.
+            return;
+        }
+        let was_live = self.instances.get(name).and_then(|s| s.live_since);
+        let live_since = record.alive.then(|| was_live.unwrap_or(now));
+        self.instances.insert(
+            name.to_string(),
+            Seen {
+                record,
+                at: now,
+                live_since,
+            },
+        );
+    }
+
+    /// Takes an owner record (`None`: the record was deleted) that arrived now; `retained`
+    /// as for [`View::instance`].
+    pub(crate) fn owner(&mut self, record: Option<OwnerRecord>, retained: bool, now: Instant) {
+        self.owner = record;
+        self.owner_at = (!retained).then_some(now);
+    }
+
+    /// Whether `name` is live on this broker: this process always is, another instance while
+    /// its record says alive and is fresh.
+    pub(crate) fn is_live(&self, name: &str, me: &Identity, now: Instant) -> bool {
+        name == me.instance
+            || self
+                .instances
+                .get(name)
+                .is_some_and(|s| s.record.alive && now.duration_since(s.at) < LIVENESS)
+    }
+
+    /// The live instances, this one included, with their start times.
+    pub(crate) fn live<'a>(&'a self, me: &'a Identity, now: Instant) -> Vec<(&'a str, u64)> {
+        let mut live: Vec<(&'a str, u64)> = self
+            .instances
+            .iter()
+            .filter(|(name, _)| self.is_live(name, me, now))
+            .map(|(name, s)| (name.as_str(), s.record.started))
+            .collect();
+        live.push((me.instance.as_str(), me.started));
+        live
+    }
+
+    /// The live owner, if the owner record names one and was not released.
+    pub(crate) fn live_owner<'a>(&'a self, me: &Identity, now: Instant) -> Option<&'a str> {
+        self.owner
+            .as_ref()
+            .filter(|o| !o.released && self.is_live(&o.instance, me, now))
+            .map(|o| o.instance.as_str())
+    }
+}
+
+/// What this instance should do about `broker`, from what `view` shows (see the module
+/// documentation). Nothing but [`Decision::Standby`] before the view is synced.
+pub(crate) fn decide(view: &View, me: &Identity, broker: &str, now: Instant) -> Decision {
+    if view.lone {
+        return Decision::Own;
+    }
+    if !view.synced {
+        return Decision::Standby { owner: None };
+    }
+    let live = view.live(me, now);
+    let preferred = live
+        .iter()
+        .max_by_key(|(name, _)| (score(name, broker), *name))
+        .map(|(name, _)| *name)
+        .unwrap_or(me.instance.as_str());
+    match view.live_owner(me, now) {
+        // A fresh claim of ours stands for CLAIM_SETTLE before it counts: two instances that
+        // claimed at once (neither saw the other yet) both see the broker's last claim by then.
+        Some(owner)
+            if owner == me.instance
+                && view
+                    .owner_at
+                    .is_some_and(|t| now.duration_since(t) < CLAIM_SETTLE) =>
+        {
+            Decision::Standby { owner: None }
+        }
+        Some(owner) if owner == me.instance => {
+            let since = view.owner.as_ref().map_or(0, |o| o.since);
+            let newcomer = view.instances.get(preferred).filter(|s| {
+                s.record.started > since
+                    && s.live_since
+                        .is_some_and(|t| now.duration_since(t) >= REBALANCE_SETTLE)
+            });
+            match newcomer {
+                Some(_) if preferred != me.instance => Decision::HandOver {
+                    to: preferred.to_string(),
+                },
+                _ => Decision::Own,
+            }
+        }
+        Some(owner) => Decision::Standby {
+            owner: Some(owner.to_string()),
+        },
+        None if preferred == me.instance => Decision::Claim,
+        None => Decision::Standby { owner: None },
+    }
+}
+
+/// The rendezvous score of `instance` for `broker`: the same on every host, spread evenly.
+pub(crate) fn score(instance: &str, broker: &str) -> u64 {
+    let mut input = Vec::with_capacity(instance.len() + broker.len() + 1);
+    input.extend_from_slice(instance.as_bytes());
+    input.push(0);
+    input.extend_from_slice(broker.as_bytes());
+    let digest = ring::digest::digest(&ring::digest::SHA256, &input);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// How long a claim must stand before its instance takes the session.
+pub(crate) const CLAIM_SETTLE: Duration = Duration::from_millis(500);
+
+/// How long a connection waits to read its own instance record back before it takes the broker
+/// for one that hides the control topic (see [`View::lone`]).
+pub(crate) const SYNC_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The instance name when the config gives none: the host name.
+pub(crate) fn default_instance() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| {
+            h.trim()
+                .chars()
+                .map(|c| match c {
+                    'A'..='Z' | 'a'..='z' | '0'..='9' | '-' | '_' | '.' => c,
+                    _ => '-',
+                })
+                .take(64)
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty() && !h.chars().all(|c| c == '.'))
+        .unwrap_or_else(|| "bridge".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me(name: &str, started: u64) -> Identity {
+        Identity {
+            instance: name.into(),
+            nonce: 1,
+            started,
+            admin: String::new(),
+        }
+    }
+
+    fn alive(started: u64) -> InstanceRecord {
+        InstanceRecord {
+            alive: true,
+            nonce: 7,
+            started,
+            admin: String::new(),
+        }
+    }
+
+    fn synced_view(me: &Identity, now: Instant) -> View {
+        let mut v = View::default();
+        v.instance(&me.instance, me.record(true), false, me, now);
+        assert!(v.synced);
+        v
+    }
+
+    /// The name of two that the rendezvous prefers for `broker`.
+    fn preferred<'a>(a: &'a str, b: &'a str, broker: &str) -> &'a str {
+        if (score(a, broker), a) > (score(b, broker), b) {
+            a
+        } else {
+            b
+        }
+    }
+
+    #[test]
+    fn control_topics_parse_back() {
+        let c = Control::new("m1");
+        assert_eq!(c.filter(), "$meshbridge/m1/#");
+        let t = c.instance_topic("host-a");
+        assert_eq!(c.parse(&t), Some(ControlTopic::Instance("host-a")));
+        let t = c.owner_topic("b1");
+        assert_eq!(c.parse(&t), Some(ControlTopic::Owner("b1")));
+        assert!(c.is_control(t.as_bytes()));
+        assert!(!Control::new("m2").is_control(t.as_bytes()), "another mesh");
+        assert_eq!(c.parse("$meshbridge/m1/other"), None);
+    }
+
+    #[test]
+    fn nothing_is_decided_before_the_view_is_synced() {
+        let a = me("a", 1);
+        assert_eq!(
+            decide(&View::default(), &a, "b1", Instant::now()),
+            Decision::Standby { owner: None }
+        );
+    }
+
+    #[test]
+    fn alone_an_instance_claims_then_owns() {
+        let now = Instant::now();
+        let a = me("a", 1);
+        let mut v = synced_view(&a, now);
+        assert_eq!(decide(&v, &a, "b1", now), Decision::Claim);
+        v.owner(
+            Some(OwnerRecord {
+                instance: "a".into(),
+                since: 2,
+                released: false,
+            }),
+            false,
+            now,
+        );
+        assert_eq!(
+            decide(&v, &a, "b1", now),
+            Decision::Standby { owner: None },
+            "a fresh claim stands a moment first"
+        );
+        assert_eq!(decide(&v, &a, "b1", now + CLAIM_SETTLE), Decision::Own);
+    }
+
+    #[test]
+    fn two_instances_agree_on_one_claimer_per_broker() {
+        let now = Instant::now();
+        let (a, b) = (me("a", 1), me("b", 1));
+        for broker in ["b1", "b2", "b3", "b4", "b5", "b6"] {
+            let mut va = synced_view(&a, now);
+            va.instance("b", alive(1), false, &a, now);
+            let mut vb = synced_view(&b, now);
+            vb.instance("a", alive(1), false, &b, now);
+            let claims = [decide(&va, &a, broker, now), decide(&vb, &b, broker, now)]
+                .iter()
+                .filter(|d| **d == Decision::Claim)
+                .count();
+            assert_eq!(claims, 1, "{broker}");
+            let winner = preferred("a", "b", broker);
+            let view = if winner == "a" { &va } else { &vb };
+            let who = if winner == "a" { &a } else { &b };
+            assert_eq!(decide(view, who, broker, now), Decision::Claim);
+        }
+    }
+
+    #[test]
+    fn a_live_owner_is_kept_and_a_gone_one_replaced() {
+        let now = Instant::now();
+        let b = me("b", 1);
+        let mut v = synced_view(&b, now);
+        v.instance("a", alive(1), false, &b, now);
+        v.owner(
+            Some(OwnerRecord {
+                instance: "a".into(),
+                since: 5,
+                released: false,
+            }),
+            true,
+            now,
+        );
+        // Sticky, whatever the rendezvous says.
+        assert_eq!(
+            decide(&v, &b, "b1", now),
+            Decision::Standby {
+                owner: Some("a".into())
+            }
+        );
+        // Its Will.
+        let mut gone = alive(1);
+        gone.alive = false;
+        v.instance("a", gone, false, &b, now);
+        assert_eq!(decide(&v, &b, "b1", now), Decision::Claim);
+        // Or a record gone stale.
+        v.instance("a", alive(1), true, &b, now);
+        let later = now + LIVENESS + Duration::from_secs(1);
+        let mut v2 = v.clone();
+        v2.synced = true;
+        assert_eq!(decide(&v2, &b, "b1", later), Decision::Claim);
+        // Or released.
+        v.owner(
+            Some(OwnerRecord {
+                instance: "a".into(),
+                since: 5,
+                released: true,
+            }),
+            true,
+            now,
+        );
+        assert_eq!(decide(&v, &b, "b1", now), Decision::Claim);
+    }
+
+    #[test]
+    fn an_owner_hands_over_to_a_newcomer_only_after_it_settled() {
+        let now = Instant::now();
+        // A broker the rendezvous gives to "b" rather than "a".
+        let broker = (0..100)
+            .map(|i| format!("b{i}"))
+            .find(|br| preferred("a", "b", br) == "b")
+            .expect("some broker prefers b");
+        let a = me("a", 1);
+        let mut v = synced_view(&a, now);
+        v.owner(
+            Some(OwnerRecord {
+                instance: "a".into(),
+                since: 10,
+                released: false,
+            }),
+            true,
+            now,
+        );
+        // "b" started before "a" claimed: it merely reconnected; no handover.
+        v.instance("b", alive(5), false, &a, now);
+        let later = now + REBALANCE_SETTLE;
+        assert_eq!(decide(&v, &a, &broker, later), Decision::Own);
+        // "b" is a newcomer: handed over once it has been live long enough.
+        v.instance("b", alive(20), false, &a, now);
+        assert_eq!(decide(&v, &a, &broker, now), Decision::Own);
+        assert_eq!(
+            decide(&v, &a, &broker, later),
+            Decision::HandOver { to: "b".into() }
+        );
+    }
+
+    #[test]
+    fn a_live_record_of_this_name_from_another_process_is_reported() {
+        let now = Instant::now();
+        let a = me("a", 1);
+        let mut v = synced_view(&a, now);
+        v.instance("a", alive(1), true, &a, now);
+        assert_eq!(v.impostor, None, "a stored record of an earlier run");
+        v.instance("a", alive(1), false, &a, now);
+        assert_eq!(v.impostor, Some(7));
+    }
+}

@@ -1,0 +1,556 @@
+//! Several bridge processes on one mesh (docs/HA.md), against real mosquitto brokers: one
+//! owner per broker, failover on kill -9, SIGSTOP and a cut connection, a clean handover on
+//! SIGTERM, no doubled forwarding, no fight between two meshes. Messages carry sequence
+//! numbers; loss and duplicates are counted per (origin, target): loss must be zero,
+//! duplicates are printed and bounded by the in-flight window.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::{Duration, Instant};
+
+use common::mqtt::{self, Pub, Sub};
+use common::proxy::Proxy;
+use common::{Bridge, Certs, Mosquitto, http_get};
+
+/// Messages one link may have in flight: the bound on duplicates after a failover.
+const INFLIGHT: usize = 100;
+
+/// One bridge process of the mesh.
+struct Instance {
+    name: String,
+    admin: String,
+    bridge: Bridge,
+}
+
+/// Brokers as one instance dials them: (name, port).
+fn config(
+    certs: &Certs,
+    dir: &std::path::Path,
+    mesh: &str,
+    instance: &str,
+    brokers: &[(String, u16)],
+) -> String {
+    let admin_port = common::free_port();
+    let mut s = format!(
+        "[bridge]\nid = \"{mesh}\"\ninstance = \"{instance}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
+         data_dir = \"{}\"\nkeep_alive = \"5s\"\ninflight = {INFLIGHT}\n\n\
+         [tls]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n",
+        dir.join("data").display(),
+        certs.path("ca.crt"),
+        certs.path("client.crt"),
+        certs.path("client.key"),
+    );
+    for (name, port) in brokers {
+        s.push_str(&format!(
+            "[[broker]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\n\n"
+        ));
+    }
+    s
+}
+
+fn direct(brokers: &[Mosquitto]) -> Vec<(String, u16)> {
+    brokers
+        .iter()
+        .map(|b| (b.name.clone(), b.tls_port))
+        .collect()
+}
+
+fn start(
+    tmp: &std::path::Path,
+    certs: &Certs,
+    mesh: &str,
+    name: &str,
+    brokers: &[(String, u16)],
+) -> Instance {
+    let dir = tmp.join(format!("{mesh}-{name}"));
+    let cfg = config(certs, &dir, mesh, name, brokers);
+    let admin = common::admin_addr(&cfg);
+    Instance {
+        name: name.to_string(),
+        admin,
+        bridge: Bridge::start(&dir, &cfg),
+    }
+}
+
+/// (owner as the instance sees it, whether it consumes, whether it is connected) per broker.
+fn ownership(i: &Instance) -> BTreeMap<String, (Option<String>, bool, bool)> {
+    let port: u16 = i.admin.rsplit(':').next().unwrap().parse().unwrap();
+    if !common::wait_port(port, Duration::from_millis(200)) {
+        return BTreeMap::new();
+    }
+    let (code, body) = http_get(&format!("http://{}/api/v1/brokers", i.admin), None);
+    if code != 200 {
+        return BTreeMap::new();
+    }
+    let rows: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    rows.as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap_or_default().to_string(),
+                (
+                    r["owner"].as_str().map(str::to_string),
+                    r["consuming"].as_bool().unwrap_or(false),
+                    r["state"] == "connected",
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Who consumes each broker once the instances agree: every broker consumed by exactly one
+/// of them, and every one of them connected to it naming that owner.
+fn settled(instances: &[&Instance], brokers: &[&str]) -> Option<BTreeMap<String, String>> {
+    let views: Vec<_> = instances.iter().map(|i| (i, ownership(i))).collect();
+    let mut owners = BTreeMap::new();
+    for b in brokers {
+        let consumers: Vec<&str> = views
+            .iter()
+            .filter(|(_, v)| v.get(*b).is_some_and(|(_, c, _)| *c))
+            .map(|(i, _)| i.name.as_str())
+            .collect();
+        let [owner] = consumers[..] else { return None };
+        if views.iter().any(|(_, v)| {
+            v.get(*b)
+                .is_some_and(|(o, _, connected)| *connected && o.as_deref() != Some(owner))
+        }) {
+            return None;
+        }
+        owners.insert(b.to_string(), owner.to_string());
+    }
+    Some(owners)
+}
+
+/// Waits until [`settled`]; panics with every log after `within`.
+fn wait_settled(
+    instances: &[&Instance],
+    brokers: &[&str],
+    within: Duration,
+) -> BTreeMap<String, String> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(o) = settled(instances, brokers) {
+            return o;
+        }
+        if Instant::now() > deadline {
+            let views: Vec<_> = instances
+                .iter()
+                .map(|i| (i.name.clone(), ownership(i)))
+                .collect();
+            let logs: String = instances
+                .iter()
+                .map(|i| format!("--- {} ---\n{}", i.name, i.bridge.log()))
+                .collect();
+            panic!("ownership did not settle within {within:?}: {views:?}\n{logs}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sequence numbers `0..n` published on `topic`, QoS 1.
+fn numbered(topic: &str, n: usize) -> Vec<Pub> {
+    (0..n).map(|i| Pub::new(topic, format!("{i}"), 1)).collect()
+}
+
+/// (lost, duplicates, out of order) of `0..n` on `topic` as `sub` received them.
+fn count(sub: &Sub, topic: &str, n: usize) -> (usize, usize, usize) {
+    let mut seen = vec![0usize; n];
+    let mut disorder = 0;
+    let mut last: Option<usize> = None;
+    for m in sub.messages().iter().filter(|m| m.topic == topic) {
+        let i: usize = std::str::from_utf8(&m.payload).unwrap().parse().unwrap();
+        seen[i] += 1;
+        if seen[i] == 1 {
+            if last.is_some_and(|l| i < l) {
+                disorder += 1;
+            }
+            last = Some(i);
+        }
+    }
+    let lost = seen.iter().filter(|c| **c == 0).count();
+    let dups = seen.iter().map(|c| c.saturating_sub(1)).sum();
+    (lost, dups, disorder)
+}
+
+/// Waits until `sub` has every one of `0..n` on `topic` or `within` passed, then returns
+/// [`count`].
+async fn collected(sub: &Sub, topic: &str, n: usize, within: Duration) -> (usize, usize, usize) {
+    let deadline = Instant::now() + within;
+    while count(sub, topic, n).0 > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sub.settle(Duration::from_millis(500)).await;
+    count(sub, topic, n)
+}
+
+fn lab3() -> (tempfile::TempDir, Certs, [Mosquitto; 3]) {
+    common::lab::<3>()
+}
+
+/// Test 7: with two and then three instances every message reaches every other broker
+/// exactly once and in order, and each broker is consumed by exactly one instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_instances_forward_every_message_exactly_once() {
+    let (tmp, certs, brokers) = lab3();
+    let list = direct(&brokers);
+    let names = ["b1", "b2", "b3"];
+    let a = start(tmp.path(), &certs, "mesh", "a", &list);
+    let b = start(tmp.path(), &certs, "mesh", "b", &list);
+    let owners = wait_settled(&[&a, &b], &names, Duration::from_secs(20));
+    println!("two instances: {owners:?}");
+    let c = start(tmp.path(), &certs, "mesh", "c", &list);
+    // The newcomer gets its share once it has been live a few seconds.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let owners = wait_settled(&[&a, &b, &c], &names, Duration::from_secs(20));
+    println!("three instances: {owners:?}");
+
+    let n = 2000;
+    let mut subs = Vec::new();
+    for (i, br) in brokers.iter().enumerate() {
+        subs.push(mqtt::subscribe(br.plain_port, &format!("s{i}"), "seq/#").await);
+    }
+    let mut pubs = Vec::new();
+    for br in &brokers {
+        let msgs = numbered(&format!("seq/{}", br.name), n);
+        let port = br.plain_port;
+        let id = format!("p-{}", br.name);
+        pubs.push(tokio::spawn(async move {
+            mqtt::publish_paced(port, &id, &msgs, 2000, Arc::new(AtomicUsize::new(0))).await
+        }));
+    }
+    for p in pubs {
+        p.await.unwrap();
+    }
+    for (t, sub) in subs.iter().enumerate() {
+        for (o, origin) in brokers.iter().enumerate() {
+            if o == t {
+                continue;
+            }
+            let topic = format!("seq/{}", origin.name);
+            let (lost, dups, disorder) = collected(sub, &topic, n, Duration::from_secs(30)).await;
+            println!(
+                "{} -> {}: lost {lost}, duplicates {dups}, out of order {disorder}",
+                origin.name, brokers[t].name
+            );
+            assert_eq!(
+                (lost, dups, disorder),
+                (0, 0, 0),
+                "{} -> {}",
+                origin.name,
+                brokers[t].name
+            );
+        }
+        // Nothing came back to its origin.
+        let own = format!("seq/{}", brokers[t].name);
+        assert_eq!(count(sub, &own, n).1, 0, "echo on {}", brokers[t].name);
+    }
+    // The brokers the rendezvous gives to the newcomer were handed to it.
+    for br in names {
+        let best = ["a", "b", "c"]
+            .into_iter()
+            .max_by_key(|i| (meshbridge::testing::rendezvous(i, br), *i))
+            .unwrap();
+        if best == "c" {
+            assert_eq!(owners[br], "c", "{br} was not handed over: {owners:?}");
+        }
+    }
+}
+
+/// Takeovers of `broker` counted by every instance.
+fn takeovers(instances: &[&Instance], broker: &str) -> u64 {
+    instances
+        .iter()
+        .map(|i| {
+            let port: u16 = i.admin.rsplit(':').next().unwrap().parse().unwrap();
+            if !common::wait_port(port, Duration::from_millis(200)) {
+                return 0;
+            }
+            let (_, body) = http_get(&format!("http://{}/api/v1/brokers", i.admin), None);
+            let rows: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            rows.as_array()
+                .into_iter()
+                .flatten()
+                .filter(|r| r["name"] == broker)
+                .map(|r| r["takeovers"].as_u64().unwrap_or(0))
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// A stream of `n` numbered QoS 1 messages from `origin` at `rate` per second, running.
+fn stream(origin: &Mosquitto, n: usize, rate: u32) -> tokio::task::JoinHandle<()> {
+    let msgs = numbered(&format!("seq/{}", origin.name), n);
+    let port = origin.plain_port;
+    let id = format!("p-{}", origin.name);
+    tokio::spawn(async move {
+        mqtt::publish_paced(port, &id, &msgs, rate, Arc::new(AtomicUsize::new(0))).await
+    })
+}
+
+/// Subscribers to `seq/#` on every broker but the first.
+async fn targets(brokers: &[Mosquitto]) -> Vec<Sub> {
+    let mut subs = Vec::new();
+    for br in &brokers[1..] {
+        subs.push(mqtt::subscribe(br.plain_port, &format!("s-{}", br.name), "seq/#").await);
+    }
+    subs
+}
+
+/// Asserts that every target got all `n` messages of b1's stream; returns the duplicates.
+async fn no_loss(brokers: &[Mosquitto], subs: &[Sub], n: usize) -> usize {
+    let mut dups = 0;
+    for (sub, target) in subs.iter().zip(&brokers[1..]) {
+        let (lost, d, disorder) = collected(sub, "seq/b1", n, Duration::from_secs(60)).await;
+        println!(
+            "b1 -> {}: lost {lost}, duplicates {d}, out of order {disorder}",
+            target.name
+        );
+        assert_eq!(lost, 0, "b1 -> {}: messages lost", target.name);
+        dups = dups.max(d);
+    }
+    dups
+}
+
+/// The instance among `instances` named `name`.
+fn by_name<'a>(instances: &'a mut [Instance], name: &str) -> &'a mut Instance {
+    instances.iter_mut().find(|i| i.name == name).unwrap()
+}
+
+/// Test 1: kill -9 of b1's owner mid-stream: the other instance owns b1 within
+/// 1.5 x keep_alive + will delay + 2 s; nothing lost; duplicates within the in-flight window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_killed_mid_stream_is_replaced_and_nothing_is_lost() {
+    let (tmp, certs, brokers) = lab3();
+    let list = direct(&brokers);
+    let names = ["b1", "b2", "b3"];
+    let mut pair = vec![
+        start(tmp.path(), &certs, "mesh", "a", &list),
+        start(tmp.path(), &certs, "mesh", "b", &list),
+    ];
+    let owners = wait_settled(&[&pair[0], &pair[1]], &names, Duration::from_secs(20));
+    let victim = owners["b1"].clone();
+    let subs = targets(&brokers).await;
+    let n = 8000;
+    let publisher = stream(&brokers[0], n, 1000);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::task::block_in_place(|| by_name(&mut pair, &victim).bridge.kill());
+    let killed = Instant::now();
+    let survivor = pair.iter().find(|i| i.name != victim).unwrap();
+    wait_settled(&[survivor], &names, Duration::from_secs(10));
+    let failover = killed.elapsed();
+    println!("kill -9 of {victim}: the survivor owns every broker after {failover:?}");
+    // keep_alive 5 s, will_delay 0.
+    assert!(failover < Duration::from_millis(9500), "{failover:?}");
+    publisher.await.unwrap();
+    let dups = no_loss(&brokers, &subs, n).await;
+    assert!(dups <= INFLIGHT, "{dups} duplicates");
+}
+
+/// Test 6: SIGTERM of b1's owner mid-stream is a planned handover: nothing lost, nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_owner_hands_over_without_loss_or_duplicates() {
+    let (tmp, certs, brokers) = lab3();
+    let list = direct(&brokers);
+    let names = ["b1", "b2", "b3"];
+    let mut pair = vec![
+        start(tmp.path(), &certs, "mesh", "a", &list),
+        start(tmp.path(), &certs, "mesh", "b", &list),
+    ];
+    let owners = wait_settled(&[&pair[0], &pair[1]], &names, Duration::from_secs(20));
+    let leaving = owners["b1"].clone();
+    let subs = targets(&brokers).await;
+    let n = 6000;
+    let publisher = stream(&brokers[0], n, 1000);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = tokio::task::block_in_place(|| by_name(&mut pair, &leaving).bridge.terminate());
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{leaving} exit: {status:?}"
+    );
+    let survivor = pair.iter().find(|i| i.name != leaving).unwrap();
+    wait_settled(&[survivor], &names, Duration::from_secs(5));
+    publisher.await.unwrap();
+    let dups = no_loss(&brokers, &subs, n).await;
+    assert_eq!(dups, 0, "a planned handover sends nothing twice");
+}
+
+/// Test 4: the owner of b1 frozen 30 s (SIGSTOP), then woken: the other instance took b1 over
+/// meanwhile, and the woken one steps down at once instead of taking it back; nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_owner_steps_down_when_it_wakes() {
+    let (tmp, certs, brokers) = lab3();
+    let list = direct(&brokers);
+    let names = ["b1", "b2", "b3"];
+    let pair = [
+        start(tmp.path(), &certs, "mesh", "a", &list),
+        start(tmp.path(), &certs, "mesh", "b", &list),
+    ];
+    let owners = wait_settled(&[&pair[0], &pair[1]], &names, Duration::from_secs(20));
+    let frozen = pair.iter().find(|i| i.name == owners["b1"]).unwrap();
+    let other = pair.iter().find(|i| i.name != owners["b1"]).unwrap();
+    let subs = targets(&brokers).await;
+    let n = 20_000;
+    let publisher = stream(&brokers[0], n, 500);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    common::signal(frozen.bridge.pid().unwrap(), "STOP");
+    // The brokers drop the frozen process after 1.5 x keep_alive; its Wills name it gone.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while settled(&[other], &names).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "{} did not take over",
+            other.name
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    common::signal(frozen.bridge.pid().unwrap(), "CONT");
+    let woke = Instant::now();
+    let owners = wait_settled(&[&pair[0], &pair[1]], &names, Duration::from_secs(10));
+    println!(
+        "woken after 30 s: settled again after {:?}: {owners:?}",
+        woke.elapsed()
+    );
+    assert!(owners.values().all(|o| *o == other.name), "{owners:?}");
+    assert!(
+        woke.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        woke.elapsed()
+    );
+    publisher.await.unwrap();
+    let dups = no_loss(&brokers, &subs, n).await;
+    assert!(dups <= 2 * INFLIGHT, "{dups} duplicates");
+    // No flapping: the woken one never took a broker back.
+    for b in names {
+        let t = takeovers(&[&pair[0], &pair[1]], b);
+        assert!(t <= 2, "{b}: {t} takeovers");
+    }
+}
+
+/// Test 5: two instances started at the same moment end with exactly one owner per broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_started_together_agree_on_one_owner_per_broker() {
+    let (tmp, certs, brokers) = common::lab::<4>();
+    let list = direct(&brokers);
+    let names = ["b1", "b2", "b3", "b4"];
+    let pair = [
+        start(tmp.path(), &certs, "mesh", "a", &list),
+        start(tmp.path(), &certs, "mesh", "b", &list),
+    ];
+    let owners = wait_settled(&[&pair[0], &pair[1]], &names, Duration::from_secs(20));
+    // And it stays so.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(settled(&[&pair[0], &pair[1]], &names), Some(owners.clone()));
+    for b in names {
+        assert_eq!(takeovers(&[&pair[0], &pair[1]], b), 1, "{b}: {owners:?}");
+    }
+}
+
+/// Test 8: a second mesh (another id) on the same brokers forwards its own copy; nothing is
+/// amplified (each mesh drops what the other tagged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_meshes_on_the_same_brokers_do_not_amplify() {
+    let (tmp, certs, brokers) = lab3();
+    let list = direct(&brokers);
+    let names = ["b1", "b2", "b3"];
+    let m1 = start(tmp.path(), &certs, "m1", "a", &list);
+    let m2 = start(tmp.path(), &certs, "m2", "a", &list);
+    wait_settled(&[&m1], &names, Duration::from_secs(20));
+    wait_settled(&[&m2], &names, Duration::from_secs(20));
+    let subs = targets(&brokers).await;
+    let n = 500;
+    stream(&brokers[0], n, 1000).await.unwrap();
+    for (sub, target) in subs.iter().zip(&brokers[1..]) {
+        let got = sub.wait_prefix("", 2 * n, Duration::from_secs(20)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (lost, dups, _) = count(sub, "seq/b1", n);
+        println!(
+            "b1 -> {} through two meshes: {got} received, lost {lost}",
+            target.name
+        );
+        assert_eq!(
+            (lost, dups, sub.count()),
+            (0, n, 2 * n),
+            "one copy per mesh, no more"
+        );
+    }
+}
+
+/// The name of an instance that the rendezvous prefers to `other` for `broker`.
+fn preferred_over(other: &str, broker: &str) -> String {
+    (0..1000)
+        .map(|i| format!("x{i}"))
+        .find(|n| {
+            (meshbridge::testing::rendezvous(n, broker), n.as_str())
+                > (meshbridge::testing::rendezvous(other, broker), other)
+        })
+        .unwrap()
+}
+
+/// Test 3: only process A's connection to b3 is cut (black-holed, not closed): only b3 changes
+/// owner, once; what A's origins have for b3 waits in A's spool and arrives when the cut
+/// heals; A does not take b3 back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_connection_moves_only_that_broker_once() {
+    let (tmp, certs, brokers) = lab3();
+    let names = ["b1", "b2", "b3"];
+    let proxy = Proxy::start(brokers[2].tls_port);
+    let mut via_proxy = direct(&brokers);
+    via_proxy[2].1 = proxy.port;
+    let a_name = preferred_over("b", "b3");
+    let a = start(tmp.path(), &certs, "mesh", &a_name, &via_proxy);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let b = start(tmp.path(), &certs, "mesh", "b", &direct(&brokers));
+    let before = wait_settled(&[&a, &b], &names, Duration::from_secs(20));
+    assert_eq!(before["b3"], a_name, "A owns b3 (it started first)");
+
+    let s3 = mqtt::subscribe(brokers[2].plain_port, "s3", "seq/#").await;
+    let s1 = mqtt::subscribe(brokers[0].plain_port, "s1", "seq/#").await;
+    let n = 6000;
+    let from_b1 = stream(&brokers[0], n, 500);
+    let from_b3 = stream(&brokers[2], n, 500);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.blackhole();
+    let cut = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        if let Some(o) = settled(&[&a, &b], &names)
+            && o["b3"] == "b"
+        {
+            break o;
+        }
+        assert!(Instant::now() < deadline, "b3 did not move");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "cut: b3 moved to b after {:?}; before {before:?}, after {after:?}",
+        cut.elapsed()
+    );
+    assert_eq!(
+        (&after["b1"], &after["b2"]),
+        (&before["b1"], &before["b2"]),
+        "only b3 moves"
+    );
+    from_b1.await.unwrap();
+    from_b3.await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.heal();
+    proxy.reset();
+    let (lost, dups, _) = collected(&s3, "seq/b1", n, Duration::from_secs(60)).await;
+    println!("b1 -> b3 across the cut: lost {lost}, duplicates {dups}");
+    assert_eq!(lost, 0);
+    let (lost, dups, _) = collected(&s1, "seq/b3", n, Duration::from_secs(60)).await;
+    println!("b3 -> b1 across the cut: lost {lost}, duplicates {dups}");
+    assert_eq!(lost, 0);
+    // A is back on b3 and does not take it back.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(
+        settled(&[&a, &b], &names).map(|o| o["b3"].clone()),
+        Some("b".into())
+    );
+    assert_eq!(takeovers(&[&a, &b], "b3"), 2, "b3 changed owner once");
+}
