@@ -111,6 +111,11 @@ impl EchoWindow {
         self.live_count
     }
 
+    /// No echo expected (expired records may still be counted until the next call).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.live_count == 0
+    }
+
     /// Records dropped because the window was full.
     pub(crate) fn evictions(&self) -> u64 {
         self.evictions

@@ -55,6 +55,8 @@ pub(crate) enum ControlTopic<'a> {
     Instance(&'a str),
     /// An owner record.
     Owner(&'a str),
+    /// An echo note (see [`Control::echo_topic`]).
+    Echo,
 }
 
 impl Control {
@@ -65,9 +67,19 @@ impl Control {
         }
     }
 
-    /// The filter every link subscribes (without No Local: it reads its own records back).
-    pub(crate) fn filter(&self) -> String {
-        format!("{}#", self.prefix)
+    /// The filters every link subscribes (without No Local: it reads its own records back).
+    pub(crate) fn filters(&self) -> [String; 3] {
+        [
+            format!("{}instance/+", self.prefix),
+            format!("{}owner/+", self.prefix),
+            self.echo_topic(),
+        ]
+    }
+
+    /// Where an instance that publishes into an MQTT 3.1.1 broker it does not consume first
+    /// writes the [`portable_fingerprint`] of the message, so that the owner drops the echo.
+    pub(crate) fn echo_topic(&self) -> String {
+        format!("{}echo", self.prefix)
     }
 
     /// The record of `instance`.
@@ -88,6 +100,9 @@ impl Control {
     /// What `topic` names, if it is a record of this mesh.
     pub(crate) fn parse<'a>(&self, topic: &'a str) -> Option<ControlTopic<'a>> {
         let rest = topic.strip_prefix(self.prefix.as_str())?;
+        if rest == "echo" {
+            return Some(ControlTopic::Echo);
+        }
         if let Some(name) = rest.strip_prefix("instance/") {
             return Some(ControlTopic::Instance(name));
         }
@@ -226,7 +241,8 @@ impl View {
     ) {
         if name == me.instance {
             if record.nonce == me.nonce {
-                if record.alive {
+                // Read back as published (a stored copy is an earlier connection's).
+                if record.alive && !retained {
                     self.synced = true;
                 }
             } else if !retained && record.alive {
@@ -333,6 +349,20 @@ pub(crate) fn decide(view: &View, me: &Identity, broker: &str, now: Instant) -> 
     }
 }
 
+/// A fingerprint of a message that every host computes alike (the echo window's own is fast
+/// but depends on the CPU's features): the first 8 bytes of SHA-256 over the topic's length,
+/// the topic and the payload.
+pub(crate) fn portable_fingerprint(topic: &[u8], payload: &[u8]) -> u64 {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(&(topic.len() as u64).to_be_bytes());
+    ctx.update(topic);
+    ctx.update(payload);
+    let digest = ctx.finish();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    u64::from_be_bytes(first)
+}
+
 /// The rendezvous score of `instance` for `broker`: the same on every host, spread evenly.
 pub(crate) fn score(instance: &str, broker: &str) -> u64 {
     let mut input = Vec::with_capacity(instance.len() + broker.len() + 1);
@@ -395,6 +425,8 @@ mod tests {
 
     fn synced_view(me: &Identity, now: Instant) -> View {
         let mut v = View::default();
+        v.instance(&me.instance, me.record(true), true, me, now);
+        assert!(!v.synced, "a stored copy of an earlier connection's record");
         v.instance(&me.instance, me.record(true), false, me, now);
         assert!(v.synced);
         v
@@ -412,7 +444,15 @@ mod tests {
     #[test]
     fn control_topics_parse_back() {
         let c = Control::new("m1");
-        assert_eq!(c.filter(), "$meshbridge/m1/#");
+        assert_eq!(
+            c.filters(),
+            [
+                "$meshbridge/m1/instance/+",
+                "$meshbridge/m1/owner/+",
+                "$meshbridge/m1/echo"
+            ]
+        );
+        assert_eq!(c.parse(&c.echo_topic()), Some(ControlTopic::Echo));
         let t = c.instance_topic("host-a");
         assert_eq!(c.parse(&t), Some(ControlTopic::Instance("host-a")));
         let t = c.owner_topic("b1");

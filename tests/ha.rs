@@ -31,7 +31,7 @@ fn config(
     dir: &std::path::Path,
     mesh: &str,
     instance: &str,
-    brokers: &[(String, u16)],
+    brokers: &[(String, u16, &str)],
 ) -> String {
     let admin_port = common::free_port();
     let mut s = format!(
@@ -43,18 +43,18 @@ fn config(
         certs.path("client.crt"),
         certs.path("client.key"),
     );
-    for (name, port) in brokers {
+    for (name, port, protocol) in brokers {
         s.push_str(&format!(
-            "[[broker]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\n\n"
+            "[[broker]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\nprotocol = \"{protocol}\"\n\n"
         ));
     }
     s
 }
 
-fn direct(brokers: &[Mosquitto]) -> Vec<(String, u16)> {
+fn direct(brokers: &[Mosquitto]) -> Vec<(String, u16, &'static str)> {
     brokers
         .iter()
-        .map(|b| (b.name.clone(), b.tls_port))
+        .map(|b| (b.name.clone(), b.tls_port, "v5"))
         .collect()
 }
 
@@ -63,7 +63,7 @@ fn start(
     certs: &Certs,
     mesh: &str,
     name: &str,
-    brokers: &[(String, u16)],
+    brokers: &[(String, u16, &str)],
 ) -> Instance {
     let dir = tmp.join(format!("{mesh}-{name}"));
     let cfg = config(certs, &dir, mesh, name, brokers);
@@ -505,6 +505,9 @@ async fn a_cut_connection_moves_only_that_broker_once() {
     let a = start(tmp.path(), &certs, "mesh", &a_name, &via_proxy);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let b = start(tmp.path(), &certs, "mesh", "b", &direct(&brokers));
+    wait_settled(&[&a, &b], &names, Duration::from_secs(20));
+    // A newcomer gets the brokers the rendezvous gives it after 5 s: let that happen first.
+    tokio::time::sleep(Duration::from_secs(7)).await;
     let before = wait_settled(&[&a, &b], &names, Duration::from_secs(20));
     assert_eq!(before["b3"], a_name, "A owns b3 (it started first)");
 
@@ -553,4 +556,72 @@ async fn a_cut_connection_moves_only_that_broker_once() {
         Some("b".into())
     );
     assert_eq!(takeovers(&[&a, &b], "b3"), 2, "b3 changed owner once");
+}
+
+/// MQTT 3.1.1 has no origin tag: an instance that publishes into a 3.1.1 broker another
+/// instance consumes writes an echo note first, and the owner drops the echo. b3 speaks 3.1.1,
+/// and b1 and b3 are owned by different instances: every message arrives exactly once, and
+/// nothing comes back round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_311_broker_consumed_by_another_instance_does_not_loop() {
+    let (tmp, certs, brokers) = lab3();
+    let names = ["b1", "b2", "b3"];
+    let mut list = direct(&brokers);
+    list[2].2 = "v3.1.1";
+    // "x": preferred for b3, "b" for b1.
+    let x = (0..1000)
+        .map(|i| format!("x{i}"))
+        .find(|x| {
+            let s = |i: &str, b: &str| (meshbridge::testing::rendezvous(i, b), i.to_string());
+            s(x, "b3") > s("b", "b3") && s("b", "b1") > s(x, "b1")
+        })
+        .unwrap();
+    // b owns everything, then hands b3 over to the newcomer the rendezvous prefers for it.
+    let b = start(tmp.path(), &certs, "mesh", "b", &list);
+    wait_settled(&[&b], &names, Duration::from_secs(20));
+    let a = start(tmp.path(), &certs, "mesh", &x, &list);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let owners = loop {
+        match settled(&[&a, &b], &names) {
+            Some(o) if o["b3"] == x => break o,
+            _ => assert!(Instant::now() < deadline, "b3 was not handed over"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(owners["b1"], "b");
+    let n = 1000;
+    let mut subs = Vec::new();
+    for (i, br) in brokers.iter().enumerate() {
+        subs.push(mqtt::subscribe(br.plain_port, &format!("s{i}"), "seq/#").await);
+    }
+    let p1 = stream(&brokers[0], n, 1000);
+    let p3 = stream(&brokers[2], n, 1000);
+    p1.await.unwrap();
+    p3.await.unwrap();
+    for (t, origin) in [(1, "b1"), (2, "b1"), (0, "b3"), (1, "b3")] {
+        let topic = format!("seq/{origin}");
+        let (lost, dups, _) = collected(&subs[t], &topic, n, Duration::from_secs(30)).await;
+        println!(
+            "{origin} -> {}: lost {lost}, duplicates {dups}",
+            brokers[t].name
+        );
+        assert_eq!((lost, dups), (0, 0), "{origin} -> {}", brokers[t].name);
+    }
+    // Nothing came back to its origin, and the copies stay copies.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        count(&subs[0], "seq/b1", n).1,
+        0,
+        "b1's own messages came back"
+    );
+    assert_eq!(
+        count(&subs[2], "seq/b3", n).1,
+        0,
+        "b3's own messages came back"
+    );
+    assert_eq!(
+        subs[1].count(),
+        2 * n,
+        "b2 got exactly one copy from each origin"
+    );
 }

@@ -119,6 +119,9 @@ struct Link {
     /// What this link owes its broker for what the broker sent (see [`acks`]).
     acks: InboundAcks,
     echo: EchoWindow,
+    /// 3.1.1: what other instances announced they publish here (see [`Control::echo_topic`]),
+    /// by [`ha::portable_fingerprint`].
+    peer_echo: EchoWindow,
     storm: StormGuard,
     /// Packet ids the last connection left unacknowledged, in the order it sent them: the next
     /// connection releases them in that order (see `session::open`).
@@ -181,6 +184,7 @@ impl Link {
             acks_rx,
             acks: InboundAcks::default(),
             echo,
+            peer_echo: EchoWindow::new(ctx.dedup_window, ctx.dedup_max_entries),
             storm,
             release_first: Vec::new(),
             tags: HashMap::default(),
@@ -362,13 +366,10 @@ impl Link {
         self.subscribed = Some(wanted);
     }
 
-    /// Connected, with room in the in-flight window, not changing role, and (3.1.1) the broker
-    /// is consumed by this process: a 3.1.1 message carries no origin tag, so what another
-    /// instance's consumer received from this process's publish would go round the mesh again.
+    /// Connected, with room in the in-flight window, not changing role.
     fn has_room(&self, conn: &Conn) -> bool {
         conn.connected.is_some()
             && self.switch.is_none()
-            && (conn.consumer || self.ctx.settings.broker.protocol == Protocol::V5)
             && conn.flight.outstanding() < usize::from(self.ctx.settings.inflight)
     }
 
@@ -494,7 +495,10 @@ impl Link {
                 let role = if conn.consumer { "owner" } else { "publisher" };
                 info!(session_present, role, "connected");
                 if self.coordinate {
-                    match conn.client.subscribe_control(&self.ctx.ha.control.filter()) {
+                    match conn
+                        .client
+                        .subscribe_control(&self.ctx.ha.control.filters())
+                    {
                         Ok(()) => conn.control_suback = true,
                         Err(e) => warn!(error = %e, "control subscription could not be queued"),
                     }
@@ -572,9 +576,9 @@ impl Link {
                 conn.control_suback = false;
                 if !failures.is_empty() {
                     let error = format!(
-                        "control subscription {} refused ({}): this instance cannot see the \
+                        "control subscription {:?} refused ({}): this instance cannot see the \
                          others; allow it in the broker's ACL",
-                        self.ctx.ha.control.filter(),
+                        self.ctx.ha.control.filters(),
                         failures.join(", ")
                     );
                     warn!(%error);
@@ -660,7 +664,13 @@ impl Link {
         }
         let fp = fingerprint(&msg.topic, &msg.payload);
         let now = Instant::now();
-        if self.ctx.settings.broker.protocol == Protocol::V311 && self.echo.take_echo(fp, now) {
+        if self.ctx.settings.broker.protocol == Protocol::V311
+            && (self.echo.take_echo(fp, now)
+                || (!self.peer_echo.is_empty()
+                    && self
+                        .peer_echo
+                        .take_echo(ha::portable_fingerprint(&msg.topic, &msg.payload), now)))
+        {
             inc(&stats.dropped_echo);
             self.complete_opt(ack);
             return;
@@ -737,6 +747,20 @@ impl Link {
             }
             Protocol::V311 => None,
         };
+        if broker.protocol == Protocol::V311 && !conn.consumer && self.coordinate {
+            // Another instance may consume this broker: tell it this is an echo first (a
+            // 3.1.1 message carries no origin tag). Same connection, so the note arrives first.
+            let fp = ha::portable_fingerprint(topic.as_bytes(), &item.msg.payload);
+            let note = self.ctx.ha.control.echo_topic();
+            if conn
+                .client
+                .publish_control(&note, fp.to_be_bytes().to_vec(), false, None)
+                .is_err()
+            {
+                return Err(item);
+            }
+            conn.flight.handed_control();
+        }
         match conn.client.publish(&item.msg, &topic, qos, properties) {
             Ok(()) => {
                 if broker.protocol == Protocol::V311 {
@@ -827,7 +851,11 @@ impl Link {
         // An alive record expires (MQTT 5) unless refreshed: a record left by a process that
         // died without its Will reaching the broker does not name a live instance for long.
         let expiry = alive.then_some(ha::LIVENESS);
-        if conn.client.publish_control(&topic, payload, expiry).is_ok() {
+        if conn
+            .client
+            .publish_control(&topic, payload, true, expiry)
+            .is_ok()
+        {
             conn.flight.handed_control();
             self.announced = Some(Instant::now());
         }
@@ -843,7 +871,11 @@ impl Link {
         };
         let topic = ha.control.owner_topic(&self.ctx.name);
         let payload = serde_json::to_vec(&record).unwrap_or_default();
-        if conn.client.publish_control(&topic, payload, None).is_ok() {
+        if conn
+            .client
+            .publish_control(&topic, payload, true, None)
+            .is_ok()
+        {
             conn.flight.handed_control();
         }
     }
@@ -857,6 +889,7 @@ impl Link {
     fn on_control(&mut self, conn: &mut Conn, msg: &Message) {
         let Some(topic) = msg.topic_str() else { return };
         let now = Instant::now();
+        tracing::trace!(topic, retained = msg.retain, "control record");
         match self.ctx.ha.control.parse(topic) {
             Some(ControlTopic::Instance(name)) => {
                 let Ok(record) = serde_json::from_slice::<InstanceRecord>(&msg.payload) else {
@@ -884,6 +917,14 @@ impl Link {
                     tracing::error!(%error);
                     self.ctx.stats.set_error(error);
                 }
+            }
+            Some(ControlTopic::Echo) => {
+                // Another instance is about to publish this message here: its echo is not a
+                // client's message.
+                if let Ok(fp) = <[u8; 8]>::try_from(&msg.payload[..]) {
+                    self.peer_echo.record(u64::from_be_bytes(fp), now);
+                }
+                return;
             }
             Some(ControlTopic::Owner(broker)) if broker == &*self.ctx.name => {
                 let record = serde_json::from_slice::<OwnerRecord>(&msg.payload).ok();
@@ -921,7 +962,7 @@ impl Link {
             self.coordinate = false;
             self.consumer = true;
             warn!(
-                filter = %self.ctx.ha.control.filter(),
+                filters = ?self.ctx.ha.control.filters(),
                 "the broker closed two connections in a row before they read their control \
                  records back (it refuses `$` topics?): consuming it as a lone instance; set \
                  [bridge] ha = false for a mesh of one process on such brokers"
@@ -937,7 +978,7 @@ impl Link {
         }
         self.view.lone = true;
         warn!(
-            filter = %self.ctx.ha.control.filter(),
+            filters = ?self.ctx.ha.control.filters(),
             "this connection cannot read its control records back (a broker ACL?): consuming \
              the broker as a lone instance; for several instances, allow the bridge's user to \
              read and write the filter"
@@ -954,6 +995,14 @@ impl Link {
         let me = &ha.identity;
         let now = Instant::now();
         let decision = ha::decide(&self.view, me, &self.ctx.name, now);
+        if decision != Decision::Own && !matches!(decision, Decision::Standby { .. }) {
+            debug!(
+                ?decision,
+                owner = ?self.view.owner,
+                live = ?self.view.live(me, now),
+                "ownership decision"
+            );
+        }
         let owner = self.view.live_owner(me, now).map(str::to_string);
         let instances = self.view.live(me, now).len();
         self.ctx.stats.set_ha(|h| {
@@ -986,16 +1035,6 @@ impl Link {
                 self.begin_switch(true);
             }
             _ => {}
-        }
-        if self.ctx.settings.broker.protocol == Protocol::V311
-            && !conn.consumer
-            && owner.as_deref().is_some_and(|o| o != me.instance)
-        {
-            self.ctx.stats.set_error(format!(
-                "MQTT 3.1.1 broker consumed by instance {:?}: this instance holds what it has \
-                 for it (a 3.1.1 message carries no origin tag; publishing would loop)",
-                owner.unwrap_or_default()
-            ));
         }
     }
 

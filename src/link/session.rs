@@ -208,18 +208,20 @@ impl Client {
         }
     }
 
-    /// Queues a control record (QoS 0; on MQTT 5 with a message expiry when given).
+    /// Queues a control record (QoS 0; on MQTT 5 with a message expiry when given), retained
+    /// or not.
     pub(crate) fn publish_control(
         &self,
         topic: &str,
         payload: Vec<u8>,
+        retain: bool,
         expiry: Option<Duration>,
     ) -> Result<(), SendError> {
         match self {
             Client::V4(c) => send_now(c.publish_bytes(
                 topic,
                 rumqttc::QoS::AtMostOnce,
-                true,
+                retain,
                 Bytes::from(payload),
             )),
             Client::V5(c) => {
@@ -231,7 +233,7 @@ impl Client {
                 send_now(c.publish_bytes_with_properties(
                     topic,
                     rumqttc::v5::mqttbytes::QoS::AtMostOnce,
-                    true,
+                    retain,
                     Bytes::from(payload),
                     properties,
                 ))
@@ -239,14 +241,19 @@ impl Client {
         }
     }
 
-    /// Subscribes the control filter: QoS 0, without No Local (the link reads its own records
-    /// back), retained records sent on every subscription.
-    pub(crate) fn subscribe_control(&self, filter: &str) -> Result<(), SendError> {
+    /// Subscribes the control filters in one SUBSCRIBE: QoS 0, without No Local (the link
+    /// reads its own records back), retained records sent on every subscription.
+    pub(crate) fn subscribe_control(&self, filters: &[String]) -> Result<(), SendError> {
         match self {
-            Client::V4(c) => Ok(c.try_subscribe(filter, rumqttc::QoS::AtMostOnce)?),
+            Client::V4(c) => Ok(c.try_subscribe_many(
+                filters
+                    .iter()
+                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), rumqttc::QoS::AtMostOnce)),
+            )?),
             Client::V5(c) => {
-                let filter = v5b::Filter::new(filter, rumqttc::v5::mqttbytes::QoS::AtMostOnce);
-                Ok(c.try_subscribe_many(std::iter::once(filter))?)
+                Ok(c.try_subscribe_many(filters.iter().map(|f| {
+                    v5b::Filter::new(f.clone(), rumqttc::v5::mqttbytes::QoS::AtMostOnce)
+                }))?)
             }
         }
     }

@@ -350,7 +350,11 @@ impl Bridge {
         let child = Command::new(env!("CARGO_BIN_EXE_bridge"))
             .args(["run", "--config"])
             .arg(self.dir.join("bridge.toml"))
-            .env("RUST_LOG", "info,meshbridge=debug")
+            .env(
+                "RUST_LOG",
+                std::env::var("MESHBRIDGE_TEST_LOG")
+                    .unwrap_or_else(|_| "info,meshbridge=debug".into()),
+            )
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(log)
