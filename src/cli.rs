@@ -98,6 +98,16 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// List the instances of the mesh (every bridge process sharing its id), as the brokers
+    /// show them to a running bridge: where each is live, what it owns.
+    Instances {
+        /// JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Where the bridge is.
+        #[command(flatten)]
+        target: AdminTarget,
+    },
     /// Show the state of every link of a running bridge.
     Status {
         /// JSON for scripts instead of a table.

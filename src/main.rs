@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use meshbridge::admin::AddBrokerRequest;
-use meshbridge::admin::client::{AdminClient, status_table};
+use meshbridge::admin::client::{AdminClient, instances_table, status_table};
 use meshbridge::cli::{AddBrokerArgs, AdminTarget, Cli, Command, LogFormat};
 use meshbridge::config::Config;
 use meshbridge::message::Protocol;
@@ -68,6 +68,7 @@ fn main() -> ExitCode {
         Command::AddBroker(args) => add_broker(args),
         Command::RemoveBroker { broker, target } => remove_broker(&broker, &target),
         Command::Status { json, target } => status(json, &target),
+        Command::Instances { json, target } => instances(json, &target),
         Command::ImportMosquitto {
             file,
             out,
@@ -251,6 +252,18 @@ fn status(json: bool, target: &AdminTarget) -> Result<(), Failure> {
         println!("{text}");
     } else {
         print!("{}", status_table(&links));
+    }
+    Ok(())
+}
+
+/// `bridge instances`: the mesh's instances as the brokers show them to the bridge asked.
+fn instances(json: bool, target: &AdminTarget) -> Result<(), Failure> {
+    let rows = admin_client(target)?.instances().map_err(Failure::other)?;
+    if json {
+        let text = serde_json::to_string_pretty(&rows).map_err(Failure::other)?;
+        println!("{text}");
+    } else {
+        print!("{}", instances_table(&rows));
     }
     Ok(())
 }

@@ -167,6 +167,9 @@ pub(crate) struct HaStatus {
     pub(crate) consuming: bool,
     /// Live instances on this broker, this one included.
     pub(crate) instances: usize,
+    /// Every instance the broker shows a record of: name, live, start (ms since the epoch),
+    /// admin address.
+    pub(crate) seen: Vec<(String, bool, u64, String)>,
 }
 
 impl Default for LinkStats {

@@ -117,6 +117,25 @@ impl BrokerStatus {
     }
 }
 
+/// One instance of the mesh as the brokers show it (`bridge instances`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InstanceStatus {
+    /// Its name (`[bridge] instance`).
+    pub name: String,
+    /// Its admin API address, as it announces it.
+    pub admin: String,
+    /// When it started (RFC 3339, UTC).
+    pub started: String,
+    /// The process answering is this instance.
+    pub this: bool,
+    /// Brokers on which it is live.
+    pub live_on: Vec<String>,
+    /// Brokers that show it gone or stale.
+    pub gone_on: Vec<String>,
+    /// Brokers whose owner record names it (it consumes them).
+    pub owns: Vec<String>,
+}
+
 /// `GET /readyz` body (see [`crate::supervisor::Supervisor::ready`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub(crate) struct ReadyReport {

@@ -19,7 +19,7 @@ use crate::membership::{AddedBroker, Membership, MembershipError};
 use crate::metrics::LinkStats;
 use crate::router::{Outbound, Router, TargetQueue};
 use crate::spool::Spool;
-use crate::status::{BrokerStatus, ReadyReport};
+use crate::status::{BrokerStatus, InstanceStatus, ReadyReport};
 
 /// Why a membership change was refused.
 #[derive(Debug, thiserror::Error)]
@@ -425,6 +425,38 @@ impl Supervisor {
     /// The status of every link, by name.
     pub(crate) fn status(&self) -> Vec<BrokerStatus> {
         self.links.values().map(LinkHandle::status).collect()
+    }
+
+    /// The mesh's instances, from what every broker this process is connected to shows.
+    pub(crate) fn instances(&self) -> Vec<InstanceStatus> {
+        let me = &self.ha.identity.instance;
+        let mut all: BTreeMap<String, InstanceStatus> = BTreeMap::new();
+        for (broker, link) in &self.links {
+            let ha = link.stats.ha();
+            for (name, live, started, admin) in ha.seen {
+                let row = all.entry(name.clone()).or_insert_with(|| InstanceStatus {
+                    this: name == *me,
+                    name: name.clone(),
+                    admin,
+                    started: humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + Duration::from_millis(started),
+                    )
+                    .to_string(),
+                    live_on: Vec::new(),
+                    gone_on: Vec::new(),
+                    owns: Vec::new(),
+                });
+                if live {
+                    row.live_on.push(broker.clone());
+                } else {
+                    row.gone_on.push(broker.clone());
+                }
+                if live && ha.owner.as_deref() == Some(name.as_str()) {
+                    row.owns.push(broker.clone());
+                }
+            }
+        }
+        all.into_values().collect()
     }
 
     /// Ready (for a load balancer or keepalived: this process can do its job) when every link

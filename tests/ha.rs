@@ -207,6 +207,20 @@ async fn several_instances_forward_every_message_exactly_once() {
     tokio::time::sleep(Duration::from_secs(8)).await;
     let owners = wait_settled(&[&a, &b, &c], &names, Duration::from_secs(20));
     println!("three instances: {owners:?}");
+    // One command lists the instances, as seen from any of them.
+    let (code, out, err) = common::cli_in(&["instances", "--admin", &b.admin], None);
+    assert_eq!(code, 0, "{err}");
+    println!("{out}");
+    for (name, mark) in [("a", ""), ("b", "*"), ("c", "")] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{mark} ")))
+            .unwrap_or_else(|| panic!("{name} not listed:\n{out}"));
+        assert!(
+            line.contains("b1,b2,b3"),
+            "{name} live on every broker: {line}"
+        );
+    }
 
     let n = 2000;
     let mut subs = Vec::new();
@@ -345,6 +359,22 @@ async fn the_owner_killed_mid_stream_is_replaced_and_nothing_is_lost() {
     println!("kill -9 of {victim}: the survivor owns every broker after {failover:?}");
     // keep_alive 5 s, will_delay 0.
     assert!(failover < Duration::from_millis(9500), "{failover:?}");
+    let (code, out, err) =
+        common::cli_in(&["instances", "--json", "--admin", &survivor.admin], None);
+    assert_eq!(code, 0, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let dead = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == victim.as_str())
+        .unwrap_or_else(|| panic!("{victim} not listed: {out}"));
+    assert_eq!(dead["live_on"], serde_json::json!([]), "{out}");
+    assert_eq!(
+        dead["gone_on"],
+        serde_json::json!(["b1", "b2", "b3"]),
+        "{out}"
+    );
     publisher.await.unwrap();
     let dups = no_loss(&brokers, &subs, n).await;
     assert!(dups <= INFLIGHT, "{dups} duplicates");

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use super::{AddBrokerRequest, BrokerStatus, ErrorBody};
+use super::{AddBrokerRequest, BrokerStatus, ErrorBody, InstanceStatus};
 
 /// Why a CLI request failed.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +88,15 @@ impl AdminClient {
     /// `GET /api/v1/brokers`.
     pub fn status(&self) -> Result<Vec<BrokerStatus>, ClientError> {
         let mut req = self.agent.get(format!("{}/api/v1/brokers", self.base));
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        self.answer(req.call())
+    }
+
+    /// `GET /api/v1/instances`.
+    pub fn instances(&self) -> Result<Vec<InstanceStatus>, ClientError> {
+        let mut req = self.agent.get(format!("{}/api/v1/instances", self.base));
         if let Some(a) = self.auth() {
             req = req.header("Authorization", a);
         }
@@ -191,6 +200,59 @@ pub fn status_table(links: &[BrokerStatus]) -> String {
     }
     if let Some(s) = links.first() {
         out.push_str(&format!("spool overflow policy: {}\n", s.spool_overflow));
+    }
+    out
+}
+
+/// The instances as a table: `*` marks the one answering.
+pub fn instances_table(rows: &[InstanceStatus]) -> String {
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(",")
+        }
+    };
+    let mut table = vec![[
+        "INSTANCE".to_string(),
+        "ADMIN".into(),
+        "STARTED".into(),
+        "LIVE ON".into(),
+        "GONE ON".into(),
+        "OWNS".into(),
+    ]];
+    for r in rows {
+        table.push([
+            if r.this {
+                format!("{}*", r.name)
+            } else {
+                r.name.clone()
+            },
+            r.admin.clone(),
+            r.started.clone(),
+            list(&r.live_on),
+            list(&r.gone_on),
+            list(&r.owns),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|i| {
+            table
+                .iter()
+                .map(|r| r[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in table {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
     }
     out
 }

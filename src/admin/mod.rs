@@ -19,7 +19,7 @@ pub mod client;
 mod exposition;
 pub(crate) mod server;
 
-pub use crate::status::BrokerStatus;
+pub use crate::status::{BrokerStatus, InstanceStatus};
 
 use serde::{Deserialize, Serialize};
 

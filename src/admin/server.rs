@@ -79,6 +79,7 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/brokers", get(list).post(add))
         .route("/api/v1/brokers/{key}", delete(remove))
+        .route("/api/v1/instances", get(instances))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -257,6 +258,10 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 
 async fn list(State(state): State<AdminState>) -> Response {
     Json(state.supervisor.lock().await.status()).into_response()
+}
+
+async fn instances(State(state): State<AdminState>) -> Response {
+    Json(state.supervisor.lock().await.instances()).into_response()
 }
 
 async fn add(

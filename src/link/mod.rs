@@ -1005,9 +1005,20 @@ impl Link {
         }
         let owner = self.view.live_owner(me, now).map(str::to_string);
         let instances = self.view.live(me, now).len();
+        let mut seen: Vec<(String, bool, u64, String)> = self
+            .view
+            .instances
+            .iter()
+            .map(|(name, s)| {
+                let live = self.view.is_live(name, me, now);
+                (name.clone(), live, s.record.started, s.record.admin.clone())
+            })
+            .collect();
+        seen.push((me.instance.clone(), true, me.started, me.admin.clone()));
         self.ctx.stats.set_ha(|h| {
             h.owner = owner.clone();
             h.instances = instances;
+            h.seen = seen;
         });
         match decision {
             Decision::Own if !conn.consumer => {
