@@ -193,9 +193,29 @@ fn container_and_unit_files_keep_their_promises() {
     assert!(dockerfile.contains("HEALTHCHECK") && dockerfile.contains("/healthz"));
     assert!(dockerfile.contains("--bin bridge"));
     let compose = docker("compose.yaml");
-    for service in ["mqtt1:", "mqtt2:", "mqtt3:", "front:", "bridge:"] {
+    for service in [
+        "mqtt1:",
+        "mqtt2:",
+        "mqtt3:",
+        "front:",
+        "bridge-a:",
+        "bridge-b:",
+    ] {
         assert!(compose.contains(service), "compose.yaml has {service}");
     }
+    // The HA pair: one config, an instance name each (the host name), a data volume each.
+    for own in [
+        "hostname: bridge-a",
+        "hostname: bridge-b",
+        "bridge-a-data:/var/lib/meshbridge",
+        "bridge-b-data:/var/lib/meshbridge",
+    ] {
+        assert!(compose.contains(own), "compose.yaml has {own}");
+    }
+    assert!(
+        !docker("bridge.toml").contains("instance"),
+        "bridge.toml leaves the instance name to the host name, so both processes share it"
+    );
     for mounted in [
         "./mosquitto/mosquitto.conf",
         "./nginx/nginx-stream-passthrough.conf",
