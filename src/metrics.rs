@@ -49,6 +49,12 @@ pub(crate) const REDELIVERED: &str = "meshbridge_redelivered";
 pub(crate) const SPOOLED: &str = "meshbridge_spooled";
 /// Connection attempts after the first. Counter.
 pub(crate) const RECONNECTS: &str = "meshbridge_reconnects";
+/// Copies of spooled messages this broker acknowledged into its park sessions (it is their
+/// origin; see `router::park`). Counter.
+pub(crate) const PARKED: &str = "meshbridge_parked";
+/// Messages spooled for this broker without a copy on their origin broker (too many copies
+/// waiting there): on this host's disk only. Counter.
+pub(crate) const PARK_SKIPPED: &str = "meshbridge_park_skipped";
 /// Times this instance took a broker's consumer session (see `ha`). Counter.
 pub(crate) const TAKEOVERS: &str = "meshbridge_ha_takeovers";
 /// Times this instance stopped consuming a broker another instance owns. Counter.
@@ -149,6 +155,10 @@ pub(crate) struct LinkStats {
     reject_log: Mutex<crate::ratelimit::LogLimit>,
     /// Whether the link has connected at least once (readiness).
     pub(crate) ever_connected: std::sync::atomic::AtomicBool,
+    /// See [`PARKED`].
+    pub(crate) parked: AtomicU64,
+    /// See [`PARK_SKIPPED`].
+    pub(crate) park_skipped: AtomicU64,
     /// See [`TAKEOVERS`].
     pub(crate) takeovers: AtomicU64,
     /// See [`STEP_DOWNS`].
@@ -200,6 +210,8 @@ impl Default for LinkStats {
                 std::time::Duration::from_secs(10),
             )),
             ever_connected: std::sync::atomic::AtomicBool::new(false),
+            parked: AtomicU64::new(0),
+            park_skipped: AtomicU64::new(0),
             takeovers: AtomicU64::new(0),
             step_downs: AtomicU64::new(0),
             handovers: AtomicU64::new(0),
@@ -307,6 +319,19 @@ pub(crate) fn queue_overflow(stats: &LinkStats, dropped: u64) {
         tracing::warn!(
             dropped_total = total,
             "target queue full: oldest messages dropped"
+        );
+    }
+}
+
+/// A spooled message got no copy on its origin broker because too many copies wait for that
+/// broker already (see `router::park`): it is acknowledged once on disk.
+pub(crate) fn park_skipped(stats: &LinkStats, origin: &str) {
+    let total = stats.park_skipped.fetch_add(1, Ordering::Relaxed) + 1;
+    if sampled(total, 1) {
+        tracing::warn!(
+            origin,
+            skipped_total = total,
+            "origin broker behind on park copies: spooled message kept on this host's disk only"
         );
     }
 }

@@ -92,6 +92,13 @@ pub struct BrokerStatus {
     /// Live instances of the mesh, as this broker shows them.
     #[serde(default)]
     pub instances: u64,
+    /// Copies of spooled messages this broker, their origin, acknowledged into its park
+    /// sessions.
+    #[serde(default)]
+    pub parked: u64,
+    /// Messages spooled for this broker without a copy on their origin broker.
+    #[serde(default)]
+    pub park_skipped: u64,
     /// Times this instance took the broker's session.
     #[serde(default)]
     pub takeovers: u64,

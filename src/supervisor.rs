@@ -112,6 +112,8 @@ impl LinkHandle {
             owner: ha.owner,
             consuming: ha.consuming,
             instances: ha.instances as u64,
+            parked: n(&s.parked),
+            park_skipped: n(&s.park_skipped),
             takeovers: n(&s.takeovers),
             step_downs: n(&s.step_downs),
             handovers: n(&s.handovers),
@@ -181,6 +183,8 @@ pub(crate) struct Supervisor {
     draining: HashSet<String>,
     /// This process among the mesh's instances.
     ha: Arc<link::HaContext>,
+    /// Copies of spooled messages on the origin brokers.
+    parker: Option<Arc<crate::router::park::Parker>>,
 }
 
 impl Supervisor {
@@ -200,10 +204,20 @@ impl Supervisor {
             enabled: config.ha,
         });
         info!(instance = %config.instance, "instance of mesh {:?}", config.bridge_id);
+        let router = Arc::new(Router::new(config.retained_max, config.retained_max_bytes));
+        // Copies of what is spooled go to the origin brokers (docs/HA.md) unless coordination
+        // is off (brokers that refuse `$` topics).
+        let parker = config.ha.then(|| {
+            Arc::new(crate::router::park::Parker::new(
+                &router,
+                crate::router::park::spool_id(&config.data_dir),
+            ))
+        });
         let mut sup = Supervisor {
             ha,
+            parker,
             threads,
-            router: Arc::new(Router::new(config.retained_max, config.retained_max_bytes)),
+            router,
             spool,
             links: BTreeMap::new(),
             from_config: config.brokers.iter().map(|b| b.name.clone()).collect(),
@@ -296,15 +310,17 @@ impl Supervisor {
         endpoints: Vec<std::net::SocketAddr>,
     ) -> &LinkHandle {
         let stats = Arc::new(LinkStats::default());
-        let queue = Arc::new(
-            TargetQueue::with_spool(
-                self.config.queue_capacity,
-                stats.clone(),
-                self.spool.clone(),
-                &broker.name,
-            )
-            .with_rules(broker.rules.clone()),
-        );
+        let mut queue = TargetQueue::with_spool(
+            self.config.queue_capacity,
+            stats.clone(),
+            self.spool.clone(),
+            &broker.name,
+        )
+        .with_rules(broker.rules.clone());
+        if let Some(p) = &self.parker {
+            queue = queue.with_parker(p.clone(), &broker.name);
+        }
+        let queue = Arc::new(queue);
         let name: Arc<str> = broker.name.as_str().into();
         let (drained_tx, drained) = watch::channel(false);
         let stop = CancellationToken::new();
@@ -326,6 +342,7 @@ impl Supervisor {
             name: name.clone(),
             bridge_id: self.config.bridge_id.as_str().into(),
             ha: self.ha.clone(),
+            parker: self.parker.clone(),
             router: self.router.clone(),
             queue: queue.clone(),
             stats: stats.clone(),

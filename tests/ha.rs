@@ -655,3 +655,68 @@ async fn a_311_broker_consumed_by_another_instance_does_not_loop() {
         "b2 got exactly one copy from each origin"
     );
 }
+
+/// `parked` of broker `name` as instance `i` reports it.
+fn parked(i: &Instance, name: &str) -> u64 {
+    let port: u16 = i.admin.rsplit(':').next().unwrap().parse().unwrap();
+    if !common::wait_port(port, Duration::from_millis(200)) {
+        return 0;
+    }
+    let (_, body) = http_get(&format!("http://{}/api/v1/brokers", i.admin), None);
+    let rows: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    rows.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["name"] == name)
+        .map(|r| r["parked"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Test 2: b3 is down while 3000 QoS 1 messages flow from b1; then every bridge process dies
+/// (kill -9) and its data_dir with it. A fresh process on an empty data_dir and b3 come back:
+/// b3's persistent subscriber gets every message, from the copies parked on b1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_targets_backlog_survives_the_loss_of_every_bridge_host() {
+    let b3_opts = common::BrokerOpts {
+        persistence: true,
+        ..Default::default()
+    };
+    let (tmp, certs, mut brokers) =
+        common::lab_with([Default::default(), Default::default(), b3_opts]);
+    let list = direct(&brokers);
+    let names = ["b1", "b2", "b3"];
+    let mut pair = vec![
+        start(tmp.path(), &certs, "mesh", "a", &list),
+        start(tmp.path(), &certs, "mesh", "b", &list),
+    ];
+    let owners = wait_settled(&[&pair[0], &pair[1]], &names, Duration::from_secs(20));
+    let s3 = mqtt::subscribe_persistent(brokers[2].plain_port, "s3", "seq/#").await;
+    tokio::task::block_in_place(|| brokers[2].terminate());
+
+    let n = 3000;
+    stream(&brokers[0], n, 1000).await.unwrap();
+    // b1's owner acknowledged every message to b1 only once b1 holds its copy for b3.
+    let owner = pair.iter().find(|i| i.name == owners["b1"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while parked(owner, "b1") < n as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "b1 holds {} copies of {n}",
+            parked(owner, "b1")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every bridge host is lost, disks included.
+    for i in &mut pair {
+        tokio::task::block_in_place(|| i.bridge.kill());
+        std::fs::remove_dir_all(i.bridge.dir.join("data")).unwrap();
+    }
+    let fresh = start(tmp.path(), &certs, "mesh", "c", &list);
+    tokio::task::block_in_place(|| brokers[2].restart());
+    wait_settled(&[&fresh], &names, Duration::from_secs(30));
+    let (lost, dups, disorder) = collected(&s3, "seq/b1", n, Duration::from_secs(60)).await;
+    println!(
+        "b1 -> b3 across the loss of every bridge host: lost {lost}, duplicates {dups}, out of order {disorder}"
+    );
+    assert_eq!(lost, 0, "b3's subscriber lost messages");
+}

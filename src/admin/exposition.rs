@@ -21,7 +21,7 @@ pub(crate) fn encode(
     type Metric<T> = (&'static str, &'static str, fn(&BrokerStatus) -> T);
 
     let mut registry = Registry::default();
-    let counters: [Metric<u64>; 19] = [
+    let counters: [Metric<u64>; 21] = [
         (
             metrics::MESSAGES_IN,
             "Messages received from the broker",
@@ -81,6 +81,16 @@ pub(crate) fn encode(
             |s| s.spooled,
         ),
         (metrics::RECONNECTS, "Reconnections", |s| s.reconnects),
+        (
+            metrics::PARKED,
+            "Copies of spooled messages this broker (their origin) holds for other brokers, acknowledged",
+            |s| s.parked,
+        ),
+        (
+            metrics::PARK_SKIPPED,
+            "Messages spooled for the broker without a copy on their origin broker: on this host's disk only",
+            |s| s.park_skipped,
+        ),
         (
             metrics::TAKEOVERS,
             "Times this instance took the broker's consumer session",

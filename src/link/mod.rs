@@ -16,6 +16,7 @@
 mod acks;
 pub(crate) mod backoff;
 mod outflight;
+pub(crate) mod park;
 pub mod session;
 pub(crate) mod threads;
 
@@ -67,6 +68,8 @@ pub(crate) struct LinkContext {
     pub(crate) bridge_id: Arc<str>,
     /// Instances and ownership.
     pub(crate) ha: Arc<HaContext>,
+    /// Copies of spooled messages on the origin brokers (`None`: `[bridge] ha = false`).
+    pub(crate) parker: Option<Arc<crate::router::park::Parker>>,
     /// Fan-out to the other links.
     pub(crate) router: Arc<Router>,
     /// This link's own queue (registered in the router under `name`).
@@ -153,7 +156,23 @@ struct Link {
     coordinate: bool,
     /// Connections in a row that ended before reading their own record back.
     unsynced_ends: u32,
+    /// This broker's park sessions (see [`park`]).
+    parks: Parks,
 }
+
+/// The park sessions of this (origin) broker, as its owner drains them.
+#[derive(Debug, Default)]
+struct Parks {
+    /// Targets whose park session was drained since this process took the broker.
+    ready: std::collections::HashSet<Arc<str>>,
+    /// Drains that must read everything before the broker is consumed.
+    pending: Vec<tokio::sync::oneshot::Receiver<()>>,
+    /// When those started.
+    started: Option<Instant>,
+}
+
+/// How long a takeover waits for its park sessions to be read before it consumes anyway.
+const PARK_WAIT: Duration = Duration::from_secs(15);
 
 /// Per-connection delivery state.
 struct Conn {
@@ -197,6 +216,7 @@ impl Link {
             announced: None,
             coordinate,
             unsynced_ends: 0,
+            parks: Parks::default(),
             ctx,
         }
     }
@@ -220,6 +240,10 @@ impl Link {
                     // Another session: its packet ids are not the last connection's.
                     self.release_first.clear();
                     self.consumer = !self.consumer;
+                    if !self.consumer {
+                        // The next takeover reads the park sessions again.
+                        self.parks = Parks::default();
+                    }
                     if self.consumer {
                         // A session another process may have subscribed (same configuration).
                         self.subscribed = None;
@@ -235,6 +259,7 @@ impl Link {
                     if self.consumer && self.coordinate {
                         self.consumer = false;
                         self.release_first.clear();
+                        self.parks = Parks::default();
                     }
                     let delay = backoff.next_delay(uptime, rand::random::<f64>());
                     self.ctx.stats.set_state(LinkState::Backoff);
@@ -423,6 +448,9 @@ impl Link {
     fn spool_tick(&self, conn: &Conn) {
         let idle =
             conn.connected.is_some() && conn.flight.outstanding() == 0 && self.ctx.queue.is_empty();
+        if conn.connected.is_some() {
+            self.ctx.queue.mark_copies_delivered();
+        }
         if idle && let Some(first_row) = self.ctx.queue.orphaned_row() {
             warn!(
                 first_row,
@@ -552,7 +580,7 @@ impl Link {
             },
             LinkEvent::PubAck(pkid, result) | LinkEvent::PubRec(pkid, result @ Err(_)) => {
                 match conn.flight.acknowledged(pkid) {
-                    Some(item) => self.acknowledged(item, result),
+                    Some(item) => self.acknowledged(conn, item, result),
                     None => debug!(pkid, "acknowledgement for a packet id not in flight"),
                 }
             }
@@ -569,7 +597,7 @@ impl Link {
             LinkEvent::PubComp(pkid) => {
                 // Also answers the PUBRELs sent on a resumed session: those match nothing here.
                 if let Some(item) = conn.flight.completed(pkid) {
-                    self.acknowledged(item, Ok(()));
+                    self.acknowledged(conn, item, Ok(()));
                 }
             }
             LinkEvent::SubAck(failures) if conn.control_suback => {
@@ -629,10 +657,33 @@ impl Link {
         self.subscribed = Some(wanted);
     }
 
-    fn acknowledged(&mut self, item: Outbound, result: Result<(), String>) {
-        match result {
-            Ok(()) => inc(&self.ctx.stats.messages_out),
-            Err(reason) => metrics::message_rejected(&self.ctx.stats, &item.msg.topic, &reason),
+    fn acknowledged(&mut self, conn: &Conn, item: Outbound, result: Result<(), String>) {
+        match (&item.park, result) {
+            (None, Ok(())) => inc(&self.ctx.stats.messages_out),
+            (None, Err(reason)) => {
+                metrics::message_rejected(&self.ctx.stats, &item.msg.topic, &reason)
+            }
+            (Some(park), Ok(())) => {
+                if let crate::router::park::Park::Marker { target, nonce } = park.as_ref() {
+                    // Behind every copy for `target`, all delivered: the owner discards them.
+                    if conn.consumer
+                        && let Some(ctx) = self.park_context(target.clone())
+                    {
+                        tokio::spawn(park::trim(ctx, *nonce));
+                    }
+                } else {
+                    inc(&self.ctx.stats.parked);
+                }
+            }
+            (Some(_), Err(reason)) => {
+                metrics::message_rejected(
+                    &self.ctx.stats,
+                    &item.msg.topic,
+                    &format!(
+                        "park copy refused ({reason}): the message is in the local spool only"
+                    ),
+                );
+            }
         }
         self.finish(item);
     }
@@ -712,6 +763,17 @@ impl Link {
     /// Hands `item` to the client (or finishes it when the target cannot take it); gives it
     /// back when the client's request channel is full or closed.
     fn publish(&mut self, conn: &mut Conn, item: Outbound) -> Result<(), Outbound> {
+        if let Some(park) = &item.park {
+            // A park record for this broker (see `crate::router::park`), not a message.
+            let topic = crate::router::park::park_topic(&self.ctx.bridge_id, park.target());
+            return match conn.client.publish_park(&topic, park.encode()) {
+                Ok(()) => {
+                    conn.flight.handed(item);
+                    Ok(())
+                }
+                Err(SendError::Full | SendError::Closed) => Err(item),
+            };
+        }
         let broker = &self.ctx.settings.broker;
         let qos = item.msg.qos.min(broker.max_qos);
         let Some(topic) = item.msg.topic_str() else {
@@ -948,6 +1010,9 @@ impl Link {
             self.go_lone(conn);
         }
         self.reconsider(conn);
+        if conn.consumer && self.switch.is_none() {
+            self.parks_for_new_targets();
+        }
     }
 
     /// A connection ended: two in a row that ended before reading their own record back mean
@@ -1021,7 +1086,8 @@ impl Link {
             h.seen = seen;
         });
         match decision {
-            Decision::Own if !conn.consumer => {
+            // What the park sessions hold is older than what the broker delivers next.
+            Decision::Own if !conn.consumer && self.parks_drained() => {
                 info!("this instance owns the broker: taking its session");
                 inc(&self.ctx.stats.takeovers);
                 self.begin_switch(false);
@@ -1046,6 +1112,72 @@ impl Link {
                 self.begin_switch(true);
             }
             _ => {}
+        }
+    }
+
+    /// Before consuming this broker: every park session on it read into its target (started
+    /// on the first call; true once all of them read everything, or after [`PARK_WAIT`]).
+    fn parks_drained(&mut self) -> bool {
+        if self.ctx.parker.is_none() {
+            return true;
+        }
+        let Some(started) = self.parks.started else {
+            info!("taking the broker: reading its park sessions first");
+            let me = self.ctx.name.clone();
+            for target in self.ctx.router.names().into_iter().filter(|t| *t != me) {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                self.spawn_park_drain(target, tx);
+                self.parks.pending.push(rx);
+            }
+            self.parks.started = Some(Instant::now());
+            return self.parks.pending.is_empty();
+        };
+        self.parks.pending.retain_mut(|rx| {
+            matches!(
+                rx.try_recv(),
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+            )
+        });
+        if !self.parks.pending.is_empty() && started.elapsed() < PARK_WAIT {
+            return false;
+        }
+        if !self.parks.pending.is_empty() {
+            warn!("park sessions not read within 15 s: consuming the broker anyway");
+            self.parks.pending.clear();
+        }
+        true
+    }
+
+    /// Starts the drain of this broker's park session for `target`.
+    fn spawn_park_drain(&mut self, target: Arc<str>, read_all: tokio::sync::oneshot::Sender<()>) {
+        let Some(ctx) = self.park_context(target.clone()) else {
+            return;
+        };
+        self.parks.ready.insert(target);
+        tokio::spawn(park::recover(ctx, read_all));
+    }
+
+    fn park_context(&self, target: Arc<str>) -> Option<park::ParkContext> {
+        Some(park::ParkContext {
+            settings: self.ctx.settings.clone(),
+            bridge_id: self.ctx.bridge_id.clone(),
+            origin: self.ctx.name.clone(),
+            target,
+            router: self.ctx.router.clone(),
+            parker: self.ctx.parker.clone()?,
+        })
+    }
+
+    /// While consuming: a target that joined since gets its park session on this broker.
+    fn parks_for_new_targets(&mut self) {
+        if self.ctx.parker.is_none() {
+            return;
+        }
+        for target in self.ctx.router.names() {
+            if target != self.ctx.name && !self.parks.ready.contains(&target) {
+                let (tx, _rx) = tokio::sync::oneshot::channel();
+                self.spawn_park_drain(target, tx);
+            }
         }
     }
 

@@ -258,6 +258,32 @@ impl Client {
         }
     }
 
+    /// Subscribes a park topic: QoS 1, without No Local (a park task reads its own marker).
+    pub(crate) fn subscribe_park(&self, topic: &str) -> Result<(), SendError> {
+        match self {
+            Client::V4(c) => Ok(c.try_subscribe(topic, rumqttc::QoS::AtLeastOnce)?),
+            Client::V5(c) => Ok(c.try_subscribe(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)?),
+        }
+    }
+
+    /// Queues a park record (QoS 1, not retained, no properties: everything is in the payload).
+    pub(crate) fn publish_park(&self, topic: &str, payload: Vec<u8>) -> Result<(), SendError> {
+        match self {
+            Client::V4(c) => send_now(c.publish_bytes(
+                topic,
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                Bytes::from(payload),
+            )),
+            Client::V5(c) => send_now(c.publish_bytes(
+                topic,
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                Bytes::from(payload),
+            )),
+        }
+    }
+
     /// Queues the acknowledgement of an incoming publish (PUBACK or PUBREC).
     pub(crate) fn ack(&self, ack: AckRequest) -> Result<(), SendError> {
         match self {

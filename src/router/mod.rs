@@ -2,6 +2,7 @@
 //! with a share of its origin's acknowledgement each, and retained messages are remembered for
 //! brokers added later ([`retained`]).
 
+pub(crate) mod park;
 mod queue;
 mod retained;
 
@@ -79,6 +80,26 @@ impl Router {
             .collect();
         list.push((name, queue));
         *targets = list.into();
+    }
+
+    /// The queue of `name`.
+    pub(crate) fn queue(&self, name: &str) -> Option<Arc<TargetQueue>> {
+        self.targets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(n, _)| n.as_ref() == name)
+            .map(|(_, q)| q.clone())
+    }
+
+    /// Every target's name.
+    pub(crate) fn names(&self) -> Vec<Arc<str>> {
+        self.targets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// Removes a target; what was queued for it is returned to the caller to dispose of.

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 use tracing::warn;
 
+use super::park::{Copies, Park, Parker};
 use crate::message::{AckShare, Message};
 use crate::metrics::{self, LinkStats, inc};
 use crate::spool::{self, Decoded, Overflow, Spool};
@@ -40,6 +41,9 @@ pub(crate) struct Outbound {
     pub(crate) origin: Arc<str>,
     /// Its key in the target's spool, when it was read from there (removed once delivered).
     pub(crate) key: Option<u64>,
+    /// Not a message for this target but a park record for its broker (see [`super::park`]):
+    /// never spooled.
+    pub(crate) park: Option<Box<Park>>,
 }
 
 impl Outbound {
@@ -50,6 +54,7 @@ impl Outbound {
             share,
             origin,
             key: None,
+            park: None,
         }
     }
 
@@ -73,6 +78,18 @@ struct QueueInner {
     next_key: u64,
     /// Next spool key to read; `None`: from the first.
     cursor: Option<u64>,
+    /// Park records to hand to the origins' queues once this lock is released (see
+    /// [`TargetQueue::send_parked`]), in the order they were made.
+    outbox: Vec<ParkSend>,
+}
+
+/// A park record on its way to its origin's queue.
+#[derive(Debug)]
+struct ParkSend {
+    origin: Arc<str>,
+    park: Park,
+    msg: Arc<Message>,
+    share: Option<AckShare>,
 }
 
 /// The durable part of a target queue.
@@ -80,17 +97,47 @@ struct QueueInner {
 struct Spooled {
     spool: Arc<Spool>,
     target: Arc<spool::Target>,
+    /// Copies on the origin brokers (see [`super::park`]): the parker and this target's name.
+    park: Option<(Arc<Parker>, Arc<str>)>,
+    /// Origins that have copies of what this spool holds.
+    copies: Copies,
+    /// Held while park records are handed over, so that they reach each origin in order.
+    sending: Mutex<()>,
+    /// The target's counters.
+    stats: Arc<LinkStats>,
 }
 
 impl Spooled {
-    /// Writes `item` under `key`; `share` completes once it is on disk.
-    fn write(&self, key: u64, item: &Outbound, share: Option<AckShare>) {
-        self.spool.append(
-            &self.target,
-            key,
-            spool::encode(&item.origin, &item.msg),
-            share,
-        );
+    /// Writes `item` under `key`; `share` completes once it is on disk or, with parking, once
+    /// its origin broker has the copy: then the copy to send is returned (the caller queues it
+    /// in its outbox; it is sent once the queue's lock is released, as sending takes the
+    /// origin queue's lock).
+    fn write(&self, key: u64, item: &Outbound, share: Option<AckShare>) -> Option<ParkSend> {
+        let record = spool::encode(&item.origin, &item.msg);
+        match (&self.park, share) {
+            (Some((parker, name)), Some(share)) if parker.takes_copy(&item.origin) => {
+                let park = Park::Copy {
+                    target: name.clone(),
+                    spool_id: parker.spool_id,
+                    key,
+                    record: Arc::new(record.clone()),
+                };
+                self.spool.append(&self.target, key, record, None);
+                Some(ParkSend {
+                    origin: item.origin.clone(),
+                    park,
+                    msg: super::park::carrier(),
+                    share: Some(share),
+                })
+            }
+            (park, share) => {
+                if park.is_some() && share.is_some() {
+                    metrics::park_skipped(&self.stats, &item.origin);
+                }
+                self.spool.append(&self.target, key, record, share);
+                None
+            }
+        }
     }
 
     /// Spools `item` behind everything spooled so far (call under the queue's lock, so keys
@@ -99,7 +146,9 @@ impl Spooled {
         let key = inner.next_key;
         inner.next_key += 1;
         let share = item.share.take();
-        self.write(key, &item, share);
+        if let Some(p) = self.write(key, &item, share) {
+            inner.outbox.push(p);
+        }
     }
 
     /// Spools `items` (oldest first) in front of everything spooled so far.
@@ -108,7 +157,9 @@ impl Spooled {
         let start = inner.front_key;
         for (key, mut item) in (start..).zip(items) {
             let share = item.share.take();
-            self.write(key, &item, share);
+            if let Some(p) = self.write(key, &item, share) {
+                inner.outbox.push(p);
+            }
         }
     }
 }
@@ -130,6 +181,8 @@ pub(crate) struct TargetQueue {
     rules: std::sync::RwLock<Arc<crate::rules::Rules>>,
     /// Set when the rules changed: the link subscribes and unsubscribes the difference.
     rules_changed: AtomicBool,
+    /// Park records for this broker queued or in flight (see [`TargetQueue::takes_park`]).
+    parks_waiting: AtomicUsize,
 }
 
 impl TargetQueue {
@@ -148,7 +201,102 @@ impl TargetQueue {
     ) -> Self {
         let notify = Arc::new(Notify::new());
         let target = spool.target(name, notify.clone(), stats.clone());
-        Self::build(capacity, stats, notify, Some(Spooled { spool, target }))
+        let spooled = Spooled {
+            spool,
+            target,
+            park: None,
+            copies: Copies::default(),
+            sending: Mutex::new(()),
+            stats: stats.clone(),
+        };
+        Self::build(capacity, stats, notify, Some(spooled))
+    }
+
+    /// This queue with copies of what it spools kept on the origin brokers (see
+    /// [`super::park`]); `name` is its target's.
+    pub(crate) fn with_parker(mut self, parker: Arc<Parker>, name: &str) -> Self {
+        if let Some(sp) = &mut self.spooled {
+            sp.park = Some((parker, name.into()));
+        }
+        self
+    }
+
+    /// Appends a park record for this queue's broker (it is connected, or the record is given
+    /// back). Never spooled: it is meant for the broker, not for the target.
+    pub(crate) fn push_park(&self, item: Outbound) -> Result<(), Outbound> {
+        let mut inner = self.lock();
+        if !inner.connected {
+            return Err(item);
+        }
+        inner.items.push_back(item);
+        self.parks_waiting.fetch_add(1, Ordering::AcqRel);
+        drop(inner);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// Whether this broker takes another park copy (see [`Parker::takes_copy`]).
+    pub(crate) fn takes_park(&self) -> bool {
+        self.parks_waiting.load(Ordering::Acquire) < self.capacity
+    }
+
+    /// Once the target's spool is empty again, a marker goes behind the copies on every origin
+    /// that has some: they can be discarded (see [`super::park`]). Under this queue's lock, so
+    /// that no copy written in the meantime lands before its marker.
+    pub(crate) fn mark_copies_delivered(&self) {
+        let Some(sp) = &self.spooled else { return };
+        let Some((parker, name)) = &sp.park else {
+            return;
+        };
+        if !sp.copies.any() {
+            return;
+        }
+        let mut inner = self.lock();
+        if !inner.connected || !sp.target.is_empty() || !inner.blocked.is_empty() {
+            return;
+        }
+        let _ = parker;
+        for origin in sp.copies.take() {
+            let marker = Park::Marker {
+                target: name.clone(),
+                nonce: rand::random(),
+            };
+            inner.outbox.push(ParkSend {
+                origin,
+                park: marker,
+                msg: super::park::carrier(),
+                share: None,
+            });
+        }
+        drop(inner);
+        self.send_parked();
+    }
+
+    /// Hands the park records made under the lock to their origins' queues, in order.
+    fn send_parked(&self) {
+        let Some(sp) = &self.spooled else { return };
+        let Some((parker, _)) = &sp.park else { return };
+        let _order = sp.sending.lock().unwrap_or_else(|p| p.into_inner());
+        let sends = std::mem::take(&mut self.lock().outbox);
+        for s in sends {
+            let copy = matches!(s.park, Park::Copy { .. });
+            if parker.send(&s.origin, s.park, s.msg, s.share) && copy {
+                sp.copies.note(&s.origin);
+            }
+        }
+    }
+
+    /// Whether this target's spool holds `record` under `key` (a park copy it need not deliver
+    /// again).
+    pub(crate) fn spool_holds(&self, key: u64, record: &[u8]) -> bool {
+        let Some(sp) = &self.spooled else {
+            return false;
+        };
+        sp.spool
+            .read(&sp.target, Some(key), 1)
+            .ok()
+            .and_then(|rows| rows.into_iter().next())
+            .is_some_and(|(k, v)| k == key && v == record)
     }
 
     fn build(
@@ -168,6 +316,7 @@ impl TargetQueue {
                 front_key,
                 next_key,
                 cursor: None,
+                outbox: Vec::new(),
             }),
             notify,
             capacity,
@@ -179,6 +328,7 @@ impl TargetQueue {
                 "#".to_string()
             ]))),
             rules_changed: AtomicBool::new(false),
+            parks_waiting: AtomicUsize::new(0),
         }
     }
 
@@ -266,6 +416,8 @@ impl TargetQueue {
             return true;
         }
         sp.append_back(&mut inner, item);
+        drop(inner);
+        self.send_parked();
         true
     }
 
@@ -307,13 +459,13 @@ impl TargetQueue {
     pub(crate) fn evacuate(&self, inflight: &mut [&mut Outbound]) -> usize {
         self.evacuate_requested.store(false, Ordering::Release);
         let Some(sp) = &self.spooled else { return 0 };
-        let mut inner = self.lock();
-        let inner = &mut *inner;
+        let mut guard = self.lock();
+        let inner = &mut *guard;
         let mut held: Vec<&mut Outbound> = inflight
             .iter_mut()
             .map(|o| &mut **o)
             .chain(inner.items.iter_mut())
-            .filter(|o| o.key.is_none())
+            .filter(|o| o.key.is_none() && o.park.is_none())
             .collect();
         if held.is_empty() {
             return 0;
@@ -326,12 +478,18 @@ impl TargetQueue {
         if inner.cursor.is_none() {
             inner.cursor = Some(old_front);
         }
+        let mut sends = Vec::new();
         for (key, item) in (start..).zip(held.iter_mut()) {
             let share = item.share.take();
-            sp.write(key, item, share);
+            sends.extend(sp.write(key, item, share));
             item.key = Some(key);
         }
-        held.len()
+        let moved = held.len();
+        drop(held);
+        inner.outbox.extend(sends);
+        drop(guard);
+        self.send_parked();
+        moved
     }
 
     /// The first spool row behind the read position, when the link holds nothing from this
@@ -373,6 +531,8 @@ impl TargetQueue {
         }
         self.blocked_len
             .store(inner.blocked.len(), Ordering::Relaxed);
+        drop(inner);
+        self.send_parked();
     }
 
     /// Puts messages back at the front, in the order given (the connection could not take them).
@@ -421,6 +581,7 @@ impl TargetQueue {
                     share: None,
                     origin,
                     key: Some(key),
+                    park: None,
                 }),
                 Ok(Decoded::Expired(msg)) => {
                     metrics::message_rejected(
@@ -443,6 +604,9 @@ impl TargetQueue {
     /// The target is done with a message (acknowledged, or skipped): its share completes and
     /// its spool row is removed.
     pub(crate) fn finish(&self, mut item: Outbound) {
+        if item.park.is_some() {
+            self.parks_waiting.fetch_sub(1, Ordering::AcqRel);
+        }
         item.complete();
         if let (Some(sp), Some(key)) = (&self.spooled, item.key) {
             sp.spool.delete(&sp.target, key);
@@ -463,12 +627,23 @@ impl TargetQueue {
         let mut inner = self.lock();
         inner.connected = false;
         inner.cursor = None;
-        let items: Vec<Outbound> = unconfirmed
+        let (parked, items): (Vec<Outbound>, Vec<Outbound>) = unconfirmed
             .into_iter()
             .chain(inner.items.drain(..))
+            .partition(|o| o.park.is_some());
+        let items: Vec<Outbound> = items
+            .into_iter()
             .filter(|o| o.key.is_none() && !(shutdown && o.share.is_some()))
             .collect();
         sp.prepend(&mut inner, items);
+        drop(inner);
+        self.send_parked();
+        // Park records for this broker that it did not acknowledge: the messages are in their
+        // target's local spool; this broker, their origin, is not connected to be acknowledged.
+        for mut p in parked {
+            self.parks_waiting.fetch_sub(1, Ordering::AcqRel);
+            p.complete();
+        }
     }
 
     /// Waits until what was spooled for this target is on disk.

@@ -1,0 +1,236 @@
+//! The park sessions of one origin broker (see [`crate::router::park`]): `<id>-X~park-T` on
+//! broker X, subscribed to T's park topic, holds copies of what was spooled for T while X's
+//! messages went to T. Two short-lived tasks use it, both run by X's owner:
+//!
+//! - [`recover`], before the owner consumes X: creates the session if it is new, and hands every
+//!   copy it holds to T's queue as a message from X (a copy of a row this process's spool still
+//!   holds is parked again instead, so it is not delivered twice). A marker it publishes itself
+//!   tells it when it has read everything; each copy is acknowledged once T's queue is done with
+//!   it (delivered, or spooled and parked again).
+//! - [`trim`], after T's spool emptied: acknowledges every copy up to the marker its owner
+//!   published behind them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{Instrument, debug, info, warn};
+
+use super::acks::InboundAcks;
+use super::session::{self, ConnectAs, LinkEvent, Session, SessionSettings};
+use crate::message::{AckGroup, AckRequest, Message};
+use crate::router::park::{Park, Parker, park_topic};
+use crate::router::{Outbound, Router};
+use crate::spool::{self, Decoded};
+
+/// How long a park task may take before it gives up (the copies stay for the next one).
+const PARK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a park task needs.
+#[derive(Debug, Clone)]
+pub(crate) struct ParkContext {
+    /// The origin broker's connection settings.
+    pub(crate) settings: SessionSettings,
+    /// The mesh id (topics).
+    pub(crate) bridge_id: Arc<str>,
+    /// The origin broker's name.
+    pub(crate) origin: Arc<str>,
+    /// The target whose copies these are.
+    pub(crate) target: Arc<str>,
+    /// The targets' queues.
+    pub(crate) router: Arc<Router>,
+    /// Parks a copy again.
+    pub(crate) parker: Arc<Parker>,
+}
+
+impl ParkContext {
+    fn connect(&self) -> Session {
+        let who = ConnectAs {
+            client_id: format!("{}~park-{}", self.settings.client_id, self.target),
+            clean: false,
+            will: None,
+        };
+        session::open(&self.settings, &who, &[])
+    }
+}
+
+/// Creates the park session if it is new and hands what it holds to the target; `read_all`
+/// is told once everything the session held has been read (the owner may consume from then
+/// on: what it forwards comes after). Returns when every copy was acknowledged, or after
+/// [`PARK_TIMEOUT`].
+pub(crate) async fn recover(ctx: ParkContext, read_all: oneshot::Sender<()>) {
+    let span = tracing::info_span!("park", origin = %ctx.origin, target = %ctx.target);
+    recover_inner(ctx, read_all).instrument(span).await
+}
+
+async fn recover_inner(ctx: ParkContext, read_all: oneshot::Sender<()>) {
+    let mut read_all = Some(read_all);
+    let outcome = tokio::time::timeout(PARK_TIMEOUT, run(&ctx, Mode::Recover, &mut read_all)).await;
+    if let Some(tx) = read_all.take() {
+        let _ = tx.send(());
+    }
+    match outcome {
+        Ok(Ok(n)) if n > 0 => info!(copies = n, "park session drained into the target"),
+        Ok(Ok(_)) => debug!("park session ready, nothing parked"),
+        Ok(Err(e)) => {
+            warn!(error = %e, "park session: not drained; its copies stay for the next owner")
+        }
+        Err(_) => {
+            warn!("park session: not drained within 60 s; its copies stay for the next owner")
+        }
+    }
+}
+
+/// Acknowledges (discards) every copy in the park session up to the marker `nonce`.
+pub(crate) async fn trim(ctx: ParkContext, nonce: u64) {
+    let span = tracing::info_span!("park", origin = %ctx.origin, target = %ctx.target);
+    async move {
+        match tokio::time::timeout(PARK_TIMEOUT, run(&ctx, Mode::Trim(nonce), &mut None)).await {
+            Ok(Ok(n)) => debug!(copies = n, "delivered copies discarded"),
+            Ok(Err(e)) => debug!(error = %e, "park session not trimmed; later"),
+            Err(_) => debug!("park session not trimmed within 60 s; later"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    Recover,
+    Trim(u64),
+}
+
+/// One pass over the park session; returns the copies handled.
+async fn run(
+    ctx: &ParkContext,
+    mode: Mode,
+    read_all: &mut Option<oneshot::Sender<()>>,
+) -> Result<usize, String> {
+    let mut s = ctx.connect();
+    let topic = park_topic(&ctx.bridge_id, &ctx.target);
+    let marker = match mode {
+        Mode::Recover => rand::random(),
+        Mode::Trim(nonce) => nonce,
+    };
+    let (acks_tx, mut acks_rx) = mpsc::unbounded_channel::<AckRequest>();
+    let mut acks = InboundAcks::default();
+    let mut handled = 0usize;
+    let mut seen_marker = false;
+    loop {
+        if seen_marker && acks.unacknowledged() == 0 && acks.due() == 0 {
+            break;
+        }
+        tokio::select! {
+            event = s.events.recv() => match event {
+                None => return Err("connection task ended".into()),
+                Some(LinkEvent::Closed(e)) => return Err(e),
+                Some(LinkEvent::Connected { session_present, .. }) => {
+                    if !session_present {
+                        acks.new_session();
+                    }
+                    s.client.subscribe_park(&topic).map_err(|e| e.to_string())?;
+                }
+                Some(LinkEvent::SubAck(failures)) => {
+                    if !failures.is_empty() {
+                        return Err(format!("park subscription refused: {}", failures.join(", ")));
+                    }
+                    if matches!(mode, Mode::Recover) {
+                        // Behind everything the session holds.
+                        let m = Park::Marker { target: ctx.target.clone(), nonce: marker };
+                        s.client.publish_park(&topic, m.encode()).map_err(|e| e.to_string())?;
+                    }
+                }
+                Some(LinkEvent::Publish { msg, ack }) => {
+                    let ack = ack.and_then(|a| acks.receive(a));
+                    match Park::decode(&ctx.target, &msg.payload) {
+                        Some(Park::Marker { nonce, .. }) if nonce == marker => {
+                            seen_marker = true;
+                            if let Some(tx) = read_all.take() {
+                                let _ = tx.send(());
+                            }
+                            if let Some(a) = ack { acks.complete(a); }
+                        }
+                        Some(Park::Copy { key, spool_id, record, .. }) if matches!(mode, Mode::Recover) => {
+                            handled += 1;
+                            hand_over(ctx, key, spool_id, record, ack, &acks_tx, &mut acks);
+                        }
+                        _ => {
+                            // Trimming, an older marker, or not a park record: discarded.
+                            if matches!(mode, Mode::Trim(_)) { handled += 1; }
+                            if let Some(a) = ack { acks.complete(a); }
+                        }
+                    }
+                }
+                Some(_) => {}
+            },
+            Some(a) = acks_rx.recv() => acks.complete(a),
+        }
+        while let Some(a) = acks.next_due() {
+            if s.client.ack(a).is_err() {
+                break;
+            }
+            acks.handed();
+        }
+    }
+    let _ = s.client.disconnect();
+    let deadline = tokio::time::sleep(Duration::from_secs(2));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => break,
+            e = s.events.recv() => if matches!(e, None | Some(LinkEvent::Closed(_))) { break },
+        }
+    }
+    Ok(handled)
+}
+
+/// A copy read from the park session: to the target's queue as a message from the origin,
+/// or parked again when this process's spool still holds the row. `ack` is acknowledged once
+/// that is done.
+fn hand_over(
+    ctx: &ParkContext,
+    key: u64,
+    spool_id: u64,
+    record: Arc<Vec<u8>>,
+    ack: Option<AckRequest>,
+    acks_tx: &mpsc::UnboundedSender<AckRequest>,
+    acks: &mut InboundAcks,
+) {
+    let msg = match spool::decode(&record) {
+        Ok(Decoded::Message(_, msg)) => msg,
+        Ok(Decoded::Expired(_)) | Err(_) => {
+            // Expired while parked, or unreadable: nothing to deliver.
+            if let Some(a) = ack {
+                acks.complete(a);
+            }
+            return;
+        }
+    };
+    let share = ack.map(|a| {
+        AckGroup::split(a, acks_tx.clone(), 1)
+            .pop()
+            .expect("one share")
+    });
+    let Some(queue) = ctx.router.queue(&ctx.target) else {
+        // The target left the mesh.
+        if let Some(s) = share {
+            s.complete();
+        }
+        return;
+    };
+    let msg: Arc<Message> = Arc::new(msg);
+    if spool_id == ctx.parker.spool_id && queue.spool_holds(key, &record) {
+        // This process delivers it from its spool: keep a copy parked, no second delivery.
+        let park = Park::Copy {
+            target: ctx.target.clone(),
+            spool_id,
+            key,
+            record,
+        };
+        ctx.parker
+            .send(&ctx.origin, park, crate::router::park::carrier(), share);
+        return;
+    }
+    queue.push(Outbound::new(msg, share, ctx.origin.clone()));
+}
