@@ -55,6 +55,11 @@ pub(crate) const PARKED: &str = "meshbridge_parked";
 /// Messages spooled for this broker without a copy on their origin broker (too many copies
 /// waiting there): on this host's disk only. Counter.
 pub(crate) const PARK_SKIPPED: &str = "meshbridge_park_skipped";
+/// Messages waiting for this broker with copies parked on their origin brokers (at most this
+/// many in any one park session). Gauge.
+pub(crate) const PARK_DEPTH: &str = "meshbridge_park_depth";
+/// 1 while that depth is at 80 % of `broker_queue_limit` or more. Gauge.
+pub(crate) const PARK_NEAR_LIMIT: &str = "meshbridge_park_near_limit";
 /// Times this instance took a broker's consumer session (see `ha`). Counter.
 pub(crate) const TAKEOVERS: &str = "meshbridge_ha_takeovers";
 /// Times this instance stopped consuming a broker another instance owns. Counter.
@@ -159,6 +164,10 @@ pub(crate) struct LinkStats {
     pub(crate) parked: AtomicU64,
     /// See [`PARK_SKIPPED`].
     pub(crate) park_skipped: AtomicU64,
+    /// See [`PARK_DEPTH`].
+    pub(crate) park_depth: AtomicI64,
+    /// See [`PARK_NEAR_LIMIT`].
+    pub(crate) park_near_limit: std::sync::atomic::AtomicBool,
     /// See [`TAKEOVERS`].
     pub(crate) takeovers: AtomicU64,
     /// See [`STEP_DOWNS`].
@@ -212,6 +221,8 @@ impl Default for LinkStats {
             ever_connected: std::sync::atomic::AtomicBool::new(false),
             parked: AtomicU64::new(0),
             park_skipped: AtomicU64::new(0),
+            park_depth: AtomicI64::new(0),
+            park_near_limit: std::sync::atomic::AtomicBool::new(false),
             takeovers: AtomicU64::new(0),
             step_downs: AtomicU64::new(0),
             handovers: AtomicU64::new(0),

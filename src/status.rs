@@ -96,6 +96,12 @@ pub struct BrokerStatus {
     /// sessions.
     #[serde(default)]
     pub parked: u64,
+    /// Messages waiting for this broker with copies parked on their origin brokers.
+    #[serde(default)]
+    pub park_depth: u64,
+    /// That depth is near the brokers' queue limit (`broker_queue_limit`).
+    #[serde(default)]
+    pub park_near_limit: bool,
     /// Messages spooled for this broker without a copy on their origin broker.
     #[serde(default)]
     pub park_skipped: u64,

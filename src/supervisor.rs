@@ -114,6 +114,8 @@ impl LinkHandle {
             instances: ha.instances as u64,
             parked: n(&s.parked),
             park_skipped: n(&s.park_skipped),
+            park_depth: s.park_depth.load(Ordering::Relaxed).max(0) as u64,
+            park_near_limit: s.park_near_limit.load(Ordering::Relaxed),
             takeovers: n(&s.takeovers),
             step_downs: n(&s.step_downs),
             handovers: n(&s.handovers),
@@ -202,6 +204,7 @@ impl Supervisor {
             control: crate::ha::Control::new(&config.bridge_id),
             will_delay: config.will_delay,
             enabled: config.ha,
+            queue_limit: config.broker_queue_limit,
         });
         info!(instance = %config.instance, "instance of mesh {:?}", config.bridge_id);
         let router = Arc::new(Router::new(config.retained_max, config.retained_max_bytes));

@@ -706,6 +706,27 @@ async fn a_down_targets_backlog_survives_the_loss_of_every_bridge_host() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // 3000 copies wait for b3 in one park session: past 80 % of the default broker queue limit
+    // (1000, mosquitto's; the test brokers allow more). Reported.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, body) = http_get(&format!("http://{}/api/v1/brokers", owner.admin), None);
+        let rows: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let b3 = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "b3")
+            .unwrap()
+            .clone();
+        if b3["park_near_limit"] == true {
+            assert!(b3["park_depth"].as_u64().unwrap() >= 800, "{b3}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "park depth not reported: {b3}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(owner.bridge.log().contains("near the brokers' queue limit"));
     // Every bridge host is lost, disks included.
     for i in &mut pair {
         tokio::task::block_in_place(|| i.bridge.kill());

@@ -131,7 +131,17 @@ pub(crate) fn encode(
         }
         registry.register(name, help, family);
     }
-    let gauges: [Metric<i64>; 9] = [
+    let gauges: [Metric<i64>; 11] = [
+        (
+            metrics::PARK_DEPTH,
+            "Messages waiting for the broker with copies parked on their origin brokers",
+            |s| s.park_depth as i64,
+        ),
+        (
+            metrics::PARK_NEAR_LIMIT,
+            "1 while the park depth is at 80% of broker_queue_limit or more",
+            |s| i64::from(s.park_near_limit),
+        ),
         (
             metrics::CONSUMING,
             "1 while this instance consumes the broker",

@@ -35,6 +35,8 @@ pub(crate) struct BridgeSection {
     pub(crate) will_delay: Option<String>,
     /// Coordinate with other processes of the mesh (default true).
     pub(crate) ha: Option<bool>,
+    /// The brokers' per-client queue limit (mosquitto `max_queued_messages`), 0: none.
+    pub(crate) broker_queue_limit: Option<u64>,
     /// Admin API address (`/healthz`, `/readyz`, `/metrics`).
     pub(crate) admin_listen: Option<String>,
     /// File holding the bearer token; required when `admin_listen` is not loopback.
@@ -250,6 +252,7 @@ impl FileConfig {
             instance,
             will_delay,
             ha: b.ha.unwrap_or(true),
+            broker_queue_limit: b.broker_queue_limit.unwrap_or(1000),
             admin_listen,
             admin_token,
             data_dir: resolve(base_dir, b.data_dir.as_deref().unwrap_or(Path::new("data"))),

@@ -101,6 +101,9 @@ pub struct Config {
     pub(crate) will_delay: Duration,
     /// Coordinate with the mesh's other processes (see [`crate::ha`]).
     pub(crate) ha: bool,
+    /// The brokers' per-client queue limit (mosquitto `max_queued_messages`; 0: none): a park
+    /// session nearing it is reported.
+    pub(crate) broker_queue_limit: u64,
     /// Admin API address.
     pub admin_listen: SocketAddr,
     /// Bearer token for the admin API, when configured.
@@ -306,6 +309,10 @@ impl Config {
         check(self.instance != new.instance, "bridge.instance");
         check(self.will_delay != new.will_delay, "bridge.will_delay");
         check(self.ha != new.ha, "bridge.ha");
+        check(
+            self.broker_queue_limit != new.broker_queue_limit,
+            "bridge.broker_queue_limit",
+        );
         check(self.inflight != new.inflight, "bridge.inflight");
         check(
             self.queue_capacity != new.queue_capacity,

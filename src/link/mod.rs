@@ -51,6 +51,8 @@ pub(crate) struct HaContext {
     /// Coordinate with other instances (`[bridge] ha`); off: this process is the mesh's only
     /// one and consumes every broker, writing no control records.
     pub(crate) enabled: bool,
+    /// The brokers' per-client queue limit (0: none), for park sessions.
+    pub(crate) queue_limit: u64,
 }
 
 /// How long a connection that changes role (owner ↔ publisher) waits for what it has in flight
@@ -451,6 +453,7 @@ impl Link {
         if conn.connected.is_some() {
             self.ctx.queue.mark_copies_delivered();
         }
+        self.park_depth_check();
         if idle && let Some(first_row) = self.ctx.queue.orphaned_row() {
             warn!(
                 first_row,
@@ -849,6 +852,31 @@ impl Link {
                 moved,
                 reason = why,
                 "target slow: waiting messages moved to the spool"
+            );
+        }
+    }
+
+    /// With parking, every spooled message of this target has a copy in a park session on its
+    /// origin broker: the spool's depth bounds each session's. Reported (log, metrics) when it
+    /// nears the brokers' queue limit, beyond which a broker drops copies (mosquitto
+    /// `max_queued_messages`, default 1000).
+    fn park_depth_check(&self) {
+        if self.ctx.parker.is_none() {
+            return;
+        }
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        let depth = self.ctx.queue.spool_depth().0;
+        self.ctx.stats.park_depth.store(depth as i64, relaxed);
+        let limit = self.ctx.ha.queue_limit;
+        let near = limit > 0 && depth.saturating_mul(10) >= limit.saturating_mul(8);
+        let was = self.ctx.stats.park_near_limit.swap(near, relaxed);
+        if near && !was {
+            warn!(
+                depth,
+                limit,
+                "copies parked for this broker near the brokers' queue limit \
+                 (broker_queue_limit; mosquitto max_queued_messages): beyond it a broker drops \
+                 copies and the loss of this host would lose them; raise the brokers' limit"
             );
         }
     }
