@@ -1139,6 +1139,19 @@ impl Link {
                 inc(&self.ctx.stats.handovers);
                 self.begin_switch(true);
             }
+            Decision::HandOver { to }
+                if self
+                    .claimed
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) =>
+            {
+                // Named owner, not consuming yet (reading the park sessions, say): release the
+                // claim at once; the preferred instance claims it.
+                info!(to = %to, "handing the broker over to an instance that joined, before consuming it");
+                inc(&self.ctx.stats.handovers);
+                self.claimed = Some(now);
+                self.parks = Parks::default();
+                self.release(conn);
+            }
             _ => {}
         }
     }

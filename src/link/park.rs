@@ -141,6 +141,11 @@ async fn run(
                         s.client.publish_park(&topic, m.encode()).map_err(|e| e.to_string())?;
                     }
                 }
+                Some(LinkEvent::Publish { .. }) if seen_marker => {
+                    // Parked after the marker (the target is still down, say): left in the
+                    // session, unacknowledged, for the next drain. Reading it now would hand
+                    // it to the target, which would park it again, here: a loop.
+                }
                 Some(LinkEvent::Publish { msg, ack }) => {
                     let ack = ack.and_then(|a| acks.receive(a));
                     match Park::decode(&ctx.target, &msg.payload) {
