@@ -396,6 +396,7 @@ async fn a_terminated_owner_hands_over_without_loss_or_duplicates() {
     let n = 6000;
     let publisher = stream(&brokers[0], n, 1000);
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let term = Instant::now();
     let status = tokio::task::block_in_place(|| by_name(&mut pair, &leaving).bridge.terminate());
     assert!(
         status.is_some_and(|s| s.success()),
@@ -403,6 +404,9 @@ async fn a_terminated_owner_hands_over_without_loss_or_duplicates() {
     );
     let survivor = pair.iter().find(|i| i.name != leaving).unwrap();
     wait_settled(&[survivor], &names, Duration::from_secs(5));
+    let gap = term.elapsed();
+    println!("SIGTERM of {leaving}: the survivor consumes every broker {gap:?} after the signal");
+    assert!(gap < Duration::from_secs(3), "{gap:?}");
     publisher.await.unwrap();
     let dups = no_loss(&brokers, &subs, n).await;
     assert_eq!(dups, 0, "a planned handover sends nothing twice");
