@@ -1,4 +1,4 @@
-//! The command line: `bridge run|check|demo|add-broker|remove-broker|status`.
+//! The command line: `bridge run|check|demo|add-broker|remove-broker|status|instances`.
 
 use std::path::PathBuf;
 

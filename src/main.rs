@@ -247,23 +247,26 @@ fn import_mosquitto(
 /// `bridge status`: a table, or JSON for scripts.
 fn status(json: bool, target: &AdminTarget) -> Result<(), Failure> {
     let links = admin_client(target)?.status().map_err(Failure::other)?;
-    if json {
-        let text = serde_json::to_string_pretty(&links).map_err(Failure::other)?;
-        println!("{text}");
-    } else {
-        print!("{}", status_table(&links));
-    }
-    Ok(())
+    print_json_or(json, links.as_slice(), status_table)
 }
 
 /// `bridge instances`: the mesh's instances as the brokers show them to the bridge asked.
 fn instances(json: bool, target: &AdminTarget) -> Result<(), Failure> {
     let rows = admin_client(target)?.instances().map_err(Failure::other)?;
+    print_json_or(json, rows.as_slice(), instances_table)
+}
+
+/// Prints `value` as JSON for scripts, or as the table `table` makes of it.
+fn print_json_or<T: serde::Serialize + ?Sized>(
+    json: bool,
+    value: &T,
+    table: impl FnOnce(&T) -> String,
+) -> Result<(), Failure> {
     if json {
-        let text = serde_json::to_string_pretty(&rows).map_err(Failure::other)?;
+        let text = serde_json::to_string_pretty(value).map_err(Failure::other)?;
         println!("{text}");
     } else {
-        print!("{}", instances_table(&rows));
+        print!("{}", table(value));
     }
     Ok(())
 }

@@ -75,8 +75,9 @@ fn start(
     }
 }
 
-/// (owner as the instance sees it, whether it consumes, whether it is connected) per broker.
-fn ownership(i: &Instance) -> BTreeMap<String, (Option<String>, bool, bool)> {
+/// The status rows `/api/v1/brokers` of instance `i` shows, by broker; empty while its admin
+/// API does not answer (not started yet, or frozen).
+fn rows(i: &Instance) -> BTreeMap<String, serde_json::Value> {
     let port: u16 = i.admin.rsplit(':').next().unwrap().parse().unwrap();
     if !common::wait_port(port, Duration::from_millis(200)) {
         return BTreeMap::new();
@@ -92,12 +93,28 @@ fn ownership(i: &Instance) -> BTreeMap<String, (Option<String>, bool, bool)> {
         .map(|r| {
             (
                 r["name"].as_str().unwrap_or_default().to_string(),
-                (
-                    r["owner"].as_str().map(str::to_string),
-                    r["consuming"].as_bool().unwrap_or(false),
-                    r["state"] == "connected",
-                ),
+                r.clone(),
             )
+        })
+        .collect()
+}
+
+/// A counter of `broker`'s row, as instance `i` shows it (0 when it does not answer).
+fn counter(i: &Instance, broker: &str, key: &str) -> u64 {
+    rows(i)
+        .get(broker)
+        .and_then(|r| r[key].as_u64())
+        .unwrap_or(0)
+}
+
+/// (owner as the instance sees it, whether it consumes, whether it is connected) per broker.
+fn ownership(i: &Instance) -> BTreeMap<String, (Option<String>, bool, bool)> {
+    rows(i)
+        .into_iter()
+        .map(|(name, r)| {
+            let owner = r["owner"].as_str().map(str::to_string);
+            let consuming = r["consuming"].as_bool().unwrap_or(false);
+            (name, (owner, consuming, r["state"] == "connected"))
         })
         .collect()
 }
@@ -191,6 +208,33 @@ fn lab3() -> (tempfile::TempDir, Certs, [Mosquitto; 3]) {
     common::lab::<3>()
 }
 
+/// The brokers' names in every three-broker test.
+const NAMES: [&str; 3] = ["b1", "b2", "b3"];
+
+/// Two instances, "a" and "b", on three brokers, settled; with who owns what.
+struct Pair {
+    tmp: tempfile::TempDir,
+    brokers: [Mosquitto; 3],
+    pair: [Instance; 2],
+    owners: BTreeMap<String, String>,
+}
+
+fn pair_on_three() -> Pair {
+    let (tmp, certs, brokers) = lab3();
+    let list = direct(&brokers);
+    let pair = [
+        start(tmp.path(), &certs, "mesh", "a", &list),
+        start(tmp.path(), &certs, "mesh", "b", &list),
+    ];
+    let owners = wait_settled(&[&pair[0], &pair[1]], &NAMES, Duration::from_secs(20));
+    Pair {
+        tmp,
+        brokers,
+        pair,
+        owners,
+    }
+}
+
 /// Test 7: with two and then three instances every message reaches every other broker
 /// exactly once and in order, and each broker is consumed by exactly one instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,20 +322,7 @@ async fn several_instances_forward_every_message_exactly_once() {
 fn takeovers(instances: &[&Instance], broker: &str) -> u64 {
     instances
         .iter()
-        .map(|i| {
-            let port: u16 = i.admin.rsplit(':').next().unwrap().parse().unwrap();
-            if !common::wait_port(port, Duration::from_millis(200)) {
-                return 0;
-            }
-            let (_, body) = http_get(&format!("http://{}/api/v1/brokers", i.admin), None);
-            let rows: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-            rows.as_array()
-                .into_iter()
-                .flatten()
-                .filter(|r| r["name"] == broker)
-                .map(|r| r["takeovers"].as_u64().unwrap_or(0))
-                .sum::<u64>()
-        })
+        .map(|i| counter(i, broker, "takeovers"))
         .sum()
 }
 
@@ -338,14 +369,13 @@ fn by_name<'a>(instances: &'a mut [Instance], name: &str) -> &'a mut Instance {
 /// 1.5 x keep_alive + will delay + 2 s; nothing lost; duplicates within the in-flight window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_owner_killed_mid_stream_is_replaced_and_nothing_is_lost() {
-    let (tmp, certs, brokers) = lab3();
-    let list = direct(&brokers);
-    let names = ["b1", "b2", "b3"];
-    let mut pair = vec![
-        start(tmp.path(), &certs, "mesh", "a", &list),
-        start(tmp.path(), &certs, "mesh", "b", &list),
-    ];
-    let owners = wait_settled(&[&pair[0], &pair[1]], &names, Duration::from_secs(20));
+    let Pair {
+        tmp: _tmp,
+        brokers,
+        mut pair,
+        owners,
+    } = pair_on_three();
+    let names = NAMES;
     let victim = owners["b1"].clone();
     let subs = targets(&brokers).await;
     let n = 8000;
@@ -383,14 +413,13 @@ async fn the_owner_killed_mid_stream_is_replaced_and_nothing_is_lost() {
 /// Test 6: SIGTERM of b1's owner mid-stream is a planned handover: nothing lost, nothing twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminated_owner_hands_over_without_loss_or_duplicates() {
-    let (tmp, certs, brokers) = lab3();
-    let list = direct(&brokers);
-    let names = ["b1", "b2", "b3"];
-    let mut pair = vec![
-        start(tmp.path(), &certs, "mesh", "a", &list),
-        start(tmp.path(), &certs, "mesh", "b", &list),
-    ];
-    let owners = wait_settled(&[&pair[0], &pair[1]], &names, Duration::from_secs(20));
+    let Pair {
+        tmp: _tmp,
+        brokers,
+        mut pair,
+        owners,
+    } = pair_on_three();
+    let names = NAMES;
     let leaving = owners["b1"].clone();
     let subs = targets(&brokers).await;
     let n = 6000;
@@ -416,14 +445,13 @@ async fn a_terminated_owner_hands_over_without_loss_or_duplicates() {
 /// meanwhile, and the woken one steps down at once instead of taking it back; nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_owner_steps_down_when_it_wakes() {
-    let (tmp, certs, brokers) = lab3();
-    let list = direct(&brokers);
-    let names = ["b1", "b2", "b3"];
-    let pair = [
-        start(tmp.path(), &certs, "mesh", "a", &list),
-        start(tmp.path(), &certs, "mesh", "b", &list),
-    ];
-    let owners = wait_settled(&[&pair[0], &pair[1]], &names, Duration::from_secs(20));
+    let Pair {
+        tmp: _tmp,
+        brokers,
+        pair,
+        owners,
+    } = pair_on_three();
+    let names = NAMES;
     let frozen = pair.iter().find(|i| i.name == owners["b1"]).unwrap();
     let other = pair.iter().find(|i| i.name != owners["b1"]).unwrap();
     let subs = targets(&brokers).await;
@@ -660,22 +688,6 @@ async fn a_311_broker_consumed_by_another_instance_does_not_loop() {
     );
 }
 
-/// `parked` of broker `name` as instance `i` reports it.
-fn parked(i: &Instance, name: &str) -> u64 {
-    let port: u16 = i.admin.rsplit(':').next().unwrap().parse().unwrap();
-    if !common::wait_port(port, Duration::from_millis(200)) {
-        return 0;
-    }
-    let (_, body) = http_get(&format!("http://{}/api/v1/brokers", i.admin), None);
-    let rows: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    rows.as_array()
-        .into_iter()
-        .flatten()
-        .filter(|r| r["name"] == name)
-        .map(|r| r["parked"].as_u64().unwrap_or(0))
-        .sum()
-}
-
 /// Test 2: b3 is down while 3000 QoS 1 messages flow from b1; then every bridge process dies
 /// (kill -9) and its data_dir with it. A fresh process on an empty data_dir and b3 come back:
 /// b3's persistent subscriber gets every message, from the copies parked on b1.
@@ -702,11 +714,11 @@ async fn a_down_targets_backlog_survives_the_loss_of_every_bridge_host() {
     // b1's owner acknowledged every message to b1 only once b1 holds its copy for b3.
     let owner = pair.iter().find(|i| i.name == owners["b1"]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while parked(owner, "b1") < n as u64 {
+    while counter(owner, "b1", "parked") < n as u64 {
         assert!(
             Instant::now() < deadline,
             "b1 holds {} copies of {n}",
-            parked(owner, "b1")
+            counter(owner, "b1", "parked")
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -714,15 +726,7 @@ async fn a_down_targets_backlog_survives_the_loss_of_every_bridge_host() {
     // (1000, mosquitto's; the test brokers allow more). Reported.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let (_, body) = http_get(&format!("http://{}/api/v1/brokers", owner.admin), None);
-        let rows: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let b3 = rows
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["name"] == "b3")
-            .unwrap()
-            .clone();
+        let b3 = rows(owner).remove("b3").unwrap_or_default();
         if b3["park_near_limit"] == true {
             assert!(b3["park_depth"].as_u64().unwrap() >= 800, "{b3}");
             break;

@@ -179,25 +179,7 @@ pub fn status_table(links: &[BrokerStatus]) -> String {
             s.last_error.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
-    let widths: Vec<usize> = (0..13)
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                if i == 12 {
-                    c.clone()
-                } else {
-                    format!("{c:<w$}", w = widths[i])
-                }
-            })
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+    let mut out = columns(&rows);
     if let Some(s) = links.first() {
         out.push_str(&format!("spool overflow policy: {}\n", s.spool_overflow));
     }
@@ -235,21 +217,20 @@ pub fn instances_table(rows: &[InstanceStatus]) -> String {
             list(&r.owns),
         ]);
     }
-    let widths: Vec<usize> = (0..6)
-        .map(|i| {
-            table
-                .iter()
-                .map(|r| r[i].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
+    columns(&table)
+}
+
+/// Rows as aligned columns, two spaces apart; the last column (free text) is not padded.
+fn columns<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
-    for r in table {
+    for r in rows {
         let line: Vec<String> = r
             .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
             .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
