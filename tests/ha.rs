@@ -869,3 +869,55 @@ async fn chaos_loses_nothing() {
         events.len()
     );
 }
+
+/// A broker that leaves the mesh takes its parked copies with it: its spool is deleted, and so
+/// is its park session on every origin, so a broker added later under the same name does not
+/// receive messages that were meant for the one that left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_broker_leaves_no_parked_copies_behind() {
+    let b3_opts = common::BrokerOpts {
+        persistence: true,
+        ..Default::default()
+    };
+    let (tmp, certs, mut brokers) =
+        common::lab_with([Default::default(), Default::default(), b3_opts]);
+    let a = start(tmp.path(), &certs, "mesh", "a", &direct(&brokers));
+    wait_settled(&[&a], &NAMES, Duration::from_secs(20));
+    let s3 = mqtt::subscribe_persistent(brokers[2].plain_port, "s3", "seq/#").await;
+    tokio::task::block_in_place(|| brokers[2].terminate());
+    let n = 500;
+    stream(&brokers[0], n, 1000).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while counter(&a, "b1", "parked") < n as u64 {
+        assert!(Instant::now() < deadline, "copies not parked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, _, err) = common::cli_in(&["remove-broker", "b3", "--admin", &a.admin], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        a.bridge
+            .wait_log("its park session was discarded", 1, Duration::from_secs(10)),
+        "{}",
+        a.bridge.log()
+    );
+    let addr = format!("127.0.0.1:{}", brokers[2].tls_port);
+    let (code, _, err) = common::cli_in(
+        &["add-broker", &addr, "--name", "b3", "--admin", &a.admin],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    tokio::task::block_in_place(|| brokers[2].restart());
+    wait_settled(&[&a], &NAMES, Duration::from_secs(30));
+    // The new b3 gets what is published from now on, and nothing meant for the old one.
+    let fresh: Vec<Pub> = (0..10)
+        .map(|i| Pub::new("seq/new", format!("new-{i}"), 1))
+        .collect();
+    mqtt::publish(brokers[0].plain_port, "p-new", &fresh).await;
+    assert_eq!(
+        s3.wait_prefix("new-", 10, Duration::from_secs(30)).await,
+        10
+    );
+    s3.settle(Duration::from_secs(2)).await;
+    let old = count(&s3, "seq/b1", n);
+    assert_eq!(old.0, n, "old messages reached the new b3: {old:?}");
+}

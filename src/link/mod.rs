@@ -1209,15 +1209,30 @@ impl Link {
         })
     }
 
-    /// While consuming: a target that joined since gets its park session on this broker.
+    /// While consuming: a target that joined since gets its park session on this broker, and
+    /// one that left has its park session discarded.
     fn parks_for_new_targets(&mut self) {
         if self.ctx.parker.is_none() {
             return;
         }
-        for target in self.ctx.router.names() {
-            if target != self.ctx.name && !self.parks.ready.contains(&target) {
+        let names = self.ctx.router.names();
+        for target in &names {
+            if *target != self.ctx.name && !self.parks.ready.contains(target) {
                 let (tx, _rx) = tokio::sync::oneshot::channel();
-                self.spawn_park_drain(target, tx);
+                self.spawn_park_drain(target.clone(), tx);
+            }
+        }
+        let gone: Vec<Arc<str>> = self
+            .parks
+            .ready
+            .iter()
+            .filter(|t| !names.contains(t))
+            .cloned()
+            .collect();
+        for target in gone {
+            self.parks.ready.remove(&target);
+            if let Some(ctx) = self.park_context(target) {
+                tokio::spawn(park::discard(ctx));
             }
         }
     }

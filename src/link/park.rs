@@ -44,13 +44,55 @@ pub(crate) struct ParkContext {
 }
 
 impl ParkContext {
-    fn connect(&self) -> Session {
+    /// Connects as the park session; `clean`: a new, empty one that ends with the connection.
+    fn connect(&self, clean: bool) -> Session {
         let who = ConnectAs {
             client_id: format!("{}~park-{}", self.settings.client_id, self.target),
-            clean: false,
+            clean,
             will: None,
         };
         session::open(&self.settings, &who, &[])
+    }
+}
+
+/// The target left the mesh: its park session on this origin goes, with every copy in it (a
+/// broker added later under the same name must not receive them).
+pub(crate) async fn discard(ctx: ParkContext) {
+    let span = tracing::info_span!("park", origin = %ctx.origin, target = %ctx.target);
+    async move {
+        let mut s = ctx.connect(true);
+        let connected = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match s.events.recv().await {
+                    Some(LinkEvent::Connected { .. }) => return true,
+                    None | Some(LinkEvent::Closed(_)) => return false,
+                    Some(_) => {}
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+        if connected {
+            let _ = s.client.disconnect();
+            wait_closed(&mut s).await;
+            info!("the target left the mesh: its park session was discarded");
+        } else {
+            warn!("the target left the mesh; its park session could not be discarded now");
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Lets the driver write the DISCONNECT, for up to 2 s.
+async fn wait_closed(s: &mut Session) {
+    let deadline = tokio::time::sleep(Duration::from_secs(2));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => break,
+            e = s.events.recv() => if matches!(e, None | Some(LinkEvent::Closed(_))) { break },
+        }
     }
 }
 
@@ -107,7 +149,7 @@ async fn run(
     mode: Mode,
     read_all: &mut Option<oneshot::Sender<()>>,
 ) -> Result<usize, String> {
-    let mut s = ctx.connect();
+    let mut s = ctx.connect(false);
     let topic = park_topic(&ctx.bridge_id, &ctx.target);
     let marker = match mode {
         Mode::Recover => rand::random(),
@@ -179,14 +221,7 @@ async fn run(
         }
     }
     let _ = s.client.disconnect();
-    let deadline = tokio::time::sleep(Duration::from_secs(2));
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            _ = &mut deadline => break,
-            e = s.events.recv() => if matches!(e, None | Some(LinkEvent::Closed(_))) { break },
-        }
-    }
+    wait_closed(&mut s).await;
     Ok(handled)
 }
 
