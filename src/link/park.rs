@@ -247,11 +247,7 @@ fn hand_over(
             return;
         }
     };
-    let share = ack.map(|a| {
-        AckGroup::split(a, acks_tx.clone(), 1)
-            .pop()
-            .expect("one share")
-    });
+    let share = ack.and_then(|a| AckGroup::split(a, acks_tx.clone(), 1).pop());
     let Some(queue) = ctx.router.queue(&ctx.target) else {
         // The target left the mesh.
         if let Some(s) = share {
