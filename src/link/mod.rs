@@ -224,6 +224,18 @@ impl Link {
     }
 
     async fn run(mut self) {
+        if let Some(ctx) = self.park_context(self.ctx.name.clone()) {
+            tokio::spawn(park::publish_copies(park::CopyPublisher {
+                park: ctx,
+                client_id: format!(
+                    "{}~copies@{}",
+                    self.ctx.settings.client_id, self.ctx.ha.identity.instance
+                ),
+                queue: self.ctx.queue.clone(),
+                stats: self.ctx.stats.clone(),
+                stop: self.ctx.disconnect.clone(),
+            }));
+        }
         let mut backoff = Backoff::default();
         let mut reconnect = false;
         loop {
@@ -344,13 +356,15 @@ impl Link {
                 _ = self.ctx.disconnect.cancelled() => {
                     break self.close(&mut conn, session).await;
                 }
-                event = session.events.recv() => match event {
+                // While the copies this broker's messages made wait for it, take no more.
+                event = session.events.recv(), if !self.ctx.queue.park_backlog_full() => match event {
                     None => break Outcome::Lost { error: "connection task ended".into(), uptime: uptime(&conn) },
                     Some(LinkEvent::Closed(error)) => break Outcome::Lost { error, uptime: uptime(&conn) },
                     Some(event) => self.on_event(&mut conn, event),
                 },
                 Some(ack) = self.acks_rx.recv() => self.complete(ack),
-                _ = tokio::time::sleep(Duration::from_millis(20)), if self.switch.is_some() => {}
+                _ = tokio::time::sleep(Duration::from_millis(20)),
+                    if self.switch.is_some() || self.ctx.queue.park_backlog_full() => {}
                 _ = self.ctx.queue.notified(), if room => {}
                 _ = self.ctx.stop.cancelled(), if !self.ctx.stop.is_cancelled() => {}
                 _ = stall_check.tick() => self.stall_tick(&mut conn),
@@ -583,7 +597,7 @@ impl Link {
             },
             LinkEvent::PubAck(pkid, result) | LinkEvent::PubRec(pkid, result @ Err(_)) => {
                 match conn.flight.acknowledged(pkid) {
-                    Some(item) => self.acknowledged(conn, item, result),
+                    Some(item) => self.acknowledged(item, result),
                     None => debug!(pkid, "acknowledgement for a packet id not in flight"),
                 }
             }
@@ -600,7 +614,7 @@ impl Link {
             LinkEvent::PubComp(pkid) => {
                 // Also answers the PUBRELs sent on a resumed session: those match nothing here.
                 if let Some(item) = conn.flight.completed(pkid) {
-                    self.acknowledged(conn, item, Ok(()));
+                    self.acknowledged(item, Ok(()));
                 }
             }
             LinkEvent::SubAck(failures) if conn.control_suback => {
@@ -660,33 +674,10 @@ impl Link {
         self.subscribed = Some(wanted);
     }
 
-    fn acknowledged(&mut self, conn: &Conn, item: Outbound, result: Result<(), String>) {
-        match (&item.park, result) {
-            (None, Ok(())) => inc(&self.ctx.stats.messages_out),
-            (None, Err(reason)) => {
-                metrics::message_rejected(&self.ctx.stats, &item.msg.topic, &reason)
-            }
-            (Some(park), Ok(())) => {
-                if let crate::router::park::Park::Marker { target, nonce } = park.as_ref() {
-                    // Behind every copy for `target`, all delivered: the owner discards them.
-                    if conn.consumer
-                        && let Some(ctx) = self.park_context(target.clone())
-                    {
-                        tokio::spawn(park::trim(ctx, *nonce));
-                    }
-                } else {
-                    inc(&self.ctx.stats.parked);
-                }
-            }
-            (Some(_), Err(reason)) => {
-                metrics::message_rejected(
-                    &self.ctx.stats,
-                    &item.msg.topic,
-                    &format!(
-                        "park copy refused ({reason}): the message is in the local spool only"
-                    ),
-                );
-            }
+    fn acknowledged(&mut self, item: Outbound, result: Result<(), String>) {
+        match result {
+            Ok(()) => inc(&self.ctx.stats.messages_out),
+            Err(reason) => metrics::message_rejected(&self.ctx.stats, &item.msg.topic, &reason),
         }
         self.finish(item);
     }
@@ -766,17 +757,6 @@ impl Link {
     /// Hands `item` to the client (or finishes it when the target cannot take it); gives it
     /// back when the client's request channel is full or closed.
     fn publish(&mut self, conn: &mut Conn, item: Outbound) -> Result<(), Outbound> {
-        if let Some(park) = &item.park {
-            // A park record for this broker (see `crate::router::park`), not a message.
-            let topic = crate::router::park::park_topic(&self.ctx.bridge_id, park.target());
-            return match conn.client.publish_park(&topic, park.encode()) {
-                Ok(()) => {
-                    conn.flight.handed(item);
-                    Ok(())
-                }
-                Err(SendError::Full | SendError::Closed) => Err(item),
-            };
-        }
         let broker = &self.ctx.settings.broker;
         let qos = item.msg.qos.min(broker.max_qos);
         let Some(topic) = item.msg.topic_str() else {

@@ -270,3 +270,124 @@ fn hand_over(
     }
     queue.push(Outbound::new(msg, share, ctx.origin.clone()));
 }
+
+/// What the copy publisher of one origin broker needs.
+#[derive(Debug)]
+pub(crate) struct CopyPublisher {
+    /// The park context (origin broker settings, router, parker; `target` unused).
+    pub(crate) park: ParkContext,
+    /// Its client id: `<id>-X~copies@<instance>`, a clean session.
+    pub(crate) client_id: String,
+    /// The origin broker's queue, whose lane holds the copies.
+    pub(crate) queue: Arc<crate::router::TargetQueue>,
+    /// The origin link's counters.
+    pub(crate) stats: Arc<crate::metrics::LinkStats>,
+    /// Ends the publisher (the link's last shutdown step).
+    pub(crate) stop: tokio_util::sync::CancellationToken,
+}
+
+/// Publishes the copies and markers of one origin broker (see [`crate::router::park`]) on a
+/// connection of their own: on the origin link's connection their acknowledgements would queue
+/// behind the messages that link receives, and that link could not stop reading (to wait for
+/// the copies) without also stopping their acknowledgements.
+pub(crate) async fn publish_copies(p: CopyPublisher) {
+    let span = tracing::info_span!("copies", origin = %p.park.origin);
+    async move {
+        while !p.stop.is_cancelled() {
+            let outcome = copies_connection(&p).await;
+            if let Err(e) = outcome {
+                debug!(error = %e, "copy connection lost; again in 1 s");
+            }
+            tokio::select! {
+                _ = p.stop.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn copies_connection(p: &CopyPublisher) -> Result<(), String> {
+    use super::outflight::{OutFlight, Sent};
+    let who = ConnectAs {
+        client_id: p.client_id.clone(),
+        clean: true,
+        will: None,
+    };
+    let mut s = session::open(&p.park.settings, &who, &[]);
+    let mut flight: OutFlight<Outbound> = OutFlight::default();
+    let window = usize::from(p.park.settings.inflight);
+    let mut connected = false;
+    let mut batch = Vec::new();
+    let result = loop {
+        if connected && flight.outstanding() < window {
+            p.queue
+                .take_parks(window - flight.outstanding(), &mut batch);
+            let mut items = batch.drain(..);
+            while let Some(item) = items.next() {
+                let Some(park) = &item.park else {
+                    p.queue.finish_park(item);
+                    continue;
+                };
+                let topic = park_topic(&p.park.bridge_id, park.target());
+                if s.client.publish_park(&topic, park.encode()).is_err() {
+                    let rest: Vec<Outbound> = std::iter::once(item).chain(items).collect();
+                    p.queue.requeue_parks(rest);
+                    break;
+                }
+                flight.handed(item);
+            }
+        }
+        let room = connected && flight.outstanding() < window;
+        tokio::select! {
+            _ = p.stop.cancelled() => break Ok(()),
+            event = s.events.recv() => match event {
+                None => break Err("connection task ended".into()),
+                Some(LinkEvent::Closed(e)) => break Err(e),
+                Some(LinkEvent::Connected { .. }) => connected = true,
+                Some(LinkEvent::Sent(pkid)) => match flight.sent(pkid) {
+                    Sent::Done(item) => p.queue.finish_park(item),
+                    Sent::Evicted { old, .. } => p.queue.requeue_parks(vec![old]),
+                    Sent::InFlight | Sent::Control | Sent::Unexpected => {}
+                },
+                Some(LinkEvent::PubAck(pkid, result)) => {
+                    if let Some(item) = flight.acknowledged(pkid) {
+                        copy_acknowledged(p, item, result);
+                    }
+                }
+                Some(_) => {}
+            },
+            _ = p.queue.parks_notified(), if room => {}
+        }
+    };
+    // Not acknowledged: sent again on the next connection (a copy twice at worst).
+    let (unconfirmed, _) = flight.drain();
+    p.queue.requeue_parks(unconfirmed);
+    if result.is_ok() {
+        let _ = s.client.disconnect();
+        wait_closed(&mut s).await;
+    }
+    result
+}
+
+/// The origin broker acknowledged a copy (its origin may be acknowledged now) or a marker
+/// (the copies before it may go, if this process owns the origin).
+fn copy_acknowledged(p: &CopyPublisher, item: Outbound, result: Result<(), String>) {
+    match (item.park.as_deref(), result) {
+        (Some(Park::Marker { target, nonce }), Ok(())) => {
+            if p.stats.ha().consuming {
+                let mut ctx = p.park.clone();
+                ctx.target = target.clone();
+                tokio::spawn(trim(ctx, *nonce));
+            }
+        }
+        (_, Ok(())) => crate::metrics::inc(&p.stats.parked),
+        (_, Err(reason)) => crate::metrics::message_rejected(
+            &p.stats,
+            &item.msg.topic,
+            &format!("park copy refused ({reason}): the message is in the local spool only"),
+        ),
+    }
+    p.queue.finish_park(item);
+}

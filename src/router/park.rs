@@ -9,8 +9,10 @@
 //! gone: it drains the park session into T ([`crate::link::park`]). Once T's spool is empty
 //! again, a marker published behind the copies lets X's owner discard them.
 //!
-//! A copy travels through X's own queue (so it is written in order behind what was spooled
-//! before) but never into X's spool: it is meant for the broker X, not for the target X.
+//! A copy travels through a lane of X's queue, in order behind what was copied before, and is
+//! published by X's copy publisher on a connection of its own
+//! ([`crate::link::park::publish_copies`]); never into X's spool: it is meant for the broker X,
+//! not for the target X.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, Weak};
@@ -137,10 +139,9 @@ pub(crate) struct Parker {
 }
 
 impl Parker {
-    /// Whether `origin` takes another copy: fewer than its queue's capacity wait for its
-    /// broker's acknowledgement. Beyond (a burst faster than the origin broker takes copies),
-    /// a spooled message is acknowledged once on disk, as with one process (counted,
-    /// `meshbridge_park_skipped_total`): memory stays bounded.
+    /// Whether `origin` takes another copy (see [`super::TargetQueue::takes_park`]); when not
+    /// (its copy connection down for long), a spooled message is acknowledged once on disk, as
+    /// with one process (counted, `meshbridge_park_skipped_total`): memory stays bounded.
     pub(crate) fn takes_copy(&self, origin: &str) -> bool {
         self.router
             .upgrade()

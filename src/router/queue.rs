@@ -183,6 +183,10 @@ pub(crate) struct TargetQueue {
     rules_changed: AtomicBool,
     /// Park records for this broker queued or in flight (see [`TargetQueue::takes_park`]).
     parks_waiting: AtomicUsize,
+    /// Park records for this broker, in order: its link's copy publisher sends them on a
+    /// connection of their own (see [`crate::link::park::publish_copies`]).
+    lane: Mutex<VecDeque<Outbound>>,
+    lane_notify: Notify,
 }
 
 impl TargetQueue {
@@ -221,23 +225,58 @@ impl TargetQueue {
         self
     }
 
-    /// Appends a park record for this queue's broker (it is connected, or the record is given
-    /// back). Never spooled: it is meant for the broker, not for the target.
+    /// Appends a park record for this queue's broker (its link is connected, or the record is
+    /// given back) to the copy lane. Never spooled: it is meant for the broker, not the target.
     pub(crate) fn push_park(&self, item: Outbound) -> Result<(), Outbound> {
-        let mut inner = self.lock();
-        if !inner.connected {
+        if !self.lock().connected {
             return Err(item);
         }
-        inner.items.push_back(item);
+        self.lane_lock().push_back(item);
         self.parks_waiting.fetch_add(1, Ordering::AcqRel);
-        drop(inner);
-        self.notify.notify_one();
+        self.lane_notify.notify_one();
         Ok(())
     }
 
-    /// Whether this broker takes another park copy (see [`Parker::takes_copy`]).
+    fn lane_lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Outbound>> {
+        self.lane.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Up to `max` park records, oldest first.
+    pub(crate) fn take_parks(&self, max: usize, out: &mut Vec<Outbound>) {
+        let mut lane = self.lane_lock();
+        let n = max.min(lane.len());
+        out.extend(lane.drain(..n));
+    }
+
+    /// Park records a lost connection did not get acknowledged: back in front, in order.
+    pub(crate) fn requeue_parks(&self, items: Vec<Outbound>) {
+        let mut lane = self.lane_lock();
+        for item in items.into_iter().rev() {
+            lane.push_front(item);
+        }
+    }
+
+    /// The broker acknowledged (or refused) a park record: its share completes.
+    pub(crate) fn finish_park(&self, mut item: Outbound) {
+        self.parks_waiting.fetch_sub(1, Ordering::AcqRel);
+        item.complete();
+    }
+
+    /// Waits until a park record is pushed.
+    pub(crate) async fn parks_notified(&self) {
+        self.lane_notify.notified().await
+    }
+
+    /// Whether this broker takes another park copy (see [`Parker::takes_copy`]): a safety net
+    /// far above [`TargetQueue::park_backlog_full`], where the intake already waits.
     pub(crate) fn takes_park(&self) -> bool {
-        self.parks_waiting.load(Ordering::Acquire) < self.capacity
+        self.parks_waiting.load(Ordering::Acquire) < 4 * self.capacity
+    }
+
+    /// Copies waiting for this broker fill a queue's capacity: its link stops taking messages
+    /// from it (each may make more copies) until they are acknowledged.
+    pub(crate) fn park_backlog_full(&self) -> bool {
+        self.parks_waiting.load(Ordering::Acquire) >= self.capacity
     }
 
     /// Once the target's spool is empty again, a marker goes behind the copies on every origin
@@ -329,6 +368,8 @@ impl TargetQueue {
             ]))),
             rules_changed: AtomicBool::new(false),
             parks_waiting: AtomicUsize::new(0),
+            lane: Mutex::new(VecDeque::new()),
+            lane_notify: Notify::new(),
         }
     }
 
@@ -604,9 +645,6 @@ impl TargetQueue {
     /// The target is done with a message (acknowledged, or skipped): its share completes and
     /// its spool row is removed.
     pub(crate) fn finish(&self, mut item: Outbound) {
-        if item.park.is_some() {
-            self.parks_waiting.fetch_sub(1, Ordering::AcqRel);
-        }
         item.complete();
         if let (Some(sp), Some(key)) = (&self.spooled, item.key) {
             sp.spool.delete(&sp.target, key);
@@ -627,23 +665,14 @@ impl TargetQueue {
         let mut inner = self.lock();
         inner.connected = false;
         inner.cursor = None;
-        let (parked, items): (Vec<Outbound>, Vec<Outbound>) = unconfirmed
+        let items: Vec<Outbound> = unconfirmed
             .into_iter()
             .chain(inner.items.drain(..))
-            .partition(|o| o.park.is_some());
-        let items: Vec<Outbound> = items
-            .into_iter()
             .filter(|o| o.key.is_none() && !(shutdown && o.share.is_some()))
             .collect();
         sp.prepend(&mut inner, items);
         drop(inner);
         self.send_parked();
-        // Park records for this broker that it did not acknowledge: the messages are in their
-        // target's local spool; this broker, their origin, is not connected to be acknowledged.
-        for mut p in parked {
-            self.parks_waiting.fetch_sub(1, Ordering::AcqRel);
-            p.complete();
-        }
     }
 
     /// Waits until what was spooled for this target is on disk.
