@@ -5,8 +5,9 @@
 //! memory and keeps its [`AckShare`] until the target's broker acknowledges it, so the origin
 //! is acknowledged only when every connected target has it. When the target is down, or its
 //! memory queue is full, the message goes to the spool instead and its share completes once it
-//! is on disk: a down or slow target never holds back the others, and a bridge crash loses
-//! nothing. Once anything is spooled, later messages follow it into the spool until the target
+//! is on disk (with parking, once its origin broker holds a copy: [`super::park`]): a down or
+//! slow target never holds back the others, and a bridge crash (or, with parking, the loss of
+//! the bridge host) loses nothing. Once anything is spooled, later messages follow it into the spool until the target
 //! has caught up, so the target receives them in order.
 //!
 //! A stalled target ([`TargetQueue::evacuate`]) gets what its link holds written to the front
