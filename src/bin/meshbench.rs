@@ -45,6 +45,8 @@ struct Opts {
     worker_threads: Option<u64>,
     links_per_thread: Option<u64>,
     repeat: usize,
+    /// Bridge processes on the mesh (docs/HA.md): CPU and RSS are their sums.
+    instances: usize,
 }
 
 fn parse() -> Result<Opts, String> {
@@ -61,6 +63,7 @@ fn parse() -> Result<Opts, String> {
         worker_threads: None,
         links_per_thread: None,
         repeat: 1,
+        instances: 1,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -83,15 +86,23 @@ fn parse() -> Result<Opts, String> {
             "--worker-threads" => o.worker_threads = Some(v()?),
             "--links-per-thread" => o.links_per_thread = Some(v()?),
             "--repeat" => o.repeat = v()? as usize,
+            "--instances" => o.instances = v()? as usize,
             "-h" | "--help" => {
-                return Err("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T] [--down K] [--queue-capacity N] [--worker-threads N] [--links-per-thread N] [--repeat R]".into())
+                return Err("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T] [--down K] [--queue-capacity N] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K]".into())
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    if o.brokers < 2 || o.qos > 2 || o.size < 24 || o.topics == 0 || o.rate == 0 || o.repeat == 0 {
+    if o.brokers < 2
+        || o.qos > 2
+        || o.size < 24
+        || o.topics == 0
+        || o.rate == 0
+        || o.repeat == 0
+        || o.instances == 0
+    {
         return Err(
-            "need --brokers >= 2, --qos 0..2, --size >= 24, --topics >= 1, --rate >= 1, --repeat >= 1".into(),
+            "need --brokers >= 2, --qos 0..2, --size >= 24, --topics >= 1, --rate >= 1, --repeat >= 1, --instances >= 1".into(),
         );
     }
     Ok(o)
@@ -339,7 +350,8 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 }
 
 /// Runs both phases (throughput, then latency at a fixed rate) against one bridge process.
-async fn measure(o: &Opts, ports: &[u16], pid: u32, label: &str) -> Result_ {
+async fn measure(o: &Opts, ports: &[u16], pids: &[u32], label: &str) -> Result_ {
+    let cpu_total = || pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
     // Throughput: as fast as possible.
     let mut seen = Vec::new();
     let mut subs = Vec::new();
@@ -349,7 +361,7 @@ async fn measure(o: &Opts, ports: &[u16], pid: u32, label: &str) -> Result_ {
         seen.push(s);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let cpu0 = cpu_seconds(pid);
+    let cpu0 = cpu_total();
     let started = Instant::now();
     publish(ports[0], o, 0, o.messages, 0).await;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -363,7 +375,7 @@ async fn measure(o: &Opts, ports: &[u16], pid: u32, label: &str) -> Result_ {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let cpu = cpu_seconds(pid) - cpu0;
+    let cpu = cpu_total() - cpu0;
     let mut r = Result_::default();
     let mut rates = Vec::new();
     for s in &seen {
@@ -398,7 +410,7 @@ async fn measure(o: &Opts, ports: &[u16], pid: u32, label: &str) -> Result_ {
     lat.sort_unstable();
     r.p50_ms = percentile(&lat, 0.50);
     r.p99_ms = percentile(&lat, 0.99);
-    r.peak_rss_mib = peak_rss_mib(pid);
+    r.peak_rss_mib = pids.iter().map(|p| peak_rss_mib(*p)).sum();
     for c in subs {
         let _ = c.disconnect().await;
     }
@@ -434,7 +446,7 @@ async fn run_master(o: &Opts, lab: &Lab, run: usize) -> Result<Result_, String> 
     let mut master = mosquitto(lab.dir.path(), "master", free_port(), &conns);
     tokio::time::sleep(Duration::from_secs(2)).await;
     master.running("the mosquitto bridge master", None)?;
-    let r = measure(o, &lab.ports, master.0.id(), &format!("master{run}")).await;
+    let r = measure(o, &lab.ports, &[master.0.id()], &format!("master{run}")).await;
     drop(master);
     discard_sessions(&lab.ports, |n| format!("master{run}-b{n}")).await;
     Ok(r)
@@ -476,50 +488,66 @@ async fn discard_sessions(ports: &[u16], client_id: impl Fn(usize) -> String) {
     }
 }
 
-/// (b) `bridge run`; also returns how many messages it wrote to its spool.
+/// (b) `bridge run`, `--instances` processes of one mesh; also returns how many messages they
+/// wrote to their spools.
 async fn run_bridge(o: &Opts, lab: &Lab, run: usize) -> Result<(Result_, Option<u64>), String> {
-    let admin_port = free_port();
-    let mut cfg = format!(
-        "[bridge]\nid = \"bench{run}\"\nadmin_listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n",
-        admin_port,
-        lab.dir.path().join(format!("data{run}")).display()
-    );
-    if let Some(n) = o.queue_capacity {
-        let _ = writeln!(cfg, "queue_capacity = {n}");
-    }
-    if let Some(n) = o.worker_threads {
-        let _ = writeln!(cfg, "worker_threads = {n}");
-    }
-    if let Some(n) = o.links_per_thread {
-        let _ = writeln!(cfg, "links_per_thread = {n}");
-    }
-    for (i, p) in lab.configured.iter().enumerate() {
-        let _ = write!(
-            cfg,
-            "[[broker]]\nname = \"b{}\"\naddress = \"127.0.0.1:{p}\"\ntls = false\n",
-            i + 1
+    let mut bridges = Vec::new();
+    let mut admin_ports = Vec::new();
+    for k in 0..o.instances {
+        let admin_port = free_port();
+        let mut cfg = format!(
+            "[bridge]\nid = \"bench{run}\"\ninstance = \"i{k}\"\nadmin_listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n",
+            admin_port,
+            lab.dir.path().join(format!("data{run}-{k}")).display()
         );
+        if let Some(n) = o.queue_capacity {
+            let _ = writeln!(cfg, "queue_capacity = {n}");
+        }
+        if let Some(n) = o.worker_threads {
+            let _ = writeln!(cfg, "worker_threads = {n}");
+        }
+        if let Some(n) = o.links_per_thread {
+            let _ = writeln!(cfg, "links_per_thread = {n}");
+        }
+        for (i, p) in lab.configured.iter().enumerate() {
+            let _ = write!(
+                cfg,
+                "[[broker]]\nname = \"b{}\"\naddress = \"127.0.0.1:{p}\"\ntls = false\n",
+                i + 1
+            );
+        }
+        let cfg_path = lab.dir.path().join(format!("bridge{run}-{k}.toml"));
+        std::fs::write(&cfg_path, cfg).expect("write bridge config");
+        // Warnings and errors only: nothing is written per message.
+        let log_path = lab.dir.path().join(format!("bridge{run}-{k}.log"));
+        let log = std::fs::File::create(&log_path).expect("create bridge log");
+        bridges.push((
+            Proc(
+                Command::new(&lab.bridge_bin)
+                    .args(["run", "--config"])
+                    .arg(&cfg_path)
+                    .env("RUST_LOG", "warn")
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .expect("start bridge"),
+            ),
+            log_path,
+        ));
+        admin_ports.push(admin_port);
     }
-    let cfg_path = lab.dir.path().join(format!("bridge{run}.toml"));
-    std::fs::write(&cfg_path, cfg).expect("write bridge config");
-    // Warnings and errors only: nothing is written per message.
-    let log_path = lab.dir.path().join(format!("bridge{run}.log"));
-    let log = std::fs::File::create(&log_path).expect("create bridge log");
-    let mut bridge = Proc(
-        Command::new(&lab.bridge_bin)
-            .args(["run", "--config"])
-            .arg(&cfg_path)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start bridge"),
-    );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    bridge.running("bridge", Some(&log_path))?;
-    let r = measure(o, &lab.ports, bridge.0.id(), &format!("bridge{run}")).await;
-    let spooled = spooled_total(admin_port);
-    drop(bridge);
+    // Started together, the instances settle who owns what within a second or two.
+    tokio::time::sleep(Duration::from_secs(if o.instances > 1 { 4 } else { 2 })).await;
+    for (bridge, log) in &mut bridges {
+        bridge.running("bridge", Some(log))?;
+    }
+    let pids: Vec<u32> = bridges.iter().map(|(b, _)| b.0.id()).collect();
+    let r = measure(o, &lab.ports, &pids, &format!("bridge{run}")).await;
+    let spooled = admin_ports
+        .iter()
+        .map(|p| spooled_total(*p))
+        .try_fold(0, |sum, s| s.map(|s| sum + s));
+    drop(bridges);
     discard_sessions(&lab.ports, |n| format!("bench{run}-b{n}")).await;
     Ok((r, spooled))
 }
