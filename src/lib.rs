@@ -25,10 +25,12 @@
 //!   counters and the rows held in memory while the disk fails, `store.rs` the database handle
 //!   and its health.
 //! - [`router`]: `mod.rs` the fan-out, `queue.rs` a target's queue in front of its spool,
-//!   `retained.rs` the bounded retained table.
+//!   `retained.rs` the bounded retained table, `park.rs` copies of spooled messages for the
+//!   origin brokers (their records and the parker).
 //! - [`link`]: one task per broker; `acks.rs` what it owes its broker and `outflight.rs` what one
 //!   connection has not seen acknowledged (pure state machines), `session.rs` the rumqttc
-//!   client and driver, `backoff.rs`, `threads.rs` the threads the links run on.
+//!   client and driver, `park.rs` the park sessions and the copy publisher (docs/HA.md),
+//!   `backoff.rs`, `threads.rs` the threads the links run on.
 //! - [`membership`]: run-time membership changes persisted under `data_dir`; [`status`]: a
 //!   link's status row and readiness.
 //! - [`supervisor`]: owns the links; start, add/remove at run time, reload, ordered shutdown.

@@ -1,6 +1,6 @@
 //! The park sessions of one origin broker (see [`crate::router::park`]): `<id>-X~park-T` on
 //! broker X, subscribed to T's park topic, holds copies of what was spooled for T while X's
-//! messages went to T. Two short-lived tasks use it, both run by X's owner:
+//! messages went to T. Short-lived tasks use it, run by X's owner:
 //!
 //! - [`recover`], before the owner consumes X: creates the session if it is new, and hands every
 //!   copy it holds to T's queue as a message from X (a copy of a row this process's spool still
@@ -9,6 +9,10 @@
 //!   it (delivered, or spooled and parked again).
 //! - [`trim`], after T's spool emptied: acknowledges every copy up to the marker its owner
 //!   published behind them.
+//! - [`discard`], after T left the mesh: ends the session with every copy in it.
+//!
+//! The copies themselves are published by [`publish_copies`], one task per origin link with a
+//! connection of its own.
 
 use std::sync::Arc;
 use std::time::Duration;
