@@ -164,10 +164,12 @@ pub(crate) struct LinkStats {
     pub(crate) parked: AtomicU64,
     /// See [`PARK_SKIPPED`].
     pub(crate) park_skipped: AtomicU64,
-    /// See [`PARK_DEPTH`].
-    pub(crate) park_depth: AtomicI64,
-    /// See [`PARK_NEAR_LIMIT`].
-    pub(crate) park_near_limit: std::sync::atomic::AtomicBool,
+    /// Copies are parked for this target (set by its link at start).
+    pub(crate) parking: std::sync::atomic::AtomicBool,
+    /// The brokers' queue limit for those copies (0: none), see [`PARK_NEAR_LIMIT`].
+    pub(crate) park_limit: AtomicU64,
+    /// Whether the link last logged the park depth as near that limit.
+    pub(crate) park_near_logged: std::sync::atomic::AtomicBool,
     /// See [`TAKEOVERS`].
     pub(crate) takeovers: AtomicU64,
     /// See [`STEP_DOWNS`].
@@ -221,8 +223,9 @@ impl Default for LinkStats {
             ever_connected: std::sync::atomic::AtomicBool::new(false),
             parked: AtomicU64::new(0),
             park_skipped: AtomicU64::new(0),
-            park_depth: AtomicI64::new(0),
-            park_near_limit: std::sync::atomic::AtomicBool::new(false),
+            parking: std::sync::atomic::AtomicBool::new(false),
+            park_limit: AtomicU64::new(0),
+            park_near_logged: std::sync::atomic::AtomicBool::new(false),
             takeovers: AtomicU64::new(0),
             step_downs: AtomicU64::new(0),
             handovers: AtomicU64::new(0),
@@ -255,6 +258,17 @@ impl LinkStats {
             .lock()
             .map(|s| *s)
             .unwrap_or((LinkState::Stopped, SystemTime::now()))
+    }
+
+    /// Park depth of this target for a spool depth of `spooled` (see [`PARK_DEPTH`]), and
+    /// whether it is near the brokers' queue limit (see [`PARK_NEAR_LIMIT`]).
+    pub(crate) fn park_depth(&self, spooled: u64) -> (u64, bool) {
+        if !self.parking.load(Ordering::Relaxed) {
+            return (0, false);
+        }
+        let limit = self.park_limit.load(Ordering::Relaxed);
+        let near = limit > 0 && spooled.saturating_mul(10) >= limit.saturating_mul(8);
+        (spooled, near)
     }
 
     /// Changes the ownership status.

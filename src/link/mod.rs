@@ -224,6 +224,15 @@ impl Link {
     }
 
     async fn run(mut self) {
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        self.ctx
+            .stats
+            .parking
+            .store(self.ctx.parker.is_some(), relaxed);
+        self.ctx
+            .stats
+            .park_limit
+            .store(self.ctx.ha.queue_limit, relaxed);
         if let Some(ctx) = self.park_context(self.ctx.name.clone()) {
             tokio::spawn(park::publish_copies(park::CopyPublisher {
                 park: ctx,
@@ -276,6 +285,8 @@ impl Link {
                         self.parks = Parks::default();
                     }
                     let delay = backoff.next_delay(uptime, rand::random::<f64>());
+                    // A target that is down is where copies pile up.
+                    self.park_depth_check();
                     self.ctx.stats.set_state(LinkState::Backoff);
                     metrics::link_error(&self.ctx.stats, &error, delay);
                     tokio::select! {
@@ -845,11 +856,9 @@ impl Link {
             return;
         }
         let relaxed = std::sync::atomic::Ordering::Relaxed;
-        let depth = self.ctx.queue.spool_depth().0;
-        self.ctx.stats.park_depth.store(depth as i64, relaxed);
+        let (depth, near) = self.ctx.stats.park_depth(self.ctx.queue.spool_depth().0);
         let limit = self.ctx.ha.queue_limit;
-        let near = limit > 0 && depth.saturating_mul(10) >= limit.saturating_mul(8);
-        let was = self.ctx.stats.park_near_limit.swap(near, relaxed);
+        let was = self.ctx.stats.park_near_logged.swap(near, relaxed);
         if near && !was {
             warn!(
                 depth,
