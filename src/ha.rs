@@ -353,10 +353,15 @@ pub(crate) fn decide(view: &View, me: &Identity, broker: &str, now: Instant) -> 
 /// but depends on the CPU's features): the first 8 bytes of SHA-256 over the topic's length,
 /// the topic and the payload.
 pub(crate) fn portable_fingerprint(topic: &[u8], payload: &[u8]) -> u64 {
+    sha256_u64(&[&(topic.len() as u64).to_be_bytes(), topic, payload])
+}
+
+/// The first 8 bytes of SHA-256 over `parts`, in order.
+fn sha256_u64(parts: &[&[u8]]) -> u64 {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    ctx.update(&(topic.len() as u64).to_be_bytes());
-    ctx.update(topic);
-    ctx.update(payload);
+    for p in parts {
+        ctx.update(p);
+    }
     let digest = ctx.finish();
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest.as_ref()[..8]);
@@ -365,14 +370,7 @@ pub(crate) fn portable_fingerprint(topic: &[u8], payload: &[u8]) -> u64 {
 
 /// The rendezvous score of `instance` for `broker`: the same on every host, spread evenly.
 pub(crate) fn score(instance: &str, broker: &str) -> u64 {
-    let mut input = Vec::with_capacity(instance.len() + broker.len() + 1);
-    input.extend_from_slice(instance.as_bytes());
-    input.push(0);
-    input.extend_from_slice(broker.as_bytes());
-    let digest = ring::digest::digest(&ring::digest::SHA256, &input);
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&digest.as_ref()[..8]);
-    u64::from_be_bytes(first)
+    sha256_u64(&[instance.as_bytes(), &[0], broker.as_bytes()])
 }
 
 /// How long a claim must stand before its instance takes the session.

@@ -553,7 +553,7 @@ impl Link {
                 if self.coordinate {
                     match conn
                         .client
-                        .subscribe_control(&self.ctx.ha.control.filters())
+                        .subscribe_records(&self.ctx.ha.control.filters(), 0)
                     {
                         Ok(()) => conn.control_suback = true,
                         Err(e) => warn!(error = %e, "control subscription could not be queued"),
@@ -810,7 +810,7 @@ impl Link {
             let note = self.ctx.ha.control.echo_topic();
             if conn
                 .client
-                .publish_control(&note, fp.to_be_bytes().to_vec(), false, None)
+                .publish_record(&note, fp.to_be_bytes().to_vec(), 0, false, None)
                 .is_err()
             {
                 return Err(item);
@@ -916,7 +916,7 @@ impl Link {
             self.announce(conn, false);
         }
         let _ = conn.client.disconnect();
-        wait_closed(session).await;
+        session.wait_closed().await;
         info!("disconnected");
         Outcome::Shutdown
     }
@@ -932,7 +932,7 @@ impl Link {
         let expiry = alive.then_some(ha::LIVENESS);
         if conn
             .client
-            .publish_control(&topic, payload, true, expiry)
+            .publish_record(&topic, payload, 0, true, expiry)
             .is_ok()
         {
             conn.flight.handed_control();
@@ -952,7 +952,7 @@ impl Link {
         let payload = serde_json::to_vec(&record).unwrap_or_default();
         if conn
             .client
-            .publish_control(&topic, payload, true, None)
+            .publish_record(&topic, payload, 0, true, None)
             .is_ok()
         {
             conn.flight.handed_control();
@@ -1109,11 +1109,7 @@ impl Link {
                 inc(&self.ctx.stats.takeovers);
                 self.begin_switch(false);
             }
-            Decision::Claim
-                if self
-                    .claimed
-                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) =>
-            {
+            Decision::Claim if self.claim_rested() => {
                 info!("no live owner: claiming the broker");
                 self.claimed = Some(now);
                 self.write_owner(conn, false);
@@ -1128,11 +1124,7 @@ impl Link {
                 inc(&self.ctx.stats.handovers);
                 self.begin_switch(true);
             }
-            Decision::HandOver { to }
-                if self
-                    .claimed
-                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) =>
-            {
+            Decision::HandOver { to } if self.claim_rested() => {
                 // Named owner, not consuming yet (reading the park sessions, say): release the
                 // claim at once; the preferred instance claims it.
                 info!(to = %to, "handing the broker over to an instance that joined, before consuming it");
@@ -1226,6 +1218,13 @@ impl Link {
         }
     }
 
+    /// This link wrote no owner record in the last 2 s (claims and releases are not repeated
+    /// faster: the broker's answer is on its way).
+    fn claim_rested(&self) -> bool {
+        self.claimed
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(2))
+    }
+
     fn begin_switch(&mut self, release: bool) {
         self.switch = Some(Switch {
             since: Instant::now(),
@@ -1260,7 +1259,7 @@ impl Link {
             self.release(conn);
         }
         let _ = conn.client.disconnect();
-        wait_closed(session).await;
+        session.wait_closed().await;
         Outcome::Switch
     }
 
@@ -1276,22 +1275,6 @@ impl Link {
             .store(self.echo.approx_bytes() as i64, relaxed);
         s.dedup_evictions.store(self.echo.evictions(), relaxed);
         s.dedup_expirations.store(self.echo.expirations(), relaxed);
-    }
-}
-
-/// Lets the driver write what was queued (acknowledgements, records, the DISCONNECT), for up
-/// to 2 s.
-async fn wait_closed(session: &mut Session) {
-    let deadline = tokio::time::sleep(Duration::from_secs(2));
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            _ = &mut deadline => break,
-            event = session.events.recv() => match event {
-                None | Some(LinkEvent::Closed(_)) => break,
-                Some(_) => {}
-            },
-        }
     }
 }
 

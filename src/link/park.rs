@@ -78,7 +78,7 @@ pub(crate) async fn discard(ctx: ParkContext) {
         .unwrap_or(false);
         if connected {
             let _ = s.client.disconnect();
-            wait_closed(&mut s).await;
+            s.wait_closed().await;
             info!("the target left the mesh: its park session was discarded");
         } else {
             warn!("the target left the mesh; its park session could not be discarded now");
@@ -86,18 +86,6 @@ pub(crate) async fn discard(ctx: ParkContext) {
     }
     .instrument(span)
     .await
-}
-
-/// Lets the driver write the DISCONNECT, for up to 2 s.
-async fn wait_closed(s: &mut Session) {
-    let deadline = tokio::time::sleep(Duration::from_secs(2));
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            _ = &mut deadline => break,
-            e = s.events.recv() => if matches!(e, None | Some(LinkEvent::Closed(_))) { break },
-        }
-    }
 }
 
 /// Creates the park session if it is new and hands what it holds to the target; `read_all`
@@ -175,7 +163,7 @@ async fn run(
                     if !session_present {
                         acks.new_session();
                     }
-                    s.client.subscribe_park(&topic).map_err(|e| e.to_string())?;
+                    s.client.subscribe_records(std::slice::from_ref(&topic), 1).map_err(|e| e.to_string())?;
                 }
                 Some(LinkEvent::SubAck(failures)) => {
                     if !failures.is_empty() {
@@ -184,7 +172,7 @@ async fn run(
                     if matches!(mode, Mode::Recover) {
                         // Behind everything the session holds.
                         let m = Park::Marker { target: ctx.target.clone(), nonce: marker };
-                        s.client.publish_park(&topic, m.encode()).map_err(|e| e.to_string())?;
+                        s.client.publish_record(&topic, m.encode(), 1, false, None).map_err(|e| e.to_string())?;
                     }
                 }
                 Some(LinkEvent::Publish { .. }) if seen_marker => {
@@ -225,7 +213,7 @@ async fn run(
         }
     }
     let _ = s.client.disconnect();
-    wait_closed(&mut s).await;
+    s.wait_closed().await;
     Ok(handled)
 }
 
@@ -335,7 +323,10 @@ async fn copies_connection(p: &CopyPublisher) -> Result<(), String> {
                     continue;
                 };
                 let topic = park_topic(&p.park.bridge_id, park.target());
-                if s.client.publish_park(&topic, park.encode()).is_err() {
+                if s.client
+                    .publish_record(&topic, park.encode(), 1, false, None)
+                    .is_err()
+                {
                     let rest: Vec<Outbound> = std::iter::once(item).chain(items).collect();
                     p.queue.requeue_parks(rest);
                     break;
@@ -370,7 +361,7 @@ async fn copies_connection(p: &CopyPublisher) -> Result<(), String> {
     p.queue.requeue_parks(unconfirmed);
     if result.is_ok() {
         let _ = s.client.disconnect();
-        wait_closed(&mut s).await;
+        s.wait_closed().await;
     }
     result
 }

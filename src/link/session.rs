@@ -208,79 +208,51 @@ impl Client {
         }
     }
 
-    /// Queues a control record (QoS 0; on MQTT 5 with a message expiry when given), retained
-    /// or not.
-    pub(crate) fn publish_control(
+    /// Queues one of the bridge's own records (control records at QoS 0, park records at QoS
+    /// 1), retained or not; on MQTT 5 with a message expiry when given.
+    pub(crate) fn publish_record(
         &self,
         topic: &str,
         payload: Vec<u8>,
+        qos: u8,
         retain: bool,
         expiry: Option<Duration>,
     ) -> Result<(), SendError> {
-        match self {
-            Client::V4(c) => send_now(c.publish_bytes(
-                topic,
-                rumqttc::QoS::AtMostOnce,
-                retain,
-                Bytes::from(payload),
-            )),
-            Client::V5(c) => {
+        let payload = Bytes::from(payload);
+        match (self, expiry) {
+            (Client::V4(c), _) => send_now(c.publish_bytes(topic, qos_v4(qos), retain, payload)),
+            (Client::V5(c), None) => send_now(c.publish_bytes(topic, qos_v5(qos), retain, payload)),
+            (Client::V5(c), Some(e)) => {
                 let properties = v5b::PublishProperties {
-                    message_expiry_interval: expiry
-                        .map(|e| u32::try_from(e.as_secs()).unwrap_or(u32::MAX)),
+                    message_expiry_interval: Some(u32::try_from(e.as_secs()).unwrap_or(u32::MAX)),
                     ..Default::default()
                 };
                 send_now(c.publish_bytes_with_properties(
                     topic,
-                    rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+                    qos_v5(qos),
                     retain,
-                    Bytes::from(payload),
+                    payload,
                     properties,
                 ))
             }
         }
     }
 
-    /// Subscribes the control filters in one SUBSCRIBE: QoS 0, without No Local (the link
-    /// reads its own records back), retained records sent on every subscription.
-    pub(crate) fn subscribe_control(&self, filters: &[String]) -> Result<(), SendError> {
+    /// Subscribes filters of the bridge's own records in one SUBSCRIBE, at `qos`: without No
+    /// Local (a link reads its own control records back, a park task its own marker), retained
+    /// messages sent on every subscription.
+    pub(crate) fn subscribe_records(&self, filters: &[String], qos: u8) -> Result<(), SendError> {
         match self {
             Client::V4(c) => Ok(c.try_subscribe_many(
                 filters
                     .iter()
-                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), rumqttc::QoS::AtMostOnce)),
+                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), qos_v4(qos))),
             )?),
-            Client::V5(c) => {
-                Ok(c.try_subscribe_many(filters.iter().map(|f| {
-                    v5b::Filter::new(f.clone(), rumqttc::v5::mqttbytes::QoS::AtMostOnce)
-                }))?)
-            }
-        }
-    }
-
-    /// Subscribes a park topic: QoS 1, without No Local (a park task reads its own marker).
-    pub(crate) fn subscribe_park(&self, topic: &str) -> Result<(), SendError> {
-        match self {
-            Client::V4(c) => Ok(c.try_subscribe(topic, rumqttc::QoS::AtLeastOnce)?),
-            Client::V5(c) => Ok(c.try_subscribe(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)?),
-        }
-    }
-
-    /// Queues a park record (QoS 1, not retained, no properties: everything is in the payload).
-    pub(crate) fn publish_park(&self, topic: &str, payload: Vec<u8>) -> Result<(), SendError> {
-        match self {
-            Client::V4(c) => send_now(c.publish_bytes(
-                topic,
-                rumqttc::QoS::AtLeastOnce,
-                false,
-                Bytes::from(payload),
-            )),
-            Client::V5(c) => send_now(c.publish_bytes(
-                topic,
-                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                false,
-                Bytes::from(payload),
-            )),
+            Client::V5(c) => Ok(c.try_subscribe_many(
+                filters
+                    .iter()
+                    .map(|f| v5b::Filter::new(f.clone(), qos_v5(qos))),
+            )?),
         }
     }
 
@@ -349,6 +321,25 @@ pub(crate) struct Session {
     pub(crate) events: mpsc::Receiver<LinkEvent>,
     /// The driver task (aborted when the session is dropped).
     pub(crate) driver: JoinHandle<()>,
+}
+
+impl Session {
+    /// Lets the driver write what was queued (acknowledgements, records, the DISCONNECT), for
+    /// up to 2 s, or until the connection closed.
+    pub(crate) async fn wait_closed(&mut self) {
+        let deadline = tokio::time::sleep(Duration::from_secs(2));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => break,
+                event = self.events.recv() => {
+                    if matches!(event, None | Some(LinkEvent::Closed(_))) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Drop for Session {

@@ -168,7 +168,6 @@ impl Parker {
         msg: Arc<Message>,
         share: Option<AckShare>,
     ) -> bool {
-        let queue = self.router.upgrade().and_then(|r| r.queue(origin));
         let item = Outbound {
             msg,
             share,
@@ -176,20 +175,11 @@ impl Parker {
             key: None,
             park: Some(Box::new(park)),
         };
-        match queue {
-            Some(q) => match q.push_park(item) {
-                Ok(()) => true,
-                Err(mut item) => {
-                    item.complete();
-                    false
-                }
-            },
-            None => {
-                let mut item = item;
-                item.complete();
-                false
-            }
-        }
+        let pushed = match self.router.upgrade().and_then(|r| r.queue(origin)) {
+            Some(q) => q.push_park(item),
+            None => Err(item),
+        };
+        pushed.map_err(|mut item| item.complete()).is_ok()
     }
 }
 

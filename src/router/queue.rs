@@ -285,7 +285,7 @@ impl TargetQueue {
     /// that no copy written in the meantime lands before its marker.
     pub(crate) fn mark_copies_delivered(&self) {
         let Some(sp) = &self.spooled else { return };
-        let Some((parker, name)) = &sp.park else {
+        let Some((_, name)) = &sp.park else {
             return;
         };
         if !sp.copies.any() {
@@ -295,7 +295,6 @@ impl TargetQueue {
         if !inner.connected || !sp.target.is_empty() || !inner.blocked.is_empty() {
             return;
         }
-        let _ = parker;
         for origin in sp.copies.take() {
             let marker = Park::Marker {
                 target: name.clone(),
@@ -507,7 +506,7 @@ impl TargetQueue {
             .iter_mut()
             .map(|o| &mut **o)
             .chain(inner.items.iter_mut())
-            .filter(|o| o.key.is_none() && o.park.is_none())
+            .filter(|o| o.key.is_none())
             .collect();
         if held.is_empty() {
             return 0;
