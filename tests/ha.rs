@@ -926,3 +926,65 @@ async fn a_removed_broker_leaves_no_parked_copies_behind() {
     let old = count(&s3, "seq/b1", n);
     assert_eq!(old.0, n, "old messages reached the new b3: {old:?}");
 }
+
+/// A broker that disconnects a client for subscribing to a `$` topic (rumqttd does): after two
+/// such connections the link stops coordinating there and consumes it alone, so the mesh still
+/// works. b2 here is an embedded rumqttd (MQTT 3.1.1, plain TCP) next to a mosquitto b1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_refuses_dollar_topics_is_consumed_alone() {
+    let (tmp, certs, brokers) = common::lab::<1>();
+    let port = common::free_port();
+    let conf = format!(
+        "id = 0\n[router]\nid = 0\nmax_connections = 100\nmax_outgoing_packet_count = 200\n\
+         max_segment_size = 104857600\nmax_segment_count = 10\n\
+         [v4.1]\nname = \"r\"\nlisten = \"127.0.0.1:{port}\"\nnext_connection_delay_ms = 1\n\
+         [v4.1.connections]\nconnection_timeout_ms = 60000\nmax_payload_size = 1048576\n\
+         max_inflight_count = 100\ndynamic_filters = true\n"
+    );
+    let rumqttd_config: rumqttd::Config = toml::from_str(&conf).unwrap();
+    std::thread::spawn(move || {
+        let _ = rumqttd::Broker::new(rumqttd_config).start();
+    });
+    assert!(common::wait_port(port, Duration::from_secs(10)));
+    let dir = tmp.path().join("mesh-a");
+    let mut cfg = config(&certs, &dir, "mesh", "a", &direct(&brokers));
+    cfg.push_str(&format!(
+        "[[broker]]\nname = \"r\"\naddress = \"127.0.0.1:{port}\"\nprotocol = \"v3.1.1\"\ntls = false\n"
+    ));
+    let bridge = Bridge::start(&dir, &cfg);
+    assert!(
+        bridge.wait_log(
+            "consuming it as a lone instance",
+            1,
+            Duration::from_secs(30)
+        ),
+        "{}",
+        bridge.log()
+    );
+    bridge.wait_subscribed(&["b1", "r"]);
+    // A 3.1.1 subscriber on rumqttd gets what is published on mosquitto.
+    let mut opts = rumqttc::MqttOptions::new("sub-r", "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut el) = rumqttc::AsyncClient::new(opts, 100);
+    client
+        .subscribe("seq/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let got = Arc::new(AtomicUsize::new(0));
+    let counter = got.clone();
+    let task = tokio::spawn(async move {
+        while let Ok(event) = el.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(_)) = event {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stream(&brokers[0], 100, 1000).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.load(std::sync::atomic::Ordering::SeqCst) < 100 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    task.abort();
+    assert_eq!(got.load(std::sync::atomic::Ordering::SeqCst), 100);
+}
