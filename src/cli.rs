@@ -113,6 +113,13 @@ pub enum Command {
         /// JSON for scripts instead of a table.
         #[arg(long)]
         json: bool,
+        /// The replication lag matrix from the end-to-end probes (p50/p99 over the last
+        /// minute, stalled pairs marked) instead of the links.
+        #[arg(long)]
+        matrix: bool,
+        /// Refresh every second until interrupted.
+        #[arg(long)]
+        watch: bool,
         /// Where the bridge is.
         #[command(flatten)]
         target: AdminTarget,

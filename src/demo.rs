@@ -144,7 +144,7 @@ pub async fn run(duration: Option<Duration>) -> Result<(), DemoError> {
     let (mesh, spare) = brokers.split_at(3);
     let admin = lab_port()?;
     let mut cfg = format!(
-        "[bridge]\nid = \"demo\"\n# The embedded brokers (rumqttd) refuse `$` topics: one process, no coordination.\nha = false\nadmin_listen = \"127.0.0.1:{admin}\"\ndata_dir = \"data\"\n\n[tls]\nca_file = \"certs/ca.crt\"\n\n"
+        "[bridge]\nid = \"demo\"\n# The embedded brokers (rumqttd) refuse `$` topics: one process, no coordination, no probes.\nha = false\nprobe_interval = \"0s\"\nadmin_listen = \"127.0.0.1:{admin}\"\ndata_dir = \"data\"\n\n[tls]\nca_file = \"certs/ca.crt\"\n\n"
     );
     for b in mesh {
         cfg.push_str(&format!(

@@ -97,6 +97,38 @@ impl Control {
         topic.starts_with(self.prefix.as_bytes())
     }
 
+    /// Every probe of the mesh (see [`crate::probe`]): what a consuming link subscribes.
+    pub(crate) fn probe_filter(&self) -> String {
+        format!("{}probe/#", self.prefix)
+    }
+
+    /// The probes of `instance`: what its probe clients subscribe.
+    pub(crate) fn probe_filter_of(&self, instance: &str) -> String {
+        format!("{}probe/{instance}/+", self.prefix)
+    }
+
+    /// Where `instance` publishes its probes on broker `origin`.
+    pub(crate) fn probe_topic(&self, instance: &str, origin: &str) -> String {
+        format!("{}probe/{instance}/{origin}", self.prefix)
+    }
+
+    /// Whether `topic` is a probe of this mesh. Cheap for every other topic: one byte unless
+    /// the topic starts with `$`.
+    pub(crate) fn is_probe(&self, topic: &[u8]) -> bool {
+        topic.first() == Some(&b'$')
+            && topic
+                .strip_prefix(self.prefix.as_bytes())
+                .is_some_and(|rest| rest.starts_with(b"probe/"))
+    }
+
+    /// `(instance, origin)` of a probe topic.
+    pub(crate) fn parse_probe<'a>(&self, topic: &'a str) -> Option<(&'a str, &'a str)> {
+        topic
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix("probe/")?
+            .rsplit_once('/')
+    }
+
     /// What `topic` names, if it is a record of this mesh.
     pub(crate) fn parse<'a>(&self, topic: &'a str) -> Option<ControlTopic<'a>> {
         let rest = topic.strip_prefix(self.prefix.as_str())?;
@@ -457,6 +489,17 @@ mod tests {
         assert_eq!(c.parse(&t), Some(ControlTopic::Owner("b1")));
         assert!(c.is_control(t.as_bytes()));
         assert!(!Control::new("m2").is_control(t.as_bytes()), "another mesh");
+        let p = c.probe_topic("host-1", "b2");
+        assert!(c.is_probe(p.as_bytes()) && !c.is_probe(t.as_bytes()));
+        assert!(!Control::new("m2").is_probe(p.as_bytes()));
+        assert_eq!(c.parse_probe(&p), Some(("host-1", "b2")));
+        assert!(crate::rules::matches(&c.probe_filter(), &p));
+        assert!(crate::rules::matches(&c.probe_filter_of("host-1"), &p));
+        assert!(!crate::rules::matches(&c.probe_filter_of("host-2"), &p));
+        assert!(
+            !crate::rules::matches("#", &p),
+            "never seen by a `#` subscriber"
+        );
         assert_eq!(c.parse("$meshbridge/m1/other"), None);
     }
 

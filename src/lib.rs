@@ -57,6 +57,7 @@ pub(crate) mod link;
 pub(crate) mod membership;
 pub mod message;
 pub(crate) mod metrics;
+pub mod probe;
 pub(crate) mod ratelimit;
 pub(crate) mod router;
 pub mod rules;

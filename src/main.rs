@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use meshbridge::admin::AddBrokerRequest;
-use meshbridge::admin::client::{AdminClient, instances_table, status_table};
+use meshbridge::admin::client::{AdminClient, instances_table, matrix_table, status_table};
 use meshbridge::cli::{AddBrokerArgs, AdminTarget, Cli, Command, LogFormat};
 use meshbridge::config::Config;
 use meshbridge::message::Protocol;
@@ -67,7 +67,12 @@ fn main() -> ExitCode {
         Command::Certs { out, names, force } => certs(&out, names, force),
         Command::AddBroker(args) => add_broker(args),
         Command::RemoveBroker { broker, target } => remove_broker(&broker, &target),
-        Command::Status { json, target } => status(json, &target),
+        Command::Status {
+            json,
+            matrix,
+            watch,
+            target,
+        } => status(json, matrix, watch, &target),
         Command::Instances { json, target } => instances(json, &target),
         Command::ImportMosquitto {
             file,
@@ -245,9 +250,25 @@ fn import_mosquitto(
 }
 
 /// `bridge status`: a table, or JSON for scripts.
-fn status(json: bool, target: &AdminTarget) -> Result<(), Failure> {
-    let links = admin_client(target)?.status().map_err(Failure::other)?;
-    print_json_or(json, links.as_slice(), status_table)
+fn status(json: bool, matrix: bool, watch: bool, target: &AdminTarget) -> Result<(), Failure> {
+    let client = admin_client(target)?;
+    loop {
+        if watch {
+            // Clear the screen and go home, so the table stays in place.
+            print!("\x1b[2J\x1b[H");
+        }
+        if matrix {
+            let m = client.matrix().map_err(Failure::other)?;
+            print_json_or(json, &m, matrix_table)?;
+        } else {
+            let links = client.status().map_err(Failure::other)?;
+            print_json_or(json, links.as_slice(), status_table)?;
+        }
+        if !watch {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
 }
 
 /// `bridge instances`: the mesh's instances as the brokers show them to the bridge asked.

@@ -99,6 +99,17 @@ pub(crate) const RETAINED_BYTES: &str = "meshbridge_retained_bytes";
 /// Retained messages not remembered because the table was full. Counter.
 pub(crate) const RETAINED_SKIPPED: &str = "meshbridge_retained_skipped";
 
+/// Lag of the end-to-end probes per (origin, target), seconds (see `probe`). Histogram.
+pub(crate) const REPLICATION_LAG: &str = "meshbridge_replication_lag_seconds";
+/// 1 while a pair has shown no probe for `probe_stall_after`. Gauge.
+pub(crate) const REPLICATION_STALLED: &str = "meshbridge_replication_stalled";
+/// Probes not seen on their target within `probe_stall_after`. Counter.
+pub(crate) const PROBES_LOST: &str = "meshbridge_probes_lost";
+/// Probes seen on their target. Counter.
+pub(crate) const PROBES_SEEN: &str = "meshbridge_probes_seen";
+/// Seconds since a pair last showed a probe. Gauge.
+pub(crate) const PROBE_LAST_SEEN_AGE: &str = "meshbridge_probe_last_seen_age_seconds";
+
 /// Lifecycle state of one link, as shown by `status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

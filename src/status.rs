@@ -7,7 +7,7 @@ use crate::message::Protocol;
 use crate::metrics::LinkState;
 
 /// One link, as `status` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BrokerStatus {
     /// Broker name.
     pub name: String,
@@ -116,6 +116,12 @@ pub struct BrokerStatus {
     pub handovers: u64,
     /// Last error, if any.
     pub last_error: Option<String>,
+    /// What the probes show of every pair into this broker (see `bridge status --matrix`).
+    #[serde(default)]
+    pub replication_in: Vec<crate::probe::PairStatus>,
+    /// Every origin that still delivers elsewhere is stalled into this broker.
+    #[serde(default)]
+    pub cut_off: bool,
 }
 
 impl BrokerStatus {

@@ -17,6 +17,7 @@ use crate::link::threads::LinkThreads;
 use crate::link::{self, LinkContext, session::SessionSettings};
 use crate::membership::{AddedBroker, Membership, MembershipError};
 use crate::metrics::LinkStats;
+use crate::probe::{Matrix, ProbeBook};
 use crate::router::{Outbound, Router, TargetQueue};
 use crate::spool::Spool;
 use crate::status::{BrokerStatus, InstanceStatus, ReadyReport};
@@ -64,6 +65,8 @@ pub(crate) struct LinkHandle {
     /// The broker's socket addresses (see [`BrokerConfig::endpoints`]), resolved when it
     /// started: another entry for the same broker is refused.
     endpoints: Vec<std::net::SocketAddr>,
+    /// Stops the broker's probe client (see [`crate::probe`]).
+    probe_stop: CancellationToken,
 }
 
 impl LinkHandle {
@@ -120,6 +123,8 @@ impl LinkHandle {
             step_downs: n(&s.step_downs),
             handovers: n(&s.handovers),
             last_error: s.last_error(),
+            replication_in: Vec::new(),
+            cut_off: false,
         }
     }
 
@@ -133,6 +138,7 @@ impl LinkHandle {
 async fn shutdown_all(links: Vec<LinkHandle>, drain_timeout: Duration) {
     for l in &links {
         l.stop.cancel();
+        l.probe_stop.cancel();
     }
     let wait_drained = async {
         for l in &links {
@@ -187,6 +193,21 @@ pub(crate) struct Supervisor {
     ha: Arc<link::HaContext>,
     /// Copies of spooled messages on the origin brokers.
     parker: Option<Arc<crate::router::park::Parker>>,
+    /// The end-to-end probes of this process.
+    probes: Arc<std::sync::Mutex<ProbeBook>>,
+    /// This run of the process, in the probes' payloads.
+    probe_run: u64,
+    /// Stops the probe watcher.
+    probe_watch: CancellationToken,
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.probe_watch.cancel();
+        for l in self.links.values() {
+            l.probe_stop.cancel();
+        }
+    }
 }
 
 impl Supervisor {
@@ -216,7 +237,21 @@ impl Supervisor {
                 crate::router::park::spool_id(&config.data_dir),
             ))
         });
+        let probes = Arc::new(std::sync::Mutex::new(ProbeBook::new(
+            config.probe_interval,
+            config.probe_stall_after,
+        )));
+        let probe_watch = CancellationToken::new();
+        if !config.probe_interval.is_zero() {
+            tokio::spawn(crate::probe::client::watch(
+                probes.clone(),
+                probe_watch.clone(),
+            ));
+        }
         let mut sup = Supervisor {
+            probes,
+            probe_run: crate::ha::unix_ms(),
+            probe_watch,
             ha,
             parker,
             threads,
@@ -352,10 +387,27 @@ impl Supervisor {
             dedup_window: self.config.dedup_window,
             dedup_max_entries: self.config.dedup_max_entries,
             storm_threshold: self.config.storm_threshold,
+            probes: !self.config.probe_interval.is_zero(),
             stop: stop.clone(),
             disconnect: disconnect.clone(),
             drained: drained_tx,
         };
+        let probe_stop = CancellationToken::new();
+        if !self.config.probe_interval.is_zero() {
+            self.lock_probes()
+                .add_broker(&name, std::time::Instant::now());
+            tokio::spawn(crate::probe::client::run(
+                crate::probe::client::ProbeContext {
+                    settings: ctx.settings.clone(),
+                    name: name.clone(),
+                    control: self.ha.control.clone(),
+                    instance: self.ha.identity.instance.as_str().into(),
+                    run: self.probe_run,
+                    book: self.probes.clone(),
+                    stop: probe_stop.clone(),
+                },
+            ));
+        }
         self.router.insert(name, queue.clone());
         info!(broker = %broker.name, address = %broker.address(), protocol = %broker.protocol, "link added");
         let join = self.threads.spawn(link::run(ctx));
@@ -373,6 +425,7 @@ impl Supervisor {
                 leaving: false,
                 at_start: false,
                 endpoints,
+                probe_stop,
             },
         );
         &self.links[&key]
@@ -432,6 +485,7 @@ impl Supervisor {
         self.membership = membership;
         // No new messages for it; what was queued is released to its origins when it stops.
         self.router.remove(&name);
+        self.lock_probes().remove_broker(&name);
         let mut handle = self
             .links
             .remove(&name)
@@ -442,9 +496,37 @@ impl Supervisor {
         Ok(handle)
     }
 
-    /// The status of every link, by name.
+    /// The status of every link, by name, with what the probes show of the pairs into it.
     pub(crate) fn status(&self) -> Vec<BrokerStatus> {
-        self.links.values().map(LinkHandle::status).collect()
+        let matrix = self.matrix();
+        self.links
+            .values()
+            .map(|l| {
+                let mut row = l.status();
+                row.replication_in = matrix
+                    .pairs
+                    .iter()
+                    .filter(|p| p.target == row.name)
+                    .cloned()
+                    .collect();
+                row.cut_off = matrix.cut_off(&row.name);
+                row
+            })
+            .collect()
+    }
+
+    fn lock_probes(&self) -> std::sync::MutexGuard<'_, ProbeBook> {
+        self.probes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The lag matrix of this process's probes.
+    pub(crate) fn matrix(&self) -> Matrix {
+        self.lock_probes().matrix(std::time::Instant::now())
+    }
+
+    /// The lag histograms, for `/metrics`.
+    pub(crate) fn lag_histograms(&self) -> crate::probe::LagFamily {
+        self.lock_probes().lag_family()
     }
 
     /// The mesh's instances, from what every broker this process is connected to shows.
@@ -552,6 +634,7 @@ impl Supervisor {
                 continue;
             }
             self.router.remove(name);
+            self.lock_probes().remove_broker(name);
             if let Some(mut h) = self.links.remove(name) {
                 info!(broker = %name, "removed from the config file");
                 h.leaving = true;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use super::{AddBrokerRequest, BrokerStatus, ErrorBody, InstanceStatus};
+use crate::probe::Matrix;
 
 /// Why a CLI request failed.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +98,15 @@ impl AdminClient {
     /// `GET /api/v1/instances`.
     pub fn instances(&self) -> Result<Vec<InstanceStatus>, ClientError> {
         let mut req = self.agent.get(format!("{}/api/v1/instances", self.base));
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        self.answer(req.call())
+    }
+
+    /// `GET /api/v1/matrix`.
+    pub fn matrix(&self) -> Result<Matrix, ClientError> {
+        let mut req = self.agent.get(format!("{}/api/v1/matrix", self.base));
         if let Some(a) = self.auth() {
             req = req.header("Authorization", a);
         }
@@ -257,6 +267,80 @@ fn spool_cell(s: &BrokerStatus) -> String {
         cell.push_str(&format!(" +{} blocked", s.spool_blocked));
     }
     cell
+}
+
+/// The lag matrix as a table: one row per origin, one column per target, each cell
+/// `p50/p99` in milliseconds over the last minute, `STALLED` where no probe came through for
+/// `probe_stall_after`; lost probes listed below.
+pub fn matrix_table(m: &Matrix) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if !m.enabled {
+        out.push_str("probes are off (bridge.probe_interval = \"0s\")\n");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "lag p50/p99 in ms over the last minute (probes every {}, stalled after {}); rows: from, columns: to",
+        humantime::format_duration(std::time::Duration::from_millis(m.interval_ms)),
+        humantime::format_duration(std::time::Duration::from_millis(m.stall_after_ms)),
+    );
+    let cell = |o: &str, t: &str| -> String {
+        if o == t {
+            return "-".into();
+        }
+        match m.pair(o, t) {
+            None => "?".into(),
+            Some(p) if p.stalled => match p.last_seen_ms_ago {
+                Some(ms) => format!("STALLED {}s", ms / 1000),
+                None => "STALLED".into(),
+            },
+            Some(p) => match (p.p50_ms, p.p99_ms) {
+                (Some(a), Some(b)) => format!("{a:.1}/{b:.1}"),
+                _ => "waiting".into(),
+            },
+        }
+    };
+    let mut rows: Vec<Vec<String>> = vec![
+        std::iter::once("FROM \\ TO".to_string())
+            .chain(m.brokers.iter().cloned())
+            .collect(),
+    ];
+    for o in &m.brokers {
+        rows.push(
+            std::iter::once(o.clone())
+                .chain(m.brokers.iter().map(|t| cell(o, t)))
+                .collect(),
+        );
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    let lost: Vec<String> = m
+        .pairs
+        .iter()
+        .filter(|p| p.lost > 0)
+        .map(|p| format!("{}->{} {}", p.origin, p.target, p.lost))
+        .collect();
+    if !lost.is_empty() {
+        let _ = writeln!(out, "probes lost: {}", lost.join(", "));
+    }
+    let stalled: Vec<String> = m
+        .stalled()
+        .map(|p| format!("{}->{}", p.origin, p.target))
+        .collect();
+    if !stalled.is_empty() {
+        let _ = writeln!(out, "stalled: {}", stalled.join(", "));
+    }
+    out
 }
 
 #[cfg(test)]

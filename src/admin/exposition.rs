@@ -11,6 +11,7 @@ pub(crate) fn encode(
     retained: crate::router::RetainedStats,
     overflow: crate::spool::Overflow,
     spool: &crate::spool::SpoolHealth,
+    probes: (&crate::probe::Matrix, crate::probe::LagFamily),
 ) -> String {
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::family::Family;
@@ -262,6 +263,47 @@ pub(crate) fn encode(
         let counter = Counter::<u64>::default();
         counter.inc_by(value);
         registry.register(name, help, counter);
+    }
+    let (matrix, lag) = probes;
+    if matrix.enabled {
+        registry.register(
+            metrics::REPLICATION_LAG,
+            "Time from a probe's publish on the origin broker to its arrival on the target broker",
+            lag,
+        );
+        let pair = |p: &crate::probe::PairStatus| crate::probe::labels(&p.origin, &p.target);
+        let stalled = Family::<Labels, Gauge>::default();
+        let lost = Family::<Labels, Counter>::default();
+        let seen = Family::<Labels, Counter>::default();
+        let age = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        for p in &matrix.pairs {
+            stalled.get_or_create(&pair(p)).set(i64::from(p.stalled));
+            lost.get_or_create(&pair(p)).inc_by(p.lost);
+            seen.get_or_create(&pair(p)).inc_by(p.seen);
+            if let Some(ms) = p.last_seen_ms_ago {
+                age.get_or_create(&pair(p)).set(ms as f64 / 1000.0);
+            }
+        }
+        registry.register(
+            metrics::REPLICATION_STALLED,
+            "1 while no probe from the origin has come out of the target for probe_stall_after",
+            stalled,
+        );
+        registry.register(
+            metrics::PROBES_LOST,
+            "Probes that did not come out of the target within probe_stall_after",
+            lost,
+        );
+        registry.register(
+            metrics::PROBES_SEEN,
+            "Probes that came out of the target",
+            seen,
+        );
+        registry.register(
+            metrics::PROBE_LAST_SEEN_AGE,
+            "Seconds since the last probe from the origin came out of the target",
+            age,
+        );
     }
     let mut out = String::new();
     // Writing into a String cannot fail.

@@ -80,10 +80,13 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/api/v1/brokers", get(list).post(add))
         .route("/api/v1/brokers/{key}", delete(remove))
         .route("/api/v1/instances", get(instances))
+        .route("/api/v1/matrix", get(matrix))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/readyz/broker/{name}", get(broker_ready))
+        .route("/replicationz", get(replicationz))
         .merge(protected)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route; see /api/v1/brokers") })
         .with_state(state)
@@ -238,6 +241,54 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     (status, Json(report)).into_response()
 }
 
+async fn matrix(State(state): State<AdminState>) -> Response {
+    Json(state.supervisor.lock().await.matrix()).into_response()
+}
+
+/// For a load balancer's check of one broker: 503 while the broker is cut off from the mesh
+/// (every origin that still delivers elsewhere is stalled into it). One slow origin does not
+/// fail it.
+async fn broker_ready(State(state): State<AdminState>, Path(name): Path<String>) -> Response {
+    let matrix = state.supervisor.lock().await.matrix();
+    if !matrix.brokers.contains(&name) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no broker named {name:?} is probed (probe_interval = 0s, or not a member)"),
+        );
+    }
+    let stalled_from: Vec<&str> = matrix
+        .pairs
+        .iter()
+        .filter(|p| p.target == name && p.stalled)
+        .map(|p| p.origin.as_str())
+        .collect();
+    let cut_off = matrix.cut_off(&name);
+    let status = if cut_off {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    let body =
+        serde_json::json!({ "broker": name, "cut_off": cut_off, "stalled_from": stalled_from });
+    (status, Json(body)).into_response()
+}
+
+/// For monitoring, not for a load balancer: 503 while any pair is stalled.
+async fn replicationz(State(state): State<AdminState>) -> Response {
+    let matrix = state.supervisor.lock().await.matrix();
+    let stalled: Vec<String> = matrix
+        .stalled()
+        .map(|p| format!("{}->{}", p.origin, p.target))
+        .collect();
+    let status = if stalled.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({ "probes": matrix.enabled, "stalled": stalled });
+    (status, Json(body)).into_response()
+}
+
 async fn metrics(State(state): State<AdminState>) -> Response {
     let sup = state.supervisor.lock().await;
     let body = super::exposition::encode(
@@ -245,6 +296,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         sup.router().retained_stats(),
         sup.config().spool.overflow,
         &sup.spool_health(),
+        (&sup.matrix(), sup.lag_histograms()),
     );
     (
         [(

@@ -65,7 +65,13 @@ pub(crate) struct BridgeSection {
     pub(crate) drain_timeout: Option<String>,
     /// Identical messages from one broker within 10 s before the storm guard drops repeats.
     pub(crate) storm_threshold: Option<u32>,
-    /// Retained messages the bridge remembers for brokers added at run time.
+    /// Time between end-to-end probes (`"0s"`: off).
+    pub(crate) probe_interval: Option<String>,
+    /// A pair without a probe for this long is stalled (default: 3 probe intervals).
+    pub(crate) probe_stall_after: Option<String>,
+    /// Time between reconciliations of the brokers' retained messages (`"0s"`: off).
+    pub(crate) reconcile_interval: Option<String>,
+    /// Retained messages one broker's snapshot may hold.
     pub(crate) retained_max: Option<usize>,
     /// Bytes those may take (`"64 MiB"`, or a number of bytes).
     pub(crate) retained_max_bytes: Option<SizeValue>,
@@ -246,8 +252,47 @@ impl FileConfig {
         if will_delay.as_secs() > u64::from(u32::MAX) {
             return Err(invalid("bridge.will_delay", "longer than MQTT allows"));
         }
+        let probe_interval = parse_duration(
+            "bridge.probe_interval",
+            b.probe_interval.as_deref(),
+            DEFAULT_PROBE_INTERVAL,
+        )?;
+        if !probe_interval.is_zero() && probe_interval < Duration::from_millis(100) {
+            return Err(invalid(
+                "bridge.probe_interval",
+                "at least 100ms (or 0s: off)",
+            ));
+        }
+        let probe_stall_after = parse_duration(
+            "bridge.probe_stall_after",
+            b.probe_stall_after.as_deref(),
+            probe_interval * 3,
+        )?;
+        if !probe_interval.is_zero() && probe_stall_after <= probe_interval {
+            return Err(invalid(
+                "bridge.probe_stall_after",
+                format!(
+                    "must be longer than probe_interval ({})",
+                    humantime::format_duration(probe_interval)
+                ),
+            ));
+        }
+        let reconcile_interval = parse_duration(
+            "bridge.reconcile_interval",
+            b.reconcile_interval.as_deref(),
+            Duration::ZERO,
+        )?;
+        if !reconcile_interval.is_zero() && reconcile_interval < Duration::from_secs(10) {
+            return Err(invalid(
+                "bridge.reconcile_interval",
+                "at least 10s (or 0s: off)",
+            ));
+        }
         let mut config = Config {
             spool,
+            probe_interval,
+            probe_stall_after,
+            reconcile_interval,
             bridge_id: b.id,
             instance,
             will_delay,

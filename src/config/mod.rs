@@ -74,6 +74,9 @@ pub(crate) const DEFAULT_TLS: bool = true;
 /// thread fall behind.
 pub(crate) const LINKS_PER_THREAD: usize = 4;
 
+/// Default time between end-to-end probes (`bridge.probe_interval`).
+pub(crate) const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
+
 impl From<crate::tls::TlsError> for ConfigError {
     fn from(e: crate::tls::TlsError) -> Self {
         ConfigError::Invalid {
@@ -132,7 +135,13 @@ pub struct Config {
     pub(crate) drain_timeout: Duration,
     /// Identical messages from one broker within 10 s before repeats are dropped (0: off).
     pub(crate) storm_threshold: u32,
-    /// Retained messages remembered for brokers added at run time.
+    /// Time between end-to-end probes (zero: off; see [`crate::probe`]).
+    pub(crate) probe_interval: Duration,
+    /// A pair without a probe for this long is stalled.
+    pub(crate) probe_stall_after: Duration,
+    /// Time between reconciliations of the retained messages (zero: off).
+    pub(crate) reconcile_interval: Duration,
+    /// Retained messages one broker's snapshot may hold (reconcile, a broker added).
     pub(crate) retained_max: usize,
     /// Bytes those may take.
     pub(crate) retained_max_bytes: u64,
@@ -335,6 +344,18 @@ impl Config {
             "bridge.storm_threshold",
         );
         check(self.retained_max != new.retained_max, "bridge.retained_max");
+        check(
+            self.probe_interval != new.probe_interval,
+            "bridge.probe_interval",
+        );
+        check(
+            self.probe_stall_after != new.probe_stall_after,
+            "bridge.probe_stall_after",
+        );
+        check(
+            self.reconcile_interval != new.reconcile_interval,
+            "bridge.reconcile_interval",
+        );
         check(
             self.retained_max_bytes != new.retained_max_bytes,
             "bridge.retained_max_bytes",

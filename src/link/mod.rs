@@ -84,6 +84,8 @@ pub(crate) struct LinkContext {
     pub(crate) dedup_max_entries: usize,
     /// Storm guard threshold (0: off).
     pub(crate) storm_threshold: u32,
+    /// Subscribe and forward the mesh's probes (`probe_interval` > 0).
+    pub(crate) probes: bool,
     /// First shutdown step: take no new messages.
     pub(crate) stop: CancellationToken,
     /// Second shutdown step: acknowledge, disconnect, exit.
@@ -575,6 +577,9 @@ impl Link {
                 self.ctx.stats.clear_error();
                 self.ctx.stats.set_state(LinkState::Connected);
             }
+            LinkEvent::Publish { msg, ack } if self.ctx.ha.control.is_probe(&msg.topic) => {
+                self.on_probe(msg, ack)
+            }
             LinkEvent::Publish { msg, ack } if self.ctx.ha.control.is_control(&msg.topic) => {
                 if let Some(a) = ack.and_then(|a| self.acks.receive(a)) {
                     // Subscribed at QoS 0; a broker that upgraded it is acknowledged in turn.
@@ -683,10 +688,15 @@ impl Link {
         }
         change_subscriptions(&conn.client, &to_subscribe, &[]);
         self.subscribed = Some(wanted);
+        if self.ctx.probes {
+            // The mesh's probes come through the consumer like any message (see `probe`).
+            change_subscriptions(&conn.client, &[self.ctx.ha.control.probe_filter()], &[]);
+        }
     }
 
     fn acknowledged(&mut self, item: Outbound, result: Result<(), String>) {
         match result {
+            Ok(()) if self.ctx.ha.control.is_probe(&item.msg.topic) => {}
             Ok(()) => inc(&self.ctx.stats.messages_out),
             Err(reason) => metrics::message_rejected(&self.ctx.stats, &item.msg.topic, &reason),
         }
@@ -765,6 +775,37 @@ impl Link {
         }
     }
 
+    /// A probe (see [`crate::probe`]) from the broker: forwarded to every other broker
+    /// whatever the rules say, counted nowhere, dropped silently when it is an echo.
+    fn on_probe(&mut self, msg: Message, ack: Option<AckRequest>) {
+        if self.ctx.stop.is_cancelled() || self.switch.is_some() {
+            return;
+        }
+        let ack = match ack {
+            Some(a) => match self.acks.receive(a) {
+                Some(a) => Some(a),
+                None => return,
+            },
+            None => None,
+        };
+        let now = Instant::now();
+        let echo = msg.has_origin_tag()
+            || (self.ctx.settings.broker.protocol == Protocol::V311
+                && (self
+                    .echo
+                    .take_echo(fingerprint(&msg.topic, &msg.payload), now)
+                    || self
+                        .peer_echo
+                        .take_echo(ha::portable_fingerprint(&msg.topic, &msg.payload), now)));
+        if echo {
+            self.complete_opt(ack);
+            return;
+        }
+        self.ctx
+            .router
+            .forward_probe(&self.ctx.name, msg, ack.map(|a| (a, &self.acks_tx)));
+    }
+
     /// Hands `item` to the client (or finishes it when the target cannot take it); gives it
     /// back when the client's request channel is full or closed.
     fn publish(&mut self, conn: &mut Conn, item: Outbound) -> Result<(), Outbound> {
@@ -777,7 +818,16 @@ impl Link {
         };
         // Out to this broker through its first matching `out` rule (the fan-out only queues
         // what one takes; a spooled message may predate a rule change).
-        let Some(mapped) = self.ctx.queue.rules().outbound(topic) else {
+        let mapped = if self.ctx.ha.control.is_probe(&item.msg.topic) {
+            // Probes measure the path, not the rules.
+            Some(crate::rules::Mapped {
+                topic: std::borrow::Cow::Borrowed(topic),
+                qos_cap: 2,
+            })
+        } else {
+            self.ctx.queue.rules().outbound(topic)
+        };
+        let Some(mapped) = mapped else {
             inc(&self.ctx.stats.dropped_unmatched);
             self.finish(item);
             return Ok(());

@@ -256,6 +256,19 @@ impl Client {
         }
     }
 
+    /// Subscribes a probe client's filter at QoS 1; on MQTT 5 with No Local (its own probes
+    /// would only add traffic to the connection it measures).
+    pub(crate) fn subscribe_probes(&self, filter: &str) -> Result<(), SendError> {
+        match self {
+            Client::V4(c) => Ok(c.try_subscribe(filter, rumqttc::QoS::AtLeastOnce)?),
+            Client::V5(c) => {
+                let mut f = v5b::Filter::new(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce);
+                f.nolocal = true;
+                Ok(c.try_subscribe_many([f])?)
+            }
+        }
+    }
+
     /// Queues the acknowledgement of an incoming publish (PUBACK or PUBREC).
     pub(crate) fn ack(&self, ack: AckRequest) -> Result<(), SendError> {
         match self {

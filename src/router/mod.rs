@@ -117,6 +117,55 @@ impl Router {
         removed
     }
 
+    /// Sends a probe from `origin` to every other target, whatever their rules (see
+    /// [`crate::probe`]); acknowledged like [`Router::forward`].
+    pub(crate) fn forward_probe(
+        &self,
+        origin: &Arc<str>,
+        msg: Message,
+        ack: Option<(AckRequest, &mpsc::UnboundedSender<AckRequest>)>,
+    ) {
+        let list = self
+            .targets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let targets: Vec<&Arc<TargetQueue>> = list
+            .iter()
+            .filter(|(name, _)| name.as_ref() != origin.as_ref())
+            .map(|(_, queue)| queue)
+            .collect();
+        self.fan_out(origin, Arc::new(msg), &targets, ack);
+    }
+
+    fn fan_out(
+        &self,
+        origin: &Arc<str>,
+        msg: Arc<Message>,
+        targets: &[&Arc<TargetQueue>],
+        ack: Option<(AckRequest, &mpsc::UnboundedSender<AckRequest>)>,
+    ) {
+        let n = targets.len();
+        let mut shares: Vec<Option<AckShare>> = match ack {
+            Some((req, tx)) if n > 0 => AckGroup::split(req, tx.clone(), n)
+                .into_iter()
+                .map(Some)
+                .collect(),
+            Some((req, tx)) => {
+                let _ = tx.send(req);
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
+        for target in targets {
+            target.push(Outbound::new(
+                msg.clone(),
+                shares.pop().flatten(),
+                origin.clone(),
+            ));
+        }
+    }
+
     /// Sends `msg` from `origin` to every other target. With `ack`, the origin is acknowledged
     /// once every target has completed its share (at once when there is no target).
     /// Returns the number of targets.
@@ -139,28 +188,11 @@ impl Router {
             .map(|(_, queue)| queue)
             .collect();
         let n = targets.len();
-        let mut shares: Vec<Option<AckShare>> = match ack {
-            Some((req, tx)) if n > 0 => AckGroup::split(req, tx.clone(), n)
-                .into_iter()
-                .map(Some)
-                .collect(),
-            Some((req, tx)) => {
-                let _ = tx.send(req);
-                Vec::new()
-            }
-            None => Vec::new(),
-        };
         let msg = Arc::new(msg);
         if msg.retain {
             self.note_retained(origin, &msg);
         }
-        for target in targets {
-            target.push(Outbound::new(
-                msg.clone(),
-                shares.pop().flatten(),
-                origin.clone(),
-            ));
-        }
+        self.fan_out(origin, msg, &targets, ack);
         n
     }
 }
