@@ -108,6 +108,23 @@ pub enum Command {
         #[command(flatten)]
         target: AdminTarget,
     },
+    /// Compare the retained messages of every broker (a snapshot of each, under its rules)
+    /// and print the differences per broker pair; --repair makes them agree (the value most
+    /// brokers hold wins; a tie goes to the broker listed first).
+    Reconcile {
+        /// Write the winning value where a broker differs or misses it.
+        #[arg(long)]
+        repair: bool,
+        /// With --repair: also clear topics most brokers do not hold.
+        #[arg(long, requires = "repair")]
+        delete_extra: bool,
+        /// JSON for scripts instead of a report.
+        #[arg(long)]
+        json: bool,
+        /// Where the bridge is.
+        #[command(flatten)]
+        target: AdminTarget,
+    },
     /// Show the state of every link of a running bridge.
     Status {
         /// JSON for scripts instead of a table.

@@ -59,6 +59,7 @@ pub mod message;
 pub(crate) mod metrics;
 pub mod probe;
 pub(crate) mod ratelimit;
+pub mod reconcile;
 pub(crate) mod router;
 pub mod rules;
 pub mod spool;
@@ -112,6 +113,7 @@ pub struct Control {
 /// Runs the bridge until `control.shutdown` is cancelled, then drains and returns.
 pub async fn run(config: config::Config, mut control: Control) -> Result<(), RunError> {
     let drain_timeout = config.drain_timeout;
+    let reconcile_interval = config.reconcile_interval;
     let admin_addr = config.admin_listen;
     let listener = tokio::net::TcpListener::bind(admin_addr)
         .await
@@ -148,6 +150,13 @@ pub async fn run(config: config::Config, mut control: Control) -> Result<(), Run
         threads,
     )?));
     let admin_stop = CancellationToken::new();
+    let periodic = (!reconcile_interval.is_zero()).then(|| {
+        tokio::spawn(reconcile_every(
+            supervisor.clone(),
+            reconcile_interval,
+            admin_stop.clone(),
+        ))
+    });
     let admin = tokio::spawn(admin::server::serve(
         listener,
         admin::server::AdminState::new(supervisor.clone(), token, drain_timeout),
@@ -165,8 +174,43 @@ pub async fn run(config: config::Config, mut control: Control) -> Result<(), Run
     spool.close();
     admin_stop.cancel();
     let _ = admin.await;
+    if let Some(p) = periodic {
+        let _ = p.await;
+    }
     info!("bridge stopped");
     Ok(())
+}
+
+/// `reconcile_interval`: a reconciliation with repairs (never deletions) every `interval`, run
+/// by the process that consumes the first broker (one per mesh).
+async fn reconcile_every(
+    supervisor: Arc<Mutex<supervisor::Supervisor>>,
+    interval: std::time::Duration,
+    stop: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let (members, (router, instance, limits, stats)) = {
+            let sup = supervisor.lock().await;
+            if !sup.leads_reconcile() {
+                continue;
+            }
+            (sup.members(), sup.reconcile_context())
+        };
+        let request = reconcile::run::ReconcileRequest {
+            repair: true,
+            delete_extra: false,
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = reconcile::run::reconcile(&members, request, &router, &instance, limits, &stats) => {}
+        }
+    }
 }
 
 /// SIGHUP: re-read the config file and apply broker additions and removals.

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use meshbridge::admin::AddBrokerRequest;
-use meshbridge::admin::client::{AdminClient, instances_table, matrix_table, status_table};
+use meshbridge::admin::client::{
+    AdminClient, instances_table, matrix_table, reconcile_table, status_table,
+};
 use meshbridge::cli::{AddBrokerArgs, AdminTarget, Cli, Command, LogFormat};
 use meshbridge::config::Config;
 use meshbridge::message::Protocol;
@@ -67,6 +69,12 @@ fn main() -> ExitCode {
         Command::Certs { out, names, force } => certs(&out, names, force),
         Command::AddBroker(args) => add_broker(args),
         Command::RemoveBroker { broker, target } => remove_broker(&broker, &target),
+        Command::Reconcile {
+            repair,
+            delete_extra,
+            json,
+            target,
+        } => reconcile(repair, delete_extra, json, &target),
         Command::Status {
             json,
             matrix,
@@ -269,6 +277,23 @@ fn status(json: bool, matrix: bool, watch: bool, target: &AdminTarget) -> Result
         }
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
+}
+
+/// `bridge reconcile`: compare (and repair) the brokers' retained messages.
+fn reconcile(
+    repair: bool,
+    delete_extra: bool,
+    json: bool,
+    target: &AdminTarget,
+) -> Result<(), Failure> {
+    let request = meshbridge::reconcile::run::ReconcileRequest {
+        repair,
+        delete_extra,
+    };
+    let report = admin_client(target)?
+        .reconcile(&request)
+        .map_err(Failure::other)?;
+    print_json_or(json, &report, reconcile_table)
 }
 
 /// `bridge instances`: the mesh's instances as the brokers show them to the bridge asked.

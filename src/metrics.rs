@@ -92,13 +92,16 @@ pub(crate) const SPOOL_BYTES: &str = "meshbridge_spool_bytes";
 pub(crate) const SPOOL_BLOCKED: &str = "meshbridge_spool_blocked";
 /// 1 for the spool overflow policy in force (label `policy`). Gauge.
 pub(crate) const SPOOL_OVERFLOW_POLICY: &str = "meshbridge_spool_overflow_policy";
-/// Retained messages the bridge remembers for brokers added at run time. Gauge.
-pub(crate) const RETAINED: &str = "meshbridge_retained_messages";
-/// Bytes of those (bounded by `retained_max_bytes`). Gauge.
-pub(crate) const RETAINED_BYTES: &str = "meshbridge_retained_bytes";
-/// Retained messages not remembered because the table was full. Counter.
-pub(crate) const RETAINED_SKIPPED: &str = "meshbridge_retained_skipped";
-
+/// Reconciliations of the retained messages run (see `reconcile`). Counter.
+pub(crate) const RECONCILE_RUNS: &str = "meshbridge_reconcile_runs";
+/// Retained topics the brokers disagreed on at the last reconciliation. Gauge.
+pub(crate) const RECONCILE_DIFFERENCES: &str = "meshbridge_reconcile_differences";
+/// Retained messages written or cleared by reconciliations. Counter.
+pub(crate) const RECONCILE_REPAIRED: &str = "meshbridge_reconcile_repaired";
+/// Snapshots of a broker's retained messages that failed. Counter.
+pub(crate) const RECONCILE_SNAPSHOT_FAILURES: &str = "meshbridge_reconcile_snapshot_failures";
+/// Retained messages handed to brokers added at run time. Counter.
+pub(crate) const RETAINED_SEEDED: &str = "meshbridge_retained_seeded";
 /// Lag of the end-to-end probes per (origin, target), seconds (see `probe`). Histogram.
 pub(crate) const REPLICATION_LAG: &str = "meshbridge_replication_lag_seconds";
 /// 1 while a pair has shown no probe for `probe_stall_after`. Gauge.

@@ -302,23 +302,34 @@ impl Rules {
     /// What to subscribe on the broker: the `in` filters with their prefixes, without those
     /// another one covers, in rule order.
     pub(crate) fn subscriptions(&self) -> Vec<String> {
-        let all: Vec<String> = self
-            .rules
-            .iter()
-            .filter(|r| r.direction.inbound())
-            .map(|r| format!("{}{}", r.broker_prefix, r.filter))
-            .collect();
-        let mut out: Vec<String> = Vec::new();
-        for (i, f) in all.iter().enumerate() {
-            let covered = all
+        uncovered(
+            self.rules
                 .iter()
-                .enumerate()
-                .any(|(j, g)| j != i && covers(g, f) && (!covers(f, g) || j < i));
-            if !covered && !out.contains(f) {
-                out.push(f.clone());
-            }
-        }
-        out
+                .filter(|r| r.direction.inbound())
+                .map(|r| format!("{}{}", r.broker_prefix, r.filter))
+                .collect(),
+        )
+    }
+
+    /// What to subscribe for a snapshot of the broker's retained messages (see
+    /// [`crate::reconcile`]): the broker side of every rule, whatever its direction, without
+    /// those another one covers.
+    pub(crate) fn snapshot_filters(&self) -> Vec<String> {
+        uncovered(
+            self.rules
+                .iter()
+                .map(|r| format!("{}{}", r.broker_prefix, r.filter))
+                .collect(),
+        )
+    }
+
+    /// The mesh topic of the broker's `topic`, by the first rule of any direction that
+    /// matches it (a retained message the broker holds, whichever way it came).
+    pub(crate) fn to_mesh<'a>(&self, topic: &'a str) -> Option<std::borrow::Cow<'a, str>> {
+        self.rules
+            .iter()
+            .find_map(|r| map(r, topic, &r.broker_prefix, &r.mesh_prefix))
+            .map(|m| m.topic)
     }
 
     /// A message the broker sent on `topic`: its mesh topic and QoS cap, by the first `in`
@@ -338,6 +349,21 @@ impl Rules {
             .filter(|r| r.direction.outbound())
             .find_map(|r| map(r, topic, &r.mesh_prefix, &r.broker_prefix))
     }
+}
+
+/// `all` without the filters another one covers (of two equal ones, the first stays), in order.
+fn uncovered(all: Vec<String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (i, f) in all.iter().enumerate() {
+        let covered = all
+            .iter()
+            .enumerate()
+            .any(|(j, g)| j != i && covers(g, f) && (!covers(f, g) || j < i));
+        if !covered && !out.contains(f) {
+            out.push(f.clone());
+        }
+    }
+    out
 }
 
 /// `topic` through `rule` from the side with prefix `from` to the side with prefix `to`.

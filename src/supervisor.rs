@@ -18,7 +18,8 @@ use crate::link::{self, LinkContext, session::SessionSettings};
 use crate::membership::{AddedBroker, Membership, MembershipError};
 use crate::metrics::LinkStats;
 use crate::probe::{Matrix, ProbeBook};
-use crate::router::{Outbound, Router, TargetQueue};
+use crate::reconcile::run::{Member, ReconcileStats};
+use crate::router::{Router, TargetQueue};
 use crate::spool::Spool;
 use crate::status::{BrokerStatus, InstanceStatus, ReadyReport};
 
@@ -199,6 +200,8 @@ pub(crate) struct Supervisor {
     probe_run: u64,
     /// Stops the probe watcher.
     probe_watch: CancellationToken,
+    /// Counters of the reconciliations.
+    reconcile_stats: Arc<ReconcileStats>,
 }
 
 impl Drop for Supervisor {
@@ -228,7 +231,7 @@ impl Supervisor {
             queue_limit: config.broker_queue_limit,
         });
         info!(instance = %config.instance, "instance of mesh {:?}", config.bridge_id);
-        let router = Arc::new(Router::new(config.retained_max, config.retained_max_bytes));
+        let router = Arc::new(Router::default());
         // Copies of what is spooled go to the origin brokers (docs/HA.md) unless coordination
         // is off (brokers that refuse `$` topics).
         let parker = config.ha.then(|| {
@@ -252,6 +255,7 @@ impl Supervisor {
             probes,
             probe_run: crate::ha::unix_ms(),
             probe_watch,
+            reconcile_stats: Arc::default(),
             ha,
             parker,
             threads,
@@ -370,13 +374,7 @@ impl Supervisor {
             warn!(broker = %broker.name, "{w}");
         }
         let ctx = LinkContext {
-            settings: SessionSettings {
-                client_id: format!("{}-{}", self.config.bridge_id, broker.name),
-                keep_alive: self.config.keep_alive,
-                session_expiry: self.config.session_expiry,
-                inflight: self.config.inflight,
-                broker: broker.clone(),
-            },
+            settings: self.session_settings(&broker),
             name: name.clone(),
             bridge_id: self.config.bridge_id.as_str().into(),
             ha: self.ha.clone(),
@@ -456,18 +454,20 @@ impl Supervisor {
         membership.record_add(spec);
         membership.save(&self.config.data_dir)?;
         self.membership = membership;
-        let retained = self.router.retained_snapshot();
-        let handle = self.spawn_resolved(broker, endpoints);
-        for (origin, msg) in retained
-            .iter()
-            .filter(|(_, m)| handle.queue.accepts(m.topic_str()))
-        {
-            handle
-                .queue
-                .push(Outbound::new(msg.clone(), None, origin.clone()));
+        let name = broker.name.clone();
+        self.spawn_resolved(broker, endpoints);
+        // The retained messages of its peers, from their snapshots (not from this process's
+        // memory: it may have restarted since they were published).
+        let members = self.members();
+        if let Some(new) = members.iter().find(|m| m.name == name).cloned() {
+            let peers: Vec<Member> = members.into_iter().filter(|m| m.name != name).collect();
+            let (router, instance, limits, stats) = self.reconcile_context();
+            tokio::spawn(async move {
+                crate::reconcile::run::seed(&new, &peers, &router, &instance, limits, &stats).await
+            });
         }
-        info!(broker = %handle.broker.name, retained = retained.len(), "broker added at run time");
-        Ok(handle.status())
+        info!(broker = %name, "broker added at run time");
+        Ok(self.links[&name].status())
     }
 
     /// Takes a broker out of the mesh (by name or address) and persists that; the returned
@@ -494,6 +494,73 @@ impl Supervisor {
         self.draining.insert(name.clone());
         info!(broker = %name, "broker removed at run time");
         Ok(handle)
+    }
+
+    /// Every member, for a reconciliation: brokers of the config file first, in file order
+    /// (the tie-break of [`crate::reconcile`]), then those added at run time, by name.
+    pub(crate) fn members(&self) -> Vec<Member> {
+        let rank = |name: &str| {
+            self.config
+                .brokers
+                .iter()
+                .position(|b| b.name == name)
+                .unwrap_or(usize::MAX)
+        };
+        let mut links: Vec<&LinkHandle> = self.links.values().collect();
+        links.sort_by_key(|l| (rank(&l.broker.name), l.broker.name.clone()));
+        links
+            .into_iter()
+            .map(|l| Member {
+                name: l.broker.name.clone(),
+                settings: self.session_settings(&l.broker),
+                rules: (*l.queue.rules()).clone(),
+                queue: l.queue.clone(),
+            })
+            .collect()
+    }
+
+    /// What a reconciliation needs besides the members.
+    pub(crate) fn reconcile_context(
+        &self,
+    ) -> (
+        Arc<Router>,
+        String,
+        crate::reconcile::snapshot::Limits,
+        Arc<ReconcileStats>,
+    ) {
+        (
+            self.router.clone(),
+            self.ha.identity.instance.clone(),
+            crate::reconcile::snapshot::Limits {
+                max: self.config.retained_max,
+                max_bytes: self.config.retained_max_bytes,
+            },
+            self.reconcile_stats.clone(),
+        )
+    }
+
+    /// Counters of the reconciliations.
+    pub(crate) fn reconcile_stats(&self) -> &ReconcileStats {
+        &self.reconcile_stats
+    }
+
+    /// Whether this process runs the periodic reconciliation: it consumes the first member
+    /// (one process of a mesh does, and it is the one that sees its brokers best).
+    pub(crate) fn leads_reconcile(&self) -> bool {
+        self.members()
+            .first()
+            .and_then(|m| self.links.get(&m.name))
+            .is_some_and(|l| l.stats.ha().consuming)
+    }
+
+    fn session_settings(&self, broker: &BrokerConfig) -> SessionSettings {
+        SessionSettings {
+            client_id: format!("{}-{}", self.config.bridge_id, broker.name),
+            keep_alive: self.config.keep_alive,
+            session_expiry: self.config.session_expiry,
+            inflight: self.config.inflight,
+            broker: broker.clone(),
+        }
     }
 
     /// The status of every link, by name, with what the probes show of the pairs into it.
@@ -593,11 +660,6 @@ impl Supervisor {
     /// How the spool's disk is doing.
     pub(crate) fn spool_health(&self) -> crate::spool::SpoolHealth {
         self.spool.health()
-    }
-
-    /// The router (retained table size for the metrics).
-    pub(crate) fn router(&self) -> &Router {
-        &self.router
     }
 
     /// The running configuration.

@@ -172,3 +172,190 @@ async fn a_stopped_target_stalls_and_recovers() {
     );
     assert!(log.contains("replication flows again"));
 }
+
+fn retained(topic: &str, payload: &str, qos: u8) -> Pub {
+    Pub {
+        retain: true,
+        ..Pub::new(topic, payload, qos)
+    }
+}
+
+/// What a fresh subscriber to `filter` on `port` gets as retained: (topic, payload), sorted.
+async fn retained_on(port: u16, filter: &str) -> Vec<(String, String)> {
+    let s = mqtt::subscribe(port, &format!("look-{}", rand::random::<u32>()), filter).await;
+    s.settle(Duration::from_millis(400)).await;
+    let mut got: Vec<(String, String)> = s
+        .messages()
+        .into_iter()
+        .filter(|g| g.retain)
+        .map(|g| (g.topic, String::from_utf8_lossy(&g.payload).into_owned()))
+        .collect();
+    got.sort();
+    got
+}
+
+fn reconcile(admin: &str, args: &[&str]) -> meshbridge::reconcile::run::ReconcileReport {
+    let mut all = vec!["reconcile", "--json", "--admin", admin];
+    all.extend_from_slice(args);
+    let (code, out, err) = cli_in(&all, None);
+    assert_eq!(code, 0, "reconcile {args:?}: {err}");
+    serde_json::from_str(&out).expect("reconcile JSON")
+}
+
+/// Retained messages set directly on brokers while the bridge was down (QoS 0: no session
+/// keeps them for the bridge) make the brokers disagree; `reconcile` shows where, `--repair`
+/// fixes it without a loop, and a second run finds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_finds_and_repairs_retained_drift() {
+    let mut mesh = MeshBuilder::new(3).start();
+    let ports: Vec<u16> = mesh.brokers.iter().map(|b| b.plain_port).collect();
+    mqtt::publish(ports[0], "p0", &[retained("state/a", "1", 1)]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while retained_on(ports[2], "state/#").await.is_empty() && Instant::now() < deadline {}
+    assert_eq!(mesh.bridge.terminate().map(|s| s.success()), Some(true));
+    mqtt::publish(ports[1], "p1", &[retained("state/b", "only-b2", 0)]).await;
+    mqtt::publish(ports[2], "p2", &[retained("state/a", "2", 0)]).await;
+    mesh.bridge.respawn_subscribed(&["b1", "b2", "b3"]);
+
+    let r = reconcile(&mesh.admin, &[]);
+    assert_eq!(r.differing_topics, 2, "{r:#?}");
+    let pair = |a: &str, b: &str| {
+        let p = r
+            .pairs
+            .iter()
+            .find(|p| p.first == a && p.second == b)
+            .unwrap();
+        (p.only_first, p.only_second, p.different)
+    };
+    assert_eq!(pair("b1", "b2"), (0, 1, 0));
+    assert_eq!(pair("b1", "b3"), (0, 0, 1));
+    assert_eq!(pair("b2", "b3"), (1, 0, 1));
+    assert_eq!(
+        (r.written, r.deleted),
+        (0, 0),
+        "nothing changed without --repair"
+    );
+    let (_, table, _) = cli_in(&["reconcile", "--admin", &mesh.admin], None);
+    println!("{table}");
+    assert!(
+        table.contains(
+            "state/a: b1=\"1\" (1 B, QoS 1), b2=\"1\" (1 B, QoS 1), b3=\"2\" (1 B, QoS 0)"
+        ) && table.contains("state/b: b1=absent, b2=\"only-b2\"")
+            && table.contains("--repair"),
+        "{table}"
+    );
+
+    let watch_b1 = mqtt::subscribe(ports[0], "watch-b1", "state/#").await;
+    let before = watch_b1.settle(Duration::from_millis(300)).await;
+    let r = reconcile(&mesh.admin, &["--repair"]);
+    // state/b to b1 and b3; state/a = "1" (2 brokers against 1) to b3.
+    assert_eq!((r.written, r.deleted), (3, 0), "{r:#?}");
+    let expected = vec![
+        ("state/a".to_string(), "1".to_string()),
+        ("state/b".to_string(), "only-b2".to_string()),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for port in &ports {
+        loop {
+            let got = retained_on(*port, "state/#").await;
+            if got == expected || Instant::now() > deadline {
+                assert_eq!(got, expected, "broker on port {port}");
+                break;
+            }
+        }
+    }
+    // The repair of b3 was not forwarded back: b1's subscriber saw its own repair only.
+    watch_b1.settle(Duration::from_millis(700)).await;
+    let seen: Vec<String> = watch_b1.messages()[before..]
+        .iter()
+        .map(|g| g.topic.clone())
+        .collect();
+    assert_eq!(seen, ["state/b"]);
+    let r = reconcile(&mesh.admin, &[]);
+    assert_eq!(r.differing_topics, 0, "{r:#?}");
+    let text = mesh.metrics();
+    assert!(text.contains("meshbridge_reconcile_runs_total 4"), "{text}");
+    assert!(text.contains("meshbridge_reconcile_repaired_total 3"));
+    assert!(text.contains("meshbridge_reconcile_differences 0"));
+    // --delete-extra needs --repair.
+    let (code, _, err) = cli_in(
+        &["reconcile", "--delete-extra", "--admin", &mesh.admin],
+        None,
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("--repair"), "{err}");
+}
+
+/// A broker added right after a bridge restart (nothing retained in the bridge's memory) gets
+/// every retained message from its peers' snapshots, properties included; and the periodic
+/// reconciliation repairs drift on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_added_broker_gets_the_retained_set_after_a_restart() {
+    let mut mesh = MeshBuilder::new(3)
+        .meshed(&[0, 1])
+        .bridge_keys("reconcile_interval = \"10s\"")
+        .start();
+    let ports: Vec<u16> = mesh.brokers.iter().map(|b| b.plain_port).collect();
+    let mut msgs: Vec<Pub> = (0..50)
+        .map(|i| retained(&format!("ret/{i:02}"), &format!("v{i}"), 1))
+        .collect();
+    msgs[0].props = Some(rumqttc::v5::mqttbytes::v5::PublishProperties {
+        content_type: Some("text/plain".into()),
+        user_properties: vec![("k".into(), "v".into())],
+        ..Default::default()
+    });
+    mqtt::publish(ports[0], "p0", &msgs).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while retained_on(ports[1], "ret/#").await.len() < 50 && Instant::now() < deadline {}
+    assert_eq!(mesh.bridge.terminate().map(|s| s.success()), Some(true));
+    // Drift while it is down: only b2 holds this one.
+    mqtt::publish(ports[1], "p1", &[retained("drift/x", "d", 0)]).await;
+    mesh.bridge.respawn_subscribed(&["b1", "b2"]);
+    let addr = format!("127.0.0.1:{}", mesh.brokers[2].tls_port);
+    let (code, _, err) = cli_in(
+        &["add-broker", &addr, "--name", "b3", "--admin", &mesh.admin],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let want: Vec<String> = (0..50).map(|i| format!("ret/{i:02}")).collect();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let got = loop {
+        let got = retained_on(ports[2], "#").await;
+        if got.len() >= 51 || Instant::now() > deadline {
+            break got;
+        }
+    };
+    let topics: Vec<&str> = got.iter().map(|(t, _)| t.as_str()).collect();
+    let mut expected: Vec<&str> = vec!["drift/x"];
+    expected.extend(want.iter().map(String::as_str));
+    assert_eq!(topics, expected);
+    let s = mqtt::subscribe(ports[2], "props", "ret/00").await;
+    s.wait_count(1, Duration::from_secs(5)).await;
+    let props = s.messages()[0].props.clone().unwrap_or_default();
+    assert_eq!(props.content_type.as_deref(), Some("text/plain"));
+    assert!(props.user_properties.contains(&("k".into(), "v".into())));
+    assert!(
+        mesh.metrics()
+            .contains("meshbridge_retained_seeded_total 51"),
+        "{}",
+        mesh.metrics()
+    );
+    // The periodic reconciliation (every 10 s) gives b1 the drifted topic.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = retained_on(ports[0], "drift/#").await;
+        if !got.is_empty() {
+            assert_eq!(got, [("drift/x".to_string(), "d".to_string())]);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not repaired by the periodic run"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(
+        mesh.metrics()
+            .contains("meshbridge_reconcile_repaired_total 1")
+    );
+}

@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 
 use super::{AddBrokerRequest, BrokerStatus, ErrorBody, InstanceStatus};
 use crate::probe::Matrix;
+use crate::reconcile::run::{ReconcileReport, ReconcileRequest};
 
 /// Why a CLI request failed.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +103,20 @@ impl AdminClient {
             req = req.header("Authorization", a);
         }
         self.answer(req.call())
+    }
+
+    /// `POST /api/v1/reconcile` (waits up to 2 minutes: it takes a snapshot of every broker).
+    pub fn reconcile(&self, body: &ReconcileRequest) -> Result<ReconcileReport, ClientError> {
+        let mut req = self
+            .agent
+            .post(format!("{}/api/v1/reconcile", self.base))
+            .config()
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build();
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        self.answer(req.send_json(body))
     }
 
     /// `GET /api/v1/matrix`.
@@ -267,6 +282,87 @@ fn spool_cell(s: &BrokerStatus) -> String {
         cell.push_str(&format!(" +{} blocked", s.spool_blocked));
     }
     cell
+}
+
+/// A reconciliation as a report: retained messages per broker, differences per pair, the
+/// differing topics (up to 100), and what was repaired.
+pub fn reconcile_table(r: &ReconcileReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let brokers: Vec<String> = r
+        .brokers
+        .iter()
+        .map(|b| match (&b.retained, &b.error) {
+            (Some(n), _) => format!("{} {n}", b.name),
+            (None, e) => format!("{} FAILED ({})", b.name, e.as_deref().unwrap_or("?")),
+        })
+        .collect();
+    let _ = writeln!(out, "retained messages: {}", brokers.join(", "));
+    let mut rows = vec![[
+        "PAIR".to_string(),
+        "ONLY-FIRST".into(),
+        "ONLY-SECOND".into(),
+        "DIFFERENT".into(),
+    ]];
+    for p in &r.pairs {
+        rows.push([
+            format!("{} {}", p.first, p.second),
+            p.only_first.to_string(),
+            p.only_second.to_string(),
+            p.different.to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..4)
+        .map(|i| rows.iter().map(|row| row[i].len()).max().unwrap_or(0))
+        .collect();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    match r.differing_topics {
+        0 => out.push_str("the brokers agree\n"),
+        n => {
+            let _ = writeln!(out, "{n} topic(s) differ:");
+            for t in &r.topics {
+                let held: Vec<String> = t
+                    .held
+                    .iter()
+                    .map(|(b, v)| format!("{b}={}", v.as_deref().unwrap_or("absent")))
+                    .collect();
+                let _ = writeln!(out, "  {}: {}", t.topic, held.join(", "));
+            }
+            if (r.topics.len() as u64) < n {
+                let _ = writeln!(
+                    out,
+                    "  ... and {} more (--json lists 100)",
+                    n - r.topics.len() as u64
+                );
+            }
+        }
+    }
+    if r.repair {
+        let _ = writeln!(
+            out,
+            "repaired: {} written, {} cleared{}",
+            r.written,
+            r.deleted,
+            if r.changed_during_run > 0 {
+                format!(
+                    ", {} left alone (changed during the run)",
+                    r.changed_during_run
+                )
+            } else {
+                String::new()
+            }
+        );
+    } else if r.differing_topics > 0 {
+        out.push_str("run with --repair to make every broker hold the same set\n");
+    }
+    out
 }
 
 /// The lag matrix as a table: one row per origin, one column per target, each cell

@@ -8,7 +8,7 @@ use crate::metrics;
 /// Renders every metric in the Prometheus text format.
 pub(crate) fn encode(
     links: &[BrokerStatus],
-    retained: crate::router::RetainedStats,
+    reconcile: &crate::reconcile::run::ReconcileStats,
     overflow: crate::spool::Overflow,
     spool: &crate::spool::SpoolHealth,
     probes: (&crate::probe::Matrix, crate::probe::LagFamily),
@@ -220,7 +220,8 @@ pub(crate) fn encode(
         policy,
     );
     // Process-wide figures: one value each.
-    let gauges: [(&str, &str, i64); 4] = [
+    use std::sync::atomic::Ordering::Relaxed;
+    let gauges: [(&str, &str, i64); 3] = [
         (
             metrics::SPOOL_FAILING,
             "1 while the spool's disk refuses writes (messages are held in memory meanwhile)",
@@ -232,14 +233,9 @@ pub(crate) fn encode(
             spool.held_messages as i64,
         ),
         (
-            metrics::RETAINED,
-            "Retained messages remembered for brokers added at run time",
-            retained.messages as i64,
-        ),
-        (
-            metrics::RETAINED_BYTES,
-            "Bytes of the retained messages remembered (bounded by retained_max_bytes)",
-            retained.bytes as i64,
+            metrics::RECONCILE_DIFFERENCES,
+            "Retained topics the brokers disagreed on at the last reconciliation",
+            reconcile.last_differences.load(Relaxed) as i64,
         ),
     ];
     for (name, help, value) in gauges {
@@ -247,16 +243,31 @@ pub(crate) fn encode(
         gauge.set(value);
         registry.register(name, help, gauge);
     }
-    let counters: [(&str, &str, u64); 2] = [
+    let counters: [(&str, &str, u64); 5] = [
         (
             metrics::SPOOL_WRITE_FAILURES,
             "Spool transactions that failed (disk full, I/O error)",
             spool.write_failures,
         ),
         (
-            metrics::RETAINED_SKIPPED,
-            "Retained messages not remembered because the table was full (retained_max, retained_max_bytes)",
-            retained.skipped,
+            metrics::RECONCILE_RUNS,
+            "Reconciliations of the retained messages run",
+            reconcile.runs.load(Relaxed),
+        ),
+        (
+            metrics::RECONCILE_REPAIRED,
+            "Retained messages written or cleared by reconciliations",
+            reconcile.repaired.load(Relaxed),
+        ),
+        (
+            metrics::RECONCILE_SNAPSHOT_FAILURES,
+            "Snapshots of a broker's retained messages that failed",
+            reconcile.snapshot_failures.load(Relaxed),
+        ),
+        (
+            metrics::RETAINED_SEEDED,
+            "Retained messages handed to brokers added at run time, from their peers' snapshots",
+            reconcile.seeded.load(Relaxed),
         ),
     ];
     for (name, help, value) in counters {

@@ -4,12 +4,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::reconcile::run::ReconcileRequest;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -81,6 +82,7 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/api/v1/brokers/{key}", delete(remove))
         .route("/api/v1/instances", get(instances))
         .route("/api/v1/matrix", get(matrix))
+        .route("/api/v1/reconcile", post(reconcile))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -241,6 +243,27 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     (status, Json(report)).into_response()
 }
 
+async fn reconcile(
+    State(state): State<AdminState>,
+    body: Result<Json<ReconcileRequest>, JsonRejection>,
+) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return error(e.status(), format!("bad request body: {}", e.body_text())),
+    };
+    if req.delete_extra && !req.repair {
+        return error(StatusCode::BAD_REQUEST, "delete_extra needs repair");
+    }
+    // Snapshots take a while: outside the lock, so status and metrics keep answering.
+    let (members, (router, instance, limits, stats)) = {
+        let sup = state.supervisor.lock().await;
+        (sup.members(), sup.reconcile_context())
+    };
+    let report =
+        crate::reconcile::run::reconcile(&members, req, &router, &instance, limits, &stats).await;
+    Json(report).into_response()
+}
+
 async fn matrix(State(state): State<AdminState>) -> Response {
     Json(state.supervisor.lock().await.matrix()).into_response()
 }
@@ -293,7 +316,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     let sup = state.supervisor.lock().await;
     let body = super::exposition::encode(
         &sup.status(),
-        sup.router().retained_stats(),
+        sup.reconcile_stats(),
         sup.config().spool.overflow,
         &sup.spool_health(),
         (&sup.matrix(), sup.lag_histograms()),

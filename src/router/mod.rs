@@ -1,73 +1,92 @@
 //! Fan-out: a message received on one link goes to the [`TargetQueue`] of every other link,
-//! with a share of its origin's acknowledgement each, and retained messages are remembered for
-//! brokers added later ([`retained`]).
+//! with a share of its origin's acknowledgement each. Retained messages forwarded while a
+//! snapshot runs are noted for it ([`RetainedWatch`]): a repair must not overwrite a newer value.
 
 pub(crate) mod park;
 mod queue;
-mod retained;
 
 pub(crate) use queue::{Outbound, TargetQueue};
-pub(crate) use retained::RetainedStats;
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::message::{AckGroup, AckRequest, AckShare, Message};
-use retained::{Retained, RetainedTable};
 
 /// Every target with its link name, as the fan-out reads them.
 type TargetList = Arc<[(Arc<str>, Arc<TargetQueue>)]>;
 
-/// The set of targets, by link name, and the mesh's retained messages.
+/// Topics of the retained messages forwarded since a watch began.
+type Watched = Arc<Mutex<HashSet<Bytes, ahash::RandomState>>>;
+
+/// The set of targets, by link name.
 #[derive(Debug, Default)]
 pub(crate) struct Router {
     /// Replaced as a whole on every insert and remove (links come and go rarely); every
     /// message reads it with one `Arc` clone, no allocation.
     targets: RwLock<TargetList>,
-    /// Last retained message per topic (with its origin), handed to brokers added at run time.
-    retained: Mutex<RetainedTable>,
-    retained_max: usize,
-    retained_max_bytes: u64,
+    /// Running retained watches; `watching` is their number, read without the lock.
+    watches: Mutex<Vec<Watched>>,
+    watching: AtomicUsize,
+}
+
+/// The retained topics forwarded (by this process) while it lives.
+#[derive(Debug)]
+pub(crate) struct RetainedWatch<'a> {
+    router: &'a Router,
+    seen: Watched,
+}
+
+impl RetainedWatch<'_> {
+    /// Whether a retained message on mesh topic `topic` was forwarded since the watch began.
+    pub(crate) fn changed(&self, topic: &str) -> bool {
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(topic.as_bytes())
+    }
+}
+
+impl Drop for RetainedWatch<'_> {
+    fn drop(&mut self) {
+        let mut watches = self
+            .router
+            .watches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        watches.retain(|w| !Arc::ptr_eq(w, &self.seen));
+        self.router.watching.store(watches.len(), Ordering::Release);
+    }
 }
 
 impl Router {
-    /// A router keeping at most `retained_max` retained messages of `retained_max_bytes` in all.
-    pub(crate) fn new(retained_max: usize, retained_max_bytes: u64) -> Self {
-        Self {
-            retained_max,
-            retained_max_bytes,
-            ..Self::default()
+    /// Notes the topic of every retained message forwarded from now on, until the watch is
+    /// dropped.
+    pub(crate) fn watch_retained(&self) -> RetainedWatch<'_> {
+        let seen = Watched::default();
+        let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        watches.push(seen.clone());
+        self.watching.store(watches.len(), Ordering::Release);
+        RetainedWatch { router: self, seen }
+    }
+
+    fn note_retained(&self, msg: &Message) {
+        if self.watching.load(Ordering::Acquire) == 0 {
+            return;
         }
-    }
-
-    fn note_retained(&self, origin: &Arc<str>, msg: &Arc<Message>) {
-        self.retained
+        for w in self
+            .watches
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .note(origin, msg, self.retained_max, self.retained_max_bytes);
-    }
-
-    /// The retained messages known to the mesh, with their origins.
-    pub(crate) fn retained_snapshot(&self) -> Vec<Retained> {
-        self.retained
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .snapshot()
-    }
-
-    /// Number of retained messages known.
-    #[cfg(test)]
-    pub(crate) fn retained_len(&self) -> usize {
-        self.retained_stats().messages
-    }
-
-    /// Size of the retained table.
-    pub(crate) fn retained_stats(&self) -> RetainedStats {
-        self.retained
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .stats()
+            .iter()
+        {
+            w.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(msg.topic.clone());
+        }
     }
 
     /// Adds (or replaces) a target.
@@ -188,10 +207,10 @@ impl Router {
             .map(|(_, queue)| queue)
             .collect();
         let n = targets.len();
-        let msg = Arc::new(msg);
         if msg.retain {
-            self.note_retained(origin, &msg);
+            self.note_retained(&msg);
         }
+        let msg = Arc::new(msg);
         self.fan_out(origin, msg, &targets, ack);
         n
     }
@@ -284,89 +303,26 @@ mod tests {
         assert_eq!(b.len(), 1, "and b keeps the message");
     }
 
-    /// 31 retained messages of 10 MB took the bridge from 62 to 359 MB: the table is bounded
-    /// in bytes too. What does not fit is not remembered, and never handed out stale.
     #[test]
-    fn retained_table_is_bounded_in_bytes_and_never_keeps_a_stale_value() {
-        let router = Router::new(1000, 10_000);
-        let retained = |topic: &'static [u8], size: usize| Message {
+    fn a_watch_sees_the_retained_topics_forwarded_while_it_lives() {
+        let router = Router::default();
+        let retained = |topic: &'static [u8]| Message {
             topic: Bytes::from_static(topic),
-            payload: Bytes::from(vec![b'x'; size]),
-            qos: 0,
             retain: true,
-            properties: None,
+            ..msg()
         };
-        for topic in [&b"t/1"[..], b"t/2", b"t/3", b"t/4"] {
-            router.forward(&"a".into(), retained(topic, 3_000), None);
+        router.forward(&"a".into(), retained(b"before"), None);
+        {
+            let w = router.watch_retained();
+            router.forward(&"a".into(), retained(b"during"), None);
+            router.forward(&"a".into(), msg(), None);
+            assert!(w.changed("during"));
+            assert!(
+                !w.changed("before") && !w.changed("t"),
+                "live messages are not noted"
+            );
         }
-        let stats = router.retained_stats();
-        assert_eq!(
-            (stats.messages, stats.skipped),
-            (3, 1),
-            "the fourth does not fit"
-        );
-        assert!(stats.bytes <= 10_000, "{stats:?}");
-        // t/1 grows beyond what is left: its old value is forgotten, not kept stale.
-        router.forward(&"a".into(), retained(b"t/1", 8_000), None);
-        let stats = router.retained_stats();
-        assert_eq!((stats.messages, stats.skipped), (2, 2));
-        assert!(
-            router
-                .retained_snapshot()
-                .iter()
-                .all(|(_, m)| m.topic.as_ref() != b"t/1")
-        );
-        // Deleting frees room.
-        router.forward(&"a".into(), retained(b"t/2", 0), None);
-        router.forward(&"a".into(), retained(b"t/5", 3_000), None);
-        let stats = router.retained_stats();
-        assert_eq!(stats.messages, 2);
-        assert_eq!(
-            stats.bytes,
-            router
-                .retained_snapshot()
-                .iter()
-                .map(|(_, m)| m.approx_packet_size() as u64)
-                .sum::<u64>()
-        );
-    }
-
-    #[test]
-    fn retained_table_keeps_last_per_topic_and_clears_on_empty() {
-        let router = Router::new(2, 1 << 20);
-        let retained = |topic: &'static [u8], payload: &'static [u8]| Message {
-            topic: Bytes::from_static(topic),
-            payload: Bytes::from_static(payload),
-            qos: 0,
-            retain: true,
-            properties: None,
-        };
-        router.forward(&"a".into(), retained(b"t/1", b"one"), None);
-        router.forward(&"a".into(), retained(b"t/1", b"uno"), None);
-        router.forward(&"b".into(), retained(b"t/2", b"two"), None);
-        router.forward(&"b".into(), retained(b"t/3", b"three"), None);
-        assert_eq!(router.retained_len(), 2, "bounded");
-        let mut snap: Vec<_> = router
-            .retained_snapshot()
-            .into_iter()
-            .map(|(o, m)| (o.to_string(), m.payload.clone()))
-            .collect();
-        snap.sort();
-        assert_eq!(
-            snap,
-            vec![
-                ("a".into(), Bytes::from_static(b"uno")),
-                ("b".into(), Bytes::from_static(b"two"))
-            ]
-        );
-        router.forward(&"a".into(), retained(b"t/1", b""), None);
-        assert_eq!(
-            router.retained_len(),
-            1,
-            "an empty retained payload clears the topic"
-        );
-        router.forward(&"a".into(), msg(), None);
-        assert_eq!(router.retained_len(), 1, "live messages are not retained");
+        assert_eq!(router.watching.load(Ordering::Relaxed), 0, "dropped");
     }
 
     fn payloads(items: &[Outbound]) -> Vec<u8> {

@@ -382,12 +382,26 @@ impl Bridge {
 
     /// Waits until every named link has logged that it subscribed (asserts, with the log).
     pub fn wait_subscribed(&self, brokers: &[&str]) {
+        self.wait_subscribed_after(0, brokers)
+    }
+
+    /// Restarts a stopped bridge and waits until the new process subscribed on `brokers`.
+    pub fn respawn_subscribed(&mut self, brokers: &[&str]) {
+        let from = self.log().len();
+        self.spawn();
+        self.wait_subscribed_after(from, brokers);
+    }
+
+    /// [`Self::wait_subscribed`], reading the log from byte `from` on.
+    fn wait_subscribed_after(&self, from: usize, brokers: &[&str]) {
         for b in brokers {
             let needle = format!("link{{broker={b}}}");
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
                 let log = self.log();
                 if log
+                    .get(from..)
+                    .unwrap_or_default()
                     .lines()
                     .any(|l| l.contains(&needle) && l.contains("subscribed"))
                 {

@@ -1,0 +1,311 @@
+//! Running a reconciliation (`bridge reconcile`, `reconcile_interval`) and seeding a broker
+//! added at run time: snapshots of the members taken side by side, the [`plan`], and the
+//! repairs pushed into the targets' queues.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::snapshot::{self, Limits};
+use super::{Action, Snapshot, TopicDiff, View, plan, retained_message};
+use crate::link::session::SessionSettings;
+use crate::router::{Outbound, Router, TargetQueue};
+use crate::rules::Rules;
+
+/// Whether a broker's rules replicate a mesh topic to it.
+type Takes<'a> = Box<dyn Fn(&str) -> bool + 'a>;
+
+/// Differing topics listed in a report (all are counted).
+pub(crate) const MAX_LISTED: usize = 100;
+
+/// One member of the mesh as a reconciliation needs it.
+#[derive(Debug, Clone)]
+pub(crate) struct Member {
+    /// Broker name.
+    pub(crate) name: String,
+    /// How to connect.
+    pub(crate) settings: SessionSettings,
+    /// Its topic rules.
+    pub(crate) rules: Rules,
+    /// Its queue (repairs go there).
+    pub(crate) queue: Arc<TargetQueue>,
+}
+
+/// What `POST /api/v1/reconcile` asks.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileRequest {
+    /// Make every broker hold the same retained set.
+    #[serde(default)]
+    pub repair: bool,
+    /// With `repair`: also clear topics most brokers do not hold.
+    #[serde(default)]
+    pub delete_extra: bool,
+}
+
+/// One broker's snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BrokerSnapshot {
+    /// Broker name.
+    pub name: String,
+    /// Retained messages under its rules (`None`: the snapshot failed).
+    pub retained: Option<u64>,
+    /// Why the snapshot failed.
+    pub error: Option<String>,
+}
+
+/// Differences between two brokers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PairDiff {
+    /// First broker.
+    pub first: String,
+    /// Second broker.
+    pub second: String,
+    /// Topics only the first holds.
+    pub only_first: u64,
+    /// Topics only the second holds.
+    pub only_second: u64,
+    /// Topics both hold with different values.
+    pub different: u64,
+}
+
+/// What a reconciliation found and did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReconcileReport {
+    /// Every member's snapshot.
+    pub brokers: Vec<BrokerSnapshot>,
+    /// Per pair of brokers whose snapshots succeeded.
+    pub pairs: Vec<PairDiff>,
+    /// Topics the brokers disagree on.
+    pub differing_topics: u64,
+    /// The first [`MAX_LISTED`] of them, with what each broker holds.
+    pub topics: Vec<TopicDiff>,
+    /// Repairs were asked for.
+    pub repair: bool,
+    /// Retained messages written.
+    pub written: u64,
+    /// Retained topics cleared (`delete_extra`).
+    pub deleted: u64,
+    /// Topics left alone because a retained message on them was forwarded during the run
+    /// (the snapshot may be older than the brokers).
+    pub changed_during_run: u64,
+}
+
+/// Counters of every reconciliation and seeding of this process, for `/metrics`.
+#[derive(Debug, Default)]
+pub(crate) struct ReconcileStats {
+    /// Reconciliations run.
+    pub(crate) runs: AtomicU64,
+    /// Snapshots that failed.
+    pub(crate) snapshot_failures: AtomicU64,
+    /// Topics that differed at the last reconciliation.
+    pub(crate) last_differences: AtomicU64,
+    /// Retained messages written or cleared by repairs.
+    pub(crate) repaired: AtomicU64,
+    /// Retained messages handed to brokers added at run time.
+    pub(crate) seeded: AtomicU64,
+}
+
+async fn snapshots(
+    members: &[Member],
+    instance: &str,
+    limits: Limits,
+) -> Vec<Result<Snapshot, snapshot::SnapshotError>> {
+    let tasks: Vec<_> = members
+        .iter()
+        .map(|m| {
+            let (settings, rules, instance) =
+                (m.settings.clone(), m.rules.clone(), instance.to_string());
+            tokio::spawn(async move { snapshot::take(&settings, &rules, &instance, limits).await })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.unwrap_or_else(|e| {
+            Err(snapshot::SnapshotError::Connection(format!(
+                "snapshot task: {e}"
+            )))
+        }));
+    }
+    out
+}
+
+/// Compares the retained messages of `members` (in priority order) and, when asked, repairs
+/// them.
+pub(crate) async fn reconcile(
+    members: &[Member],
+    request: ReconcileRequest,
+    router: &Router,
+    instance: &str,
+    limits: Limits,
+    stats: &ReconcileStats,
+) -> ReconcileReport {
+    let watch = router.watch_retained();
+    let snaps = snapshots(members, instance, limits).await;
+    let mut report = ReconcileReport {
+        repair: request.repair,
+        ..ReconcileReport::default()
+    };
+    let mut ok: Vec<(&Member, Snapshot)> = Vec::new();
+    for (m, s) in members.iter().zip(snaps) {
+        match s {
+            Ok(s) => {
+                report.brokers.push(BrokerSnapshot {
+                    name: m.name.clone(),
+                    retained: Some(s.len() as u64),
+                    error: None,
+                });
+                ok.push((m, s));
+            }
+            Err(e) => {
+                warn!(broker = %m.name, error = %e, "reconcile: no snapshot of this broker; it is left out");
+                stats.snapshot_failures.fetch_add(1, Ordering::Relaxed);
+                report.brokers.push(BrokerSnapshot {
+                    name: m.name.clone(),
+                    retained: None,
+                    error: Some(e.to_string()),
+                });
+            }
+        }
+    }
+    let takes: Vec<Takes<'_>> = ok
+        .iter()
+        .map(|(m, _)| {
+            Box::new(move |t: &str| m.rules.outbound(t).is_some()) as Box<dyn Fn(&str) -> bool>
+        })
+        .collect();
+    let views: Vec<View<'_>> = ok
+        .iter()
+        .zip(&takes)
+        .map(|((m, s), takes)| View {
+            name: &m.name,
+            held: s,
+            takes: takes.as_ref(),
+        })
+        .collect();
+    let plan = plan(&views, request.delete_extra);
+    report.pairs = plan
+        .pairs
+        .iter()
+        .map(|(a, b, x, y, z)| PairDiff {
+            first: a.clone(),
+            second: b.clone(),
+            only_first: *x,
+            only_second: *y,
+            different: *z,
+        })
+        .collect();
+    report.differing_topics = plan.topics.len() as u64;
+    report.topics = plan.topics.into_iter().take(MAX_LISTED).collect();
+    if request.repair {
+        let mut changed = std::collections::HashSet::new();
+        for action in &plan.actions {
+            let (broker, topic, held, from) = match action {
+                Action::Write { broker, held, from } => (
+                    broker,
+                    held.msg.topic_str().unwrap_or_default().to_string(),
+                    Some(held),
+                    from.as_str(),
+                ),
+                Action::Delete { broker, topic } => (broker, topic.clone(), None, broker.as_str()),
+            };
+            if watch.changed(&topic) {
+                changed.insert(topic);
+                continue;
+            }
+            let Some(member) = members.iter().find(|m| &m.name == broker) else {
+                continue;
+            };
+            let msg = retained_message(&topic, held);
+            member
+                .queue
+                .push(Outbound::new(Arc::new(msg), None, from.into()));
+            if held.is_some() {
+                report.written += 1;
+            } else {
+                report.deleted += 1;
+            }
+        }
+        report.changed_during_run = changed.len() as u64;
+        stats
+            .repaired
+            .fetch_add(report.written + report.deleted, Ordering::Relaxed);
+    }
+    stats.runs.fetch_add(1, Ordering::Relaxed);
+    stats
+        .last_differences
+        .store(report.differing_topics, Ordering::Relaxed);
+    info!(
+        differing_topics = report.differing_topics,
+        written = report.written,
+        deleted = report.deleted,
+        changed_during_run = report.changed_during_run,
+        "reconciliation done"
+    );
+    report
+}
+
+/// Hands a broker added at run time the retained messages of its live peers: their snapshots
+/// are compared like a reconciliation (the new broker counted as holding nothing) and what
+/// wins is queued for it. Returns the number queued.
+pub(crate) async fn seed(
+    new: &Member,
+    peers: &[Member],
+    router: &Router,
+    instance: &str,
+    limits: Limits,
+    stats: &ReconcileStats,
+) -> u64 {
+    let watch = router.watch_retained();
+    let snaps = snapshots(peers, instance, limits).await;
+    let mut ok: Vec<(&Member, Snapshot)> = Vec::new();
+    for (m, s) in peers.iter().zip(snaps) {
+        match s {
+            Ok(s) => ok.push((m, s)),
+            Err(e) => {
+                stats.snapshot_failures.fetch_add(1, Ordering::Relaxed);
+                warn!(broker = %new.name, peer = %m.name, error = %e, "no snapshot of this peer for the added broker");
+            }
+        }
+    }
+    if ok.is_empty() && !peers.is_empty() {
+        warn!(broker = %new.name, "no peer snapshot: the added broker gets retained messages only as they are published");
+        return 0;
+    }
+    let empty = Snapshot::new();
+    let peer_takes = |_: &str| false;
+    let new_takes = |t: &str| new.rules.outbound(t).is_some();
+    let mut views: Vec<View<'_>> = ok
+        .iter()
+        .map(|(m, s)| View {
+            name: &m.name,
+            held: s,
+            takes: &peer_takes,
+        })
+        .collect();
+    views.push(View {
+        name: &new.name,
+        held: &empty,
+        takes: &new_takes,
+    });
+    let mut queued = 0;
+    for action in plan(&views, false).actions {
+        if let Action::Write { broker, held, from } = action
+            && broker == new.name
+        {
+            let topic = held.msg.topic_str().unwrap_or_default().to_string();
+            if watch.changed(&topic) {
+                continue;
+            }
+            let msg = retained_message(&topic, Some(&held));
+            new.queue
+                .push(Outbound::new(Arc::new(msg), None, from.as_str().into()));
+            queued += 1;
+        }
+    }
+    stats.seeded.fetch_add(queued, Ordering::Relaxed);
+    info!(broker = %new.name, retained = queued, peers = ok.len(), "added broker seeded with the retained messages of its peers");
+    queued
+}
