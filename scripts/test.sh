@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite. Installs what the integration tests need when it is missing (Debian:
-# mosquitto, nginx with its stream module, haproxy to check the example front configs), then runs `cargo test`. Extra arguments go to cargo test.
+# mosquitto, nginx with its stream module, haproxy to check the example front configs, promtool
+# (package prometheus) to check the alert rules), then runs `cargo test`. Extra arguments go to
+# cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +12,7 @@ command -v mosquitto_passwd >/dev/null 2>&1 || need+=(mosquitto)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -43,6 +43,17 @@ const CASES: &[(&str, &[&str])] = &[
         "bad_links_per_thread.toml",
         &["bridge.links_per_thread", "at least 1"],
     ),
+    (
+        "bad_probe_stall.toml",
+        &[
+            "bridge.probe_stall_after",
+            "longer than probe_interval (5s)",
+        ],
+    ),
+    (
+        "bad_reconcile_interval.toml",
+        &["bridge.reconcile_interval", "at least 10s"],
+    ),
     ("duplicate_names.toml", &["broker[1].name", "\"b1\""]),
     (
         "duplicate_addresses.toml",

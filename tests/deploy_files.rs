@@ -227,3 +227,128 @@ fn container_and_unit_files_keep_their_promises() {
     assert!(unit.contains("Restart=always") && unit.contains("NoNewPrivileges=yes"));
     assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
 }
+
+#[test]
+fn prometheus_alert_rules_and_config_pass_promtool() {
+    require("promtool");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docker/prometheus");
+    for args in [
+        &["check", "rules", "alerts.yml"][..],
+        &["test", "rules", "alerts.test.yml"],
+        &["check", "config", "prometheus.yml"],
+    ] {
+        let (ok, out) = run(Command::new("promtool").args(args).current_dir(&dir));
+        assert!(ok, "promtool {args:?}:\n{out}");
+    }
+}
+
+/// The metric names in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("meshbridge_") {
+        let name: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[i + name.len()..];
+        out.push(name);
+    }
+    out
+}
+
+/// Every `expr` of a Grafana dashboard, wherever it is nested.
+fn dashboard_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                    _ => dashboard_exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| dashboard_exprs(v, out)),
+        _ => {}
+    }
+}
+
+/// The Grafana dashboard is well-formed (panels with queries, on the 24-column grid, on the
+/// datasource input), and it and the alert rules only use metrics a running bridge exposes
+/// (read from its /metrics, probes and lag histogram included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_and_alerts_use_only_metrics_the_bridge_exposes() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&docker("grafana/meshbridge-dashboard.json")).expect("JSON");
+    assert_eq!(dashboard["uid"], "meshbridge");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut ids = std::collections::HashSet::new();
+    for p in panels {
+        assert!(ids.insert(p["id"].as_u64().unwrap()), "duplicate id: {p}");
+        let g = &p["gridPos"];
+        let (x, w) = (g["x"].as_u64().unwrap(), g["w"].as_u64().unwrap());
+        assert!(x + w <= 24 && g["h"].as_u64().unwrap() > 0, "{p}");
+        if p["type"] == "row" {
+            continue;
+        }
+        assert!(!p["title"].as_str().unwrap_or_default().is_empty(), "{p}");
+        assert_eq!(p["datasource"]["uid"], "${DS_PROMETHEUS}", "{p}");
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{p}");
+        for t in targets {
+            assert!(
+                t["expr"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("meshbridge_")),
+                "{t}"
+            );
+        }
+    }
+    let mut exprs = Vec::new();
+    dashboard_exprs(&dashboard, &mut exprs);
+    exprs.extend(
+        docker("prometheus/alerts.yml")
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("expr:"))
+            .map(str::to_string),
+    );
+    assert!(exprs.len() > 20);
+
+    let mesh = common::MeshBuilder::new(2)
+        .bridge_keys("probe_interval = \"200ms\"")
+        .start();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let text = loop {
+        let text = mesh.metrics();
+        if text.contains("meshbridge_replication_lag_seconds_count")
+            || std::time::Instant::now() > deadline
+        {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut exposed = std::collections::HashSet::new();
+    for l in text.lines() {
+        let Some(rest) = l.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let mut parts = rest.split_whitespace();
+        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let suffixes: &[&str] = match kind {
+            "counter" => &["_total"],
+            "histogram" => &["_bucket", "_sum", "_count"],
+            _ => &[""],
+        };
+        exposed.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+    }
+    for e in &exprs {
+        for name in metric_names(e) {
+            assert!(
+                exposed.contains(&name),
+                "{name} (in `{e}`) is not in the bridge's /metrics:\n{text}"
+            );
+        }
+    }
+}
