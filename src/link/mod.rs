@@ -160,6 +160,11 @@ struct Link {
     coordinate: bool,
     /// Connections in a row that ended before reading their own record back.
     unsynced_ends: u32,
+    /// Subscribe and forward the mesh's probes: `probe_interval` > 0, until the broker refuses
+    /// the probe subscription (or drops two connections in a row before answering it).
+    probes: bool,
+    /// Connections in a row lost with the probe subscription unanswered.
+    probe_drops: u32,
     /// This broker's park sessions (see [`park`]).
     parks: Parks,
 }
@@ -194,6 +199,10 @@ struct Conn {
     consumer: bool,
     /// The next SUBACK answers the control subscription (queued before any other).
     control_suback: bool,
+    /// SUBACKs owed for rule subscriptions (queued after the control one, before the probe one).
+    rule_subacks: u32,
+    /// The probe subscription's SUBACK is owed (queued last).
+    probe_suback: bool,
 }
 
 impl Link {
@@ -220,6 +229,8 @@ impl Link {
             announced: None,
             coordinate,
             unsynced_ends: 0,
+            probes: ctx.probes,
+            probe_drops: 0,
             parks: Parks::default(),
             ctx,
         }
@@ -345,6 +356,8 @@ impl Link {
             stalled_checks: 0,
             consumer: self.consumer,
             control_suback: false,
+            rule_subacks: 0,
+            probe_suback: false,
         };
         self.view = ha::View::default();
         self.switch = None;
@@ -510,6 +523,18 @@ impl Link {
     /// to the front of the spool (or, without one, of the memory queue), and is on disk before
     /// the next connection reads the spool from its start.
     async fn end_of_connection(&mut self, mut conn: Conn, outcome: Outcome) -> Outcome {
+        if conn.probe_suback && matches!(outcome, Outcome::Lost { .. }) {
+            self.probe_drops += 1;
+            if self.probe_drops >= 2 {
+                self.probes = false;
+                warn!(
+                    filter = %self.ctx.ha.control.probe_filter(),
+                    "the broker closed two connections in a row before answering the probe \
+                     subscription (it refuses `$` topics?): probes through this broker are off; \
+                     set [bridge] probe_interval = \"0s\" on such brokers"
+                );
+            }
+        }
         let (unconfirmed, release_first) = conn.flight.drain();
         if conn.connected.is_some() {
             // (A connection that never got its CONNACK knows nothing newer.)
@@ -646,7 +671,21 @@ impl Link {
                     self.go_lone(conn);
                 }
             }
+            LinkEvent::SubAck(failures) if conn.rule_subacks == 0 && conn.probe_suback => {
+                conn.probe_suback = false;
+                self.probe_drops = 0;
+                if !failures.is_empty() {
+                    self.probes = false;
+                    warn!(
+                        filter = %self.ctx.ha.control.probe_filter(),
+                        reason = %failures.join(", "),
+                        "probe subscription refused (a broker ACL?): probes from this broker are \
+                         not forwarded"
+                    );
+                }
+            }
             LinkEvent::SubAck(failures) => {
+                conn.rule_subacks = conn.rule_subacks.saturating_sub(1);
                 if failures.is_empty() {
                     info!(topics = ?self.subscribed.as_deref().unwrap_or_default(), "subscribed");
                 } else {
@@ -661,7 +700,7 @@ impl Link {
     }
 
     /// A consuming connection subscribes what the rules want.
-    fn subscribe_rules(&mut self, conn: &Conn, session_present: bool) {
+    fn subscribe_rules(&mut self, conn: &mut Conn, session_present: bool) {
         // This connection applies the rules as they are now.
         self.ctx.queue.take_rules_changed();
         let wanted = self.ctx.queue.rules().subscriptions();
@@ -687,10 +726,12 @@ impl Link {
             info!("subscribed (the broker kept the session's subscriptions)");
         }
         change_subscriptions(&conn.client, &to_subscribe, &[]);
+        conn.rule_subacks += u32::from(!to_subscribe.is_empty());
         self.subscribed = Some(wanted);
-        if self.ctx.probes {
+        if self.probes {
             // The mesh's probes come through the consumer like any message (see `probe`).
             change_subscriptions(&conn.client, &[self.ctx.ha.control.probe_filter()], &[]);
+            conn.probe_suback = true;
         }
     }
 
@@ -818,7 +859,14 @@ impl Link {
         };
         // Out to this broker through its first matching `out` rule (the fan-out only queues
         // what one takes; a spooled message may predate a rule change).
-        let mapped = if self.ctx.ha.control.is_probe(&item.msg.topic) {
+        let probe = self.ctx.ha.control.is_probe(&item.msg.topic);
+        if probe && !self.probes {
+            // This broker refuses `$` topics (see `probe_drops`): a probe would cost the
+            // connection.
+            self.finish(item);
+            return Ok(());
+        }
+        let mapped = if probe {
             // Probes measure the path, not the rules.
             Some(crate::rules::Mapped {
                 topic: std::borrow::Cow::Borrowed(topic),
@@ -1093,11 +1141,14 @@ impl Link {
         if self.unsynced_ends >= 2 {
             self.coordinate = false;
             self.consumer = true;
+            // Probes are `$` topics too: subscribing them would cost the connection again.
+            self.probes = false;
             warn!(
                 filters = ?self.ctx.ha.control.filters(),
                 "the broker closed two connections in a row before they read their control \
-                 records back (it refuses `$` topics?): consuming it as a lone instance; set \
-                 [bridge] ha = false for a mesh of one process on such brokers"
+                 records back (it refuses `$` topics?): consuming it as a lone instance, without \
+                 probes; set [bridge] ha = false and probe_interval = \"0s\" for a mesh of one \
+                 process on such brokers"
             );
         }
     }
