@@ -154,7 +154,7 @@ impl Router {
             .filter(|(name, _)| name.as_ref() != origin.as_ref())
             .map(|(_, queue)| queue)
             .collect();
-        self.fan_out(origin, Arc::new(msg), &targets, ack);
+        self.fan_out(origin, Arc::new(msg), &targets, ack, true);
     }
 
     fn fan_out(
@@ -163,6 +163,7 @@ impl Router {
         msg: Arc<Message>,
         targets: &[&Arc<TargetQueue>],
         ack: Option<(AckRequest, &mpsc::UnboundedSender<AckRequest>)>,
+        probe: bool,
     ) {
         let n = targets.len();
         let mut shares: Vec<Option<AckShare>> = match ack {
@@ -177,11 +178,12 @@ impl Router {
             None => Vec::new(),
         };
         for target in targets {
-            target.push(Outbound::new(
-                msg.clone(),
-                shares.pop().flatten(),
-                origin.clone(),
-            ));
+            let (msg, share, origin) = (msg.clone(), shares.pop().flatten(), origin.clone());
+            target.push(if probe {
+                Outbound::probe(msg, share, origin)
+            } else {
+                Outbound::new(msg, share, origin)
+            });
         }
     }
 
@@ -211,7 +213,7 @@ impl Router {
             self.note_retained(&msg);
         }
         let msg = Arc::new(msg);
-        self.fan_out(origin, msg, &targets, ack);
+        self.fan_out(origin, msg, &targets, ack, false);
         n
     }
 }
@@ -349,6 +351,44 @@ mod tests {
         let sp = Spool::open(dir.path(), limits).unwrap();
         let q = TargetQueue::with_spool(capacity, Arc::new(LinkStats::default()), sp.clone(), "t");
         (dir, sp, q)
+    }
+
+    /// A probe measures the live path: it never goes to the spool (a down or lagging target,
+    /// a dropped connection) and never holds its origin's acknowledgement there.
+    #[tokio::test]
+    async fn probes_are_never_spooled() {
+        let (_dir, sp, q) = spooled_queue(2);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let probe = |n: u8| {
+            let req = AckRequest {
+                pkid: u16::from(n),
+                qos: 1,
+                epoch: 0,
+            };
+            let share = AckGroup::split(req, tx.clone(), 1).pop();
+            Outbound::probe(numbered(n), share, "o".into())
+        };
+        q.push(probe(1));
+        q.sync().await;
+        assert_eq!(q.spool_depth().0, 0, "down: dropped");
+        assert_eq!(
+            rx.try_recv().unwrap().pkid,
+            1,
+            "and its origin acknowledged"
+        );
+        q.set_connected(true);
+        q.push(probe(2));
+        q.push(Outbound::new(numbered(3), None, "o".into()));
+        let mut flying = Vec::new();
+        q.take(1, &mut flying);
+        assert_eq!(payloads(&flying), [2]);
+        let mut refs: Vec<&mut Outbound> = flying.iter_mut().collect();
+        assert_eq!(q.evacuate(&mut refs), 1, "the message only");
+        q.disconnected(flying, false);
+        q.sync().await;
+        assert_eq!(q.spool_depth().0, 1, "the message, not the probe");
+        assert_eq!(rx.try_recv().unwrap().pkid, 2);
+        sp.close();
     }
 
     #[tokio::test]

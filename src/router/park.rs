@@ -174,6 +174,7 @@ impl Parker {
             origin: origin.clone(),
             key: None,
             park: Some(Box::new(park)),
+            probe: false,
         };
         let pushed = match self.router.upgrade().and_then(|r| r.queue(origin)) {
             Some(q) => q.push_park(item),

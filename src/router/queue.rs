@@ -45,6 +45,9 @@ pub(crate) struct Outbound {
     /// Not a message for this target but a park record for its broker (see [`super::park`]):
     /// never spooled.
     pub(crate) park: Option<Box<Park>>,
+    /// A probe (see [`crate::probe`]): delivered while the target keeps up, never spooled
+    /// (late, it would measure nothing; dropped, it counts as lost).
+    pub(crate) probe: bool,
 }
 
 impl Outbound {
@@ -56,6 +59,15 @@ impl Outbound {
             origin,
             key: None,
             park: None,
+            probe: false,
+        }
+    }
+
+    /// A probe for a target (see [`Outbound::probe`]).
+    pub(crate) fn probe(msg: Arc<Message>, share: Option<AckShare>, origin: Arc<str>) -> Self {
+        Self {
+            probe: true,
+            ..Self::new(msg, share, origin)
         }
     }
 
@@ -421,6 +433,12 @@ impl TargetQueue {
         };
         let mut inner = self.lock();
         let spooling = !sp.target.is_empty() || !inner.blocked.is_empty();
+        if item.probe && (!inner.connected || spooling || inner.items.len() >= self.capacity) {
+            drop(inner);
+            let mut item = item;
+            item.complete();
+            return true;
+        }
         if inner.connected && !spooling {
             if inner.items.len() < self.capacity {
                 inner.items.push_back(item);
@@ -506,7 +524,7 @@ impl TargetQueue {
             .iter_mut()
             .map(|o| &mut **o)
             .chain(inner.items.iter_mut())
-            .filter(|o| o.key.is_none())
+            .filter(|o| o.key.is_none() && !o.probe)
             .collect();
         if held.is_empty() {
             return 0;
@@ -623,6 +641,7 @@ impl TargetQueue {
                     origin,
                     key: Some(key),
                     park: None,
+                    probe: false,
                 }),
                 Ok(Decoded::Expired(msg)) => {
                     metrics::message_rejected(
@@ -668,7 +687,13 @@ impl TargetQueue {
         let items: Vec<Outbound> = unconfirmed
             .into_iter()
             .chain(inner.items.drain(..))
-            .filter(|o| o.key.is_none() && !(shutdown && o.share.is_some()))
+            .filter_map(|mut o| {
+                if o.probe {
+                    o.complete();
+                    return None;
+                }
+                (o.key.is_none() && !(shutdown && o.share.is_some())).then_some(o)
+            })
             .collect();
         sp.prepend(&mut inner, items);
         drop(inner);
