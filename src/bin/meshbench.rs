@@ -2,7 +2,8 @@
 //!
 //! `cargo run --release --bin meshbench -- [--brokers 3] [--messages 20000] [--qos 1] [--size 64]
 //! [--rate 5000] [--seconds 5] [--topics 1] [--down 0]
-//! [--queue-capacity N] [--worker-threads N] [--links-per-thread N] [--repeat R]`
+//! [--queue-capacity N] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K]
+//! [--steady]`
 //!
 //! Starts N mosquitto brokers on free loopback ports, then, in turn, (a) a mosquitto "bridge
 //! master" (one `connection` per broker, `topic # both 2`, MQTT 3.1.1, bridge flag on) and
@@ -18,6 +19,10 @@
 //! line is how many messages the bridge wrote to its spool in each run
 //! (`meshbridge_spooled_total`): a target more than `queue_capacity` messages behind is served
 //! from the spool, a slower path, so a run that spooled is a different case.
+//! CPU is also measured over the whole fixed-rate phase (`CPU µs/msg at fixed rate`); with
+//! `--steady` only that phase runs (the steady case: `--steady --rate 2000 --seconds 60`). Each
+//! run ends with the ceiling: the same load with publisher and subscriber on broker 1 and no
+//! bridge, and the bridge's ratios to it.
 //! Linux only (reads /proc). Requires mosquitto on PATH (or in /usr/sbin).
 
 use std::collections::HashSet;
@@ -47,6 +52,8 @@ struct Opts {
     repeat: usize,
     /// Bridge processes on the mesh (docs/HA.md): CPU and RSS are their sums.
     instances: usize,
+    /// Only the fixed-rate phase (the steady case): no flat-out run.
+    steady: bool,
 }
 
 fn parse() -> Result<Opts, String> {
@@ -64,6 +71,7 @@ fn parse() -> Result<Opts, String> {
         links_per_thread: None,
         repeat: 1,
         instances: 1,
+        steady: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -87,8 +95,9 @@ fn parse() -> Result<Opts, String> {
             "--links-per-thread" => o.links_per_thread = Some(v()?),
             "--repeat" => o.repeat = v()? as usize,
             "--instances" => o.instances = v()? as usize,
+            "--steady" => o.steady = true,
             "-h" | "--help" => {
-                return Err("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T] [--down K] [--queue-capacity N] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K]".into())
+                return Err("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T] [--down K] [--queue-capacity N] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K] [--steady]".into())
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -334,6 +343,8 @@ async fn publish(port: u16, o: &Opts, first_seq: u64, count: usize, rate: u64) {
 struct Result_ {
     throughput: f64,
     cpu_per_msg_us: f64,
+    /// CPU per forwarded message over the whole fixed-rate phase.
+    steady_cpu_per_msg_us: f64,
     peak_rss_mib: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -361,43 +372,29 @@ async fn measure(o: &Opts, ports: &[u16], pids: &[u32], label: &str) -> Result_ 
         seen.push(s);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let cpu0 = cpu_total();
-    let started = Instant::now();
-    publish(ports[0], o, 0, o.messages, 0).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let done = seen
-            .iter()
-            .all(|s| s.lock().unwrap_or_else(|e| e.into_inner()).seqs.len() >= o.messages);
-        if done || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let cpu = cpu_total() - cpu0;
     let mut r = Result_::default();
-    let mut rates = Vec::new();
-    for s in &seen {
-        let s = s.lock().unwrap_or_else(|e| e.into_inner());
-        let end = s.last.unwrap_or(started);
-        let secs = end.duration_since(started).as_secs_f64().max(1e-6);
-        rates.push(s.seqs.len() as f64 / secs);
-        r.missing += (o.messages - s.seqs.len().min(o.messages)) as u64;
-        r.duplicates += s.duplicates;
+    if !o.steady {
+        flat_out(o, ports, &seen, &cpu_total, &mut r).await;
     }
-    r.throughput = rates.iter().sum::<f64>() / rates.len() as f64;
-    let forwarded = (o.messages * (ports.len() - 1)) as f64;
-    r.cpu_per_msg_us = cpu / forwarded * 1e6;
 
-    // Latency at a fixed offered rate.
+    // Latency (and CPU, the steady case) at a fixed offered rate.
     let base = 1_000_000_000u64;
     let count = (o.rate * o.seconds) as usize;
     for s in &seen {
         *s.lock().unwrap_or_else(|e| e.into_inner()) = Seen::default();
     }
+    let cpu0 = cpu_total();
     publish(ports[0], o, base, count, o.rate).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
+    let forwarded = (count * (ports.len() - 1)) as f64;
+    r.steady_cpu_per_msg_us = (cpu_total() - cpu0) / forwarded * 1e6;
+    if o.steady {
+        for s in &seen {
+            let s = s.lock().unwrap_or_else(|e| e.into_inner());
+            r.missing += (count - s.seqs.len().min(count)) as u64;
+            r.duplicates += s.duplicates;
+        }
+    }
     let mut lat: Vec<u64> = seen
         .iter()
         .flat_map(|s| {
@@ -415,6 +412,43 @@ async fn measure(o: &Opts, ports: &[u16], pids: &[u32], label: &str) -> Result_ 
         let _ = c.disconnect().await;
     }
     r
+}
+
+/// The flat-out phase: `o.messages` as fast as the publisher goes.
+async fn flat_out(
+    o: &Opts,
+    ports: &[u16],
+    seen: &[Arc<Mutex<Seen>>],
+    cpu_total: &impl Fn() -> f64,
+    r: &mut Result_,
+) {
+    let cpu0 = cpu_total();
+    let started = Instant::now();
+    publish(ports[0], o, 0, o.messages, 0).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = seen
+            .iter()
+            .all(|s| s.lock().unwrap_or_else(|e| e.into_inner()).seqs.len() >= o.messages);
+        if done || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cpu = cpu_total() - cpu0;
+    let mut rates = Vec::new();
+    for s in seen {
+        let s = s.lock().unwrap_or_else(|e| e.into_inner());
+        let end = s.last.unwrap_or(started);
+        let secs = end.duration_since(started).as_secs_f64().max(1e-6);
+        rates.push(s.seqs.len() as f64 / secs);
+        r.missing += (o.messages - s.seqs.len().min(o.messages)) as u64;
+        r.duplicates += s.duplicates;
+    }
+    r.throughput = rates.iter().sum::<f64>() / rates.len() as f64;
+    let forwarded = (o.messages * (ports.len() - 1)) as f64;
+    r.cpu_per_msg_us = cpu / forwarded * 1e6;
 }
 
 fn bridge_binary() -> PathBuf {
@@ -569,6 +603,12 @@ async fn pair(
     }
 }
 
+/// The ceiling: the same load with publisher and subscriber on broker 1, no bridge at all.
+async fn run_direct(o: &Opts, lab: &Lab, run: usize) -> Result_ {
+    let p = lab.ports[0];
+    measure(o, &[p, p], &[], &format!("direct{run}")).await
+}
+
 /// Median of a list (NaN when it is empty).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -619,6 +659,7 @@ async fn main() {
     );
     // Which contender goes first alternates, so neither always meets warmer (or busier) brokers.
     let mut runs = Vec::new();
+    let mut directs = Vec::new();
     for run in 0..o.repeat {
         let (a, b, spooled) = match pair(&o, &lab, run, run % 2 == 0).await {
             Ok(p) => p,
@@ -631,12 +672,16 @@ async fn main() {
         };
         if o.repeat > 1 {
             println!(
-                "run {}: throughput {:.2}, CPU/msg {:.2} ({:.1} vs {:.1} µs), p99 {:.2}, RSS {:.1} MiB, spooled {}, missing/dup {}/{} vs {}/{}",
+                "run {}: throughput {:.2}, CPU/msg {:.2} ({:.1} vs {:.1} µs), at fixed rate {:.2} ({:.1} vs {:.1} µs), p50 {:.2}, p99 {:.2}, RSS {:.1} MiB, spooled {}, missing/dup {}/{} vs {}/{}",
                 run + 1,
                 b.throughput / a.throughput,
                 b.cpu_per_msg_us / a.cpu_per_msg_us,
                 b.cpu_per_msg_us,
                 a.cpu_per_msg_us,
+                b.steady_cpu_per_msg_us / a.steady_cpu_per_msg_us,
+                b.steady_cpu_per_msg_us,
+                a.steady_cpu_per_msg_us,
+                b.p50_ms / a.p50_ms,
                 b.p99_ms / a.p99_ms,
                 b.peak_rss_mib,
                 spooled.map_or("?".into(), |n| n.to_string()),
@@ -647,6 +692,7 @@ async fn main() {
             );
         }
         runs.push((a, b, spooled));
+        directs.push(run_direct(&o, &lab, run).await);
     }
 
     let med = |f: fn(&Result_) -> f64, bridge: bool| {
@@ -670,8 +716,11 @@ async fn main() {
             ratio(f)
         )
     };
-    row("delivered msg/s per sub", |r| r.throughput);
-    row("CPU µs per forwarded msg", |r| r.cpu_per_msg_us);
+    if !o.steady {
+        row("delivered msg/s per sub", |r| r.throughput);
+        row("CPU µs per forwarded msg", |r| r.cpu_per_msg_us);
+    }
+    row("CPU µs/msg at fixed rate", |r| r.steady_cpu_per_msg_us);
     row("peak RSS MiB", |r| r.peak_rss_mib);
     row("latency p50 ms", |r| r.p50_ms);
     row("latency p99 ms", |r| r.p99_ms);
@@ -705,6 +754,36 @@ async fn main() {
         "bridge: spooled msgs",
         "-",
         spooled.join(",")
+    );
+    // How far from the limit: the same load on one broker, no bridge.
+    let direct = |f: fn(&Result_) -> f64| median(directs.iter().map(f).collect());
+    let of_direct = |f: fn(&Result_) -> f64| {
+        median(
+            runs.iter()
+                .zip(&directs)
+                .map(|((_, b, _), d)| f(b) / f(d))
+                .collect(),
+        )
+    };
+    println!(
+        "ceiling (publisher and subscriber on b1, no bridge){label}: {} p50 {:.3} ms, p99 {:.3} ms",
+        if o.steady {
+            String::new()
+        } else {
+            format!("{:.0} msg/s,", direct(|r| r.throughput))
+        },
+        direct(|r| r.p50_ms),
+        direct(|r| r.p99_ms),
+    );
+    println!(
+        "bridge / direct: {}p50 {:.2}, p99 {:.2}",
+        if o.steady {
+            String::new()
+        } else {
+            format!("throughput {:.2}, ", of_direct(|r| r.throughput))
+        },
+        of_direct(|r| r.p50_ms),
+        of_direct(|r| r.p99_ms),
     );
 }
 
