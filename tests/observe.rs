@@ -137,6 +137,9 @@ async fn a_stopped_target_stalls_and_recovers() {
     let took = stopped.elapsed();
     println!("stalled after {took:?}");
     assert!(into_b3(&m), "{m:#?}");
+    // probe_stall_after (2 s), plus up to one probe interval and one 1 s check, plus the
+    // matrix poll: well within 6 s.
+    assert!(took < Duration::from_secs(6), "stalled only after {took:?}");
     assert!(!m.pair("b1", "b2").unwrap().stalled, "b1->b2 still flows");
     let base = format!("http://{}", mesh.admin);
     assert_eq!(http_get(&format!("{base}/replicationz"), None).0, 503);

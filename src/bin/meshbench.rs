@@ -671,13 +671,20 @@ async fn main() {
             }
         };
         if o.repeat > 1 {
+            let flat = if o.steady {
+                String::new()
+            } else {
+                format!(
+                    "throughput {:.2}, CPU/msg {:.2} ({:.1} vs {:.1} µs), ",
+                    b.throughput / a.throughput,
+                    b.cpu_per_msg_us / a.cpu_per_msg_us,
+                    b.cpu_per_msg_us,
+                    a.cpu_per_msg_us,
+                )
+            };
             println!(
-                "run {}: throughput {:.2}, CPU/msg {:.2} ({:.1} vs {:.1} µs), at fixed rate {:.2} ({:.1} vs {:.1} µs), p50 {:.2}, p99 {:.2}, RSS {:.1} MiB, spooled {}, missing/dup {}/{} vs {}/{}",
+                "run {}: {flat}at fixed rate {:.2} ({:.1} vs {:.1} µs), p50 {:.2}, p99 {:.2}, RSS {:.1} MiB, spooled {}, missing/dup {}/{} vs {}/{}",
                 run + 1,
-                b.throughput / a.throughput,
-                b.cpu_per_msg_us / a.cpu_per_msg_us,
-                b.cpu_per_msg_us,
-                a.cpu_per_msg_us,
                 b.steady_cpu_per_msg_us / a.steady_cpu_per_msg_us,
                 b.steady_cpu_per_msg_us,
                 a.steady_cpu_per_msg_us,
