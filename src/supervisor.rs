@@ -456,8 +456,15 @@ impl Supervisor {
         self.membership = membership;
         let name = broker.name.clone();
         self.spawn_resolved(broker, endpoints);
-        // The retained messages of its peers, from their snapshots (not from this process's
-        // memory: it may have restarted since they were published).
+        self.seed(&name);
+        info!(broker = %name, "broker added at run time");
+        Ok(self.links[&name].status())
+    }
+
+    /// Hands the broker `name`, just started at run time, the retained messages of its peers,
+    /// from their snapshots (not from this process's memory: it may have restarted since they
+    /// were published).
+    fn seed(&self, name: &str) {
         let members = self.members();
         if let Some(new) = members.iter().find(|m| m.name == name).cloned() {
             let peers: Vec<Member> = members.into_iter().filter(|m| m.name != name).collect();
@@ -466,8 +473,6 @@ impl Supervisor {
                 crate::reconcile::run::seed(&new, &peers, &router, &instance, limits, &stats).await
             });
         }
-        info!(broker = %name, "broker added at run time");
-        Ok(self.links[&name].status())
     }
 
     /// Takes a broker out of the mesh (by name or address) and persists that; the returned
@@ -717,7 +722,10 @@ impl Supervisor {
             }
             let name = broker.name.clone();
             match self.spawn_member(broker) {
-                Ok(_) => started.push(name),
+                Ok(_) => {
+                    self.seed(&name);
+                    started.push(name)
+                }
                 Err(e) => error!(broker = %name, error = %e, "not started"),
             }
         }
@@ -746,6 +754,7 @@ impl Supervisor {
                 match self.spawn_member(broker) {
                     Ok(_) => {
                         info!(broker = %name, "previous link drained: starting the configured broker");
+                        self.seed(name);
                         started.push(name.clone());
                     }
                     Err(e) => error!(broker = %name, error = %e, "not started"),
