@@ -363,6 +363,18 @@ async fn sighup_applies_broker_changes_from_the_config_file() {
     };
     let (admin, bridge, cfg) = (m.admin.clone(), &m.bridge, m.config.clone());
     let pid = bridge_pid(bridge);
+    // Retained in the mesh before b3 joins: b3 gets it from its peers' snapshots.
+    let s2 = mqtt::subscribe(b2.plain_port, "s2", "state/#").await;
+    mqtt::publish(
+        b1.plain_port,
+        "p-r",
+        &[Pub {
+            retain: true,
+            ..Pub::new("state/hup", "kept", 1)
+        }],
+    )
+    .await;
+    assert_eq!(s2.wait_count(1, Duration::from_secs(10)).await, 1);
 
     // b3 appears in the file, b2 disappears: SIGHUP applies both.
     let new_cfg = format!(
@@ -383,7 +395,19 @@ async fn sighup_applies_broker_changes_from_the_config_file() {
         .map(|l| l["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(names, vec!["b1", "b3"]);
-    let s3 = mqtt::subscribe(b3.plain_port, "s3", "#").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = mqtt::subscribe(b3.plain_port, "r3", "state/#").await;
+        if r.wait_count(1, Duration::from_millis(500)).await == 1 {
+            assert_eq!(&r.messages()[0].payload[..], b"kept");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b3 never got the retained message"
+        );
+    }
+    let s3 = mqtt::subscribe(b3.plain_port, "s3", "hup/#").await;
     mqtt::publish(b1.plain_port, "p", &[Pub::new("hup/x", "after reload", 1)]).await;
     assert_eq!(s3.wait_count(1, Duration::from_secs(10)).await, 1);
 
