@@ -313,6 +313,18 @@ mod tests {
         true
     }
 
+    /// Views of brokers whose rules take every topic.
+    fn all_take<'a>(named: &[(&'a str, &'a Snapshot)]) -> Vec<View<'a>> {
+        named
+            .iter()
+            .map(|(name, held)| View {
+                name,
+                held,
+                takes: &everything,
+            })
+            .collect()
+    }
+
     fn writes(p: &Plan) -> Vec<(String, String, String)> {
         p.actions
             .iter()
@@ -352,23 +364,7 @@ mod tests {
         ]);
         let s2 = snap(&[("door", on.clone()), ("tie", off.clone())]);
         let s3 = snap(&[("door", off.clone())]);
-        let views = [
-            View {
-                name: "b1",
-                held: &s1,
-                takes: &everything,
-            },
-            View {
-                name: "b2",
-                held: &s2,
-                takes: &everything,
-            },
-            View {
-                name: "b3",
-                held: &s3,
-                takes: &everything,
-            },
-        ];
+        let views = all_take(&[("b1", &s1), ("b2", &s2), ("b3", &s3)]);
         let p = plan(&views, false);
         let topics: Vec<&str> = p.topics.iter().map(|t| t.topic.as_str()).collect();
         assert_eq!(topics, ["door", "extra", "tie"]);
@@ -397,23 +393,7 @@ mod tests {
         let s1 = snap(&[("extra", on.clone()), ("shared", on.clone())]);
         let s2 = snap(&[("shared", on.clone())]);
         let s3 = Snapshot::new();
-        let views = [
-            View {
-                name: "b1",
-                held: &s1,
-                takes: &everything,
-            },
-            View {
-                name: "b2",
-                held: &s2,
-                takes: &everything,
-            },
-            View {
-                name: "b3",
-                held: &s3,
-                takes: &everything,
-            },
-        ];
+        let views = all_take(&[("b1", &s1), ("b2", &s2), ("b3", &s3)]);
         let p = plan(&views, true);
         let deletes: Vec<(&str, &str)> = p
             .actions
