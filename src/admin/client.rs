@@ -245,14 +245,22 @@ pub fn instances_table(rows: &[InstanceStatus]) -> String {
     columns(&table)
 }
 
-/// Rows as aligned columns, two spaces apart; the last column (free text) is not padded.
-fn columns<const N: usize>(rows: &[[String; N]]) -> String {
-    let widths: Vec<usize> = (0..N)
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+/// Rows (of equal length) as aligned columns, two spaces apart; the last column (free text)
+/// is not padded.
+fn columns<R: AsRef<[String]>>(rows: &[R]) -> String {
+    let n = rows.first().map_or(0, |r| r.as_ref().len());
+    let widths: Vec<usize> = (0..n)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.as_ref()[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for r in rows {
         let line: Vec<String> = r
+            .as_ref()
             .iter()
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
@@ -312,17 +320,7 @@ pub fn reconcile_table(r: &ReconcileReport) -> String {
             p.different.to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..4)
-        .map(|i| rows.iter().map(|row| row[i].len()).max().unwrap_or(0))
-        .collect();
-    for row in &rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        let _ = writeln!(out, "{}", line.join("  ").trim_end());
-    }
+    out.push_str(&columns(&rows));
     match r.differing_topics {
         0 => out.push_str("the brokers agree\n"),
         n => {
@@ -409,17 +407,7 @@ pub fn matrix_table(m: &Matrix) -> String {
                 .collect(),
         );
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    for r in &rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        let _ = writeln!(out, "{}", line.join("  ").trim_end());
-    }
+    out.push_str(&columns(&rows));
     let lost: Vec<String> = m
         .pairs
         .iter()
