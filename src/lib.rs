@@ -24,13 +24,18 @@
 //!   the group-commit thread, `record.rs` the versioned on-disk record, `target.rs` one target's
 //!   counters and the rows held in memory while the disk fails, `store.rs` the database handle
 //!   and its health.
-//! - [`router`]: `mod.rs` the fan-out, `queue.rs` a target's queue in front of its spool,
-//!   `retained.rs` the bounded retained table, `park.rs` copies of spooled messages for the
-//!   origin brokers (their records and the parker).
+//! - [`router`]: `mod.rs` the fan-out (and the retained watch a reconciliation uses),
+//!   `queue.rs` a target's queue in front of its spool, `park.rs` copies of spooled messages
+//!   for the origin brokers (their records and the parker).
 //! - [`link`]: one task per broker; `acks.rs` what it owes its broker and `outflight.rs` what one
 //!   connection has not seen acknowledged (pure state machines), `session.rs` the rumqttc
 //!   client and driver, `park.rs` the park sessions and the copy publisher (docs/HA.md),
 //!   `backoff.rs`, `threads.rs` the threads the links run on.
+//! - [`probe`]: end-to-end probes: `mod.rs` the bookkeeping (lag, loss, stalled pairs, the
+//!   matrix; pure), `client.rs` the probe client of one broker. [`reconcile`]: the brokers'
+//!   retained messages compared and repaired: `mod.rs` the comparison and the rule for
+//!   conflicts (pure), `snapshot.rs` one broker's snapshot, `run.rs` a reconciliation and the
+//!   seeding of a broker added at run time.
 //! - [`membership`]: run-time membership changes persisted under `data_dir`; [`status`]: a
 //!   link's status row and readiness.
 //! - [`supervisor`]: owns the links; start, add/remove at run time, reload, ordered shutdown.
