@@ -56,7 +56,18 @@ pub(crate) async fn run(ctx: ProbeContext) {
     .await
 }
 
-async fn connection(ctx: &ProbeContext) -> Result<(), String> {
+/// Why a probe connection ended.
+#[derive(Debug, thiserror::Error)]
+enum Ended {
+    /// The connection closed or failed (the reason rumqttc gave).
+    #[error("{0}")]
+    Closed(String),
+    /// The subscription could not be queued.
+    #[error("probe subscription: {0}")]
+    Subscribe(#[from] session::SendError),
+}
+
+async fn connection(ctx: &ProbeContext) -> Result<(), Ended> {
     let who = ConnectAs {
         client_id: format!("{}~probe@{}", ctx.settings.client_id, ctx.instance),
         clean: true,
@@ -79,13 +90,11 @@ async fn connection(ctx: &ProbeContext) -> Result<(), String> {
                 return Ok(());
             }
             event = s.events.recv() => match event {
-                None => return Err("connection task ended".into()),
-                Some(LinkEvent::Closed(e)) => return Err(e),
+                None => return Err(Ended::Closed("connection task ended".into())),
+                Some(LinkEvent::Closed(e)) => return Err(Ended::Closed(e)),
                 Some(LinkEvent::Connected { .. }) => {
                     let filter = ctx.control.probe_filter_of(&ctx.instance);
-                    if let Err(e) = s.client.subscribe_probes(&filter) {
-                        return Err(format!("probe subscription: {e}"));
-                    }
+                    s.client.subscribe_probes(&filter)?;
                     connected = true;
                 }
                 Some(LinkEvent::Publish { msg, ack }) => {
