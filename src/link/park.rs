@@ -97,8 +97,13 @@ pub(crate) async fn recover(ctx: ParkContext, read_all: oneshot::Sender<()>) {
     recover_inner(ctx, read_all).instrument(span).await
 }
 
+/// Park sessions read at once by this process: at start every owner reads one per other broker
+/// (56 connections at 8 brokers), and the heap they grow stays with the process.
+static RECOVERING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(8);
+
 async fn recover_inner(ctx: ParkContext, read_all: oneshot::Sender<()>) {
     let mut read_all = Some(read_all);
+    let _permit = RECOVERING.acquire().await;
     let outcome = tokio::time::timeout(PARK_TIMEOUT, run(&ctx, Mode::Recover, &mut read_all)).await;
     if let Some(tx) = read_all.take() {
         let _ = tx.send(());
