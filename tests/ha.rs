@@ -693,12 +693,11 @@ async fn a_311_broker_consumed_by_another_instance_does_not_loop() {
 /// b3's persistent subscriber gets every message, from the copies parked on b1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_down_targets_backlog_survives_the_loss_of_every_bridge_host() {
-    let b3_opts = common::BrokerOpts {
-        persistence: true,
-        ..Default::default()
-    };
-    let (tmp, certs, mut brokers) =
-        common::lab_with([Default::default(), Default::default(), b3_opts]);
+    let (tmp, certs, mut brokers) = common::lab_with([
+        Default::default(),
+        Default::default(),
+        common::BrokerOpts::persistent(),
+    ]);
     let list = direct(&brokers);
     let names = ["b1", "b2", "b3"];
     let mut pair = vec![
@@ -771,11 +770,8 @@ async fn chaos_loses_nothing() {
         .unwrap_or_else(rand::random);
     println!("chaos seed {seed} (MESHBRIDGE_CHAOS_SEED={seed} repeats this run)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let persistent = || common::BrokerOpts {
-        persistence: true,
-        ..Default::default()
-    };
-    let (tmp, certs, mut brokers) = common::lab_with([persistent(), persistent(), persistent()]);
+    let (tmp, certs, mut brokers) =
+        common::lab_with::<3>(std::array::from_fn(|_| common::BrokerOpts::persistent()));
     let list = direct(&brokers);
     let names = ["b1", "b2", "b3"];
     let mut pair = [
@@ -880,12 +876,11 @@ async fn chaos_loses_nothing() {
 /// receive messages that were meant for the one that left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_broker_leaves_no_parked_copies_behind() {
-    let b3_opts = common::BrokerOpts {
-        persistence: true,
-        ..Default::default()
-    };
-    let (tmp, certs, mut brokers) =
-        common::lab_with([Default::default(), Default::default(), b3_opts]);
+    let (tmp, certs, mut brokers) = common::lab_with([
+        Default::default(),
+        Default::default(),
+        common::BrokerOpts::persistent(),
+    ]);
     let a = start(tmp.path(), &certs, "mesh", "a", &direct(&brokers));
     wait_settled(&[&a], &NAMES, Duration::from_secs(20));
     let s3 = mqtt::subscribe_persistent(brokers[2].plain_port, "s3", "seq/#").await;

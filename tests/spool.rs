@@ -77,13 +77,6 @@ fn assert_none(what: &str, seqs: &[usize]) {
     );
 }
 
-fn persistent() -> BrokerOpts {
-    BrokerOpts {
-        persistence: true,
-        ..Default::default()
-    }
-}
-
 /// A bridge over b1..b3 with `bridge_keys` added to `[bridge]`.
 fn mesh(
     tmp: &std::path::Path,
@@ -131,7 +124,7 @@ fn wait_metric(admin: &str, name: &str, broker: &str, want: f64, within: Duratio
 async fn target_stopped_mid_stream(sigkill: bool) {
     const N: usize = 3000;
     const RATE: u32 = 500;
-    let (tmp, certs, b) = common::lab_with([persistent(), persistent(), persistent()]);
+    let (tmp, certs, b) = common::lab_with(std::array::from_fn(|_| BrokerOpts::persistent()));
     let (bridge, _admin) = mesh(tmp.path(), &certs, &b, "");
     let [b1, b2, mut b3] = b;
     let s2 = mqtt::subscribe(b2.plain_port, "s2", "seq/#").await;
@@ -221,7 +214,7 @@ async fn target_sigkill_mid_stream_loses_nothing_the_bridge_held() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spool_survives_a_bridge_crash_while_a_target_is_down() {
     const N: usize = 2000;
-    let (tmp, certs, mut b) = common::lab_with([persistent(), persistent(), persistent()]);
+    let (tmp, certs, mut b) = common::lab_with(std::array::from_fn(|_| BrokerOpts::persistent()));
     let (mut bridge, admin) = mesh(tmp.path(), &certs, &b, "");
     let s2 = mqtt::subscribe(b[1].plain_port, "s2", "seq/#").await;
     let s3 = mqtt::subscribe_persistent(b[2].plain_port, "s3", "seq/#").await;
@@ -378,7 +371,7 @@ async fn slow_target_spills_to_disk_and_memory_stays_bounded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_spool_drops_oldest_counted_and_logged() {
-    let (tmp, certs, mut b) = common::lab_with([persistent(), persistent(), persistent()]);
+    let (tmp, certs, mut b) = common::lab_with(std::array::from_fn(|_| BrokerOpts::persistent()));
     let (bridge, admin) = mesh(tmp.path(), &certs, &b, "spool_max_messages = 100");
     let s3 = mqtt::subscribe_persistent(b[2].plain_port, "s3", "seq/#").await;
     b[2].terminate();
@@ -418,7 +411,7 @@ async fn full_spool_drops_oldest_counted_and_logged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_spool_with_block_policy_holds_the_origin_and_loses_nothing() {
-    let (tmp, certs, mut b) = common::lab_with([persistent(), persistent(), persistent()]);
+    let (tmp, certs, mut b) = common::lab_with(std::array::from_fn(|_| BrokerOpts::persistent()));
     let (bridge, admin) = mesh(
         tmp.path(),
         &certs,
@@ -626,7 +619,7 @@ impl Drop for Tmpfs {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_holds_messages_in_memory_and_recovers_when_space_is_back() {
     const N: usize = 3000;
-    let (tmp, certs, mut b) = common::lab_with([persistent(), persistent(), persistent()]);
+    let (tmp, certs, mut b) = common::lab_with(std::array::from_fn(|_| BrokerOpts::persistent()));
     let Some(disk) = Tmpfs::mount(&tmp.path().join("data"), "8m") else {
         eprintln!("SKIPPED: mounting a tmpfs needs root");
         return;

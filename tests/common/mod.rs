@@ -140,6 +140,16 @@ impl Default for BrokerOpts {
     }
 }
 
+impl BrokerOpts {
+    /// Defaults, with sessions and messages persisted across restarts.
+    pub fn persistent() -> Self {
+        Self {
+            persistence: true,
+            ..Self::default()
+        }
+    }
+}
+
 /// A real mosquitto on loopback with a TLS listener (for the bridge), a plain listener (for
 /// test clients) and optionally a password listener.
 pub struct Mosquitto {
