@@ -737,53 +737,63 @@ impl Link {
 
     fn acknowledged(&mut self, item: Outbound, result: Result<(), String>) {
         match result {
-            Ok(()) if self.ctx.ha.control.is_probe(&item.msg.topic) => {}
+            Ok(()) if item.probe => {}
             Ok(()) => inc(&self.ctx.stats.messages_out),
             Err(reason) => metrics::message_rejected(&self.ctx.stats, &item.msg.topic, &reason),
         }
         self.finish(item);
     }
 
-    fn on_publish(&mut self, msg: Message, ack: Option<AckRequest>) {
-        let stats = &self.ctx.stats;
-        inc(&stats.messages_in);
+    /// Whether a message from the broker is taken now, with the acknowledgement it owes. Not
+    /// while stopping or changing role (unacknowledged, the broker keeps it for the session's
+    /// next connection, ours or the next owner's), nor a redelivery after a reconnect while the
+    /// first copy is still on its way (the first copy's acknowledgement covers it).
+    fn take_in(&mut self, ack: Option<AckRequest>) -> Option<Option<AckRequest>> {
         if self.ctx.stop.is_cancelled() || self.switch.is_some() {
-            // Not acknowledged: the broker keeps it for the session's next connection (ours,
-            // or the next owner's).
-            return;
+            return None;
         }
-        let ack = match ack {
-            Some(a) => match self.acks.receive(a) {
-                Some(a) => Some(a),
-                None => {
-                    // Redelivered after a reconnect while the first copy is still on its way:
-                    // the first copy's acknowledgement covers this one.
+        match ack {
+            Some(a) => {
+                let taken = self.acks.receive(a);
+                if taken.is_none() {
                     debug!(pkid = a.pkid, "redelivery of a message already forwarded");
-                    return;
                 }
-            },
-            None => None,
-        };
-        if msg.has_origin_tag() {
-            inc(&stats.dropped_tagged);
-            self.complete_opt(ack);
-            return;
+                taken.map(Some)
+            }
+            None => Some(None),
         }
-        let fp = fingerprint(&msg.topic, &msg.payload);
-        let now = Instant::now();
-        if self.ctx.settings.broker.protocol == Protocol::V311
+    }
+
+    /// On a 3.1.1 link: whether `msg` (fingerprint `fp`) is the echo of what this link, or
+    /// another instance (its echo note), published here; taken out of the window if so.
+    fn take_311_echo(&mut self, fp: u64, msg: &Message, now: Instant) -> bool {
+        self.ctx.settings.broker.protocol == Protocol::V311
             && (self.echo.take_echo(fp, now)
                 || (!self.peer_echo.is_empty()
                     && self
                         .peer_echo
                         .take_echo(ha::portable_fingerprint(&msg.topic, &msg.payload), now)))
-        {
-            inc(&stats.dropped_echo);
+    }
+
+    fn on_publish(&mut self, msg: Message, ack: Option<AckRequest>) {
+        inc(&self.ctx.stats.messages_in);
+        let Some(ack) = self.take_in(ack) else {
+            return;
+        };
+        if msg.has_origin_tag() {
+            inc(&self.ctx.stats.dropped_tagged);
+            self.complete_opt(ack);
+            return;
+        }
+        let fp = fingerprint(&msg.topic, &msg.payload);
+        let now = Instant::now();
+        if self.take_311_echo(fp, &msg, now) {
+            inc(&self.ctx.stats.dropped_echo);
             self.complete_opt(ack);
             return;
         }
         if let StormVerdict::Storm { first } = self.storm.observe(fp, now) {
-            metrics::storm(stats, &msg.topic, first, self.ctx.storm_threshold);
+            metrics::storm(&self.ctx.stats, &msg.topic, first, self.ctx.storm_threshold);
             self.complete_opt(ack);
             return;
         }
@@ -798,7 +808,7 @@ impl Link {
             });
         let Some((mesh_topic, qos_cap)) = mapped else {
             // Only what a rule subscribed arrives; a topic none takes (not UTF-8) goes nowhere.
-            inc(&stats.dropped_unmatched);
+            inc(&self.ctx.stats.dropped_unmatched);
             self.complete_opt(ack);
             return;
         };
@@ -812,33 +822,18 @@ impl Link {
             .router
             .forward(&self.ctx.name, msg, ack.map(|a| (a, &self.acks_tx)));
         if targets > 0 {
-            inc(&stats.forwarded);
+            inc(&self.ctx.stats.forwarded);
         }
     }
 
     /// A probe (see [`crate::probe`]) from the broker: forwarded to every other broker
     /// whatever the rules say, counted nowhere, dropped silently when it is an echo.
     fn on_probe(&mut self, msg: Message, ack: Option<AckRequest>) {
-        if self.ctx.stop.is_cancelled() || self.switch.is_some() {
+        let Some(ack) = self.take_in(ack) else {
             return;
-        }
-        let ack = match ack {
-            Some(a) => match self.acks.receive(a) {
-                Some(a) => Some(a),
-                None => return,
-            },
-            None => None,
         };
-        let now = Instant::now();
-        let echo = msg.has_origin_tag()
-            || (self.ctx.settings.broker.protocol == Protocol::V311
-                && (self
-                    .echo
-                    .take_echo(fingerprint(&msg.topic, &msg.payload), now)
-                    || self
-                        .peer_echo
-                        .take_echo(ha::portable_fingerprint(&msg.topic, &msg.payload), now)));
-        if echo {
+        let fp = fingerprint(&msg.topic, &msg.payload);
+        if msg.has_origin_tag() || self.take_311_echo(fp, &msg, Instant::now()) {
             self.complete_opt(ack);
             return;
         }
@@ -859,7 +854,7 @@ impl Link {
         };
         // Out to this broker through its first matching `out` rule (the fan-out only queues
         // what one takes; a spooled message may predate a rule change).
-        let probe = self.ctx.ha.control.is_probe(&item.msg.topic);
+        let probe = item.probe;
         if probe && !self.probes {
             // This broker refuses `$` topics (see `probe_drops`): a probe would cost the
             // connection.

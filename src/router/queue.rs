@@ -63,7 +63,7 @@ impl Outbound {
         }
     }
 
-    /// A probe for a target (see [`Outbound::probe`]).
+    /// A probe for a target (see the `probe` field).
     pub(crate) fn probe(msg: Arc<Message>, share: Option<AckShare>, origin: Arc<str>) -> Self {
         Self {
             probe: true,
