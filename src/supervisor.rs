@@ -504,6 +504,20 @@ impl Supervisor {
     /// Every member, for a reconciliation: brokers of the config file first, in file order
     /// (the tie-break of [`crate::reconcile`]), then those added at run time, by name.
     pub(crate) fn members(&self) -> Vec<Member> {
+        self.ordered_links()
+            .into_iter()
+            .map(|l| Member {
+                name: l.broker.name.clone(),
+                settings: self.session_settings(&l.broker),
+                rules: (*l.queue.rules()).clone(),
+                queue: l.queue.clone(),
+            })
+            .collect()
+    }
+
+    /// The links in member order: brokers of the config file in file order, then the others
+    /// by name.
+    fn ordered_links(&self) -> Vec<&LinkHandle> {
         let rank = |name: &str| {
             self.config
                 .brokers
@@ -514,14 +528,6 @@ impl Supervisor {
         let mut links: Vec<&LinkHandle> = self.links.values().collect();
         links.sort_by_key(|l| (rank(&l.broker.name), l.broker.name.clone()));
         links
-            .into_iter()
-            .map(|l| Member {
-                name: l.broker.name.clone(),
-                settings: self.session_settings(&l.broker),
-                rules: (*l.queue.rules()).clone(),
-                queue: l.queue.clone(),
-            })
-            .collect()
     }
 
     /// What a reconciliation needs besides the members.
@@ -552,9 +558,8 @@ impl Supervisor {
     /// Whether this process runs the periodic reconciliation: it consumes the first member
     /// (one process of a mesh does, and it is the one that sees its brokers best).
     pub(crate) fn leads_reconcile(&self) -> bool {
-        self.members()
+        self.ordered_links()
             .first()
-            .and_then(|m| self.links.get(&m.name))
             .is_some_and(|l| l.stats.ha().consuming)
     }
 
@@ -570,7 +575,11 @@ impl Supervisor {
 
     /// The status of every link, by name, with what the probes show of the pairs into it.
     pub(crate) fn status(&self) -> Vec<BrokerStatus> {
-        let matrix = self.matrix();
+        self.status_with(&self.matrix())
+    }
+
+    /// [`Self::status`] with the probes' `matrix` already taken.
+    pub(crate) fn status_with(&self, matrix: &Matrix) -> Vec<BrokerStatus> {
         self.links
             .values()
             .map(|l| {

@@ -314,12 +314,13 @@ async fn replicationz(State(state): State<AdminState>) -> Response {
 
 async fn metrics(State(state): State<AdminState>) -> Response {
     let sup = state.supervisor.lock().await;
+    let matrix = sup.matrix();
     let body = super::exposition::encode(
-        &sup.status(),
+        &sup.status_with(&matrix),
         sup.reconcile_stats(),
         sup.config().spool.overflow,
         &sup.spool_health(),
-        (&sup.matrix(), sup.lag_histograms()),
+        (&matrix, sup.lag_histograms()),
     );
     (
         [(

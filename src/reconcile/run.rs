@@ -108,10 +108,13 @@ pub(crate) struct ReconcileStats {
     pub(crate) seeded: AtomicU64,
 }
 
+/// Snapshots of `members`, taken side by side, in their order; failures are counted in
+/// `stats` (the callers say what each one means).
 async fn snapshots(
     members: &[Member],
     instance: &str,
     limits: Limits,
+    stats: &ReconcileStats,
 ) -> Vec<Result<Snapshot, snapshot::SnapshotError>> {
     let tasks: Vec<_> = members
         .iter()
@@ -123,11 +126,15 @@ async fn snapshots(
         .collect();
     let mut out = Vec::with_capacity(tasks.len());
     for t in tasks {
-        out.push(t.await.unwrap_or_else(|e| {
+        let result = t.await.unwrap_or_else(|e| {
             Err(snapshot::SnapshotError::Connection(format!(
                 "snapshot task: {e}"
             )))
-        }));
+        });
+        if result.is_err() {
+            stats.snapshot_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        out.push(result);
     }
     out
 }
@@ -143,7 +150,7 @@ pub(crate) async fn reconcile(
     stats: &ReconcileStats,
 ) -> ReconcileReport {
     let watch = router.watch_retained();
-    let snaps = snapshots(members, instance, limits).await;
+    let snaps = snapshots(members, instance, limits, stats).await;
     let mut report = ReconcileReport {
         repair: request.repair,
         ..ReconcileReport::default()
@@ -161,7 +168,6 @@ pub(crate) async fn reconcile(
             }
             Err(e) => {
                 warn!(broker = %m.name, error = %e, "reconcile: no snapshot of this broker; it is left out");
-                stats.snapshot_failures.fetch_add(1, Ordering::Relaxed);
                 report.brokers.push(BrokerSnapshot {
                     name: m.name.clone(),
                     retained: None,
@@ -259,13 +265,12 @@ pub(crate) async fn seed(
     stats: &ReconcileStats,
 ) -> u64 {
     let watch = router.watch_retained();
-    let snaps = snapshots(peers, instance, limits).await;
+    let snaps = snapshots(peers, instance, limits, stats).await;
     let mut ok: Vec<(&Member, Snapshot)> = Vec::new();
     for (m, s) in peers.iter().zip(snaps) {
         match s {
             Ok(s) => ok.push((m, s)),
             Err(e) => {
-                stats.snapshot_failures.fetch_add(1, Ordering::Relaxed);
                 warn!(broker = %new.name, peer = %m.name, error = %e, "no snapshot of this peer for the added broker");
             }
         }
