@@ -1244,7 +1244,7 @@ impl Link {
             let me = self.ctx.name.clone();
             for target in self.ctx.router.names().into_iter().filter(|t| *t != me) {
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                self.spawn_park_drain(target, tx);
+                self.spawn_park_drain(target, tx, false);
                 self.parks.pending.push(rx);
             }
             self.parks.started = Some(Instant::now());
@@ -1267,10 +1267,18 @@ impl Link {
     }
 
     /// Starts the drain of this broker's park session for `target`.
-    fn spawn_park_drain(&mut self, target: Arc<str>, read_all: tokio::sync::oneshot::Sender<()>) {
-        let Some(ctx) = self.park_context(target.clone()) else {
+    /// Reads the park session of `target` on this broker; `joined`: the target joined the
+    /// mesh while this process ran (see [`park::ParkContext::joined`]).
+    fn spawn_park_drain(
+        &mut self,
+        target: Arc<str>,
+        read_all: tokio::sync::oneshot::Sender<()>,
+        joined: bool,
+    ) {
+        let Some(mut ctx) = self.park_context(target.clone()) else {
             return;
         };
+        ctx.joined = joined;
         self.parks.ready.insert(target);
         tokio::spawn(park::recover(ctx, read_all));
     }
@@ -1283,6 +1291,7 @@ impl Link {
             target,
             router: self.ctx.router.clone(),
             parker: self.ctx.parker.clone()?,
+            joined: false,
         })
     }
 
@@ -1296,7 +1305,7 @@ impl Link {
         for target in &names {
             if *target != self.ctx.name && !self.parks.ready.contains(target) {
                 let (tx, _rx) = tokio::sync::oneshot::channel();
-                self.spawn_park_drain(target.clone(), tx);
+                self.spawn_park_drain(target.clone(), tx, true);
             }
         }
         let gone: Vec<Arc<str>> = self

@@ -45,6 +45,10 @@ pub(crate) struct ParkContext {
     pub(crate) router: Arc<Router>,
     /// Parks a copy again.
     pub(crate) parker: Arc<Parker>,
+    /// The target joined the mesh while this process ran: every copy for it from this
+    /// process's spool was made in this run, so one the spool no longer holds was delivered
+    /// from it already (see [`hand_over`]).
+    pub(crate) joined: bool,
 }
 
 impl ParkContext {
@@ -263,6 +267,14 @@ fn hand_over(
         };
         ctx.parker
             .send(&ctx.origin, park, crate::router::park::carrier(), share);
+        return;
+    }
+    if spool_id == ctx.parker.spool_id && ctx.joined {
+        // Made in this run and gone from the spool: delivered from there. (A copy of an
+        // earlier run's row may be all that is left of it after a crash: that one goes on.)
+        if let Some(s) = share {
+            s.complete();
+        }
         return;
     }
     queue.push(Outbound::new(msg, share, ctx.origin.clone()));
