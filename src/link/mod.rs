@@ -180,6 +180,10 @@ struct Parks {
     started: Option<Instant>,
 }
 
+/// Counters of a link's storm guard (see [`StormGuard`]): 1024 take ~70 KiB, and a loop that
+/// is most of a link's traffic is found within a few copies of the threshold.
+const STORM_TRACKED: usize = 1024;
+
 /// How long a takeover waits for its park sessions to be read before it consumes anyway.
 const PARK_WAIT: Duration = Duration::from_secs(15);
 
@@ -209,7 +213,7 @@ impl Link {
     fn new(ctx: LinkContext) -> Self {
         let (acks_tx, acks_rx) = mpsc::unbounded_channel();
         let echo = EchoWindow::new(ctx.dedup_window, ctx.dedup_max_entries);
-        let storm = StormGuard::new(ctx.storm_threshold, Duration::from_secs(10), 100_000);
+        let storm = StormGuard::new(ctx.storm_threshold, Duration::from_secs(10), STORM_TRACKED);
         let coordinate = ctx.ha.enabled;
         Self {
             acks_tx,
