@@ -206,10 +206,10 @@ impl EchoWindow {
 /// Memory is fixed: at most `max_tracked` counters (Misra–Gries heavy hitters). A message
 /// that finds every counter taken takes one from each counter instead of one of its own,
 /// and counters that reach zero, or whose window ended, are freed. A count is therefore never
-/// above the true number of copies in its window (a message that is not repeated is never
-/// dropped), and at most one below it for every `max_tracked + 1` messages that link received
-/// meanwhile: a real storm, which is most of the link's traffic, trips the guard after about
-/// `threshold` copies. (The earlier guard kept one entry per distinct message, up to 100 000
+/// above the true number of copies in its window (no message is dropped unless it really
+/// arrived more than `threshold` times), and at most one below it for every
+/// `max_tracked + 1` messages the link received meanwhile: a real storm, which is most of the
+/// link's traffic, trips the guard after about `threshold` copies. (The earlier guard kept one entry per distinct message, up to 100 000
 /// per link, 4 MiB of map per busy link that the allocator never gave back.)
 #[derive(Debug)]
 pub(crate) struct StormGuard {
