@@ -1270,9 +1270,8 @@ impl Link {
         true
     }
 
-    /// Starts the drain of this broker's park session for `target`.
-    /// Reads the park session of `target` on this broker; `joined`: the target joined the
-    /// mesh while this process ran (see [`park::ParkContext::joined`]).
+    /// Starts the drain of this broker's park session for `target`; `joined`: the target
+    /// joined the mesh while this process ran (see [`park::ParkContext::joined`]).
     fn spawn_park_drain(
         &mut self,
         target: Arc<str>,
