@@ -408,9 +408,7 @@ pub(crate) fn open(s: &SessionSettings, who: &ConnectAs, release_first: &[u16]) 
             }
             let (client, mut el) = rumqttc::AsyncClient::new(o, s.request_capacity());
             el.set_network_options(network_options());
-            if !who.clean {
-                seed_v4(&mut el);
-            }
+            seed_v4(&mut el);
             el.pending.extend(
                 release
                     .iter()
@@ -461,9 +459,7 @@ pub(crate) fn open(s: &SessionSettings, who: &ConnectAs, release_first: &[u16]) 
                 o.set_credentials(u.clone(), p.expose().to_string());
             }
             let (client, mut el) = rumqttc::v5::AsyncClient::new(o, s.request_capacity());
-            if !who.clean {
-                seed_v5(&mut el);
-            }
+            seed_v5(&mut el);
             el.pending.extend(
                 release
                     .iter()
@@ -492,9 +488,7 @@ fn network_options() -> rumqttc::NetworkOptions {
 /// so that a PUBREL the broker resends for an exchange of an earlier connection (or an earlier
 /// process) is answered with PUBCOMP instead of killing the connection (rumqtt#664). The
 /// events this produces are dropped every [`SEED_CHUNK`] ids: 65 535 of them at once cost
-/// ~15 MiB per connection, and the allocator keeps such a peak as resident memory. Seeding
-/// takes ~10 ms of CPU, so [`open`] skips it for a clean session (probe, snapshot, a
-/// publisher's own session), which the broker starts with no earlier exchange to resend.
+/// ~15 MiB per connection, and the allocator keeps such a peak as resident memory.
 pub(crate) fn seed_qos2_receive_state<E>(
     mut feed: impl FnMut(&mut std::collections::VecDeque<E>, u16),
 ) {
