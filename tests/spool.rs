@@ -369,6 +369,37 @@ async fn slow_target_spills_to_disk_and_memory_stays_bounded() {
     assert!(spooled > 0.0, "the backlog went to the spool");
 }
 
+/// A target freezes before any traffic: only probes wait on it when its stall is seen, and the
+/// messages come later. Neither may hold the origin's acknowledgements (they go in order, so
+/// one held message holds everything after it): a probe is acknowledged at once, and what
+/// reaches a target still stalled goes to its spool at the next check. Probes every 100 ms
+/// make sure some are caught in the freeze.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_frozen_before_traffic_does_not_hold_its_origin() {
+    const N: usize = 2000;
+    let (tmp, certs, b) = common::lab::<3>();
+    let (_bridge, _admin) = mesh(tmp.path(), &certs, &b, "probe_interval = \"100ms\"");
+    let s2 = mqtt::subscribe(b[1].plain_port, "s2", "seq/#").await;
+    let s3 = mqtt::subscribe(b[2].plain_port, "s3", "seq/#").await;
+    signal(b[2].pid().unwrap(), "STOP");
+    // Probes from b1 reach b3's connection (it is still open) and wait there; the stall check
+    // sees b3 finish nothing.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let msgs: Vec<Pub> = (0..N)
+        .map(|i| Pub::new("seq/q1", format!("{i:06}"), 1))
+        .collect();
+    mqtt::publish(b[0].plain_port, "p1", &msgs).await;
+    let got2 = s2.wait_count(N, Duration::from_secs(30)).await;
+    signal(b[2].pid().unwrap(), "CONT");
+    assert_eq!(got2, N, "b2 is held back by what waits on the frozen b3");
+    s3.wait_count(N, Duration::from_secs(60)).await;
+    s3.settle(Duration::from_millis(500)).await;
+    let t = tally(&s3.messages(), N);
+    assert_none("b3 missing", &t.missing);
+    assert_eq!(t.order, None, "b3 order");
+    eprintln!("b3 duplicates: {}", t.duplicates);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_spool_drops_oldest_counted_and_logged() {
     let (tmp, certs, mut b) = common::lab_with(std::array::from_fn(|_| BrokerOpts::persistent()));

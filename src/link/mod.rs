@@ -478,7 +478,9 @@ impl Link {
             && self.finished == conn.last_finished
         {
             conn.stalled_checks += 1;
-            if conn.stalled_checks == 2 {
+            // Again on every check while it stays stalled: what arrived since (while its
+            // spool was still empty) must not hold its origins either.
+            if conn.stalled_checks >= 2 {
                 self.evacuate(conn, "it acknowledged nothing for 2 s");
             }
         } else {
