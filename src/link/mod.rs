@@ -143,6 +143,9 @@ struct Link {
     /// check's measure of progress. Acknowledgements alone are not: a target that rejects
     /// everything, or takes only QoS 0, would look frozen and be moved to the spool.
     finished: u64,
+    /// [`Link::finished`] when markers last went behind the copies parked for this target,
+    /// and when (see [`Link::stall_tick`]).
+    marked: (u64, Instant),
     /// The next connection consumes the broker (the mesh's session, the rules' subscriptions);
     /// otherwise it only publishes. Decided from the control records (see [`crate::ha`]).
     consumer: bool,
@@ -226,6 +229,7 @@ impl Link {
             tags: HashMap::default(),
             subscribed: None,
             finished: 0,
+            marked: (0, Instant::now()),
             consumer: !coordinate,
             view: ha::View::default(),
             claimed: None,
@@ -471,8 +475,18 @@ impl Link {
     }
 
     /// Every second: a target that finishes nothing for two checks in a row while messages
-    /// wait on it (frozen process, stalled network) stops holding the origins.
+    /// wait on it (frozen process, stalled network) stops holding the origins. And every 2 s
+    /// while it makes progress, markers behind the copies parked for it let the origins'
+    /// owners discard those it has now (see [`crate::router::TargetQueue::mark_copies`]): a target whose
+    /// connections last a few seconds (restarts, takeovers) still gets its copies trimmed.
     fn stall_tick(&mut self, conn: &mut Conn) {
+        if conn.connected.is_some()
+            && self.finished != self.marked.0
+            && self.marked.1.elapsed() >= Duration::from_secs(2)
+        {
+            self.ctx.queue.mark_copies();
+            self.marked = (self.finished, Instant::now());
+        }
         if conn.connected.is_some()
             && conn.flight.outstanding() > 0
             && self.finished == conn.last_finished
@@ -497,7 +511,7 @@ impl Link {
         let idle =
             conn.connected.is_some() && conn.flight.outstanding() == 0 && self.ctx.queue.is_empty();
         if conn.connected.is_some() {
-            self.ctx.queue.mark_copies_delivered();
+            self.ctx.queue.mark_copies();
         }
         self.park_depth_check();
         if idle && let Some(first_row) = self.ctx.queue.orphaned_row() {

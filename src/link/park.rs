@@ -7,8 +7,9 @@
 //!   holds is parked again instead, so it is not delivered twice). A marker it publishes itself
 //!   tells it when it has read everything; each copy is acknowledged once T's queue is done with
 //!   it (delivered, or spooled and parked again).
-//! - [`trim`], after T's spool emptied: acknowledges every copy up to the marker its owner
-//!   published behind them.
+//! - [`trim`], after a marker this process published behind its copies came back acknowledged:
+//!   acknowledges every copy up to it when T's spool is empty, otherwise those whose rows the
+//!   spool no longer holds, up to the first it holds.
 //! - [`discard`], after T left the mesh: ends the session with every copy in it.
 //!
 //! The copies themselves are published by [`publish_copies`], one task per origin link with a
@@ -124,7 +125,8 @@ async fn recover_inner(ctx: ParkContext, read_all: oneshot::Sender<()>) {
     }
 }
 
-/// Acknowledges (discards) every copy in the park session up to the marker `nonce`.
+/// Acknowledges (discards) the copies in the park session up to the marker `nonce`: all of them
+/// when the target's spool is empty, otherwise those already delivered from it (see [`run`]).
 pub(crate) async fn trim(ctx: ParkContext, nonce: u64) {
     let span = tracing::info_span!("park", origin = %ctx.origin, target = %ctx.target);
     async move {
@@ -150,6 +152,19 @@ async fn run(
     mode: Mode,
     read_all: &mut Option<oneshot::Sender<()>>,
 ) -> Result<usize, String> {
+    // Trimming while the target's spool still holds rows: only the copies of rows it no longer
+    // holds go, up to the first it still holds (or made by another process: it alone knows).
+    // Every copy before the marker was made after its row was sent to the spool writer; once
+    // that is on disk, a row the spool lacks was delivered (or dropped by its limits).
+    let queue = ctx.router.queue(&ctx.target);
+    let partial = match (&mode, &queue) {
+        (Mode::Trim(_), Some(q)) => {
+            q.sync_spool().await;
+            !q.spool_empty()
+        }
+        _ => false,
+    };
+    let mut stopped = false;
     let mut s = ctx.connect(false);
     let topic = park_topic(&ctx.bridge_id, &ctx.target);
     let marker = match mode {
@@ -161,7 +176,7 @@ async fn run(
     let mut handled = 0usize;
     let mut seen_marker = false;
     loop {
-        if seen_marker && acks.unacknowledged() == 0 && acks.due() == 0 {
+        if (seen_marker && acks.unacknowledged() == 0 || stopped) && acks.due() == 0 {
             break;
         }
         tokio::select! {
@@ -184,10 +199,11 @@ async fn run(
                         s.client.publish_record(&topic, m.encode(), 1, false, None).map_err(|e| e.to_string())?;
                     }
                 }
-                Some(LinkEvent::Publish { .. }) if seen_marker => {
+                Some(LinkEvent::Publish { .. }) if seen_marker || stopped => {
                     // Parked after the marker (the target is still down, say): left in the
                     // session, unacknowledged, for the next drain. Reading it now would hand
-                    // it to the target, which would park it again, here: a loop.
+                    // it to the target, which would park it again, here: a loop. Likewise
+                    // everything behind a copy a partial trim keeps.
                 }
                 Some(LinkEvent::Publish { msg, ack }) => {
                     let ack = ack.and_then(|a| acks.receive(a));
@@ -202,6 +218,17 @@ async fn run(
                         Some(Park::Copy { key, spool_id, record, .. }) if matches!(mode, Mode::Recover) => {
                             handled += 1;
                             hand_over(ctx, key, spool_id, record, ack, &acks_tx, &mut acks);
+                        }
+                        Some(Park::Copy { key, spool_id, record, .. }) if partial => {
+                            let delivered = spool_id == ctx.parker.spool_id
+                                && queue.as_ref().is_some_and(|q| q.spool_lacks(key, &record));
+                            if delivered {
+                                handled += 1;
+                                if let Some(a) = ack { acks.complete(a); }
+                            } else {
+                                // Kept, unacknowledged, with everything behind it.
+                                stopped = true;
+                            }
                         }
                         _ => {
                             // Trimming, an older marker, or not a park record: discarded.

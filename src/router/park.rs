@@ -7,7 +7,8 @@
 //! origin is acknowledged once X acknowledged the copy, not when the local disk has it. The
 //! local spool still delivers the message; the copy is for whoever owns X after this host is
 //! gone: it drains the park session into T ([`crate::link::park`]). Once T's spool is empty
-//! again, a marker published behind the copies lets X's owner discard them.
+//! again, a marker published behind the copies lets X's owner discard them; while it is not,
+//! markers every few seconds let X's owner discard those already delivered from the spool.
 //!
 //! A copy travels through a lane of X's queue, in order behind what was copied before, and is
 //! published by X's copy publisher on a connection of its own
@@ -184,31 +185,53 @@ impl Parker {
     }
 }
 
-/// What a target's spool has copies of, per origin, since the last marker.
+/// Which origins hold copies of what a target's spool holds.
 #[derive(Debug, Default)]
-pub(crate) struct Copies(Mutex<HashSet<Arc<str>>>);
+pub(crate) struct Copies(Mutex<CopyOrigins>);
+
+#[derive(Debug, Default)]
+struct CopyOrigins {
+    /// Every origin with copies since the spool was last empty.
+    held: HashSet<Arc<str>>,
+    /// Origins that received a copy since their last marker.
+    recent: HashSet<Arc<str>>,
+}
 
 impl Copies {
     /// A copy from `origin` was sent.
     pub(crate) fn note(&self, origin: &Arc<str>) {
-        let mut set = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if !set.contains(origin) {
-            set.insert(origin.clone());
+        let mut c = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !c.recent.contains(origin) {
+            c.recent.insert(origin.clone());
+        }
+        if !c.held.contains(origin) {
+            c.held.insert(origin.clone());
         }
     }
 
-    /// The origins with copies; forgotten.
-    pub(crate) fn take(&self) -> Vec<Arc<str>> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .collect()
+    /// The origins a marker goes to now. With the spool empty: every origin with copies (all
+    /// delivered), forgotten. Otherwise the origins with copies since their last marker: the
+    /// trim behind it discards those already delivered, up to the first still spooled, so
+    /// that a spool that never quite empties (a target stalling again and again) does not
+    /// leave every copy since its first stall parked for the next owner to deliver again.
+    pub(crate) fn due_markers(&self, spool_empty: bool) -> Vec<Arc<str>> {
+        let mut c = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if spool_empty {
+            c.recent.clear();
+            c.held.drain().collect()
+        } else {
+            c.recent.drain().collect()
+        }
     }
 
-    /// Whether any copy was sent since the last [`Copies::take`].
+    /// Whether any origin holds copies.
     pub(crate) fn any(&self) -> bool {
-        !self.0.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+        !self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .held
+            .is_empty()
     }
 }
 
@@ -231,6 +254,27 @@ pub(crate) fn spool_id(dir: &std::path::Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn markers_go_to_origins_with_new_copies_until_the_spool_is_empty() {
+        let copies = Copies::default();
+        let (b1, b2): (Arc<str>, Arc<str>) = ("b1".into(), "b2".into());
+        assert!(!copies.any());
+        copies.note(&b1);
+        copies.note(&b2);
+        let mut first = copies.due_markers(false);
+        first.sort();
+        assert_eq!(first, vec![b1.clone(), b2.clone()]);
+        assert!(copies.any(), "copies are still parked");
+        assert!(copies.due_markers(false).is_empty(), "no copy since");
+        copies.note(&b2);
+        assert_eq!(copies.due_markers(false), vec![b2.clone()]);
+        let mut last = copies.due_markers(true);
+        last.sort();
+        assert_eq!(last, vec![b1, b2], "an empty spool: every origin, once");
+        assert!(!copies.any());
+        assert!(copies.due_markers(true).is_empty());
+    }
 
     #[test]
     fn park_records_read_back() {

@@ -292,10 +292,12 @@ impl TargetQueue {
         self.parks_waiting.load(Ordering::Acquire) >= self.capacity
     }
 
-    /// Once the target's spool is empty again, a marker goes behind the copies on every origin
-    /// that has some: they can be discarded (see [`super::park`]). Under this queue's lock, so
-    /// that no copy written in the meantime lands before its marker.
-    pub(crate) fn mark_copies_delivered(&self) {
+    /// Every few seconds while the target is connected: a marker goes behind the copies on
+    /// every origin that has some (see [`super::park::Copies::due_markers`]). Once the origin
+    /// acknowledged it, the origin's owner discards the copies before it whose rows this spool
+    /// no longer holds (all of them when it is empty). Under this queue's lock, so that no copy
+    /// written in the meantime lands before its marker.
+    pub(crate) fn mark_copies(&self) {
         let Some(sp) = &self.spooled else { return };
         let Some((_, name)) = &sp.park else {
             return;
@@ -304,10 +306,11 @@ impl TargetQueue {
             return;
         }
         let mut inner = self.lock();
-        if !inner.connected || !sp.target.is_empty() || !inner.blocked.is_empty() {
+        if !inner.connected {
             return;
         }
-        for origin in sp.copies.take() {
+        let empty = sp.target.is_empty() && inner.blocked.is_empty();
+        for origin in sp.copies.due_markers(empty) {
             let marker = Park::Marker {
                 target: name.clone(),
                 nonce: rand::random(),
@@ -321,6 +324,20 @@ impl TargetQueue {
         }
         drop(inner);
         self.send_parked();
+    }
+
+    /// Waits until every spool write sent so far is on disk (or held in memory, readable).
+    pub(crate) async fn sync_spool(&self) {
+        if let Some(sp) = &self.spooled {
+            sp.spool.sync().await;
+        }
+    }
+
+    /// Whether this target's spool is empty (nothing on disk, on its way, or held back).
+    pub(crate) fn spool_empty(&self) -> bool {
+        self.spooled
+            .as_ref()
+            .is_none_or(|sp| sp.target.is_empty() && self.lock().blocked.is_empty())
     }
 
     /// Hands the park records made under the lock to their origins' queues, in order.
@@ -348,6 +365,21 @@ impl TargetQueue {
             .ok()
             .and_then(|rows| rows.into_iter().next())
             .is_some_and(|(k, v)| k == key && v == record)
+    }
+
+    /// Whether this target's spool certainly no longer holds `record` under `key` (delivered,
+    /// or dropped by its limits): false when it does, or when the spool cannot be read now.
+    pub(crate) fn spool_lacks(&self, key: u64, record: &[u8]) -> bool {
+        let Some(sp) = &self.spooled else {
+            return false;
+        };
+        match sp.spool.read(&sp.target, Some(key), 1) {
+            Ok(rows) => rows
+                .into_iter()
+                .next()
+                .is_none_or(|(k, v)| k != key || v != record),
+            Err(_) => false,
+        }
     }
 
     fn build(
