@@ -77,6 +77,17 @@ fn assert_none(what: &str, seqs: &[usize]) {
     );
 }
 
+/// Waits until `sub` has every number of `0..n` (or 60 s passed), then asserts that none is
+/// missing and that first deliveries came in order; prints the duplicates.
+async fn assert_all_in_order(sub: &mqtt::Sub, name: &str, n: usize) {
+    sub.wait_count(n, Duration::from_secs(60)).await;
+    sub.settle(Duration::from_millis(500)).await;
+    let t = tally(&sub.messages(), n);
+    assert_none(&format!("{name} missing"), &t.missing);
+    assert_eq!(t.order, None, "{name} order");
+    eprintln!("{name} duplicates: {}", t.duplicates);
+}
+
 /// A bridge over b1..b3 with `bridge_keys` added to `[bridge]`.
 fn mesh(
     tmp: &std::path::Path,
@@ -392,12 +403,7 @@ async fn a_target_frozen_before_traffic_does_not_hold_its_origin() {
     let got2 = s2.wait_count(N, Duration::from_secs(30)).await;
     signal(b[2].pid().unwrap(), "CONT");
     assert_eq!(got2, N, "b2 is held back by what waits on the frozen b3");
-    s3.wait_count(N, Duration::from_secs(60)).await;
-    s3.settle(Duration::from_millis(500)).await;
-    let t = tally(&s3.messages(), N);
-    assert_none("b3 missing", &t.missing);
-    assert_eq!(t.order, None, "b3 order");
-    eprintln!("b3 duplicates: {}", t.duplicates);
+    assert_all_in_order(&s3, "b3", N).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -728,12 +734,7 @@ async fn disk_full_holds_messages_in_memory_and_recovers_when_space_is_back() {
         std::thread::sleep(Duration::from_millis(100));
     }
     b[2].restart();
-    s3.wait_count(N, Duration::from_secs(60)).await;
-    s3.settle(Duration::from_millis(500)).await;
-    let t = tally(&s3.messages(), N);
-    assert_none("b3 missing", &t.missing);
-    assert_eq!(t.order, None, "b3 order");
-    eprintln!("b3 duplicates: {}", t.duplicates);
+    assert_all_in_order(&s3, "b3", N).await;
     let log = bridge.log();
     let failures = log.matches("spool write failed").count();
     assert!(failures <= 2, "{failures} 'spool write failed' lines");
