@@ -477,8 +477,9 @@ impl Link {
     /// Every second: a target that finishes nothing for two checks in a row while messages
     /// wait on it (frozen process, stalled network) stops holding the origins. And every 2 s
     /// while it makes progress, markers behind the copies parked for it let the origins'
-    /// owners discard those it has now (see [`crate::router::TargetQueue::mark_copies`]): a target whose
-    /// connections last a few seconds (restarts, takeovers) still gets its copies trimmed.
+    /// owners discard those it has now (see [`crate::router::TargetQueue::mark_copies`]): a
+    /// target whose connections last a few seconds (restarts, takeovers) still gets its copies
+    /// trimmed.
     fn stall_tick(&mut self, conn: &mut Conn) {
         if conn.connected.is_some()
             && self.finished != self.marked.0
