@@ -853,14 +853,16 @@ impl Link {
         let Some(ack) = self.take_in(ack) else {
             return;
         };
+        // Due at once (in order behind what came before it), forwarded or not: a probe
+        // measures a path and carries nothing worth holding the origin for. Held until a
+        // frozen target took it, it would hold every message received after it, as
+        // acknowledgements go in order.
+        self.complete_opt(ack);
         let fp = fingerprint(&msg.topic, &msg.payload);
         if msg.has_origin_tag() || self.take_311_echo(fp, &msg, Instant::now()) {
-            self.complete_opt(ack);
             return;
         }
-        self.ctx
-            .router
-            .forward_probe(&self.ctx.name, msg, ack.map(|a| (a, &self.acks_tx)));
+        self.ctx.router.forward_probe(&self.ctx.name, msg);
     }
 
     /// Hands `item` to the client (or finishes it when the target cannot take it); gives it

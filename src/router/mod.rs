@@ -137,16 +137,9 @@ impl Router {
     }
 
     /// Sends a probe from `origin` to every other target, whatever their rules (see
-    /// [`crate::probe`]). Its acknowledgement is due at once (in order behind what came before
-    /// it): a probe measures a path and carries nothing worth holding the origin for. Held
-    /// until a frozen target took it, it would hold every message received after it, as
-    /// acknowledgements go in order.
-    pub(crate) fn forward_probe(
-        &self,
-        origin: &Arc<str>,
-        msg: Message,
-        ack: Option<(AckRequest, &mpsc::UnboundedSender<AckRequest>)>,
-    ) {
+    /// [`crate::probe`]). It holds no acknowledgement: its link acknowledges it at once (see
+    /// `Link::on_probe`).
+    pub(crate) fn forward_probe(&self, origin: &Arc<str>, msg: Message) {
         let list = self
             .targets
             .read()
@@ -157,9 +150,6 @@ impl Router {
             .filter(|(name, _)| name.as_ref() != origin.as_ref())
             .map(|(_, queue)| queue)
             .collect();
-        if let Some((req, tx)) = ack {
-            let _ = tx.send(req);
-        }
         self.fan_out(origin, Arc::new(msg), &targets, None, true);
     }
 
