@@ -209,8 +209,9 @@ impl EchoWindow {
 /// above the true number of copies in its window (no message is dropped unless it really
 /// arrived more than `threshold` times), and at most one below it for every
 /// `max_tracked + 1` messages the link received meanwhile: a real storm, which is most of the
-/// link's traffic, trips the guard after about `threshold` copies. (The earlier guard kept one entry per distinct message, up to 100 000
-/// per link, 4 MiB of map per busy link that the allocator never gave back.)
+/// link's traffic, trips the guard after about `threshold` copies. (The earlier guard kept one
+/// entry per distinct message, up to 100 000 per link, 4 MiB of map per busy link that the
+/// allocator never gave back.)
 #[derive(Debug)]
 pub(crate) struct StormGuard {
     threshold: u32,
