@@ -221,7 +221,8 @@ async fn run(
                         }
                         Some(Park::Copy { key, spool_id, record, .. }) if partial => {
                             let delivered = spool_id == ctx.parker.spool_id
-                                && queue.as_ref().is_some_and(|q| q.spool_lacks(key, &record));
+                                && queue.as_ref().and_then(|q| q.spool_holds(key, &record))
+                                    == Some(false);
                             if delivered {
                                 handled += 1;
                                 if let Some(a) = ack { acks.complete(a); }
@@ -284,7 +285,7 @@ fn hand_over(
         return;
     };
     let msg: Arc<Message> = Arc::new(msg);
-    if spool_id == ctx.parker.spool_id && queue.spool_holds(key, &record) {
+    if spool_id == ctx.parker.spool_id && queue.spool_holds(key, &record) == Some(true) {
         // This process delivers it from its spool: keep a copy parked, no second delivery.
         let park = Park::Copy {
             target: ctx.target.clone(),

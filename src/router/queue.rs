@@ -153,6 +153,12 @@ impl Spooled {
         }
     }
 
+    /// Whether nothing waits in the spool: nothing on disk, on its way, or held back for room
+    /// (call under the queue's lock).
+    fn is_empty(&self, inner: &QueueInner) -> bool {
+        self.target.is_empty() && inner.blocked.is_empty()
+    }
+
     /// Spools `item` behind everything spooled so far (call under the queue's lock, so keys
     /// reach the writer in order).
     fn append_back(&self, inner: &mut QueueInner, mut item: Outbound) {
@@ -309,7 +315,7 @@ impl TargetQueue {
         if !inner.connected {
             return;
         }
-        let empty = sp.target.is_empty() && inner.blocked.is_empty();
+        let empty = sp.is_empty(&inner);
         for origin in sp.copies.due_markers(empty) {
             let marker = Park::Marker {
                 target: name.clone(),
@@ -337,7 +343,7 @@ impl TargetQueue {
     pub(crate) fn spool_empty(&self) -> bool {
         self.spooled
             .as_ref()
-            .is_none_or(|sp| sp.target.is_empty() && self.lock().blocked.is_empty())
+            .is_none_or(|sp| sp.is_empty(&self.lock()))
     }
 
     /// Hands the park records made under the lock to their origins' queues, in order.
@@ -355,31 +361,16 @@ impl TargetQueue {
     }
 
     /// Whether this target's spool holds `record` under `key` (a park copy it need not deliver
-    /// again).
-    pub(crate) fn spool_holds(&self, key: u64, record: &[u8]) -> bool {
-        let Some(sp) = &self.spooled else {
-            return false;
-        };
-        sp.spool
-            .read(&sp.target, Some(key), 1)
-            .ok()
-            .and_then(|rows| rows.into_iter().next())
-            .is_some_and(|(k, v)| k == key && v == record)
-    }
-
-    /// Whether this target's spool certainly no longer holds `record` under `key` (delivered,
-    /// or dropped by its limits): false when it does, or when the spool cannot be read now.
-    pub(crate) fn spool_lacks(&self, key: u64, record: &[u8]) -> bool {
-        let Some(sp) = &self.spooled else {
-            return false;
-        };
-        match sp.spool.read(&sp.target, Some(key), 1) {
-            Ok(rows) => rows
-                .into_iter()
+    /// again); `None` when the spool cannot be read now. A row gone from it was delivered, or
+    /// dropped by its limits.
+    pub(crate) fn spool_holds(&self, key: u64, record: &[u8]) -> Option<bool> {
+        let sp = self.spooled.as_ref()?;
+        let rows = sp.spool.read(&sp.target, Some(key), 1).ok()?;
+        Some(
+            rows.into_iter()
                 .next()
-                .is_none_or(|(k, v)| k != key || v != record),
-            Err(_) => false,
-        }
+                .is_some_and(|(k, v)| k == key && v == record),
+        )
     }
 
     fn build(
@@ -464,7 +455,7 @@ impl TargetQueue {
             return self.push_memory_only(item);
         };
         let mut inner = self.lock();
-        let spooling = !sp.target.is_empty() || !inner.blocked.is_empty();
+        let spooling = !sp.is_empty(&inner);
         if item.probe && (!inner.connected || spooling || inner.items.len() >= self.capacity) {
             drop(inner);
             let mut item = item;
