@@ -754,6 +754,88 @@ async fn a_down_targets_backlog_survives_the_loss_of_every_bridge_host() {
     assert_eq!(lost, 0, "b3's subscriber lost messages");
 }
 
+/// b3 is frozen while 4000 messages from b1 go to its spool (with their copies parked on b1),
+/// then drains them slowly: it runs a few milliseconds out of every 300, so its spool never
+/// empties. The copies of what it got are trimmed meanwhile. Then the bridge host is lost: the
+/// next process delivers from the park what b3 had not got (nothing lost, so the trim kept
+/// every copy it had to), and not every copy again (without the trim, all were still parked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_of_what_a_slow_target_got_are_trimmed_while_its_spool_drains() {
+    let (tmp, certs, brokers) = lab3();
+    let list = direct(&brokers);
+    let mut a = start(tmp.path(), &certs, "mesh", "a", &list);
+    wait_settled(&[&a], &NAMES, Duration::from_secs(20));
+    let s3 = mqtt::subscribe(brokers[2].plain_port, "s3", "seq/#").await;
+    let b3 = brokers[2].pid().unwrap();
+    let n = 4000;
+    let got = |s3: &Sub| n - count(s3, "seq/b1", n).0;
+    common::signal(b3, "STOP");
+    stream(&brokers[0], n, 2000).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while counter(&a, "b1", "parked") < n as u64 {
+        assert!(Instant::now() < deadline, "copies not parked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let drip = |ms: u64| {
+        common::signal(b3, "CONT");
+        std::thread::sleep(Duration::from_millis(ms));
+        common::signal(b3, "STOP");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got(&s3) < n / 2 {
+        assert!(Instant::now() < deadline, "b3 got {} of {n}", got(&s3));
+        tokio::task::block_in_place(|| drip(5));
+    }
+    // Frozen for more than the 2 s between markers, then one more delivery: the markers that
+    // follow it come after everything b3 got, and their trims run while it is frozen again.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let before = got(&s3);
+    while got(&s3) == before {
+        tokio::task::block_in_place(|| drip(1));
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let delivered = got(&s3);
+    assert!(delivered < n, "the spool emptied: nothing to show");
+    assert!(
+        a.bridge.log().contains("delivered copies discarded"),
+        "no trim ran"
+    );
+
+    // The bridge host is lost, disk included; a fresh process drains the park.
+    tokio::task::block_in_place(|| a.bridge.kill());
+    std::fs::remove_dir_all(a.bridge.dir.join("data")).unwrap();
+    common::signal(b3, "CONT");
+    let c = start(tmp.path(), &certs, "mesh", "c", &list);
+    wait_settled(&[&c], &NAMES, Duration::from_secs(30));
+    let (lost, dups, _) = collected(&s3, "seq/b1", n, Duration::from_secs(60)).await;
+    let line = c
+        .bridge
+        .log()
+        .lines()
+        .find(|l| l.contains("origin=b1 target=b3") && l.contains("drained into the target"))
+        .map(str::to_string)
+        .unwrap_or_default();
+    let parked: usize = line
+        .rsplit("copies=")
+        .next()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    println!(
+        "b3 got {delivered} of {n} before the host was lost; {parked} copies left parked; \
+         lost {lost}, duplicates {dups}"
+    );
+    assert_eq!(
+        lost, 0,
+        "b1 -> b3 lost messages: a copy was trimmed too early"
+    );
+    // What b3 got after the last trim's marker and the copies b3's in-flight window held.
+    assert!(
+        parked <= n - delivered + INFLIGHT,
+        "{parked} copies still parked after b3 got {delivered} of {n}: {line}"
+    );
+}
+
 /// Test 9, bounded chaos: for 30 s, at random (seeded; `MESHBRIDGE_CHAOS_SEED` repeats a run),
 /// one of: kill -9 of a bridge process and its restart, SIGSTOP of a bridge process for 2-8 s,
 /// SIGTERM of a bridge process and its restart, SIGTERM of broker b3 and its restart 1-5 s

@@ -485,7 +485,7 @@ impl Link {
             && self.finished != self.marked.0
             && self.marked.1.elapsed() >= Duration::from_secs(2)
         {
-            self.ctx.queue.mark_copies();
+            self.ctx.queue.mark_copies(true);
             self.marked = (self.finished, Instant::now());
         }
         if conn.connected.is_some()
@@ -512,7 +512,9 @@ impl Link {
         let idle =
             conn.connected.is_some() && conn.flight.outstanding() == 0 && self.ctx.queue.is_empty();
         if conn.connected.is_some() {
-            self.ctx.queue.mark_copies();
+            // Once the spool is empty (deletions may still have been on their way at the last
+            // delivery's markers).
+            self.ctx.queue.mark_copies(false);
         }
         self.park_depth_check();
         if idle && let Some(first_row) = self.ctx.queue.orphaned_row() {

@@ -185,53 +185,36 @@ impl Parker {
     }
 }
 
-/// Which origins hold copies of what a target's spool holds.
+/// Which origins hold copies of what a target's spool holds (since it was last empty).
 #[derive(Debug, Default)]
-pub(crate) struct Copies(Mutex<CopyOrigins>);
-
-#[derive(Debug, Default)]
-struct CopyOrigins {
-    /// Every origin with copies since the spool was last empty.
-    held: HashSet<Arc<str>>,
-    /// Origins that received a copy since their last marker.
-    recent: HashSet<Arc<str>>,
-}
+pub(crate) struct Copies(Mutex<HashSet<Arc<str>>>);
 
 impl Copies {
     /// A copy from `origin` was sent.
     pub(crate) fn note(&self, origin: &Arc<str>) {
-        let mut c = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if !c.recent.contains(origin) {
-            c.recent.insert(origin.clone());
-        }
-        if !c.held.contains(origin) {
-            c.held.insert(origin.clone());
+        let mut set = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !set.contains(origin) {
+            set.insert(origin.clone());
         }
     }
 
-    /// The origins a marker goes to now. With the spool empty: every origin with copies (all
-    /// delivered), forgotten. Otherwise the origins with copies since their last marker: the
-    /// trim behind it discards those already delivered, up to the first still spooled, so
-    /// that a spool that never quite empties (a target stalling again and again) does not
-    /// leave every copy since its first stall parked for the next owner to deliver again.
+    /// The origins a marker goes to now: every origin with copies. With the spool empty they
+    /// are all delivered and forgotten here. Otherwise the trim behind the marker discards
+    /// those already delivered, up to the first still spooled: a spool that never quite
+    /// empties (a target stalling again and again, a long backlog) does not leave every copy
+    /// of what it delivered parked for the next owner to deliver again.
     pub(crate) fn due_markers(&self, spool_empty: bool) -> Vec<Arc<str>> {
-        let mut c = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut set = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if spool_empty {
-            c.recent.clear();
-            c.held.drain().collect()
+            set.drain().collect()
         } else {
-            c.recent.drain().collect()
+            set.iter().cloned().collect()
         }
     }
 
     /// Whether any origin holds copies.
     pub(crate) fn any(&self) -> bool {
-        !self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .held
-            .is_empty()
+        !self.0.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
     }
 }
 
@@ -256,19 +239,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn markers_go_to_origins_with_new_copies_until_the_spool_is_empty() {
+    fn markers_go_to_every_origin_with_copies_until_the_spool_is_empty() {
         let copies = Copies::default();
         let (b1, b2): (Arc<str>, Arc<str>) = ("b1".into(), "b2".into());
         assert!(!copies.any());
+        assert!(copies.due_markers(false).is_empty());
         copies.note(&b1);
         copies.note(&b2);
-        let mut first = copies.due_markers(false);
-        first.sort();
-        assert_eq!(first, vec![b1.clone(), b2.clone()]);
-        assert!(copies.any(), "copies are still parked");
-        assert!(copies.due_markers(false).is_empty(), "no copy since");
         copies.note(&b2);
-        assert_eq!(copies.due_markers(false), vec![b2.clone()]);
+        for _ in 0..2 {
+            let mut due = copies.due_markers(false);
+            due.sort();
+            assert_eq!(due, vec![b1.clone(), b2.clone()], "still parked");
+        }
+        assert!(copies.any());
         let mut last = copies.due_markers(true);
         last.sort();
         assert_eq!(last, vec![b1, b2], "an empty spool: every origin, once");

@@ -298,12 +298,13 @@ impl TargetQueue {
         self.parks_waiting.load(Ordering::Acquire) >= self.capacity
     }
 
-    /// Every few seconds while the target is connected: a marker goes behind the copies on
-    /// every origin that has some (see [`super::park::Copies::due_markers`]). Once the origin
+    /// While the target is connected: a marker goes behind the copies on every origin that has
+    /// some (see [`super::park::Copies::due_markers`]), when its spool is empty or, with
+    /// `delivered`, when it delivered from it since the last markers. Once the origin
     /// acknowledged it, the origin's owner discards the copies before it whose rows this spool
     /// no longer holds (all of them when it is empty). Under this queue's lock, so that no copy
     /// written in the meantime lands before its marker.
-    pub(crate) fn mark_copies(&self) {
+    pub(crate) fn mark_copies(&self, delivered: bool) {
         let Some(sp) = &self.spooled else { return };
         let Some((_, name)) = &sp.park else {
             return;
@@ -316,6 +317,9 @@ impl TargetQueue {
             return;
         }
         let empty = sp.is_empty(&inner);
+        if !empty && !delivered {
+            return;
+        }
         for origin in sp.copies.due_markers(empty) {
             let marker = Park::Marker {
                 target: name.clone(),
