@@ -193,17 +193,30 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
+/// (utime, stime) of a process, in seconds.
+fn cpu_split(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or("");
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + fields
-            .get(12)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
-    ticks / 100.0
+    let ticks = |i: usize| -> f64 { fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0.0) };
+    (ticks(11) / 100.0, ticks(12) / 100.0)
+}
+
+/// The whole machine's (busy, all) CPU time from /proc/stat, in seconds: busy is user, nice,
+/// system, irq, softirq and steal; all adds idle and iowait.
+fn machine_cpu() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    let at = |i: usize| ticks.get(i).copied().unwrap_or(0.0);
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+    (busy / 100.0, (busy + at(3) + at(4)) / 100.0)
 }
 
 /// Peak resident set size (VmHWM), in MiB.
@@ -345,6 +358,13 @@ struct Result_ {
     cpu_per_msg_us: f64,
     /// CPU per forwarded message over the whole fixed-rate phase.
     steady_cpu_per_msg_us: f64,
+    /// The kernel's (system time) part of it.
+    steady_sys_per_msg_us: f64,
+    /// CPU per forwarded message of everything else on the machine (brokers, load generator)
+    /// during the flat-out phase.
+    others_per_msg_us: f64,
+    /// Share of the machine busy during the flat-out phase.
+    machine_busy: f64,
     peak_rss_mib: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -362,7 +382,15 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 
 /// Runs both phases (throughput, then latency at a fixed rate) against one bridge process.
 async fn measure(o: &Opts, ports: &[u16], pids: &[u32], label: &str) -> Result_ {
-    let cpu_total = || pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+    let cpu_split = || {
+        pids.iter()
+            .map(|p| cpu_split(*p))
+            .fold((0.0, 0.0), |(u, s), (pu, ps)| (u + pu, s + ps))
+    };
+    let cpu_total = || {
+        let (u, s) = cpu_split();
+        u + s
+    };
     // Throughput: as fast as possible.
     let mut seen = Vec::new();
     let mut subs = Vec::new();
@@ -383,11 +411,13 @@ async fn measure(o: &Opts, ports: &[u16], pids: &[u32], label: &str) -> Result_ 
     for s in &seen {
         *s.lock().unwrap_or_else(|e| e.into_inner()) = Seen::default();
     }
-    let cpu0 = cpu_total();
+    let (user0, sys0) = cpu_split();
     publish(ports[0], o, base, count, o.rate).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let forwarded = (count * (ports.len() - 1)) as f64;
-    r.steady_cpu_per_msg_us = (cpu_total() - cpu0) / forwarded * 1e6;
+    let (user1, sys1) = cpu_split();
+    r.steady_cpu_per_msg_us = (user1 + sys1 - user0 - sys0) / forwarded * 1e6;
+    r.steady_sys_per_msg_us = (sys1 - sys0) / forwarded * 1e6;
     if o.steady {
         for s in &seen {
             let s = s.lock().unwrap_or_else(|e| e.into_inner());
@@ -423,6 +453,7 @@ async fn flat_out(
     r: &mut Result_,
 ) {
     let cpu0 = cpu_total();
+    let machine0 = machine_cpu();
     let started = Instant::now();
     publish(ports[0], o, 0, o.messages, 0).await;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -435,6 +466,7 @@ async fn flat_out(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let machine1 = machine_cpu();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let cpu = cpu_total() - cpu0;
     let mut rates = Vec::new();
@@ -449,6 +481,10 @@ async fn flat_out(
     r.throughput = rates.iter().sum::<f64>() / rates.len() as f64;
     let forwarded = (o.messages * (ports.len() - 1)) as f64;
     r.cpu_per_msg_us = cpu / forwarded * 1e6;
+    // Up to the last delivery (the 300 ms after it would count as idle).
+    let busy = machine1.0 - machine0.0;
+    r.machine_busy = busy / (machine1.1 - machine0.1).max(1e-6);
+    r.others_per_msg_us = (busy / forwarded * 1e6 - r.cpu_per_msg_us).max(0.0);
 }
 
 fn bridge_binary() -> PathBuf {
@@ -728,6 +764,7 @@ async fn main() {
         row("CPU µs per forwarded msg", |r| r.cpu_per_msg_us);
     }
     row("CPU µs/msg at fixed rate", |r| r.steady_cpu_per_msg_us);
+    row("  of which kernel", |r| r.steady_sys_per_msg_us);
     row("peak RSS MiB", |r| r.peak_rss_mib);
     row("latency p50 ms", |r| r.p50_ms);
     row("latency p99 ms", |r| r.p99_ms);
@@ -762,6 +799,37 @@ async fn main() {
         "-",
         spooled.join(",")
     );
+    // What no contender can beat on this machine. At the fixed rate: the kernel's part of the
+    // bridge's CPU (socket calls, loopback delivery, wake-ups) against the master's whole CPU.
+    // Flat out: the machine's busy time spent on everything but the contender (brokers, load
+    // generator), the throughput the bridge's run would reach if the bridge cost nothing.
+    println!(
+        "bridge's kernel time / master's whole CPU at fixed rate{label}: {:.2}",
+        median(
+            runs.iter()
+                .map(|(a, b, _)| b.steady_sys_per_msg_us / a.steady_cpu_per_msg_us)
+                .collect()
+        )
+    );
+    if !o.steady {
+        println!(
+            "flat out{label}: machine busy {:.0} % / {:.0} %, the rest's CPU µs per forwarded msg {:.2} / {:.2}; \
+             a bridge costing nothing: throughput {:.2}x the master's",
+            med(|r| r.machine_busy, false) * 100.0,
+            med(|r| r.machine_busy, true) * 100.0,
+            med(|r| r.others_per_msg_us, false),
+            med(|r| r.others_per_msg_us, true),
+            median(
+                runs.iter()
+                    .map(|(a, b, _)| {
+                        let free = (b.others_per_msg_us + b.cpu_per_msg_us)
+                            / b.others_per_msg_us.max(1e-9);
+                        b.throughput * free / a.throughput
+                    })
+                    .collect()
+            ),
+        );
+    }
     // How far from the limit: the same load on one broker, no bridge.
     let direct = |f: fn(&Result_) -> f64| median(directs.iter().map(f).collect());
     let of_direct = |f: fn(&Result_) -> f64| {
