@@ -195,6 +195,12 @@ impl EchoWindow {
         if self.order.capacity() > 64 && self.order.len() < self.order.capacity() / 4 {
             self.order.shrink_to(self.order.len().max(64));
         }
+        // The map too: a burst that filled the window would otherwise keep its room (and the
+        // allocator its pages) for as long as the link lives. Shrinking to twice what is left
+        // means at least half of that goes before the next shrink: amortised O(1).
+        if self.live.capacity() > 64 && self.live.len() < self.live.capacity() / 4 {
+            self.live.shrink_to((2 * self.live.len()).max(64));
+        }
     }
 }
 
@@ -479,6 +485,36 @@ mod tests {
             w.order.len()
         );
         assert!(w.approx_bytes() < 64 * 1024, "{} bytes", w.approx_bytes());
+    }
+
+    #[test]
+    fn the_window_gives_its_room_back_after_a_burst() {
+        let t0 = Instant::now();
+        let mut w = EchoWindow::new(TTL, 1_000_000);
+        let fps: Vec<u64> = (0..50_000u32)
+            .map(|i| fingerprint(b"t", &i.to_be_bytes()))
+            .collect();
+        for fp in &fps {
+            w.record(*fp, t0);
+        }
+        assert!(w.live.capacity() >= 50_000);
+        // The burst's echoes come back; later traffic is steady, one record at a time.
+        for fp in &fps {
+            assert!(w.take_echo(*fp, t0));
+        }
+        assert!(w.live.capacity() <= 128, "map kept {}", w.live.capacity());
+        // Expiry gives the room back as well.
+        for fp in &fps {
+            w.record(*fp, t0);
+        }
+        w.record(1, t0 + TTL + Duration::from_secs(1));
+        assert_eq!(w.len(), 1);
+        assert!(w.live.capacity() <= 128, "map kept {}", w.live.capacity());
+        assert!(
+            w.order.capacity() <= 128,
+            "queue kept {}",
+            w.order.capacity()
+        );
     }
 
     #[test]
