@@ -22,7 +22,10 @@
 //! CPU is also measured over the whole fixed-rate phase (`CPU µs/msg at fixed rate`); with
 //! `--steady` only that phase runs (the steady case: `--steady --rate 2000 --seconds 60`). Each
 //! run ends with the ceiling: the same load with publisher and subscriber on broker 1 and no
-//! bridge, and the bridge's ratios to it.
+//! bridge, and the bridge's ratios to it. Two lines say what no bridge could beat on this
+//! machine: the kernel's part of the bridge's CPU at the fixed rate against the master's whole
+//! CPU, and the flat-out throughput the bridge's run would reach if the bridge cost nothing
+//! (the machine's busy time, from /proc/stat, spent on the brokers and the load generator).
 //! Linux only (reads /proc). Requires mosquitto on PATH (or in /usr/sbin).
 
 use std::collections::HashSet;
