@@ -498,7 +498,7 @@ mod tests {
             w.record(*fp, t0);
         }
         assert!(w.live.capacity() >= 50_000);
-        // The burst's echoes come back; later traffic is steady, one record at a time.
+        // The burst's echoes come back: the map shrinks as they are consumed.
         for fp in &fps {
             assert!(w.take_echo(*fp, t0));
         }
