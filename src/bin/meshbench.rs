@@ -385,13 +385,14 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 
 /// Runs both phases (throughput, then latency at a fixed rate) against one bridge process.
 async fn measure(o: &Opts, ports: &[u16], pids: &[u32], label: &str) -> Result_ {
-    let cpu_split = || {
+    // (user, system) seconds of the contender's processes together.
+    let contender_cpu = || {
         pids.iter()
             .map(|p| cpu_split(*p))
             .fold((0.0, 0.0), |(u, s), (pu, ps)| (u + pu, s + ps))
     };
     let cpu_total = || {
-        let (u, s) = cpu_split();
+        let (u, s) = contender_cpu();
         u + s
     };
     // Throughput: as fast as possible.
@@ -414,11 +415,11 @@ async fn measure(o: &Opts, ports: &[u16], pids: &[u32], label: &str) -> Result_ 
     for s in &seen {
         *s.lock().unwrap_or_else(|e| e.into_inner()) = Seen::default();
     }
-    let (user0, sys0) = cpu_split();
+    let (user0, sys0) = contender_cpu();
     publish(ports[0], o, base, count, o.rate).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let forwarded = (count * (ports.len() - 1)) as f64;
-    let (user1, sys1) = cpu_split();
+    let (user1, sys1) = contender_cpu();
     r.steady_cpu_per_msg_us = (user1 + sys1 - user0 - sys0) / forwarded * 1e6;
     r.steady_sys_per_msg_us = (sys1 - sys0) / forwarded * 1e6;
     if o.steady {
