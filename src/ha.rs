@@ -18,7 +18,8 @@
 //!   back does not take a broker back, which is what keeps ownership from flapping);
 //! - a broker without a live owner goes to the live instance with the highest rendezvous score
 //!   ([`score`]), which claims it by writing the owner record; the broker orders competing
-//!   claims and everyone acts on the last one;
+//!   claims and everyone acts on the last one, once it stood [`CLAIM_SETTLE`] — at once when no
+//!   other instance was live to compete ([`View::uncontested`]);
 //! - an owner hands a broker over, cleanly, to an instance that started after the owner took it
 //!   and that the rendezvous prefers, once that instance has been live for [`REBALANCE_SETTLE`]:
 //!   this spreads the brokers over instances that join, and never moves one back to an instance
@@ -26,6 +27,10 @@
 //!
 //! Views are per broker: an instance cut from one broker is gone (its Will) on that broker only,
 //! and only that broker changes owner.
+//!
+//! Once its subscriptions are in place the owner writes its record again with a
+//! [`Subscribed`] note: [`View::consumer`] tells every instance whether the broker is consumed,
+//! which is what readiness waits for.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -164,6 +169,53 @@ pub(crate) struct OwnerRecord {
     pub(crate) since: u64,
     /// Written by an owner that stopped consuming (shutdown, handover): nobody owns it now.
     pub(crate) released: bool,
+    /// Written again by the owner once its subscriptions are in place (the broker delivers to
+    /// it): what other instances' readiness waits for. Absent in a claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) subscribed: Option<Subscribed>,
+}
+
+/// An owner's note that its subscriptions are in place (see [`OwnerRecord::subscribed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Subscribed {
+    /// Since when, milliseconds since the Unix epoch.
+    pub(crate) since: u64,
+    /// The nonce of the process that subscribed: a note left by an earlier run of the same
+    /// instance (it restarted and has not subscribed yet) names another nonce and counts for
+    /// nothing.
+    pub(crate) nonce: u64,
+}
+
+/// What a link reports of who consumes its broker (a `watch` channel the supervisor reads for
+/// readiness and status).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Consumption {
+    /// Who consumes the broker now, with its subscriptions in place; `None` while nobody is
+    /// known to (not connected, no owner yet, the owner still subscribing).
+    pub(crate) now: Option<Consumer>,
+    /// Some consumer had its subscriptions in place at some time since the link started.
+    pub(crate) ever: bool,
+}
+
+impl Consumption {
+    /// Takes what the link sees now; true when that changed anything.
+    pub(crate) fn update(&mut self, now: Option<Consumer>) -> bool {
+        let changed = self.now != now || (now.is_some() && !self.ever);
+        self.ever |= now.is_some();
+        self.now = now;
+        changed
+    }
+}
+
+/// Who consumes a broker with its subscriptions in place, as that broker's link sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Consumer {
+    /// The instance.
+    pub(crate) instance: String,
+    /// It is this process.
+    pub(crate) this: bool,
+    /// Since when its subscriptions are in place, milliseconds since the Unix epoch.
+    pub(crate) since: u64,
 }
 
 /// This process.
@@ -238,6 +290,11 @@ pub(crate) struct View {
     /// The broker does not let this connection read its records back (an ACL): the instance
     /// cannot coordinate on it and consumes it as a lone instance would.
     pub(crate) lone: bool,
+    /// This instance's last claim was written while the broker showed no other live instance,
+    /// and none has shown up since: nobody can have claimed at the same time, so the claim
+    /// need not stand [`CLAIM_SETTLE`] (the first start of a mesh, or of its only process
+    /// after its sessions expired). Cleared by any other live instance record.
+    pub(crate) uncontested: bool,
 }
 
 /// What this instance should do about one broker.
@@ -282,6 +339,9 @@ impl View {
             }
             // This process knows whether it is alive: its own entry is not kept.
             return;
+        }
+        if record.alive {
+            self.uncontested = false;
         }
         let was_live = self.instances.get(name).and_then(|s| s.live_since);
         let live_since = record.alive.then(|| was_live.unwrap_or(now));
@@ -331,6 +391,41 @@ impl View {
             .filter(|o| !o.released && self.is_live(&o.instance, me, now))
             .map(|o| o.instance.as_str())
     }
+
+    /// Whether a claim written now would be uncontested (see [`View::uncontested`]): no other
+    /// instance is live on this broker.
+    pub(crate) fn alone(&self, me: &Identity, now: Instant) -> bool {
+        self.instances
+            .keys()
+            .all(|name| !self.is_live(name, me, now))
+    }
+
+    /// Who consumes the broker with its subscriptions in place: this process when `own` says
+    /// since when its consuming connection has them, otherwise the live owner the owner record
+    /// names, once that owner noted its subscriptions (see [`OwnerRecord::subscribed`]) in
+    /// this run of its process.
+    pub(crate) fn consumer(
+        &self,
+        me: &Identity,
+        own: Option<u64>,
+        now: Instant,
+    ) -> Option<Consumer> {
+        if let Some(since) = own {
+            return Some(Consumer {
+                instance: me.instance.clone(),
+                this: true,
+                since,
+            });
+        }
+        let owner = self.live_owner(me, now).filter(|o| *o != me.instance)?;
+        let mark = self.owner.as_ref()?.subscribed?;
+        let seen = self.instances.get(owner)?;
+        (seen.record.nonce == mark.nonce).then(|| Consumer {
+            instance: owner.to_string(),
+            this: false,
+            since: mark.since,
+        })
+    }
 }
 
 /// What this instance should do about `broker`, from what `view` shows (see the module
@@ -351,8 +446,10 @@ pub(crate) fn decide(view: &View, me: &Identity, broker: &str, now: Instant) -> 
     match view.live_owner(me, now) {
         // A fresh claim of ours stands for CLAIM_SETTLE before it counts: two instances that
         // claimed at once (neither saw the other yet) both see the broker's last claim by then.
+        // Not when no other instance was live: then nobody claimed at once.
         Some(owner)
             if owner == me.instance
+                && !view.uncontested
                 && view
                     .owner_at
                     .is_some_and(|t| now.duration_since(t) < CLAIM_SETTLE) =>
@@ -523,6 +620,7 @@ mod tests {
                 instance: "a".into(),
                 since: 2,
                 released: false,
+                subscribed: None,
             }),
             false,
             now,
@@ -533,6 +631,96 @@ mod tests {
             "a fresh claim stands a moment first"
         );
         assert_eq!(decide(&v, &a, "b1", now + CLAIM_SETTLE), Decision::Own);
+    }
+
+    #[test]
+    fn an_uncontested_claim_owns_at_once_until_another_instance_shows_up() {
+        let now = Instant::now();
+        let a = me("a", 1);
+        let mut v = synced_view(&a, now);
+        // A record of a process that is gone does not contest anything.
+        let mut gone = alive(1);
+        gone.alive = false;
+        v.instance("old", gone, true, &a, now);
+        assert!(v.alone(&a, now));
+        assert_eq!(decide(&v, &a, "b1", now), Decision::Claim);
+        v.uncontested = true;
+        let claim = OwnerRecord {
+            instance: "a".into(),
+            since: 2,
+            released: false,
+            subscribed: None,
+        };
+        v.owner(Some(claim.clone()), false, now);
+        assert_eq!(
+            decide(&v, &a, "b1", now),
+            Decision::Own,
+            "nobody else to wait for"
+        );
+        // Another instance shows up before the session was taken: it may have claimed too.
+        v.instance("b", alive(1), false, &a, now);
+        assert!(!v.uncontested && !v.alone(&a, now));
+        v.owner(Some(claim), false, now);
+        assert_eq!(
+            decide(&v, &a, "b1", now),
+            Decision::Standby { owner: None },
+            "a contested claim stands a moment first"
+        );
+        assert_eq!(decide(&v, &a, "b1", now + CLAIM_SETTLE), Decision::Own);
+    }
+
+    #[test]
+    fn the_consumer_is_this_process_or_a_live_owner_that_noted_its_subscriptions() {
+        let now = Instant::now();
+        let b = me("b", 1);
+        let mut v = synced_view(&b, now);
+        assert_eq!(v.consumer(&b, None, now), None);
+        assert_eq!(
+            v.consumer(&b, Some(42), now),
+            Some(Consumer {
+                instance: "b".into(),
+                this: true,
+                since: 42
+            })
+        );
+        v.instance("a", alive(1), false, &b, now);
+        let mut record = OwnerRecord {
+            instance: "a".into(),
+            since: 5,
+            released: false,
+            subscribed: None,
+        };
+        v.owner(Some(record.clone()), false, now);
+        assert_eq!(
+            v.consumer(&b, None, now),
+            None,
+            "claimed, not subscribed yet"
+        );
+        // A note left by an earlier run of "a" (another nonce).
+        record.subscribed = Some(Subscribed { since: 9, nonce: 8 });
+        v.owner(Some(record.clone()), false, now);
+        assert_eq!(v.consumer(&b, None, now), None, "an earlier run's note");
+        record.subscribed = Some(Subscribed { since: 9, nonce: 7 });
+        v.owner(Some(record.clone()), false, now);
+        let a_consumes = Some(Consumer {
+            instance: "a".into(),
+            this: false,
+            since: 9,
+        });
+        assert_eq!(v.consumer(&b, None, now), a_consumes);
+        assert_eq!(v.consumer(&b, None, now + LIVENESS), None, "gone stale");
+        record.released = true;
+        v.owner(Some(record), false, now);
+        assert_eq!(v.consumer(&b, None, now), None, "released");
+    }
+
+    #[test]
+    fn an_owner_record_without_a_subscription_note_still_parses() {
+        let old = br#"{"instance":"a","since":5,"released":false}"#;
+        let r: OwnerRecord = serde_json::from_slice(old).expect("a record of an older version");
+        assert_eq!(r.subscribed, None);
+        let back = serde_json::to_string(&r).expect("serializes");
+        assert_eq!(back.as_bytes(), old, "a claim writes no note");
     }
 
     #[test]
@@ -567,6 +755,7 @@ mod tests {
                 instance: "a".into(),
                 since: 5,
                 released: false,
+                subscribed: None,
             }),
             true,
             now,
@@ -595,6 +784,7 @@ mod tests {
                 instance: "a".into(),
                 since: 5,
                 released: true,
+                subscribed: None,
             }),
             true,
             now,
@@ -617,6 +807,7 @@ mod tests {
                 instance: "a".into(),
                 since: 10,
                 released: false,
+                subscribed: None,
             }),
             true,
             now,
