@@ -247,6 +247,19 @@ async fn reload(
     let (started, gone) = supervisor.lock().await.reload(new);
     let removed: Vec<String> = gone.iter().map(|h| h.broker.name.clone()).collect();
     info!(?started, ?removed, "configuration reloaded");
+    for name in &started {
+        // Say when what is published on the added broker reaches the mesh (or that it does
+        // not yet), as `add-broker` answers it.
+        let consumption = supervisor.lock().await.consumption(name);
+        let name = name.clone();
+        tokio::spawn(async move {
+            if supervisor::consumed_within(consumption, supervisor::ADD_WAIT).await {
+                info!(broker = %name, "added broker consumed: its subscriptions are in place");
+            } else {
+                tracing::warn!(broker = %name, "added broker not consumed yet (see `bridge status`, SUBSCRIBED)");
+            }
+        });
+    }
     supervisor::shutdown_links(gone, drain_timeout).await;
     supervisor.lock().await.drained(&removed);
 }

@@ -201,8 +201,18 @@ fn add_broker(args: AddBrokerArgs) -> Result<(), Failure> {
         rules,
     };
     let s = client.add(&request).map_err(Failure::other)?;
+    let consumed = if s.subscribed {
+        "consumed: what is published there from now on reaches the mesh".to_string()
+    } else {
+        format!(
+            "not consumed yet ({}): `bridge status` shows SUBSCRIBED once it is",
+            s.last_error
+                .as_deref()
+                .unwrap_or("no consumer has subscribed within 10 s")
+        )
+    };
     println!(
-        "added {} ({}, {}{})",
+        "added {} ({}, {}{}); {consumed}",
         s.name,
         s.address,
         s.protocol,

@@ -68,6 +68,9 @@ pub(crate) const STEP_DOWNS: &str = "meshbridge_ha_step_downs";
 pub(crate) const HANDOVERS: &str = "meshbridge_ha_handovers";
 /// 1 while this instance consumes the broker. Gauge.
 pub(crate) const CONSUMING: &str = "meshbridge_ha_consuming";
+/// 1 while the broker's consumer (this instance or another) has its subscriptions in place:
+/// what is published there reaches the mesh. Gauge.
+pub(crate) const SUBSCRIBED: &str = "meshbridge_subscribed";
 /// Live instances of the mesh, as the broker shows them. Gauge.
 pub(crate) const INSTANCES: &str = "meshbridge_ha_instances";
 /// 1 while the link is connected. Gauge.

@@ -89,6 +89,13 @@ pub struct BrokerStatus {
     /// This instance consumes the broker.
     #[serde(default)]
     pub consuming: bool,
+    /// The broker's consumer (this instance or the owner another one is) has its subscriptions
+    /// in place: what is published on the broker now reaches the mesh.
+    #[serde(default)]
+    pub subscribed: bool,
+    /// Since when (RFC 3339, UTC), while subscribed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscribed_since: Option<String>,
     /// Live instances of the mesh, as this broker shows them.
     #[serde(default)]
     pub instances: u64,
@@ -158,13 +165,17 @@ pub struct InstanceStatus {
 /// `GET /readyz` body (see [`crate::supervisor::Supervisor::ready`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub(crate) struct ReadyReport {
-    /// Start-up done, at least one link connected, and the spool takes writes.
+    /// Start-up done (every reachable broker consumed once), at least one link connected, and
+    /// the spool takes writes.
     pub(crate) ready: bool,
     /// Links connected now.
     #[serde(default)]
     pub(crate) connected: usize,
     /// Links still waiting for their first connection.
     pub(crate) waiting: Vec<String>,
+    /// Brokers connected but not consumed yet (no consumer has its subscriptions in place).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) unconsumed: Vec<String>,
     /// The spool's write error, while its disk refuses writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) spool_error: Option<String>,

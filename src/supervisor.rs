@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{BrokerConfig, BrokerSection, Config, ConfigError};
+use crate::ha::Consumption;
 use crate::link::threads::LinkThreads;
 use crate::link::{self, LinkContext, session::SessionSettings};
 use crate::membership::{AddedBroker, Membership, MembershipError};
@@ -68,6 +69,8 @@ pub(crate) struct LinkHandle {
     endpoints: Vec<std::net::SocketAddr>,
     /// Stops the broker's probe client (see [`crate::probe`]).
     probe_stop: CancellationToken,
+    /// Who consumes the broker, as its link sees it (readiness, status).
+    consumption: watch::Receiver<Consumption>,
 }
 
 impl LinkHandle {
@@ -78,6 +81,7 @@ impl LinkHandle {
         let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         let (spool_messages, spool_bytes, spool_blocked) = self.queue.spool_depth();
         let ha = s.ha();
+        let consumer = self.consumption.borrow().now.clone();
         BrokerStatus {
             name: self.broker.name.clone(),
             address: self.broker.address(),
@@ -115,6 +119,8 @@ impl LinkHandle {
             dedup_expirations: n(&s.dedup_expirations),
             owner: ha.owner,
             consuming: ha.consuming,
+            subscribed: consumer.is_some(),
+            subscribed_since: consumer.map(|c| rfc3339_ms(c.since)),
             instances: ha.instances as u64,
             parked: n(&s.parked),
             park_skipped: n(&s.park_skipped),
@@ -134,6 +140,24 @@ impl LinkHandle {
     pub(crate) async fn shutdown(self, drain_timeout: Duration) {
         shutdown_all(vec![self], drain_timeout).await
     }
+}
+
+/// How long an addition (`add-broker`, SIGHUP) waits for the new broker's consumer to have its
+/// subscriptions in place before it reports the broker as added but not consumed yet.
+pub(crate) const ADD_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether some consumer of the broker behind `consumption` had its subscriptions in place
+/// within `within` (at once if it had already).
+pub(crate) async fn consumed_within(
+    consumption: Option<watch::Receiver<Consumption>>,
+    within: Duration,
+) -> bool {
+    let Some(mut rx) = consumption else {
+        return false;
+    };
+    tokio::time::timeout(within, rx.wait_for(|c| c.ever))
+        .await
+        .is_ok_and(|r| r.is_ok())
 }
 
 async fn shutdown_all(links: Vec<LinkHandle>, drain_timeout: Duration) {
@@ -202,6 +226,8 @@ pub(crate) struct Supervisor {
     probe_watch: CancellationToken,
     /// Counters of the reconciliations.
     reconcile_stats: Arc<ReconcileStats>,
+    /// Readiness's start-up condition was met once (see [`Self::ready`]).
+    started: bool,
 }
 
 impl Drop for Supervisor {
@@ -266,6 +292,7 @@ impl Supervisor {
             membership,
             config,
             draining: HashSet::new(),
+            started: false,
         };
         for broker in sup.config.brokers.clone() {
             if sup.membership.removed.contains(&broker.name) {
@@ -365,6 +392,7 @@ impl Supervisor {
         let queue = Arc::new(queue);
         let name: Arc<str> = broker.name.as_str().into();
         let (drained_tx, drained) = watch::channel(false);
+        let (consumption_tx, consumption) = watch::channel(Consumption::default());
         let stop = CancellationToken::new();
         let disconnect = CancellationToken::new();
         if broker.tls.is_none() {
@@ -389,6 +417,7 @@ impl Supervisor {
             stop: stop.clone(),
             disconnect: disconnect.clone(),
             drained: drained_tx,
+            consumption: consumption_tx,
         };
         let probe_stop = CancellationToken::new();
         if !self.config.probe_interval.is_zero() {
@@ -424,6 +453,7 @@ impl Supervisor {
                 at_start: false,
                 endpoints,
                 probe_stop,
+                consumption,
             },
         );
         &self.links[&key]
@@ -642,21 +672,36 @@ impl Supervisor {
         all.into_values().collect()
     }
 
-    /// Ready (for a load balancer or keepalived: this process can do its job) when every link
-    /// started with the process has connected at least once or reported why it could not, at
-    /// least one link is connected, and the spool's disk takes writes. A broker added at run
-    /// time, or one broker down, does not make the process unready.
-    pub(crate) fn ready(&self) -> ReadyReport {
-        let waiting: Vec<String> = self
-            .links
-            .values()
-            .filter(|l| {
-                l.at_start
-                    && !l.stats.ever_connected.load(Ordering::Relaxed)
-                    && l.stats.last_error().is_none()
-            })
-            .map(|l| l.broker.name.clone())
-            .collect();
+    /// Ready (for a load balancer, keepalived, a deploy script: the mesh replicates through this
+    /// process) once every link started with the process either has a consumer with its
+    /// subscriptions in place (this process, or the live owner another process is, as the
+    /// broker's records show) or cannot reach its broker (an error is shown in status); and
+    /// while at least one link is connected and the spool's disk takes writes. The first part
+    /// is a start-up latch: once met it is not asked again, so a failover or a broker added at
+    /// run time does not make the process unready.
+    pub(crate) fn ready(&mut self) -> ReadyReport {
+        let mut waiting = Vec::new();
+        let mut unconsumed = Vec::new();
+        if !self.started {
+            for l in self.links.values().filter(|l| l.at_start) {
+                if l.consumption.borrow().ever {
+                    continue;
+                }
+                let connected = l.stats.state().0 == crate::metrics::LinkState::Connected;
+                if !connected && l.stats.last_error().is_some() {
+                    // Down (the error is in status): it does not hold the others back.
+                    continue;
+                }
+                if l.stats.ever_connected.load(Ordering::Relaxed) {
+                    // Reachable, and nobody consumes it yet (or it is reconnecting in the
+                    // owner's role): what is published there now would reach no other broker.
+                    unconsumed.push(l.broker.name.clone());
+                } else {
+                    waiting.push(l.broker.name.clone());
+                }
+            }
+            self.started = waiting.is_empty() && unconsumed.is_empty();
+        }
         let connected = self
             .links
             .values()
@@ -664,11 +709,18 @@ impl Supervisor {
             .count();
         let spool_error = self.spool.health().error;
         ReadyReport {
-            ready: waiting.is_empty() && connected > 0 && spool_error.is_none(),
+            ready: self.started && connected > 0 && spool_error.is_none(),
             waiting,
+            unconsumed,
             connected,
             spool_error,
         }
+    }
+
+    /// Who consumes broker `name`, as its link reports it (to wait for an added broker with
+    /// [`consumed_within`]).
+    pub(crate) fn consumption(&self, name: &str) -> Option<watch::Receiver<Consumption>> {
+        self.links.get(name).map(|l| l.consumption.clone())
     }
 
     /// How the spool's disk is doing.
@@ -783,4 +835,9 @@ impl Supervisor {
 /// acknowledgements between them still flow while they drain.
 pub(crate) async fn shutdown_links(links: Vec<LinkHandle>, drain_timeout: Duration) {
     shutdown_all(links, drain_timeout).await
+}
+
+/// `ms` milliseconds since the Unix epoch as RFC 3339 (UTC), to the millisecond.
+fn rfc3339_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }

@@ -181,6 +181,7 @@ pub fn status_table(links: &[BrokerStatus]) -> String {
         "SPOOL".into(),
         "RECONN".into(),
         "OWNER".into(),
+        "SUBSCRIBED".into(),
         "LAST ERROR".into(),
     ]];
     for s in links {
@@ -201,6 +202,7 @@ pub fn status_table(links: &[BrokerStatus]) -> String {
             spool_cell(s),
             s.reconnects.to_string(),
             owner_cell(s),
+            s.subscribed_since.clone().unwrap_or_else(|| "no".into()),
             s.last_error.clone().unwrap_or_else(|| "-".into()),
         ]);
     }

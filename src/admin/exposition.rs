@@ -132,7 +132,7 @@ pub(crate) fn encode(
         }
         registry.register(name, help, family);
     }
-    let gauges: [Metric<i64>; 11] = [
+    let gauges: [Metric<i64>; 12] = [
         (
             metrics::PARK_DEPTH,
             "Messages waiting for the broker with copies parked on their origin brokers",
@@ -147,6 +147,11 @@ pub(crate) fn encode(
             metrics::CONSUMING,
             "1 while this instance consumes the broker",
             |s| i64::from(s.consuming),
+        ),
+        (
+            metrics::SUBSCRIBED,
+            "1 while the broker's consumer (this instance or another) has its subscriptions in place",
+            |s| i64::from(s.subscribed),
         ),
         (
             metrics::INSTANCES,

@@ -3,13 +3,18 @@
 //!
 //! Routes (JSON unless noted):
 //! - `GET /healthz` — 200 while the process works (no token needed)
-//! - `GET /readyz` — 200 when the links started with the process have connected at least once
-//!   or reported why they could not, at least one link is connected, and the spool takes
-//!   writes; else 503 with the reason (no token needed: keepalived/nginx checks). A broker
-//!   added at run time, or one broker down, does not make the process unready.
+//! - `GET /readyz` — 200 once every broker started with the process that is reachable has a
+//!   consumer with its subscriptions in place (this process, or the live owner another process
+//!   of the mesh is), while at least one link is connected and the spool takes writes; else 503
+//!   with the reason (no token needed: keepalived/nginx checks). A broker down does not hold it
+//!   back; once met, the start-up part is not asked again (a failover, or a broker added at
+//!   run time, does not make the process unready).
 //! - `GET /metrics` — Prometheus text
 //! - `GET /api/v1/brokers` — status of every link
-//! - `POST /api/v1/brokers` — add a broker ([`AddBrokerRequest`]); 201, 400, 409
+//! - `POST /api/v1/brokers` — add a broker ([`AddBrokerRequest`]): 201 once a consumer of the
+//!   new broker has its subscriptions in place (what is published there from then on reaches
+//!   the mesh); 202 when none had within 10 s (added, not consumed yet: `subscribed` in
+//!   `GET /api/v1/brokers` says when it is); 400, 409
 //! - `DELETE /api/v1/brokers/{name-or-address}` — remove a broker; 200, 404
 //!
 //! When a token is configured every route but the two health checks requires

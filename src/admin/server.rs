@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use super::{AddBrokerRequest, ErrorBody};
 use crate::config::Secret;
 use crate::membership::AddedBroker;
-use crate::supervisor::{ChangeError, Supervisor};
+use crate::supervisor::{ADD_WAIT, ChangeError, Supervisor};
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
@@ -358,12 +358,30 @@ async fn add(
         server_name: req.server_name,
         rules: req.rules,
     };
-    match state.supervisor.lock().await.add(spec) {
-        Ok(status) => {
-            info!(broker = %status.name, "added through the admin API");
-            (StatusCode::CREATED, Json(status)).into_response()
-        }
-        Err(e) => e.into_response(),
+    let added = state.supervisor.lock().await.add(spec);
+    let status = match added {
+        Ok(status) => status,
+        Err(e) => return e.into_response(),
+    };
+    let name = status.name.clone();
+    info!(broker = %name, "added through the admin API");
+    // Answered once what is published on the new broker reaches the mesh, or after ADD_WAIT
+    // with the broker's state (its consumer not subscribed yet: 202). Outside the lock.
+    let consumption = state.supervisor.lock().await.consumption(&name);
+    let consumed = crate::supervisor::consumed_within(consumption, ADD_WAIT).await;
+    let row = state
+        .supervisor
+        .lock()
+        .await
+        .status()
+        .into_iter()
+        .find(|r| r.name == name)
+        .unwrap_or(status);
+    if consumed {
+        (StatusCode::CREATED, Json(row)).into_response()
+    } else {
+        info!(broker = %name, "added, not consumed yet (see `bridge status`)");
+        (StatusCode::ACCEPTED, Json(row)).into_response()
     }
 }
 

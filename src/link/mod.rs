@@ -29,7 +29,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::dedup::{EchoWindow, StormGuard, StormVerdict, fingerprint};
-use crate::ha::{self, Control, ControlTopic, Decision, Identity, InstanceRecord, OwnerRecord};
+use crate::ha::{
+    self, Consumption, Control, ControlTopic, Decision, Identity, InstanceRecord, OwnerRecord,
+};
 use crate::message::Protocol;
 use crate::message::{AckRequest, Message};
 use crate::metrics::{self, LinkState, LinkStats, inc};
@@ -92,6 +94,8 @@ pub(crate) struct LinkContext {
     pub(crate) disconnect: CancellationToken,
     /// Set to true while stopping once nothing is queued or in flight.
     pub(crate) drained: watch::Sender<bool>,
+    /// Who consumes the broker with its subscriptions in place (readiness, status).
+    pub(crate) consumption: watch::Sender<Consumption>,
 }
 
 /// Runs the link until `disconnect` is cancelled.
@@ -190,6 +194,29 @@ const STORM_TRACKED: usize = 1024;
 /// How long a takeover waits for its park sessions to be read before it consumes anyway.
 const PARK_WAIT: Duration = Duration::from_secs(15);
 
+/// How often a coordinating link decides again without a record arriving (records go stale,
+/// claims settle): a contested claim is acted on within this of [`ha::CLAIM_SETTLE`].
+const HA_CHECK: Duration = Duration::from_millis(100);
+
+impl Parks {
+    /// Forgets the drains that have read everything (or ended).
+    fn prune(&mut self) {
+        self.pending.retain_mut(|rx| {
+            matches!(
+                rx.try_recv(),
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+            )
+        });
+    }
+}
+
+/// Waits until the first of `pending` has read everything (or ended).
+async fn first_read(pending: &mut [tokio::sync::oneshot::Receiver<()>]) {
+    if let Some(rx) = pending.first_mut() {
+        let _ = rx.await;
+    }
+}
+
 /// Per-connection delivery state.
 struct Conn {
     client: Client,
@@ -210,6 +237,11 @@ struct Conn {
     rule_subacks: u32,
     /// The probe subscription's SUBACK is owed (queued last).
     probe_suback: bool,
+    /// The broker refused a rule subscription on this connection.
+    rule_refused: bool,
+    /// Since when (ms since the Unix epoch) this consuming connection has every subscription
+    /// the rules want in place.
+    subscribed: Option<u64>,
 }
 
 impl Link {
@@ -366,6 +398,8 @@ impl Link {
             control_suback: false,
             rule_subacks: 0,
             probe_suback: false,
+            rule_refused: false,
+            subscribed: None,
         };
         self.view = ha::View::default();
         self.switch = None;
@@ -375,8 +409,9 @@ impl Link {
             h.owner = None;
         });
         let mut spool_check = tokio::time::interval(Duration::from_secs(5));
+        self.note_consumer(&conn);
         let mut stall_check = tokio::time::interval(Duration::from_secs(1));
-        let mut ha_check = tokio::time::interval(Duration::from_millis(250));
+        let mut ha_check = tokio::time::interval(HA_CHECK);
         let outcome = loop {
             if self.housekeeping(&mut conn) {
                 break self.leave(&mut conn, session).await;
@@ -403,9 +438,16 @@ impl Link {
                 _ = self.ctx.stop.cancelled(), if !self.ctx.stop.is_cancelled() => {}
                 _ = stall_check.tick() => self.stall_tick(&mut conn),
                 _ = ha_check.tick(), if self.coordinate => self.ha_tick(&mut conn),
+                // A takeover waits for its park sessions: go on as soon as they are read.
+                _ = first_read(&mut self.parks.pending), if !self.parks.pending.is_empty() => {
+                    self.parks.prune();
+                    self.reconsider(&mut conn);
+                }
                 _ = spool_check.tick() => self.spool_tick(&conn),
             }
         };
+        // Whatever the records said, this process sees nothing of the broker now.
+        self.report_consumer(None);
         self.end_of_connection(conn, outcome).await
     }
 
@@ -712,14 +754,64 @@ impl Link {
                 if failures.is_empty() {
                     info!(topics = ?self.subscribed.as_deref().unwrap_or_default(), "subscribed");
                 } else {
+                    conn.rule_refused = true;
                     let error = format!("subscription refused: {}", failures.join(", "));
                     warn!(%error);
                     self.ctx.stats.set_error(error);
+                }
+                if conn.rule_subacks == 0 && !conn.rule_refused {
+                    self.subscriptions_in_place(conn);
                 }
             }
             LinkEvent::Closed(_) => {}
         }
         self.update_gauges(conn);
+    }
+
+    /// Every subscription the rules want is in place on this consuming connection: the
+    /// broker delivers to it from now on. Noted in the owner record, for the other instances'
+    /// readiness (see [`ha::OwnerRecord::subscribed`]).
+    fn subscriptions_in_place(&mut self, conn: &mut Conn) {
+        if !conn.consumer || conn.subscribed.is_some() {
+            return;
+        }
+        let since = ha::unix_ms();
+        conn.subscribed = Some(since);
+        let me = &self.ctx.ha.identity;
+        let note = self
+            .view
+            .owner
+            .as_ref()
+            .filter(|o| o.instance == me.instance && !o.released && !self.view.lone)
+            .map(|o| OwnerRecord {
+                subscribed: Some(ha::Subscribed {
+                    since,
+                    nonce: me.nonce,
+                }),
+                ..o.clone()
+            });
+        if let Some(record) = note.filter(|_| self.coordinate) {
+            self.write_owner(conn, &record);
+        }
+        self.note_consumer(conn);
+    }
+
+    /// Reports who consumes the broker as this connection sees it now.
+    fn note_consumer(&self, conn: &Conn) {
+        let own = conn
+            .subscribed
+            .filter(|_| conn.consumer && self.switch.is_none());
+        let consumer = conn.connected.and_then(|_| {
+            self.view
+                .consumer(&self.ctx.ha.identity, own, Instant::now())
+        });
+        self.report_consumer(consumer);
+    }
+
+    fn report_consumer(&self, consumer: Option<ha::Consumer>) {
+        self.ctx
+            .consumption
+            .send_if_modified(|c| c.update(consumer));
     }
 
     /// A consuming connection subscribes what the rules want.
@@ -751,6 +843,10 @@ impl Link {
         change_subscriptions(&conn.client, &to_subscribe, &[]);
         conn.rule_subacks += u32::from(!to_subscribe.is_empty());
         self.subscribed = Some(wanted);
+        if to_subscribe.is_empty() {
+            // Nothing to wait for: the kept session has them, or there is nothing to take.
+            self.subscriptions_in_place(conn);
+        }
         if self.probes {
             // The mesh's probes come through the consumer like any message (see `probe`).
             change_subscriptions(&conn.client, &[self.ctx.ha.control.probe_filter()], &[]);
@@ -1058,16 +1154,21 @@ impl Link {
         }
     }
 
-    /// Writes an owner record for `broker`: this instance's claim, or its release.
-    fn write_owner(&mut self, conn: &mut Conn, released: bool) {
-        let ha = &self.ctx.ha;
-        let record = OwnerRecord {
-            instance: ha.identity.instance.clone(),
+    /// This instance's claim of the broker, or its release, as of now.
+    fn claim(&self, released: bool) -> OwnerRecord {
+        OwnerRecord {
+            instance: self.ctx.ha.identity.instance.clone(),
             since: ha::unix_ms(),
             released,
-        };
+            subscribed: None,
+        }
+    }
+
+    /// Writes the broker's owner record.
+    fn write_owner(&self, conn: &mut Conn, record: &OwnerRecord) {
+        let ha = &self.ctx.ha;
         let topic = ha.control.owner_topic(&self.ctx.name);
-        let payload = serde_json::to_vec(&record).unwrap_or_default();
+        let payload = serde_json::to_vec(record).unwrap_or_default();
         if conn
             .client
             .publish_record(&topic, payload, 0, true, None)
@@ -1078,7 +1179,7 @@ impl Link {
     }
 
     fn release(&mut self, conn: &mut Conn) {
-        self.write_owner(conn, true);
+        self.write_owner(conn, &self.claim(true));
         info!("ownership released");
     }
 
@@ -1132,8 +1233,8 @@ impl Link {
         self.reconsider(conn);
     }
 
-    /// Every 250 ms: refresh the instance record when due, and decide again (records go stale,
-    /// claims settle).
+    /// Every [`HA_CHECK`]: refresh the instance record when due, and decide again (records go
+    /// stale, claims settle).
     fn ha_tick(&mut self, conn: &mut Conn) {
         if conn.connected.is_none() || self.ctx.stop.is_cancelled() || !self.coordinate {
             return;
@@ -1189,8 +1290,14 @@ impl Link {
         self.reconsider(conn);
     }
 
-    /// Acts on [`ha::decide`]: claim, take over, step down or hand over.
+    /// Acts on [`ha::decide`] (claim, take over, step down or hand over), then reports who
+    /// consumes the broker.
     fn reconsider(&mut self, conn: &mut Conn) {
+        self.act_on_ownership(conn);
+        self.note_consumer(conn);
+    }
+
+    fn act_on_ownership(&mut self, conn: &mut Conn) {
         if conn.connected.is_none() || self.switch.is_some() || self.ctx.stop.is_cancelled() {
             return;
         }
@@ -1231,9 +1338,15 @@ impl Link {
                 self.begin_switch(false);
             }
             Decision::Claim if self.claim_rested() => {
-                info!("no live owner: claiming the broker");
+                // With no other instance live here nobody can claim at the same time: the
+                // claim counts as soon as the broker hands it back (see `View::uncontested`).
+                self.view.uncontested = self.view.alone(me, now);
+                info!(
+                    uncontested = self.view.uncontested,
+                    "no live owner: claiming the broker"
+                );
                 self.claimed = Some(now);
-                self.write_owner(conn, false);
+                self.write_owner(conn, &self.claim(false));
             }
             Decision::Standby { owner: Some(owner) } if conn.consumer => {
                 warn!(%owner, "another instance owns the broker: stepping down");
@@ -1275,12 +1388,7 @@ impl Link {
             self.parks.started = Some(Instant::now());
             return self.parks.pending.is_empty();
         };
-        self.parks.pending.retain_mut(|rx| {
-            matches!(
-                rx.try_recv(),
-                Err(tokio::sync::oneshot::error::TryRecvError::Empty)
-            )
-        });
+        self.parks.prune();
         if !self.parks.pending.is_empty() && started.elapsed() < PARK_WAIT {
             return false;
         }
