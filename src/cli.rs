@@ -108,6 +108,20 @@ pub enum Command {
         #[command(flatten)]
         target: AdminTarget,
     },
+    /// List the messages set aside for a broker that could not take them as mapped (a topic
+    /// over 65 535 bytes, a packet over its maximum size, one it closes the connection on),
+    /// newest first: the links went on without them.
+    DeadLetters {
+        /// JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// How many, at most.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Where the bridge is.
+        #[command(flatten)]
+        target: AdminTarget,
+    },
     /// Compare the retained messages of every broker (a snapshot of each, under its rules)
     /// and print the differences per broker pair; --repair makes them agree (the value most
     /// brokers hold wins; a tie goes to the broker listed first).

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use meshbridge::admin::AddBrokerRequest;
 use meshbridge::admin::client::{
-    AdminClient, instances_table, matrix_table, reconcile_table, status_table,
+    AdminClient, dead_letters_table, instances_table, matrix_table, reconcile_table, status_table,
 };
 use meshbridge::cli::{AddBrokerArgs, AdminTarget, Cli, Command, LogFormat};
 use meshbridge::config::Config;
@@ -82,6 +82,11 @@ fn main() -> ExitCode {
             target,
         } => status(json, matrix, watch, &target),
         Command::Instances { json, target } => instances(json, &target),
+        Command::DeadLetters {
+            json,
+            limit,
+            target,
+        } => dead_letters(json, limit, &target),
         Command::ImportMosquitto {
             file,
             out,
@@ -310,6 +315,14 @@ fn reconcile(
 fn instances(json: bool, target: &AdminTarget) -> Result<(), Failure> {
     let rows = admin_client(target)?.instances().map_err(Failure::other)?;
     print_json_or(json, rows.as_slice(), instances_table)
+}
+
+/// `bridge dead-letters`.
+fn dead_letters(json: bool, limit: usize, target: &AdminTarget) -> Result<(), Failure> {
+    let rows = admin_client(target)?
+        .dead_letters(limit)
+        .map_err(Failure::other)?;
+    print_json_or(json, rows.as_slice(), dead_letters_table)
 }
 
 /// Prints `value` as JSON for scripts, or as the table `table` makes of it.

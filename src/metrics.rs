@@ -43,6 +43,10 @@ pub(crate) const SPOOL_WRITE_FAILURES: &str = "meshbridge_spool_write_failures";
 pub(crate) const SPOOL_HELD: &str = "meshbridge_spool_held_messages";
 /// Messages a broker refused (error reason code, or larger than its maximum packet size). Counter.
 pub(crate) const REJECTED: &str = "meshbridge_rejected";
+/// Messages set aside for a broker that cannot take them as mapped (topic too long, packet too
+/// large, one the broker closes the connection on), kept in the spool's dead-letter table.
+/// Counter.
+pub(crate) const DEAD_LETTERS: &str = "meshbridge_dead_letters";
 /// Messages published again after a reconnect (possible duplicates downstream). Counter.
 pub(crate) const REDELIVERED: &str = "meshbridge_redelivered";
 /// Messages written to the broker's durable spool because it was down or fell behind. Counter.
@@ -155,6 +159,8 @@ pub(crate) struct LinkStats {
     pub(crate) dropped_unmatched: AtomicU64,
     /// See [`REJECTED`].
     pub(crate) rejected: AtomicU64,
+    /// See [`DEAD_LETTERS`].
+    pub(crate) dead_letters: AtomicU64,
     /// See [`REDELIVERED`].
     pub(crate) redelivered: AtomicU64,
     /// See [`SPOOLED`].
@@ -224,6 +230,7 @@ impl Default for LinkStats {
             dropped_spool_failed: AtomicU64::new(0),
             dropped_unmatched: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            dead_letters: AtomicU64::new(0),
             redelivered: AtomicU64::new(0),
             spooled: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
@@ -344,6 +351,37 @@ pub(crate) fn message_rejected(stats: &LinkStats, topic: &[u8], reason: &str) {
             reason,
             rejected_since_last_line = more,
             "message rejected by broker, skipped for this target (logged at most once per reason every 10 s)"
+        );
+    }
+}
+
+/// A message was set aside for this target (see `spool::dead`): counted, and logged with its
+/// origin, the start of its topic and its size — at most once per reason every 10 s, with the
+/// number of letters the line stands for (`bridge dead-letters` lists every one).
+pub(crate) fn dead_letter(
+    stats: &LinkStats,
+    origin: &str,
+    topic: &[u8],
+    size: usize,
+    reason: &str,
+) {
+    inc(&stats.dead_letters);
+    let key: String = reason.chars().filter(|c| !c.is_ascii_digit()).collect();
+    let logged = stats
+        .reject_log
+        .lock()
+        .map(|mut l| l.event(&format!("dead letter: {key}"), std::time::Instant::now()))
+        .unwrap_or(Some(0));
+    if let Some(more) = logged {
+        let shown = &topic[..topic.len().min(80)];
+        tracing::warn!(
+            origin,
+            topic_starts = %loggable_topic(shown),
+            topic_bytes = topic.len(),
+            size,
+            reason,
+            set_aside_since_last_line = more,
+            "message set aside for this target (dead letter; see `bridge dead-letters`): the link goes on with the next one"
         );
     }
 }

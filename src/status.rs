@@ -49,6 +49,9 @@ pub struct BrokerStatus {
     pub dropped_unmatched: u64,
     /// Messages the broker refused.
     pub rejected: u64,
+    /// Messages set aside for this broker (`bridge dead-letters`).
+    #[serde(default)]
+    pub dead_letters: u64,
     /// Messages published again after a reconnect.
     pub redelivered: u64,
     /// Messages written to the durable spool (the broker was down or fell behind).

@@ -105,6 +105,7 @@ impl LinkHandle {
             dropped_spool_failed: n(&s.dropped_spool_failed),
             dropped_unmatched: n(&s.dropped_unmatched),
             rejected: n(&s.rejected),
+            dead_letters: n(&s.dead_letters),
             redelivered: n(&s.redelivered),
             spooled: n(&s.spooled),
             reconnects: n(&s.reconnects),
@@ -721,6 +722,11 @@ impl Supervisor {
     /// [`consumed_within`]).
     pub(crate) fn consumption(&self, name: &str) -> Option<watch::Receiver<Consumption>> {
         self.links.get(name).map(|l| l.consumption.clone())
+    }
+
+    /// The spool (the dead-letter listing reads it).
+    pub(crate) fn spool(&self) -> Arc<Spool> {
+        self.spool.clone()
     }
 
     /// How the spool's disk is doing.

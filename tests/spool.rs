@@ -533,7 +533,7 @@ async fn message_over_a_targets_max_packet_size_is_skipped_for_it_only() {
     assert_eq!(lens(&s3), vec![6, 5], "b3 gets the two that fit, in order");
     wait_metric(
         &admin,
-        "meshbridge_rejected_total",
+        "meshbridge_dead_letters_total",
         "b3",
         1.0,
         Duration::from_secs(5),
@@ -544,6 +544,12 @@ async fn message_over_a_targets_max_packet_size_is_skipped_for_it_only() {
             .any(|l| l.contains("link{broker=b3}") && l.contains("maximum packet size 2000")),
         "the skip is logged with the limit:\n{log}"
     );
+    let (code, out, err) = common::cli_in(&["dead-letters", "--json", "--admin", &admin], None);
+    assert_eq!(code, 0, "{err}");
+    let letters: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(letters.len(), 1, "kept as a dead letter: {out}");
+    assert_eq!(letters[0]["target"], "b3");
+    assert_eq!(letters[0]["payload_bytes"], 5000);
 }
 
 /// `spool_overflow = "block"` holds back QoS 1 and 2 by their acknowledgement; QoS 0 has none,

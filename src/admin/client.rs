@@ -1,4 +1,5 @@
-//! The CLI side of the admin API: `bridge add-broker`, `remove-broker`, `status`.
+//! The CLI side of the admin API: `bridge add-broker`, `remove-broker`, `status`,
+//! `dead-letters`…
 //!
 //! Every failure is one line naming what went wrong (unreachable admin address, refused
 //! token, duplicate name, unknown broker…), and the CLI exits non-zero.
@@ -10,6 +11,7 @@ use serde::de::DeserializeOwned;
 use super::{AddBrokerRequest, BrokerStatus, ErrorBody, InstanceStatus};
 use crate::probe::Matrix;
 use crate::reconcile::run::{ReconcileReport, ReconcileRequest};
+use crate::spool::dead::DeadLetter;
 
 /// Why a CLI request failed.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +101,17 @@ impl AdminClient {
     /// `GET /api/v1/instances`.
     pub fn instances(&self) -> Result<Vec<InstanceStatus>, ClientError> {
         let mut req = self.agent.get(format!("{}/api/v1/instances", self.base));
+        if let Some(a) = self.auth() {
+            req = req.header("Authorization", a);
+        }
+        self.answer(req.call())
+    }
+
+    /// `GET /api/v1/dead-letters?limit=N`: the newest first.
+    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, ClientError> {
+        let mut req = self
+            .agent
+            .get(format!("{}/api/v1/dead-letters?limit={limit}", self.base));
         if let Some(a) = self.auth() {
             req = req.header("Authorization", a);
         }
@@ -211,6 +224,37 @@ pub fn status_table(links: &[BrokerStatus]) -> String {
         out.push_str(&format!("spool overflow policy: {}\n", s.spool_overflow));
     }
     out
+}
+
+/// The dead letters as a table (`-` when there are none).
+pub fn dead_letters_table(rows: &[DeadLetter]) -> String {
+    if rows.is_empty() {
+        return "no dead letters\n".to_string();
+    }
+    let mut table = vec![[
+        "AT".to_string(),
+        "ORIGIN".into(),
+        "TARGET".into(),
+        "QOS".into(),
+        "TOPIC (BYTES)".into(),
+        "PAYLOAD".into(),
+        "TOPIC STARTS".into(),
+        "REASON".into(),
+    ]];
+    for r in rows {
+        let starts: String = r.topic.chars().take(40).collect();
+        table.push([
+            r.at.clone(),
+            r.origin.clone(),
+            r.target.clone(),
+            r.qos.to_string(),
+            r.topic_bytes.to_string(),
+            r.payload_bytes.to_string(),
+            starts.escape_debug().to_string(),
+            r.reason.clone(),
+        ]);
+    }
+    columns(&table)
 }
 
 /// The instances as a table: `*` marks the one answering.

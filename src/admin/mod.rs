@@ -16,6 +16,8 @@
 //!   the mesh); 202 when none had within 10 s (added, not consumed yet: `subscribed` in
 //!   `GET /api/v1/brokers` says when it is); 400, 409
 //! - `DELETE /api/v1/brokers/{name-or-address}` — remove a broker; 200, 404
+//! - `GET /api/v1/dead-letters?limit=N` — messages set aside for a broker that could not
+//!   take them as mapped, newest first ([`crate::spool::dead::DeadLetter`])
 //!
 //! When a token is configured every route but the two health checks requires
 //! `Authorization: Bearer <token>`; a request without it gets 401 and is logged.

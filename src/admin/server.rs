@@ -81,6 +81,7 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/api/v1/brokers", get(list).post(add))
         .route("/api/v1/brokers/{key}", delete(remove))
         .route("/api/v1/instances", get(instances))
+        .route("/api/v1/dead-letters", get(dead_letters))
         .route("/api/v1/matrix", get(matrix))
         .route("/api/v1/reconcile", post(reconcile))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -334,6 +335,44 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 
 async fn list(State(state): State<AdminState>) -> Response {
     Json(state.supervisor.lock().await.status()).into_response()
+}
+
+/// `?limit=N` (default 100, at most the table's size).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeadLettersQuery {
+    #[serde(default = "default_dead_letters")]
+    limit: usize,
+}
+
+fn default_dead_letters() -> usize {
+    100
+}
+
+async fn dead_letters(
+    State(state): State<AdminState>,
+    query: Result<axum::extract::Query<DeadLettersQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let limit = match query {
+        Ok(q) => q.limit,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("bad query: {}", e.body_text()),
+            );
+        }
+    };
+    let spool = state.supervisor.lock().await.spool();
+    // A read of the spool file: off the async threads.
+    let rows = tokio::task::spawn_blocking(move || spool.dead_letters(limit)).await;
+    match rows {
+        Ok(Ok(rows)) => Json(rows).into_response(),
+        Ok(Err(e)) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot read the dead letters: {e}"),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 async fn instances(State(state): State<AdminState>) -> Response {

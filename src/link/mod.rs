@@ -17,6 +17,7 @@ mod acks;
 pub(crate) mod backoff;
 mod outflight;
 pub(crate) mod park;
+mod poison;
 pub mod session;
 pub(crate) mod threads;
 
@@ -39,6 +40,7 @@ use crate::router::{Outbound, Router, TargetQueue};
 use acks::InboundAcks;
 use backoff::Backoff;
 use outflight::{OutFlight, Sent};
+use poison::{PoisonPolicy, PoisonWatch};
 use session::{Client, ConnectAs, LinkEvent, SendError, Session, SessionSettings};
 
 /// What every link of this process shares about the mesh's instances (see [`crate::ha`]).
@@ -174,6 +176,8 @@ struct Link {
     probe_drops: u32,
     /// This broker's park sessions (see [`park`]).
     parks: Parks,
+    /// The message this broker closes the connection on, if any (see [`poison`]).
+    poison: PoisonWatch,
 }
 
 /// The park sessions of this (origin) broker, as its owner drains them.
@@ -272,6 +276,7 @@ impl Link {
             probes: ctx.probes,
             probe_drops: 0,
             parks: Parks::default(),
+            poison: PoisonWatch::new(PoisonPolicy::default()),
             ctx,
         }
     }
@@ -487,7 +492,13 @@ impl Link {
     fn has_room(&self, conn: &Conn) -> bool {
         conn.connected.is_some()
             && self.switch.is_none()
-            && conn.flight.outstanding() < usize::from(self.ctx.settings.inflight)
+            && conn.flight.outstanding() < self.window()
+    }
+
+    /// The in-flight window: `inflight`, or 1 while finding a message the broker refuses (see
+    /// [`poison`]).
+    fn window(&self) -> usize {
+        self.poison.window(usize::from(self.ctx.settings.inflight))
     }
 
     /// Publishes from the queue up to the in-flight window. True when it published and the
@@ -495,7 +506,7 @@ impl Link {
     /// the client refused: the rest went back, in order, to be retried after the next event
     /// (retrying at once would spin without ever reading that event).
     fn fill_window(&mut self, conn: &mut Conn) -> bool {
-        let free = usize::from(self.ctx.settings.inflight) - conn.flight.outstanding();
+        let free = self.window().saturating_sub(conn.flight.outstanding());
         let mut batch = std::mem::take(&mut conn.batch);
         self.ctx.queue.take(free, &mut batch);
         let had = !batch.is_empty();
@@ -599,6 +610,10 @@ impl Link {
                      set [bridge] probe_interval = \"0s\" on such brokers"
                 );
             }
+        }
+        if conn.connected.is_some() && matches!(outcome, Outcome::Lost { .. }) {
+            let written: Vec<u64> = conn.flight.written().into_iter().map(poison_id).collect();
+            self.poison.lost(&written);
         }
         let (unconfirmed, release_first) = conn.flight.drain();
         if conn.connected.is_some() {
@@ -998,14 +1013,9 @@ impl Link {
         };
         let qos = qos.min(mapped.qos_cap);
         let topic = mapped.topic;
-        if let Some(max) = conn.max_packet {
-            let size = item.msg.approx_packet_size();
-            if size > max as usize {
-                let reason = format!("{size} bytes exceed the broker's maximum packet size {max}");
-                metrics::message_rejected(&self.ctx.stats, &item.msg.topic, &reason);
-                self.finish(item);
-                return Ok(());
-            }
+        if let Some(reason) = self.unsendable(conn, &item, &topic) {
+            self.set_aside(item, &reason);
+            return Ok(());
         }
         let properties = match broker.protocol {
             Protocol::V5 => {
@@ -1047,6 +1057,45 @@ impl Link {
         }
     }
 
+    /// Why `item`, mapped to `topic`, cannot be sent to this broker, if it cannot: a topic
+    /// longer than MQTT allows, a packet over the maximum the broker announced, or the message
+    /// the broker closed the last connections on (see [`poison`]).
+    fn unsendable(&self, conn: &Conn, item: &Outbound, topic: &str) -> Option<String> {
+        if topic.len() > MAX_TOPIC {
+            return Some(format!(
+                "its topic is {} bytes once mapped for this broker, over MQTT's {MAX_TOPIC}",
+                topic.len()
+            ));
+        }
+        let size = item.msg.approx_packet_size() + topic.len().saturating_sub(item.msg.topic.len());
+        if let Some(max) = conn.max_packet.filter(|max| size > *max as usize) {
+            return Some(format!(
+                "{size} bytes exceed the broker's maximum packet size {max}"
+            ));
+        }
+        if self.poison.active() && self.poison.is_poison(poison_id(item)) {
+            return Some(
+                "the broker closed the connection each time right after this message was                  written, alone (it refuses it: a packet over its maximum size?)"
+                    .to_string(),
+            );
+        }
+        None
+    }
+
+    /// This target cannot take `item` as mapped: into the dead-letter table, and on with the
+    /// next message. A probe is only dropped (it measures a path, it carries nothing).
+    fn set_aside(&mut self, item: Outbound, reason: &str) {
+        if item.probe {
+            self.finish(item);
+            return;
+        }
+        if self.poison.active() {
+            self.poison.done(poison_id(&item));
+        }
+        self.finished += 1;
+        self.ctx.queue.set_aside(&self.ctx.name, item, reason);
+    }
+
     /// Moves what waits on this target (queued and in flight) to its spool, so the origins
     /// are acknowledged without waiting for it.
     fn evacuate(&mut self, conn: &mut Conn, why: &str) {
@@ -1086,6 +1135,9 @@ impl Link {
 
     /// This target is done with `item` (see [`Link::finished`]).
     fn finish(&mut self, item: Outbound) {
+        if self.poison.active() {
+            self.poison.done(poison_id(&item));
+        }
         self.finished += 1;
         self.ctx.queue.finish(item);
     }
@@ -1513,6 +1565,14 @@ impl Link {
         s.dedup_evictions.store(self.echo.evictions(), relaxed);
         s.dedup_expirations.store(self.echo.expirations(), relaxed);
     }
+}
+
+/// Longest topic MQTT can carry (a two-byte length).
+const MAX_TOPIC: usize = u16::MAX as usize;
+
+/// What the poison watch knows a message by: its topic and payload (see [`poison`]).
+fn poison_id(item: &Outbound) -> u64 {
+    fingerprint(&item.msg.topic, &item.msg.payload)
 }
 
 fn record_bytes(record: &InstanceRecord) -> Vec<u8> {

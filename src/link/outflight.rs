@@ -125,6 +125,19 @@ impl<T> OutFlight<T> {
         self.inflight.len()
     }
 
+    /// The messages the client wrote and the broker did not acknowledge yet, in the order
+    /// they were handed over.
+    pub(crate) fn written(&self) -> Vec<&T> {
+        let mut written: Vec<(u64, &T)> = self
+            .inflight
+            .values()
+            .chain(self.released.values())
+            .map(|(seq, i)| (*seq, i))
+            .collect();
+        written.sort_by_key(|(seq, _)| *seq);
+        written.into_iter().map(|(_, item)| item).collect()
+    }
+
     /// Every unacknowledged message, in the order it was handed over.
     pub(crate) fn all_mut(&mut self) -> Vec<&mut T> {
         let mut all: Vec<(u64, &mut T)> = self

@@ -688,6 +688,35 @@ impl TargetQueue {
         self.lock().cursor = Some(last + 1);
     }
 
+    /// `item` cannot be sent to this target (`target`) as mapped (see [`crate::spool::dead`]):
+    /// it goes to the dead-letter table (counted and logged), this target's share of its
+    /// origin's acknowledgement completes once it is there, and its spool row goes.
+    pub(crate) fn set_aside(&self, target: &str, mut item: Outbound, reason: &str) {
+        let msg = &item.msg;
+        crate::metrics::dead_letter(
+            &self.stats,
+            &item.origin,
+            &msg.topic,
+            msg.approx_packet_size(),
+            reason,
+        );
+        let share = item.share.take();
+        match &self.spooled {
+            Some(sp) => {
+                sp.spool
+                    .dead_letter(target, &item.origin, msg, reason, share);
+                if let Some(key) = item.key {
+                    sp.spool.delete(&sp.target, key);
+                }
+            }
+            None => {
+                if let Some(share) = share {
+                    share.complete();
+                }
+            }
+        }
+    }
+
     /// The target is done with a message (acknowledged, or skipped): its share completes and
     /// its spool row is removed.
     pub(crate) fn finish(&self, mut item: Outbound) {

@@ -23,6 +23,7 @@
 //! messages wait in memory holding their origin's acknowledgement ([`Overflow::Block`]): the
 //! origin broker then stops sending once its in-flight window is full.
 
+pub mod dead;
 mod record;
 mod store;
 mod target;
@@ -224,6 +225,12 @@ enum Op {
     Discard {
         target: Arc<Target>,
     },
+    /// A message set aside for a target (see [`dead`]): `share` completes once it is on disk.
+    DeadLetter {
+        key: u64,
+        value: Vec<u8>,
+        share: Option<AckShare>,
+    },
     /// A held row (see [`Target::hold`]) on its way to disk.
     Unhold {
         target: Arc<Target>,
@@ -237,7 +244,7 @@ impl Op {
     /// Message bytes this operation writes.
     fn bytes(&self) -> u64 {
         match self {
-            Op::Append { value, .. } => value.len() as u64,
+            Op::Append { value, .. } | Op::DeadLetter { value, .. } => value.len() as u64,
             _ => 0,
         }
     }
@@ -260,6 +267,8 @@ pub(crate) struct Spool {
     unwritten: Arc<Budget>,
     limits: Limits,
     found: Mutex<HashMap<String, Found>>,
+    /// Low bits of the next dead letter's key (see [`Spool::dead_letter`]).
+    dead_seq: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Spool {
@@ -357,6 +366,7 @@ impl Spool {
             unwritten,
             limits,
             found: Mutex::new(found),
+            dead_seq: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -473,6 +483,47 @@ impl Spool {
             value,
             share,
         });
+    }
+
+    /// Sets `msg` (from `origin`) aside for `target` in the dead-letter table, because of
+    /// `reason`; `share` completes once it is on disk (or once the disk refused it: the message
+    /// cannot be delivered either way, and an origin held for it would wedge).
+    pub(crate) fn dead_letter(
+        &self,
+        target: &str,
+        origin: &str,
+        msg: &crate::message::Message,
+        reason: &str,
+        share: Option<AckShare>,
+    ) {
+        let at = now_ms();
+        // Time ordered, and apart within a millisecond.
+        let key = (at << 16) | (self.dead_seq.fetch_add(1, Ordering::Relaxed) & 0xffff);
+        let value = dead::row(target, origin, msg, reason, at);
+        self.unwritten.take(value.len() as u64);
+        self.send(Op::DeadLetter { key, value, share });
+    }
+
+    /// The newest `max` dead letters, newest first.
+    pub(crate) fn dead_letters(&self, max: usize) -> Result<Vec<dead::DeadLetter>, StoreError> {
+        let Some(db) = self.store.db() else {
+            return Ok(Vec::new());
+        };
+        let txn = db.begin_read()?;
+        let def: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(dead::TABLE);
+        let table = match txn.open_table(def) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for row in table.iter()?.rev().take(max) {
+            let (_, v) = row?;
+            if let Some(d) = dead::read(v.value()) {
+                out.push(d);
+            }
+        }
+        Ok(out)
     }
 
     /// Removes a delivered message.

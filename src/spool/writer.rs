@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Instant;
 
-use redb::{Database, Durability};
+use redb::{Database, Durability, ReadableTableMetadata, TableDefinition};
 use tracing::{error, info, warn};
 
 use super::{
@@ -211,6 +211,14 @@ pub(super) fn writer(store: &Store, rx: mpsc::Receiver<Op>, limits: Limits, unwr
                         share.complete();
                     }
                 }
+                Op::DeadLetter { share, .. } => {
+                    if let Err(e) = &result {
+                        error!(error = %e, "spool write failed: a dead letter was not kept");
+                    }
+                    if let Some(share) = share {
+                        share.complete();
+                    }
+                }
                 Op::Unhold { target, key, .. } => {
                     if result.is_ok() {
                         // On disk now (a deletion since would have removed it from memory).
@@ -291,6 +299,16 @@ fn apply(db: &Database, batch: &[Op], limits: Limits) -> Result<Deltas, StoreErr
                 | Op::Delete { target, .. }
                 | Op::Discard { target } => target,
                 Op::Barrier(_) => continue,
+                Op::DeadLetter { key, value, .. } => {
+                    let def: TableDefinition<'_, u64, &[u8]> =
+                        TableDefinition::new(super::dead::TABLE);
+                    let mut table = txn.open_table(def)?;
+                    table.insert(*key, value.as_slice())?;
+                    while table.len()? > super::dead::MAX_ROWS {
+                        table.pop_first()?;
+                    }
+                    continue;
+                }
             };
             let (_, delta) = deltas
                 .entry(target.table.clone())
@@ -345,7 +363,7 @@ fn apply(db: &Database, batch: &[Op], limits: Limits) -> Result<Deltas, StoreErr
                         delta.removed_bytes += old.value().len() as u64;
                     }
                 }
-                Op::Discard { .. } | Op::Barrier(_) => {}
+                Op::Discard { .. } | Op::Barrier(_) | Op::DeadLetter { .. } => {}
             }
         }
     }

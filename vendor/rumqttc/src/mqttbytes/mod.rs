@@ -47,6 +47,9 @@ pub enum Error {
     PayloadRequired,
     #[error("Topic is not UTF-8")]
     TopicNotUtf8,
+    /// meshbridge patch: see `Publish::write`.
+    #[error("Topic of {0} bytes is longer than MQTT's 65535")]
+    TopicTooLong(usize),
     #[error("Promised boundary crossed: {0}")]
     BoundaryCrossed(usize),
     #[error("Malformed packet")]

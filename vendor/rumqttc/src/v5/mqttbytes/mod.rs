@@ -170,6 +170,9 @@ pub enum Error {
     PayloadNotUtf8(#[from] Utf8Error),
     #[error("Topic not utf-8")]
     TopicNotUtf8,
+    /// meshbridge patch: see `Publish::write`.
+    #[error("Topic of {0} bytes is longer than MQTT's 65535")]
+    TopicTooLong(usize),
     #[error("Promised boundary crossed, contains {0} bytes")]
     BoundaryCrossed(usize),
     #[error("Packet is malformed")]

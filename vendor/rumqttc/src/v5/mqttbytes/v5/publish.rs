@@ -91,6 +91,11 @@ impl Publish {
     }
 
     pub fn write(&self, buffer: &mut BytesMut) -> Result<usize, Error> {
+        // meshbridge patch: the topic's length is written as a u16; a longer topic would be
+        // written with a wrapped length, a malformed packet the broker parses differently.
+        if self.topic.len() > usize::from(u16::MAX) {
+            return Err(Error::TopicTooLong(self.topic.len()));
+        }
         let len = self.len();
 
         let dup = self.dup as u8;
