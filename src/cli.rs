@@ -73,6 +73,17 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Write a new mesh key (mode 0600) for `[bridge] mesh_key_file`: it authenticates the
+    /// mesh's control records and makes its client ids unguessable. Give every process of the
+    /// mesh the same file.
+    MeshKey {
+        /// Output file.
+        #[arg(long, default_value = "mesh.key")]
+        out: PathBuf,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
     /// Add a broker to a running bridge (persisted under its data_dir).
     AddBroker(AddBrokerArgs),
     /// Remove a broker (by name or address) from a running bridge.

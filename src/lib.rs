@@ -15,20 +15,23 @@
 //!   [`tls`] (rustls client configurations from PEM files), [`dedup`] (the echo window and the
 //!   storm guard, pure), [`files`] (files only their owner reads), [`ratelimit`] (one log line per key and interval, pure), [`rules`]
 //!   (per-broker topic rules: filters, directions, QoS caps, prefix mapping; pure), [`ha`] (which
-//!   instance of a mesh consumes which broker: records and the decision; pure); [`metrics`]
-//!   (metric names, per-link counters, log-and-count functions) uses only `ratelimit`.
+//!   instance of a mesh consumes which broker: records and the decision; pure), [`seal`] (the
+//!   mesh key: sealing and opening control payloads, derived client ids; pure); [`metrics`]
+//!   (metric names, per-link counters, log-and-count functions) uses only `ratelimit` and
+//!   `seal`'s kinds.
 //! - [`config`]: `bridge.toml`, validated into [`config::Config`] with errors that name the key;
 //!   owner of every default. `file.rs` the file as written and its validation, `broker.rs` one
 //!   broker, `address.rs` names and addresses.
 //! - [`spool`]: the durable per-target spool: `mod.rs` the store (redb) and its API, `writer.rs`
 //!   the group-commit thread, `record.rs` the versioned on-disk record, `target.rs` one target's
 //!   counters and the rows held in memory while the disk fails, `store.rs` the database handle
-//!   and its health.
+//!   and its health, `dead.rs` the dead-letter table (messages a target cannot take).
 //! - [`router`]: `mod.rs` the fan-out (and the retained watch a reconciliation uses),
 //!   `queue.rs` a target's queue in front of its spool, `park.rs` copies of spooled messages
 //!   for the origin brokers (their records and the parker).
 //! - [`link`]: one task per broker; `acks.rs` what it owes its broker and `outflight.rs` what one
-//!   connection has not seen acknowledged (pure state machines), `session.rs` the rumqttc
+//!   connection has not seen acknowledged, `poison.rs` which message the broker closes the
+//!   connection on (pure state machines), `session.rs` the rumqttc
 //!   client and driver, `park.rs` the park sessions and the copy publisher (docs/HA.md),
 //!   `backoff.rs`, `threads.rs` the threads the links run on.
 //! - [`probe`]: end-to-end probes: `mod.rs` the bookkeeping (lag, loss, stalled pairs, the
@@ -67,6 +70,7 @@ pub(crate) mod ratelimit;
 pub mod reconcile;
 pub(crate) mod router;
 pub mod rules;
+pub mod seal;
 pub mod spool;
 pub(crate) mod status;
 pub(crate) mod supervisor;

@@ -67,6 +67,7 @@ fn main() -> ExitCode {
         } => run(config, spool_recover),
         Command::Demo { duration } => demo(duration),
         Command::Certs { out, names, force } => certs(&out, names, force),
+        Command::MeshKey { out, force } => mesh_key(&out, force),
         Command::AddBroker(args) => add_broker(args),
         Command::RemoveBroker { broker, target } => remove_broker(&broker, &target),
         Command::Reconcile {
@@ -171,6 +172,19 @@ fn certs(out: &std::path::Path, names: Vec<String>, force: bool) -> Result<(), F
         println!("wrote {}", f.display());
     }
     println!("server certificate names: {}", names.join(", "));
+    Ok(())
+}
+
+/// `bridge mesh-key`.
+fn mesh_key(out: &std::path::Path, force: bool) -> Result<(), Failure> {
+    meshbridge::seal::write_key_file(out, force).map_err(|e| match e {
+        meshbridge::seal::KeyError::Exists(_) => Failure::config(e),
+        other => Failure::other(other),
+    })?;
+    println!(
+        "wrote {} (mode 0600): set [bridge] mesh_key_file to it on every process of the mesh",
+        out.display()
+    );
     Ok(())
 }
 

@@ -43,6 +43,9 @@ pub(crate) const SPOOL_WRITE_FAILURES: &str = "meshbridge_spool_write_failures";
 pub(crate) const SPOOL_HELD: &str = "meshbridge_spool_held_messages";
 /// Messages a broker refused (error reason code, or larger than its maximum packet size). Counter.
 pub(crate) const REJECTED: &str = "meshbridge_rejected";
+/// Control payloads (records, Wills, echo notes, probes) refused on a broker: not sealed
+/// with the mesh key, a bad seal, or stale (see `seal`); label `kind`. Counter.
+pub(crate) const CONTROL_REJECTED: &str = "meshbridge_control_rejected";
 /// Messages set aside for a broker that cannot take them as mapped (topic too long, packet too
 /// large, one the broker closes the connection on), kept in the spool's dead-letter table.
 /// Counter.
@@ -161,6 +164,8 @@ pub(crate) struct LinkStats {
     pub(crate) rejected: AtomicU64,
     /// See [`DEAD_LETTERS`].
     pub(crate) dead_letters: AtomicU64,
+    /// See [`CONTROL_REJECTED`], by `seal::ControlKind::index`.
+    pub(crate) control_rejected: [AtomicU64; 4],
     /// See [`REDELIVERED`].
     pub(crate) redelivered: AtomicU64,
     /// See [`SPOOLED`].
@@ -231,6 +236,7 @@ impl Default for LinkStats {
             dropped_unmatched: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             dead_letters: AtomicU64::new(0),
+            control_rejected: Default::default(),
             redelivered: AtomicU64::new(0),
             spooled: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
@@ -351,6 +357,37 @@ pub(crate) fn message_rejected(stats: &LinkStats, topic: &[u8], reason: &str) {
             reason,
             rejected_since_last_line = more,
             "message rejected by broker, skipped for this target (logged at most once per reason every 10 s)"
+        );
+    }
+}
+
+/// A control payload of `kind` on `topic` was refused (see `seal`): counted, and logged at
+/// most once per kind every 10 s with the number of refusals the line stands for (a flood
+/// of forged records costs a counter each, not a line each).
+pub(crate) fn control_rejected(
+    stats: &LinkStats,
+    kind: crate::seal::ControlKind,
+    topic: &[u8],
+    why: crate::seal::Rejected,
+) {
+    inc(&stats.control_rejected[kind.index()]);
+    let logged = stats
+        .reject_log
+        .lock()
+        .map(|mut l| {
+            l.event(
+                &format!("control: {}", kind.as_str()),
+                std::time::Instant::now(),
+            )
+        })
+        .unwrap_or(Some(0));
+    if let Some(more) = logged {
+        tracing::warn!(
+            kind = kind.as_str(),
+            topic = %loggable_topic(&topic[..topic.len().min(120)]),
+            %why,
+            refused_since_last_line = more,
+            "control payload refused: not sealed with this mesh's key, or stale (a client forging or replaying the mesh's records? see docs/SECURITY.md; logged at most once per kind every 10 s)"
         );
     }
 }

@@ -52,6 +52,9 @@ pub struct BrokerStatus {
     /// Messages set aside for this broker (`bridge dead-letters`).
     #[serde(default)]
     pub dead_letters: u64,
+    /// Control payloads refused on this broker, by kind (see `meshbridge_control_rejected`).
+    #[serde(default)]
+    pub control_rejected: std::collections::BTreeMap<String, u64>,
     /// Messages published again after a reconnect.
     pub redelivered: u64,
     /// Messages written to the durable spool (the broker was down or fell behind).

@@ -106,6 +106,11 @@ impl LinkHandle {
             dropped_unmatched: n(&s.dropped_unmatched),
             rejected: n(&s.rejected),
             dead_letters: n(&s.dead_letters),
+            control_rejected: crate::seal::ControlKind::ALL
+                .iter()
+                .map(|k| (k.as_str().to_string(), n(&s.control_rejected[k.index()])))
+                .filter(|(_, v)| *v > 0)
+                .collect(),
             redelivered: n(&s.redelivered),
             spooled: n(&s.spooled),
             reconnects: n(&s.reconnects),
@@ -256,6 +261,7 @@ impl Supervisor {
             will_delay: config.will_delay,
             enabled: config.ha,
             queue_limit: config.broker_queue_limit,
+            key: config.mesh_key.clone(),
         });
         info!(instance = %config.instance, "instance of mesh {:?}", config.bridge_id);
         let router = Arc::new(Router::default());
@@ -432,6 +438,8 @@ impl Supervisor {
                     instance: self.ha.identity.instance.as_str().into(),
                     run: self.probe_run,
                     book: self.probes.clone(),
+                    key: self.config.mesh_key.clone(),
+                    stats: stats.clone(),
                     stop: probe_stop.clone(),
                 },
             ));
@@ -595,8 +603,19 @@ impl Supervisor {
     }
 
     fn session_settings(&self, broker: &BrokerConfig) -> SessionSettings {
+        // With a mesh key, ids no client can guess (see `seal`): every id of the mesh on this
+        // broker (sessions, park, probes) starts with this one.
+        let client_id = match &self.config.mesh_key {
+            Some(key) => format!(
+                "{}-{}-{}",
+                self.config.bridge_id,
+                broker.name,
+                key.client_id_suffix(&broker.name)
+            ),
+            None => format!("{}-{}", self.config.bridge_id, broker.name),
+        };
         SessionSettings {
-            client_id: format!("{}-{}", self.config.bridge_id, broker.name),
+            client_id,
             keep_alive: self.config.keep_alive,
             session_expiry: self.config.session_expiry,
             inflight: self.config.inflight,

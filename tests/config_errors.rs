@@ -82,6 +82,19 @@ const CASES: &[(&str, &[&str])] = &[
         &["broker[0].password_file", "no-such-password"],
     ),
     (
+        "missing_mesh_key.toml",
+        &["bridge.mesh_key_file", "no-such-key"],
+    ),
+    (
+        "bad_mesh_key.toml",
+        &[
+            "bridge.mesh_key_file",
+            "password.txt",
+            "line 1",
+            "64 hex digits",
+        ],
+    ),
+    (
         "admin_public_without_token.toml",
         &["bridge.admin_listen", "admin_token_file"],
     ),

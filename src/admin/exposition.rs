@@ -206,6 +206,19 @@ pub(crate) fn encode(
         }
         registry.register(name, help, family);
     }
+    let rejected = Family::<Labels, Counter>::default();
+    for s in links {
+        for (kind, n) in &s.control_rejected {
+            rejected
+                .get_or_create(&vec![("broker", s.name.clone()), ("kind", kind.clone())])
+                .inc_by(*n);
+        }
+    }
+    registry.register(
+        metrics::CONTROL_REJECTED,
+        "Control payloads (records, Wills, echo notes, probes) refused: not sealed with the mesh key, a bad seal, or stale",
+        rejected,
+    );
     let info = Family::<Labels, Gauge>::default();
     for s in links {
         info.get_or_create(&vec![

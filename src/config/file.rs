@@ -41,6 +41,9 @@ pub(crate) struct BridgeSection {
     pub(crate) admin_listen: Option<String>,
     /// File holding the bearer token; required when `admin_listen` is not loopback.
     pub(crate) admin_token_file: Option<PathBuf>,
+    /// File holding the mesh key (see [`crate::seal`]): authenticates the control plane and
+    /// derives the client ids.
+    pub(crate) mesh_key_file: Option<PathBuf>,
     /// Where membership and spool live.
     pub(crate) data_dir: Option<PathBuf>,
     /// Filters subscribed on every broker.
@@ -173,6 +176,25 @@ impl FileConfig {
             }
             None => None,
         };
+        let mesh_key = match &b.mesh_key_file {
+            Some(p) => {
+                let path = resolve(base_dir, p);
+                warnings.extend(loose_permissions("bridge.mesh_key_file", &path));
+                Some(
+                    crate::seal::MeshKey::load(&path, &b.id)
+                        .map_err(|e| invalid("bridge.mesh_key_file", e.to_string()))?,
+                )
+            }
+            None => {
+                if b.ha.unwrap_or(true) {
+                    warnings.push(format!(
+                        "bridge.mesh_key_file is not set: the control records under $meshbridge/{}/ are not authenticated and the mesh's client ids are known, so any client that can publish on a broker, or connect with a chosen client id, can take a broker out of the mesh or discard its sessions; set a key (`bridge mesh-key --out FILE`), or deny `$meshbridge/#` and the `{}-*` client ids to every other user in the brokers' ACL (docs/SECURITY.md)",
+                        b.id, b.id
+                    ));
+                }
+                None
+            }
+        };
         if !admin_listen.ip().is_loopback() && admin_token.is_none() {
             return Err(invalid(
                 "bridge.admin_listen",
@@ -300,6 +322,7 @@ impl FileConfig {
             broker_queue_limit: b.broker_queue_limit.unwrap_or(1000),
             admin_listen,
             admin_token,
+            mesh_key,
             data_dir: resolve(base_dir, b.data_dir.as_deref().unwrap_or(Path::new("data"))),
             topics,
             dedup_window: parse_duration(

@@ -111,6 +111,8 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// Bearer token for the admin API, when configured.
     pub admin_token: Option<Secret>,
+    /// The mesh key (`mesh_key_file`), when configured (see [`crate::seal`]).
+    pub(crate) mesh_key: Option<crate::seal::MeshKey>,
     /// Directory for persisted state.
     pub(crate) data_dir: PathBuf,
     /// Filters subscribed on every broker.
@@ -303,6 +305,7 @@ impl Config {
             self.admin_token != new.admin_token,
             "bridge.admin_token_file",
         );
+        check(self.mesh_key != new.mesh_key, "bridge.mesh_key_file");
         check(self.data_dir != new.data_dir, "bridge.data_dir");
         check(self.topics != new.topics, "bridge.topics");
         check(self.dedup_window != new.dedup_window, "bridge.dedup_window");

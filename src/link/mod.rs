@@ -37,6 +37,7 @@ use crate::message::Protocol;
 use crate::message::{AckRequest, Message};
 use crate::metrics::{self, LinkState, LinkStats, inc};
 use crate::router::{Outbound, Router, TargetQueue};
+use crate::seal::ControlKind;
 use acks::InboundAcks;
 use backoff::Backoff;
 use outflight::{OutFlight, Sent};
@@ -57,6 +58,32 @@ pub(crate) struct HaContext {
     pub(crate) enabled: bool,
     /// The brokers' per-client queue limit (0: none), for park sessions.
     pub(crate) queue_limit: u64,
+    /// The mesh key: control payloads are sealed with it and refused without a valid seal
+    /// (see [`crate::seal`]); `None`: unauthenticated.
+    pub(crate) key: Option<crate::seal::MeshKey>,
+}
+
+impl HaContext {
+    /// `body` as published on the control topic `topic`: sealed when there is a key.
+    pub(crate) fn seal(&self, topic: &str, body: Vec<u8>) -> Vec<u8> {
+        match &self.key {
+            Some(k) => k.seal(topic, &body, ha::unix_ms()),
+            None => body,
+        }
+    }
+
+    /// The body of a control payload that arrived on `topic`, and when it was sealed; without
+    /// a key the payload as it is (no time).
+    pub(crate) fn open<'a>(
+        &self,
+        topic: &[u8],
+        payload: &'a [u8],
+    ) -> Result<(&'a [u8], Option<u64>), crate::seal::Rejected> {
+        match &self.key {
+            Some(k) => k.open(topic, payload).map(|(body, t)| (body, Some(t))),
+            None => Ok((payload, None)),
+        }
+    }
 }
 
 /// How long a connection that changes role (owner ↔ publisher) waits for what it has in flight
@@ -178,6 +205,9 @@ struct Link {
     parks: Parks,
     /// The message this broker closes the connection on, if any (see [`poison`]).
     poison: PoisonWatch,
+    /// The newest sealing time of an owner record accepted on this broker (see
+    /// [`Link::on_control`]): kept across connections.
+    owner_sealed: u64,
 }
 
 /// The park sessions of this (origin) broker, as its owner drains them.
@@ -277,6 +307,7 @@ impl Link {
             probe_drops: 0,
             parks: Parks::default(),
             poison: PoisonWatch::new(PoisonPolicy::default()),
+            owner_sealed: 0,
             ctx,
         }
     }
@@ -373,9 +404,10 @@ impl Link {
     fn connect_as(&self) -> ConnectAs {
         let ha = &self.ctx.ha;
         let id = &ha.identity;
+        let topic = ha.control.instance_topic(&id.instance);
         let will = (
-            ha.control.instance_topic(&id.instance),
-            record_bytes(&id.record(false)),
+            topic.clone(),
+            ha.seal(&topic, record_bytes(&id.record(false))),
             ha.will_delay,
         );
         ConnectAs {
@@ -1032,9 +1064,10 @@ impl Link {
             // 3.1.1 message carries no origin tag). Same connection, so the note arrives first.
             let fp = ha::portable_fingerprint(topic.as_bytes(), &item.msg.payload);
             let note = self.ctx.ha.control.echo_topic();
+            let payload = self.ctx.ha.seal(&note, fp.to_be_bytes().to_vec());
             if conn
                 .client
-                .publish_record(&note, fp.to_be_bytes().to_vec(), 0, false, None)
+                .publish_record(&note, payload, 0, false, None)
                 .is_err()
             {
                 return Err(item);
@@ -1192,7 +1225,7 @@ impl Link {
     fn announce(&mut self, conn: &mut Conn, alive: bool) {
         let ha = &self.ctx.ha;
         let topic = ha.control.instance_topic(&ha.identity.instance);
-        let payload = record_bytes(&ha.identity.record(alive));
+        let payload = ha.seal(&topic, record_bytes(&ha.identity.record(alive)));
         // An alive record expires (MQTT 5) unless refreshed: a record left by a process that
         // died without its Will reaching the broker does not name a live instance for long.
         let expiry = alive.then_some(ha::LIVENESS);
@@ -1220,7 +1253,7 @@ impl Link {
     fn write_owner(&self, conn: &mut Conn, record: &OwnerRecord) {
         let ha = &self.ctx.ha;
         let topic = ha.control.owner_topic(&self.ctx.name);
-        let payload = serde_json::to_vec(record).unwrap_or_default();
+        let payload = ha.seal(&topic, serde_json::to_vec(record).unwrap_or_default());
         if conn
             .client
             .publish_record(&topic, payload, 0, true, None)
@@ -1240,15 +1273,41 @@ impl Link {
         let Some(topic) = msg.topic_str() else { return };
         let now = Instant::now();
         tracing::trace!(topic, retained = msg.retain, "control record");
-        match self.ctx.ha.control.parse(topic) {
+        let parsed = self.ctx.ha.control.parse(topic);
+        let kind = match parsed {
+            Some(ControlTopic::Instance(_)) => ControlKind::Instance,
+            Some(ControlTopic::Owner(_)) => ControlKind::Owner,
+            Some(ControlTopic::Echo) => ControlKind::Echo,
+            None => return,
+        };
+        if msg.payload.is_empty() {
+            // A retained record deleted: nothing to authenticate, nothing to believe.
+            if let Some(ControlTopic::Instance(name)) = parsed {
+                self.view.instances.remove(name);
+            }
+            return;
+        }
+        let (body, sealed_at) = match self.ctx.ha.open(&msg.topic, &msg.payload) {
+            Ok(opened) => opened,
+            Err(why) => {
+                metrics::control_rejected(&self.ctx.stats, kind, &msg.topic, why);
+                return;
+            }
+        };
+        match parsed {
             Some(ControlTopic::Instance(name)) => {
-                let Ok(record) = serde_json::from_slice::<InstanceRecord>(&msg.payload) else {
-                    if !msg.payload.is_empty() {
-                        debug!(topic, "unreadable instance record ignored");
-                    }
+                let Ok(record) = serde_json::from_slice::<InstanceRecord>(body) else {
+                    debug!(topic, "unreadable instance record ignored");
                     self.view.instances.remove(name);
                     return;
                 };
+                // A live record is refreshed every HEARTBEAT: an old one is a replay. (A Will,
+                // `alive: false`, was sealed when its connection began and may fire any time.)
+                if record.alive && sealed_at.is_some_and(|t| !fresh(t, ha::LIVENESS)) {
+                    let why = crate::seal::Rejected::Stale;
+                    metrics::control_rejected(&self.ctx.stats, kind, &msg.topic, why);
+                    return;
+                }
                 let me = &self.ctx.ha.identity;
                 if name == me.instance && record.nonce == me.nonce && !record.alive {
                     // The Will of an earlier connection of ours, fired after we reconnected.
@@ -1270,14 +1329,29 @@ impl Link {
             }
             Some(ControlTopic::Echo) => {
                 // Another instance is about to publish this message here: its echo is not a
-                // client's message.
-                if let Ok(fp) = <[u8; 8]>::try_from(&msg.payload[..]) {
+                // client's message. A note older than the echo window is a replay.
+                if sealed_at.is_some_and(|t| !fresh(t, self.ctx.dedup_window)) {
+                    let why = crate::seal::Rejected::Stale;
+                    metrics::control_rejected(&self.ctx.stats, kind, &msg.topic, why);
+                    return;
+                }
+                if let Ok(fp) = <[u8; 8]>::try_from(body) {
                     self.peer_echo.record(u64::from_be_bytes(fp), now);
                 }
                 return;
             }
             Some(ControlTopic::Owner(broker)) if broker == &*self.ctx.name => {
-                let record = serde_json::from_slice::<OwnerRecord>(&msg.payload).ok();
+                // Owner records only move forward: one older than the newest seen (beyond the
+                // clocks' skew) is a replay.
+                if let Some(t) = sealed_at {
+                    if t.saturating_add(crate::seal::SKEW_MS) < self.owner_sealed {
+                        let why = crate::seal::Rejected::Stale;
+                        metrics::control_rejected(&self.ctx.stats, kind, &msg.topic, why);
+                        return;
+                    }
+                    self.owner_sealed = self.owner_sealed.max(t);
+                }
+                let record = serde_json::from_slice::<OwnerRecord>(body).ok();
                 self.view.owner(record, msg.retain, now);
             }
             _ => return,
@@ -1565,6 +1639,18 @@ impl Link {
         s.dedup_evictions.store(self.echo.evictions(), relaxed);
         s.dedup_expirations.store(self.echo.expirations(), relaxed);
     }
+}
+
+/// Whether a payload sealed at `t` is at most `max_age` old (clocks of other hosts may be
+/// [`crate::seal::SKEW_MS`] off either way).
+fn fresh(t: u64, max_age: Duration) -> bool {
+    let max_age = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX);
+    crate::seal::fresh(
+        t,
+        ha::unix_ms(),
+        max_age.saturating_add(crate::seal::SKEW_MS),
+        crate::seal::SKEW_MS,
+    )
 }
 
 /// Longest topic MQTT can carry (a two-byte length).

@@ -31,7 +31,16 @@ pub(crate) struct ProbeContext {
     pub(crate) book: Arc<Mutex<ProbeBook>>,
     /// Cancelled when the broker leaves or the process stops.
     pub(crate) stop: CancellationToken,
+    /// The mesh key: probes are sealed with it, and one without a valid, fresh seal is refused
+    /// (counted on this broker's link).
+    pub(crate) key: Option<crate::seal::MeshKey>,
+    /// The broker's link counters (refused probes).
+    pub(crate) stats: Arc<crate::metrics::LinkStats>,
 }
+
+/// How old a sealed probe may be: older ones are replays (a probe is due every
+/// `probe_interval`; the bookkeeping counts a late one as lost anyway).
+const PROBE_MAX_AGE_MS: u64 = 60_000;
 
 fn lock(book: &Mutex<ProbeBook>) -> std::sync::MutexGuard<'_, ProbeBook> {
     book.lock().unwrap_or_else(|p| p.into_inner())
@@ -115,7 +124,10 @@ async fn connection(ctx: &ProbeContext) -> Result<(), Ended> {
                 let Some(seq) = lock(&ctx.book).send(&ctx.name, Instant::now()) else {
                     continue;
                 };
-                let payload = super::encode(ctx.run, seq);
+                let payload = match &ctx.key {
+                    Some(k) => k.seal(&topic, &super::encode(ctx.run, seq), crate::ha::unix_ms()),
+                    None => super::encode(ctx.run, seq),
+                };
                 if s.client.publish_record(&topic, payload, 1, false, None).is_err() {
                     lock(&ctx.book).unsend(&ctx.name, seq);
                 }
@@ -135,6 +147,28 @@ fn observe(ctx: &ProbeContext, topic: &[u8], payload: &[u8]) {
     if instance != &*ctx.instance || origin == &*ctx.name {
         return;
     }
+    let payload = match &ctx.key {
+        None => payload,
+        Some(k) => {
+            let kind = crate::seal::ControlKind::Probe;
+            let opened = k.open(topic, payload).and_then(|(body, t)| {
+                let now = crate::ha::unix_ms();
+                let max_age = PROBE_MAX_AGE_MS + crate::seal::SKEW_MS;
+                if crate::seal::fresh(t, now, max_age, crate::seal::SKEW_MS) {
+                    Ok(body)
+                } else {
+                    Err(crate::seal::Rejected::Stale)
+                }
+            });
+            match opened {
+                Ok(body) => body,
+                Err(why) => {
+                    crate::metrics::control_rejected(&ctx.stats, kind, topic, why);
+                    return;
+                }
+            }
+        }
+    };
     match super::decode(payload) {
         Some((run, seq)) if run == ctx.run => {
             let lag = lock(&ctx.book).observe(origin, &ctx.name, seq, Instant::now());
