@@ -43,6 +43,11 @@ pub(crate) const SPOOL_WRITE_FAILURES: &str = "meshbridge_spool_write_failures";
 pub(crate) const SPOOL_HELD: &str = "meshbridge_spool_held_messages";
 /// Messages a broker refused (error reason code, or larger than its maximum packet size). Counter.
 pub(crate) const REJECTED: &str = "meshbridge_rejected";
+/// The broker had no session for the mesh's consumer although this process had one there
+/// earlier in its run: it expired, the broker lost it (restarted without persistence), or a
+/// client took the client id over with a clean session. What it held for the bridge is lost.
+/// Counter.
+pub(crate) const SESSION_LOST: &str = "meshbridge_session_lost";
 /// Control payloads (records, Wills, echo notes, probes) refused on a broker: not sealed
 /// with the mesh key, a bad seal, or stale (see `seal`); label `kind`. Counter.
 pub(crate) const CONTROL_REJECTED: &str = "meshbridge_control_rejected";
@@ -164,6 +169,8 @@ pub(crate) struct LinkStats {
     pub(crate) rejected: AtomicU64,
     /// See [`DEAD_LETTERS`].
     pub(crate) dead_letters: AtomicU64,
+    /// See [`SESSION_LOST`].
+    pub(crate) session_lost: AtomicU64,
     /// See [`CONTROL_REJECTED`], by `seal::ControlKind::index`.
     pub(crate) control_rejected: [AtomicU64; 4],
     /// See [`REDELIVERED`].
@@ -236,6 +243,7 @@ impl Default for LinkStats {
             dropped_unmatched: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             dead_letters: AtomicU64::new(0),
+            session_lost: AtomicU64::new(0),
             control_rejected: Default::default(),
             redelivered: AtomicU64::new(0),
             spooled: AtomicU64::new(0),
@@ -359,6 +367,15 @@ pub(crate) fn message_rejected(stats: &LinkStats, topic: &[u8], reason: &str) {
             "message rejected by broker, skipped for this target (logged at most once per reason every 10 s)"
         );
     }
+}
+
+/// The mesh's session on this broker was gone when the consumer connected again (see
+/// [`SESSION_LOST`]): counted and logged.
+pub(crate) fn session_lost(stats: &LinkStats) {
+    inc(&stats.session_lost);
+    tracing::error!(
+        "the broker had no session for the mesh although this process had one there: it expired, the broker lost it (restarted without persistence?), or another client connected with its client id and a clean session (set a mesh key: docs/SECURITY.md); what it held for the bridge is lost"
+    );
 }
 
 /// A control payload of `kind` on `topic` was refused (see `seal`): counted, and logged at

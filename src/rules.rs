@@ -171,8 +171,9 @@ pub(crate) enum RuleError {
         /// What is wrong.
         why: &'static str,
     },
-    /// A prefix holds a wildcard (it would make invalid topics).
-    #[error("{prefix:?}: a prefix cannot contain '+' or '#'")]
+    /// A prefix that would make invalid topics (a wildcard, NUL) or map traffic into the
+    /// mesh's control topics.
+    #[error("{prefix:?}: {why}")]
     Prefix {
         /// The rule.
         rule: usize,
@@ -180,6 +181,8 @@ pub(crate) enum RuleError {
         key: &'static str,
         /// The prefix.
         prefix: String,
+        /// What is wrong.
+        why: &'static str,
     },
     /// The QoS cap is not 0, 1 or 2.
     #[error("{qos}: must be 0, 1 or 2")]
@@ -246,11 +249,12 @@ impl Rules {
                 ("broker_prefix", &r.broker_prefix),
                 ("mesh_prefix", &r.mesh_prefix),
             ] {
-                if prefix.contains(['+', '#']) {
+                if let Err(why) = check_prefix(prefix) {
                     return Err(RuleError::Prefix {
                         rule: i,
                         key,
                         prefix: prefix.clone(),
+                        why,
                     });
                 }
             }
@@ -390,10 +394,42 @@ fn map<'a>(rule: &Rule, topic: &'a str, from: &str, to: &str) -> Option<Mapped<'
     })
 }
 
-/// Checks an MQTT topic filter.
+/// The mesh's control topics (`$meshbridge/<id>/...`, see `ha::Control`): no rule may take
+/// traffic from them or map traffic into them.
+const CONTROL_ROOT: &str = "$meshbridge";
+
+/// Checks a rule's prefix: no wildcard, no NUL, not into the mesh's control topics.
+fn check_prefix(prefix: &str) -> Result<(), &'static str> {
+    if prefix.contains(['+', '#']) {
+        return Err("a prefix cannot contain '+' or '#'");
+    }
+    if prefix.contains('\0') {
+        return Err("a prefix cannot contain NUL (U+0000): MQTT forbids it in topics");
+    }
+    if prefix.starts_with(CONTROL_ROOT) {
+        return Err(
+            "a prefix cannot map topics into $meshbridge/: those are the mesh's control records",
+        );
+    }
+    Ok(())
+}
+
+/// Checks an MQTT topic filter as a bridge subscribes it: valid, no NUL, not a shared
+/// subscription (a bridge must see every message), not the mesh's control topics.
 pub(crate) fn check_filter(filter: &str) -> Result<(), &'static str> {
     if filter.is_empty() {
         return Err("empty filter");
+    }
+    if filter.contains('\0') {
+        return Err("a filter cannot contain NUL (U+0000): MQTT forbids it");
+    }
+    if filter.starts_with("$share/") || filter.starts_with("$queue/") {
+        return Err(
+            "a shared subscription would see only part of the broker's messages: bridge the plain filter",
+        );
+    }
+    if filter.starts_with(CONTROL_ROOT) {
+        return Err("$meshbridge/ holds the mesh's control records: it cannot be bridged");
     }
     let levels: Vec<&str> = filter.split('/').collect();
     for (i, level) in levels.iter().enumerate() {
@@ -515,6 +551,31 @@ mod tests {
         ] {
             assert!(!matches(f, t), "{f} {t}");
         }
+    }
+
+    #[test]
+    fn no_rule_maps_traffic_into_the_control_topics_or_writes_nul() {
+        let rule = |broker_prefix: &str, mesh_prefix: &str| Rule {
+            filter: "#".into(),
+            direction: Direction::Both,
+            qos: 2,
+            broker_prefix: broker_prefix.into(),
+            mesh_prefix: mesh_prefix.into(),
+        };
+        for (b, m, key) in [
+            ("", "$meshbridge/", "mesh_prefix"),
+            ("$meshbridge/m/", "", "broker_prefix"),
+            ("", "$meshbridgex/", "mesh_prefix"),
+            ("a\0/", "", "broker_prefix"),
+            ("", "site/\0", "mesh_prefix"),
+        ] {
+            let e = Rules::new(vec![rule(b, m)]).expect_err(key);
+            assert_eq!(e.key(), format!("rule[0].{key}"), "{e}");
+        }
+        assert!(
+            Rules::new(vec![rule("$SYS/", "site1/sys/")]).is_ok(),
+            "$SYS may be bridged"
+        );
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub struct BrokerStatus {
     /// Messages set aside for this broker (`bridge dead-letters`).
     #[serde(default)]
     pub dead_letters: u64,
+    /// Times the broker had lost the mesh's session (see `meshbridge_session_lost_total`).
+    #[serde(default)]
+    pub session_lost: u64,
     /// Control payloads refused on this broker, by kind (see `meshbridge_control_rejected`).
     #[serde(default)]
     pub control_rejected: std::collections::BTreeMap<String, u64>,

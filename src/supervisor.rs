@@ -106,6 +106,7 @@ impl LinkHandle {
             dropped_unmatched: n(&s.dropped_unmatched),
             rejected: n(&s.rejected),
             dead_letters: n(&s.dead_letters),
+            session_lost: n(&s.session_lost),
             control_rejected: crate::seal::ControlKind::ALL
                 .iter()
                 .map(|k| (k.as_str().to_string(), n(&s.control_rejected[k.index()])))

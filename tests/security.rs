@@ -267,3 +267,73 @@ fn mesh_key_file_and_the_warning_without_one() {
     assert_eq!(code, 0, "{err}");
     assert!(!err.contains("mesh_key_file"), "{err}");
 }
+
+/// Rules that would subscribe a shared or a control filter, map traffic into the mesh's
+/// control topics, or carry NUL: `add-broker` through the API answers 400 naming the rule's
+/// key, and nothing is added (it used to answer 201, and a NUL filter then cost the link its
+/// connection on every attempt).
+#[test]
+fn hostile_rules_are_refused_with_the_key_named() {
+    let mesh = MeshBuilder::new(2).meshed(&[0]).start();
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let address = format!("127.0.0.1:{}", mesh.brokers[1].tls_port);
+    for (rule, key) in [
+        (serde_json::json!({"filter": "a/\u{0}/b"}), "rule[0].filter"),
+        (
+            serde_json::json!({"filter": "$share/g/#"}),
+            "rule[0].filter",
+        ),
+        (
+            serde_json::json!({"filter": "$meshbridge/#"}),
+            "rule[0].filter",
+        ),
+        (
+            serde_json::json!({"filter": "#", "mesh_prefix": "$meshbridge/mesh/"}),
+            "rule[0].mesh_prefix",
+        ),
+        (
+            serde_json::json!({"filter": "#", "broker_prefix": "$meshbridge/mesh/owner/"}),
+            "rule[0].broker_prefix",
+        ),
+    ] {
+        let body = serde_json::json!({"address": address, "name": "b2", "rules": [rule]});
+        let mut resp = agent
+            .post(format!("http://{}/api/v1/brokers", mesh.admin))
+            .send_json(&body)
+            .expect("admin API");
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        assert_eq!(status, 400, "{rule}: {text}");
+        assert!(text.contains(key), "{rule}: {text}");
+    }
+    let (_, body) = common::http_get(&format!("http://{}/api/v1/brokers", mesh.admin), None);
+    assert!(!body.contains("\"b2\""), "nothing added: {body}");
+}
+
+/// Without a key, a client that connects once with a clean session as `mesh-b1` discards the
+/// mesh's session on b1 (and with it what b1 held for the bridge). The bridge cannot prevent
+/// that, but it no longer goes unnoticed: when its consumer connects again and the broker has no
+/// session, it logs an error and counts `meshbridge_session_lost_total` (an alert rule fires).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_discarded_by_a_client_is_reported() {
+    let mesh = MeshBuilder::new(2).start();
+    let lost = |mesh: &Mesh| {
+        common::metric(&mesh.metrics(), "meshbridge_session_lost_total", "b1").unwrap_or(-1.0)
+    };
+    assert_eq!(lost(&mesh), 0.0);
+    mqtt::publish(mesh.brokers[0].plain_port, "mesh-b1", &[]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while lost(&mesh) < 1.0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(lost(&mesh), 1.0, "{}", mesh.bridge.log());
+    assert!(
+        mesh.bridge
+            .log()
+            .contains("the broker had no session for the mesh")
+    );
+    assert_eq!(row(&mesh, "b1")["session_lost"], 1);
+}

@@ -22,7 +22,7 @@ pub(crate) fn encode(
     type Metric<T> = (&'static str, &'static str, fn(&BrokerStatus) -> T);
 
     let mut registry = Registry::default();
-    let counters: [Metric<u64>; 22] = [
+    let counters: [Metric<u64>; 23] = [
         (
             metrics::MESSAGES_IN,
             "Messages received from the broker",
@@ -71,6 +71,11 @@ pub(crate) fn encode(
         (metrics::REJECTED, "Messages the broker refused", |s| {
             s.rejected
         }),
+        (
+            metrics::SESSION_LOST,
+            "Times the broker had lost the mesh's session (expired, lost by the broker, or taken over with a clean session)",
+            |s| s.session_lost,
+        ),
         (
             metrics::DEAD_LETTERS,
             "Messages set aside for the broker (bridge dead-letters lists them)",

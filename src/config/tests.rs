@@ -103,7 +103,17 @@ fn filters() {
     for ok in ["#", "a/+/b", "+", "a/#", "$SYS/#"] {
         assert!(check_filter(ok).is_ok(), "{ok}");
     }
-    for bad in ["", "a/#/b", "a#", "a/b+"] {
+    for bad in [
+        "",
+        "a/#/b",
+        "a#",
+        "a/b+",
+        "a/\0/b",
+        "$share/g/#",
+        "$queue/#",
+        "$meshbridge/#",
+        "$meshbridge/m/owner/+",
+    ] {
         assert!(check_filter(bad).is_err(), "{bad}");
     }
 }

@@ -205,6 +205,9 @@ struct Link {
     parks: Parks,
     /// The message this broker closes the connection on, if any (see [`poison`]).
     poison: PoisonWatch,
+    /// This process has had the mesh's consumer session on this broker (a later connection
+    /// that finds it gone reports it: [`metrics::session_lost`]).
+    had_session: bool,
     /// The newest sealing time of an owner record accepted on this broker (see
     /// [`Link::on_control`]): kept across connections.
     owner_sealed: u64,
@@ -308,6 +311,7 @@ impl Link {
             parks: Parks::default(),
             poison: PoisonWatch::new(PoisonPolicy::default()),
             owner_sealed: 0,
+            had_session: false,
             ctx,
         }
     }
@@ -684,6 +688,15 @@ impl Link {
                 if !session_present {
                     // The broker has no memory of us: packet ids of the old session mean nothing.
                     self.acks.new_session();
+                }
+                if conn.consumer {
+                    if !session_present
+                        && self.had_session
+                        && !self.ctx.settings.session_expiry.is_zero()
+                    {
+                        metrics::session_lost(&self.ctx.stats);
+                    }
+                    self.had_session = true;
                 }
                 conn.connected = Some(Instant::now());
                 conn.max_packet = max_packet_size;
