@@ -172,7 +172,7 @@ pub(crate) struct LinkStats {
     /// See [`SESSION_LOST`].
     pub(crate) session_lost: AtomicU64,
     /// See [`CONTROL_REJECTED`], by `seal::ControlKind::index`.
-    pub(crate) control_rejected: [AtomicU64; 4],
+    pub(crate) control_rejected: [AtomicU64; 5],
     /// See [`REDELIVERED`].
     pub(crate) redelivered: AtomicU64,
     /// See [`SPOOLED`].

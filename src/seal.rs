@@ -81,15 +81,18 @@ pub(crate) enum ControlKind {
     Echo,
     /// A probe.
     Probe,
+    /// A park copy or marker.
+    Park,
 }
 
 impl ControlKind {
     /// Every kind, in label order.
-    pub(crate) const ALL: [ControlKind; 4] = [
+    pub(crate) const ALL: [ControlKind; 5] = [
         ControlKind::Instance,
         ControlKind::Owner,
         ControlKind::Echo,
         ControlKind::Probe,
+        ControlKind::Park,
     ];
 
     /// Its label.
@@ -99,6 +102,7 @@ impl ControlKind {
             ControlKind::Owner => "owner",
             ControlKind::Echo => "echo",
             ControlKind::Probe => "probe",
+            ControlKind::Park => "park",
         }
     }
 

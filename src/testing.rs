@@ -13,3 +13,23 @@ pub use crate::link::session::seed_v5;
 pub fn rendezvous(instance: &str, broker: &str) -> u64 {
     crate::ha::score(instance, broker)
 }
+
+/// An unsealed, well-formed park copy of a QoS 1 message `topic`/`payload` from `origin` for
+/// `target` (see `router::park`): what a client that can publish on the origin broker could
+/// forge into its park session.
+pub fn forged_park_copy(origin: &str, target: &str, topic: &str, payload: &[u8]) -> Vec<u8> {
+    let msg = crate::message::Message {
+        topic: bytes::Bytes::copy_from_slice(topic.as_bytes()),
+        payload: bytes::Bytes::copy_from_slice(payload),
+        qos: 1,
+        retain: false,
+        properties: None,
+    };
+    crate::router::park::Park::Copy {
+        target: target.into(),
+        spool_id: 1,
+        key: 1,
+        record: std::sync::Arc::new(crate::spool::encode(origin, &msg)),
+    }
+    .encode()
+}

@@ -337,3 +337,82 @@ async fn a_session_discarded_by_a_client_is_reported() {
     );
     assert_eq!(row(&mesh, "b1")["session_lost"], 1);
 }
+
+/// Parking with a mesh key: b3 is down while 1000 messages from b1 are spooled and their copies
+/// parked (sealed) on b1; a client forges a well-formed copy into the same park session; the
+/// bridge host is lost with its disk. A fresh process with the key delivers every sealed copy
+/// to b3 and refuses the forged one (without a key it would have delivered it to b3 as if b1
+/// had sent it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_park_copies_survive_a_host_loss_and_forged_ones_are_refused() {
+    let keys = common::tempdir();
+    let key = mesh_key(keys.path());
+    let mesh = MeshBuilder::new(3)
+        .broker(2, common::BrokerOpts::persistent())
+        .bridge_keys(&format!("instance = \"a\"\n{key}"))
+        .start();
+    let Mesh {
+        mut brokers,
+        mut bridge,
+        config,
+        ..
+    } = mesh;
+    let s3 = mqtt::subscribe_persistent(brokers[2].plain_port, "s3", "seq/#").await;
+    tokio::task::block_in_place(|| brokers[2].terminate());
+    let msgs: Vec<Pub> = (0..1000)
+        .map(|i| Pub::new("seq/b1", format!("{i}"), 1))
+        .collect();
+    mqtt::publish_paced(
+        brokers[0].plain_port,
+        "p1",
+        &msgs,
+        1000,
+        Arc::new(AtomicUsize::new(0)),
+    )
+    .await;
+    let admin = common::admin_addr(&config);
+    let parked = || {
+        common::metric(
+            &common::http_get(&format!("http://{admin}/metrics"), None).1,
+            "meshbridge_parked_total",
+            "b1",
+        )
+        .unwrap_or(0.0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while parked() < 1000.0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(parked(), 1000.0, "b1 holds a copy of each");
+    let forged = meshbridge::testing::forged_park_copy("b1", "b3", "seq/b1", b"forged");
+    mqtt::publish(
+        brokers[0].plain_port,
+        "forger",
+        &[Pub::new("$meshbridge/mesh/park/b3", forged, 1)],
+    )
+    .await;
+    // The host and its disk are lost; a fresh process takes over.
+    tokio::task::block_in_place(|| bridge.kill());
+    let data_dir = config
+        .lines()
+        .find_map(|l| l.strip_prefix("data_dir = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("data_dir");
+    std::fs::remove_dir_all(data_dir).unwrap();
+    let fresh_config = config.replace("instance = \"a\"", "instance = \"c\"");
+    let fresh = common::Bridge::start(&bridge.dir.join("../fresh"), &fresh_config);
+    tokio::task::block_in_place(|| brokers[2].restart());
+    fresh.wait_subscribed(&["b1", "b2", "b3"]);
+    let (lost, dups) = tally(&s3, "seq/b1", 1000).await;
+    println!("b1 -> b3 across the host loss, with a key: lost {lost}, duplicates {dups}");
+    assert_eq!(lost, 0);
+    assert!(
+        s3.messages().iter().all(|m| &m.payload[..] != b"forged"),
+        "the forged copy reached b3"
+    );
+    let metrics = common::http_get(&format!("http://{admin}/metrics"), None).1;
+    assert!(
+        metrics.contains("meshbridge_control_rejected_total{broker=\"b1\",kind=\"park\"} 1"),
+        "{metrics}"
+    );
+}

@@ -1563,6 +1563,8 @@ impl Link {
             router: self.ctx.router.clone(),
             parker: self.ctx.parker.clone()?,
             joined: false,
+            ha: self.ctx.ha.clone(),
+            stats: self.ctx.stats.clone(),
         })
     }
 

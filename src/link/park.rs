@@ -26,6 +26,7 @@ use super::session::{self, ConnectAs, LinkEvent, Session, SessionSettings};
 use crate::message::{AckGroup, AckRequest, Message};
 use crate::router::park::{Park, Parker, park_topic};
 use crate::router::{Outbound, Router};
+use crate::seal::ControlKind;
 use crate::spool::{self, Decoded};
 
 /// How long a park task may take before it gives up (the copies stay for the next one).
@@ -50,6 +51,10 @@ pub(crate) struct ParkContext {
     /// process's spool was made in this run, so one the spool no longer holds was delivered
     /// from it already (see [`hand_over`]).
     pub(crate) joined: bool,
+    /// The mesh key (park records are sealed: [`crate::seal`]).
+    pub(crate) ha: Arc<super::HaContext>,
+    /// The origin link's counters (refused park records).
+    pub(crate) stats: Arc<crate::metrics::LinkStats>,
 }
 
 impl ParkContext {
@@ -196,7 +201,8 @@ async fn run(
                     if matches!(mode, Mode::Recover) {
                         // Behind everything the session holds.
                         let m = Park::Marker { target: ctx.target.clone(), nonce: marker };
-                        s.client.publish_record(&topic, m.encode(), 1, false, None).map_err(|e| e.to_string())?;
+                        let payload = ctx.ha.seal(&topic, m.encode());
+                        s.client.publish_record(&topic, payload, 1, false, None).map_err(|e| e.to_string())?;
                     }
                 }
                 Some(LinkEvent::Publish { .. }) if seen_marker || stopped => {
@@ -207,7 +213,15 @@ async fn run(
                 }
                 Some(LinkEvent::Publish { msg, ack }) => {
                     let ack = ack.and_then(|a| acks.receive(a));
-                    match Park::decode(&ctx.target, &msg.payload) {
+                    // A record without a valid seal is nobody's copy: discarded below.
+                    let park = match ctx.ha.open(&msg.topic, &msg.payload) {
+                        Ok((body, _)) => Park::decode(&ctx.target, body),
+                        Err(why) => {
+                            crate::metrics::control_rejected(&ctx.stats, ControlKind::Park, &msg.topic, why);
+                            None
+                        }
+                    };
+                    match park {
                         Some(Park::Marker { nonce, .. }) if nonce == marker => {
                             seen_marker = true;
                             if let Some(tx) = read_all.take() {
@@ -368,8 +382,9 @@ async fn copies_connection(p: &CopyPublisher) -> Result<(), String> {
                     continue;
                 };
                 let topic = park_topic(&p.park.bridge_id, park.target());
+                let payload = p.park.ha.seal(&topic, park.encode());
                 if s.client
-                    .publish_record(&topic, park.encode(), 1, false, None)
+                    .publish_record(&topic, payload, 1, false, None)
                     .is_err()
                 {
                     let rest: Vec<Outbound> = std::iter::once(item).chain(items).collect();
