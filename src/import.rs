@@ -84,19 +84,73 @@ pub enum ReadError {
         /// Why.
         source: std::io::Error,
     },
+    /// Not a regular file (a FIFO would block, a device never ends), or larger than a
+    /// configuration file can be.
+    #[error("{}: {why}", path.display())]
+    NotAConfig {
+        /// The file.
+        path: PathBuf,
+        /// What it is.
+        why: String,
+    },
+    /// An `include_dir` holds more `.conf` files than a mosquitto configuration does.
+    #[error(
+        "include_dir {}: more than {MAX_INCLUDED} .conf files: not a mosquitto configuration directory",
+        dir.display()
+    )]
+    TooManyFiles {
+        /// The directory.
+        dir: PathBuf,
+    },
+}
+
+/// Largest file `read` takes: a mosquitto configuration is a few KiB.
+pub const MAX_CONF_BYTES: u64 = 1 << 20;
+
+/// Most `.conf` files one `include_dir` may hold.
+pub const MAX_INCLUDED: usize = 256;
+
+/// Reads a configuration file: a regular file of at most [`MAX_CONF_BYTES`] (a symbolic link
+/// to one is followed), read no further than that bound even if it grows meanwhile.
+fn read_conf(path: &Path) -> Result<String, ReadError> {
+    use std::io::Read;
+    let io = |source| ReadError::File {
+        path: path.to_path_buf(),
+        source,
+    };
+    let not = |why: String| ReadError::NotAConfig {
+        path: path.to_path_buf(),
+        why,
+    };
+    // Before opening: opening a FIFO would block until a writer comes.
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_file() {
+        return Err(not("not a regular file".into()));
+    }
+    if meta.len() > MAX_CONF_BYTES {
+        return Err(not(format!(
+            "{} bytes: larger than a configuration file ({MAX_CONF_BYTES} at most)",
+            meta.len()
+        )));
+    }
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut text = String::new();
+    file.take(MAX_CONF_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(io)?;
+    if text.len() as u64 > MAX_CONF_BYTES {
+        return Err(not(format!(
+            "grew past {MAX_CONF_BYTES} bytes while it was read"
+        )));
+    }
+    Ok(text)
 }
 
 /// Reads `file` and the `*.conf` files of its `include_dir`s, in the order mosquitto reads
 /// them (each directory's files alphabetically; a relative directory is taken from `file`'s),
 /// as [`convert`] takes them: (name, text).
 pub fn read(file: &Path) -> Result<Vec<(String, String)>, ReadError> {
-    let read = |path: &Path| {
-        std::fs::read_to_string(path).map_err(|source| ReadError::File {
-            path: path.to_path_buf(),
-            source,
-        })
-    };
-    let main = read(file)?;
+    let main = read_conf(file)?;
     let mut files = vec![(file.display().to_string(), main.clone())];
     for line in main.lines() {
         // A line that does not split is reported by `convert`, with its number.
@@ -115,9 +169,13 @@ pub fn read(file: &Path) -> Result<Vec<(String, String)>, ReadError> {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "conf"))
             .collect();
+        if confs.len() > MAX_INCLUDED {
+            return Err(ReadError::TooManyFiles { dir });
+        }
         confs.sort();
         for conf in confs {
-            files.push((conf.display().to_string(), read(&conf)?));
+            let text = read_conf(&conf)?;
+            files.push((conf.display().to_string(), text));
         }
     }
     Ok(files)
@@ -129,6 +187,12 @@ pub enum WriteError {
     /// A file to write exists and `force` was not given.
     #[error("{} exists already (use --force to overwrite)", .0.display())]
     Exists(PathBuf),
+    /// A file to write is a symbolic link: writing would change whatever it points to.
+    #[error(
+        "{} is a symbolic link: not written through (remove it, or write elsewhere with --out)",
+        .0.display()
+    )]
+    Symlink(PathBuf),
     /// A file cannot be written.
     #[error("cannot write {}: {source}", path.display())]
     Io {
@@ -157,6 +221,14 @@ pub fn write(
         .map(|(name, password)| (dir.join(name), password.as_bytes(), true))
         .collect();
     files.push((out.to_path_buf(), imported.toml.as_bytes(), false));
+    // Never through a symbolic link, --force or not (`exists` follows links: a dangling
+    // one would look free and be written through).
+    if let Some((link, ..)) = files
+        .iter()
+        .find(|(p, ..)| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()))
+    {
+        return Err(WriteError::Symlink(link.clone()));
+    }
     if !force && let Some((existing, ..)) = files.iter().find(|(p, ..)| p.exists()) {
         return Err(WriteError::Exists(existing.clone()));
     }

@@ -261,7 +261,9 @@ fn import_mosquitto(
     let files = meshbridge::import::read(file).map_err(Failure::config)?;
     let imported = meshbridge::import::convert(&files, id).map_err(Failure::config)?;
     let written = meshbridge::import::write(&imported, out, force).map_err(|e| match e {
-        meshbridge::import::WriteError::Exists(_) => Failure::config(e),
+        meshbridge::import::WriteError::Exists(_) | meshbridge::import::WriteError::Symlink(_) => {
+            Failure::config(e)
+        }
         meshbridge::import::WriteError::Io { .. } => Failure::other(e),
     })?;
     for (path, private) in written {

@@ -239,3 +239,66 @@ async fn imported_config_delivers_what_the_mosquitto_master_delivered() {
         only(&by_bridge, &by_master)
     );
 }
+
+/// What an operator's mistake or a hostile file system can make of the import: it never
+/// writes through a symbolic link (the output or a password file, with or without --force),
+/// reads only regular files of bounded size (a FIFO used to hang it, `/dev/zero` to exhaust
+/// memory), and each refusal is one line naming the file, exit 64.
+#[test]
+fn import_writes_through_no_symlink_and_reads_only_bounded_regular_files() {
+    let tmp = common::tempdir();
+    let dir = tmp.path();
+    let master = "connection edge-7\naddress 10.0.0.7:1883\ntopic # both 2\nremote_username u\nremote_password pw\n";
+    std::fs::write(dir.join("master.conf"), master).unwrap();
+    let victim = dir.join("victim");
+    std::fs::write(&victim, "untouched").unwrap();
+    for link in ["bridge.toml", "edge-7.password"] {
+        std::os::unix::fs::symlink(&victim, dir.join(link)).unwrap();
+        for force in [false, true] {
+            let mut args = vec!["import-mosquitto", "master.conf", "--out", "bridge.toml"];
+            if force {
+                args.push("--force");
+            }
+            let (code, out, err) = bridge(&args, dir);
+            assert_eq!(code, 64, "{link} (force {force}): {out}{err}");
+            assert!(err.contains(link) && err.contains("symbolic link"), "{err}");
+            assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+        }
+        std::fs::remove_file(dir.join(link)).unwrap();
+    }
+    // A dangling link too (`exists` says no, a write would create its target).
+    std::os::unix::fs::symlink(dir.join("elsewhere"), dir.join("bridge.toml")).unwrap();
+    let (code, _, err) = bridge(
+        &["import-mosquitto", "master.conf", "--out", "bridge.toml"],
+        dir,
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(!dir.join("elsewhere").exists());
+    std::fs::remove_file(dir.join("bridge.toml")).unwrap();
+
+    let fifo = dir.join("fifo.conf");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    std::fs::write(dir.join("big.conf"), vec![b'#'; 2 << 20]).unwrap();
+    let conf_d = dir.join("conf.d");
+    std::fs::create_dir(&conf_d).unwrap();
+    std::os::unix::fs::symlink(&fifo, conf_d.join("x.conf")).unwrap();
+    std::fs::write(dir.join("includes.conf"), "include_dir conf.d\n").unwrap();
+    for (input, why) in [
+        ("fifo.conf", "not a regular file"),
+        ("/dev/zero", "not a regular file"),
+        ("big.conf", "larger than a configuration file"),
+        ("includes.conf", "not a regular file"),
+    ] {
+        let started = std::time::Instant::now();
+        let (code, out, err) = bridge(&["import-mosquitto", input, "--out", "out.toml"], dir);
+        assert_eq!(code, 64, "{input}: {out}{err}");
+        assert!(err.contains(why), "{input}: {err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{input}: took {:?}",
+            started.elapsed()
+        );
+        assert!(!dir.join("out.toml").exists());
+    }
+}
