@@ -95,9 +95,18 @@ pub(crate) fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-/// Most admin connections open at once. Beyond, new ones wait in the listen backlog without
-/// taking a file descriptor: idle clients cannot starve the links of descriptors.
+/// Most admin connections served with the whole API at once.
 pub(crate) const MAX_CONNECTIONS: usize = 64;
+
+/// Connections beyond [`MAX_CONNECTIONS`] still accepted, each for one health check only
+/// ([`health_router`]): idle or slow clients holding every connection do not make keepalived's
+/// or a load balancer's check time out. Beyond both, new connections wait in the listen
+/// backlog without taking a file descriptor: the links are never starved of descriptors.
+pub(crate) const MAX_HEALTH_CONNECTIONS: usize = 64;
+
+/// How long a connection served beyond [`MAX_CONNECTIONS`] may take to send its request and
+/// get its answer.
+pub(crate) const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long a client may take to send a request's headers, and how long an idle keep-alive
 /// connection is kept.
@@ -110,8 +119,27 @@ pub(crate) const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request body accepted (an add request is a few hundred bytes); larger: 413.
 pub(crate) const MAX_BODY: usize = 64 << 10;
 
-/// Serves until `shutdown` is cancelled: at most [`MAX_CONNECTIONS`] at once, each closed
-/// after [`HEADER_TIMEOUT`] without a request and [`BODY_TIMEOUT`] on a body that stalls.
+/// Only the health checks, for connections beyond [`MAX_CONNECTIONS`]; anything else is 503.
+pub(crate) fn health_router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/readyz/broker/{name}", get(broker_ready))
+        .fallback(|| async {
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the admin API is at its connection cap ({MAX_CONNECTIONS}): only /healthz and /readyz are answered now; retry"
+                ),
+            )
+        })
+        .with_state(state)
+}
+
+/// Serves until `shutdown` is cancelled: at most [`MAX_CONNECTIONS`] at once with the whole
+/// API, each closed after [`HEADER_TIMEOUT`] without a request and [`BODY_TIMEOUT`] on a body
+/// that stalls; up to [`MAX_HEALTH_CONNECTIONS`] more for one health check each, closed after
+/// [`HEALTH_TIMEOUT`].
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     state: AdminState,
@@ -121,18 +149,22 @@ pub(crate) async fn serve(
     use hyper_util::service::TowerToHyperService;
     use tower::ServiceExt;
 
+    let health = health_router(state.clone()).layer(axum::extract::DefaultBodyLimit::max(MAX_BODY));
     let app = router(state)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
             BODY_TIMEOUT,
         ));
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        MAX_CONNECTIONS + MAX_HEALTH_CONNECTIONS,
+    ));
     let connections = tokio_util::task::TaskTracker::new();
     let mut accept_errors = crate::ratelimit::LogLimit::new(Duration::from_secs(10));
     loop {
-        let permit = tokio::select! {
+        let slot = tokio::select! {
             _ = shutdown.cancelled() => break,
-            p = permits.clone().acquire_owned() => match p {
+            p = slots.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break,
             },
@@ -151,8 +183,12 @@ pub(crate) async fn serve(
                 }
             },
         };
+        // The whole API while there is room; beyond, one health check.
+        let permit = permits.clone().try_acquire_owned().ok();
+        let full = permit.is_some();
+        let routes = if full { app.clone() } else { health.clone() };
         // hyper's request into axum's, with the peer address the handlers log.
-        let service = TowerToHyperService::new(app.clone().map_request(
+        let service = TowerToHyperService::new(routes.map_request(
             move |request: hyper::Request<hyper::body::Incoming>| {
                 let mut request = request.map(axum::body::Body::new);
                 request.extensions_mut().insert(ConnectInfo(peer));
@@ -161,15 +197,26 @@ pub(crate) async fn serve(
         ));
         let shutdown = shutdown.clone();
         connections.spawn(async move {
+            let _slot = slot;
             let _permit = permit;
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT);
+                .header_read_timeout(if full { HEADER_TIMEOUT } else { HEALTH_TIMEOUT })
+                .keep_alive(full);
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
+            // A health-check connection has HEALTH_TIMEOUT for everything, answer included.
+            let limit = if full { None } else { Some(HEALTH_TIMEOUT) };
+            let deadline = async {
+                match limit {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = connection.as_mut() => {}
+                _ = deadline => {}
                 _ = shutdown.cancelled() => {
                     connection.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
