@@ -110,7 +110,6 @@ impl LinkHandle {
             control_rejected: crate::seal::ControlKind::ALL
                 .iter()
                 .map(|k| (k.as_str().to_string(), n(&s.control_rejected[k.index()])))
-                .filter(|(_, v)| *v > 0)
                 .collect(),
             redelivered: n(&s.redelivered),
             spooled: n(&s.spooled),
