@@ -584,6 +584,7 @@ impl Supervisor {
             crate::reconcile::snapshot::Limits {
                 max: self.config.retained_max,
                 max_bytes: self.config.retained_max_bytes,
+                queue_limit: self.config.broker_queue_limit,
             },
             self.reconcile_stats.clone(),
         )

@@ -362,3 +362,91 @@ async fn an_added_broker_gets_the_retained_set_after_a_restart() {
             .contains("meshbridge_reconcile_repaired_total 1")
     );
 }
+
+/// mosquitto sends a new subscription at most its in-flight window plus `max_queued_messages`
+/// (1000 by default) of its retained QoS 1/2 messages and drops the rest: a snapshot of 1500
+/// held about 1100 and was reported complete, so a repair "fixed" brokers to what it saw and
+/// `--delete-extra` deleted topics that most brokers held. Now a snapshot that reaches
+/// `broker_queue_limit` is reported as possibly incomplete and left out, and nothing is
+/// deleted while any snapshot is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_at_the_brokers_queue_limit_is_not_trusted() {
+    let mesh = MeshBuilder::new(3)
+        .every_broker(common::BrokerOpts {
+            extra_conf: "max_queued_messages 1000",
+            ..Default::default()
+        })
+        .start();
+    let ports: Vec<u16> = mesh.brokers.iter().map(|b| b.plain_port).collect();
+    let live = mqtt::subscribe(ports[2], "live-b3", "state/#").await;
+    let msgs: Vec<Pub> = (0..1500)
+        .map(|i| retained(&format!("state/{i}"), "v", 1))
+        .collect();
+    mqtt::publish_paced(
+        ports[0],
+        "p0",
+        &msgs,
+        1000,
+        std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+    )
+    .await;
+    assert_eq!(live.wait_count(1500, Duration::from_secs(30)).await, 1500);
+    let r = reconcile(&mesh.admin, &["--repair", "--delete-extra"]);
+    println!("{r:#?}");
+    for b in &r.brokers {
+        let error = b.error.as_deref().unwrap_or_default();
+        assert!(
+            error.contains("may be incomplete") && error.contains("broker_queue_limit (1000)"),
+            "{}: {b:?}",
+            b.name
+        );
+    }
+    assert_eq!((r.written, r.deleted), (0, 0), "{r:#?}");
+}
+
+/// b3 refuses the bridge's writes to `state/denied` (its ACL). A repair writes it there, the
+/// broker drops it, and the next run finds the same difference: the repair is reported as
+/// not taking and not written again (before, every periodic run wrote it again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_that_does_not_take_is_reported_and_not_repeated() {
+    let mesh = MeshBuilder::new(3)
+        .broker(
+            2,
+            common::BrokerOpts {
+                tls_acl: Some(
+                    "topic read #\ntopic readwrite $meshbridge/#\ntopic write state/ok/#\n",
+                ),
+                ..Default::default()
+            },
+        )
+        .start();
+    let ports: Vec<u16> = mesh.brokers.iter().map(|b| b.plain_port).collect();
+    mqtt::publish(
+        ports[0],
+        "p0",
+        &[
+            retained("state/denied", "x", 1),
+            retained("state/ok/a", "y", 1),
+        ],
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while retained_on(ports[2], "state/#").await.is_empty() && Instant::now() < deadline {}
+    let first = reconcile(&mesh.admin, &["--repair"]);
+    assert_eq!((first.written, first.not_repeated), (1, 0), "{first:#?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..2 {
+        let again = reconcile(&mesh.admin, &["--repair"]);
+        assert_eq!(again.differing_topics, 1, "{again:#?}");
+        assert_eq!((again.written, again.not_repeated), (0, 1), "{again:#?}");
+        assert!(
+            again.notes.iter().any(|n| n.contains("not repeated")),
+            "{again:#?}"
+        );
+    }
+    let (_, table, _) = cli_in(&["reconcile", "--repair", "--admin", &mesh.admin], None);
+    assert!(
+        table.contains("note: 1 repairs written by the previous run"),
+        "{table}"
+    );
+}

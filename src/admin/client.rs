@@ -406,6 +406,9 @@ pub fn reconcile_table(r: &ReconcileReport) -> String {
     } else if r.differing_topics > 0 {
         out.push_str("run with --repair to make every broker hold the same set\n");
     }
+    for note in &r.notes {
+        let _ = writeln!(out, "note: {note}");
+    }
     out
 }
 

@@ -28,7 +28,7 @@ use bytes::Bytes;
 use crate::message::{Message, ORIGIN_TAG};
 
 /// What is compared of a retained message.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct Value {
     payload: Bytes,
     qos: u8,

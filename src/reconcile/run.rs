@@ -91,6 +91,14 @@ pub struct ReconcileReport {
     /// Topics left alone because a retained message on them was forwarded during the run
     /// (the snapshot may be older than the brokers).
     pub changed_during_run: u64,
+    /// Repairs the previous run wrote and this one found needed again: not repeated (the
+    /// broker does not keep what is written there: an ACL, a retain limit…).
+    #[serde(default)]
+    pub not_repeated: u64,
+    /// What this run did not do, and why (deletions without every snapshot, repairs not
+    /// repeated), one line each.
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// Counters of every reconciliation and seeding of this process, for `/metrics`.
@@ -106,6 +114,17 @@ pub(crate) struct ReconcileStats {
     pub(crate) repaired: AtomicU64,
     /// Retained messages handed to brokers added at run time.
     pub(crate) seeded: AtomicU64,
+    /// The writes of the last run with repairs, as (broker, topic, value): the same write
+    /// planned again means it did not take (see [`ReconcileReport::not_repeated`]).
+    pub(crate) last_written: std::sync::Mutex<std::collections::HashSet<(String, String, u64)>>,
+}
+
+/// What identifies a write of `value` to `topic` on `broker` across runs.
+fn write_key(broker: &str, topic: &str, value: &super::Value) -> (String, String, u64) {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut h);
+    (broker.to_string(), topic.to_string(), h.finish())
 }
 
 /// Snapshots of `members`, taken side by side, in their order; failures are counted in
@@ -191,7 +210,21 @@ pub(crate) async fn reconcile(
             takes: takes.as_ref(),
         })
         .collect();
-    let plan = plan(&views, request.delete_extra);
+    let mut plan = plan(&views, request.delete_extra);
+    if request.delete_extra && ok.len() < members.len() {
+        // A broker left out may hold what the others lack: "most brokers" is unknown.
+        let skipped = plan
+            .actions
+            .iter()
+            .filter(|a| matches!(a, Action::Delete { .. }))
+            .count();
+        plan.actions.retain(|a| !matches!(a, Action::Delete { .. }));
+        if skipped > 0 {
+            report.notes.push(format!(
+                "{skipped} deletions not done: not every broker's snapshot was taken, so whether most brokers hold those topics is unknown"
+            ));
+        }
+    }
     report.pairs = plan
         .pairs
         .iter()
@@ -207,7 +240,24 @@ pub(crate) async fn reconcile(
     report.topics = plan.topics.into_iter().take(MAX_LISTED).collect();
     if request.repair {
         let mut changed = std::collections::HashSet::new();
+        let last =
+            std::mem::take(&mut *stats.last_written.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut written_now = std::collections::HashSet::new();
         for action in &plan.actions {
+            let key = match action {
+                Action::Write { broker, held, .. } => Some(write_key(
+                    broker,
+                    held.msg.topic_str().unwrap_or_default(),
+                    &held.value,
+                )),
+                Action::Delete { .. } => None,
+            };
+            if let Some(key) = key.as_ref().filter(|k| last.contains(*k)) {
+                // Written last time and still different: writing it again would not help.
+                report.not_repeated += 1;
+                written_now.insert(key.clone());
+                continue;
+            }
             let (broker, topic, held, from) = match action {
                 Action::Write { broker, held, from } => (
                     broker,
@@ -228,6 +278,7 @@ pub(crate) async fn reconcile(
             member
                 .queue
                 .push(Outbound::new(Arc::new(msg), None, from.into()));
+            written_now.extend(key);
             if held.is_some() {
                 report.written += 1;
             } else {
@@ -235,6 +286,15 @@ pub(crate) async fn reconcile(
             }
         }
         report.changed_during_run = changed.len() as u64;
+        *stats.last_written.lock().unwrap_or_else(|p| p.into_inner()) = written_now;
+        if report.not_repeated > 0 {
+            let note = format!(
+                "{} repairs written by the previous run were needed again: not repeated (the brokers do not keep them: an ACL refusing the bridge's publish, a retain limit?)",
+                report.not_repeated
+            );
+            warn!("{note}");
+            report.notes.push(note);
+        }
         stats
             .repaired
             .fetch_add(report.written + report.deleted, Ordering::Relaxed);

@@ -40,6 +40,18 @@ pub(crate) enum SnapshotError {
     /// Not complete within [`TIMEOUT`].
     #[error("not complete within {}s", TIMEOUT.as_secs())]
     Timeout,
+    /// As many QoS 1/2 retained messages arrived as the brokers' per-client queue holds: a
+    /// broker sends a new subscription no more than its in-flight window plus its queue limit
+    /// of them and drops the rest, so the snapshot may be missing some.
+    #[error(
+        "{got} retained messages at QoS 1/2 reached broker_queue_limit ({limit}): a broker sends a new subscription at most its in-flight window plus max_queued_messages of them and drops the rest, so this snapshot may be incomplete; raise the brokers' max_queued_messages above the number of retained messages and set broker_queue_limit to it (0: no limit)"
+    )]
+    MaybeIncomplete {
+        /// QoS 1/2 retained messages received.
+        got: u64,
+        /// `broker_queue_limit`.
+        limit: u64,
+    },
 }
 
 /// Bounds of one snapshot (`retained_max`, `retained_max_bytes`).
@@ -49,6 +61,9 @@ pub(crate) struct Limits {
     pub(crate) max: usize,
     /// Bytes (topics, payloads, properties).
     pub(crate) max_bytes: u64,
+    /// The brokers' per-client queue limit (`broker_queue_limit`; 0: none): a snapshot that
+    /// reaches it may be incomplete ([`SnapshotError::MaybeIncomplete`]).
+    pub(crate) queue_limit: u64,
 }
 
 static NEXT: AtomicU64 = AtomicU64::new(1);
@@ -88,12 +103,23 @@ async fn collect(
 ) -> Result<Snapshot, SnapshotError> {
     let mut out = Snapshot::new();
     let mut bytes = 0u64;
+    // QoS 1/2 retained messages: those a broker's per-client queue limit cuts off.
+    let mut queued = 0u64;
+    let complete = |out: Snapshot, queued: u64| {
+        if limits.queue_limit > 0 && queued >= limits.queue_limit {
+            return Err(SnapshotError::MaybeIncomplete {
+                got: queued,
+                limit: limits.queue_limit,
+            });
+        }
+        Ok(out)
+    };
     // Armed by the SUBACK, pushed back by every retained message.
     let mut quiet: Option<tokio::time::Instant> = None;
     loop {
         let deadline = quiet.unwrap_or_else(|| tokio::time::Instant::now() + TIMEOUT);
         let event = tokio::select! {
-            _ = tokio::time::sleep_until(deadline), if quiet.is_some() => return Ok(out),
+            _ = tokio::time::sleep_until(deadline), if quiet.is_some() => return complete(out, queued),
             e = s.events.recv() => e,
         };
         match event {
@@ -116,6 +142,7 @@ async fn collect(
                 if !msg.retain {
                     continue;
                 }
+                queued += u64::from(msg.qos > 0);
                 if quiet.is_some() {
                     quiet = Some(tokio::time::Instant::now() + QUIET);
                 }
