@@ -149,6 +149,35 @@ fn portable_fingerprint(topic: &str, payload: &str) -> [u8; 8] {
     digest.as_ref()[..8].try_into().unwrap()
 }
 
+/// Without a key, in a mesh of one process: forged echo notes name no other live instance, so
+/// they are not taken (they made the bridge drop the genuine messages they named).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_echo_notes_drop_nothing_in_a_mesh_of_one_process_without_a_key() {
+    let mesh = MeshBuilder::new(2)
+        .link_keys("protocol = \"v3.1.1\"")
+        .start();
+    let b = &mesh.brokers;
+    let sub = mqtt::subscribe(b[1].plain_port, "s2", "echo/#").await;
+    let notes: Vec<Pub> = (0..50)
+        .map(|i| {
+            Pub::new(
+                "$meshbridge/mesh/echo",
+                portable_fingerprint("echo/t", &i.to_string()).to_vec(),
+                0,
+            )
+        })
+        .collect();
+    mqtt::publish(b[0].plain_port, "forger", &notes).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let msgs: Vec<Pub> = (0..50)
+        .map(|i| Pub::new("echo/t", format!("{i}"), 1))
+        .collect();
+    mqtt::publish(b[0].plain_port, "p1", &msgs).await;
+    let (lost, _) = tally(&sub, "echo/t", 50).await;
+    assert_eq!(lost, 0, "genuine messages dropped as echoes");
+    assert_eq!(row(&mesh, "b1")["dropped_echo"], 0);
+}
+
 /// 50 forged echo notes on an MQTT 3.1.1 broker for the 50 messages a client publishes next.
 /// Without a key the bridge took them for another process's echoes and dropped all 50
 /// genuine messages; with a key the notes are refused and every message is delivered.
@@ -415,4 +444,60 @@ async fn sealed_park_copies_survive_a_host_loss_and_forged_ones_are_refused() {
         metrics.contains("meshbridge_control_rejected_total{broker=\"b1\",kind=\"park\"} 1"),
         "{metrics}"
     );
+}
+
+/// CPU ticks (user + system) the process `pid` has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// A flood of 20 000 forged retained instance records on b1 (without a key it cost the process
+/// 95 % of a core and b1 its consumer for half the time, each record re-deciding over every
+/// instance). With a key each costs one HMAC and is counted: b1 stays consumed, its link stays
+/// up, and the CPU the flood cost is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_forged_records_is_cheap_to_refuse() {
+    let keys = common::tempdir();
+    let mesh = MeshBuilder::new(2)
+        .bridge_keys(&format!("instance = \"a\"\n{}", mesh_key(keys.path())))
+        .start();
+    let pid = mesh.bridge.pid().unwrap();
+    let before = cpu_ticks(pid);
+    let started = std::time::Instant::now();
+    let flood: Vec<Pub> = (0..20_000)
+        .map(|i| {
+            let mut p = Pub::new(
+                format!("$meshbridge/mesh/instance/f{i}"),
+                format!(
+                    "{{\"alive\":true,\"nonce\":{i},\"started\":4102444800000,\"admin\":\"\"}}"
+                ),
+                0,
+            );
+            p.retain = true;
+            p
+        })
+        .collect();
+    mqtt::publish(mesh.brokers[0].plain_port, "flooder", &flood).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while rejected(&mesh, "b1", "instance") < 20_000.0 && std::time::Instant::now() < deadline {
+        assert_eq!(row(&mesh, "b1")["consuming"], true);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ticks = cpu_ticks(pid) - before;
+    println!(
+        "20 000 forged records refused in {:?}: the bridge used {} CPU ticks (1/100 s each)",
+        started.elapsed(),
+        ticks
+    );
+    assert_eq!(rejected(&mesh, "b1", "instance"), 20_000.0);
+    let r = row(&mesh, "b1");
+    assert_eq!(r["consuming"], true, "{r}");
+    assert_eq!(r["reconnects"], 0, "b1's link stayed up: {r}");
 }

@@ -1348,7 +1348,12 @@ impl Link {
                     metrics::control_rejected(&self.ctx.stats, kind, &msg.topic, why);
                     return;
                 }
-                if let Ok(fp) = <[u8; 8]>::try_from(body) {
+                // Only another live instance of the mesh writes notes, and only for a 3.1.1
+                // broker: any other note is not the mesh's, and must not make this link drop a
+                // message (a mesh of one process needs no key for that).
+                let peers = self.view.live(&self.ctx.ha.identity, now).len() > 1;
+                let v311 = self.ctx.settings.broker.protocol == Protocol::V311;
+                if let (true, true, Ok(fp)) = (peers, v311, <[u8; 8]>::try_from(body)) {
                     self.peer_echo.record(u64::from_be_bytes(fp), now);
                 }
                 return;
