@@ -148,6 +148,24 @@ impl LinkHandle {
     }
 }
 
+/// Logs the warnings of `brokers`, each distinct one once with the brokers it concerns (32
+/// brokers sharing one key file make one line, not 32).
+fn log_warnings(brokers: &[BrokerConfig]) {
+    let mut groups: Vec<(String, Vec<&str>)> = Vec::new();
+    for b in brokers {
+        let tls_off = b.tls.is_none().then(|| "TLS is off".to_string());
+        for text in b.warnings.iter().cloned().chain(tls_off) {
+            match groups.iter_mut().find(|(t, _)| *t == text) {
+                Some((_, names)) => names.push(&b.name),
+                None => groups.push((text, vec![&b.name])),
+            }
+        }
+    }
+    for (text, names) in groups {
+        warn!(brokers = %names.join(","), "{text}");
+    }
+}
+
 /// How long an addition (`add-broker`, SIGHUP) waits for the new broker's consumer to have its
 /// subscriptions in place before it reports the broker as added but not consumed yet.
 pub(crate) const ADD_WAIT: Duration = Duration::from_secs(10);
@@ -234,6 +252,8 @@ pub(crate) struct Supervisor {
     reconcile_stats: Arc<ReconcileStats>,
     /// Readiness's start-up condition was met once (see [`Self::ready`]).
     started: bool,
+    /// The links of the config are being started: their warnings are logged together.
+    starting: bool,
 }
 
 impl Drop for Supervisor {
@@ -300,6 +320,7 @@ impl Supervisor {
             config,
             draining: HashSet::new(),
             started: false,
+            starting: true,
         };
         for broker in sup.config.brokers.clone() {
             if sup.membership.removed.contains(&broker.name) {
@@ -320,6 +341,9 @@ impl Supervisor {
                 warn!(broker = %added.name, error = %e, "persisted addition ignored");
             }
         }
+        let started: Vec<BrokerConfig> = sup.links.values().map(|l| l.broker.clone()).collect();
+        log_warnings(&started);
+        sup.starting = false;
         sup.spool
             .discard_others(&sup.links.keys().cloned().collect());
         for link in sup.links.values_mut() {
@@ -402,11 +426,9 @@ impl Supervisor {
         let (consumption_tx, consumption) = watch::channel(Consumption::default());
         let stop = CancellationToken::new();
         let disconnect = CancellationToken::new();
-        if broker.tls.is_none() {
-            warn!(broker = %broker.name, address = %broker.address(), "TLS is off for this broker");
-        }
-        for w in &broker.warnings {
-            warn!(broker = %broker.name, "{w}");
+        if !self.starting {
+            // At start they are logged once for every broker (see `log_warnings`).
+            log_warnings(std::slice::from_ref(&broker));
         }
         let ctx = LinkContext {
             settings: self.session_settings(&broker),

@@ -887,3 +887,48 @@ async fn health_checks_answer_with_the_admin_port_at_its_connection_cap() {
     );
     drop(idle);
 }
+
+/// Four brokers sharing one client key file that other users can read, and one without TLS:
+/// `run` logs each warning once, naming the brokers it concerns (at 32 brokers the key file's
+/// warning was logged 32 times at every start).
+#[test]
+fn a_warning_shared_by_brokers_is_logged_once_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = common::tempdir();
+    let certs = common::Certs::generate(&tmp.path().join("certs"));
+    let key = certs.path("client.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut cfg = format!(
+        "[bridge]\nid = \"mesh\"\nadmin_listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n\n[tls]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{key}\"\n\n",
+        common::free_port(),
+        tmp.path().join("data").display(),
+        certs.path("ca.crt"),
+        certs.path("client.crt"),
+    );
+    for i in 1..=4 {
+        cfg.push_str(&format!(
+            "[[broker]]\nname = \"b{i}\"\naddress = \"127.0.0.1:{}\"\n\n",
+            common::free_port()
+        ));
+    }
+    cfg.push_str(&format!(
+        "[[broker]]\nname = \"plain\"\naddress = \"127.0.0.1:{}\"\ntls = false\n",
+        common::free_port()
+    ));
+    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
+    assert!(bridge.wait_log("link added broker=plain", 1, Duration::from_secs(10)));
+    std::thread::sleep(Duration::from_millis(300));
+    let log = bridge.log();
+    let lines =
+        |needle: &str| -> Vec<&str> { log.lines().filter(|l| l.contains(needle)).collect() };
+    let key_lines = lines("can be read by other users");
+    assert_eq!(key_lines.len(), 1, "{log}");
+    assert!(
+        key_lines[0].contains("brokers=b1,b2,b3,b4"),
+        "{}",
+        key_lines[0]
+    );
+    let tls_lines = lines("TLS is off");
+    assert_eq!(tls_lines.len(), 1, "{log}");
+    assert!(tls_lines[0].contains("brokers=plain"), "{}", tls_lines[0]);
+}
