@@ -1,4 +1,4 @@
-//! The command line: `bridge run|check|demo|add-broker|remove-broker|status|instances`.
+//! The command line: `bridge run|check|demo|add-broker|remove-broker|status|instances|…`.
 
 use std::path::PathBuf;
 
@@ -84,6 +84,15 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Print a shell completion script (bash: `bridge completions bash >
+    /// /etc/bash_completion.d/bridge`; zsh: into a directory of $fpath as `_bridge`; fish:
+    /// `~/.config/fish/completions/bridge.fish`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff; `bridge man > /usr/share/man/man1/bridge.1`).
+    Man,
     /// Add a broker to a running bridge (persisted under its data_dir).
     AddBroker(AddBrokerArgs),
     /// Remove a broker (by name or address) from a running bridge.

@@ -68,6 +68,12 @@ fn main() -> ExitCode {
         Command::Demo { duration } => demo(duration),
         Command::Certs { out, names, force } => certs(&out, names, force),
         Command::MeshKey { out, force } => mesh_key(&out, force),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "bridge", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => man(),
         Command::AddBroker(args) => add_broker(args),
         Command::RemoveBroker { broker, target } => remove_broker(&broker, &target),
         Command::Reconcile {
@@ -173,6 +179,22 @@ fn certs(out: &std::path::Path, names: Vec<String>, force: bool) -> Result<(), F
     }
     println!("server certificate names: {}", names.join(", "));
     Ok(())
+}
+
+/// `bridge man`: the manual page of `bridge` and its subcommands, in one roff page.
+fn man() -> Result<(), Failure> {
+    use clap::CommandFactory;
+    let command = Cli::command();
+    let mut out = Vec::new();
+    let page = clap_mangen::Man::new(command.clone());
+    page.render(&mut out).map_err(Failure::other)?;
+    for sub in command.get_subcommands().filter(|s| s.get_name() != "help") {
+        clap_mangen::Man::new(sub.clone())
+            .title(format!("BRIDGE-{}", sub.get_name().to_uppercase()))
+            .render(&mut out)
+            .map_err(Failure::other)?;
+    }
+    std::io::Write::write_all(&mut std::io::stdout(), &out).map_err(Failure::other)
 }
 
 /// `bridge mesh-key`.

@@ -228,6 +228,61 @@ fn container_and_unit_files_keep_their_promises() {
     assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
 }
 
+/// `bridge completions bash|zsh|fish` and `bridge man` write what each shell and `man` take,
+/// for every subcommand, and the Dockerfile installs them where each looks.
+#[test]
+fn completions_and_the_manual_page_come_from_the_cli() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_bridge"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "bridge {args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let bash = run(&["completions", "bash"]);
+    assert!(
+        bash.contains("_bridge()") && bash.contains("add-broker") && bash.contains("dead-letters")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("bridge.bash");
+    std::fs::write(&script, &bash).unwrap();
+    let syntax = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .status()
+        .unwrap();
+    assert!(syntax.success(), "bash completion parses");
+    assert!(run(&["completions", "zsh"]).starts_with("#compdef bridge"));
+    assert!(run(&["completions", "fish"]).contains("complete -c bridge"));
+    let man = run(&["man"]);
+    assert!(
+        man.contains(".TH bridge 1"),
+        "{}",
+        &man[..200.min(man.len())]
+    );
+    for sub in [
+        "BRIDGE-RUN",
+        "BRIDGE-ADD-BROKER",
+        "BRIDGE-MESH-KEY",
+        "BRIDGE-DEAD-LETTERS",
+    ] {
+        assert!(man.contains(&format!(".TH {sub} ")), "{sub} in the manual");
+    }
+    let dockerfile = docker("Dockerfile");
+    for installed in [
+        "bridge completions bash > /usr/share/bash-completion/completions/bridge",
+        "bridge completions zsh > /usr/share/zsh/vendor-completions/_bridge",
+        "bridge completions fish > /usr/share/fish/vendor_completions.d/bridge.fish",
+        "bridge man | gzip -9 > /usr/local/share/man/man1/bridge.1.gz",
+    ] {
+        assert!(
+            dockerfile.contains(installed),
+            "the Dockerfile runs {installed}"
+        );
+    }
+}
+
 #[test]
 fn prometheus_alert_rules_and_config_pass_promtool() {
     require("promtool");
