@@ -20,6 +20,15 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# The Kubernetes manifests are validated offline against the schemas this package ships (from
+# PyPI). kubectl (for `kubectl kustomize`) comes with the machine; without it that one check
+# is skipped, saying so.
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  echo "installing: kubernetes-validate (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate >/dev/null 2>&1 \
+    || echo "warning: kubernetes-validate could not be installed: schema validation is skipped"
+  hash -r
+fi
 # The Debian packages install into /usr/sbin, which is not on every user's PATH.
 export PATH="$PATH:/usr/sbin:/sbin"
 

@@ -179,13 +179,18 @@ impl Config {
 }
 
 /// A warning when the secret file at `path` (for `key`) can be read by other users, as ssh
-/// warns of a private key: it should be mode 0600 (or 0400).
+/// warns of a private key: it should be mode 0600 (or 0400). Read access for the file's group
+/// is no warning when that group is the process's own (a Kubernetes Secret mounted with
+/// `fsGroup`, a service user's own group).
 fn loose_permissions(key: &str, path: &Path) -> Option<String> {
     #[cfg(unix)]
     {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
-        (mode & 0o077 != 0).then(|| {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::metadata(path).ok()?;
+        let mode = meta.permissions().mode() & 0o777;
+        let own_group = effective_gid() == Some(meta.gid());
+        let loose = if own_group { 0o007 } else { 0o077 };
+        (mode & loose != 0).then(|| {
             format!(
                 "{key}: {} can be read by other users (mode {mode:04o}): chmod 600 it",
                 path.display()
@@ -197,6 +202,13 @@ fn loose_permissions(key: &str, path: &Path) -> Option<String> {
         let _ = (key, path);
         None
     }
+}
+
+/// This process's effective group id, from /proc (Linux); `None` where it cannot be read.
+fn effective_gid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Gid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
 }
 
 /// A secret (password, token) that never shows in logs or `Debug` output.
