@@ -48,6 +48,10 @@ pub(crate) const REJECTED: &str = "meshbridge_rejected";
 /// client took the client id over with a clean session. What it held for the bridge is lost.
 /// Counter.
 pub(crate) const SESSION_LOST: &str = "meshbridge_session_lost";
+/// The broker closed the consumer's connection and no instance of the mesh claimed the broker:
+/// another client connected with the mesh's client id and took the session over (or the
+/// broker restarted faster than the first reconnect). Counter.
+pub(crate) const SESSION_TAKEN: &str = "meshbridge_session_taken";
 /// Control payloads (records, Wills, echo notes, probes) refused on a broker: not sealed
 /// with the mesh key, a bad seal, or stale (see `seal`); label `kind`. Counter.
 pub(crate) const CONTROL_REJECTED: &str = "meshbridge_control_rejected";
@@ -171,6 +175,8 @@ pub(crate) struct LinkStats {
     pub(crate) dead_letters: AtomicU64,
     /// See [`SESSION_LOST`].
     pub(crate) session_lost: AtomicU64,
+    /// See [`SESSION_TAKEN`].
+    pub(crate) session_taken: AtomicU64,
     /// See [`CONTROL_REJECTED`], by `seal::ControlKind::index`.
     pub(crate) control_rejected: [AtomicU64; 5],
     /// See [`REDELIVERED`].
@@ -244,6 +250,7 @@ impl Default for LinkStats {
             rejected: AtomicU64::new(0),
             dead_letters: AtomicU64::new(0),
             session_lost: AtomicU64::new(0),
+            session_taken: AtomicU64::new(0),
             control_rejected: Default::default(),
             redelivered: AtomicU64::new(0),
             spooled: AtomicU64::new(0),
@@ -375,6 +382,16 @@ pub(crate) fn session_lost(stats: &LinkStats) {
     inc(&stats.session_lost);
     tracing::error!(
         "the broker had no session for the mesh although this process had one there: it expired, the broker lost it (restarted without persistence?), or another client connected with its client id and a clean session (set a mesh key: docs/SECURITY.md); what it held for the bridge is lost"
+    );
+}
+
+/// The consumer's session was taken over by no instance of the mesh (see [`SESSION_TAKEN`]),
+/// `ago`: counted and logged.
+pub(crate) fn session_taken(stats: &LinkStats, ago: std::time::Duration) {
+    inc(&stats.session_taken);
+    tracing::error!(
+        ago = ?ago,
+        "the broker closed the connection that consumed it and no instance of the mesh claims it: another client connected with the mesh's client id and took the session over (what it received is lost to the mesh; set a mesh key: docs/SECURITY.md), or the broker restarted within a second"
     );
 }
 

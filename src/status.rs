@@ -52,6 +52,9 @@ pub struct BrokerStatus {
     /// Messages set aside for this broker (`bridge dead-letters`).
     #[serde(default)]
     pub dead_letters: u64,
+    /// Times another client took the mesh's session over (see `meshbridge_session_taken_total`).
+    #[serde(default)]
+    pub session_taken: u64,
     /// Times the broker had lost the mesh's session (see `meshbridge_session_lost_total`).
     #[serde(default)]
     pub session_lost: u64,

@@ -107,6 +107,7 @@ impl LinkHandle {
             rejected: n(&s.rejected),
             dead_letters: n(&s.dead_letters),
             session_lost: n(&s.session_lost),
+            session_taken: n(&s.session_taken),
             control_rejected: crate::seal::ControlKind::ALL
                 .iter()
                 .map(|k| (k.as_str().to_string(), n(&s.control_rejected[k.index()])))

@@ -501,3 +501,29 @@ async fn a_flood_of_forged_records_is_cheap_to_refuse() {
     assert_eq!(r["consuming"], true, "{r}");
     assert_eq!(r["reconnects"], 0, "b1's link stayed up: {r}");
 }
+
+/// Without a key, a client that connects as `mesh-b1` keeping the session (clean start off)
+/// takes the consumer's session over, and what it receives is lost to the mesh. The broker just
+/// closes the bridge's connection; the bridge finds the owner record still naming itself (no
+/// instance of the mesh claimed b1), logs an error and counts
+/// `meshbridge_session_taken_total`; an alert rule fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_taken_over_by_a_client_is_reported() {
+    let mesh = MeshBuilder::new(2).start();
+    let taken = |mesh: &Mesh| {
+        common::metric(&mesh.metrics(), "meshbridge_session_taken_total", "b1").unwrap_or(-1.0)
+    };
+    assert_eq!(taken(&mesh), 0.0);
+    let thief = mqtt::subscribe_persistent(mesh.brokers[0].plain_port, "mesh-b1", "#").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while taken(&mesh) < 1.0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(thief);
+    assert!(taken(&mesh) >= 1.0, "{}", mesh.bridge.log());
+    assert!(mesh.bridge.log().contains("took the session over"));
+    assert_eq!(
+        common::metric(&mesh.metrics(), "meshbridge_session_taken_total", "b2"),
+        Some(0.0)
+    );
+}

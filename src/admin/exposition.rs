@@ -22,7 +22,7 @@ pub(crate) fn encode(
     type Metric<T> = (&'static str, &'static str, fn(&BrokerStatus) -> T);
 
     let mut registry = Registry::default();
-    let counters: [Metric<u64>; 23] = [
+    let counters: [Metric<u64>; 24] = [
         (
             metrics::MESSAGES_IN,
             "Messages received from the broker",
@@ -75,6 +75,11 @@ pub(crate) fn encode(
             metrics::SESSION_LOST,
             "Times the broker had lost the mesh's session (expired, lost by the broker, or taken over with a clean session)",
             |s| s.session_lost,
+        ),
+        (
+            metrics::SESSION_TAKEN,
+            "Times another client took the mesh's session over (no instance of the mesh claimed the broker)",
+            |s| s.session_taken,
         ),
         (
             metrics::DEAD_LETTERS,

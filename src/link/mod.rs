@@ -137,6 +137,8 @@ enum Outcome {
     Lost {
         error: String,
         uptime: Option<Duration>,
+        /// The broker ended the connection itself (see [`LinkEvent::PeerClosed`]).
+        peer_closed: bool,
     },
     Shutdown,
     /// The connection ended to come back in the other role (see [`crate::ha`]).
@@ -188,6 +190,9 @@ struct Link {
     claimed: Option<Instant>,
     /// The connection is changing role.
     switch: Option<Switch>,
+    /// When the broker closed this link's consuming connection itself; cleared once the next
+    /// connection read the records (see [`Link::check_takeover`]) or could not connect.
+    closed_as_owner: Option<Instant>,
     /// When the instance record was last written.
     announced: Option<Instant>,
     /// This link coordinates through control records: off when `[bridge] ha` is, or when the
@@ -274,6 +279,8 @@ struct Conn {
     rule_subacks: u32,
     /// The probe subscription's SUBACK is owed (queued last).
     probe_suback: bool,
+    /// The broker ended this connection itself (see [`LinkEvent::PeerClosed`]).
+    peer_closed: bool,
     /// The broker refused a rule subscription on this connection.
     rule_refused: bool,
     /// Since when (ms since the Unix epoch) this consuming connection has every subscription
@@ -303,6 +310,7 @@ impl Link {
             view: ha::View::default(),
             claimed: None,
             switch: None,
+            closed_as_owner: None,
             announced: None,
             coordinate,
             unsynced_ends: 0,
@@ -366,12 +374,22 @@ impl Link {
                     }
                     reconnect = false;
                 }
-                Outcome::Lost { error, uptime } => {
+                Outcome::Lost {
+                    error,
+                    uptime,
+                    peer_closed,
+                } => {
                     // Read the owner record before consuming again: another instance may have
                     // taken the session over (mosquitto just closes the connection then).
                     if self.coordinate {
                         self.note_unsynced_end(uptime.is_some());
                     }
+                    // The broker closed the consuming connection: who took the session over
+                    // is read from the records on the next connection. One that cannot connect
+                    // says the broker went away instead (a restart).
+                    self.closed_as_owner =
+                        (self.consumer && self.coordinate && peer_closed && uptime.is_some())
+                            .then(Instant::now);
                     if self.consumer && self.coordinate {
                         self.consumer = false;
                         self.release_first.clear();
@@ -439,6 +457,7 @@ impl Link {
             control_suback: false,
             rule_subacks: 0,
             probe_suback: false,
+            peer_closed: false,
             rule_refused: false,
             subscribed: None,
         };
@@ -468,8 +487,8 @@ impl Link {
                 }
                 // While the copies this broker's messages made wait for it, take no more.
                 event = session.events.recv(), if !self.ctx.queue.park_backlog_full() => match event {
-                    None => break Outcome::Lost { error: "connection task ended".into(), uptime: uptime(&conn) },
-                    Some(LinkEvent::Closed(error)) => break Outcome::Lost { error, uptime: uptime(&conn) },
+                    None => break Outcome::Lost { error: "connection task ended".into(), uptime: uptime(&conn), peer_closed: false },
+                    Some(LinkEvent::Closed(error)) => break Outcome::Lost { error, uptime: uptime(&conn), peer_closed: conn.peer_closed },
                     Some(event) => self.on_event(&mut conn, event),
                 },
                 Some(ack) = self.acks_rx.recv() => self.complete(ack),
@@ -823,6 +842,7 @@ impl Link {
                     self.subscriptions_in_place(conn);
                 }
             }
+            LinkEvent::PeerClosed => conn.peer_closed = true,
             LinkEvent::Closed(_) => {}
         }
         self.update_gauges(conn);
@@ -1445,6 +1465,7 @@ impl Link {
         if conn.connected.is_none() || self.switch.is_some() || self.ctx.stop.is_cancelled() {
             return;
         }
+        self.check_takeover(conn);
         let ha = self.ctx.ha.clone();
         let me = &ha.identity;
         let now = Instant::now();
@@ -1512,6 +1533,23 @@ impl Link {
                 self.release(conn);
             }
             _ => {}
+        }
+    }
+
+    /// After the broker closed this link's consuming connection: once this connection has read
+    /// the records, an owner record that still names this instance means no instance of the
+    /// mesh took the session over. Another client did, with the mesh's client id (or the broker
+    /// restarted faster than the first reconnect): logged, counted, alerted.
+    fn check_takeover(&mut self, conn: &Conn) {
+        if conn.consumer || !self.view.synced {
+            return;
+        }
+        let Some(closed) = self.closed_as_owner.take() else {
+            return;
+        };
+        let me = &self.ctx.ha.identity;
+        if self.view.live_owner(me, Instant::now()) == Some(me.instance.as_str()) {
+            metrics::session_taken(&self.ctx.stats, closed.elapsed());
         }
     }
 

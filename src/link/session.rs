@@ -72,6 +72,10 @@ pub(crate) enum LinkEvent {
     PubComp(u16),
     /// SUBACK; the failures, if any.
     SubAck(Vec<String>),
+    /// The broker ended the connection itself (it closed the socket, or an MQTT 5 DISCONNECT
+    /// said the session was taken over): sent just before [`LinkEvent::Closed`]. Another
+    /// client with this client id takes the session over that way.
+    PeerClosed,
     /// The connection failed or closed; the driver has stopped.
     Closed(String),
 }
@@ -585,6 +589,12 @@ async fn drive_v4(mut el: rumqttc::EventLoop, tx: mpsc::Sender<LinkEvent>) {
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => LinkEvent::Sent(pkid),
             Ok(_) => continue,
             Err(e) => {
+                if matches!(
+                    e,
+                    rumqttc::ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted)
+                ) {
+                    let _ = tx.send(LinkEvent::PeerClosed).await;
+                }
                 let _ = tx.send(LinkEvent::Closed(e.to_string())).await;
                 return;
             }
@@ -651,8 +661,21 @@ async fn drive_v5(mut el: rumqttc::v5::EventLoop, tx: mpsc::Sender<LinkEvent>) {
                     .collect(),
             ),
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => LinkEvent::Sent(pkid),
+            Ok(Event::Incoming(Packet::Disconnect(d)))
+                if d.reason_code == v5b::DisconnectReasonCode::SessionTakenOver =>
+            {
+                LinkEvent::PeerClosed
+            }
             Ok(_) => continue,
             Err(e) => {
+                if matches!(
+                    e,
+                    rumqttc::v5::ConnectionError::MqttState(
+                        rumqttc::v5::StateError::ConnectionAborted
+                    )
+                ) {
+                    let _ = tx.send(LinkEvent::PeerClosed).await;
+                }
                 let _ = tx.send(LinkEvent::Closed(e.to_string())).await;
                 return;
             }
