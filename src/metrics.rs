@@ -43,6 +43,11 @@ pub(crate) const SPOOL_WRITE_FAILURES: &str = "meshbridge_spool_write_failures";
 pub(crate) const SPOOL_HELD: &str = "meshbridge_spool_held_messages";
 /// Messages a broker refused (error reason code, or larger than its maximum packet size). Counter.
 pub(crate) const REJECTED: &str = "meshbridge_rejected";
+/// When the link's client certificate expires, seconds since the Unix epoch (brokers with
+/// mTLS only). Gauge.
+pub(crate) const CLIENT_CERT_EXPIRY: &str = "meshbridge_client_cert_expiry_timestamp_seconds";
+/// Changed TLS files that could not be used: the previous ones were kept. Counter.
+pub(crate) const TLS_RELOAD_FAILURES: &str = "meshbridge_tls_reload_failures";
 /// The broker had no session for the mesh's consumer although this process had one there
 /// earlier in its run: it expired, the broker lost it (restarted without persistence), or a
 /// client took the client id over with a clean session. What it held for the bridge is lost.

@@ -20,6 +20,13 @@ pub struct BrokerStatus {
     /// TLS without verifying the broker's certificate (`insecure_skip_verify`).
     #[serde(default)]
     pub tls_insecure: bool,
+    /// When the client certificate (mTLS) expires (RFC 3339, UTC), as the files read at the
+    /// last connection say; none without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_expires: Option<String>,
+    /// Changed TLS files that could not be used (the previous ones were kept).
+    #[serde(default)]
+    pub tls_reload_failures: u64,
     /// Link state.
     pub state: LinkState,
     /// Since when (RFC 3339, UTC).

@@ -87,6 +87,13 @@ impl LinkHandle {
             address: self.broker.address(),
             protocol: self.broker.protocol,
             tls: self.broker.tls.is_some(),
+            client_cert_expires: self
+                .broker
+                .tls
+                .as_ref()
+                .and_then(|t| t.expires())
+                .map(|secs| rfc3339_ms(secs.saturating_mul(1000))),
+            tls_reload_failures: self.broker.tls.as_ref().map_or(0, |t| t.failures()),
             tls_insecure: self
                 .broker
                 .tls_inputs

@@ -215,3 +215,133 @@ impl ServerCertVerifier for AcceptAny {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// A broker's TLS files, read again at every new connection (see [`TlsSource::config`]): a
+/// client certificate renewed in place (cert-manager, an ACME timer, a short-lived internal CA)
+/// is used from the next connection on, without a restart.
+#[derive(Debug)]
+pub(crate) struct TlsSource {
+    /// CA bundle, with the config key that named it.
+    ca: Option<(String, std::path::PathBuf)>,
+    /// Client certificate and key, with their keys.
+    client_auth: Option<((String, std::path::PathBuf), (String, std::path::PathBuf))>,
+    server_name: Option<ServerName<'static>>,
+    insecure: bool,
+    state: std::sync::Mutex<Loaded>,
+}
+
+/// What a [`TlsSource`] last built, and from which versions of the files.
+#[derive(Debug)]
+struct Loaded {
+    config: Arc<ClientConfig>,
+    /// Length and modification time of each file, in the order of [`TlsSource::paths`].
+    stamps: Vec<Option<(u64, std::time::SystemTime)>>,
+    /// The client certificate's end of validity, seconds since the Unix epoch.
+    expires: Option<u64>,
+    /// Builds that failed since the start.
+    failures: u64,
+}
+
+impl TlsSource {
+    /// Builds the first configuration (every problem names its key, as at start).
+    pub(crate) fn new(files: &TlsFiles<'_>) -> Result<Self, TlsError> {
+        let config = client_config(files)?;
+        let owned = |(k, p): KeyedPath<'_>| (k.to_string(), p.to_path_buf());
+        let source = Self {
+            ca: files.ca.map(owned),
+            client_auth: files.client_auth.map(|(c, k)| (owned(c), owned(k))),
+            server_name: files.server_name.clone(),
+            insecure: files.insecure,
+            state: std::sync::Mutex::new(Loaded {
+                config,
+                stamps: Vec::new(),
+                expires: None,
+                failures: 0,
+            }),
+        };
+        let stamps = source.stamps();
+        let expires = source.client_expiry();
+        let mut state = source.lock();
+        state.stamps = stamps;
+        state.expires = expires;
+        drop(state);
+        Ok(source)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Loaded> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn paths(&self) -> Vec<&Path> {
+        let mut paths: Vec<&Path> = self.ca.iter().map(|(_, p)| p.as_path()).collect();
+        if let Some(((_, c), (_, k))) = &self.client_auth {
+            paths.push(c);
+            paths.push(k);
+        }
+        paths
+    }
+
+    fn stamps(&self) -> Vec<Option<(u64, std::time::SystemTime)>> {
+        self.paths()
+            .iter()
+            .map(|p| {
+                let m = std::fs::metadata(p).ok()?;
+                Some((m.len(), m.modified().ok()?))
+            })
+            .collect()
+    }
+
+    /// The client certificate's end of validity (seconds since the Unix epoch), read from its
+    /// file now.
+    fn client_expiry(&self) -> Option<u64> {
+        let ((key, path), _) = self.client_auth.as_ref()?;
+        let first = load_certs(key, path).ok()?.into_iter().next()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(first.as_ref()).ok()?;
+        u64::try_from(cert.validity().not_after.timestamp()).ok()
+    }
+
+    /// The configuration for a new connection: built again when a file changed since the last
+    /// build (its length or modification time). A file that does not build keeps the last good
+    /// configuration; that is logged once per change, naming the file, and counted.
+    pub(crate) fn config(&self) -> Arc<ClientConfig> {
+        let stamps = self.stamps();
+        let mut state = self.lock();
+        if stamps == state.stamps {
+            return state.config.clone();
+        }
+        state.stamps = stamps;
+        let files = TlsFiles {
+            ca: self.ca.as_ref().map(|(k, p)| (k.as_str(), p.as_path())),
+            client_auth: self.client_auth.as_ref().map(|((ck, cp), (kk, kp))| {
+                ((ck.as_str(), cp.as_path()), (kk.as_str(), kp.as_path()))
+            }),
+            server_name: self.server_name.clone(),
+            insecure: self.insecure,
+        };
+        match client_config(&files) {
+            Ok(config) => {
+                state.config = config;
+                drop(state);
+                let expires = self.client_expiry();
+                self.lock().expires = expires;
+                tracing::info!("TLS files changed: the next connections use them");
+                self.lock().config.clone()
+            }
+            Err(e) => {
+                state.failures += 1;
+                tracing::error!(error = %e, "TLS files changed but cannot be used: the connections keep the previous ones");
+                state.config.clone()
+            }
+        }
+    }
+
+    /// The client certificate's end of validity (seconds since the Unix epoch), as last built.
+    pub(crate) fn expires(&self) -> Option<u64> {
+        self.lock().expires
+    }
+
+    /// Builds from changed files that failed since the start.
+    pub(crate) fn failures(&self) -> u64 {
+        self.lock().failures
+    }
+}

@@ -195,6 +195,7 @@ pub fn status_table(links: &[BrokerStatus]) -> String {
         "RECONN".into(),
         "OWNER".into(),
         "SUBSCRIBED".into(),
+        "CERT UNTIL".into(),
         "LAST ERROR".into(),
     ]];
     for s in links {
@@ -216,6 +217,9 @@ pub fn status_table(links: &[BrokerStatus]) -> String {
             s.reconnects.to_string(),
             owner_cell(s),
             s.subscribed_since.clone().unwrap_or_else(|| "no".into()),
+            s.client_cert_expires
+                .as_deref()
+                .map_or_else(|| "-".into(), |t| t.chars().take(10).collect()),
             s.last_error.clone().unwrap_or_else(|| "-".into()),
         ]);
     }

@@ -22,7 +22,7 @@ pub(crate) fn encode(
     type Metric<T> = (&'static str, &'static str, fn(&BrokerStatus) -> T);
 
     let mut registry = Registry::default();
-    let counters: [Metric<u64>; 24] = [
+    let counters: [Metric<u64>; 25] = [
         (
             metrics::MESSAGES_IN,
             "Messages received from the broker",
@@ -75,6 +75,11 @@ pub(crate) fn encode(
             metrics::SESSION_LOST,
             "Times the broker had lost the mesh's session (expired, lost by the broker, or taken over with a clean session)",
             |s| s.session_lost,
+        ),
+        (
+            metrics::TLS_RELOAD_FAILURES,
+            "Changed TLS files that could not be used (the previous ones were kept)",
+            |s| s.tls_reload_failures,
         ),
         (
             metrics::SESSION_TAKEN,
@@ -216,6 +221,24 @@ pub(crate) fn encode(
         }
         registry.register(name, help, family);
     }
+    let expiry = Family::<Labels, Gauge>::default();
+    for s in links {
+        let secs = s
+            .client_cert_expires
+            .as_deref()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        if let Some(secs) = secs {
+            expiry
+                .get_or_create(&vec![("broker", s.name.clone())])
+                .set(i64::try_from(secs.as_secs()).unwrap_or(i64::MAX));
+        }
+    }
+    registry.register(
+        metrics::CLIENT_CERT_EXPIRY,
+        "When the link's client certificate expires, seconds since the Unix epoch",
+        expiry,
+    );
     let rejected = Family::<Labels, Counter>::default();
     for s in links {
         for (kind, n) in &s.control_rejected {

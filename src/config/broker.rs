@@ -20,7 +20,7 @@ pub struct BrokerConfig {
     /// Protocol version of the link.
     pub(crate) protocol: Protocol,
     /// TLS client configuration; `None` for plain TCP.
-    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
+    pub(crate) tls: Option<Arc<tls::TlsSource>>,
     /// MQTT credentials.
     pub(crate) credentials: Option<(String, Secret)>,
     /// Highest QoS forwarded to this broker.
@@ -254,14 +254,14 @@ impl Config {
                 )?),
                 None => None,
             };
-            Some(tls::client_config(&tls::TlsFiles {
+            Some(Arc::new(tls::TlsSource::new(&tls::TlsFiles {
                 ca: ca.as_ref().map(|(k, p)| (k.as_str(), p.as_path())),
                 client_auth: client_auth.as_ref().map(|((ck, cp), (kk, kp))| {
                     ((ck.as_str(), cp.as_path()), (kk.as_str(), kp.as_path()))
                 }),
                 server_name,
                 insecure,
-            })?)
+            })?))
         } else {
             if s.insecure_skip_verify == Some(true) {
                 return Err(invalid(

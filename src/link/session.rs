@@ -403,8 +403,9 @@ pub(crate) fn open(s: &SessionSettings, who: &ConnectAs, release_first: &[u16]) 
                 .set_inflight(s.inflight)
                 .set_max_packet_size(MQTT_MAX_PACKET as usize, MQTT_MAX_PACKET as usize);
             if let Some(tls) = &b.tls {
+                // Read again for every connection: rotated files are picked up.
                 o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
-                    tls.clone(),
+                    tls.config(),
                 )));
             }
             if let Some((u, p)) = &b.credentials {
@@ -455,8 +456,9 @@ pub(crate) fn open(s: &SessionSettings, who: &ConnectAs, release_first: &[u16]) 
                 .set_outgoing_inflight_upper_limit(s.inflight)
                 .set_network_options(network_options());
             if let Some(tls) = &b.tls {
+                // Read again for every connection: rotated files are picked up.
                 o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
-                    tls.clone(),
+                    tls.config(),
                 )));
             }
             if let Some((u, p)) = &b.credentials {

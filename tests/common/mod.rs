@@ -125,6 +125,11 @@ pub struct BrokerOpts {
     pub extra_conf: &'static str,
     /// An ACL file's lines for the TLS listener (the bridge's), e.g. to refuse its publishes.
     pub tls_acl: Option<&'static str>,
+    /// The CA bundle the TLS listener verifies client certificates with (default: the lab's
+    /// CA).
+    pub client_ca: Option<String>,
+    /// More lines for the TLS listener, e.g. `use_identity_as_username true`.
+    pub tls_listener_conf: &'static str,
 }
 
 impl Default for BrokerOpts {
@@ -136,6 +141,8 @@ impl Default for BrokerOpts {
             persistence: false,
             extra_conf: "",
             tls_acl: None,
+            client_ca: None,
+            tls_listener_conf: "",
         }
     }
 }
@@ -203,7 +210,11 @@ impl Mosquitto {
         )
         .unwrap();
         writeln!(conf, "listener {tls_port} 127.0.0.1\nallow_anonymous true").unwrap();
-        writeln!(conf, "cafile {}", certs.path("ca.crt")).unwrap();
+        let client_ca = opts
+            .client_ca
+            .clone()
+            .unwrap_or_else(|| certs.path("ca.crt"));
+        writeln!(conf, "cafile {client_ca}\n{}", opts.tls_listener_conf).unwrap();
         writeln!(
             conf,
             "certfile {}",
