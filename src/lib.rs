@@ -248,9 +248,11 @@ async fn reload(
         );
         return;
     }
-    let (started, gone) = supervisor.lock().await.reload(new);
+    let (started, gone, restarts) = supervisor.lock().await.reload(new);
     let removed: Vec<String> = gone.iter().map(|h| h.broker.name.clone()).collect();
-    info!(?started, ?removed, "configuration reloaded");
+    let restarted: Vec<String> = restarts.iter().map(|r| r.new.name.clone()).collect();
+    info!(?started, ?removed, ?restarted, "configuration reloaded");
+    supervisor::restart_links(supervisor, restarts).await;
     for name in &started {
         // Say when what is published on the added broker reaches the mesh (or that it does
         // not yet), as `add-broker` answers it.

@@ -71,6 +71,55 @@ pub(crate) struct LinkHandle {
     probe_stop: CancellationToken,
     /// Who consumes the broker, as its link sees it (readiness, status).
     consumption: watch::Receiver<Consumption>,
+    /// Set when the link stops to be started again with new settings (see [`Restart`]).
+    restarting: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A link stopped by a reload that changed its broker's connection settings, to be started
+/// again with them on the same queue and spool once it has stopped (see
+/// [`Supervisor::reload`], [`Supervisor::restarted`]).
+#[derive(Debug)]
+pub(crate) struct Restart {
+    /// The running link (its queue and counters go on with the new one).
+    pub(crate) old: LinkHandle,
+    /// The broker as the reloaded file has it.
+    pub(crate) new: BrokerConfig,
+}
+
+/// Restarts the links of `restarts` (outside the supervisor's lock while each old link stops):
+/// the old link stops at once (it acknowledges what it can, disconnects, and leaves what it
+/// holds in the spool as on a lost connection), then a new one starts with the new settings on
+/// the same queue, spool and counters. Messages forwarded meanwhile wait in the queue.
+pub(crate) async fn restart_links(
+    supervisor: &tokio::sync::Mutex<Supervisor>,
+    restarts: Vec<Restart>,
+) {
+    for Restart { old, new } in restarts {
+        let name = new.name.clone();
+        info!(broker = %name, changed = %old.broker.changed_keys(&new).join(", "), "restarting the link with the reloaded settings");
+        old.restarting
+            .store(true, std::sync::atomic::Ordering::Release);
+        old.probe_stop.cancel();
+        old.stop.cancel();
+        old.disconnect.cancel();
+        let LinkHandle {
+            join,
+            queue,
+            stats,
+            at_start,
+            ..
+        } = old;
+        if tokio::time::timeout(Duration::from_secs(10), join)
+            .await
+            .is_err()
+        {
+            warn!(broker = %name, "the link did not stop in time; starting the new one anyway");
+        }
+        supervisor
+            .lock()
+            .await
+            .restarted(new, queue, stats, at_start);
+    }
 }
 
 impl LinkHandle {
@@ -428,10 +477,21 @@ impl Supervisor {
         if let Some(p) = &self.parker {
             queue = queue.with_parker(p.clone(), &broker.name);
         }
-        let queue = Arc::new(queue);
+        self.spawn_link(broker, endpoints, Arc::new(queue), stats)
+    }
+
+    /// Starts the link (and probe client) of `broker` on `queue`.
+    fn spawn_link(
+        &mut self,
+        broker: BrokerConfig,
+        endpoints: Vec<std::net::SocketAddr>,
+        queue: Arc<TargetQueue>,
+        stats: Arc<LinkStats>,
+    ) -> &LinkHandle {
         let name: Arc<str> = broker.name.as_str().into();
         let (drained_tx, drained) = watch::channel(false);
         let (consumption_tx, consumption) = watch::channel(Consumption::default());
+        let restarting = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop = CancellationToken::new();
         let disconnect = CancellationToken::new();
         if !self.starting {
@@ -455,6 +515,7 @@ impl Supervisor {
             disconnect: disconnect.clone(),
             drained: drained_tx,
             consumption: consumption_tx,
+            restarting: restarting.clone(),
         };
         let probe_stop = CancellationToken::new();
         if !self.config.probe_interval.is_zero() {
@@ -493,6 +554,7 @@ impl Supervisor {
                 endpoints,
                 probe_stop,
                 consumption,
+                restarting,
             },
         );
         &self.links[&key]
@@ -790,9 +852,11 @@ impl Supervisor {
     }
 
     /// Applies a reloaded config file (SIGHUP): brokers that appeared are started, brokers
-    /// that disappeared are taken out (returned, to be shut down by the caller). Persisted
-    /// run-time changes keep their precedence. Other settings need a restart.
-    pub(crate) fn reload(&mut self, new: Config) -> (Vec<String>, Vec<LinkHandle>) {
+    /// that disappeared are taken out (returned, to be shut down by the caller), brokers whose
+    /// connection settings changed (address, protocol, TLS, credentials, max_qos) are returned
+    /// to be restarted ([`restart_links`]), rules change in place. Persisted run-time changes
+    /// keep their precedence. Process-wide settings need a restart of the process.
+    pub(crate) fn reload(&mut self, new: Config) -> (Vec<String>, Vec<LinkHandle>, Vec<Restart>) {
         // Topic rules of running brokers change in place: the fan-out and the link take them
         // from the queue, and the link re-subscribes the difference.
         for b in &new.brokers {
@@ -826,10 +890,28 @@ impl Supervisor {
                 gone.push(h);
             }
         }
+        // A broker whose connection settings changed: its link restarts with them.
+        let mut restarts = Vec::new();
+        for b in &new.brokers {
+            let changed = self
+                .links
+                .get(&b.name)
+                .is_some_and(|l| !l.broker.changed_keys(b).is_empty());
+            if changed
+                && self.from_config.contains(&b.name)
+                && let Some(old) = self.links.remove(&b.name)
+            {
+                restarts.push(Restart {
+                    old,
+                    new: b.clone(),
+                });
+            }
+        }
         let mut started = Vec::new();
         for broker in new.brokers.clone() {
             if self.links.contains_key(&broker.name)
                 || self.membership.removed.contains(&broker.name)
+                || restarts.iter().any(|r| r.new.name == broker.name)
             {
                 continue;
             }
@@ -848,7 +930,24 @@ impl Supervisor {
         }
         self.from_config = new_names;
         self.config.brokers = new.brokers;
-        (started, gone)
+        (started, gone, restarts)
+    }
+
+    /// Starts the link of `broker` again (see [`restart_links`]) on the queue and counters of
+    /// the one that stopped.
+    fn restarted(
+        &mut self,
+        broker: BrokerConfig,
+        queue: Arc<TargetQueue>,
+        stats: Arc<LinkStats>,
+        at_start: bool,
+    ) {
+        let endpoints = broker.endpoints(true);
+        let name = broker.name.clone();
+        self.spawn_link(broker, endpoints, queue, stats);
+        if let Some(l) = self.links.get_mut(&name) {
+            l.at_start = at_start;
+        }
     }
 
     /// The links of `names`, taken out by [`Self::remove`] or [`Self::reload`], have stopped

@@ -301,9 +301,9 @@ pub(crate) fn read_secret(key: &str, path: &Path) -> Result<Secret, ConfigError>
 }
 
 impl Config {
-    /// What differs in `new` that a reload cannot apply (everything but adding and removing
-    /// brokers and changing their topic rules), as config keys: `bridge.id`, `broker b2: address, max_qos`… Empty when `new`
-    /// can be applied by a reload.
+    /// What differs in `new` that a reload cannot apply (process-wide keys: everything but the
+    /// `[[broker]]` list, whose additions, removals, rules and connection settings a reload
+    /// applies), as config keys: `bridge.id`, `tls`… Empty when `new` can be applied.
     pub(crate) fn changes_needing_restart(&self, new: &Config) -> Vec<String> {
         let mut keys = Vec::new();
         let mut check = |changed: bool, key: &str| {
@@ -377,14 +377,8 @@ impl Config {
         );
         check(self.spool != new.spool, "bridge.spool_*");
         check(self.tls_defaults != new.tls_defaults, "tls");
-        for old in &self.brokers {
-            if let Some(b) = new.brokers.iter().find(|b| b.name == old.name) {
-                let changed = old.changed_keys(b);
-                if !changed.is_empty() {
-                    keys.push(format!("broker {}: {}", old.name, changed.join(", ")));
-                }
-            }
-        }
+        // A broker's own connection settings (address, protocol, TLS, credentials, max_qos)
+        // restart that broker's link (see `Supervisor::reload`).
         keys
     }
 }

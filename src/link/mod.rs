@@ -125,6 +125,10 @@ pub(crate) struct LinkContext {
     pub(crate) drained: watch::Sender<bool>,
     /// Who consumes the broker with its subscriptions in place (readiness, status).
     pub(crate) consumption: watch::Sender<Consumption>,
+    /// Set before `disconnect` when the link stops to be started again with new settings (a
+    /// reload): what it holds goes to the spool as on a lost connection, for the next link,
+    /// instead of being left to the origins as at the end of the process.
+    pub(crate) restarting: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Runs the link until `disconnect` is cancelled.
@@ -689,7 +693,11 @@ impl Link {
             // Back in a moment in the other role: the queue stays in memory.
             Outcome::Switch => self.ctx.queue.requeue_front(unconfirmed),
             Outcome::Shutdown | Outcome::Lost { .. } => {
-                let shutdown = matches!(outcome, Outcome::Shutdown);
+                let shutdown = matches!(outcome, Outcome::Shutdown)
+                    && !self
+                        .ctx
+                        .restarting
+                        .load(std::sync::atomic::Ordering::Acquire);
                 self.ctx.queue.disconnected(unconfirmed, shutdown);
                 self.ctx.queue.sync().await;
             }
