@@ -619,7 +619,7 @@ async fn insecure_tls_is_shown_in_log_status_and_metrics() {
         bridge
             .log()
             .lines()
-            .any(|l| l.contains("broker=b1") && l.contains("insecure_skip_verify = true")),
+            .any(|l| l.contains("brokers=b1") && l.contains("insecure_skip_verify = true")),
         "{}",
         bridge.log()
     );

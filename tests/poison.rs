@@ -15,22 +15,7 @@ const N: usize = 3000;
 
 /// (lost, duplicates, out of order) of `0..n` on `topic` as `sub` received them.
 fn count(sub: &Sub, topic: &str, n: usize) -> (usize, usize, usize) {
-    let mut seen = vec![0usize; n];
-    let mut disorder = 0;
-    let mut last: Option<usize> = None;
-    for m in sub.messages().iter().filter(|m| m.topic == topic) {
-        let i: usize = std::str::from_utf8(&m.payload).unwrap().parse().unwrap();
-        seen[i] += 1;
-        if seen[i] == 1 {
-            if last.is_some_and(|l| i < l) {
-                disorder += 1;
-            }
-            last = Some(i);
-        }
-    }
-    let lost = seen.iter().filter(|c| **c == 0).count();
-    let dups = seen.iter().map(|c| c.saturating_sub(1)).sum();
-    (lost, dups, disorder)
+    sub.sequence(topic, n)
 }
 
 /// Waits until `sub` has every one of `0..N` on `topic` (or 60 s passed); asserts none lost

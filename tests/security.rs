@@ -21,6 +21,16 @@ fn mesh_key(dir: &std::path::Path) -> String {
     format!("mesh_key_file = \"{}\"", path.display())
 }
 
+/// `n` brokers meshed by one process, instance "a", with a mesh key (in the returned directory:
+/// keep it as long as the mesh).
+fn keyed_mesh(n: usize) -> (tempfile::TempDir, Mesh) {
+    let keys = common::tempdir();
+    let mesh = MeshBuilder::new(n)
+        .bridge_keys(&format!("instance = \"a\"\n{}", mesh_key(keys.path())))
+        .start();
+    (keys, mesh)
+}
+
 /// (lost, duplicates) of `0..n` on `topic` as `sub` got them, once every one arrived or 30 s
 /// passed.
 async fn tally(sub: &Sub, topic: &str, n: usize) -> (usize, usize) {
@@ -71,10 +81,7 @@ fn rejected(mesh: &Mesh, broker: &str, kind: &str) -> f64 {
 /// consumed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_records_are_refused_with_a_mesh_key() {
-    let keys = common::tempdir();
-    let mesh = MeshBuilder::new(3)
-        .bridge_keys(&format!("instance = \"a\"\n{}", mesh_key(keys.path())))
-        .start();
+    let (_keys, mesh) = keyed_mesh(3);
     let b = &mesh.brokers;
     let sub = mqtt::subscribe(b[1].plain_port, "s2", "seq/#").await;
     let future = 4_102_444_800_000u64; // 2100
@@ -149,45 +156,9 @@ fn portable_fingerprint(topic: &str, payload: &str) -> [u8; 8] {
     digest.as_ref()[..8].try_into().unwrap()
 }
 
-/// Without a key, in a mesh of one process: forged echo notes name no other live instance, so
-/// they are not taken (they made the bridge drop the genuine messages they named).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forged_echo_notes_drop_nothing_in_a_mesh_of_one_process_without_a_key() {
-    let mesh = MeshBuilder::new(2)
-        .link_keys("protocol = \"v3.1.1\"")
-        .start();
-    let b = &mesh.brokers;
-    let sub = mqtt::subscribe(b[1].plain_port, "s2", "echo/#").await;
-    let notes: Vec<Pub> = (0..50)
-        .map(|i| {
-            Pub::new(
-                "$meshbridge/mesh/echo",
-                portable_fingerprint("echo/t", &i.to_string()).to_vec(),
-                0,
-            )
-        })
-        .collect();
-    mqtt::publish(b[0].plain_port, "forger", &notes).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let msgs: Vec<Pub> = (0..50)
-        .map(|i| Pub::new("echo/t", format!("{i}"), 1))
-        .collect();
-    mqtt::publish(b[0].plain_port, "p1", &msgs).await;
-    let (lost, _) = tally(&sub, "echo/t", 50).await;
-    assert_eq!(lost, 0, "genuine messages dropped as echoes");
-    assert_eq!(row(&mesh, "b1")["dropped_echo"], 0);
-}
-
-/// 50 forged echo notes on an MQTT 3.1.1 broker for the 50 messages a client publishes next.
-/// Without a key the bridge took them for another process's echoes and dropped all 50
-/// genuine messages; with a key the notes are refused and every message is delivered.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forged_echo_notes_do_not_drop_genuine_messages() {
-    let keys = common::tempdir();
-    let mesh = MeshBuilder::new(3)
-        .bridge_keys(&mesh_key(keys.path()))
-        .link_keys("protocol = \"v3.1.1\"")
-        .start();
+/// Publishes on b1 50 forged echo notes for `echo/t` payloads `0..50`, then those 50 messages;
+/// returns how many of them b2's subscriber did not get.
+async fn forged_notes_then_the_messages(mesh: &Mesh) -> usize {
     let b = &mesh.brokers;
     let sub = mqtt::subscribe(b[1].plain_port, "s2", "echo/#").await;
     let notes: Vec<Pub> = (0..50)
@@ -207,6 +178,32 @@ async fn forged_echo_notes_do_not_drop_genuine_messages() {
     mqtt::publish(b[0].plain_port, "p1", &msgs).await;
     let (lost, dups) = tally(&sub, "echo/t", 50).await;
     println!("under 50 forged echo notes: lost {lost}, duplicates {dups}");
+    lost
+}
+
+/// Without a key, in a mesh of one process: forged echo notes name no other live instance, so
+/// they are not taken (they made the bridge drop the genuine messages they named).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_echo_notes_drop_nothing_in_a_mesh_of_one_process_without_a_key() {
+    let mesh = MeshBuilder::new(2)
+        .link_keys("protocol = \"v3.1.1\"")
+        .start();
+    let lost = forged_notes_then_the_messages(&mesh).await;
+    assert_eq!(lost, 0, "genuine messages dropped as echoes");
+    assert_eq!(row(&mesh, "b1")["dropped_echo"], 0);
+}
+
+/// 50 forged echo notes on an MQTT 3.1.1 broker for the 50 messages a client publishes next.
+/// Without a key the bridge took them for another process's echoes and dropped all 50
+/// genuine messages; with a key the notes are refused and every message is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_echo_notes_do_not_drop_genuine_messages() {
+    let keys = common::tempdir();
+    let mesh = MeshBuilder::new(3)
+        .bridge_keys(&mesh_key(keys.path()))
+        .link_keys("protocol = \"v3.1.1\"")
+        .start();
+    let lost = forged_notes_then_the_messages(&mesh).await;
     assert_eq!(lost, 0, "genuine messages dropped as echoes");
     assert_eq!(row(&mesh, "b1")["dropped_echo"], 0);
     assert_eq!(rejected(&mesh, "b1", "echo"), 50.0);
@@ -218,10 +215,7 @@ async fn forged_echo_notes_do_not_drop_genuine_messages() {
 /// ids carry a suffix derived from it, and nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guessed_client_ids_take_no_session_over() {
-    let keys = common::tempdir();
-    let mesh = MeshBuilder::new(3)
-        .bridge_keys(&format!("instance = \"a\"\n{}", mesh_key(keys.path())))
-        .start();
+    let (_keys, mesh) = keyed_mesh(3);
     let b = &mesh.brokers;
     let sub = mqtt::subscribe(b[1].plain_port, "s2", "seq/#").await;
     let port = b[0].plain_port;
@@ -464,10 +458,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 /// up, and the CPU the flood cost is printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_forged_records_is_cheap_to_refuse() {
-    let keys = common::tempdir();
-    let mesh = MeshBuilder::new(2)
-        .bridge_keys(&format!("instance = \"a\"\n{}", mesh_key(keys.path())))
-        .start();
+    let (_keys, mesh) = keyed_mesh(2);
     let pid = mesh.bridge.pid().unwrap();
     let before = cpu_ticks(pid);
     let started = std::time::Instant::now();

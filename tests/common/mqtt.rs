@@ -201,6 +201,27 @@ impl Sub {
         }
     }
 
+    /// (lost, duplicates, out of order) of the sequence numbers `0..n` published as payloads on
+    /// `topic`, as received so far (per (origin, target) when the topic names the origin).
+    pub fn sequence(&self, topic: &str, n: usize) -> (usize, usize, usize) {
+        let mut seen = vec![0usize; n];
+        let mut disorder = 0;
+        let mut last: Option<usize> = None;
+        for m in self.messages().iter().filter(|m| m.topic == topic) {
+            let i: usize = std::str::from_utf8(&m.payload).unwrap().parse().unwrap();
+            seen[i] += 1;
+            if seen[i] == 1 {
+                if last.is_some_and(|l| i < l) {
+                    disorder += 1;
+                }
+                last = Some(i);
+            }
+        }
+        let lost = seen.iter().filter(|c| **c == 0).count();
+        let dups = seen.iter().map(|c| c.saturating_sub(1)).sum();
+        (lost, dups, disorder)
+    }
+
     /// Payloads received.
     pub fn payloads(&self) -> Vec<Vec<u8>> {
         self.got
