@@ -198,6 +198,11 @@ pub(crate) struct Consumption {
 }
 
 impl Consumption {
+    /// This process consumes the broker now, its subscriptions in place.
+    pub(crate) fn by_this(&self) -> bool {
+        self.now.as_ref().is_some_and(|c| c.this)
+    }
+
     /// Takes what the link sees now; true when that changed anything.
     pub(crate) fn update(&mut self, now: Option<Consumer>) -> bool {
         let changed = self.now != now || (now.is_some() && !self.ever);

@@ -12,7 +12,8 @@
 //! Layout, lowest first (a module imports only from the ones above it in this list):
 //! - vocabulary and leaf services, importing nothing of the crate: [`message`] (the
 //!   protocol-neutral message, [`message::Protocol`], the acknowledgement owed to an origin),
-//!   [`tls`] (rustls client configurations from PEM files), [`dedup`] (the echo window and the
+//!   [`tls`] (rustls client configurations from PEM files, read again at every new connection
+//!   when they changed), [`dedup`] (the echo window and the
 //!   storm guard, pure), [`files`] (files only their owner reads), [`ratelimit`] (one log line per key and interval, pure), [`rules`]
 //!   (per-broker topic rules: filters, directions, QoS caps, prefix mapping; pure), [`ha`] (which
 //!   instance of a mesh consumes which broker: records and the decision; pure), [`seal`] (the
@@ -41,7 +42,9 @@
 //!   seeding of a broker added at run time.
 //! - [`membership`]: run-time membership changes persisted under `data_dir`; [`status`]: a
 //!   link's status row and readiness.
-//! - [`supervisor`]: owns the links; start, add/remove at run time, reload, ordered shutdown.
+//! - [`supervisor`]: owns the links; start, add/remove at run time, reload (a broker whose
+//!   connection settings changed gets its link restarted on the same queue), readiness,
+//!   ordered shutdown.
 //! - [`admin`]: the HTTP API: `server.rs` (accept loop with limits, routes), `exposition.rs`
 //!   (Prometheus text), `client.rs` (the CLI side).
 //! - [`cli`], [`certs`] (`bridge certs`), [`demo`] (`bridge demo`), [`import`] (`bridge

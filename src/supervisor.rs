@@ -692,7 +692,7 @@ impl Supervisor {
     pub(crate) fn leads_reconcile(&self) -> bool {
         self.ordered_links()
             .first()
-            .is_some_and(|l| l.stats.ha().consuming)
+            .is_some_and(|l| l.consumption.borrow().by_this())
     }
 
     fn session_settings(&self, broker: &BrokerConfig) -> SessionSettings {

@@ -347,6 +347,7 @@ impl Link {
                 ),
                 queue: self.ctx.queue.clone(),
                 stats: self.ctx.stats.clone(),
+                consumption: self.ctx.consumption.subscribe(),
                 stop: self.ctx.disconnect.clone(),
             }));
         }

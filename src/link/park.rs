@@ -333,6 +333,8 @@ pub(crate) struct CopyPublisher {
     pub(crate) queue: Arc<crate::router::TargetQueue>,
     /// The origin link's counters.
     pub(crate) stats: Arc<crate::metrics::LinkStats>,
+    /// Who consumes the origin, as its link reports it (only its consumer trims).
+    pub(crate) consumption: tokio::sync::watch::Receiver<crate::ha::Consumption>,
     /// Ends the publisher (the link's last shutdown step).
     pub(crate) stop: tokio_util::sync::CancellationToken,
 }
@@ -431,7 +433,7 @@ async fn copies_connection(p: &CopyPublisher) -> Result<(), String> {
 fn copy_acknowledged(p: &CopyPublisher, item: Outbound, result: Result<(), String>) {
     match (item.park.as_deref(), result) {
         (Some(Park::Marker { target, nonce }), Ok(())) => {
-            if p.stats.ha().consuming {
+            if p.consumption.borrow().by_this() {
                 let mut ctx = p.park.clone();
                 ctx.target = target.clone();
                 tokio::spawn(trim(ctx, *nonce));
