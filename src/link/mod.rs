@@ -1150,7 +1150,7 @@ impl Link {
         }
         if self.poison.active() && self.poison.is_poison(poison_id(item)) {
             return Some(
-                "the broker closed the connection each time right after this message was                  written, alone (it refuses it: a packet over its maximum size?)"
+                "the broker closed the connection each time right after this message was written, alone (it refuses it: a packet over its maximum size?)"
                     .to_string(),
             );
         }
@@ -1362,7 +1362,7 @@ impl Link {
                 self.view.instance(name, record, msg.retain, me, now);
                 if self.view.impostor != impostor {
                     let error = format!(
-                        "another process announces itself as instance {:?}: give every process                          of the mesh its own [bridge] instance",
+                        "another process announces itself as instance {:?}: give every process of the mesh its own [bridge] instance",
                         me.instance
                     );
                     tracing::error!(%error);
