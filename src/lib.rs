@@ -239,19 +239,22 @@ async fn reload(
             return;
         }
     };
-    let restart = supervisor
-        .lock()
-        .await
-        .config()
-        .changes_needing_restart(&new);
+    let changes = config::diff(supervisor.lock().await.config(), &new);
+    let restart: Vec<&str> = changes
+        .iter()
+        .filter_map(|c| match c {
+            config::Change::NeedsRestart(key) => Some(key.as_str()),
+            _ => None,
+        })
+        .collect();
     if !restart.is_empty() {
         error!(
             changed = %restart.join("; "),
-            "reload refused: these settings need a restart (SIGHUP applies adding and removing brokers only); the running configuration is kept"
+            "reload refused: these settings need a restart of the process (SIGHUP applies the [[broker]] list: additions, removals, rules, connection settings); the running configuration is kept"
         );
         return;
     }
-    let (started, gone, restarts) = supervisor.lock().await.reload(new);
+    let (started, gone, restarts) = supervisor.lock().await.reload(new, &changes);
     let removed: Vec<String> = gone.iter().map(|h| h.broker.name.clone()).collect();
     let restarted: Vec<String> = restarts.iter().map(|r| r.new.name.clone()).collect();
     info!(?started, ?removed, ?restarted, "configuration reloaded");

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{BrokerConfig, BrokerSection, Config, ConfigError};
+use crate::config::{BrokerConfig, BrokerSection, Change, Config, ConfigError};
 use crate::ha::Consumption;
 use crate::link::threads::LinkThreads;
 use crate::link::{self, LinkContext, session::SessionSettings};
@@ -856,57 +856,57 @@ impl Supervisor {
     /// connection settings changed (address, protocol, TLS, credentials, max_qos) are returned
     /// to be restarted ([`restart_links`]), rules change in place. Persisted run-time changes
     /// keep their precedence. Process-wide settings need a restart of the process.
-    pub(crate) fn reload(&mut self, new: Config) -> (Vec<String>, Vec<LinkHandle>, Vec<Restart>) {
-        // Topic rules of running brokers change in place: the fan-out and the link take them
-        // from the queue, and the link re-subscribes the difference.
-        for b in &new.brokers {
-            if let Some(link) = self.links.get_mut(&b.name)
-                && self.from_config.contains(&b.name)
-                && link.broker.rules != b.rules
-            {
-                info!(broker = %b.name, "topic rules changed by the reload");
-                link.queue.set_rules(b.rules.clone());
-                link.broker.rules = b.rules.clone();
-            }
-        }
-        let new_names: HashSet<String> = new.brokers.iter().map(|b| b.name.clone()).collect();
-        let added_at_runtime: HashSet<String> = self
+    pub(crate) fn reload(
+        &mut self,
+        new: Config,
+        changes: &[Change],
+    ) -> (Vec<String>, Vec<LinkHandle>, Vec<Restart>) {
+        let added_at_runtime: HashSet<&str> = self
             .membership
             .added
             .iter()
-            .map(|a| a.name.clone())
+            .map(|a| a.name.as_str())
             .collect();
-        let mut gone = Vec::new();
-        for name in self.from_config.difference(&new_names) {
-            if added_at_runtime.contains(name) {
-                continue;
-            }
-            self.router.remove(name);
-            self.lock_probes().remove_broker(name);
-            if let Some(mut h) = self.links.remove(name) {
-                info!(broker = %name, "removed from the config file");
-                h.leaving = true;
-                self.draining.insert(name.clone());
-                gone.push(h);
+        let in_file = |name: &str| new.brokers.iter().find(|b| b.name == name).cloned();
+        let (mut gone, mut restarts) = (Vec::new(), Vec::new());
+        for change in changes {
+            match change {
+                // The fan-out and the link take the rules from the queue; the link
+                // re-subscribes the difference.
+                Change::Rules(name) => {
+                    if let (Some(link), Some(b)) = (self.links.get_mut(name), in_file(name))
+                        && self.from_config.contains(name)
+                    {
+                        info!(broker = %name, "topic rules changed by the reload");
+                        link.queue.set_rules(b.rules.clone());
+                        link.broker.rules = b.rules;
+                    }
+                }
+                Change::Restart(name, _) => {
+                    if let Some(b) = in_file(name)
+                        && self.from_config.contains(name)
+                        && let Some(old) = self.links.remove(name)
+                    {
+                        restarts.push(Restart { old, new: b });
+                    }
+                }
+                // A broker added at run time under the same name stays.
+                Change::Remove(name) if !added_at_runtime.contains(name.as_str()) => {
+                    self.router.remove(name);
+                    self.lock_probes().remove_broker(name);
+                    if let Some(mut h) = self.links.remove(name) {
+                        info!(broker = %name, "removed from the config file");
+                        h.leaving = true;
+                        self.draining.insert(name.clone());
+                        gone.push(h);
+                    }
+                }
+                // Additions start below; a reload with these was refused by the caller.
+                Change::Remove(_) | Change::Add(_) | Change::NeedsRestart(_) => {}
             }
         }
-        // A broker whose connection settings changed: its link restarts with them.
-        let mut restarts = Vec::new();
-        for b in &new.brokers {
-            let changed = self
-                .links
-                .get(&b.name)
-                .is_some_and(|l| !l.broker.changed_keys(b).is_empty());
-            if changed
-                && self.from_config.contains(&b.name)
-                && let Some(old) = self.links.remove(&b.name)
-            {
-                restarts.push(Restart {
-                    old,
-                    new: b.clone(),
-                });
-            }
-        }
+        // Every broker of the file that does not run starts: those added now, and those that
+        // waited (a drain, a start that failed).
         let mut started = Vec::new();
         for broker in new.brokers.clone() {
             if self.links.contains_key(&broker.name)
@@ -928,7 +928,7 @@ impl Supervisor {
                 Err(e) => error!(broker = %name, error = %e, "not started"),
             }
         }
-        self.from_config = new_names;
+        self.from_config = new.brokers.iter().map(|b| b.name.clone()).collect();
         self.config.brokers = new.brokers;
         (started, gone, restarts)
     }

@@ -383,5 +383,52 @@ impl Config {
     }
 }
 
+/// One thing a reload of the config file changes (see [`diff`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Change {
+    /// A process-wide setting changed (its key): the reload is refused as a whole.
+    NeedsRestart(String),
+    /// A broker appeared in the file.
+    Add(String),
+    /// A broker left the file.
+    Remove(String),
+    /// A broker's topic rules changed: applied in place.
+    Rules(String),
+    /// A broker's connection settings changed (the keys): its link restarts with them.
+    Restart(String, Vec<&'static str>),
+}
+
+/// What a reload from `old` to `new` changes, per key and broker: process-wide keys first, then
+/// per broker of `new` (in file order) its rules before its restart, additions, and last the
+/// brokers that left. Pure: the supervisor applies it (with what was changed at run time,
+/// which takes precedence).
+pub(crate) fn diff(old: &Config, new: &Config) -> Vec<Change> {
+    let mut changes: Vec<Change> = old
+        .changes_needing_restart(new)
+        .into_iter()
+        .map(Change::NeedsRestart)
+        .collect();
+    for b in &new.brokers {
+        match old.brokers.iter().find(|o| o.name == b.name) {
+            Some(o) => {
+                if o.rules != b.rules {
+                    changes.push(Change::Rules(b.name.clone()));
+                }
+                let keys = o.changed_keys(b);
+                if !keys.is_empty() {
+                    changes.push(Change::Restart(b.name.clone(), keys));
+                }
+            }
+            None => changes.push(Change::Add(b.name.clone())),
+        }
+    }
+    for o in &old.brokers {
+        if !new.brokers.iter().any(|b| b.name == o.name) {
+            changes.push(Change::Remove(o.name.clone()));
+        }
+    }
+    changes
+}
+
 #[cfg(test)]
 mod tests;

@@ -123,3 +123,51 @@ fn secrets_do_not_leak_through_debug() {
     let s = Secret("hunter2".into());
     assert_eq!(format!("{s:?}"), "<redacted>");
 }
+
+/// A config of brokers b1..bn from `[[broker]]` TOML, with `bridge` keys.
+fn config_of(bridge: &str, brokers: &str) -> Config {
+    let text = format!("[bridge]\nid = \"m\"\n{bridge}\n\n{brokers}");
+    let file: FileConfig = toml::from_str(&text).unwrap();
+    file.validate(&std::env::temp_dir()).unwrap()
+}
+
+#[test]
+fn a_reload_is_a_pure_diff_per_key_and_broker() {
+    let b = |name: &str, port: u16, extra: &str| {
+        format!(
+            "[[broker]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\ntls = false\n{extra}\n"
+        )
+    };
+    let old = config_of(
+        "",
+        &[b("b1", 1001, ""), b("b2", 1002, ""), b("b3", 1003, "")].concat(),
+    );
+    assert_eq!(diff(&old, &old), Vec::new(), "nothing changed");
+    let rule = "[[broker.rule]]\nfilter = \"a/#\"\n";
+    let new = config_of(
+        "",
+        &[
+            b("b1", 1001, rule),
+            b("b2", 1012, "protocol = \"v3.1.1\""),
+            b("b4", 1004, ""),
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        diff(&old, &new),
+        vec![
+            Change::Rules("b1".into()),
+            Change::Restart("b2".into(), vec!["address", "protocol"]),
+            Change::Add("b4".into()),
+            Change::Remove("b3".into()),
+        ]
+    );
+    let global = config_of(
+        "inflight = 7",
+        &[b("b1", 1001, ""), b("b2", 1002, ""), b("b3", 1003, "")].concat(),
+    );
+    assert_eq!(
+        diff(&old, &global),
+        vec![Change::NeedsRestart("bridge.inflight".into())]
+    );
+}
