@@ -14,7 +14,8 @@
 //!   protocol-neutral message, [`message::Protocol`], the acknowledgement owed to an origin),
 //!   [`tls`] (rustls client configurations from PEM files, read again at every new connection
 //!   when they changed), [`dedup`] (the echo window and the
-//!   storm guard, pure), [`files`] (files only their owner reads), [`ratelimit`] (one log line per key and interval, pure), [`rules`]
+//!   storm guard, pure), [`topics`] (every `$meshbridge/<id>/` topic and client id of the mesh,
+//!   pure), [`files`] (files only their owner reads), [`ratelimit`] (one log line per key and interval, pure), [`rules`]
 //!   (per-broker topic rules: filters, directions, QoS caps, prefix mapping; pure), [`ha`] (which
 //!   instance of a mesh consumes which broker: records and the decision; pure), [`seal`] (the
 //!   mesh key: sealing and opening control payloads, derived client ids; pure); [`metrics`]
@@ -79,6 +80,7 @@ pub(crate) mod status;
 pub(crate) mod supervisor;
 pub mod testing;
 pub(crate) mod tls;
+pub(crate) mod topics;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -394,9 +394,9 @@ fn map<'a>(rule: &Rule, topic: &'a str, from: &str, to: &str) -> Option<Mapped<'
     })
 }
 
-/// The mesh's control topics (`$meshbridge/<id>/...`, see `ha::Control`): no rule may take
-/// traffic from them or map traffic into them.
-const CONTROL_ROOT: &str = "$meshbridge";
+/// The mesh's control topics (`$meshbridge/<id>/...`, see `topics`): no rule may take traffic
+/// from them or map traffic into them.
+use crate::topics::ROOT as CONTROL_ROOT;
 
 /// Checks a rule's prefix: no wildcard, no NUL, not into the mesh's control topics.
 fn check_prefix(prefix: &str) -> Result<(), &'static str> {

@@ -334,7 +334,7 @@ impl Supervisor {
         let membership = Membership::load(&config.data_dir)?;
         let ha = Arc::new(link::HaContext {
             identity: crate::ha::Identity::new(&config.instance, &config.admin_listen.to_string()),
-            control: crate::ha::Control::new(&config.bridge_id),
+            control: crate::topics::Control::new(&config.bridge_id),
             will_delay: config.will_delay,
             enabled: config.ha,
             queue_limit: config.broker_queue_limit,
@@ -698,15 +698,13 @@ impl Supervisor {
     fn session_settings(&self, broker: &BrokerConfig) -> SessionSettings {
         // With a mesh key, ids no client can guess (see `seal`): every id of the mesh on this
         // broker (sessions, park, probes) starts with this one.
-        let client_id = match &self.config.mesh_key {
-            Some(key) => format!(
-                "{}-{}-{}",
-                self.config.bridge_id,
-                broker.name,
-                key.client_id_suffix(&broker.name)
-            ),
-            None => format!("{}-{}", self.config.bridge_id, broker.name),
-        };
+        let suffix = self
+            .config
+            .mesh_key
+            .as_ref()
+            .map(|key| key.client_id_suffix(&broker.name));
+        let client_id =
+            crate::topics::base_id(&self.config.bridge_id, &broker.name, suffix.as_deref());
         SessionSettings {
             client_id,
             keep_alive: self.config.keep_alive,

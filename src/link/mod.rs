@@ -30,14 +30,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::dedup::{EchoWindow, StormGuard, StormVerdict, fingerprint};
-use crate::ha::{
-    self, Consumption, Control, ControlTopic, Decision, Identity, InstanceRecord, OwnerRecord,
-};
+use crate::ha::{self, Consumption, Decision, Identity, InstanceRecord, OwnerRecord};
 use crate::message::Protocol;
 use crate::message::{AckRequest, Message};
 use crate::metrics::{self, LinkState, LinkStats, inc};
 use crate::router::{Outbound, Router, TargetQueue};
 use crate::seal::ControlKind;
+use crate::topics::{self, Control, ControlTopic};
 use acks::InboundAcks;
 use backoff::Backoff;
 use outflight::{OutFlight, Sent};
@@ -341,9 +340,9 @@ impl Link {
         if let Some(ctx) = self.park_context(self.ctx.name.clone()) {
             tokio::spawn(park::publish_copies(park::CopyPublisher {
                 park: ctx,
-                client_id: format!(
-                    "{}~copies@{}",
-                    self.ctx.settings.client_id, self.ctx.ha.identity.instance
+                client_id: topics::copies_id(
+                    &self.ctx.settings.client_id,
+                    &self.ctx.ha.identity.instance,
                 ),
                 queue: self.ctx.queue.clone(),
                 stats: self.ctx.stats.clone(),
@@ -441,7 +440,7 @@ impl Link {
             client_id: if self.consumer {
                 self.ctx.settings.client_id.clone()
             } else {
-                format!("{}@{}", self.ctx.settings.client_id, id.instance)
+                topics::publisher_id(&self.ctx.settings.client_id, &id.instance)
             },
             clean: !self.consumer,
             will: self.coordinate.then_some(will),
@@ -1609,7 +1608,6 @@ impl Link {
     fn park_context(&self, target: Arc<str>) -> Option<park::ParkContext> {
         Some(park::ParkContext {
             settings: self.ctx.settings.clone(),
-            bridge_id: self.ctx.bridge_id.clone(),
             origin: self.ctx.name.clone(),
             target,
             router: self.ctx.router.clone(),

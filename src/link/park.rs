@@ -24,10 +24,11 @@ use tracing::{Instrument, debug, info, warn};
 use super::acks::InboundAcks;
 use super::session::{self, ConnectAs, LinkEvent, Session, SessionSettings};
 use crate::message::{AckGroup, AckRequest, Message};
-use crate::router::park::{Park, Parker, park_topic};
+use crate::router::park::{Park, Parker};
 use crate::router::{Outbound, Router};
 use crate::seal::ControlKind;
 use crate::spool::{self, Decoded};
+use crate::topics;
 
 /// How long a park task may take before it gives up (the copies stay for the next one).
 const PARK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -37,8 +38,6 @@ const PARK_TIMEOUT: Duration = Duration::from_secs(60);
 pub(crate) struct ParkContext {
     /// The origin broker's connection settings.
     pub(crate) settings: SessionSettings,
-    /// The mesh id (topics).
-    pub(crate) bridge_id: Arc<str>,
     /// The origin broker's name.
     pub(crate) origin: Arc<str>,
     /// The target whose copies these are.
@@ -61,7 +60,7 @@ impl ParkContext {
     /// Connects as the park session; `clean`: a new, empty one that ends with the connection.
     fn connect(&self, clean: bool) -> Session {
         let who = ConnectAs {
-            client_id: format!("{}~park-{}", self.settings.client_id, self.target),
+            client_id: topics::park_id(&self.settings.client_id, &self.target),
             clean,
             will: None,
         };
@@ -171,7 +170,7 @@ async fn run(
     };
     let mut stopped = false;
     let mut s = ctx.connect(false);
-    let topic = park_topic(&ctx.bridge_id, &ctx.target);
+    let topic = ctx.ha.control.park_topic(&ctx.target);
     let marker = match mode {
         Mode::Recover => rand::random(),
         Mode::Trim(nonce) => nonce,
@@ -383,7 +382,7 @@ async fn copies_connection(p: &CopyPublisher) -> Result<(), String> {
                     p.queue.finish_park(item);
                     continue;
                 };
-                let topic = park_topic(&p.park.bridge_id, park.target());
+                let topic = p.park.ha.control.park_topic(park.target());
                 let payload = p.park.ha.seal(&topic, park.encode());
                 if s.client
                     .publish_record(&topic, payload, 1, false, None)

@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use super::ProbeBook;
-use crate::ha::Control;
 use crate::link::session::{self, ConnectAs, LinkEvent, SessionSettings};
+use crate::topics::{self, Control};
 
 /// Everything the probe client of one broker needs.
 #[derive(Debug, Clone)]
@@ -78,7 +78,7 @@ enum Ended {
 
 async fn connection(ctx: &ProbeContext) -> Result<(), Ended> {
     let who = ConnectAs {
-        client_id: format!("{}~probe@{}", ctx.settings.client_id, ctx.instance),
+        client_id: topics::probe_id(&ctx.settings.client_id, &ctx.instance),
         clean: true,
         will: None,
     };

@@ -80,10 +80,10 @@ pub(crate) async fn take(
         return Ok(Snapshot::new());
     }
     let who = ConnectAs {
-        client_id: format!(
-            "{}~snapshot-{}@{instance}",
-            settings.client_id,
-            NEXT.fetch_add(1, Ordering::Relaxed)
+        client_id: crate::topics::snapshot_id(
+            &settings.client_id,
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            instance,
         ),
         clean: true,
         will: None,

@@ -125,11 +125,6 @@ pub(crate) fn carrier() -> Arc<Message> {
         .clone()
 }
 
-/// The park topic of `target` in the mesh `bridge_id`.
-pub(crate) fn park_topic(bridge_id: &str, target: &str) -> String {
-    format!("$meshbridge/{bridge_id}/park/{target}")
-}
-
 /// Hands copies and markers to the origin's queue. One per process.
 #[derive(Debug)]
 pub(crate) struct Parker {
