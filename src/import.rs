@@ -271,7 +271,7 @@ pub fn convert(files: &[(String, String)], id: &str) -> Result<Imported, ImportE
             let w = words(line).map_err(|message| ImportError::Line {
                 source_name: source_name.clone(),
                 line: n + 1,
-                message,
+                message: message.to_string(),
             })?;
             let at = |what: &str| format!("{source_name} line {}: {what}", n + 1);
             let (key, args) = (w[0].as_str(), &w[1..]);

@@ -59,26 +59,40 @@ pub struct RuleSpec {
     pub mesh_prefix: String,
 }
 
+/// Why a mosquitto `topic` line (or a line of words) cannot be read: one line saying what.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct LineError(pub String);
+
 impl RuleSpec {
     /// A mosquitto `topic` line's arguments: `pattern [in|out|both] [qos] [local remote]`, with
     /// mosquitto's defaults (`out`, QoS 0); words in double quotes (`""` is empty).
-    pub fn from_mosquitto(line: &str) -> Result<Self, String> {
+    pub fn from_mosquitto(line: &str) -> Result<Self, LineError> {
         let w = words(line)?;
-        let filter = w.first().cloned().ok_or("empty topic line")?;
+        let filter = w
+            .first()
+            .cloned()
+            .ok_or_else(|| LineError("empty topic line".into()))?;
         let direction = match w.get(1).map(String::as_str) {
             None | Some("out") => Direction::Out,
             Some("in") => Direction::In,
             Some("both") => Direction::Both,
-            Some(other) => return Err(format!("direction {other:?}: expected in, out or both")),
+            Some(other) => {
+                return Err(LineError(format!(
+                    "direction {other:?}: expected in, out or both"
+                )));
+            }
         };
         let qos = match w.get(2) {
             None => 0,
             Some(q) => q
                 .parse()
-                .map_err(|_| format!("QoS {q:?}: expected 0, 1 or 2"))?,
+                .map_err(|_| LineError(format!("QoS {q:?}: expected 0, 1 or 2")))?,
         };
         if w.len() == 4 || w.len() > 5 {
-            return Err("expected `pattern [direction [qos [local-prefix remote-prefix]]]`".into());
+            return Err(LineError(
+                "expected `pattern [direction [qos [local-prefix remote-prefix]]]`".into(),
+            ));
         }
         Ok(RuleSpec {
             filter,
@@ -101,7 +115,7 @@ impl RuleSpec {
 }
 
 /// Splits a line into words; double quotes group (`""` is an empty word).
-pub(crate) fn words(line: &str) -> Result<Vec<String>, String> {
+pub(crate) fn words(line: &str) -> Result<Vec<String>, LineError> {
     let mut out = Vec::new();
     let mut chars = line.chars().peekable();
     while let Some(&c) = chars.peek() {
@@ -116,7 +130,7 @@ pub(crate) fn words(line: &str) -> Result<Vec<String>, String> {
                 match chars.next() {
                     Some('"') => break,
                     Some(ch) => word.push(ch),
-                    None => return Err("unclosed quote".into()),
+                    None => return Err(LineError("unclosed quote".into())),
                 }
             }
         } else {
@@ -665,11 +679,13 @@ mod tests {
         assert!(
             RuleSpec::from_mosquitto("a/# sideways")
                 .unwrap_err()
+                .0
                 .contains("sideways")
         );
         assert!(
             RuleSpec::from_mosquitto("a/# in x")
                 .unwrap_err()
+                .0
                 .contains("QoS")
         );
         assert!(

@@ -13,23 +13,34 @@ pub(crate) fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// Why an address cannot be used: one line saying what.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct AddressError(pub String);
+
 /// Splits `host:port` (or `[v6]:port`, or a bare host) into its parts.
-pub fn parse_address(text: &str, default_port: u16) -> Result<(String, u16), String> {
+pub fn parse_address(text: &str, default_port: u16) -> Result<(String, u16), AddressError> {
     let text = text.trim();
     if text.is_empty() {
-        return Err("empty address".into());
+        return Err(AddressError("empty address".into()));
     }
     if text.contains("://") {
-        return Err(format!("{text:?}: give host:port without a scheme"));
+        return Err(AddressError(format!(
+            "{text:?}: give host:port without a scheme"
+        )));
     }
     let (host, port) = if let Some(rest) = text.strip_prefix('[') {
         let (host, after) = rest
             .split_once(']')
-            .ok_or_else(|| format!("{text:?}: unclosed '[' in IPv6 address"))?;
+            .ok_or_else(|| AddressError(format!("{text:?}: unclosed '[' in IPv6 address")))?;
         match after {
             "" => (host.to_string(), None),
             p if p.starts_with(':') => (host.to_string(), Some(&p[1..])),
-            _ => return Err(format!("{text:?}: expected ':port' after ']'")),
+            _ => {
+                return Err(AddressError(format!(
+                    "{text:?}: expected ':port' after ']'"
+                )));
+            }
         }
     } else if text.matches(':').count() > 1 {
         // A bare IPv6 address without port.
@@ -41,7 +52,7 @@ pub fn parse_address(text: &str, default_port: u16) -> Result<(String, u16), Str
         }
     };
     if host.is_empty() {
-        return Err(format!("{text:?}: missing host"));
+        return Err(AddressError(format!("{text:?}: missing host")));
     }
     let host_ok = host.parse::<IpAddr>().is_ok()
         || host.split('.').all(|l| {
@@ -50,7 +61,7 @@ pub fn parse_address(text: &str, default_port: u16) -> Result<(String, u16), Str
                 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         });
     if !host_ok {
-        return Err(format!("{text:?}: invalid host {host:?}"));
+        return Err(AddressError(format!("{text:?}: invalid host {host:?}")));
     }
     // A name whose last label is all digits is no DNS name (RFC 3696): a mistyped IPv4 address.
     if host.parse::<IpAddr>().is_err()
@@ -59,12 +70,14 @@ pub fn parse_address(text: &str, default_port: u16) -> Result<(String, u16), Str
             .next()
             .is_some_and(|l| l.chars().all(|c| c.is_ascii_digit()))
     {
-        return Err(format!("{text:?}: {host:?} is not a valid IPv4 address"));
+        return Err(AddressError(format!(
+            "{text:?}: {host:?} is not a valid IPv4 address"
+        )));
     }
     let port = match port {
         None => default_port,
         Some(p) => match p.parse::<u16>() {
-            Ok(0) | Err(_) => return Err(format!("{text:?}: invalid port {p:?}")),
+            Ok(0) | Err(_) => return Err(AddressError(format!("{text:?}: invalid port {p:?}"))),
             Ok(port) => port,
         },
     };

@@ -153,7 +153,7 @@ impl Config {
         let d = &self.tls_defaults;
         let use_tls = s.tls.unwrap_or(DEFAULT_TLS);
         let (host, port) = parse_address(&s.address, if use_tls { 8883 } else { 1883 })
-            .map_err(|e| invalid(format!("{key}.address"), e))?;
+            .map_err(|e| invalid(format!("{key}.address"), e.to_string()))?;
         if port == self.admin_listen.port() && is_this_host(&host, self.admin_listen.ip()) {
             return Err(invalid(
                 format!("{key}.address"),

@@ -942,11 +942,11 @@ impl Link {
         }
     }
 
-    fn acknowledged(&mut self, item: Outbound, result: Result<(), String>) {
+    fn acknowledged(&mut self, item: Outbound, result: Result<(), session::Refused>) {
         match result {
             Ok(()) if item.probe => {}
             Ok(()) => inc(&self.ctx.stats.messages_out),
-            Err(reason) => metrics::message_rejected(&self.ctx.stats, &item.msg.topic, &reason),
+            Err(reason) => metrics::message_rejected(&self.ctx.stats, &item.msg.topic, &reason.0),
         }
         self.finish(item);
     }

@@ -30,6 +30,21 @@ use crate::seal::ControlKind;
 use crate::spool::{self, Decoded};
 use crate::topics;
 
+/// Why a park task or the copy publisher ended before it was done (its copies stay where they
+/// are for the next one).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ParkError {
+    /// The connection ended (the driver's reason).
+    #[error("connection lost: {0}")]
+    Lost(String),
+    /// The broker refused the park subscription.
+    #[error("park subscription refused: {0}")]
+    Refused(String),
+    /// A request could not be queued on the connection.
+    #[error("{0}")]
+    Send(#[from] session::SendError),
+}
+
 /// How long a park task may take before it gives up (the copies stay for the next one).
 const PARK_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -155,7 +170,7 @@ async fn run(
     ctx: &ParkContext,
     mode: Mode,
     read_all: &mut Option<oneshot::Sender<()>>,
-) -> Result<usize, String> {
+) -> Result<usize, ParkError> {
     // Trimming while the target's spool still holds rows: only the copies of rows it no longer
     // holds go, up to the first it still holds (or made by another process: it alone knows).
     // Every copy before the marker was made after its row was sent to the spool writer; once
@@ -185,23 +200,23 @@ async fn run(
         }
         tokio::select! {
             event = s.events.recv() => match event {
-                None => return Err("connection task ended".into()),
-                Some(LinkEvent::Closed(e)) => return Err(e),
+                None => return Err(ParkError::Lost("connection task ended".into())),
+                Some(LinkEvent::Closed(e)) => return Err(ParkError::Lost(e)),
                 Some(LinkEvent::Connected { session_present, .. }) => {
                     if !session_present {
                         acks.new_session();
                     }
-                    s.client.subscribe_records(std::slice::from_ref(&topic), 1).map_err(|e| e.to_string())?;
+                    s.client.subscribe_records(std::slice::from_ref(&topic), 1)?;
                 }
                 Some(LinkEvent::SubAck(failures)) => {
                     if !failures.is_empty() {
-                        return Err(format!("park subscription refused: {}", failures.join(", ")));
+                        return Err(ParkError::Refused(failures.join(", ")));
                     }
                     if matches!(mode, Mode::Recover) {
                         // Behind everything the session holds.
                         let m = Park::Marker { target: ctx.target.clone(), nonce: marker };
                         let payload = ctx.ha.seal(&topic, m.encode());
-                        s.client.publish_record(&topic, payload, 1, false, None).map_err(|e| e.to_string())?;
+                        s.client.publish_record(&topic, payload, 1, false, None)?;
                     }
                 }
                 Some(LinkEvent::Publish { .. }) if seen_marker || stopped => {
@@ -360,7 +375,7 @@ pub(crate) async fn publish_copies(p: CopyPublisher) {
     .await
 }
 
-async fn copies_connection(p: &CopyPublisher) -> Result<(), String> {
+async fn copies_connection(p: &CopyPublisher) -> Result<(), ParkError> {
     use super::outflight::{OutFlight, Sent};
     let who = ConnectAs {
         client_id: p.client_id.clone(),
@@ -399,8 +414,8 @@ async fn copies_connection(p: &CopyPublisher) -> Result<(), String> {
         tokio::select! {
             _ = p.stop.cancelled() => break Ok(()),
             event = s.events.recv() => match event {
-                None => break Err("connection task ended".into()),
-                Some(LinkEvent::Closed(e)) => break Err(e),
+                None => break Err(ParkError::Lost("connection task ended".into())),
+                Some(LinkEvent::Closed(e)) => break Err(ParkError::Lost(e)),
                 Some(LinkEvent::Connected { .. }) => connected = true,
                 Some(LinkEvent::Sent(pkid)) => match flight.sent(pkid) {
                     Sent::Done(item) => p.queue.finish_park(item),
@@ -429,7 +444,7 @@ async fn copies_connection(p: &CopyPublisher) -> Result<(), String> {
 
 /// The origin broker acknowledged a copy (its origin may be acknowledged now) or a marker
 /// (the copies before it may go, if this process owns the origin).
-fn copy_acknowledged(p: &CopyPublisher, item: Outbound, result: Result<(), String>) {
+fn copy_acknowledged(p: &CopyPublisher, item: Outbound, result: Result<(), session::Refused>) {
     match (item.park.as_deref(), result) {
         (Some(Park::Marker { target, nonce }), Ok(())) => {
             if p.consumption.borrow().by_this() {

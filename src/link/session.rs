@@ -65,9 +65,9 @@ pub(crate) enum LinkEvent {
     /// One of our publishes was written to the socket (pkid 0 for QoS 0).
     Sent(u16),
     /// PUBACK for one of our QoS 1 publishes; `Err` carries the broker's reason.
-    PubAck(u16, Result<(), String>),
+    PubAck(u16, Result<(), Refused>),
     /// PUBREC for one of our QoS 2 publishes.
-    PubRec(u16, Result<(), String>),
+    PubRec(u16, Result<(), Refused>),
     /// PUBCOMP for one of our QoS 2 publishes.
     PubComp(u16),
     /// SUBACK; the failures, if any.
@@ -607,13 +607,19 @@ async fn drive_v4(mut el: rumqttc::EventLoop, tx: mpsc::Sender<LinkEvent>) {
     }
 }
 
+/// A broker refused one of our publishes (an MQTT 5 reason code of 0x80 or more): the code's
+/// name, as the broker gave it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Refused(pub(crate) String);
+
 /// `Ok` for a success reason code, the code's name otherwise (formatted only then: this runs
 /// for every acknowledgement).
-fn reason_v5<R: std::fmt::Debug>(reason: R, success: bool) -> Result<(), String> {
+fn reason_v5<R: std::fmt::Debug>(reason: R, success: bool) -> Result<(), Refused> {
     if success {
         Ok(())
     } else {
-        Err(format!("{reason:?}"))
+        Err(Refused(format!("{reason:?}")))
     }
 }
 

@@ -336,7 +336,7 @@ impl Spool {
                 other => return Err(damaged(other.to_string())),
             },
             Ok(Err(other)) => return Err(damaged(other.to_string())),
-            Err(panic) => return Err(damaged(panic)),
+            Err(panic) => return Err(damaged(panic.to_string())),
         };
         for (table, f) in &found {
             info!(

@@ -88,9 +88,14 @@ impl Store {
     }
 }
 
+/// A panic caught by [`without_panic_message`]: its message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub(super) struct Panicked(pub(super) String);
+
 /// Runs `f`, turning a panic into its message, without the panic hook printing it for this
 /// thread (other threads' panics are reported as usual).
-pub(super) fn without_panic_message<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+pub(super) fn without_panic_message<T>(f: impl FnOnce() -> T) -> Result<T, Panicked> {
     let me = std::thread::current().id();
     let previous: Arc<dyn Fn(&std::panic::PanicHookInfo<'_>) + Send + Sync> =
         Arc::from(std::panic::take_hook());
@@ -109,11 +114,13 @@ pub(super) fn without_panic_message<T>(f: impl FnOnce() -> T) -> Result<T, Strin
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unreadable".into());
         // One line: an assertion's message spans several.
-        text.lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect::<Vec<_>>()
-            .join("; ")
+        Panicked(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
     })
 }
 
