@@ -3,7 +3,7 @@
 //! `cargo run --release --bin meshbench -- [--brokers 3] [--messages 20000] [--qos 1] [--size 64]
 //! [--rate 5000] [--seconds 5] [--topics 1] [--down 0]
 //! [--queue-capacity N] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K]
-//! [--steady]`
+//! [--steady] [--rtt MS]`
 //!
 //! Starts N mosquitto brokers on free loopback ports, then, in turn, (a) a mosquitto "bridge
 //! master" (one `connection` per broker, `topic # both 2`, MQTT 3.1.1, bridge flag on) and
@@ -26,6 +26,9 @@
 //! machine: the kernel's part of the bridge's CPU at the fixed rate against the master's whole
 //! CPU, and the flat-out throughput the bridge's run would reach if the bridge cost nothing
 //! (the machine's busy time, from /proc/stat, spent on the brokers and the load generator).
+//! With `--rtt MS` each contender reaches each broker through a proxy that delays every byte by
+//! MS/2 each way (a WAN; the proxy runs in this process, its CPU is the load generator's); the
+//! publisher and subscribers connect directly.
 //! Linux only (reads /proc). Requires mosquitto on PATH (or in /usr/sbin).
 
 use std::collections::HashSet;
@@ -57,6 +60,9 @@ struct Opts {
     instances: usize,
     /// Only the fixed-rate phase (the steady case): no flat-out run.
     steady: bool,
+    /// Round-trip time between each contender and each broker, in ms (a WAN): a proxy delays
+    /// every byte by half of it each way. The load's clients connect directly.
+    rtt_ms: u64,
 }
 
 fn parse() -> Result<Opts, String> {
@@ -75,6 +81,7 @@ fn parse() -> Result<Opts, String> {
         repeat: 1,
         instances: 1,
         steady: false,
+        rtt_ms: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -99,8 +106,9 @@ fn parse() -> Result<Opts, String> {
             "--repeat" => o.repeat = v()? as usize,
             "--instances" => o.instances = v()? as usize,
             "--steady" => o.steady = true,
+            "--rtt" => o.rtt_ms = v()?,
             "-h" | "--help" => {
-                return Err("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T] [--down K] [--queue-capacity N] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K] [--steady]".into())
+                return Err("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T] [--down K] [--queue-capacity N] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K] [--steady] [--rtt MS]".into())
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -491,6 +499,55 @@ async fn flat_out(
     r.others_per_msg_us = (busy / forwarded * 1e6 - r.cpu_per_msg_us).max(0.0);
 }
 
+/// Forwards every connection accepted on `listener` to `127.0.0.1:target`, each byte delayed
+/// by `one_way` in each direction (latency only: no bandwidth limit, nothing reordered).
+async fn delay_proxy(listener: tokio::net::TcpListener, target: u16, one_way: Duration) {
+    while let Ok((inbound, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                return;
+            };
+            let _ = inbound.set_nodelay(true);
+            let _ = outbound.set_nodelay(true);
+            let (ri, wi) = inbound.into_split();
+            let (ro, wo) = outbound.into_split();
+            tokio::spawn(delayed_pipe(ri, wo, one_way));
+            tokio::spawn(delayed_pipe(ro, wi, one_way));
+        });
+    }
+}
+
+/// Copies `from` to `to`, each chunk written `delay` after it was read.
+async fn delayed_pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((read_at, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(read_at + delay).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    });
+    let mut buf = vec![0u8; 64 << 10];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0
+            || tx
+                .send((tokio::time::Instant::now(), buf[..n].to_vec()))
+                .is_err()
+        {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
 fn bridge_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     exe.with_file_name("bridge")
@@ -501,15 +558,16 @@ struct Lab {
     dir: tempfile::TempDir,
     /// Ports of the running brokers.
     ports: Vec<u16>,
-    /// Those plus the ports of the brokers configured but never started (`--down`).
-    configured: Vec<u16>,
+    /// Where the contenders dial each broker, those configured but never started (`--down`)
+    /// included: the brokers' ports, or with `--rtt` the delaying proxies in front of them.
+    dialled: Vec<u16>,
     bridge_bin: PathBuf,
 }
 
 /// (a) The mosquitto bridge master, seed 004 style.
 async fn run_master(o: &Opts, lab: &Lab, run: usize) -> Result<Result_, String> {
     let mut conns = String::new();
-    for (i, p) in lab.configured.iter().enumerate() {
+    for (i, p) in lab.dialled.iter().enumerate() {
         let _ = write!(
             conns,
             "connection b{n}\naddress 127.0.0.1:{p}\ntopic # both 2\ncleansession false\ntry_private true\n\
@@ -583,7 +641,7 @@ async fn run_bridge(o: &Opts, lab: &Lab, run: usize) -> Result<(Result_, Option<
         if let Some(n) = o.links_per_thread {
             let _ = writeln!(cfg, "links_per_thread = {n}");
         }
-        for (i, p) in lab.configured.iter().enumerate() {
+        for (i, p) in lab.dialled.iter().enumerate() {
             let _ = write!(
                 cfg,
                 "[[broker]]\nname = \"b{}\"\naddress = \"127.0.0.1:{p}\"\ntls = false\n",
@@ -686,16 +744,46 @@ async fn main() {
     // Brokers configured on both contenders but never started.
     let down: Vec<u16> = (0..o.down).map(|_| free_port()).collect();
     let configured: Vec<u16> = ports.iter().chain(&down).copied().collect();
+    let dialled: Vec<u16> = if o.rtt_ms == 0 {
+        configured.clone()
+    } else {
+        let one_way = Duration::from_millis(o.rtt_ms) / 2;
+        let mut proxies = Vec::new();
+        for target in &configured {
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+                .await
+                .expect("bind a proxy port");
+            proxies.push(listener.local_addr().expect("proxy address").port());
+            tokio::spawn(delay_proxy(listener, *target, one_way));
+        }
+        proxies
+    };
     let lab = Lab {
         dir,
         ports,
-        configured,
+        dialled,
         bridge_bin,
     };
 
     println!(
-        "meshbench: {} brokers (+{} down), {} messages, QoS {}, {} B payload, {} topic(s); latency at {} msg/s for {} s; {} run(s)",
-        o.brokers, o.down, o.messages, o.qos, o.size, o.topics, o.rate, o.seconds, o.repeat
+        "meshbench: {} brokers (+{} down), {} messages, QoS {}, {} B payload, {} topic(s); latency at {} msg/s for {} s; {} run(s){}",
+        o.brokers,
+        o.down,
+        o.messages,
+        o.qos,
+        o.size,
+        o.topics,
+        o.rate,
+        o.seconds,
+        o.repeat,
+        if o.rtt_ms > 0 {
+            format!(
+                "; contenders reach the brokers with an RTT of {} ms",
+                o.rtt_ms
+            )
+        } else {
+            String::new()
+        }
     );
     // Which contender goes first alternates, so neither always meets warmer (or busier) brokers.
     let mut runs = Vec::new();
