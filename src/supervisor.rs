@@ -62,7 +62,8 @@ pub(crate) struct LinkHandle {
     join: JoinHandle<()>,
     /// The broker left the mesh: its spool is deleted once the link stopped.
     leaving: bool,
-    /// Started with the process: readiness waits for its first connection (or error).
+    /// Started with the process: readiness waits for its broker to be consumed (or the link to
+    /// be down with an error).
     at_start: bool,
     /// The broker's socket addresses (see [`BrokerConfig::endpoints`]), resolved when it
     /// started: another entry for the same broker is refused.
