@@ -1141,11 +1141,15 @@ impl Link {
                 topic.len()
             ));
         }
-        let size = item.msg.approx_packet_size() + topic.len().saturating_sub(item.msg.topic.len());
-        if let Some(max) = conn.max_packet.filter(|max| size > *max as usize) {
-            return Some(format!(
-                "{size} bytes exceed the broker's maximum packet size {max}"
-            ));
+        if let Some(max) = conn.max_packet {
+            // Only where the broker announced a maximum: this runs for every message.
+            let size =
+                item.msg.approx_packet_size() + topic.len().saturating_sub(item.msg.topic.len());
+            if size > max as usize {
+                return Some(format!(
+                    "{size} bytes exceed the broker's maximum packet size {max}"
+                ));
+            }
         }
         if self.poison.active() && self.poison.is_poison(poison_id(item)) {
             return Some(
