@@ -65,10 +65,7 @@ pub(crate) struct HaContext {
 impl HaContext {
     /// `body` as published on the control topic `topic`: sealed when there is a key.
     pub(crate) fn seal(&self, topic: &str, body: Vec<u8>) -> Vec<u8> {
-        match &self.key {
-            Some(k) => k.seal(topic, &body, ha::unix_ms()),
-            None => body,
-        }
+        crate::seal::seal_if(self.key.as_ref(), topic, body, ha::unix_ms())
     }
 
     /// The body of a control payload that arrived on `topic`, and when it was sealed; without

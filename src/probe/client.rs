@@ -124,10 +124,12 @@ async fn connection(ctx: &ProbeContext) -> Result<(), Ended> {
                 let Some(seq) = lock(&ctx.book).send(&ctx.name, Instant::now()) else {
                     continue;
                 };
-                let payload = match &ctx.key {
-                    Some(k) => k.seal(&topic, &super::encode(ctx.run, seq), crate::ha::unix_ms()),
-                    None => super::encode(ctx.run, seq),
-                };
+                let payload = crate::seal::seal_if(
+                    ctx.key.as_ref(),
+                    &topic,
+                    super::encode(ctx.run, seq),
+                    crate::ha::unix_ms(),
+                );
                 if s.client.publish_record(&topic, payload, 1, false, None).is_err() {
                     lock(&ctx.book).unsend(&ctx.name, seq);
                 }
