@@ -69,6 +69,8 @@ pub(crate) mod link;
 pub(crate) mod membership;
 pub mod message;
 pub(crate) mod metrics;
+pub(crate) mod park;
+pub(crate) mod policy;
 pub mod probe;
 pub(crate) mod ratelimit;
 pub mod reconcile;

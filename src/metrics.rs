@@ -222,21 +222,6 @@ pub(crate) struct LinkStats {
     pub(crate) step_downs: AtomicU64,
     /// See [`HANDOVERS`].
     pub(crate) handovers: AtomicU64,
-    ha: Mutex<HaStatus>,
-}
-
-/// Ownership of one broker as its link last saw it (see `ha`).
-#[derive(Debug, Clone, Default)]
-pub(crate) struct HaStatus {
-    /// The live owner the broker's record names.
-    pub(crate) owner: Option<String>,
-    /// This instance consumes the broker.
-    pub(crate) consuming: bool,
-    /// Live instances on this broker, this one included.
-    pub(crate) instances: usize,
-    /// Every instance the broker shows a record of: name, live, start (ms since the epoch),
-    /// admin address.
-    pub(crate) seen: Vec<(String, bool, u64, String)>,
 }
 
 impl Default for LinkStats {
@@ -279,7 +264,6 @@ impl Default for LinkStats {
             takeovers: AtomicU64::new(0),
             step_downs: AtomicU64::new(0),
             handovers: AtomicU64::new(0),
-            ha: Mutex::new(HaStatus::default()),
         }
     }
 }
@@ -319,18 +303,6 @@ impl LinkStats {
         let limit = self.park_limit.load(Ordering::Relaxed);
         let near = limit > 0 && spooled.saturating_mul(10) >= limit.saturating_mul(8);
         (spooled, near)
-    }
-
-    /// Changes the ownership status.
-    pub(crate) fn set_ha(&self, change: impl FnOnce(&mut HaStatus)) {
-        if let Ok(mut h) = self.ha.lock() {
-            change(&mut h);
-        }
-    }
-
-    /// The ownership status.
-    pub(crate) fn ha(&self) -> HaStatus {
-        self.ha.lock().map(|h| h.clone()).unwrap_or_default()
     }
 
     /// Remembers the last error for `status`.

@@ -130,8 +130,10 @@ impl LinkHandle {
         let (state, since) = s.state();
         let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         let (spool_messages, spool_bytes, spool_blocked) = self.queue.spool_depth();
-        let ha = s.ha();
-        let consumer = self.consumption.borrow().now.clone();
+        let (consumer, ha) = {
+            let c = self.consumption.borrow();
+            (c.now.clone(), c.status.clone())
+        };
         BrokerStatus {
             name: self.broker.name.clone(),
             address: self.broker.address(),
@@ -757,7 +759,7 @@ impl Supervisor {
         let me = &self.ha.identity.instance;
         let mut all: BTreeMap<String, InstanceStatus> = BTreeMap::new();
         for (broker, link) in &self.links {
-            let ha = link.stats.ha();
+            let ha = link.consumption.borrow().status.clone();
             for (name, live, started, admin) in ha.seen {
                 let row = all.entry(name.clone()).or_insert_with(|| InstanceStatus {
                     this: name == *me,

@@ -262,7 +262,7 @@ impl FileConfig {
             ));
         }
         let spool = spool_limits(b.spool_max_bytes, b.spool_max_messages, b.spool_overflow)?;
-        let instance = b.instance.unwrap_or_else(crate::ha::default_instance);
+        let instance = b.instance.unwrap_or_else(default_instance);
         if !valid_name(&instance) {
             return Err(invalid(
                 "bridge.instance",
@@ -458,4 +458,23 @@ pub(super) fn resolve(base_dir: &Path, path: &Path) -> PathBuf {
     } else {
         base_dir.join(path)
     }
+}
+
+/// The instance name when the config gives none: the host name.
+fn default_instance() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| {
+            h.trim()
+                .chars()
+                .map(|c| match c {
+                    'A'..='Z' | 'a'..='z' | '0'..='9' | '-' | '_' | '.' => c,
+                    _ => '-',
+                })
+                .take(64)
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty() && !h.chars().all(|c| c == '.'))
+        .unwrap_or_else(|| "bridge".to_string())
 }

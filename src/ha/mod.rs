@@ -37,6 +37,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+pub(crate) mod role;
+
 /// Every instance republishes its record this often.
 pub(crate) const HEARTBEAT: Duration = Duration::from_secs(5);
 /// An instance record not refreshed for this long is stale: its instance is taken for gone even
@@ -95,12 +97,22 @@ pub(crate) struct Consumption {
     pub(crate) now: Option<Consumer>,
     /// Some consumer had its subscriptions in place at some time since the link started.
     pub(crate) ever: bool,
+    /// Ownership of the broker as the link sees it (status, metrics).
+    pub(crate) status: role::RoleStatus,
 }
 
 impl Consumption {
     /// This process consumes the broker now, its subscriptions in place.
     pub(crate) fn by_this(&self) -> bool {
         self.now.as_ref().is_some_and(|c| c.this)
+    }
+
+    /// Takes what the link sees now, with its ownership status; true when that changed
+    /// anything.
+    pub(crate) fn report(&mut self, now: Option<Consumer>, status: role::RoleStatus) -> bool {
+        let changed = self.status != status;
+        self.status = status;
+        self.update(now) || changed
     }
 
     /// Takes what the link sees now; true when that changed anything.
@@ -409,29 +421,6 @@ pub(crate) fn score(instance: &str, broker: &str) -> u64 {
 
 /// How long a claim must stand before its instance takes the session.
 pub(crate) const CLAIM_SETTLE: Duration = Duration::from_millis(500);
-
-/// How long a connection waits to read its own instance record back before it takes the broker
-/// for one that hides the control topic (see [`View::lone`]).
-pub(crate) const SYNC_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// The instance name when the config gives none: the host name.
-pub(crate) fn default_instance() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| {
-            h.trim()
-                .chars()
-                .map(|c| match c {
-                    'A'..='Z' | 'a'..='z' | '0'..='9' | '-' | '_' | '.' => c,
-                    _ => '-',
-                })
-                .take(64)
-                .collect::<String>()
-        })
-        .filter(|h| !h.is_empty() && !h.chars().all(|c| c == '.'))
-        .unwrap_or_else(|| "bridge".to_string())
-}
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,333 @@
+//! The target side of a link: what it publishes to its broker from its queue, within its
+//! window, mapped by the broker's `out` rules; what it sets aside (a message the broker cannot
+//! take); when it moves what waits to the spool (a stalled target).
+
+use std::time::Instant;
+
+use tracing::{debug, info, warn};
+
+use super::session::{self, SendError};
+use super::{Conn, Link};
+use crate::dedup::fingerprint;
+use crate::ha;
+use crate::message::Protocol;
+use crate::metrics::{self, inc};
+use crate::router::Outbound;
+
+impl Link {
+    /// Connected, with room in the in-flight window, not changing role.
+    pub(super) fn has_room(&self, conn: &Conn) -> bool {
+        conn.connected.is_some()
+            && !self.role.switching()
+            && conn.flight.outstanding() < self.window()
+    }
+
+    /// The in-flight window: `inflight`, or 1 while finding a message the broker refuses (see
+    /// [`poison`]).
+    pub(super) fn window(&self) -> usize {
+        self.poison.window(usize::from(self.ctx.settings.inflight))
+    }
+
+    /// Publishes from the queue up to the in-flight window. True when it published and the
+    /// client took everything (fill again before waiting); false when there was nothing, or
+    /// the client refused: the rest went back, in order, to be retried after the next event
+    /// (retrying at once would spin without ever reading that event).
+    pub(super) fn fill_window(&mut self, conn: &mut Conn) -> bool {
+        let free = self.window().saturating_sub(conn.flight.outstanding());
+        let mut batch = std::mem::take(&mut conn.batch);
+        self.ctx.queue.take(free, &mut batch);
+        let had = !batch.is_empty();
+        let mut items = batch.drain(..);
+        while let Some(item) = items.next() {
+            if let Err(item) = self.publish(conn, item) {
+                let rest: Vec<Outbound> = std::iter::once(item).chain(items).collect();
+                self.ctx.queue.requeue_front(rest);
+                conn.batch = batch;
+                return false;
+            }
+        }
+        drop(items);
+        conn.batch = batch;
+        if had {
+            self.update_gauges(conn);
+        }
+        had
+    }
+
+    /// Hands `item` to the client (or finishes it when the target cannot take it); gives it
+    /// back when the client's request channel is full or closed.
+    pub(super) fn publish(&mut self, conn: &mut Conn, item: Outbound) -> Result<(), Outbound> {
+        let broker = &self.ctx.settings.broker;
+        let Some((topic, qos_cap)) = self.map_out(&item) else {
+            self.finish(item);
+            return Ok(());
+        };
+        let qos = item.msg.qos.min(broker.max_qos).min(qos_cap);
+        if let Some(reason) = self.unsendable(conn, &item, &topic) {
+            self.set_aside(item, &reason);
+            return Ok(());
+        }
+        let properties = match broker.protocol {
+            Protocol::V5 => {
+                if !self.tags.contains_key(&item.origin) {
+                    let tag = format!("{}/{}", self.ctx.bridge_id, item.origin);
+                    self.tags.insert(item.origin.clone(), tag);
+                }
+                Some(item.msg.forward_properties(&self.tags[&item.origin]))
+            }
+            Protocol::V311 => None,
+        };
+        let v311 = broker.protocol == Protocol::V311;
+        if v311
+            && !self.role.consumer()
+            && self.role.coordinates()
+            && !self.note_echo(conn, &topic, &item)
+        {
+            return Err(item);
+        }
+        match conn.client.publish(&item.msg, &topic, qos, properties) {
+            Ok(()) => {
+                if v311 {
+                    // The echo comes back on the broker's topic, as published.
+                    self.echo.record(
+                        fingerprint(topic.as_bytes(), &item.msg.payload),
+                        Instant::now(),
+                    );
+                }
+                conn.flight.handed(item);
+                Ok(())
+            }
+            Err(SendError::Full | SendError::Closed) => Err(item),
+        }
+    }
+
+    /// The topic and QoS cap `item` goes out with, through the broker's first matching `out`
+    /// rule (the fan-out only queues what one takes; a spooled message may predate a rule
+    /// change); `None` when it does not go out (counted).
+    fn map_out<'a>(&self, item: &'a Outbound) -> Option<(std::borrow::Cow<'a, str>, u8)> {
+        let Some(topic) = item.msg.topic_str() else {
+            metrics::message_rejected(&self.ctx.stats, &item.msg.topic, "topic is not UTF-8");
+            return None;
+        };
+        if item.probe {
+            // Probes measure the path, not the rules; a broker that refuses `$` topics (see
+            // `probe_drops`) would close the connection on one.
+            return self
+                .probes
+                .then_some((std::borrow::Cow::Borrowed(topic), 2));
+        }
+        match self.ctx.queue.rules().outbound(topic) {
+            Some(m) => Some((m.topic, m.qos_cap)),
+            None => {
+                inc(&self.ctx.stats.dropped_unmatched);
+                None
+            }
+        }
+    }
+
+    /// On a 3.1.1 broker another instance may consume: tells it that what this link publishes
+    /// next is an echo (a 3.1.1 message carries no origin tag). Same connection, so the note
+    /// arrives first. False when the client cannot take it now.
+    fn note_echo(&mut self, conn: &mut Conn, topic: &str, item: &Outbound) -> bool {
+        let fp = ha::portable_fingerprint(topic.as_bytes(), &item.msg.payload);
+        let note = self.ctx.ha.control.echo_topic();
+        let payload = self.ctx.ha.seal(&note, fp.to_be_bytes().to_vec());
+        let queued = conn
+            .client
+            .publish_record(&note, payload, 0, false, None)
+            .is_ok();
+        if queued {
+            conn.flight.handed_control();
+        }
+        queued
+    }
+
+    /// Why `item`, mapped to `topic`, cannot be sent to this broker, if it cannot: a topic
+    /// longer than MQTT allows, a packet over the maximum the broker announced, or the message
+    /// the broker closed the last connections on (see [`poison`]).
+    pub(super) fn unsendable(&self, conn: &Conn, item: &Outbound, topic: &str) -> Option<String> {
+        if topic.len() > MAX_TOPIC {
+            return Some(format!(
+                "its topic is {} bytes once mapped for this broker, over MQTT's {MAX_TOPIC}",
+                topic.len()
+            ));
+        }
+        if let Some(max) = conn.max_packet {
+            // Only where the broker announced a maximum: this runs for every message.
+            let size =
+                item.msg.approx_packet_size() + topic.len().saturating_sub(item.msg.topic.len());
+            if size > max as usize {
+                return Some(format!(
+                    "{size} bytes exceed the broker's maximum packet size {max}"
+                ));
+            }
+        }
+        if self.poison.active() && self.poison.is_poison(poison_id(item)) {
+            return Some(
+                "the broker closed the connection each time right after this message was written, alone (it refuses it: a packet over its maximum size?)"
+                    .to_string(),
+            );
+        }
+        None
+    }
+
+    /// This target cannot take `item` as mapped: into the dead-letter table, and on with the
+    /// next message. A probe is only dropped (it measures a path, it carries nothing).
+    pub(super) fn set_aside(&mut self, item: Outbound, reason: &str) {
+        if item.probe {
+            self.finish(item);
+            return;
+        }
+        if self.poison.active() {
+            self.poison.done(poison_id(&item));
+        }
+        self.finished += 1;
+        self.ctx.queue.set_aside(&self.ctx.name, item, reason);
+    }
+
+    /// Moves what waits on this target (queued and in flight) to its spool, so the origins
+    /// are acknowledged without waiting for it.
+    pub(super) fn evacuate(&mut self, conn: &mut Conn, why: &str) {
+        let mut items = conn.flight.all_mut();
+        let moved = self.ctx.queue.evacuate(&mut items);
+        if moved > 0 {
+            info!(
+                moved,
+                reason = why,
+                "target slow: waiting messages moved to the spool"
+            );
+        }
+    }
+
+    /// Every [`Policy::stall_check`](crate::policy::Policy::stall_check): a target that finishes
+    /// nothing for `stalled_checks` checks in a row while messages wait on it (frozen process,
+    /// stalled network) stops holding the origins. And every `mark_every` while it makes
+    /// progress, markers behind the copies parked for it let the origins'
+    /// owners discard those it has now (see [`crate::router::TargetQueue::mark_copies`]): a
+    /// target whose connections last a few seconds (restarts, takeovers) still gets its copies
+    /// trimmed.
+    pub(super) fn stall_tick(&mut self, conn: &mut Conn) {
+        if conn.connected.is_some()
+            && self.finished != self.marked.0
+            && self.marked.1.elapsed() >= self.policy.mark_every
+        {
+            self.ctx.queue.mark_copies(true);
+            self.marked = (self.finished, Instant::now());
+        }
+        if conn.connected.is_some()
+            && conn.flight.outstanding() > 0
+            && self.finished == conn.last_finished
+        {
+            conn.stalled_checks += 1;
+            // Again on every check while it stays stalled: what arrived since (while its
+            // spool was still empty) must not hold its origins either.
+            if conn.stalled_checks >= self.policy.stalled_checks {
+                self.evacuate(conn, "it acknowledged nothing for a while");
+            }
+        } else {
+            conn.stalled_checks = 0;
+        }
+        conn.last_finished = self.finished;
+    }
+
+    /// Every 5 s, a safety net: a connected link holding nothing while its spool has rows
+    /// behind its read position that no pending deletion accounts for has lost its place. Never
+    /// expected; rewinding is safe because the link holds nothing read from the spool. Also
+    /// logs the link's state at debug level.
+    pub(super) fn spool_tick(&self, conn: &Conn) {
+        let idle =
+            conn.connected.is_some() && conn.flight.outstanding() == 0 && self.ctx.queue.is_empty();
+        if conn.connected.is_some() {
+            // Once the spool is empty (deletions may still have been on their way at the last
+            // delivery's markers).
+            self.ctx.queue.mark_copies(false);
+        }
+        self.park_depth_check();
+        if idle && let Some(first_row) = self.ctx.queue.orphaned_row() {
+            warn!(
+                first_row,
+                rows = self.ctx.queue.spool_readable(),
+                "spool rows behind the read position; reading the spool again"
+            );
+            self.ctx.queue.rewind();
+        }
+        let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let stats = &self.ctx.stats;
+        debug!(
+            queued = self.ctx.queue.len(),
+            awaiting_sent = conn.flight.awaiting_sent(),
+            inflight = conn.flight.inflight(),
+            unacked_in = self.acks.unacknowledged(),
+            acks_due = self.acks.due(),
+            echo_window = self.echo.len(),
+            messages_in = n(&stats.messages_in),
+            messages_out = n(&stats.messages_out),
+            forwarded = n(&stats.forwarded),
+            dropped_echo = n(&stats.dropped_echo),
+            "link state"
+        );
+    }
+
+    /// With parking, every spooled message of this target has a copy in a park session on its
+    /// origin broker: the spool's depth bounds each session's. Reported (log, metrics) when it
+    /// nears the brokers' queue limit, beyond which a broker drops copies (mosquitto
+    /// `max_queued_messages`, default 1000).
+    pub(super) fn park_depth_check(&self) {
+        if self.ctx.parker.is_none() {
+            return;
+        }
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        let (depth, near) = self.ctx.stats.park_depth(self.ctx.queue.spool_depth().0);
+        let limit = self.ctx.ha.queue_limit;
+        let was = self.ctx.stats.park_near_logged.swap(near, relaxed);
+        if near && !was {
+            warn!(
+                depth,
+                limit,
+                "copies parked for this broker near the brokers' queue limit \
+                 (broker_queue_limit; mosquitto max_queued_messages): beyond it a broker drops \
+                 copies and the loss of this host would lose them; raise the brokers' limit"
+            );
+        }
+    }
+
+    /// This target is done with `item` (see [`Link::finished`]).
+    pub(super) fn finish(&mut self, item: Outbound) {
+        if self.poison.active() {
+            self.poison.done(poison_id(&item));
+        }
+        self.finished += 1;
+        self.ctx.queue.finish(item);
+    }
+
+    pub(super) fn acknowledged(&mut self, item: Outbound, result: Result<(), session::Refused>) {
+        match result {
+            Ok(()) if item.probe => {}
+            Ok(()) => inc(&self.ctx.stats.messages_out),
+            Err(reason) => metrics::message_rejected(&self.ctx.stats, &item.msg.topic, &reason.0),
+        }
+        self.finish(item);
+    }
+
+    pub(super) fn update_gauges(&self, conn: &Conn) {
+        let s = &self.ctx.stats;
+        s.inflight.store(
+            conn.flight.outstanding() as i64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        s.dedup_entries.store(self.echo.len() as i64, relaxed);
+        s.dedup_bytes
+            .store(self.echo.approx_bytes() as i64, relaxed);
+        s.dedup_evictions.store(self.echo.evictions(), relaxed);
+        s.dedup_expirations.store(self.echo.expirations(), relaxed);
+    }
+}
+
+/// Longest topic MQTT can carry (a two-byte length).
+const MAX_TOPIC: usize = u16::MAX as usize;
+
+/// What the poison watch knows a message by: its topic and payload (see [`poison`]).
+pub(super) fn poison_id(item: &Outbound) -> u64 {
+    fingerprint(&item.msg.topic, &item.msg.payload)
+}

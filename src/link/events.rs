@@ -1,0 +1,238 @@
+//! What a link does with the events of its connection: the CONNACK, what was written, the
+//! acknowledgements, the SUBACKs; and the subscriptions the broker's rules want.
+
+use std::time::Instant;
+
+use tracing::{debug, info, warn};
+
+use super::outflight::Sent;
+use super::session::{Client, LinkEvent};
+use super::{Conn, Link};
+use crate::ha::role::Now;
+use crate::message::Protocol;
+use crate::metrics::{self, inc};
+
+impl Link {
+    /// One event of the connection.
+    pub(super) fn on_event(&mut self, conn: &mut Conn, event: LinkEvent) {
+        match event {
+            LinkEvent::Connected {
+                session_present,
+                max_packet_size,
+            } => self.on_connected(conn, session_present, max_packet_size),
+            LinkEvent::Publish { msg, ack } if self.ctx.ha.control.is_probe(&msg.topic) => {
+                self.on_probe(msg, ack)
+            }
+            LinkEvent::Publish { msg, ack } if self.ctx.ha.control.is_control(&msg.topic) => {
+                if let Some(a) = ack.and_then(|a| self.acks.receive(a)) {
+                    // Subscribed at QoS 0; a broker that upgraded it is acknowledged in turn.
+                    self.complete(a);
+                }
+                self.on_control(conn, &msg);
+            }
+            LinkEvent::Publish { msg, ack } => self.on_publish(msg, ack),
+            LinkEvent::Sent(pkid) => self.on_sent(conn, pkid),
+            LinkEvent::PubAck(pkid, result) | LinkEvent::PubRec(pkid, result @ Err(_)) => {
+                match conn.flight.acknowledged(pkid) {
+                    Some(item) => self.acknowledged(item, result),
+                    None => debug!(pkid, "acknowledgement for a packet id not in flight"),
+                }
+            }
+            LinkEvent::PubRec(pkid, Ok(())) => {
+                if let Some((old_seq, old)) = conn.flight.received(pkid) {
+                    warn!(
+                        pkid,
+                        old_seq,
+                        "packet id reused before the broker completed it; message sent again"
+                    );
+                    self.ctx.queue.requeue_front(vec![old]);
+                }
+            }
+            LinkEvent::PubComp(pkid) => {
+                // Also answers the PUBRELs sent on a resumed session: those match nothing here.
+                if let Some(item) = conn.flight.completed(pkid) {
+                    self.acknowledged(item, Ok(()));
+                }
+            }
+            LinkEvent::SubAck(failures) => self.on_suback(conn, failures),
+            LinkEvent::PeerClosed => conn.peer_closed = true,
+            LinkEvent::Closed(_) => {}
+        }
+        self.update_gauges(conn);
+    }
+
+    /// The broker accepted the connection: control records, then the rules' subscriptions.
+    fn on_connected(&mut self, conn: &mut Conn, session_present: bool, max_packet: Option<u32>) {
+        if !session_present {
+            // The broker has no memory of us: packet ids of the old session mean nothing.
+            self.acks.new_session();
+        }
+        let consumer = self.role.consumer();
+        if consumer {
+            if !session_present && self.had_session && !self.ctx.settings.session_expiry.is_zero() {
+                metrics::session_lost(&self.ctx.stats);
+            }
+            self.had_session = true;
+        }
+        conn.connected = Some(Instant::now());
+        conn.max_packet = max_packet;
+        let role = if consumer { "owner" } else { "publisher" };
+        info!(session_present, role, "connected");
+        let actions = self.role.connected(Now::read());
+        self.carry_out(Some(conn), actions);
+        if consumer {
+            self.subscribe_rules(conn, session_present);
+        }
+        self.ctx.queue.set_connected(true);
+        self.ctx.stats.clear_error();
+        self.ctx.stats.set_state(metrics::LinkState::Connected);
+    }
+
+    /// The client wrote a publish.
+    fn on_sent(&mut self, conn: &mut Conn, pkid: u16) {
+        match conn.flight.sent(pkid) {
+            Sent::Done(item) => {
+                // QoS 0: written, never acknowledged; not counted as delivered.
+                self.finish(item);
+                inc(&self.ctx.stats.sent_qos0);
+            }
+            Sent::InFlight | Sent::Control => {}
+            Sent::Evicted { old, seqs } => {
+                // Never expected. The evicted message would hold its origin's
+                // acknowledgement forever: send it again (a duplicate at worst).
+                warn!(
+                    pkid,
+                    old_seq = seqs.0,
+                    new_seq = seqs.1,
+                    "packet id reused before the broker acknowledged it; message sent again"
+                );
+                self.ctx.queue.requeue_front(vec![old]);
+            }
+            Sent::Unexpected => {
+                warn!(pkid, "publish reported sent with no message waiting for it");
+            }
+        }
+    }
+
+    /// A SUBACK: they come in the order the subscriptions were queued (control, rules, probes).
+    fn on_suback(&mut self, conn: &mut Conn, failures: Vec<String>) {
+        if conn.control_suback {
+            conn.control_suback = false;
+            if !failures.is_empty() {
+                let error = format!(
+                    "control subscription {:?} refused ({}): this instance cannot see the \
+                     others; allow it in the broker's ACL",
+                    self.ctx.ha.control.filters(),
+                    failures.join(", ")
+                );
+                warn!(%error);
+                let actions = self.role.control_refused(Now::read());
+                self.carry_out(Some(conn), actions);
+            }
+        } else if conn.rule_subacks == 0 && conn.probe_suback {
+            conn.probe_suback = false;
+            self.probe_drops = 0;
+            if !failures.is_empty() {
+                self.probes = false;
+                warn!(
+                    filter = %self.ctx.ha.control.probe_filter(),
+                    reason = %failures.join(", "),
+                    "probe subscription refused (a broker ACL?): probes from this broker are \
+                     not forwarded"
+                );
+            }
+        } else {
+            conn.rule_subacks = conn.rule_subacks.saturating_sub(1);
+            if failures.is_empty() {
+                info!(topics = ?self.subscribed.as_deref().unwrap_or_default(), "subscribed");
+            } else {
+                conn.rule_refused = true;
+                let error = format!("subscription refused: {}", failures.join(", "));
+                warn!(%error);
+                self.ctx.stats.set_error(error);
+            }
+            if conn.rule_subacks == 0 && !conn.rule_refused {
+                self.subscriptions_in_place(conn);
+            }
+        }
+    }
+
+    /// Every subscription the rules want is in place on this consuming connection: the broker
+    /// delivers to it from now on (see [`crate::ha::role::Role::subscribed`]).
+    fn subscriptions_in_place(&mut self, conn: &mut Conn) {
+        let actions = self.role.subscribed(Now::read());
+        self.carry_out(Some(conn), actions);
+    }
+
+    /// A consuming connection subscribes what the rules want.
+    pub(super) fn subscribe_rules(&mut self, conn: &mut Conn, session_present: bool) {
+        // This connection applies the rules as they are now.
+        self.ctx.queue.take_rules_changed();
+        let wanted = self.ctx.queue.rules().subscriptions();
+        // 3.1.1 has no "retained only on new subscription": skip re-subscribing what a
+        // kept session has, so the broker does not resend every retained message on
+        // each reconnect; a kept session also drops what the rules no longer want.
+        let kept =
+            session_present.then(|| self.subscribed.clone().unwrap_or_else(|| wanted.clone()));
+        let (to_subscribe, stale) = match &kept {
+            None => (wanted.clone(), Vec::new()),
+            Some(have) if self.ctx.settings.broker.protocol == Protocol::V5 => {
+                (wanted.clone(), missing(have, &wanted))
+            }
+            Some(have) => (missing(&wanted, have), missing(have, &wanted)),
+        };
+        // What the rules dropped first, then what they want.
+        change_subscriptions(&conn.client, &[], &stale);
+        if wanted.is_empty() {
+            // Only `out` rules: nothing to take from this broker (and an empty
+            // SUBSCRIBE is a protocol error).
+            info!("subscribed to nothing (no `in` rule)");
+        } else if to_subscribe.is_empty() {
+            info!("subscribed (the broker kept the session's subscriptions)");
+        }
+        change_subscriptions(&conn.client, &to_subscribe, &[]);
+        conn.rule_subacks += u32::from(!to_subscribe.is_empty());
+        self.subscribed = Some(wanted);
+        if to_subscribe.is_empty() {
+            // Nothing to wait for: the kept session has them, or there is nothing to take.
+            self.subscriptions_in_place(conn);
+        }
+        if self.probes {
+            // The mesh's probes come through the consumer like any message (see `probe`).
+            change_subscriptions(&conn.client, &[self.ctx.ha.control.probe_filter()], &[]);
+            conn.probe_suback = true;
+        }
+    }
+
+    /// The rules changed (a reload): subscribe what they want now and unsubscribe what they no
+    /// longer want. What is queued or in flight is unaffected: a queued message is mapped by
+    /// the rules in force when it is published.
+    pub(super) fn apply_rule_change(&mut self, conn: &Conn) {
+        let wanted = self.ctx.queue.rules().subscriptions();
+        let have = self.subscribed.clone().unwrap_or_default();
+        let (added, removed) = (missing(&wanted, &have), missing(&have, &wanted));
+        info!(?added, ?removed, "topic rules changed");
+        change_subscriptions(&conn.client, &added, &removed);
+        self.subscribed = Some(wanted);
+    }
+}
+
+/// The filters of `a` that `b` lacks, in `a`'s order.
+fn missing(a: &[String], b: &[String]) -> Vec<String> {
+    a.iter().filter(|f| !b.contains(f)).cloned().collect()
+}
+
+/// Queues a SUBSCRIBE of `subscribe` and UNSUBSCRIBEs of `unsubscribe`, each only when not
+/// empty (an empty SUBSCRIBE is a protocol error); what cannot be queued is logged.
+fn change_subscriptions(client: &Client, subscribe: &[String], unsubscribe: &[String]) {
+    if !subscribe.is_empty()
+        && let Err(e) = client.subscribe(subscribe)
+    {
+        warn!(error = %e, "subscribe could not be queued");
+    }
+    if !unsubscribe.is_empty()
+        && let Err(e) = client.unsubscribe(unsubscribe)
+    {
+        warn!(error = %e, "unsubscribe could not be queued");
+    }
+}

@@ -1,0 +1,3 @@
+//! Parking: copies of spooled messages kept on the brokers (docs/HA.md, "Parking").
+
+pub(crate) mod drains;
