@@ -301,7 +301,7 @@ pub(crate) struct Supervisor {
     /// This process among the mesh's instances.
     ha: Arc<link::HaContext>,
     /// Copies of spooled messages on the origin brokers.
-    parker: Option<Arc<crate::router::park::Parker>>,
+    parker: Option<Arc<crate::park::Parker>>,
     /// The end-to-end probes of this process.
     probes: Arc<std::sync::Mutex<ProbeBook>>,
     /// This run of the process, in the probes' payloads.
@@ -348,9 +348,9 @@ impl Supervisor {
         // Copies of what is spooled go to the origin brokers (docs/HA.md) unless coordination
         // is off (brokers that refuse `$` topics).
         let parker = config.ha.then(|| {
-            Arc::new(crate::router::park::Parker::new(
-                &router,
-                crate::router::park::spool_id(&config.data_dir),
+            Arc::new(crate::park::Parker::new(
+                crate::park::spool_id(&config.data_dir),
+                config.queue_capacity,
             ))
         });
         let probes = Arc::new(std::sync::Mutex::new(ProbeBook::new(
@@ -609,6 +609,13 @@ impl Supervisor {
         }
     }
 
+    /// No more park copies for `name`, which left the mesh.
+    fn forget_lane(&self, name: &str) {
+        if let Some(p) = &self.parker {
+            p.forget(name);
+        }
+    }
+
     /// Takes a broker out of the mesh (by name or address) and persists that; the returned
     /// handle must be shut down by the caller (outside any lock: it drains for a while).
     pub(crate) fn remove(&mut self, key: &str) -> Result<LinkHandle, ChangeError> {
@@ -624,6 +631,7 @@ impl Supervisor {
         self.membership = membership;
         // No new messages for it; what was queued is released to its origins when it stops.
         self.router.remove(&name);
+        self.forget_lane(&name);
         self.lock_probes().remove_broker(&name);
         let mut handle = self
             .links
@@ -894,6 +902,7 @@ impl Supervisor {
                 // A broker added at run time under the same name stays.
                 Change::Remove(name) if !added_at_runtime.contains(name.as_str()) => {
                     self.router.remove(name);
+                    self.forget_lane(name);
                     self.lock_probes().remove_broker(name);
                     if let Some(mut h) = self.links.remove(name) {
                         info!(broker = %name, "removed from the config file");

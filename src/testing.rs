@@ -25,7 +25,7 @@ pub fn forged_park_copy(origin: &str, target: &str, topic: &str, payload: &[u8])
         retain: false,
         properties: None,
     };
-    crate::router::park::Park::Copy {
+    crate::park::Park::Copy {
         target: target.into(),
         spool_id: 1,
         key: 1,

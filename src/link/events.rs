@@ -84,6 +84,7 @@ impl Link {
             self.subscribe_rules(conn, session_present);
         }
         self.ctx.queue.set_connected(true);
+        self.set_lane_open(true);
         self.ctx.stats.clear_error();
         self.ctx.stats.set_state(metrics::LinkState::Connected);
     }

@@ -17,13 +17,12 @@
 //! queue, in order, and is published again on the next connection (counted as redelivered: the
 //! broker may have it twice).
 
-mod acks;
+pub(crate) mod acks;
 pub(crate) mod backoff;
 mod deliver;
 mod events;
 mod intake;
-mod outflight;
-pub(crate) mod park;
+pub(crate) mod outflight;
 mod poison;
 mod role;
 pub mod session;
@@ -43,6 +42,7 @@ use crate::ha::{self, Consumption, Identity};
 use crate::message::AckRequest;
 use crate::metrics::{self, LinkState, LinkStats, inc};
 use crate::park::drains::Drains;
+use crate::park::{self, CopyLane};
 use crate::policy::Policy;
 use crate::router::{Outbound, Router, TargetQueue};
 use crate::topics::{self, Control};
@@ -103,7 +103,7 @@ pub(crate) struct LinkContext {
     /// Instances and ownership.
     pub(crate) ha: Arc<HaContext>,
     /// Copies of spooled messages on the origin brokers (`None`: `[bridge] ha = false`).
-    pub(crate) parker: Option<Arc<crate::router::park::Parker>>,
+    pub(crate) parker: Option<Arc<crate::park::Parker>>,
     /// Fan-out to the other links.
     pub(crate) router: Arc<Router>,
     /// This link's own queue (registered in the router under `name`).
@@ -186,8 +186,10 @@ struct Link {
     probes: bool,
     /// Connections in a row lost with the probe subscription unanswered.
     probe_drops: u32,
-    /// This broker's park sessions, as its owner reads them (see [`park`]).
+    /// This broker's park sessions, as its owner reads them (see [`crate::park`]).
     drains: Drains,
+    /// The lane of park records for this broker (with parking).
+    lane: Option<Arc<CopyLane>>,
     /// The message this broker closes the connection on, if any (see [`poison`]).
     poison: PoisonWatch,
     /// This process has had the mesh's consumer session on this broker (a later connection
@@ -253,6 +255,7 @@ impl Link {
             probes: ctx.probes,
             probe_drops: 0,
             drains: Drains::default(),
+            lane: ctx.parker.as_ref().map(|p| p.lane(&ctx.name)),
             poison: PoisonWatch::new(PoisonPolicy::default()),
             had_session: false,
             ctx,
@@ -264,14 +267,14 @@ impl Link {
         let stats = &self.ctx.stats;
         stats.parking.store(self.ctx.parker.is_some(), relaxed);
         stats.park_limit.store(self.ctx.ha.queue_limit, relaxed);
-        if let Some(ctx) = self.park_context(self.ctx.name.clone()) {
-            tokio::spawn(park::publish_copies(park::CopyPublisher {
+        if let (Some(ctx), Some(lane)) = (self.park_context(self.ctx.name.clone()), &self.lane) {
+            tokio::spawn(park::io::publish_copies(park::io::CopyPublisher {
                 park: ctx,
                 client_id: topics::copies_id(
                     &self.ctx.settings.client_id,
                     &self.ctx.ha.identity.instance,
                 ),
-                queue: self.ctx.queue.clone(),
+                lane: lane.clone(),
                 stats: self.ctx.stats.clone(),
                 consumption: self.ctx.consumption.subscribe(),
                 stop: self.ctx.disconnect.clone(),
@@ -307,6 +310,7 @@ impl Link {
             }
         }
         self.ctx.queue.set_connected(false);
+        self.set_lane_open(false);
         self.ctx.stats.set_state(LinkState::Stopped);
         info!("link stopped");
     }
@@ -382,14 +386,14 @@ impl Link {
                     break self.close(&mut conn, session).await;
                 }
                 // While the copies this broker's messages made wait for it, take no more.
-                event = session.events.recv(), if !self.ctx.queue.park_backlog_full() => match event {
+                event = session.events.recv(), if !self.copies_backlog() => match event {
                     None => break Outcome::Lost { error: "connection task ended".into(), uptime: uptime(&conn), peer_closed: false },
                     Some(LinkEvent::Closed(error)) => break Outcome::Lost { error, uptime: uptime(&conn), peer_closed: conn.peer_closed },
                     Some(event) => self.on_event(&mut conn, event),
                 },
                 Some(ack) = self.acks_rx.recv() => self.complete(ack),
                 _ = tokio::time::sleep(Duration::from_millis(20)),
-                    if self.role.switching() || self.ctx.queue.park_backlog_full() => {}
+                    if self.role.switching() || self.copies_backlog() => {}
                 _ = self.ctx.queue.notified(), if room => {}
                 _ = self.ctx.stop.cancelled(), if !self.ctx.stop.is_cancelled() => {}
                 _ = stall_check.tick() => self.stall_tick(&mut conn),
@@ -488,11 +492,25 @@ impl Link {
                     .load(std::sync::atomic::Ordering::Acquire);
                 let shutdown = matches!(outcome, Outcome::Shutdown) && !restarting;
                 self.ctx.queue.disconnected(unconfirmed, shutdown);
+                self.set_lane_open(false);
                 self.ctx.queue.sync().await;
             }
         }
         self.update_gauges(&conn);
         outcome
+    }
+
+    /// The copies this broker's messages made wait for it beyond its lane's capacity: take no
+    /// more from it until they are acknowledged.
+    fn copies_backlog(&self) -> bool {
+        self.lane.as_ref().is_some_and(|l| l.full())
+    }
+
+    /// Opens (connected) or closes this broker's copy lane.
+    fn set_lane_open(&self, open: bool) {
+        if let Some(lane) = &self.lane {
+            lane.set_open(open);
+        }
     }
 
     /// Ends the connection at shutdown: acknowledges what it can; as a planned handover, the

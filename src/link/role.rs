@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
-use super::{Conn, Link, park};
+use super::{Conn, Link};
 use crate::ha::role::{Action, Now, Stale, SwitchWhy};
 use crate::ha::{self, InstanceRecord, OwnerRecord};
 use crate::message::{Message, Protocol};
 use crate::metrics::{self, inc};
+use crate::park::io as park;
 use crate::seal::{ControlKind, Rejected};
 use crate::topics::ControlTopic;
 

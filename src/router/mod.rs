@@ -2,7 +2,6 @@
 //! with a share of its origin's acknowledgement each. Retained messages forwarded while a
 //! snapshot runs are noted for it ([`RetainedWatch`]): a repair must not overwrite a newer value.
 
-pub(crate) mod park;
 mod queue;
 
 pub(crate) use queue::{Outbound, TargetQueue};

@@ -5,7 +5,7 @@
 //! memory and keeps its [`AckShare`] until the target's broker acknowledges it, so the origin
 //! is acknowledged only when every connected target has it. When the target is down, or its
 //! memory queue is full, the message goes to the spool instead and its share completes once it
-//! is on disk (with parking, once its origin broker holds a copy: [`super::park`]): a down or
+//! is on disk (with parking, once its origin broker holds a copy: [`crate::park`]): a down or
 //! slow target never holds back the others, and a bridge crash (or, with parking, the loss of
 //! the bridge host) loses nothing. Once anything is spooled, later messages follow it into the spool until the target
 //! has caught up, so the target receives them in order.
@@ -26,9 +26,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 use tracing::warn;
 
-use super::park::{Copies, Park, Parker};
 use crate::message::{AckShare, Message};
 use crate::metrics::{self, LinkStats, inc};
+use crate::park::{Copies, Park, ParkItem, Parker};
 use crate::spool::{self, Decoded, Overflow, Spool};
 
 /// A message on its way to one target.
@@ -42,9 +42,6 @@ pub(crate) struct Outbound {
     pub(crate) origin: Arc<str>,
     /// Its key in the target's spool, when it was read from there (removed once delivered).
     pub(crate) key: Option<u64>,
-    /// Not a message for this target but a park record for its broker (see [`super::park`]):
-    /// never spooled.
-    pub(crate) park: Option<Box<Park>>,
     /// A probe (see [`crate::probe`]): delivered while the target keeps up, never spooled
     /// (late, it would measure nothing; dropped, it counts as lost).
     pub(crate) probe: bool,
@@ -58,7 +55,6 @@ impl Outbound {
             share,
             origin,
             key: None,
-            park: None,
             probe: false,
         }
     }
@@ -96,13 +92,11 @@ struct QueueInner {
     outbox: Vec<ParkSend>,
 }
 
-/// A park record on its way to its origin's queue.
+/// A park record on its way to its origin's lane.
 #[derive(Debug)]
 struct ParkSend {
     origin: Arc<str>,
-    park: Park,
-    msg: Arc<Message>,
-    share: Option<AckShare>,
+    item: ParkItem,
 }
 
 /// The durable part of a target queue.
@@ -110,7 +104,7 @@ struct ParkSend {
 struct Spooled {
     spool: Arc<Spool>,
     target: Arc<spool::Target>,
-    /// Copies on the origin brokers (see [`super::park`]): the parker and this target's name.
+    /// Copies on the origin brokers (see [`crate::park`]): the parker and this target's name.
     park: Option<(Arc<Parker>, Arc<str>)>,
     /// Origins that have copies of what this spool holds.
     copies: Copies,
@@ -138,9 +132,10 @@ impl Spooled {
                 self.spool.append(&self.target, key, record, None);
                 Some(ParkSend {
                     origin: item.origin.clone(),
-                    park,
-                    msg: super::park::carrier(),
-                    share: Some(share),
+                    item: ParkItem {
+                        park,
+                        share: Some(share),
+                    },
                 })
             }
             (park, share) => {
@@ -200,12 +195,6 @@ pub(crate) struct TargetQueue {
     rules: std::sync::RwLock<Arc<crate::rules::Rules>>,
     /// Set when the rules changed: the link subscribes and unsubscribes the difference.
     rules_changed: AtomicBool,
-    /// Park records for this broker queued or in flight (see [`TargetQueue::takes_park`]).
-    parks_waiting: AtomicUsize,
-    /// Park records for this broker, in order: its link's copy publisher sends them on a
-    /// connection of their own (see [`crate::link::park::publish_copies`]).
-    lane: Mutex<VecDeque<Outbound>>,
-    lane_notify: Notify,
 }
 
 impl TargetQueue {
@@ -236,7 +225,7 @@ impl TargetQueue {
     }
 
     /// This queue with copies of what it spools kept on the origin brokers (see
-    /// [`super::park`]); `name` is its target's.
+    /// [`crate::park`]); `name` is its target's.
     pub(crate) fn with_parker(mut self, parker: Arc<Parker>, name: &str) -> Self {
         if let Some(sp) = &mut self.spooled {
             sp.park = Some((parker, name.into()));
@@ -244,62 +233,8 @@ impl TargetQueue {
         self
     }
 
-    /// Appends a park record for this queue's broker (its link is connected, or the record is
-    /// given back) to the copy lane. Never spooled: it is meant for the broker, not the target.
-    pub(crate) fn push_park(&self, item: Outbound) -> Result<(), Outbound> {
-        if !self.lock().connected {
-            return Err(item);
-        }
-        self.lane_lock().push_back(item);
-        self.parks_waiting.fetch_add(1, Ordering::AcqRel);
-        self.lane_notify.notify_one();
-        Ok(())
-    }
-
-    fn lane_lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Outbound>> {
-        self.lane.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Up to `max` park records, oldest first.
-    pub(crate) fn take_parks(&self, max: usize, out: &mut Vec<Outbound>) {
-        let mut lane = self.lane_lock();
-        let n = max.min(lane.len());
-        out.extend(lane.drain(..n));
-    }
-
-    /// Park records a lost connection did not get acknowledged: back in front, in order.
-    pub(crate) fn requeue_parks(&self, items: Vec<Outbound>) {
-        let mut lane = self.lane_lock();
-        for item in items.into_iter().rev() {
-            lane.push_front(item);
-        }
-    }
-
-    /// The broker acknowledged (or refused) a park record: its share completes.
-    pub(crate) fn finish_park(&self, mut item: Outbound) {
-        self.parks_waiting.fetch_sub(1, Ordering::AcqRel);
-        item.complete();
-    }
-
-    /// Waits until a park record is pushed.
-    pub(crate) async fn parks_notified(&self) {
-        self.lane_notify.notified().await
-    }
-
-    /// Whether this broker takes another park copy (see [`Parker::takes_copy`]): a safety net
-    /// far above [`TargetQueue::park_backlog_full`], where the intake already waits.
-    pub(crate) fn takes_park(&self) -> bool {
-        self.parks_waiting.load(Ordering::Acquire) < 4 * self.capacity
-    }
-
-    /// Copies waiting for this broker fill a queue's capacity: its link stops taking messages
-    /// from it (each may make more copies) until they are acknowledged.
-    pub(crate) fn park_backlog_full(&self) -> bool {
-        self.parks_waiting.load(Ordering::Acquire) >= self.capacity
-    }
-
     /// While the target is connected: a marker goes behind the copies on every origin that has
-    /// some (see [`super::park::Copies::due_markers`]), when its spool is empty or, with
+    /// some (see [`crate::park::Copies::due_markers`]), when its spool is empty or, with
     /// `delivered`, when it delivered from it since the last markers. Once the origin
     /// acknowledged it, the origin's owner discards the copies before it whose rows this spool
     /// no longer holds (all of them when it is empty). Under this queue's lock, so that no copy
@@ -327,9 +262,10 @@ impl TargetQueue {
             };
             inner.outbox.push(ParkSend {
                 origin,
-                park: marker,
-                msg: super::park::carrier(),
-                share: None,
+                item: ParkItem {
+                    park: marker,
+                    share: None,
+                },
             });
         }
         drop(inner);
@@ -357,8 +293,8 @@ impl TargetQueue {
         let _order = sp.sending.lock().unwrap_or_else(|p| p.into_inner());
         let sends = std::mem::take(&mut self.lock().outbox);
         for s in sends {
-            let copy = matches!(s.park, Park::Copy { .. });
-            if parker.send(&s.origin, s.park, s.msg, s.share) && copy {
+            let copy = matches!(s.item.park, Park::Copy { .. });
+            if parker.send(&s.origin, s.item) && copy {
                 sp.copies.note(&s.origin);
             }
         }
@@ -406,9 +342,6 @@ impl TargetQueue {
                 "#".to_string()
             ]))),
             rules_changed: AtomicBool::new(false),
-            parks_waiting: AtomicUsize::new(0),
-            lane: Mutex::new(VecDeque::new()),
-            lane_notify: Notify::new(),
         }
     }
 
@@ -667,7 +600,6 @@ impl TargetQueue {
                     share: None,
                     origin,
                     key: Some(key),
-                    park: None,
                     probe: false,
                 }),
                 Ok(Decoded::Expired(msg)) => {

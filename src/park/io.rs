@@ -1,4 +1,4 @@
-//! The park sessions of one origin broker (see [`crate::router::park`]): `<id>-X~park-T` on
+//! The I/O half of parking (see [`crate::park`]): the park sessions of one origin broker. `<id>-X~park-T` on
 //! broker X, subscribed to T's park topic, holds copies of what was spooled for T while X's
 //! messages went to T. Short-lived tasks use it, run by X's owner:
 //!
@@ -21,10 +21,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, debug, info, warn};
 
-use super::acks::InboundAcks;
-use super::session::{self, ConnectAs, LinkEvent, Session, SessionSettings};
+use super::{CopyLane, Park, ParkItem, Parker};
+use crate::link::acks::InboundAcks;
+use crate::link::session::{self, ConnectAs, LinkEvent, Session, SessionSettings};
 use crate::message::{AckGroup, AckRequest, Message};
-use crate::router::park::{Park, Parker};
 use crate::router::{Outbound, Router};
 use crate::seal::ControlKind;
 use crate::spool::{self, Decoded};
@@ -66,7 +66,7 @@ pub(crate) struct ParkContext {
     /// from it already (see [`hand_over`]).
     pub(crate) joined: bool,
     /// The mesh key (park records are sealed: [`crate::seal`]).
-    pub(crate) ha: Arc<super::HaContext>,
+    pub(crate) ha: Arc<crate::link::HaContext>,
     /// The origin link's counters (refused park records).
     pub(crate) stats: Arc<crate::metrics::LinkStats>,
 }
@@ -334,8 +334,7 @@ fn hand_over(
             key,
             record,
         };
-        ctx.parker
-            .send(&ctx.origin, park, crate::router::park::carrier(), share);
+        ctx.parker.send(&ctx.origin, ParkItem { park, share });
         return;
     }
     if spool_id == ctx.parker.spool_id && ctx.joined {
@@ -356,8 +355,8 @@ pub(crate) struct CopyPublisher {
     pub(crate) park: ParkContext,
     /// Its client id: `<id>-X~copies@<instance>`, a clean session.
     pub(crate) client_id: String,
-    /// The origin broker's queue, whose lane holds the copies.
-    pub(crate) queue: Arc<crate::router::TargetQueue>,
+    /// The origin broker's copy lane.
+    pub(crate) lane: Arc<CopyLane>,
     /// The origin link's counters.
     pub(crate) stats: Arc<crate::metrics::LinkStats>,
     /// Who consumes the origin, as its link reports it (only its consumer trims).
@@ -366,7 +365,7 @@ pub(crate) struct CopyPublisher {
     pub(crate) stop: tokio_util::sync::CancellationToken,
 }
 
-/// Publishes the copies and markers of one origin broker (see [`crate::router::park`]) on a
+/// Publishes the copies and markers of one origin broker (see [`crate::park`]) on a
 /// connection of their own: on the origin link's connection their acknowledgements would queue
 /// behind the messages that link receives, and that link could not stop reading (to wait for
 /// the copies) without also stopping their acknowledgements.
@@ -389,35 +388,30 @@ pub(crate) async fn publish_copies(p: CopyPublisher) {
 }
 
 async fn copies_connection(p: &CopyPublisher) -> Result<(), ParkError> {
-    use super::outflight::{OutFlight, Sent};
+    use crate::link::outflight::{OutFlight, Sent};
     let who = ConnectAs {
         client_id: p.client_id.clone(),
         clean: true,
         will: None,
     };
     let mut s = session::open(&p.park.settings, &who, &[]);
-    let mut flight: OutFlight<Outbound> = OutFlight::default();
+    let mut flight: OutFlight<ParkItem> = OutFlight::default();
     let window = usize::from(p.park.settings.inflight);
     let mut connected = false;
     let mut batch = Vec::new();
     let result = loop {
         if connected && flight.outstanding() < window {
-            p.queue
-                .take_parks(window - flight.outstanding(), &mut batch);
+            p.lane.take(window - flight.outstanding(), &mut batch);
             let mut items = batch.drain(..);
             while let Some(item) = items.next() {
-                let Some(park) = &item.park else {
-                    p.queue.finish_park(item);
-                    continue;
-                };
-                let topic = p.park.ha.control.park_topic(park.target());
-                let payload = p.park.ha.seal(&topic, park.encode());
+                let topic = p.park.ha.control.park_topic(item.park.target());
+                let payload = p.park.ha.seal(&topic, item.park.encode());
                 if s.client
                     .publish_record(&topic, payload, 1, false, None)
                     .is_err()
                 {
-                    let rest: Vec<Outbound> = std::iter::once(item).chain(items).collect();
-                    p.queue.requeue_parks(rest);
+                    let rest: Vec<ParkItem> = std::iter::once(item).chain(items).collect();
+                    p.lane.requeue(rest);
                     break;
                 }
                 flight.handed(item);
@@ -431,8 +425,8 @@ async fn copies_connection(p: &CopyPublisher) -> Result<(), ParkError> {
                 Some(LinkEvent::Closed(e)) => break Err(ParkError::Lost(e)),
                 Some(LinkEvent::Connected { .. }) => connected = true,
                 Some(LinkEvent::Sent(pkid)) => match flight.sent(pkid) {
-                    Sent::Done(item) => p.queue.finish_park(item),
-                    Sent::Evicted { old, .. } => p.queue.requeue_parks(vec![old]),
+                    Sent::Done(item) => p.lane.finish(item),
+                    Sent::Evicted { old, .. } => p.lane.requeue(vec![old]),
                     Sent::InFlight | Sent::Control | Sent::Unexpected => {}
                 },
                 Some(LinkEvent::PubAck(pkid, result)) => {
@@ -442,12 +436,12 @@ async fn copies_connection(p: &CopyPublisher) -> Result<(), ParkError> {
                 }
                 Some(_) => {}
             },
-            _ = p.queue.parks_notified(), if room => {}
+            _ = p.lane.notified(), if room => {}
         }
     };
     // Not acknowledged: sent again on the next connection (a copy twice at worst).
     let (unconfirmed, _) = flight.drain();
-    p.queue.requeue_parks(unconfirmed);
+    p.lane.requeue(unconfirmed);
     if result.is_ok() {
         let _ = s.client.disconnect();
         s.wait_closed().await;
@@ -457,9 +451,9 @@ async fn copies_connection(p: &CopyPublisher) -> Result<(), ParkError> {
 
 /// The origin broker acknowledged a copy (its origin may be acknowledged now) or a marker
 /// (the copies before it may go, if this process owns the origin).
-fn copy_acknowledged(p: &CopyPublisher, item: Outbound, result: Result<(), session::Refused>) {
-    match (item.park.as_deref(), result) {
-        (Some(Park::Marker { target, nonce }), Ok(())) => {
+fn copy_acknowledged(p: &CopyPublisher, item: ParkItem, result: Result<(), session::Refused>) {
+    match (&item.park, result) {
+        (Park::Marker { target, nonce }, Ok(())) => {
             if p.consumption.borrow().by_this() {
                 let mut ctx = p.park.clone();
                 ctx.target = target.clone();
@@ -467,11 +461,11 @@ fn copy_acknowledged(p: &CopyPublisher, item: Outbound, result: Result<(), sessi
             }
         }
         (_, Ok(())) => crate::metrics::inc(&p.stats.parked),
-        (_, Err(reason)) => crate::metrics::message_rejected(
+        (park, Err(reason)) => crate::metrics::message_rejected(
             &p.stats,
-            &item.msg.topic,
+            p.park.ha.control.park_topic(park.target()).as_bytes(),
             &format!("park copy refused ({reason}): the message is in the local spool only"),
         ),
     }
-    p.queue.finish_park(item);
+    p.lane.finish(item);
 }
