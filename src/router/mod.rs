@@ -2,9 +2,12 @@
 //! with a share of its origin's acknowledgement each. Retained messages forwarded while a
 //! snapshot runs are noted for it ([`RetainedWatch`]): a repair must not overwrite a newer value.
 
+mod outbound;
 mod queue;
+mod spooled;
 
-pub(crate) use queue::{Outbound, TargetQueue};
+pub(crate) use outbound::Outbound;
+pub(crate) use queue::TargetQueue;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -217,7 +220,6 @@ impl Router {
 mod tests {
     use super::*;
     use crate::metrics::LinkStats;
-    use crate::spool::{self, Overflow, Spool};
     use bytes::Bytes;
 
     fn msg() -> Message {
@@ -320,162 +322,6 @@ mod tests {
             );
         }
         assert_eq!(router.watching.load(Ordering::Relaxed), 0, "dropped");
-    }
-
-    fn payloads(items: &[Outbound]) -> Vec<u8> {
-        items.iter().map(|o| o.msg.payload[0]).collect()
-    }
-
-    /// A message whose one-byte payload is `n` (see [`payloads`]).
-    fn numbered(n: u8) -> Arc<Message> {
-        Arc::new(Message {
-            payload: Bytes::from(vec![n]),
-            ..msg()
-        })
-    }
-
-    /// A queue of `capacity` messages in front of target `t`'s spool, in a fresh directory
-    /// (keep it alive as long as the spool).
-    fn spooled_queue(capacity: usize) -> (tempfile::TempDir, Arc<Spool>, TargetQueue) {
-        let dir = tempfile::tempdir().unwrap();
-        let limits = spool::Limits {
-            max_bytes: 1 << 30,
-            max_messages: 1_000_000,
-            overflow: Overflow::DropOldest,
-        };
-        let sp = Spool::open(dir.path(), limits).unwrap();
-        let q = TargetQueue::with_spool(capacity, Arc::new(LinkStats::default()), sp.clone(), "t");
-        (dir, sp, q)
-    }
-
-    /// A probe measures the live path: it never goes to the spool (a down or lagging target,
-    /// a dropped connection) and never holds its origin's acknowledgement there.
-    #[tokio::test]
-    async fn probes_are_never_spooled() {
-        let (_dir, sp, q) = spooled_queue(2);
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let probe = |n: u8| {
-            let req = AckRequest {
-                pkid: u16::from(n),
-                qos: 1,
-                epoch: 0,
-            };
-            let share = AckGroup::split(req, tx.clone(), 1).pop();
-            Outbound::probe(numbered(n), share, "o".into())
-        };
-        q.push(probe(1));
-        q.sync().await;
-        assert_eq!(q.spool_depth().0, 0, "down: dropped");
-        assert_eq!(
-            rx.try_recv().unwrap().pkid,
-            1,
-            "and its origin acknowledged"
-        );
-        q.set_connected(true);
-        q.push(probe(2));
-        q.push(Outbound::new(numbered(3), None, "o".into()));
-        let mut flying = Vec::new();
-        q.take(1, &mut flying);
-        assert_eq!(payloads(&flying), [2]);
-        let mut refs: Vec<&mut Outbound> = flying.iter_mut().collect();
-        assert_eq!(q.evacuate(&mut refs), 1, "the message only");
-        q.disconnected(flying, false);
-        q.sync().await;
-        assert_eq!(q.spool_depth().0, 1, "the message, not the probe");
-        assert_eq!(rx.try_recv().unwrap().pkid, 2);
-        sp.close();
-    }
-
-    #[tokio::test]
-    async fn evacuated_messages_stay_held_and_are_read_once_in_order() {
-        let (_dir, sp, q) = spooled_queue(2);
-        q.set_connected(true);
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let push = |n: u8| {
-            let req = AckRequest {
-                pkid: u16::from(n),
-                qos: 1,
-                epoch: 0,
-            };
-            let share = AckGroup::split(req, tx.clone(), 1).pop();
-            q.push(Outbound::new(numbered(n), share, "o".into()));
-        };
-        push(1);
-        push(2);
-        let mut flying = Vec::new();
-        q.take(1, &mut flying);
-        assert_eq!(payloads(&flying), [1]);
-        assert!(
-            rx.try_recv().is_err(),
-            "held by the target while it keeps up"
-        );
-
-        // The target stalls: 1 (in flight) and 2 (queued) go to disk and release their origin,
-        // but stay where they are.
-        let mut refs: Vec<&mut Outbound> = flying.iter_mut().collect();
-        assert_eq!(q.evacuate(&mut refs), 2);
-        q.sync().await;
-        let acked: Vec<u16> = std::iter::from_fn(|| rx.try_recv().ok())
-            .map(|r| r.pkid)
-            .collect();
-        assert_eq!(acked, [1, 2]);
-        push(3);
-        push(4);
-        q.sync().await;
-        let mut rest = Vec::new();
-        q.take(10, &mut rest);
-        assert_eq!(
-            payloads(&rest),
-            [2, 3, 4],
-            "nothing read twice while connected"
-        );
-
-        // The connection drops with nothing acknowledged: all four wait, in order.
-        flying.append(&mut rest);
-        q.disconnected(flying, false);
-        q.sync().await;
-        q.set_connected(true);
-        let mut again = Vec::new();
-        q.take(10, &mut again);
-        assert_eq!(payloads(&again), [1, 2, 3, 4]);
-        for item in again {
-            q.finish(item);
-        }
-        q.sync().await;
-        assert_eq!(q.spool_depth().0, 0, "delivered messages leave the spool");
-        sp.close();
-    }
-
-    #[tokio::test]
-    async fn only_rows_nobody_holds_or_deletes_count_as_orphaned() {
-        let (_dir, sp, q) = spooled_queue(1);
-        // Down: everything goes to the spool.
-        for n in 1..=4 {
-            q.push(Outbound::new(numbered(n), None, "o".into()));
-        }
-        q.sync().await;
-        q.set_connected(true);
-        assert_eq!(q.orphaned_row(), None, "nothing read yet");
-        let mut read = Vec::new();
-        q.take(2, &mut read);
-        assert_eq!(payloads(&read), [1, 2]);
-        // Delivered: whether their deletions are still on their way (the rows still readable)
-        // or already on disk, those rows are not orphans.
-        for item in read.drain(..) {
-            q.finish(item);
-        }
-        assert_eq!(q.orphaned_row(), None, "deletions on their way");
-        q.sync().await;
-        assert_eq!(q.orphaned_row(), None, "deleted rows are gone");
-        q.take(1, &mut read);
-        assert_eq!(payloads(&read), [3]);
-        // A message read and then forgotten (never finished) is the one case counted.
-        let first = read.pop().unwrap().key;
-        assert_eq!(q.orphaned_row(), first);
-        q.rewind();
-        q.take(10, &mut read);
-        assert_eq!(payloads(&read), [3, 4], "read again from the first row");
-        sp.close();
     }
 
     #[test]

@@ -26,156 +26,27 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 use tracing::warn;
 
-use crate::message::{AckShare, Message};
-use crate::metrics::{self, LinkStats, inc};
+use super::Outbound;
+use super::spooled::{ParkSend, Spooled, record_size};
+use crate::metrics::{self, LinkStats};
 use crate::park::{Copies, Park, ParkItem, Parker};
-use crate::spool::{self, Decoded, Overflow, Spool};
-
-/// A message on its way to one target.
-#[derive(Debug)]
-pub(crate) struct Outbound {
-    /// The message, shared by all targets.
-    pub(crate) msg: Arc<Message>,
-    /// This target's share of the origin's acknowledgement (QoS ≥ 1 only).
-    pub(crate) share: Option<AckShare>,
-    /// Origin broker name, for the origin tag.
-    pub(crate) origin: Arc<str>,
-    /// Its key in the target's spool, when it was read from there (removed once delivered).
-    pub(crate) key: Option<u64>,
-    /// A probe (see [`crate::probe`]): delivered while the target keeps up, never spooled
-    /// (late, it would measure nothing; dropped, it counts as lost).
-    pub(crate) probe: bool,
-}
-
-impl Outbound {
-    /// A message for a target, not (yet) spooled.
-    pub(crate) fn new(msg: Arc<Message>, share: Option<AckShare>, origin: Arc<str>) -> Self {
-        Self {
-            msg,
-            share,
-            origin,
-            key: None,
-            probe: false,
-        }
-    }
-
-    /// A probe for a target (see the `probe` field).
-    pub(crate) fn probe(msg: Arc<Message>, share: Option<AckShare>, origin: Arc<str>) -> Self {
-        Self {
-            probe: true,
-            ..Self::new(msg, share, origin)
-        }
-    }
-
-    /// Completes this target's share, if any.
-    pub(crate) fn complete(&mut self) {
-        if let Some(share) = self.share.take() {
-            share.complete();
-        }
-    }
-}
+use crate::spool::{self, Overflow, Spool};
 
 #[derive(Debug)]
-struct QueueInner {
+pub(super) struct QueueInner {
     /// In memory, in order; older than anything spooled.
-    items: VecDeque<Outbound>,
+    pub(super) items: VecDeque<Outbound>,
     /// Waiting for room in a full spool (overflow policy `block`), holding their shares.
-    blocked: VecDeque<Outbound>,
-    connected: bool,
+    pub(super) blocked: VecDeque<Outbound>,
+    pub(super) connected: bool,
     /// Next spool key at the front (exclusive) and at the back.
-    front_key: u64,
-    next_key: u64,
+    pub(super) front_key: u64,
+    pub(super) next_key: u64,
     /// Next spool key to read; `None`: from the first.
-    cursor: Option<u64>,
+    pub(super) cursor: Option<u64>,
     /// Park records to hand to the origins' queues once this lock is released (see
     /// [`TargetQueue::send_parked`]), in the order they were made.
-    outbox: Vec<ParkSend>,
-}
-
-/// A park record on its way to its origin's lane.
-#[derive(Debug)]
-struct ParkSend {
-    origin: Arc<str>,
-    item: ParkItem,
-}
-
-/// The durable part of a target queue.
-#[derive(Debug)]
-struct Spooled {
-    spool: Arc<Spool>,
-    target: Arc<spool::Target>,
-    /// Copies on the origin brokers (see [`crate::park`]): the parker and this target's name.
-    park: Option<(Arc<Parker>, Arc<str>)>,
-    /// Origins that have copies of what this spool holds.
-    copies: Copies,
-    /// Held while park records are handed over, so that they reach each origin in order.
-    sending: Mutex<()>,
-    /// The target's counters.
-    stats: Arc<LinkStats>,
-}
-
-impl Spooled {
-    /// Writes `item` under `key`; `share` completes once it is on disk or, with parking, once
-    /// its origin broker has the copy: then the copy to send is returned (the caller queues it
-    /// in its outbox; it is sent once the queue's lock is released, as sending takes the
-    /// origin queue's lock).
-    fn write(&self, key: u64, item: &Outbound, share: Option<AckShare>) -> Option<ParkSend> {
-        let record = spool::encode(&item.origin, &item.msg);
-        match (&self.park, share) {
-            (Some((parker, name)), Some(share)) if parker.takes_copy(&item.origin) => {
-                let park = Park::Copy {
-                    target: name.clone(),
-                    spool_id: parker.spool_id,
-                    key,
-                    record: Arc::new(record.clone()),
-                };
-                self.spool.append(&self.target, key, record, None);
-                Some(ParkSend {
-                    origin: item.origin.clone(),
-                    item: ParkItem {
-                        park,
-                        share: Some(share),
-                    },
-                })
-            }
-            (park, share) => {
-                if park.is_some() && share.is_some() {
-                    metrics::park_skipped(&self.stats, &item.origin);
-                }
-                self.spool.append(&self.target, key, record, share);
-                None
-            }
-        }
-    }
-
-    /// Whether nothing waits in the spool: nothing on disk, on its way, or held back for room
-    /// (call under the queue's lock).
-    fn is_empty(&self, inner: &QueueInner) -> bool {
-        self.target.is_empty() && inner.blocked.is_empty()
-    }
-
-    /// Spools `item` behind everything spooled so far (call under the queue's lock, so keys
-    /// reach the writer in order).
-    fn append_back(&self, inner: &mut QueueInner, mut item: Outbound) {
-        let key = inner.next_key;
-        inner.next_key += 1;
-        let share = item.share.take();
-        if let Some(p) = self.write(key, &item, share) {
-            inner.outbox.push(p);
-        }
-    }
-
-    /// Spools `items` (oldest first) in front of everything spooled so far.
-    fn prepend(&self, inner: &mut QueueInner, items: Vec<Outbound>) {
-        inner.front_key -= items.len() as u64;
-        let start = inner.front_key;
-        for (key, mut item) in (start..).zip(items) {
-            let share = item.share.take();
-            if let Some(p) = self.write(key, &item, share) {
-                inner.outbox.push(p);
-            }
-        }
-    }
+    pub(super) outbox: Vec<ParkSend>,
 }
 
 /// The queue of messages waiting for one target.
@@ -580,44 +451,9 @@ impl TargetQueue {
             }
         };
         let want = max - (out.len() - before);
-        let rows = match sp.spool.read(&sp.target, cursor, want) {
-            Ok(rows) => rows,
-            Err(e) => {
-                // A failing spool is reported once by its writer, not on every read.
-                if !sp.spool.is_failing() {
-                    warn!(error = %e, "spool read failed; retrying later");
-                }
-                return;
-            }
-        };
-        let Some(last) = rows.last().map(|r| r.0) else {
-            return;
-        };
-        for (key, value) in rows {
-            match spool::decode(&value) {
-                Ok(Decoded::Message(origin, msg)) => out.push(Outbound {
-                    msg: Arc::new(msg),
-                    share: None,
-                    origin,
-                    key: Some(key),
-                    probe: false,
-                }),
-                Ok(Decoded::Expired(msg)) => {
-                    metrics::message_rejected(
-                        &self.stats,
-                        &msg.topic,
-                        "message expiry interval ran out in the spool",
-                    );
-                    sp.spool.delete(&sp.target, key);
-                }
-                Err(e) => {
-                    inc(&self.stats.rejected);
-                    warn!(key, error = %e, "unreadable spool record skipped");
-                    sp.spool.delete(&sp.target, key);
-                }
-            }
+        if let Some(last) = sp.read(cursor, want, out) {
+            self.lock().cursor = Some(last + 1);
         }
-        self.lock().cursor = Some(last + 1);
     }
 
     /// `item` cannot be sent to this target (`target`) as mapped (see [`crate::spool::dead`]):
@@ -754,7 +590,5 @@ impl TargetQueue {
     }
 }
 
-/// Bytes a message takes in the spool, close enough for the byte bound.
-fn record_size(item: &Outbound) -> u64 {
-    (32 + item.origin.len() + item.msg.topic.len() + item.msg.payload.len()) as u64
-}
+#[cfg(test)]
+mod tests;
