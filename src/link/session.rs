@@ -385,33 +385,10 @@ pub(crate) fn resume_order(first: &[u16], inflight: u16) -> Vec<u16> {
 pub(crate) fn open(s: &SessionSettings, who: &ConnectAs, release_first: &[u16]) -> Session {
     let release = resume_order(release_first, s.inflight);
     let (tx, rx) = mpsc::channel(1024);
-    let b = &s.broker;
-    let (client, driver) = match b.protocol {
+    let (client, driver) = match s.broker.protocol {
         Protocol::V311 => {
-            let mut o = rumqttc::MqttOptions::new(who.client_id.clone(), b.host.clone(), b.port);
-            if let Some((topic, payload, _)) = &who.will {
-                o.set_last_will(rumqttc::LastWill::new(
-                    topic,
-                    payload.clone(),
-                    rumqttc::QoS::AtLeastOnce,
-                    true,
-                ));
-            }
-            o.set_keep_alive(s.keep_alive)
-                .set_clean_session(who.clean)
-                .set_manual_acks(true)
-                .set_inflight(s.inflight)
-                .set_max_packet_size(MQTT_MAX_PACKET as usize, MQTT_MAX_PACKET as usize);
-            if let Some(tls) = &b.tls {
-                // Read again for every connection: rotated files are picked up.
-                o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
-                    tls.config(),
-                )));
-            }
-            if let Some((u, p)) = &b.credentials {
-                o.set_credentials(u.clone(), p.expose().to_string());
-            }
-            let (client, mut el) = rumqttc::AsyncClient::new(o, s.request_capacity());
+            let (client, mut el) =
+                rumqttc::AsyncClient::new(options_v4(s, who), s.request_capacity());
             el.set_network_options(network_options());
             seed_v4(&mut el);
             el.pending.extend(
@@ -422,49 +399,8 @@ pub(crate) fn open(s: &SessionSettings, who: &ConnectAs, release_first: &[u16]) 
             (Client::V4(client), tokio::spawn(drive_v4(el, tx)))
         }
         Protocol::V5 => {
-            let mut o =
-                rumqttc::v5::MqttOptions::new(who.client_id.clone(), b.host.clone(), b.port);
-            if let Some((topic, payload, delay)) = &who.will {
-                let properties = v5b::LastWillProperties {
-                    delay_interval: Some(u32::try_from(delay.as_secs()).unwrap_or(u32::MAX)),
-                    payload_format_indicator: None,
-                    message_expiry_interval: None,
-                    content_type: None,
-                    response_topic: None,
-                    correlation_data: None,
-                    user_properties: Vec::new(),
-                };
-                o.set_last_will(v5b::LastWill::new(
-                    topic,
-                    payload.clone(),
-                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                    true,
-                    Some(properties),
-                ));
-            }
-            let expiry = if who.clean {
-                0
-            } else {
-                u32::try_from(s.session_expiry.as_secs()).unwrap_or(u32::MAX)
-            };
-            o.set_keep_alive(s.keep_alive)
-                .set_clean_start(who.clean)
-                .set_manual_acks(true)
-                .set_session_expiry_interval(Some(expiry))
-                .set_receive_maximum(Some(s.inflight.max(20)))
-                .set_max_packet_size(Some(MQTT_MAX_PACKET))
-                .set_outgoing_inflight_upper_limit(s.inflight)
-                .set_network_options(network_options());
-            if let Some(tls) = &b.tls {
-                // Read again for every connection: rotated files are picked up.
-                o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
-                    tls.config(),
-                )));
-            }
-            if let Some((u, p)) = &b.credentials {
-                o.set_credentials(u.clone(), p.expose().to_string());
-            }
-            let (client, mut el) = rumqttc::v5::AsyncClient::new(o, s.request_capacity());
+            let (client, mut el) =
+                rumqttc::v5::AsyncClient::new(options_v5(s, who), s.request_capacity());
             seed_v5(&mut el);
             el.pending.extend(
                 release
@@ -479,6 +415,84 @@ pub(crate) fn open(s: &SessionSettings, who: &ConnectAs, release_first: &[u16]) 
         events: rx,
         driver,
     }
+}
+
+/// The TLS transport of `b`'s connections: its files are read again for every connection, so
+/// rotated ones are picked up.
+fn transport(b: &BrokerConfig) -> Option<rumqttc::Transport> {
+    b.tls
+        .as_ref()
+        .map(|tls| rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(tls.config())))
+}
+
+/// MQTT 3.1.1 options of a connection as `who`.
+fn options_v4(s: &SessionSettings, who: &ConnectAs) -> rumqttc::MqttOptions {
+    let b = &s.broker;
+    let mut o = rumqttc::MqttOptions::new(who.client_id.clone(), b.host.clone(), b.port);
+    if let Some((topic, payload, _)) = &who.will {
+        o.set_last_will(rumqttc::LastWill::new(
+            topic,
+            payload.clone(),
+            rumqttc::QoS::AtLeastOnce,
+            true,
+        ));
+    }
+    o.set_keep_alive(s.keep_alive)
+        .set_clean_session(who.clean)
+        .set_manual_acks(true)
+        .set_inflight(s.inflight)
+        .set_max_packet_size(MQTT_MAX_PACKET as usize, MQTT_MAX_PACKET as usize);
+    if let Some(t) = transport(b) {
+        o.set_transport(t);
+    }
+    if let Some((u, p)) = &b.credentials {
+        o.set_credentials(u.clone(), p.expose().to_string());
+    }
+    o
+}
+
+/// MQTT 5 options of a connection as `who`.
+fn options_v5(s: &SessionSettings, who: &ConnectAs) -> rumqttc::v5::MqttOptions {
+    let b = &s.broker;
+    let mut o = rumqttc::v5::MqttOptions::new(who.client_id.clone(), b.host.clone(), b.port);
+    if let Some((topic, payload, delay)) = &who.will {
+        let properties = v5b::LastWillProperties {
+            delay_interval: Some(u32::try_from(delay.as_secs()).unwrap_or(u32::MAX)),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        };
+        o.set_last_will(v5b::LastWill::new(
+            topic,
+            payload.clone(),
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            true,
+            Some(properties),
+        ));
+    }
+    let expiry = if who.clean {
+        0
+    } else {
+        u32::try_from(s.session_expiry.as_secs()).unwrap_or(u32::MAX)
+    };
+    o.set_keep_alive(s.keep_alive)
+        .set_clean_start(who.clean)
+        .set_manual_acks(true)
+        .set_session_expiry_interval(Some(expiry))
+        .set_receive_maximum(Some(s.inflight.max(20)))
+        .set_max_packet_size(Some(MQTT_MAX_PACKET))
+        .set_outgoing_inflight_upper_limit(s.inflight)
+        .set_network_options(network_options());
+    if let Some(t) = transport(b) {
+        o.set_transport(t);
+    }
+    if let Some((u, p)) = &b.credentials {
+        o.set_credentials(u.clone(), p.expose().to_string());
+    }
+    o
 }
 
 /// TCP options of every broker connection: Nagle's algorithm off. The event loop already

@@ -165,6 +165,139 @@ enum Mode {
     Trim(u64),
 }
 
+/// One pass over a park session: what it has read so far.
+struct Pass<'a> {
+    ctx: &'a ParkContext,
+    mode: Mode,
+    /// The marker that ends the pass.
+    marker: u64,
+    topic: String,
+    /// The target's queue (`None`: it left the mesh).
+    queue: Option<Arc<crate::router::TargetQueue>>,
+    /// Trimming while the target's spool still holds rows (see [`run`]).
+    partial: bool,
+    /// A partial trim reached a copy it keeps: everything from there stays.
+    stopped: bool,
+    seen_marker: bool,
+    /// The broker had no such session: it holds nothing.
+    new_session: bool,
+    handled: usize,
+    acks: InboundAcks,
+    acks_tx: mpsc::UnboundedSender<AckRequest>,
+}
+
+impl Pass<'_> {
+    fn done(&self) -> bool {
+        (self.seen_marker && self.acks.unacknowledged() == 0 || self.stopped)
+            && self.acks.due() == 0
+    }
+
+    /// The park subscription was answered; true when the pass is over (a new, empty session).
+    fn subscribed(
+        &mut self,
+        s: &Session,
+        read_all: &mut Option<oneshot::Sender<()>>,
+    ) -> Result<bool, ParkError> {
+        if !matches!(self.mode, Mode::Recover) {
+            return Ok(false);
+        }
+        if self.new_session {
+            // A session the broker did not have holds nothing: read at once. It is subscribed
+            // now, so copies parked from here on wait for the next drain. (The first start of
+            // a mesh has one per pair of brokers to create: at 32 brokers, 992 marker round
+            // trips before anything was consumed.)
+            if let Some(tx) = read_all.take() {
+                let _ = tx.send(());
+            }
+            return Ok(true);
+        }
+        // Behind everything the session holds.
+        let m = Park::Marker {
+            target: self.ctx.target.clone(),
+            nonce: self.marker,
+        };
+        let payload = self.ctx.ha.seal(&self.topic, m.encode());
+        s.client
+            .publish_record(&self.topic, payload, 1, false, None)?;
+        Ok(false)
+    }
+
+    /// A record read from the session.
+    fn record(
+        &mut self,
+        msg: &Message,
+        ack: Option<AckRequest>,
+        read_all: &mut Option<oneshot::Sender<()>>,
+    ) {
+        let ctx = self.ctx;
+        let ack = ack.and_then(|a| self.acks.receive(a));
+        // A record without a valid seal is nobody's copy: discarded below.
+        let park = match ctx.ha.open(&msg.topic, &msg.payload) {
+            Ok((body, _)) => Park::decode(&ctx.target, body),
+            Err(why) => {
+                crate::metrics::control_rejected(&ctx.stats, ControlKind::Park, &msg.topic, why);
+                None
+            }
+        };
+        let recover = matches!(self.mode, Mode::Recover);
+        match park {
+            Some(Park::Marker { nonce, .. }) if nonce == self.marker => {
+                self.seen_marker = true;
+                if let Some(tx) = read_all.take() {
+                    let _ = tx.send(());
+                }
+                self.complete(ack);
+            }
+            Some(Park::Copy {
+                key,
+                spool_id,
+                record,
+                ..
+            }) if recover => {
+                self.handled += 1;
+                hand_over(
+                    ctx,
+                    key,
+                    spool_id,
+                    record,
+                    ack,
+                    &self.acks_tx,
+                    &mut self.acks,
+                );
+            }
+            Some(Park::Copy {
+                key,
+                spool_id,
+                record,
+                ..
+            }) if self.partial => {
+                let held = self
+                    .queue
+                    .as_ref()
+                    .and_then(|q| q.spool_holds(key, &record));
+                if spool_id == ctx.parker.spool_id && held == Some(false) {
+                    self.handled += 1;
+                    self.complete(ack);
+                } else {
+                    // Kept, unacknowledged, with everything behind it.
+                    self.stopped = true;
+                }
+            }
+            _ => {
+                // Trimming, an older marker, or not a park record: discarded.
+                self.handled += usize::from(!recover);
+                self.complete(ack);
+            }
+        }
+    }
+
+    fn complete(&mut self, ack: Option<AckRequest>) {
+        if let Some(a) = ack {
+            self.acks.complete(a);
+        }
+    }
+}
+
 /// One pass over the park session; returns the copies handled.
 async fn run(
     ctx: &ParkContext,
@@ -183,116 +316,66 @@ async fn run(
         }
         _ => false,
     };
-    let mut stopped = false;
-    let mut s = ctx.connect(false);
-    let topic = ctx.ha.control.park_topic(&ctx.target);
-    let marker = match mode {
-        Mode::Recover => rand::random(),
-        Mode::Trim(nonce) => nonce,
-    };
     let (acks_tx, mut acks_rx) = mpsc::unbounded_channel::<AckRequest>();
-    let mut acks = InboundAcks::default();
-    let mut handled = 0usize;
-    let mut seen_marker = false;
-    // The broker had no such session: it holds nothing (see the SUBACK below).
-    let mut new_session = false;
-    loop {
-        if (seen_marker && acks.unacknowledged() == 0 || stopped) && acks.due() == 0 {
-            break;
-        }
+    let mut pass = Pass {
+        ctx,
+        mode,
+        marker: match mode {
+            Mode::Recover => rand::random(),
+            Mode::Trim(nonce) => nonce,
+        },
+        topic: ctx.ha.control.park_topic(&ctx.target),
+        queue,
+        partial,
+        stopped: false,
+        seen_marker: false,
+        new_session: false,
+        handled: 0,
+        acks: InboundAcks::default(),
+        acks_tx,
+    };
+    let mut s = ctx.connect(false);
+    while !pass.done() {
         tokio::select! {
             event = s.events.recv() => match event {
                 None => return Err(ParkError::Lost("connection task ended".into())),
                 Some(LinkEvent::Closed(e)) => return Err(ParkError::Lost(e)),
                 Some(LinkEvent::Connected { session_present, .. }) => {
                     if !session_present {
-                        acks.new_session();
+                        pass.acks.new_session();
                     }
-                    new_session = !session_present;
-                    s.client.subscribe_records(std::slice::from_ref(&topic), 1)?;
+                    pass.new_session = !session_present;
+                    s.client.subscribe_records(std::slice::from_ref(&pass.topic), 1)?;
                 }
-                Some(LinkEvent::SubAck(failures)) => {
-                    if !failures.is_empty() {
-                        return Err(ParkError::Refused(failures.join(", ")));
-                    }
-                    if matches!(mode, Mode::Recover) && new_session {
-                        // A session the broker did not have holds nothing: read at once. It is
-                        // subscribed now, so copies parked from here on wait for the next drain.
-                        // (The first start of a mesh has one per pair of brokers to create: at
-                        // 32 brokers, 992 marker round trips before anything was consumed.)
-                        if let Some(tx) = read_all.take() {
-                            let _ = tx.send(());
-                        }
+                Some(LinkEvent::SubAck(failures)) if !failures.is_empty() => {
+                    return Err(ParkError::Refused(failures.join(", ")));
+                }
+                Some(LinkEvent::SubAck(_)) => {
+                    if pass.subscribed(&s, read_all)? {
                         break;
                     }
-                    if matches!(mode, Mode::Recover) {
-                        // Behind everything the session holds.
-                        let m = Park::Marker { target: ctx.target.clone(), nonce: marker };
-                        let payload = ctx.ha.seal(&topic, m.encode());
-                        s.client.publish_record(&topic, payload, 1, false, None)?;
-                    }
                 }
-                Some(LinkEvent::Publish { .. }) if seen_marker || stopped => {
+                Some(LinkEvent::Publish { .. }) if pass.seen_marker || pass.stopped => {
                     // Parked after the marker (the target is still down, say): left in the
                     // session, unacknowledged, for the next drain. Reading it now would hand
                     // it to the target, which would park it again, here: a loop. Likewise
                     // everything behind a copy a partial trim keeps.
                 }
-                Some(LinkEvent::Publish { msg, ack }) => {
-                    let ack = ack.and_then(|a| acks.receive(a));
-                    // A record without a valid seal is nobody's copy: discarded below.
-                    let park = match ctx.ha.open(&msg.topic, &msg.payload) {
-                        Ok((body, _)) => Park::decode(&ctx.target, body),
-                        Err(why) => {
-                            crate::metrics::control_rejected(&ctx.stats, ControlKind::Park, &msg.topic, why);
-                            None
-                        }
-                    };
-                    match park {
-                        Some(Park::Marker { nonce, .. }) if nonce == marker => {
-                            seen_marker = true;
-                            if let Some(tx) = read_all.take() {
-                                let _ = tx.send(());
-                            }
-                            if let Some(a) = ack { acks.complete(a); }
-                        }
-                        Some(Park::Copy { key, spool_id, record, .. }) if matches!(mode, Mode::Recover) => {
-                            handled += 1;
-                            hand_over(ctx, key, spool_id, record, ack, &acks_tx, &mut acks);
-                        }
-                        Some(Park::Copy { key, spool_id, record, .. }) if partial => {
-                            let delivered = spool_id == ctx.parker.spool_id
-                                && queue.as_ref().and_then(|q| q.spool_holds(key, &record))
-                                    == Some(false);
-                            if delivered {
-                                handled += 1;
-                                if let Some(a) = ack { acks.complete(a); }
-                            } else {
-                                // Kept, unacknowledged, with everything behind it.
-                                stopped = true;
-                            }
-                        }
-                        _ => {
-                            // Trimming, an older marker, or not a park record: discarded.
-                            if matches!(mode, Mode::Trim(_)) { handled += 1; }
-                            if let Some(a) = ack { acks.complete(a); }
-                        }
-                    }
-                }
+                Some(LinkEvent::Publish { msg, ack }) => pass.record(&msg, ack, read_all),
                 Some(_) => {}
             },
-            Some(a) = acks_rx.recv() => acks.complete(a),
+            Some(a) = acks_rx.recv() => pass.acks.complete(a),
         }
-        while let Some(a) = acks.next_due() {
+        while let Some(a) = pass.acks.next_due() {
             if s.client.ack(a).is_err() {
                 break;
             }
-            acks.handed();
+            pass.acks.handed();
         }
     }
     let _ = s.client.disconnect();
     s.wait_closed().await;
-    Ok(handled)
+    Ok(pass.handled)
 }
 
 /// A copy read from the park session: to the target's queue as a message from the origin,
