@@ -51,44 +51,84 @@ impl Budget {
 }
 
 pub(super) fn writer(store: &Store, rx: mpsc::Receiver<Op>, limits: Limits, unwritten: &Budget) {
-    let mut batch = Vec::new();
-    // While the disk refuses writes: deletions and discards to do again, the targets that hold
-    // rows in memory, and when to open the database again.
-    let mut retry: Vec<Op> = Vec::new();
-    let mut holding: HashMap<String, Arc<Target>> = HashMap::new();
-    let mut next_attempt = Instant::now();
+    let mut w = Writer {
+        store,
+        limits,
+        batch: Vec::new(),
+        retry: Vec::new(),
+        holding: HashMap::new(),
+        next_attempt: Instant::now(),
+    };
     loop {
         let failing = store.health.error().is_some();
+        let Some(batch_bytes) = w.gather(&rx, failing) else {
+            break;
+        };
+        w.skip_held();
+        let result = w.write(failing);
+        w.report(&result, failing);
+        w.settle(&result);
+        unwritten.give(batch_bytes);
+    }
+    let held = store.health.held_rows.load(Ordering::Acquire);
+    if held > 0 {
+        error!(
+            messages = held,
+            "spool closed while the disk refused writes: messages held in memory are lost"
+        );
+    }
+}
+
+/// The writer thread's state between batches.
+struct Writer<'a> {
+    store: &'a Store,
+    limits: Limits,
+    batch: Vec<Op>,
+    /// While the disk refuses writes: deletions and discards to do again.
+    retry: Vec<Op>,
+    /// The targets that hold rows in memory.
+    holding: HashMap<String, Arc<Target>>,
+    /// When to open the database again.
+    next_attempt: Instant,
+}
+
+impl Writer<'_> {
+    /// Waits for the next operations (while failing, at most until the next attempt) and
+    /// takes what else is ready, up to a batch; their bytes, or `None` once every sender is
+    /// gone.
+    fn gather(&mut self, rx: &mpsc::Receiver<Op>, failing: bool) -> Option<u64> {
         let first = if failing {
             match rx.recv_timeout(REOPEN_EVERY) {
                 Ok(op) => Some(op),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
             }
         } else {
-            match rx.recv() {
-                Ok(op) => Some(op),
-                Err(_) => break,
-            }
+            Some(rx.recv().ok()?)
         };
         let mut batch_bytes = 0;
         if let Some(op) = first {
             batch_bytes += op.bytes();
-            batch.push(op);
+            self.batch.push(op);
         }
-        while batch.len() < MAX_BATCH && batch_bytes < MAX_BATCH_BYTES {
+        while self.batch.len() < MAX_BATCH && batch_bytes < MAX_BATCH_BYTES {
             match rx.try_recv() {
                 Ok(op) => {
                     batch_bytes += op.bytes();
-                    batch.push(op);
+                    self.batch.push(op);
                 }
                 Err(_) => break,
             }
         }
-        // A deletion or discard of held rows needs no disk.
-        batch.retain(|op| match op {
+        Some(batch_bytes)
+    }
+
+    /// A deletion or discard of rows held in memory needs no disk: done here.
+    fn skip_held(&mut self) {
+        let health = &self.store.health;
+        self.batch.retain(|op| match op {
             Op::Delete { target, key } => {
-                if target.unhold(*key, &store.health, true).is_some() {
+                if target.unhold(*key, health, true).is_some() {
                     target.pending_deletes.fetch_sub(1, Ordering::AcqRel);
                     return false;
                 }
@@ -97,51 +137,62 @@ pub(super) fn writer(store: &Store, rx: mpsc::Receiver<Op>, limits: Limits, unwr
             Op::Discard { target } => {
                 let keys: Vec<u64> = target.lock_held().keys().copied().collect();
                 for key in keys {
-                    target.unhold(key, &store.health, true);
+                    target.unhold(key, health, true);
                 }
                 true
             }
             _ => true,
         });
-        let result: Result<Deltas, StoreError> = if failing && Instant::now() < next_attempt {
-            Err(StoreError::StillFailing(
+    }
+
+    /// Writes the batch (while failing, once the database opens again, behind the rows held
+    /// and the deletions left over: a target's order is kept).
+    fn write(&mut self, failing: bool) -> Result<Deltas, StoreError> {
+        let store = self.store;
+        if failing && Instant::now() < self.next_attempt {
+            return Err(StoreError::StillFailing(
                 store.health.error().unwrap_or_default(),
-            ))
+            ));
+        }
+        let reopened = if failing {
+            self.next_attempt = Instant::now() + REOPEN_EVERY;
+            store.reopen()
         } else {
-            let reopened = if failing {
-                next_attempt = Instant::now() + REOPEN_EVERY;
-                store.reopen()
-            } else {
-                Ok(())
-            };
-            // Held rows and deletions left over go first: a target's order is kept.
-            let mut ops: Vec<Op> = Vec::new();
-            if failing && reopened.is_ok() {
-                for target in holding.values() {
-                    for (key, value) in target.lock_held().iter() {
-                        ops.push(Op::Unhold {
-                            target: target.clone(),
-                            key: *key,
-                            value: value.clone(),
-                        });
-                    }
-                }
-                ops.append(&mut retry);
-            }
-            ops.append(&mut batch);
-            batch = ops;
-            match (reopened, store.db()) {
-                (Ok(()), Some(db)) => apply(&db, &batch, limits),
-                (Err(e), _) => Err(e),
-                (Ok(()), None) => Err(StoreError::Reopening),
-            }
+            Ok(())
         };
-        match &result {
+        let mut ops: Vec<Op> = Vec::new();
+        if failing && reopened.is_ok() {
+            for target in self.holding.values() {
+                for (key, value) in target.lock_held().iter() {
+                    ops.push(Op::Unhold {
+                        target: target.clone(),
+                        key: *key,
+                        value: value.clone(),
+                    });
+                }
+            }
+            ops.append(&mut self.retry);
+        }
+        ops.append(&mut self.batch);
+        self.batch = ops;
+        match (reopened, store.db()) {
+            (Ok(()), Some(db)) => apply(&db, &self.batch, self.limits),
+            (Err(e), _) => Err(e),
+            (Ok(()), None) => Err(StoreError::Reopening),
+        }
+    }
+
+    /// Reports the batch's outcome: the disk back, rows dropped by the limits, a failure.
+    fn report(&mut self, result: &Result<Deltas, StoreError>, failing: bool) {
+        let store = self.store;
+        let limits = self.limits;
+        match result {
             Ok(deltas) => {
                 if failing {
                     let held = store.health.held_rows.load(Ordering::Acquire);
                     info!(
-                        held_written = batch
+                        held_written = self
+                            .batch
                             .iter()
                             .filter(|op| matches!(op, Op::Unhold { .. }))
                             .count(),
@@ -149,7 +200,7 @@ pub(super) fn writer(store: &Store, rx: mpsc::Receiver<Op>, limits: Limits, unwr
                         "spool writable again"
                     );
                     store.health.set_error(None);
-                    holding.clear();
+                    self.holding.clear();
                 }
                 // Counters first: a barrier waiter (`sync`) then sees them up to date.
                 for (target, d) in deltas.values() {
@@ -179,11 +230,19 @@ pub(super) fn writer(store: &Store, rx: mpsc::Receiver<Op>, limits: Limits, unwr
                         held_up_to_bytes = MAX_HELD_BYTES,
                         "spool write failed: messages are held in memory and written once the disk takes them (the spool is opened again every second)"
                     );
-                    next_attempt = Instant::now() + REOPEN_EVERY;
+                    self.next_attempt = Instant::now() + REOPEN_EVERY;
                 }
                 store.health.set_error(Some(e.to_string()));
             }
         }
+    }
+
+    /// Settles every operation of the batch by the outcome: shares complete, counters move,
+    /// what the disk refused is held or kept to do again.
+    fn settle(&mut self, result: &Result<Deltas, StoreError>) {
+        let health = &self.store.health;
+        // (The batch's allocation is kept for the next one.)
+        let mut batch = std::mem::take(&mut self.batch);
         for op in batch.drain(..) {
             match op {
                 Op::Append {
@@ -193,18 +252,18 @@ pub(super) fn writer(store: &Store, rx: mpsc::Receiver<Op>, limits: Limits, unwr
                     share,
                 } => {
                     let len = value.len() as u64;
-                    match &result {
+                    match result {
                         Ok(_) => {
                             target.pending_rows.fetch_sub(1, Ordering::AcqRel);
                             target.pending_bytes.fetch_sub(len, Ordering::AcqRel);
                         }
                         Err(e) => {
                             // Held in memory, readable: the origin need not wait for the disk.
-                            target.hold(key, value, &store.health);
+                            target.hold(key, value, health);
                             target.stats.set_error(format!("spool write failed: {e}"));
                             target.notify.notify_one();
-                            holding.insert(target.table.clone(), target.clone());
-                            drop_held_beyond_bound(&target, &store.health);
+                            self.holding.insert(target.table.clone(), target.clone());
+                            drop_held_beyond_bound(&target, health);
                         }
                     }
                     if let Some(share) = share {
@@ -212,7 +271,7 @@ pub(super) fn writer(store: &Store, rx: mpsc::Receiver<Op>, limits: Limits, unwr
                     }
                 }
                 Op::DeadLetter { share, .. } => {
-                    if let Err(e) = &result {
+                    if let Err(e) = result {
                         error!(error = %e, "spool write failed: a dead letter was not kept");
                     }
                     if let Some(share) = share {
@@ -222,38 +281,31 @@ pub(super) fn writer(store: &Store, rx: mpsc::Receiver<Op>, limits: Limits, unwr
                 Op::Unhold { target, key, .. } => {
                     if result.is_ok() {
                         // On disk now (a deletion since would have removed it from memory).
-                        if let Some(len) = target.unhold(key, &store.health, false) {
+                        if let Some(len) = target.unhold(key, health, false) {
                             target.pending_rows.fetch_sub(1, Ordering::AcqRel);
                             target.pending_bytes.fetch_sub(len, Ordering::AcqRel);
                         }
                     } else {
-                        holding.insert(target.table.clone(), target);
+                        self.holding.insert(target.table.clone(), target);
                     }
                 }
                 Op::Barrier(tx) => {
                     let _ = tx.send(());
                 }
-                Op::Delete { target, key } => match &result {
+                Op::Delete { target, key } => match result {
                     Ok(_) => {
                         target.pending_deletes.fetch_sub(1, Ordering::AcqRel);
                     }
-                    Err(_) => retry.push(Op::Delete { target, key }),
+                    Err(_) => self.retry.push(Op::Delete { target, key }),
                 },
                 Op::Discard { target } => {
                     if result.is_err() {
-                        retry.push(Op::Discard { target });
+                        self.retry.push(Op::Discard { target });
                     }
                 }
             }
         }
-        unwritten.give(batch_bytes);
-    }
-    let held = store.health.held_rows.load(Ordering::Acquire);
-    if held > 0 {
-        error!(
-            messages = held,
-            "spool closed while the disk refused writes: messages held in memory are lost"
-        );
+        self.batch = batch;
     }
 }
 
@@ -338,23 +390,7 @@ fn apply(db: &Database, batch: &[Op], limits: Limits) -> Result<Deltas, StoreErr
                     delta.added_rows += 1;
                     delta.added_bytes += value.len() as u64;
                     if limits.overflow == Overflow::DropOldest {
-                        let mut rows = (target.stored_rows.load(Ordering::Acquire)
-                            + delta.added_rows)
-                            .saturating_sub(delta.removed_rows);
-                        let mut bytes = (target.stored_bytes.load(Ordering::Acquire)
-                            + delta.added_bytes)
-                            .saturating_sub(delta.removed_bytes);
-                        while rows > limits.max_messages || (rows > 1 && bytes > limits.max_bytes) {
-                            let Some((_, v)) = table.pop_first()? else {
-                                break;
-                            };
-                            let len = v.value().len() as u64;
-                            delta.removed_rows += 1;
-                            delta.removed_bytes += len;
-                            delta.dropped += 1;
-                            rows -= 1;
-                            bytes = bytes.saturating_sub(len);
-                        }
+                        drop_oldest(table, target, delta, limits)?;
                     }
                 }
                 Op::Delete { key, .. } => {
@@ -368,7 +404,38 @@ fn apply(db: &Database, batch: &[Op], limits: Limits) -> Result<Deltas, StoreErr
         }
     }
     txn.commit()?;
-    let deltas = deltas;
+    count_stored(&deltas);
+    Ok(deltas)
+}
+
+/// Drops `target`'s oldest rows from `table` while it holds more than the limits allow, with
+/// what this transaction did so far (`delta`).
+fn drop_oldest(
+    table: &mut redb::Table<'_, u64, &[u8]>,
+    target: &Target,
+    delta: &mut Delta,
+    limits: Limits,
+) -> Result<(), StoreError> {
+    let mut rows = (target.stored_rows.load(Ordering::Acquire) + delta.added_rows)
+        .saturating_sub(delta.removed_rows);
+    let mut bytes = (target.stored_bytes.load(Ordering::Acquire) + delta.added_bytes)
+        .saturating_sub(delta.removed_bytes);
+    while rows > limits.max_messages || (rows > 1 && bytes > limits.max_bytes) {
+        let Some((_, v)) = table.pop_first()? else {
+            break;
+        };
+        let len = v.value().len() as u64;
+        delta.removed_rows += 1;
+        delta.removed_bytes += len;
+        delta.dropped += 1;
+        rows -= 1;
+        bytes = bytes.saturating_sub(len);
+    }
+    Ok(())
+}
+
+/// Moves the targets' stored counts by what a committed transaction did.
+fn count_stored(deltas: &Deltas) {
     for (target, d) in deltas.values() {
         if d.discarded {
             target.stored_rows.store(d.added_rows, Ordering::Release);
@@ -386,5 +453,4 @@ fn apply(db: &Database, batch: &[Op], limits: Limits) -> Result<Deltas, StoreErr
             .stored_bytes
             .fetch_sub(d.removed_bytes, Ordering::AcqRel);
     }
-    Ok(deltas)
 }
