@@ -382,34 +382,40 @@ impl Supervisor {
             started: false,
             starting: true,
         };
-        for broker in sup.config.brokers.clone() {
-            if sup.membership.removed.contains(&broker.name) {
+        sup.start_members();
+        Ok(sup)
+    }
+
+    /// Starts the link of every member: the config file's brokers not removed at run time, then
+    /// those added at run time; discards the spools of brokers that are no member any more.
+    fn start_members(&mut self) {
+        for broker in self.config.brokers.clone() {
+            if self.membership.removed.contains(&broker.name) {
                 info!(broker = %broker.name, "not started: removed at run time (data_dir/membership.json)");
                 continue;
             }
-            sup.spawn(broker);
+            self.spawn(broker);
         }
-        for added in sup.membership.added.clone() {
-            if sup.links.contains_key(&added.name) {
+        for added in self.membership.added.clone() {
+            if self.links.contains_key(&added.name) {
                 warn!(broker = %added.name, "persisted addition ignored: the config file has a broker of that name");
                 continue;
             }
-            if let Err(e) = sup
+            if let Err(e) = self
                 .build(&added)
-                .and_then(|b| sup.spawn_member(b).map(|_| ()))
+                .and_then(|b| self.spawn_member(b).map(|_| ()))
             {
                 warn!(broker = %added.name, error = %e, "persisted addition ignored");
             }
         }
-        let started: Vec<BrokerConfig> = sup.links.values().map(|l| l.broker.clone()).collect();
+        let started: Vec<BrokerConfig> = self.links.values().map(|l| l.broker.clone()).collect();
         log_warnings(&started);
-        sup.starting = false;
-        sup.spool
-            .discard_others(&sup.links.keys().cloned().collect());
-        for link in sup.links.values_mut() {
+        self.starting = false;
+        self.spool
+            .discard_others(&self.links.keys().cloned().collect());
+        for link in self.links.values_mut() {
             link.at_start = true;
         }
-        Ok(sup)
     }
 
     fn build(&self, spec: &AddedBroker) -> Result<BrokerConfig, ChangeError> {

@@ -145,7 +145,6 @@ pub(crate) async fn serve(
     state: AdminState,
     shutdown: CancellationToken,
 ) {
-    use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
     use tower::ServiceExt;
 
@@ -199,29 +198,7 @@ pub(crate) async fn serve(
         connections.spawn(async move {
             let _slot = slot;
             let _permit = permit;
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(if full { HEADER_TIMEOUT } else { HEALTH_TIMEOUT })
-                .keep_alive(full);
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            // A health-check connection has HEALTH_TIMEOUT for everything, answer included.
-            let limit = if full { None } else { Some(HEALTH_TIMEOUT) };
-            let deadline = async {
-                match limit {
-                    Some(d) => tokio::time::sleep(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = deadline => {}
-                _ = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
-                }
-            }
+            serve_connection(stream, service, full, shutdown).await;
         });
     }
     connections.close();
@@ -230,6 +207,46 @@ pub(crate) async fn serve(
         .is_err()
     {
         warn!("admin API: connections still open at shutdown");
+    }
+}
+
+/// Serves one connection: the whole API (`full`, keep-alive) or one health check within
+/// [`HEALTH_TIMEOUT`], answer included; at shutdown, gracefully within 5 s.
+async fn serve_connection<S>(
+    stream: tokio::net::TcpStream,
+    service: S,
+    full: bool,
+    shutdown: CancellationToken,
+) where
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+        >,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(if full { HEADER_TIMEOUT } else { HEALTH_TIMEOUT })
+        .keep_alive(full);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let limit = if full { None } else { Some(HEALTH_TIMEOUT) };
+    let deadline = async {
+        match limit {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = deadline => {}
+        _ = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+        }
     }
 }
 

@@ -178,25 +178,7 @@ pub(crate) fn plan(views: &[View<'_>], delete_extra: bool) -> Plan {
                 (held.is_some() || (v.takes)(topic)).then_some((i, held))
             })
             .collect();
-        let mut n = 0;
-        for (i, a) in views.iter().enumerate() {
-            for b in &views[i + 1..] {
-                let (x, y) = (a.held.get(topic), b.held.get(topic));
-                let pair = &mut out.pairs[n];
-                n += 1;
-                let both_concerned =
-                    (x.is_some() || (a.takes)(topic)) && (y.is_some() || (b.takes)(topic));
-                if !both_concerned {
-                    continue;
-                }
-                match (x, y) {
-                    (Some(_), None) => pair.2 += 1,
-                    (None, Some(_)) => pair.3 += 1,
-                    (Some(x), Some(y)) if x.value != y.value => pair.4 += 1,
-                    _ => {}
-                }
-            }
-        }
+        count_pairs(views, topic, &mut out.pairs);
         let first = concerned[0].1.map(|h| &h.value);
         if concerned.iter().all(|(_, h)| h.map(|h| &h.value) == first) {
             continue;
@@ -208,46 +190,81 @@ pub(crate) fn plan(views: &[View<'_>], delete_extra: bool) -> Plan {
                 .map(|(i, h)| (views[*i].name.to_string(), h.map(|h| h.value.describe())))
                 .collect(),
         });
-        // Votes per value, in order of first appearance (the tie-break).
-        let mut votes: Vec<(&Held, usize, usize)> = Vec::new();
-        let mut absent = 0;
-        for (i, h) in &concerned {
-            match h {
-                None => absent += 1,
-                Some(h) => match votes.iter_mut().find(|(v, _, _)| v.value == h.value) {
-                    Some(v) => v.1 += 1,
-                    None => votes.push((h, 1, *i)),
-                },
+        repair(views, topic, &concerned, delete_extra, &mut out.actions);
+    }
+    out
+}
+
+/// Counts `topic` in every pair of brokers it concerns both of: held by one only, or by both
+/// with different values.
+fn count_pairs(views: &[View<'_>], topic: &str, pairs: &mut [(String, String, u64, u64, u64)]) {
+    let mut n = 0;
+    for (i, a) in views.iter().enumerate() {
+        for b in &views[i + 1..] {
+            let (x, y) = (a.held.get(topic), b.held.get(topic));
+            let pair = &mut pairs[n];
+            n += 1;
+            let both_concerned =
+                (x.is_some() || (a.takes)(topic)) && (y.is_some() || (b.takes)(topic));
+            if !both_concerned {
+                continue;
             }
-        }
-        let Some(&(winner, count, from)) = votes
-            .iter()
-            .reduce(|best, v| if v.1 > best.1 { v } else { best })
-        else {
-            continue;
-        };
-        let delete = delete_extra && absent > count;
-        for (i, h) in &concerned {
-            let broker = views[*i].name.to_string();
-            match (delete, h) {
-                (true, Some(_)) => out.actions.push(Action::Delete {
-                    broker,
-                    topic: topic.clone(),
-                }),
-                (false, h)
-                    if h.is_none_or(|h| h.value != winner.value) && (views[*i].takes)(topic) =>
-                {
-                    out.actions.push(Action::Write {
-                        broker,
-                        held: winner.clone(),
-                        from: views[from].name.to_string(),
-                    });
-                }
+            match (x, y) {
+                (Some(_), None) => pair.2 += 1,
+                (None, Some(_)) => pair.3 += 1,
+                (Some(x), Some(y)) if x.value != y.value => pair.4 += 1,
                 _ => {}
             }
         }
     }
-    out
+}
+
+/// The repairs of a `topic` the `concerned` brokers disagree on: the value most of them hold
+/// (of equal counts, the first seen) is written where it is missing or different; with
+/// `delete_extra`, a topic most of them lack is deleted where it is held.
+fn repair(
+    views: &[View<'_>],
+    topic: &String,
+    concerned: &[(usize, Option<&Held>)],
+    delete_extra: bool,
+    actions: &mut Vec<Action>,
+) {
+    // Votes per value, in order of first appearance (the tie-break).
+    let mut votes: Vec<(&Held, usize, usize)> = Vec::new();
+    let mut absent = 0;
+    for (i, h) in concerned {
+        match h {
+            None => absent += 1,
+            Some(h) => match votes.iter_mut().find(|(v, _, _)| v.value == h.value) {
+                Some(v) => v.1 += 1,
+                None => votes.push((h, 1, *i)),
+            },
+        }
+    }
+    let Some(&(winner, count, from)) = votes
+        .iter()
+        .reduce(|best, v| if v.1 > best.1 { v } else { best })
+    else {
+        return;
+    };
+    let delete = delete_extra && absent > count;
+    for (i, h) in concerned {
+        let broker = views[*i].name.to_string();
+        match (delete, h) {
+            (true, Some(_)) => actions.push(Action::Delete {
+                broker,
+                topic: topic.clone(),
+            }),
+            (false, h) if h.is_none_or(|h| h.value != winner.value) && (views[*i].takes)(topic) => {
+                actions.push(Action::Write {
+                    broker,
+                    held: winner.clone(),
+                    from: views[from].name.to_string(),
+                });
+            }
+            _ => {}
+        }
+    }
 }
 
 /// A message to write as the retained value of `topic` (its mesh topic), or to clear it

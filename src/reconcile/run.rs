@@ -174,27 +174,7 @@ pub(crate) async fn reconcile(
         repair: request.repair,
         ..ReconcileReport::default()
     };
-    let mut ok: Vec<(&Member, Snapshot)> = Vec::new();
-    for (m, s) in members.iter().zip(snaps) {
-        match s {
-            Ok(s) => {
-                report.brokers.push(BrokerSnapshot {
-                    name: m.name.clone(),
-                    retained: Some(s.len() as u64),
-                    error: None,
-                });
-                ok.push((m, s));
-            }
-            Err(e) => {
-                warn!(broker = %m.name, error = %e, "reconcile: no snapshot of this broker; it is left out");
-                report.brokers.push(BrokerSnapshot {
-                    name: m.name.clone(),
-                    retained: None,
-                    error: Some(e.to_string()),
-                });
-            }
-        }
-    }
+    let ok = taken(members, snaps, &mut report);
     let takes: Vec<Takes<'_>> = ok
         .iter()
         .map(|(m, _)| {
@@ -239,65 +219,7 @@ pub(crate) async fn reconcile(
     report.differing_topics = plan.topics.len() as u64;
     report.topics = plan.topics.into_iter().take(MAX_LISTED).collect();
     if request.repair {
-        let mut changed = std::collections::HashSet::new();
-        let last =
-            std::mem::take(&mut *stats.last_written.lock().unwrap_or_else(|p| p.into_inner()));
-        let mut written_now = std::collections::HashSet::new();
-        for action in &plan.actions {
-            let key = match action {
-                Action::Write { broker, held, .. } => Some(write_key(
-                    broker,
-                    held.msg.topic_str().unwrap_or_default(),
-                    &held.value,
-                )),
-                Action::Delete { .. } => None,
-            };
-            if let Some(key) = key.as_ref().filter(|k| last.contains(*k)) {
-                // Written last time and still different: writing it again would not help.
-                report.not_repeated += 1;
-                written_now.insert(key.clone());
-                continue;
-            }
-            let (broker, topic, held, from) = match action {
-                Action::Write { broker, held, from } => (
-                    broker,
-                    held.msg.topic_str().unwrap_or_default().to_string(),
-                    Some(held),
-                    from.as_str(),
-                ),
-                Action::Delete { broker, topic } => (broker, topic.clone(), None, broker.as_str()),
-            };
-            if watch.changed(&topic) {
-                changed.insert(topic);
-                continue;
-            }
-            let Some(member) = members.iter().find(|m| &m.name == broker) else {
-                continue;
-            };
-            let msg = retained_message(&topic, held);
-            member
-                .queue
-                .push(Outbound::new(Arc::new(msg), None, from.into()));
-            written_now.extend(key);
-            if held.is_some() {
-                report.written += 1;
-            } else {
-                report.deleted += 1;
-            }
-        }
-        report.changed_during_run = changed.len() as u64;
-        *stats.last_written.lock().unwrap_or_else(|p| p.into_inner()) = written_now;
-        if report.not_repeated > 0 {
-            let note = format!(
-                "{} repairs written by the previous run were needed again: not repeated (the brokers do not keep them: an ACL refusing the bridge's publish, a retain limit?)",
-                report.not_repeated
-            );
-            warn!("{note}");
-            report.notes.push(note);
-        }
-        stats
-            .repaired
-            .fetch_add(report.written + report.deleted, Ordering::Relaxed);
+        carry_out(&plan.actions, members, &watch, stats, &mut report);
     }
     stats.runs.fetch_add(1, Ordering::Relaxed);
     stats
@@ -311,6 +233,106 @@ pub(crate) async fn reconcile(
         "reconciliation done"
     );
     report
+}
+
+/// Queues the repairs of `actions` for their brokers: not one the previous run wrote and that
+/// is needed again (counted, noted), nor one of a topic that changed while the snapshots were
+/// taken.
+fn carry_out(
+    actions: &[Action],
+    members: &[Member],
+    watch: &crate::router::RetainedWatch<'_>,
+    stats: &ReconcileStats,
+    report: &mut ReconcileReport,
+) {
+    let mut changed = std::collections::HashSet::new();
+    let last = std::mem::take(&mut *stats.last_written.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut written_now = std::collections::HashSet::new();
+    for action in actions {
+        let key = match action {
+            Action::Write { broker, held, .. } => Some(write_key(
+                broker,
+                held.msg.topic_str().unwrap_or_default(),
+                &held.value,
+            )),
+            Action::Delete { .. } => None,
+        };
+        if let Some(key) = key.as_ref().filter(|k| last.contains(*k)) {
+            // Written last time and still different: writing it again would not help.
+            report.not_repeated += 1;
+            written_now.insert(key.clone());
+            continue;
+        }
+        let (broker, topic, held, from) = match action {
+            Action::Write { broker, held, from } => (
+                broker,
+                held.msg.topic_str().unwrap_or_default().to_string(),
+                Some(held),
+                from.as_str(),
+            ),
+            Action::Delete { broker, topic } => (broker, topic.clone(), None, broker.as_str()),
+        };
+        if watch.changed(&topic) {
+            changed.insert(topic);
+            continue;
+        }
+        let Some(member) = members.iter().find(|m| &m.name == broker) else {
+            continue;
+        };
+        let msg = retained_message(&topic, held);
+        member
+            .queue
+            .push(Outbound::new(Arc::new(msg), None, from.into()));
+        written_now.extend(key);
+        if held.is_some() {
+            report.written += 1;
+        } else {
+            report.deleted += 1;
+        }
+    }
+    report.changed_during_run = changed.len() as u64;
+    *stats.last_written.lock().unwrap_or_else(|p| p.into_inner()) = written_now;
+    if report.not_repeated > 0 {
+        let note = format!(
+            "{} repairs written by the previous run were needed again: not repeated (the brokers do not keep them: an ACL refusing the bridge's publish, a retain limit?)",
+            report.not_repeated
+        );
+        warn!("{note}");
+        report.notes.push(note);
+    }
+    stats
+        .repaired
+        .fetch_add(report.written + report.deleted, Ordering::Relaxed);
+}
+
+/// The members whose snapshot was taken, with it; every member's row in `report`.
+fn taken<'a>(
+    members: &'a [Member],
+    snaps: Vec<Result<Snapshot, super::snapshot::SnapshotError>>,
+    report: &mut ReconcileReport,
+) -> Vec<(&'a Member, Snapshot)> {
+    let mut ok: Vec<(&Member, Snapshot)> = Vec::new();
+    for (m, s) in members.iter().zip(snaps) {
+        match s {
+            Ok(s) => {
+                report.brokers.push(BrokerSnapshot {
+                    name: m.name.clone(),
+                    retained: Some(s.len() as u64),
+                    error: None,
+                });
+                ok.push((m, s));
+            }
+            Err(e) => {
+                warn!(broker = %m.name, error = %e, "reconcile: no snapshot of this broker; it is left out");
+                report.brokers.push(BrokerSnapshot {
+                    name: m.name.clone(),
+                    retained: None,
+                    error: Some(e.to_string()),
+                });
+            }
+        }
+    }
+    ok
 }
 
 /// Hands a broker added at run time the retained messages of its live peers: their snapshots
