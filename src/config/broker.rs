@@ -148,9 +148,8 @@ impl Config {
     pub(crate) fn broker_from_section(
         &self,
         key: &str,
-        s: BrokerSection,
+        mut s: BrokerSection,
     ) -> Result<BrokerConfig, ConfigError> {
-        let d = &self.tls_defaults;
         let use_tls = s.tls.unwrap_or(DEFAULT_TLS);
         let (host, port) = parse_address(&s.address, if use_tls { 8883 } else { 1883 })
             .map_err(|e| invalid(format!("{key}.address"), e.to_string()))?;
@@ -163,7 +162,7 @@ impl Config {
                 ),
             ));
         }
-        let name = match s.name {
+        let name = match s.name.take() {
             Some(n) => n,
             None => format!("{}-{port}", host.replace(':', "_")),
         };
@@ -182,6 +181,44 @@ impl Config {
         }
         let rules = crate::rules::Rules::from_specs(&s.rules, &self.topics)
             .map_err(|e| invalid(format!("{key}.{}", e.key()), format!("{name}: {e}")))?;
+        let mut warnings = Vec::new();
+        let (tls, tls_inputs) = self.broker_tls(key, &name, use_tls, &s, &mut warnings)?;
+        let credentials = self.credentials(key, s.username, s.password_file, &mut warnings)?;
+        if tls.is_none()
+            && credentials.as_ref().is_some_and(|(_, p)| !p.0.is_empty())
+            && !is_loopback_host(&host)
+        {
+            return Err(invalid(
+                format!("{key}.password_file"),
+                format!(
+                    "refusing to send a password in clear text to {host}:{port}; enable TLS for this broker"
+                ),
+            ));
+        }
+        Ok(BrokerConfig {
+            name,
+            host,
+            port,
+            protocol: s.protocol.unwrap_or_default(),
+            tls,
+            credentials,
+            max_qos,
+            tls_inputs,
+            warnings,
+            rules: Arc::new(rules),
+        })
+    }
+
+    /// The TLS configuration of broker `name` (section `key`), from its keys and `[tls]`.
+    fn broker_tls(
+        &self,
+        key: &str,
+        name: &str,
+        use_tls: bool,
+        s: &BrokerSection,
+        warnings: &mut Vec<String>,
+    ) -> Result<(Option<Arc<tls::TlsSource>>, Option<TlsInputs>), ConfigError> {
+        let d = &self.tls_defaults;
         let pick = |own: &Option<PathBuf>, default: &Option<PathBuf>, k: &str| {
             own.as_ref()
                 .map(|p| (format!("{key}.{k}"), resolve(&self.base_dir, p)))
@@ -199,7 +236,6 @@ impl Config {
             .insecure_skip_verify
             .or(d.insecure_skip_verify)
             .unwrap_or(false);
-        let mut warnings = Vec::new();
         if !use_tls && s.server_name.is_some() {
             return Err(invalid(
                 format!("{key}.server_name"),
@@ -227,41 +263,7 @@ impl Config {
             insecure_skip_verify: insecure,
         });
         let tls = if use_tls {
-            let client_auth = match (cert, keyf) {
-                (Some(c), Some(k)) => Some((c, k)),
-                (None, None) => None,
-                (Some((k, _)), None) => {
-                    return Err(invalid(k, "a client certificate needs key_file too"));
-                }
-                (None, Some((k, _))) => {
-                    return Err(invalid(k, "a client key needs cert_file too"));
-                }
-            };
-            if ca.is_none() && !insecure {
-                return Err(invalid(
-                    format!("{key}.ca_file"),
-                    "TLS is on but no CA is set: set tls.ca_file (or the broker's ca_file), or tls = false",
-                ));
-            }
-            let server_name = match server_name {
-                Some(n) => Some(rustls::pki_types::ServerName::try_from(n.clone()).map_err(
-                    |_| {
-                        invalid(
-                            format!("{key}.server_name"),
-                            format!("{n:?}: not a valid DNS name or IP"),
-                        )
-                    },
-                )?),
-                None => None,
-            };
-            Some(Arc::new(tls::TlsSource::new(&tls::TlsFiles {
-                ca: ca.as_ref().map(|(k, p)| (k.as_str(), p.as_path())),
-                client_auth: client_auth.as_ref().map(|((ck, cp), (kk, kp))| {
-                    ((ck.as_str(), cp.as_path()), (kk.as_str(), kp.as_path()))
-                }),
-                server_name,
-                insecure,
-            })?))
+            Some(tls_source(key, ca, cert, keyf, server_name, insecure)?)
         } else {
             if s.insecure_skip_verify == Some(true) {
                 return Err(invalid(
@@ -271,7 +273,18 @@ impl Config {
             }
             None
         };
-        let credentials = match (s.username, s.password_file) {
+        Ok((tls, tls_inputs))
+    }
+
+    /// A broker's username and password (section `key`).
+    fn credentials(
+        &self,
+        key: &str,
+        username: Option<String>,
+        password_file: Option<PathBuf>,
+        warnings: &mut Vec<String>,
+    ) -> Result<Option<(String, Secret)>, ConfigError> {
+        Ok(match (username, password_file) {
             (Some(u), Some(p)) => {
                 let path = resolve(&self.base_dir, &p);
                 let k = format!("{key}.password_file");
@@ -286,29 +299,55 @@ impl Config {
                 ));
             }
             (None, None) => None,
-        };
-        if tls.is_none()
-            && credentials.as_ref().is_some_and(|(_, p)| !p.0.is_empty())
-            && !is_loopback_host(&host)
-        {
-            return Err(invalid(
-                format!("{key}.password_file"),
-                format!(
-                    "refusing to send a password in clear text to {host}:{port}; enable TLS for this broker"
-                ),
-            ));
-        }
-        Ok(BrokerConfig {
-            name,
-            host,
-            port,
-            protocol: s.protocol.unwrap_or_default(),
-            tls,
-            credentials,
-            max_qos,
-            tls_inputs,
-            warnings,
-            rules: Arc::new(rules),
         })
     }
+}
+
+/// A file of a broker's TLS configuration: the key that named it, and its path.
+type KeyedPath = (String, PathBuf);
+
+/// The TLS source of a broker (section `key`) from its checked keys.
+fn tls_source(
+    key: &str,
+    ca: Option<KeyedPath>,
+    cert: Option<KeyedPath>,
+    keyf: Option<KeyedPath>,
+    server_name: Option<String>,
+    insecure: bool,
+) -> Result<Arc<tls::TlsSource>, ConfigError> {
+    let client_auth = match (cert, keyf) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        (Some((k, _)), None) => {
+            return Err(invalid(k, "a client certificate needs key_file too"));
+        }
+        (None, Some((k, _))) => {
+            return Err(invalid(k, "a client key needs cert_file too"));
+        }
+    };
+    if ca.is_none() && !insecure {
+        return Err(invalid(
+            format!("{key}.ca_file"),
+            "TLS is on but no CA is set: set tls.ca_file (or the broker's ca_file), or tls = false",
+        ));
+    }
+    let server_name = match server_name {
+        Some(n) => Some(
+            rustls::pki_types::ServerName::try_from(n.clone()).map_err(|_| {
+                invalid(
+                    format!("{key}.server_name"),
+                    format!("{n:?}: not a valid DNS name or IP"),
+                )
+            })?,
+        ),
+        None => None,
+    };
+    Ok(Arc::new(tls::TlsSource::new(&tls::TlsFiles {
+        ca: ca.as_ref().map(|(k, p)| (k.as_str(), p.as_path())),
+        client_auth: client_auth
+            .as_ref()
+            .map(|((ck, cp), (kk, kp))| ((ck.as_str(), cp.as_path()), (kk.as_str(), kp.as_path()))),
+        server_name,
+        insecure,
+    })?))
 }

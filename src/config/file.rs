@@ -148,13 +148,84 @@ pub(crate) struct BrokerSection {
 impl FileConfig {
     /// Checks every value and builds the runtime [`Config`].
     pub(crate) fn validate(self, base_dir: &Path) -> Result<Config, ConfigError> {
-        let b = self.bridge;
+        let mut b = self.bridge;
         if !valid_name(&b.id) {
             return Err(invalid(
                 "bridge.id",
                 format!("{:?}: use 1-64 characters from A-Z a-z 0-9 - _ .", b.id),
             ));
         }
+        let mut warnings = Vec::new();
+        let (admin_listen, admin_token, mesh_key) = b.access(base_dir, &mut warnings)?;
+        let t = b.timings()?;
+        let topics = b.topics.take().unwrap_or_else(|| vec!["#".to_string()]);
+        check_topics(&topics)?;
+        let n = b.counts()?;
+        let spool = spool_limits(b.spool_max_bytes, b.spool_max_messages, b.spool_overflow)?;
+        let instance = b.instance.unwrap_or_else(default_instance);
+        if !valid_name(&instance) {
+            return Err(invalid(
+                "bridge.instance",
+                format!("{instance:?}: use 1-64 characters from A-Z a-z 0-9 - _ ."),
+            ));
+        }
+        let mut config = Config {
+            spool,
+            probe_interval: t.probe_interval,
+            probe_stall_after: t.probe_stall_after,
+            reconcile_interval: t.reconcile_interval,
+            bridge_id: b.id,
+            instance,
+            will_delay: t.will_delay,
+            ha: b.ha.unwrap_or(true),
+            broker_queue_limit: b.broker_queue_limit.unwrap_or(1000),
+            admin_listen,
+            admin_token,
+            mesh_key,
+            data_dir: resolve(base_dir, b.data_dir.as_deref().unwrap_or(Path::new("data"))),
+            topics,
+            dedup_window: parse_duration(
+                "bridge.dedup_window",
+                b.dedup_window.as_deref(),
+                Duration::from_secs(30),
+            )?,
+            dedup_max_entries: n.dedup_max_entries,
+            session_expiry: t.session_expiry,
+            keep_alive: t.keep_alive,
+            inflight: n.inflight,
+            queue_capacity: n.queue_capacity,
+            worker_threads: n.worker_threads,
+            links_per_thread: n.links_per_thread,
+            drain_timeout: parse_duration(
+                "bridge.drain_timeout",
+                b.drain_timeout.as_deref(),
+                Duration::from_secs(5),
+            )?,
+            storm_threshold: b.storm_threshold.unwrap_or(1000),
+            retained_max: b.retained_max.unwrap_or(100_000),
+            retained_max_bytes: parse_size(
+                "bridge.retained_max_bytes",
+                b.retained_max_bytes,
+                64 << 20,
+            )?,
+            tls_defaults: self.tls,
+            base_dir: base_dir.to_path_buf(),
+            brokers: Vec::new(),
+            warnings,
+        };
+        config.add_brokers(self.brokers)?;
+        Ok(config)
+    }
+}
+
+impl BridgeSection {
+    /// The admin API's address and token, and the mesh key; warnings about their files.
+    fn access(
+        &self,
+        base_dir: &Path,
+        warnings: &mut Vec<String>,
+    ) -> Result<(SocketAddr, Option<Secret>, Option<crate::seal::MeshKey>), ConfigError> {
+        let b = self;
         let admin_listen: SocketAddr = match b.admin_listen.as_deref() {
             None => default_admin_listen(),
             Some(text) => text.parse().map_err(|_| {
@@ -167,7 +238,6 @@ impl FileConfig {
                 )
             })?,
         };
-        let mut warnings = Vec::new();
         let admin_token = match &b.admin_token_file {
             Some(p) => {
                 let path = resolve(base_dir, p);
@@ -203,41 +273,12 @@ impl FileConfig {
                 ),
             ));
         }
-        let topics = b.topics.unwrap_or_else(|| vec!["#".to_string()]);
-        if topics.is_empty() {
-            return Err(invalid("bridge.topics", "at least one filter is needed"));
-        }
-        for (i, t) in topics.iter().enumerate() {
-            if let Err(e) = crate::rules::check_filter(t) {
-                return Err(invalid(
-                    format!("bridge.topics[{i}]"),
-                    format!("{t:?}: {e}"),
-                ));
-            }
-        }
-        let inflight = b.inflight.unwrap_or(100);
-        if inflight == 0 {
-            return Err(invalid("bridge.inflight", "must be at least 1"));
-        }
-        let queue_capacity = b.queue_capacity.unwrap_or(10_000);
-        if queue_capacity == 0 {
-            return Err(invalid("bridge.queue_capacity", "must be at least 1"));
-        }
-        let worker_threads = b.worker_threads;
-        if worker_threads.is_some_and(|n| !(1..=MAX_WORKER_THREADS).contains(&n)) {
-            return Err(invalid(
-                "bridge.worker_threads",
-                format!("must be between 1 and {MAX_WORKER_THREADS}"),
-            ));
-        }
-        let links_per_thread = b.links_per_thread.unwrap_or(LINKS_PER_THREAD);
-        if links_per_thread == 0 {
-            return Err(invalid("bridge.links_per_thread", "must be at least 1"));
-        }
-        let dedup_max_entries = b.dedup_max_entries.unwrap_or(200_000);
-        if dedup_max_entries == 0 {
-            return Err(invalid("bridge.dedup_max_entries", "must be at least 1"));
-        }
+        Ok((admin_listen, admin_token, mesh_key))
+    }
+
+    /// The durations of `[bridge]`, checked against each other and MQTT's bounds.
+    fn timings(&self) -> Result<Timings, ConfigError> {
+        let b = self;
         let session_expiry = parse_duration(
             "bridge.session_expiry",
             b.session_expiry.as_deref(),
@@ -259,14 +300,6 @@ impl FileConfig {
             return Err(invalid(
                 "bridge.keep_alive",
                 "must be between 5s and 65535s",
-            ));
-        }
-        let spool = spool_limits(b.spool_max_bytes, b.spool_max_messages, b.spool_overflow)?;
-        let instance = b.instance.unwrap_or_else(default_instance);
-        if !valid_name(&instance) {
-            return Err(invalid(
-                "bridge.instance",
-                format!("{instance:?}: use 1-64 characters from A-Z a-z 0-9 - _ ."),
             ));
         }
         let will_delay =
@@ -310,52 +343,33 @@ impl FileConfig {
                 "at least 10s (or 0s: off)",
             ));
         }
-        let mut config = Config {
-            spool,
+        Ok(Timings {
+            session_expiry,
+            keep_alive,
+            will_delay,
             probe_interval,
             probe_stall_after,
             reconcile_interval,
-            bridge_id: b.id,
-            instance,
-            will_delay,
-            ha: b.ha.unwrap_or(true),
-            broker_queue_limit: b.broker_queue_limit.unwrap_or(1000),
-            admin_listen,
-            admin_token,
-            mesh_key,
-            data_dir: resolve(base_dir, b.data_dir.as_deref().unwrap_or(Path::new("data"))),
-            topics,
-            dedup_window: parse_duration(
-                "bridge.dedup_window",
-                b.dedup_window.as_deref(),
-                Duration::from_secs(30),
-            )?,
-            dedup_max_entries,
-            session_expiry,
-            keep_alive,
-            inflight,
-            queue_capacity,
-            worker_threads,
-            links_per_thread,
-            drain_timeout: parse_duration(
-                "bridge.drain_timeout",
-                b.drain_timeout.as_deref(),
-                Duration::from_secs(5),
-            )?,
-            storm_threshold: b.storm_threshold.unwrap_or(1000),
-            retained_max: b.retained_max.unwrap_or(100_000),
-            retained_max_bytes: parse_size(
-                "bridge.retained_max_bytes",
-                b.retained_max_bytes,
-                64 << 20,
-            )?,
-            tls_defaults: self.tls,
-            base_dir: base_dir.to_path_buf(),
-            brokers: Vec::new(),
-            warnings,
-        };
+        })
+    }
+}
+
+/// The durations of `[bridge]` (see [`BridgeSection::timings`]).
+struct Timings {
+    session_expiry: Duration,
+    keep_alive: Duration,
+    will_delay: Duration,
+    probe_interval: Duration,
+    probe_stall_after: Duration,
+    reconcile_interval: Duration,
+}
+
+impl Config {
+    /// Adds the `[[broker]]` sections, each once by name and by address.
+    fn add_brokers(&mut self, sections: Vec<BrokerSection>) -> Result<(), ConfigError> {
+        let config = self;
         let mut names = HashSet::new();
-        for (i, section) in self.brokers.into_iter().enumerate() {
+        for (i, section) in sections.into_iter().enumerate() {
             let broker = config.broker_from_section(&format!("broker[{i}]"), section)?;
             if !names.insert(broker.name.clone()) {
                 return Err(invalid(
@@ -383,8 +397,70 @@ impl FileConfig {
             }
             config.brokers.push(broker);
         }
-        Ok(config)
+        Ok(())
     }
+}
+
+/// The `[bridge] topics` filters: at least one, each valid.
+fn check_topics(topics: &[String]) -> Result<(), ConfigError> {
+    if topics.is_empty() {
+        return Err(invalid("bridge.topics", "at least one filter is needed"));
+    }
+    for (i, t) in topics.iter().enumerate() {
+        if let Err(e) = crate::rules::check_filter(t) {
+            return Err(invalid(
+                format!("bridge.topics[{i}]"),
+                format!("{t:?}: {e}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl BridgeSection {
+    /// The counts and sizes of `[bridge]`.
+    fn counts(&self) -> Result<Counts, ConfigError> {
+        let b = self;
+        let inflight = b.inflight.unwrap_or(100);
+        if inflight == 0 {
+            return Err(invalid("bridge.inflight", "must be at least 1"));
+        }
+        let queue_capacity = b.queue_capacity.unwrap_or(10_000);
+        if queue_capacity == 0 {
+            return Err(invalid("bridge.queue_capacity", "must be at least 1"));
+        }
+        let worker_threads = b.worker_threads;
+        if worker_threads.is_some_and(|n| !(1..=MAX_WORKER_THREADS).contains(&n)) {
+            return Err(invalid(
+                "bridge.worker_threads",
+                format!("must be between 1 and {MAX_WORKER_THREADS}"),
+            ));
+        }
+        let links_per_thread = b.links_per_thread.unwrap_or(LINKS_PER_THREAD);
+        if links_per_thread == 0 {
+            return Err(invalid("bridge.links_per_thread", "must be at least 1"));
+        }
+        let dedup_max_entries = b.dedup_max_entries.unwrap_or(200_000);
+        if dedup_max_entries == 0 {
+            return Err(invalid("bridge.dedup_max_entries", "must be at least 1"));
+        }
+        Ok(Counts {
+            inflight,
+            queue_capacity,
+            worker_threads,
+            links_per_thread,
+            dedup_max_entries,
+        })
+    }
+}
+
+/// The counts of `[bridge]` (see [`BridgeSection::counts`]).
+struct Counts {
+    inflight: u16,
+    queue_capacity: usize,
+    worker_threads: Option<usize>,
+    links_per_thread: usize,
+    dedup_max_entries: usize,
 }
 
 pub(super) fn parse_duration(
