@@ -4,6 +4,10 @@
 
 use super::BrokerStatus;
 use crate::metrics;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 /// Renders every metric in the Prometheus text format.
 pub(crate) fn encode(
@@ -13,137 +17,147 @@ pub(crate) fn encode(
     spool: &crate::spool::SpoolHealth,
     probes: (&crate::probe::Matrix, crate::probe::LagFamily),
 ) -> String {
-    use prometheus_client::metrics::counter::Counter;
-    use prometheus_client::metrics::family::Family;
-    use prometheus_client::metrics::gauge::Gauge;
-    use prometheus_client::registry::Registry;
-    type Labels = Vec<(&'static str, String)>;
-    /// Name, help text, and how to read the value from a status row.
-    type Metric<T> = (&'static str, &'static str, fn(&BrokerStatus) -> T);
-
     let mut registry = Registry::default();
-    let counters: [Metric<u64>; 25] = [
-        (
-            metrics::MESSAGES_IN,
-            "Messages received from the broker",
-            |s| s.messages_in,
-        ),
-        (
-            metrics::MESSAGES_OUT,
-            "Messages (QoS 1 and 2) published to the broker and acknowledged",
-            |s| s.messages_out,
-        ),
-        (
-            metrics::SENT_QOS0,
-            "QoS 0 messages written to the broker's connection (not acknowledged by MQTT)",
-            |s| s.sent_qos0,
-        ),
-        (
-            metrics::FORWARDED,
-            "Messages from the broker handed to other brokers",
-            |s| s.forwarded,
-        ),
-        (
-            metrics::DROPPED_ECHO,
-            "Echoes of the bridge's own publishes dropped (MQTT 3.1.1)",
-            |s| s.dropped_echo,
-        ),
-        (
-            metrics::DROPPED_TAGGED,
-            "Messages not forwarded because they carry an origin tag",
-            |s| s.dropped_tagged,
-        ),
-        (
-            metrics::DROPPED_OVERFLOW,
-            "Messages dropped because the broker's spool (or queue) overflowed",
-            |s| s.dropped_overflow,
-        ),
-        (
-            metrics::DROPPED_STORM,
-            "Repeats dropped by the storm guard",
-            |s| s.dropped_storm,
-        ),
-        (
-            metrics::DROPPED_SPOOL_FAILED,
-            "Messages dropped because the spool's disk refused writes and the memory holding them was full",
-            |s| s.dropped_spool_failed,
-        ),
-        (metrics::REJECTED, "Messages the broker refused", |s| {
-            s.rejected
-        }),
-        (
-            metrics::SESSION_LOST,
-            "Times the broker had lost the mesh's session (expired, lost by the broker, or taken over with a clean session)",
-            |s| s.session_lost,
-        ),
-        (
-            metrics::TLS_RELOAD_FAILURES,
-            "Changed TLS files that could not be used (the previous ones were kept)",
-            |s| s.tls_reload_failures,
-        ),
-        (
-            metrics::SESSION_TAKEN,
-            "Times another client took the mesh's session over (no instance of the mesh claimed the broker)",
-            |s| s.session_taken,
-        ),
-        (
-            metrics::DEAD_LETTERS,
-            "Messages set aside for the broker (bridge dead-letters lists them)",
-            |s| s.dead_letters,
-        ),
-        (
-            metrics::REDELIVERED,
-            "Messages published again after a reconnect",
-            |s| s.redelivered,
-        ),
-        (
-            metrics::SPOOLED,
-            "Messages written to the broker's spool (down or behind)",
-            |s| s.spooled,
-        ),
-        (metrics::RECONNECTS, "Reconnections", |s| s.reconnects),
-        (
-            metrics::PARKED,
-            "Copies of spooled messages this broker (their origin) holds for other brokers, acknowledged",
-            |s| s.parked,
-        ),
-        (
-            metrics::PARK_SKIPPED,
-            "Messages spooled for the broker without a copy on their origin broker: on this host's disk only",
-            |s| s.park_skipped,
-        ),
-        (
-            metrics::TAKEOVERS,
-            "Times this instance took the broker's consumer session",
-            |s| s.takeovers,
-        ),
-        (
-            metrics::STEP_DOWNS,
-            "Times this instance stopped consuming the broker because another instance owns it",
-            |s| s.step_downs,
-        ),
-        (
-            metrics::HANDOVERS,
-            "Times this instance handed the broker over to an instance that joined",
-            |s| s.handovers,
-        ),
-        (
-            metrics::DROPPED_UNMATCHED,
-            "Messages no topic rule of the broker took",
-            |s| s.dropped_unmatched,
-        ),
-        (
-            metrics::DEDUP_EVICTIONS,
-            "Dedup records dropped because the window was full: each one's echo is forwarded once more",
-            |s| s.dedup_evictions,
-        ),
-        (
-            metrics::DEDUP_EXPIRATIONS,
-            "Dedup records that expired without their echo coming back",
-            |s| s.dedup_expirations,
-        ),
-    ];
-    for (name, help, value) in counters {
+    link_counters(&mut registry, links);
+    link_gauges(&mut registry, links);
+    link_details(&mut registry, links);
+    process_metrics(&mut registry, reconcile, overflow, spool);
+    probe_metrics(&mut registry, probes);
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
+}
+
+type Labels = Vec<(&'static str, String)>;
+/// Name, help text, and how to read the value from a status row.
+type Metric<T> = (&'static str, &'static str, fn(&BrokerStatus) -> T);
+
+const LINK_COUNTERS: [Metric<u64>; 25] = [
+    (
+        metrics::MESSAGES_IN,
+        "Messages received from the broker",
+        |s| s.messages_in,
+    ),
+    (
+        metrics::MESSAGES_OUT,
+        "Messages (QoS 1 and 2) published to the broker and acknowledged",
+        |s| s.messages_out,
+    ),
+    (
+        metrics::SENT_QOS0,
+        "QoS 0 messages written to the broker's connection (not acknowledged by MQTT)",
+        |s| s.sent_qos0,
+    ),
+    (
+        metrics::FORWARDED,
+        "Messages from the broker handed to other brokers",
+        |s| s.forwarded,
+    ),
+    (
+        metrics::DROPPED_ECHO,
+        "Echoes of the bridge's own publishes dropped (MQTT 3.1.1)",
+        |s| s.dropped_echo,
+    ),
+    (
+        metrics::DROPPED_TAGGED,
+        "Messages not forwarded because they carry an origin tag",
+        |s| s.dropped_tagged,
+    ),
+    (
+        metrics::DROPPED_OVERFLOW,
+        "Messages dropped because the broker's spool (or queue) overflowed",
+        |s| s.dropped_overflow,
+    ),
+    (
+        metrics::DROPPED_STORM,
+        "Repeats dropped by the storm guard",
+        |s| s.dropped_storm,
+    ),
+    (
+        metrics::DROPPED_SPOOL_FAILED,
+        "Messages dropped because the spool's disk refused writes and the memory holding them was full",
+        |s| s.dropped_spool_failed,
+    ),
+    (metrics::REJECTED, "Messages the broker refused", |s| {
+        s.rejected
+    }),
+    (
+        metrics::SESSION_LOST,
+        "Times the broker had lost the mesh's session (expired, lost by the broker, or taken over with a clean session)",
+        |s| s.session_lost,
+    ),
+    (
+        metrics::TLS_RELOAD_FAILURES,
+        "Changed TLS files that could not be used (the previous ones were kept)",
+        |s| s.tls_reload_failures,
+    ),
+    (
+        metrics::SESSION_TAKEN,
+        "Times another client took the mesh's session over (no instance of the mesh claimed the broker)",
+        |s| s.session_taken,
+    ),
+    (
+        metrics::DEAD_LETTERS,
+        "Messages set aside for the broker (bridge dead-letters lists them)",
+        |s| s.dead_letters,
+    ),
+    (
+        metrics::REDELIVERED,
+        "Messages published again after a reconnect",
+        |s| s.redelivered,
+    ),
+    (
+        metrics::SPOOLED,
+        "Messages written to the broker's spool (down or behind)",
+        |s| s.spooled,
+    ),
+    (metrics::RECONNECTS, "Reconnections", |s| s.reconnects),
+    (
+        metrics::PARKED,
+        "Copies of spooled messages this broker (their origin) holds for other brokers, acknowledged",
+        |s| s.parked,
+    ),
+    (
+        metrics::PARK_SKIPPED,
+        "Messages spooled for the broker without a copy on their origin broker: on this host's disk only",
+        |s| s.park_skipped,
+    ),
+    (
+        metrics::TAKEOVERS,
+        "Times this instance took the broker's consumer session",
+        |s| s.takeovers,
+    ),
+    (
+        metrics::STEP_DOWNS,
+        "Times this instance stopped consuming the broker because another instance owns it",
+        |s| s.step_downs,
+    ),
+    (
+        metrics::HANDOVERS,
+        "Times this instance handed the broker over to an instance that joined",
+        |s| s.handovers,
+    ),
+    (
+        metrics::DROPPED_UNMATCHED,
+        "Messages no topic rule of the broker took",
+        |s| s.dropped_unmatched,
+    ),
+    (
+        metrics::DEDUP_EVICTIONS,
+        "Dedup records dropped because the window was full: each one's echo is forwarded once more",
+        |s| s.dedup_evictions,
+    ),
+    (
+        metrics::DEDUP_EXPIRATIONS,
+        "Dedup records that expired without their echo coming back",
+        |s| s.dedup_expirations,
+    ),
+];
+
+/// The per-link counters (a table).
+fn link_counters(registry: &mut Registry, links: &[BrokerStatus]) {
+    for (name, help, value) in LINK_COUNTERS {
         let family = Family::<Labels, Counter>::default();
         for s in links {
             family
@@ -152,67 +166,72 @@ pub(crate) fn encode(
         }
         registry.register(name, help, family);
     }
-    let gauges: [Metric<i64>; 12] = [
-        (
-            metrics::PARK_DEPTH,
-            "Messages waiting for the broker with copies parked on their origin brokers",
-            |s| s.park_depth as i64,
-        ),
-        (
-            metrics::PARK_NEAR_LIMIT,
-            "1 while the park depth is at 80% of broker_queue_limit or more",
-            |s| i64::from(s.park_near_limit),
-        ),
-        (
-            metrics::CONSUMING,
-            "1 while this instance consumes the broker",
-            |s| i64::from(s.consuming),
-        ),
-        (
-            metrics::SUBSCRIBED,
-            "1 while the broker's consumer (this instance or another) has its subscriptions in place",
-            |s| i64::from(s.subscribed),
-        ),
-        (
-            metrics::INSTANCES,
-            "Live instances of the mesh, as the broker shows them",
-            |s| s.instances as i64,
-        ),
-        (metrics::CONNECTED, "1 while the link is connected", |s| {
-            i64::from(s.state == metrics::LinkState::Connected)
-        }),
-        (
-            metrics::DEDUP_ENTRIES,
-            "Live entries of the link's dedup window",
-            |s| s.dedup_entries as i64,
-        ),
-        (
-            metrics::DEDUP_BYTES,
-            "Approximate heap bytes of the link's dedup window",
-            |s| s.dedup_bytes as i64,
-        ),
-        (
-            metrics::QUEUE_DEPTH,
-            "Messages waiting for the broker (queued and in flight)",
-            |s| s.queue_depth as i64,
-        ),
-        (
-            metrics::SPOOL_MESSAGES,
-            "Messages waiting in the broker's durable spool",
-            |s| s.spool_messages as i64,
-        ),
-        (
-            metrics::SPOOL_BYTES,
-            "Bytes in the broker's durable spool",
-            |s| s.spool_bytes as i64,
-        ),
-        (
-            metrics::SPOOL_BLOCKED,
-            "Messages waiting for room in a full spool, unacknowledged upstream",
-            |s| s.spool_blocked as i64,
-        ),
-    ];
-    for (name, help, value) in gauges {
+}
+
+const LINK_GAUGES: [Metric<i64>; 12] = [
+    (
+        metrics::PARK_DEPTH,
+        "Messages waiting for the broker with copies parked on their origin brokers",
+        |s| s.park_depth as i64,
+    ),
+    (
+        metrics::PARK_NEAR_LIMIT,
+        "1 while the park depth is at 80% of broker_queue_limit or more",
+        |s| i64::from(s.park_near_limit),
+    ),
+    (
+        metrics::CONSUMING,
+        "1 while this instance consumes the broker",
+        |s| i64::from(s.consuming),
+    ),
+    (
+        metrics::SUBSCRIBED,
+        "1 while the broker's consumer (this instance or another) has its subscriptions in place",
+        |s| i64::from(s.subscribed),
+    ),
+    (
+        metrics::INSTANCES,
+        "Live instances of the mesh, as the broker shows them",
+        |s| s.instances as i64,
+    ),
+    (metrics::CONNECTED, "1 while the link is connected", |s| {
+        i64::from(s.state == metrics::LinkState::Connected)
+    }),
+    (
+        metrics::DEDUP_ENTRIES,
+        "Live entries of the link's dedup window",
+        |s| s.dedup_entries as i64,
+    ),
+    (
+        metrics::DEDUP_BYTES,
+        "Approximate heap bytes of the link's dedup window",
+        |s| s.dedup_bytes as i64,
+    ),
+    (
+        metrics::QUEUE_DEPTH,
+        "Messages waiting for the broker (queued and in flight)",
+        |s| s.queue_depth as i64,
+    ),
+    (
+        metrics::SPOOL_MESSAGES,
+        "Messages waiting in the broker's durable spool",
+        |s| s.spool_messages as i64,
+    ),
+    (
+        metrics::SPOOL_BYTES,
+        "Bytes in the broker's durable spool",
+        |s| s.spool_bytes as i64,
+    ),
+    (
+        metrics::SPOOL_BLOCKED,
+        "Messages waiting for room in a full spool, unacknowledged upstream",
+        |s| s.spool_blocked as i64,
+    ),
+];
+
+/// The per-link gauges (a table).
+fn link_gauges(registry: &mut Registry, links: &[BrokerStatus]) {
+    for (name, help, value) in LINK_GAUGES {
         let family = Family::<Labels, Gauge>::default();
         for s in links {
             family
@@ -221,6 +240,11 @@ pub(crate) fn encode(
         }
         registry.register(name, help, family);
     }
+}
+
+/// Per-link metrics with labels of their own: certificate expiry, refused control records,
+/// link info.
+fn link_details(registry: &mut Registry, links: &[BrokerStatus]) {
     let expiry = Family::<Labels, Gauge>::default();
     for s in links {
         let secs = s
@@ -266,6 +290,15 @@ pub(crate) fn encode(
         "1 per link: its protocol and TLS mode (insecure: the broker's certificate is not verified)",
         info,
     );
+}
+
+/// The process's own metrics: spool policy and health, reconciliation.
+fn process_metrics(
+    registry: &mut Registry,
+    reconcile: &crate::reconcile::run::ReconcileStats,
+    overflow: crate::spool::Overflow,
+    spool: &crate::spool::SpoolHealth,
+) {
     let policy = Family::<Labels, Gauge>::default();
     policy
         .get_or_create(&vec![("policy", overflow.to_string())])
@@ -331,6 +364,13 @@ pub(crate) fn encode(
         counter.inc_by(value);
         registry.register(name, help, counter);
     }
+}
+
+/// The probes' lag histograms and pair metrics.
+fn probe_metrics(
+    registry: &mut Registry,
+    probes: (&crate::probe::Matrix, crate::probe::LagFamily),
+) {
     let (matrix, lag) = probes;
     if matrix.enabled {
         registry.register(
@@ -372,8 +412,4 @@ pub(crate) fn encode(
             age,
         );
     }
-    let mut out = String::new();
-    // Writing into a String cannot fail.
-    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-    out
 }

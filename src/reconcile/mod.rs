@@ -224,7 +224,7 @@ fn count_pairs(views: &[View<'_>], topic: &str, pairs: &mut [(String, String, u6
 /// `delete_extra`, a topic most of them lack is deleted where it is held.
 fn repair(
     views: &[View<'_>],
-    topic: &String,
+    topic: &str,
     concerned: &[(usize, Option<&Held>)],
     delete_extra: bool,
     actions: &mut Vec<Action>,
@@ -253,7 +253,7 @@ fn repair(
         match (delete, h) {
             (true, Some(_)) => actions.push(Action::Delete {
                 broker,
-                topic: topic.clone(),
+                topic: topic.to_string(),
             }),
             (false, h) if h.is_none_or(|h| h.value != winner.value) && (views[*i].takes)(topic) => {
                 actions.push(Action::Write {
