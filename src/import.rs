@@ -289,76 +289,7 @@ pub fn convert(files: &[(String, String)], id: &str) -> Result<Imported, ImportE
                 ignored_global.insert(key.to_string());
                 continue;
             };
-            let one = || args.first().cloned().unwrap_or_default();
-            match key {
-                "address" | "addresses" => {
-                    c.address = args.first().cloned();
-                    if args.len() > 1 {
-                        notes.push(at(&format!(
-                            "connection {}: address list: {} is used, {} not (meshbridge dials one address per broker; put the others behind your load balancer, or add each as a broker if they are distinct)",
-                            c.name,
-                            args[0],
-                            args[1..].join(" ")
-                        )));
-                    }
-                }
-                "topic" => {
-                    let filter = args.first().cloned().unwrap_or_default();
-                    let direction = args.get(1).cloned().unwrap_or_else(|| "out".into());
-                    let qos = args.get(2).and_then(|q| q.parse().ok()).unwrap_or(0);
-                    c.topics.push(Topic {
-                        filter,
-                        direction,
-                        qos,
-                        local_prefix: args.get(3).cloned().unwrap_or_default(),
-                        remote_prefix: args.get(4).cloned().unwrap_or_default(),
-                    });
-                }
-                "bridge_cafile" => c.cafile = Some(one()),
-                "bridge_certfile" => c.certfile = Some(one()),
-                "bridge_keyfile" => c.keyfile = Some(one()),
-                "bridge_insecure" => c.insecure = one() == "true",
-                "remote_username" => c.username = Some(one()),
-                "remote_password" => c.password = Some(one()),
-                "bridge_protocol_version" => c.protocol = Some(one()),
-                "keepalive_interval" => c.keepalive = one().parse().ok(),
-                "cleansession" => {
-                    if one() == "true" {
-                        notes.push(at(&format!(
-                            "connection {}: cleansession true: meshbridge's sessions are always persistent (messages published while it is down are delivered after it restarts)",
-                            c.name
-                        )));
-                    }
-                }
-                "try_private" => notes.push(at(&format!(
-                    "connection {}: try_private: not needed, meshbridge prevents loops itself (No Local, origin tag, echo window)",
-                    c.name
-                ))),
-                "notifications" | "notification_topic" | "notifications_local_only" => {
-                    notes.push(at(&format!(
-                        "connection {}: {key}: no equivalent yet; link state is in `bridge status`, /metrics and /readyz",
-                        c.name
-                    )))
-                }
-                "remote_clientid" | "clientid" => notes.push(at(&format!(
-                    "connection {}: {key}: meshbridge's client id is <bridge id>-<broker name> ({id}-{})",
-                    c.name, c.name
-                ))),
-                "start_type" | "restart_timeout" | "idle_timeout" | "threshold" => {
-                    notes.push(at(&format!(
-                        "connection {}: {key}: meshbridge keeps every link up and reconnects with exponential backoff",
-                        c.name
-                    )))
-                }
-                "round_robin" => notes.push(at(&format!(
-                    "connection {}: round_robin: one address per broker (see the address list note)",
-                    c.name
-                ))),
-                other => notes.push(at(&format!(
-                    "connection {}: {other}: no equivalent in meshbridge; left out",
-                    c.name
-                ))),
-            }
+            option(c, key, args, id, &at, &mut notes);
         }
     }
     if connections.is_empty() {
@@ -395,121 +326,224 @@ pub fn convert(files: &[(String, String)], id: &str) -> Result<Imported, ImportE
     let mut passwords = Vec::new();
     let mut names: BTreeSet<String> = BTreeSet::new();
     for c in &connections {
-        let mut name: String = c
-            .name
-            .chars()
-            .map(|ch| {
-                if ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.') {
-                    ch
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        name.truncate(64);
-        if name.is_empty() || name.chars().all(|ch| ch == '.') {
-            name = format!("broker{}", names.len() + 1);
-        }
-        while !names.insert(name.clone()) {
-            name.push('_');
-        }
-        if name != c.name {
-            notes.push(format!(
-                "connection {:?} is broker {name:?} (names are 1-64 of A-Z a-z 0-9 - _ .)",
-                c.name
-            ));
-        }
-        let address = c.address.clone().unwrap_or_default();
-        let address = if address.is_empty() {
-            notes.push(format!("connection {}: no address; fill it in", c.name));
-            "FILL-IN:1883".to_string()
-        } else if address.contains(':') && !address.ends_with(']') {
-            address
-        } else {
-            // mosquitto's default port for a bridge
-            format!("{address}:1883")
-        };
-        let _ = writeln!(
-            toml,
-            "\n[[broker]]\nname = {}\naddress = {}",
-            q(&name),
-            q(&address)
-        );
-        match c.protocol.as_deref() {
-            None | Some("mqttv311") => {
-                let _ = writeln!(toml, "protocol = \"v3.1.1\"");
-            }
-            Some("mqttv50") => {}
-            Some(other) => {
-                notes.push(format!(
-                    "connection {}: bridge_protocol_version {other}: meshbridge speaks MQTT 5 and 3.1.1; v3.1.1 is used",
-                    c.name
-                ));
-                let _ = writeln!(toml, "protocol = \"v3.1.1\"");
-            }
-        }
-        // A mosquitto bridge uses TLS only with a CA (or insecure); so does this one.
-        if c.cafile.is_some() || c.insecure {
-            if let Some(ca) = &c.cafile {
-                let _ = writeln!(toml, "ca_file = {}", q(ca));
-            }
-            if let (Some(cert), Some(key)) = (&c.certfile, &c.keyfile) {
-                let _ = writeln!(toml, "cert_file = {}\nkey_file = {}", q(cert), q(key));
-            }
-            if c.insecure {
-                let _ = writeln!(toml, "insecure_skip_verify = true");
-            }
-        } else {
-            let _ = writeln!(toml, "tls = false");
-        }
-        if let Some(user) = &c.username {
-            let _ = writeln!(toml, "username = {}", q(user));
-            if let Some(password) = &c.password {
-                let file = format!("{name}.password");
-                let _ = writeln!(toml, "password_file = {}", q(&file));
-                passwords.push((file, password.clone()));
-            }
-        }
-        for t in &c.topics {
-            let direction = match t.direction.as_str() {
-                "in" | "out" | "both" => t.direction.as_str(),
-                other => {
-                    notes.push(format!(
-                        "connection {}: topic {}: direction {other:?} unknown; `out` (mosquitto's default) is used",
-                        c.name, t.filter
-                    ));
-                    "out"
-                }
-            };
-            let _ = writeln!(
-                toml,
-                "\n[[broker.rule]]\nfilter = {}\ndirection = \"{direction}\"\nqos = {}",
-                q(&t.filter),
-                t.qos.min(2)
-            );
-            if !t.remote_prefix.is_empty() {
-                let _ = writeln!(toml, "broker_prefix = {}", q(&t.remote_prefix));
-            }
-            if !t.local_prefix.is_empty() {
-                let _ = writeln!(toml, "mesh_prefix = {}", q(&t.local_prefix));
-            }
-        }
-        if c.topics.is_empty() {
-            notes.push(format!(
-                "connection {}: no topic line: mosquitto bridges nothing; meshbridge would take [bridge] topics both ways, so an `out` rule on an unused topic keeps it closed",
-                c.name
-            ));
-            let _ = writeln!(
-                toml,
-                "\n[[broker.rule]]\nfilter = \"$meshbridge-nothing\"\ndirection = \"out\""
-            );
-        }
+        let name = broker_name(c, &mut names, &mut notes);
+        write_broker(&mut toml, c, &name, &mut notes, &mut passwords);
     }
     Ok(Imported {
         toml,
         passwords,
         notes,
     })
+}
+
+/// One option of a bridge `connection` block.
+fn option(
+    c: &mut Connection,
+    key: &str,
+    args: &[String],
+    id: &str,
+    at: &dyn Fn(&str) -> String,
+    notes: &mut Vec<String>,
+) {
+    let one = || args.first().cloned().unwrap_or_default();
+    match key {
+        "address" | "addresses" => {
+            c.address = args.first().cloned();
+            if args.len() > 1 {
+                notes.push(at(&format!(
+                    "connection {}: address list: {} is used, {} not (meshbridge dials one address per broker; put the others behind your load balancer, or add each as a broker if they are distinct)",
+                    c.name,
+                    args[0],
+                    args[1..].join(" ")
+                )));
+            }
+        }
+        "topic" => {
+            let filter = args.first().cloned().unwrap_or_default();
+            let direction = args.get(1).cloned().unwrap_or_else(|| "out".into());
+            let qos = args.get(2).and_then(|q| q.parse().ok()).unwrap_or(0);
+            c.topics.push(Topic {
+                filter,
+                direction,
+                qos,
+                local_prefix: args.get(3).cloned().unwrap_or_default(),
+                remote_prefix: args.get(4).cloned().unwrap_or_default(),
+            });
+        }
+        "bridge_cafile" => c.cafile = Some(one()),
+        "bridge_certfile" => c.certfile = Some(one()),
+        "bridge_keyfile" => c.keyfile = Some(one()),
+        "bridge_insecure" => c.insecure = one() == "true",
+        "remote_username" => c.username = Some(one()),
+        "remote_password" => c.password = Some(one()),
+        "bridge_protocol_version" => c.protocol = Some(one()),
+        "keepalive_interval" => c.keepalive = one().parse().ok(),
+        "cleansession" => {
+            if one() == "true" {
+                notes.push(at(&format!(
+                    "connection {}: cleansession true: meshbridge's sessions are always persistent (messages published while it is down are delivered after it restarts)",
+                    c.name
+                )));
+            }
+        }
+        "try_private" => notes.push(at(&format!(
+            "connection {}: try_private: not needed, meshbridge prevents loops itself (No Local, origin tag, echo window)",
+            c.name
+        ))),
+        "notifications" | "notification_topic" | "notifications_local_only" => {
+            notes.push(at(&format!(
+                "connection {}: {key}: no equivalent yet; link state is in `bridge status`, /metrics and /readyz",
+                c.name
+            )))
+        }
+        "remote_clientid" | "clientid" => notes.push(at(&format!(
+            "connection {}: {key}: meshbridge's client id is <bridge id>-<broker name> ({id}-{})",
+            c.name, c.name
+        ))),
+        "start_type" | "restart_timeout" | "idle_timeout" | "threshold" => {
+            notes.push(at(&format!(
+                "connection {}: {key}: meshbridge keeps every link up and reconnects with exponential backoff",
+                c.name
+            )))
+        }
+        "round_robin" => notes.push(at(&format!(
+            "connection {}: round_robin: one address per broker (see the address list note)",
+            c.name
+        ))),
+        other => notes.push(at(&format!(
+            "connection {}: {other}: no equivalent in meshbridge; left out",
+            c.name
+        ))),
+    }
+}
+
+/// The broker name of connection `c`: its name made valid, and unique among `names`.
+fn broker_name(c: &Connection, names: &mut BTreeSet<String>, notes: &mut Vec<String>) -> String {
+    let mut name: String = c
+        .name
+        .chars()
+        .map(|ch| {
+            if ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.') {
+                ch
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    name.truncate(64);
+    if name.is_empty() || name.chars().all(|ch| ch == '.') {
+        name = format!("broker{}", names.len() + 1);
+    }
+    while !names.insert(name.clone()) {
+        name.push('_');
+    }
+    if name != c.name {
+        notes.push(format!(
+            "connection {:?} is broker {name:?} (names are 1-64 of A-Z a-z 0-9 - _ .)",
+            c.name
+        ));
+    }
+    name
+}
+
+/// The `[[broker]]` section of connection `c`, named `name`.
+fn write_broker(
+    toml: &mut String,
+    c: &Connection,
+    name: &str,
+    notes: &mut Vec<String>,
+    passwords: &mut Vec<(String, String)>,
+) {
+    let address = c.address.clone().unwrap_or_default();
+    let address = if address.is_empty() {
+        notes.push(format!("connection {}: no address; fill it in", c.name));
+        "FILL-IN:1883".to_string()
+    } else if address.contains(':') && !address.ends_with(']') {
+        address
+    } else {
+        // mosquitto's default port for a bridge
+        format!("{address}:1883")
+    };
+    let _ = writeln!(
+        toml,
+        "\n[[broker]]\nname = {}\naddress = {}",
+        q(name),
+        q(&address)
+    );
+    match c.protocol.as_deref() {
+        None | Some("mqttv311") => {
+            let _ = writeln!(toml, "protocol = \"v3.1.1\"");
+        }
+        Some("mqttv50") => {}
+        Some(other) => {
+            notes.push(format!(
+                "connection {}: bridge_protocol_version {other}: meshbridge speaks MQTT 5 and 3.1.1; v3.1.1 is used",
+                c.name
+            ));
+            let _ = writeln!(toml, "protocol = \"v3.1.1\"");
+        }
+    }
+    // A mosquitto bridge uses TLS only with a CA (or insecure); so does this one.
+    if c.cafile.is_some() || c.insecure {
+        if let Some(ca) = &c.cafile {
+            let _ = writeln!(toml, "ca_file = {}", q(ca));
+        }
+        if let (Some(cert), Some(key)) = (&c.certfile, &c.keyfile) {
+            let _ = writeln!(toml, "cert_file = {}\nkey_file = {}", q(cert), q(key));
+        }
+        if c.insecure {
+            let _ = writeln!(toml, "insecure_skip_verify = true");
+        }
+    } else {
+        let _ = writeln!(toml, "tls = false");
+    }
+    if let Some(user) = &c.username {
+        let _ = writeln!(toml, "username = {}", q(user));
+        if let Some(password) = &c.password {
+            let file = format!("{name}.password");
+            let _ = writeln!(toml, "password_file = {}", q(&file));
+            passwords.push((file, password.clone()));
+        }
+    }
+    write_rules(toml, c, notes);
+}
+
+/// The `[[broker.rule]]` sections of connection `c`: one per `topic` line.
+fn write_rules(toml: &mut String, c: &Connection, notes: &mut Vec<String>) {
+    for t in &c.topics {
+        let direction = match t.direction.as_str() {
+            "in" | "out" | "both" => t.direction.as_str(),
+            other => {
+                notes.push(format!(
+                    "connection {}: topic {}: direction {other:?} unknown; `out` (mosquitto's default) is used",
+                    c.name, t.filter
+                ));
+                "out"
+            }
+        };
+        let _ = writeln!(
+            toml,
+            "\n[[broker.rule]]\nfilter = {}\ndirection = \"{direction}\"\nqos = {}",
+            q(&t.filter),
+            t.qos.min(2)
+        );
+        if !t.remote_prefix.is_empty() {
+            let _ = writeln!(toml, "broker_prefix = {}", q(&t.remote_prefix));
+        }
+        if !t.local_prefix.is_empty() {
+            let _ = writeln!(toml, "mesh_prefix = {}", q(&t.local_prefix));
+        }
+    }
+    if c.topics.is_empty() {
+        notes.push(format!(
+            "connection {}: no topic line: mosquitto bridges nothing; meshbridge would take [bridge] topics both ways, so an `out` rule on an unused topic keeps it closed",
+            c.name
+        ));
+        let _ = writeln!(
+            toml,
+            "\n[[broker.rule]]\nfilter = \"$meshbridge-nothing\"\ndirection = \"out\""
+        );
+    }
 }
 
 #[cfg(test)]
