@@ -127,8 +127,18 @@ struct Sample {
 /// Sample messages in flight, by sequence number.
 type Pending = HashMap<u64, Sample>;
 
-/// Runs the demo until Ctrl-C, or for `duration` when given.
-pub async fn run(duration: Option<Duration>) -> Result<(), DemoError> {
+/// The demo's lab: four embedded brokers with TLS, and the bridge meshing the first three;
+/// returns the directory they use (keep it), the brokers, the admin port, and the bridge.
+async fn start() -> Result<
+    (
+        tempfile::TempDir,
+        Vec<Embedded>,
+        u16,
+        CancellationToken,
+        tokio::task::JoinHandle<Result<(), crate::RunError>>,
+    ),
+    DemoError,
+> {
     let dir = tempfile::tempdir().map_err(|e| DemoError::Setup(e.to_string()))?;
     let certs = dir.path().join("certs");
     crate::certs::generate(&certs, &["localhost".into(), "127.0.0.1".into()], true)
@@ -141,7 +151,7 @@ pub async fn run(duration: Option<Duration>) -> Result<(), DemoError> {
         wait_port(b.plain).await?;
         wait_port(b.tls).await?;
     }
-    let (mesh, spare) = brokers.split_at(3);
+    let mesh = &brokers[..3];
     let admin = lab_port()?;
     let mut cfg = format!(
         "[bridge]\nid = \"demo\"\n# The embedded brokers (rumqttd) refuse `$` topics: one process, no coordination, no probes.\nha = false\nprobe_interval = \"0s\"\nadmin_listen = \"127.0.0.1:{admin}\"\ndata_dir = \"data\"\n\n[tls]\nca_file = \"certs/ca.crt\"\n\n"
@@ -168,31 +178,16 @@ pub async fn run(duration: Option<Duration>) -> Result<(), DemoError> {
             spool_recover: false,
         },
     ));
+    Ok((dir, brokers, admin, shutdown, bridge))
+}
+
+/// Runs the demo until Ctrl-C, or for `duration` when given.
+pub async fn run(duration: Option<Duration>) -> Result<(), DemoError> {
+    let (_dir, brokers, admin, shutdown, bridge) = start().await?;
+    let (mesh, spare) = brokers.split_at(3);
     wait_ready(admin).await?;
 
-    println!("meshbridge demo: 3 embedded MQTT brokers meshed by one bridge (TLS, MQTT 3.1.1).\n");
-    for b in mesh {
-        println!(
-            "  {}  plain 127.0.0.1:{}   (bridge connects over TLS to :{})",
-            b.name, b.plain, b.tls
-        );
-    }
-    let b4 = &spare[0];
-    println!("\nTry it (mosquitto-clients):");
-    println!("  mosquitto_sub -p {} -t 'demo/#' -v", mesh[0].plain);
-    println!(
-        "  mosquitto_pub -p {} -t demo/hello -m hi      # arrives on b1 too",
-        mesh[2].plain
-    );
-    println!(
-        "\nAdd a fourth broker (b4, not meshed yet) while this runs; the sample traffic then goes to and from it:"
-    );
-    println!(
-        "  cargo run --release -- add-broker 127.0.0.1:{} --name b4 --protocol v3.1.1 --no-tls --admin 127.0.0.1:{admin}",
-        b4.plain
-    );
-    println!("  cargo run --release -- status --admin 127.0.0.1:{admin}");
-    println!("\nSample traffic (Ctrl-C to stop):");
+    print_intro(mesh, &spare[0], admin);
 
     let pending: Arc<Mutex<Pending>> = Arc::default();
     let stop = CancellationToken::new();
@@ -229,15 +224,7 @@ pub async fn run(duration: Option<Duration>) -> Result<(), DemoError> {
         }
         // Which embedded brokers the bridge has connected links to, as its own status says.
         if let Some(now) = meshed_brokers(admin, &brokers).await {
-            for &i in now.iter().filter(|i| !meshed.contains(i)) {
-                println!(
-                    "  -- {} joined the mesh: sample traffic now goes to and from it",
-                    brokers[i].name
-                );
-            }
-            for &i in meshed.iter().filter(|i| !now.contains(i)) {
-                println!("  -- {} left the mesh", brokers[i].name);
-            }
+            report_changes(&brokers, &meshed, &now);
             meshed = now;
         }
         if meshed.is_empty() {
@@ -245,26 +232,7 @@ pub async fn run(duration: Option<Duration>) -> Result<(), DemoError> {
         }
         published += 1;
         let k = meshed[(published as usize - 1) % meshed.len()];
-        let origin = &brokers[k].name;
-        let expected: Vec<String> = meshed
-            .iter()
-            .filter(|&&i| i != k)
-            .map(|&i| brokers[i].name.clone())
-            .collect();
-        let payload = format!("#{published} from {origin}");
-        pending.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            published,
-            Sample {
-                origin: origin.clone(),
-                sent: Instant::now(),
-                expected,
-                arrivals: Vec::new(),
-            },
-        );
-        println!("  published {payload:<14} on {origin} (demo/{origin})");
-        let _ = publishers[k]
-            .publish(format!("demo/{origin}"), QoS::AtLeastOnce, false, payload)
-            .await;
+        sample(&brokers, &meshed, k, published, &pending, &publishers[k]).await;
     }
     // Let the last messages land.
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -286,6 +254,77 @@ pub async fn run(duration: Option<Duration>) -> Result<(), DemoError> {
         }),
         _ => Ok(()),
     }
+}
+
+/// What the demo runs, and what to try.
+fn print_intro(mesh: &[Embedded], b4: &Embedded, admin: u16) {
+    println!("meshbridge demo: 3 embedded MQTT brokers meshed by one bridge (TLS, MQTT 3.1.1).\n");
+    for b in mesh {
+        println!(
+            "  {}  plain 127.0.0.1:{}   (bridge connects over TLS to :{})",
+            b.name, b.plain, b.tls
+        );
+    }
+    println!("\nTry it (mosquitto-clients):");
+    println!("  mosquitto_sub -p {} -t 'demo/#' -v", mesh[0].plain);
+    println!(
+        "  mosquitto_pub -p {} -t demo/hello -m hi      # arrives on b1 too",
+        mesh[2].plain
+    );
+    println!(
+        "\nAdd a fourth broker (b4, not meshed yet) while this runs; the sample traffic then goes to and from it:"
+    );
+    println!(
+        "  cargo run --release -- add-broker 127.0.0.1:{} --name b4 --protocol v3.1.1 --no-tls --admin 127.0.0.1:{admin}",
+        b4.plain
+    );
+    println!("  cargo run --release -- status --admin 127.0.0.1:{admin}");
+    println!("\nSample traffic (Ctrl-C to stop):");
+}
+
+/// Says which brokers joined or left the mesh (`was` → `now`, indexes into `brokers`).
+fn report_changes(brokers: &[Embedded], was: &[usize], now: &[usize]) {
+    for &i in now.iter().filter(|i| !was.contains(i)) {
+        println!(
+            "  -- {} joined the mesh: sample traffic now goes to and from it",
+            brokers[i].name
+        );
+    }
+    for &i in was.iter().filter(|i| !now.contains(i)) {
+        println!("  -- {} left the mesh", brokers[i].name);
+    }
+}
+
+/// Publishes sample number `published` on broker `k`, expected on every other broker of
+/// `meshed`.
+async fn sample(
+    brokers: &[Embedded],
+    meshed: &[usize],
+    k: usize,
+    published: u64,
+    pending: &Mutex<Pending>,
+    publisher: &AsyncClient,
+) {
+    let origin = &brokers[k].name;
+    let expected: Vec<String> = meshed
+        .iter()
+        .filter(|&&i| i != k)
+        .map(|&i| brokers[i].name.clone())
+        .collect();
+    let payload = format!("#{published} from {origin}");
+    pending.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        published,
+        Sample {
+            origin: origin.clone(),
+            sent: Instant::now(),
+            expected,
+            arrivals: Vec::new(),
+        },
+    );
+    println!("  published {payload:<14} on {origin} (demo/{origin})");
+    let _ = publisher
+        .publish(format!("demo/{origin}"), QoS::AtLeastOnce, false, payload)
+        .await;
 }
 
 /// The embedded brokers (indexes into `brokers`) that the bridge has a connected link to,
