@@ -42,6 +42,24 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 
+mod burst;
+mod report;
+
+/// Why meshbench stops.
+#[derive(Debug, thiserror::Error)]
+enum BenchError {
+    /// The command line (exit 64).
+    #[error("{0}")]
+    Usage(String),
+    /// A contender exited while it was measured: its figures would mean nothing.
+    #[error("{what} exited at start ({status}) {last_log_line}")]
+    Exited {
+        what: String,
+        status: std::process::ExitStatus,
+        last_log_line: String,
+    },
+}
+
 #[derive(Debug, Clone)]
 struct Opts {
     brokers: usize,
@@ -63,9 +81,13 @@ struct Opts {
     /// Round-trip time between each contender and each broker, in ms (a WAN): a proxy delays
     /// every byte by half of it each way. The load's clients connect directly.
     rtt_ms: u64,
+    /// Instead of the flat-out and fixed-rate phases: `burst` messages published at once on
+    /// each of `burst_origins` brokers, every one expected on every broker.
+    burst: Option<usize>,
+    burst_origins: usize,
 }
 
-fn parse() -> Result<Opts, String> {
+fn parse() -> Result<Opts, BenchError> {
     let mut o = Opts {
         brokers: 3,
         messages: 20_000,
@@ -82,14 +104,17 @@ fn parse() -> Result<Opts, String> {
         instances: 1,
         steady: false,
         rtt_ms: 0,
+        burst: None,
+        burst_origins: 4,
     };
     let mut args = std::env::args().skip(1);
+    let mut origins = None;
     while let Some(a) = args.next() {
-        let mut v = || -> Result<u64, String> {
+        let mut v = || -> Result<u64, BenchError> {
             args.next()
-                .ok_or(format!("{a} needs a value"))?
+                .ok_or_else(|| BenchError::Usage(format!("{a} needs a value")))?
                 .parse()
-                .map_err(|e| format!("{a}: {e}"))
+                .map_err(|e| BenchError::Usage(format!("{a}: {e}")))
         };
         match a.as_str() {
             "--brokers" => o.brokers = v()? as usize,
@@ -107,12 +132,16 @@ fn parse() -> Result<Opts, String> {
             "--instances" => o.instances = v()? as usize,
             "--steady" => o.steady = true,
             "--rtt" => o.rtt_ms = v()?,
+            "--burst" => o.burst = Some(v()? as usize),
+            "--burst-origins" => origins = Some(v()? as usize),
             "-h" | "--help" => {
-                return Err("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T] [--down K] [--queue-capacity N] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K] [--steady] [--rtt MS]".into())
+                return Err(BenchError::Usage("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T] [--down K] [--queue-capacity N] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K] [--steady] [--rtt MS] [--burst N [--burst-origins K]]".into()))
             }
-            other => return Err(format!("unknown argument {other:?}")),
+            other => return Err(BenchError::Usage(format!("unknown argument {other:?}"))),
         }
     }
+    // By default the burst starts on four brokers (or every one, when fewer).
+    o.burst_origins = origins.unwrap_or(o.brokers.min(4));
     if o.brokers < 2
         || o.qos > 2
         || o.size < 24
@@ -120,10 +149,12 @@ fn parse() -> Result<Opts, String> {
         || o.rate == 0
         || o.repeat == 0
         || o.instances == 0
+        || (o.burst.is_some() && !(1..=o.brokers).contains(&o.burst_origins))
+        || o.burst == Some(0)
     {
-        return Err(
-            "need --brokers >= 2, --qos 0..2, --size >= 24, --topics >= 1, --rate >= 1, --repeat >= 1, --instances >= 1".into(),
-        );
+        return Err(BenchError::Usage(
+            "need --brokers >= 2, --qos 0..2, --size >= 24, --topics >= 1, --rate >= 1, --repeat >= 1, --instances >= 1, --burst >= 1, 1 <= --burst-origins <= --brokers".into(),
+        ));
     }
     Ok(o)
 }
@@ -147,7 +178,7 @@ struct Proc(Child);
 impl Proc {
     /// An error when the process has exited (figures measured against it would be
     /// meaningless), with the last line of its log if it has one.
-    fn running(&mut self, what: &str, log: Option<&Path>) -> Result<(), String> {
+    fn running(&mut self, what: &str, log: Option<&Path>) -> Result<(), BenchError> {
         let Ok(Some(status)) = self.0.try_wait() else {
             return Ok(());
         };
@@ -155,7 +186,11 @@ impl Proc {
             .and_then(|p| std::fs::read_to_string(p).ok())
             .and_then(|t| t.lines().last().map(str::to_string))
             .unwrap_or_default();
-        Err(format!("{what} exited at start ({status}) {last}"))
+        Err(BenchError::Exited {
+            what: what.to_string(),
+            status,
+            last_log_line: last,
+        })
     }
 }
 
@@ -381,6 +416,8 @@ struct Result_ {
     p99_ms: f64,
     missing: u64,
     duplicates: u64,
+    /// `--burst`: seconds from the first publish to the last delivery.
+    burst_secs: f64,
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -389,6 +426,14 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i] as f64 / 1000.0
+}
+
+/// Measures one contender: the burst when asked for, otherwise both phases.
+async fn contend(o: &Opts, ports: &[u16], pids: &[u32], label: &str) -> Result_ {
+    match o.burst {
+        Some(n) => burst::measure(o, n, ports, pids, label).await,
+        None => measure(o, ports, pids, label).await,
+    }
 }
 
 /// Runs both phases (throughput, then latency at a fixed rate) against one bridge process.
@@ -565,7 +610,7 @@ struct Lab {
 }
 
 /// (a) The mosquitto bridge master, seed 004 style.
-async fn run_master(o: &Opts, lab: &Lab, run: usize) -> Result<Result_, String> {
+async fn run_master(o: &Opts, lab: &Lab, run: usize) -> Result<Result_, BenchError> {
     let mut conns = String::new();
     for (i, p) in lab.dialled.iter().enumerate() {
         let _ = write!(
@@ -578,7 +623,7 @@ async fn run_master(o: &Opts, lab: &Lab, run: usize) -> Result<Result_, String> 
     let mut master = mosquitto(lab.dir.path(), "master", free_port(), &conns);
     tokio::time::sleep(Duration::from_secs(2)).await;
     master.running("the mosquitto bridge master", None)?;
-    let r = measure(o, &lab.ports, &[master.0.id()], &format!("master{run}")).await;
+    let r = contend(o, &lab.ports, &[master.0.id()], &format!("master{run}")).await;
     drop(master);
     discard_sessions(&lab.ports, |n| format!("master{run}-b{n}")).await;
     Ok(r)
@@ -622,7 +667,7 @@ async fn discard_sessions(ports: &[u16], client_id: impl Fn(usize) -> String) {
 
 /// (b) `bridge run`, `--instances` processes of one mesh; also returns how many messages they
 /// wrote to their spools.
-async fn run_bridge(o: &Opts, lab: &Lab, run: usize) -> Result<(Result_, Option<u64>), String> {
+async fn run_bridge(o: &Opts, lab: &Lab, run: usize) -> Result<(Result_, Option<u64>), BenchError> {
     let mut bridges = Vec::new();
     let mut admin_ports = Vec::new();
     for k in 0..o.instances {
@@ -674,7 +719,7 @@ async fn run_bridge(o: &Opts, lab: &Lab, run: usize) -> Result<(Result_, Option<
         bridge.running("bridge", Some(log))?;
     }
     let pids: Vec<u32> = bridges.iter().map(|(b, _)| b.0.id()).collect();
-    let r = measure(o, &lab.ports, &pids, &format!("bridge{run}")).await;
+    let r = contend(o, &lab.ports, &pids, &format!("bridge{run}")).await;
     let spooled = admin_ports
         .iter()
         .map(|p| spooled_total(*p))
@@ -690,7 +735,7 @@ async fn pair(
     lab: &Lab,
     run: usize,
     master_first: bool,
-) -> Result<(Result_, Result_, Option<u64>), String> {
+) -> Result<(Result_, Result_, Option<u64>), BenchError> {
     if master_first {
         let a = run_master(o, lab, run).await?;
         let (b, spooled) = run_bridge(o, lab, run).await?;
@@ -734,9 +779,37 @@ async fn main() {
         );
         std::process::exit(1);
     }
+    let (brokers, lab) = start_lab(&o, bridge_bin).await;
+    report::header(&o);
+    // Which contender goes first alternates, so neither always meets warmer (or busier) brokers.
+    let mut runs = Vec::new();
+    let mut directs = Vec::new();
+    for run in 0..o.repeat {
+        let (a, b, spooled) = match pair(&o, &lab, run, run % 2 == 0).await {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: run {}: {e}", run + 1);
+                // Stops the brokers (exit would skip their Drop).
+                drop((brokers, lab));
+                std::process::exit(1);
+            }
+        };
+        if o.repeat > 1 {
+            report::run_line(&o, run, &a, &b, spooled);
+        }
+        runs.push((a, b, spooled));
+        if o.burst.is_none() {
+            directs.push(run_direct(&o, &lab, run).await);
+        }
+    }
+    report::summary(&o, &runs, &directs);
+}
+
+/// Starts the brokers (and with `--rtt` the delaying proxies in front of them).
+async fn start_lab(o: &Opts, bridge_bin: PathBuf) -> (Vec<Proc>, Lab) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let ports: Vec<u16> = (0..o.brokers).map(|_| free_port()).collect();
-    let _brokers: Vec<Proc> = ports
+    let brokers: Vec<Proc> = ports
         .iter()
         .enumerate()
         .map(|(i, p)| mosquitto(dir.path(), &format!("b{}", i + 1), *p, ""))
@@ -765,193 +838,7 @@ async fn main() {
         bridge_bin,
     };
 
-    println!(
-        "meshbench: {} brokers (+{} down), {} messages, QoS {}, {} B payload, {} topic(s); latency at {} msg/s for {} s; {} run(s){}",
-        o.brokers,
-        o.down,
-        o.messages,
-        o.qos,
-        o.size,
-        o.topics,
-        o.rate,
-        o.seconds,
-        o.repeat,
-        if o.rtt_ms > 0 {
-            format!(
-                "; contenders reach the brokers with an RTT of {} ms",
-                o.rtt_ms
-            )
-        } else {
-            String::new()
-        }
-    );
-    // Which contender goes first alternates, so neither always meets warmer (or busier) brokers.
-    let mut runs = Vec::new();
-    let mut directs = Vec::new();
-    for run in 0..o.repeat {
-        let (a, b, spooled) = match pair(&o, &lab, run, run % 2 == 0).await {
-            Ok(p) => p,
-            Err(e) => {
-                eprintln!("error: run {}: {e}", run + 1);
-                // Stops the brokers (exit would skip their Drop).
-                drop((_brokers, lab));
-                std::process::exit(1);
-            }
-        };
-        if o.repeat > 1 {
-            let flat = if o.steady {
-                String::new()
-            } else {
-                format!(
-                    "throughput {:.2}, CPU/msg {:.2} ({:.1} vs {:.1} µs), ",
-                    b.throughput / a.throughput,
-                    b.cpu_per_msg_us / a.cpu_per_msg_us,
-                    b.cpu_per_msg_us,
-                    a.cpu_per_msg_us,
-                )
-            };
-            println!(
-                "run {}: {flat}at fixed rate {:.2} ({:.1} vs {:.1} µs), p50 {:.2}, p99 {:.2}, RSS {:.1} MiB, spooled {}, missing/dup {}/{} vs {}/{}",
-                run + 1,
-                b.steady_cpu_per_msg_us / a.steady_cpu_per_msg_us,
-                b.steady_cpu_per_msg_us,
-                a.steady_cpu_per_msg_us,
-                b.p50_ms / a.p50_ms,
-                b.p99_ms / a.p99_ms,
-                b.peak_rss_mib,
-                spooled.map_or("?".into(), |n| n.to_string()),
-                b.missing,
-                b.duplicates,
-                a.missing,
-                a.duplicates,
-            );
-        }
-        runs.push((a, b, spooled));
-        directs.push(run_direct(&o, &lab, run).await);
-    }
-
-    let med = |f: fn(&Result_) -> f64, bridge: bool| {
-        median(
-            runs.iter()
-                .map(|(a, b, _)| if bridge { f(b) } else { f(a) })
-                .collect(),
-        )
-    };
-    let ratio = |f: fn(&Result_) -> f64| median(runs.iter().map(|(a, b, _)| f(b) / f(a)).collect());
-    let label = if o.repeat > 1 { " (medians)" } else { "" };
-    println!(
-        "{:<26} {:>14} {:>14} {:>10}",
-        label, "mosquitto", "bridge", "ratio"
-    );
-    let row = |name: &str, f: fn(&Result_) -> f64| {
-        println!(
-            "{name:<26} {:>14.2} {:>14.2} {:>10.2}",
-            med(f, false),
-            med(f, true),
-            ratio(f)
-        )
-    };
-    if !o.steady {
-        row("delivered msg/s per sub", |r| r.throughput);
-        row("CPU µs per forwarded msg", |r| r.cpu_per_msg_us);
-    }
-    row("CPU µs/msg at fixed rate", |r| r.steady_cpu_per_msg_us);
-    row("  of which kernel", |r| r.steady_sys_per_msg_us);
-    row("peak RSS MiB", |r| r.peak_rss_mib);
-    row("latency p50 ms", |r| r.p50_ms);
-    row("latency p99 ms", |r| r.p99_ms);
-    let sum = |f: fn(&Result_) -> u64, bridge: bool| -> u64 {
-        runs.iter()
-            .map(|(a, b, _)| if bridge { f(b) } else { f(a) })
-            .sum()
-    };
-    println!(
-        "{:<26} {:>14} {:>14}",
-        "missing / duplicates",
-        format!(
-            "{}/{}",
-            sum(|r| r.missing, false),
-            sum(|r| r.duplicates, false)
-        ),
-        format!(
-            "{}/{}",
-            sum(|r| r.missing, true),
-            sum(|r| r.duplicates, true)
-        )
-    );
-    // A target that fell more than `queue_capacity` behind was moved to the spool, a slower
-    // path: runs that spooled and runs that did not are different cases.
-    let spooled: Vec<String> = runs
-        .iter()
-        .map(|(_, _, s)| s.map_or("?".into(), |n| n.to_string()))
-        .collect();
-    println!(
-        "{:<26} {:>14} {:>14}",
-        "bridge: spooled msgs",
-        "-",
-        spooled.join(",")
-    );
-    // What no contender can beat on this machine. At the fixed rate: the kernel's part of the
-    // bridge's CPU (socket calls, loopback delivery, wake-ups) against the master's whole CPU.
-    // Flat out: the machine's busy time spent on everything but the contender (brokers, load
-    // generator), the throughput the bridge's run would reach if the bridge cost nothing.
-    println!(
-        "bridge's kernel time / master's whole CPU at fixed rate{label}: {:.2}",
-        median(
-            runs.iter()
-                .map(|(a, b, _)| b.steady_sys_per_msg_us / a.steady_cpu_per_msg_us)
-                .collect()
-        )
-    );
-    if !o.steady {
-        println!(
-            "flat out{label}: machine busy {:.0} % / {:.0} %, the rest's CPU µs per forwarded msg {:.2} / {:.2}; \
-             a bridge costing nothing: throughput {:.2}x the master's",
-            med(|r| r.machine_busy, false) * 100.0,
-            med(|r| r.machine_busy, true) * 100.0,
-            med(|r| r.others_per_msg_us, false),
-            med(|r| r.others_per_msg_us, true),
-            median(
-                runs.iter()
-                    .map(|(a, b, _)| {
-                        let free = (b.others_per_msg_us + b.cpu_per_msg_us)
-                            / b.others_per_msg_us.max(1e-9);
-                        b.throughput * free / a.throughput
-                    })
-                    .collect()
-            ),
-        );
-    }
-    // How far from the limit: the same load on one broker, no bridge.
-    let direct = |f: fn(&Result_) -> f64| median(directs.iter().map(f).collect());
-    let of_direct = |f: fn(&Result_) -> f64| {
-        median(
-            runs.iter()
-                .zip(&directs)
-                .map(|((_, b, _), d)| f(b) / f(d))
-                .collect(),
-        )
-    };
-    println!(
-        "ceiling (publisher and subscriber on b1, no bridge){label}: {} p50 {:.3} ms, p99 {:.3} ms",
-        if o.steady {
-            String::new()
-        } else {
-            format!("{:.0} msg/s,", direct(|r| r.throughput))
-        },
-        direct(|r| r.p50_ms),
-        direct(|r| r.p99_ms),
-    );
-    println!(
-        "bridge / direct: {}p50 {:.2}, p99 {:.2}",
-        if o.steady {
-            String::new()
-        } else {
-            format!("throughput {:.2}, ", of_direct(|r| r.throughput))
-        },
-        of_direct(|r| r.p50_ms),
-        of_direct(|r| r.p99_ms),
-    );
+    (brokers, lab)
 }
 
 /// The bridge's `meshbridge_spooled_total`, summed over its links, from its admin API.
