@@ -16,11 +16,12 @@
 //!   when they changed), [`dedup`] (the echo window and the
 //!   storm guard, pure), [`topics`] (every `$meshbridge/<id>/` topic and client id of the mesh,
 //!   pure), [`files`] (files only their owner reads), [`ratelimit`] (one log line per key and interval, pure), [`rules`]
-//!   (per-broker topic rules: filters, directions, QoS caps, prefix mapping; pure), [`ha`] (which
-//!   instance of a mesh consumes which broker: records and the decision; pure), [`seal`] (the
-//!   mesh key: sealing and opening control payloads, derived client ids; pure); [`metrics`]
-//!   (metric names, per-link counters, log-and-count functions) uses only `ratelimit` and
-//!   `seal`'s kinds.
+//!   (per-broker topic rules: filters, directions, QoS caps, prefix mapping; pure), [`policy`]
+//!   (a link's timing rules, one struct), [`seal`] (the mesh key: sealing and opening control
+//!   payloads, derived client ids; pure), [`ha`] (which instance of a mesh consumes which broker:
+//!   `mod.rs` the records and the decision, `role.rs` the role of one link as a state machine
+//!   returning actions; pure, uses `policy` and `seal`'s skew); [`metrics`] (metric names,
+//!   per-link counters, log-and-count functions) uses only `ratelimit` and `seal`'s kinds.
 //! - [`config`]: `bridge.toml`, validated into [`config::Config`] with errors that name the key;
 //!   owner of every default. `file.rs` the file as written and its validation, `broker.rs` one
 //!   broker, `address.rs` names and addresses.
@@ -28,14 +29,21 @@
 //!   the group-commit thread, `record.rs` the versioned on-disk record, `target.rs` one target's
 //!   counters and the rows held in memory while the disk fails, `store.rs` the database handle
 //!   and its health, `dead.rs` the dead-letter table (messages a target cannot take).
+//! - [`park`], its data half: `mod.rs` the park records (copies of spooled messages kept on
+//!   their origin brokers, docs/HA.md), `lane.rs` the copy lane of each origin broker, the
+//!   parker that fills them and which origins hold copies, `drains.rs` which park sessions an
+//!   owner has read (pure).
 //! - [`router`]: `mod.rs` the fan-out (and the retained watch a reconciliation uses),
-//!   `queue.rs` a target's queue in front of its spool, `park.rs` copies of spooled messages
-//!   for the origin brokers (their records and the parker).
-//! - [`link`]: one task per broker; `acks.rs` what it owes its broker and `outflight.rs` what one
+//!   `outbound.rs` a message on its way to one target, `queue.rs` a target's queue in front of
+//!   its spool, `spooled.rs` the durable part of a queue (the spool, the copies it parks).
+//! - [`link`]: one task per broker; `mod.rs` the connection loop, `intake.rs` what the broker
+//!   sends into the fan-out, `deliver.rs` what the queue holds out to the broker, `events.rs`
+//!   the connection's events and subscriptions, `role.rs` the control records and the role's
+//!   actions carried out; `acks.rs` what it owes its broker and `outflight.rs` what one
 //!   connection has not seen acknowledged, `poison.rs` which message the broker closes the
-//!   connection on (pure state machines), `session.rs` the rumqttc
-//!   client and driver, `park.rs` the park sessions and the copy publisher (docs/HA.md),
-//!   `backoff.rs`, `threads.rs` the threads the links run on.
+//!   connection on (pure state machines), `session.rs` the rumqttc client and driver,
+//!   `backoff.rs`, `threads.rs` the threads the links run on. Beside it, [`park`]'s I/O half:
+//!   `io.rs` the park sessions and the copy publisher.
 //! - [`probe`]: end-to-end probes: `mod.rs` the bookkeeping (lag, loss, stalled pairs, the
 //!   matrix; pure), `client.rs` the probe client of one broker. [`reconcile`]: the brokers'
 //!   retained messages compared and repaired: `mod.rs` the comparison and the rule for

@@ -71,7 +71,7 @@ pub(crate) const SPOOLED: &str = "meshbridge_spooled";
 /// Connection attempts after the first. Counter.
 pub(crate) const RECONNECTS: &str = "meshbridge_reconnects";
 /// Copies of spooled messages this broker acknowledged into its park sessions (it is their
-/// origin; see `router::park`). Counter.
+/// origin; see `park`). Counter.
 pub(crate) const PARKED: &str = "meshbridge_parked";
 /// Messages spooled for this broker without a copy on their origin broker (too many copies
 /// waiting there): on this host's disk only. Counter.
@@ -452,7 +452,7 @@ pub(crate) fn queue_overflow(stats: &LinkStats, dropped: u64) {
 }
 
 /// A spooled message got no copy on its origin broker because too many copies wait for that
-/// broker already (see `router::park`): it is acknowledged once on disk.
+/// broker already (see `park`): it is acknowledged once on disk.
 pub(crate) fn park_skipped(stats: &LinkStats, origin: &str) {
     let total = stats.park_skipped.fetch_add(1, Ordering::Relaxed) + 1;
     if sampled(total, 1) {

@@ -15,7 +15,7 @@ pub fn rendezvous(instance: &str, broker: &str) -> u64 {
 }
 
 /// An unsealed, well-formed park copy of a QoS 1 message `topic`/`payload` from `origin` for
-/// `target` (see `router::park`): what a client that can publish on the origin broker could
+/// `target` (see `park`): what a client that can publish on the origin broker could
 /// forge into its park session.
 pub fn forged_park_copy(origin: &str, target: &str, topic: &str, payload: &[u8]) -> Vec<u8> {
     let msg = crate::message::Message {

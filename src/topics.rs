@@ -104,7 +104,7 @@ impl Control {
     }
 
     /// Where copies of messages spooled for `target` are parked on an origin broker (see
-    /// `router::park`).
+    /// `park`).
     pub(crate) fn park_topic(&self, target: &str) -> String {
         format!("{}park/{target}", self.prefix)
     }

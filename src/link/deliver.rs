@@ -23,7 +23,7 @@ impl Link {
     }
 
     /// The in-flight window: `inflight`, or 1 while finding a message the broker refuses (see
-    /// [`poison`]).
+    /// [`super::poison`]).
     pub(super) fn window(&self) -> usize {
         self.poison.window(usize::from(self.ctx.settings.inflight))
     }
@@ -144,7 +144,7 @@ impl Link {
 
     /// Why `item`, mapped to `topic`, cannot be sent to this broker, if it cannot: a topic
     /// longer than MQTT allows, a packet over the maximum the broker announced, or the message
-    /// the broker closed the last connections on (see [`poison`]).
+    /// the broker closed the last connections on (see [`super::poison`]).
     pub(super) fn unsendable(&self, conn: &Conn, item: &Outbound, topic: &str) -> Option<String> {
         if topic.len() > MAX_TOPIC {
             return Some(format!(
@@ -327,7 +327,7 @@ impl Link {
 /// Longest topic MQTT can carry (a two-byte length).
 const MAX_TOPIC: usize = u16::MAX as usize;
 
-/// What the poison watch knows a message by: its topic and payload (see [`poison`]).
+/// What the poison watch knows a message by: its topic and payload (see [`super::poison`]).
 pub(super) fn poison_id(item: &Outbound) -> u64 {
     fingerprint(&item.msg.topic, &item.msg.payload)
 }

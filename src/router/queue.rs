@@ -2,7 +2,7 @@
 //!
 //! Each link owns a [`TargetQueue`]: a bounded queue in memory in front of the target's durable
 //! [`spool`](crate::spool). While the target is connected and keeps up, a message stays in
-//! memory and keeps its [`AckShare`] until the target's broker acknowledges it, so the origin
+//! memory and keeps its [`crate::message::AckShare`] until the target's broker acknowledges it, so the origin
 //! is acknowledged only when every connected target has it. When the target is down, or its
 //! memory queue is full, the message goes to the spool instead and its share completes once it
 //! is on disk (with parking, once its origin broker holds a copy: [`crate::park`]): a down or
@@ -239,7 +239,7 @@ impl TargetQueue {
         self.rules_changed.swap(false, Ordering::AcqRel)
     }
 
-    /// Whether the target takes a mesh message on `topic` ([`Message::topic_str`]; a topic that
+    /// Whether the target takes a mesh message on `topic` ([`crate::message::Message::topic_str`]; a topic that
     /// is not UTF-8, `None`, is taken: the link reports it as rejected).
     pub(crate) fn accepts(&self, topic: Option<&str>) -> bool {
         topic.is_none_or(|t| {

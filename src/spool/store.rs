@@ -32,7 +32,7 @@ impl Health {
     }
 }
 
-/// What [`Spool::health`] reports.
+/// What [`super::Spool::health`] reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct SpoolHealth {
     /// The write error, while the disk refuses writes.
@@ -41,7 +41,7 @@ pub(crate) struct SpoolHealth {
     pub(crate) write_failures: u64,
     /// Messages held in memory until the disk takes them.
     pub(crate) held_messages: u64,
-    /// Their bytes (at most [`MAX_HELD_BYTES`]).
+    /// Their bytes (at most [`super::MAX_HELD_BYTES`]).
     pub(crate) held_bytes: u64,
 }
 
