@@ -108,6 +108,9 @@ pub(crate) const DEDUP_EVICTIONS: &str = "meshbridge_dedup_evictions";
 pub(crate) const DEDUP_EXPIRATIONS: &str = "meshbridge_dedup_expirations";
 /// Messages waiting for the target (queued + in flight). Gauge.
 pub(crate) const QUEUE_DEPTH: &str = "meshbridge_queue_depth";
+/// The link's in-flight window now: `inflight` on a short path, up to `inflight_max` (and the
+/// broker's Receive Maximum) as the path's bandwidth-delay product asks. Gauge.
+pub(crate) const INFLIGHT_WINDOW: &str = "meshbridge_inflight_window";
 /// Messages waiting in the target's durable spool. Gauge.
 pub(crate) const SPOOL_MESSAGES: &str = "meshbridge_spool_messages";
 /// Bytes of the messages in the target's spool. Gauge.
@@ -200,6 +203,8 @@ pub(crate) struct LinkStats {
     pub(crate) dedup_expirations: AtomicU64,
     /// Messages in flight towards the broker (the queue's length is read from the queue).
     pub(crate) inflight: AtomicI64,
+    /// See [`INFLIGHT_WINDOW`].
+    pub(crate) window: AtomicI64,
     state: Mutex<(LinkState, SystemTime)>,
     last_error: Mutex<Option<String>>,
     /// Rejected messages are logged at most once per reason every 10 s.
@@ -250,6 +255,7 @@ impl Default for LinkStats {
             dedup_evictions: AtomicU64::new(0),
             dedup_expirations: AtomicU64::new(0),
             inflight: AtomicI64::new(0),
+            window: AtomicI64::new(0),
             state: Mutex::new((LinkState::Connecting, SystemTime::now())),
             last_error: Mutex::new(None),
             reject_log: Mutex::new(crate::ratelimit::LogLimit::new(

@@ -77,6 +77,9 @@ pub struct BrokerStatus {
     pub reconnects: u64,
     /// Messages waiting for this broker (queued + in flight).
     pub queue_depth: u64,
+    /// The in-flight window now (see `link::window`).
+    #[serde(default)]
+    pub inflight_window: u64,
     /// Messages waiting in the durable spool.
     #[serde(default)]
     pub spool_messages: u64,

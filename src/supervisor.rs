@@ -175,6 +175,7 @@ impl LinkHandle {
             spooled: n(&s.spooled),
             reconnects: n(&s.reconnects),
             queue_depth: self.queue.len() as u64 + s.inflight.load(Ordering::Relaxed).max(0) as u64,
+            inflight_window: s.window.load(Ordering::Relaxed).max(0) as u64,
             spool_messages,
             spool_bytes,
             spool_blocked,
@@ -727,6 +728,7 @@ impl Supervisor {
             keep_alive: self.config.keep_alive,
             session_expiry: self.config.session_expiry,
             inflight: self.config.inflight,
+            inflight_max: self.config.inflight_max,
             broker: broker.clone(),
         }
     }

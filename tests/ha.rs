@@ -36,7 +36,7 @@ fn config(
     let admin_port = common::free_port();
     let mut s = format!(
         "[bridge]\nid = \"{mesh}\"\ninstance = \"{instance}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
-         data_dir = \"{}\"\nkeep_alive = \"5s\"\ninflight = {INFLIGHT}\n\n\
+         data_dir = \"{}\"\nkeep_alive = \"5s\"\ninflight = {INFLIGHT}\ninflight_max = {INFLIGHT}\n\n\
          [tls]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n",
         dir.join("data").display(),
         certs.path("ca.crt"),

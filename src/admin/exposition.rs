@@ -168,7 +168,7 @@ fn link_counters(registry: &mut Registry, links: &[BrokerStatus]) {
     }
 }
 
-const LINK_GAUGES: [Metric<i64>; 12] = [
+const LINK_GAUGES: [Metric<i64>; 13] = [
     (
         metrics::PARK_DEPTH,
         "Messages waiting for the broker with copies parked on their origin brokers",
@@ -211,6 +211,11 @@ const LINK_GAUGES: [Metric<i64>; 12] = [
         metrics::QUEUE_DEPTH,
         "Messages waiting for the broker (queued and in flight)",
         |s| s.queue_depth as i64,
+    ),
+    (
+        metrics::INFLIGHT_WINDOW,
+        "The link's in-flight window now: inflight on a short path, more on a long one",
+        |s| s.inflight_window as i64,
     ),
     (
         metrics::SPOOL_MESSAGES,

@@ -56,8 +56,10 @@ pub(crate) struct BridgeSection {
     pub(crate) session_expiry: Option<String>,
     /// MQTT keep-alive.
     pub(crate) keep_alive: Option<String>,
-    /// Messages one link may have handed to its broker without an acknowledgement.
+    /// Messages one link keeps in flight to its broker on a short path (the window's floor).
     pub(crate) inflight: Option<u16>,
+    /// The most messages one link keeps in flight (the window's cap).
+    pub(crate) inflight_max: Option<u16>,
     /// Messages one target may hold in memory while it is down or slow.
     pub(crate) queue_capacity: Option<usize>,
     /// Threads that run the links (read at start; a reload does not change it).
@@ -193,6 +195,7 @@ impl FileConfig {
             session_expiry: t.session_expiry,
             keep_alive: t.keep_alive,
             inflight: n.inflight,
+            inflight_max: n.inflight_max,
             queue_capacity: n.queue_capacity,
             worker_threads: n.worker_threads,
             links_per_thread: n.links_per_thread,
@@ -425,6 +428,13 @@ impl BridgeSection {
         if inflight == 0 {
             return Err(invalid("bridge.inflight", "must be at least 1"));
         }
+        let inflight_max = b.inflight_max.unwrap_or(DEFAULT_INFLIGHT_MAX.max(inflight));
+        if inflight_max < inflight {
+            return Err(invalid(
+                "bridge.inflight_max",
+                format!("{inflight_max} is below bridge.inflight ({inflight})"),
+            ));
+        }
         let queue_capacity = b.queue_capacity.unwrap_or(10_000);
         if queue_capacity == 0 {
             return Err(invalid("bridge.queue_capacity", "must be at least 1"));
@@ -446,6 +456,7 @@ impl BridgeSection {
         }
         Ok(Counts {
             inflight,
+            inflight_max,
             queue_capacity,
             worker_threads,
             links_per_thread,
@@ -457,6 +468,7 @@ impl BridgeSection {
 /// The counts of `[bridge]` (see [`BridgeSection::counts`]).
 struct Counts {
     inflight: u16,
+    inflight_max: u16,
     queue_capacity: usize,
     worker_threads: Option<usize>,
     links_per_thread: usize,

@@ -19,13 +19,13 @@ impl Link {
     pub(super) fn has_room(&self, conn: &Conn) -> bool {
         conn.connected.is_some()
             && !self.role.switching()
-            && conn.flight.outstanding() < self.window()
+            && conn.flight.outstanding() < self.window(conn)
     }
 
-    /// The in-flight window: `inflight`, or 1 while finding a message the broker refuses (see
-    /// [`super::poison`]).
-    pub(super) fn window(&self) -> usize {
-        self.poison.window(usize::from(self.ctx.settings.inflight))
+    /// The in-flight window: what the path takes (see [`super::window`]), or 1 while finding
+    /// a message the broker refuses (see [`super::poison`]).
+    pub(super) fn window(&self, conn: &Conn) -> usize {
+        self.poison.window(conn.pace.size())
     }
 
     /// Publishes from the queue up to the in-flight window. True when it published and the
@@ -33,7 +33,7 @@ impl Link {
     /// the client refused: the rest went back, in order, to be retried after the next event
     /// (retrying at once would spin without ever reading that event).
     pub(super) fn fill_window(&mut self, conn: &mut Conn) -> bool {
-        let free = self.window().saturating_sub(conn.flight.outstanding());
+        let free = self.window(conn).saturating_sub(conn.flight.outstanding());
         let mut batch = std::mem::take(&mut conn.batch);
         self.ctx.queue.take(free, &mut batch);
         let had = !batch.is_empty();
@@ -316,6 +316,7 @@ impl Link {
             std::sync::atomic::Ordering::Relaxed,
         );
         let relaxed = std::sync::atomic::Ordering::Relaxed;
+        s.window.store(conn.pace.size() as i64, relaxed);
         s.dedup_entries.store(self.echo.len() as i64, relaxed);
         s.dedup_bytes
             .store(self.echo.approx_bytes() as i64, relaxed);

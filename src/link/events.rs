@@ -19,7 +19,14 @@ impl Link {
             LinkEvent::Connected {
                 session_present,
                 max_packet_size,
-            } => self.on_connected(conn, session_present, max_packet_size),
+                receive_max,
+            } => {
+                if let Some(max) = receive_max {
+                    // The broker takes no more at once (a stricter one disconnects).
+                    conn.pace.cap_at(usize::from(max));
+                }
+                self.on_connected(conn, session_present, max_packet_size)
+            }
             LinkEvent::Publish { msg, ack } if self.ctx.ha.control.is_probe(&msg.topic) => {
                 self.on_probe(msg, ack)
             }
@@ -33,12 +40,14 @@ impl Link {
             LinkEvent::Publish { msg, ack } => self.on_publish(msg, ack),
             LinkEvent::Sent(pkid) => self.on_sent(conn, pkid),
             LinkEvent::PubAck(pkid, result) | LinkEvent::PubRec(pkid, result @ Err(_)) => {
+                pace(conn, pkid);
                 match conn.flight.acknowledged(pkid) {
                     Some(item) => self.acknowledged(item, result),
                     None => debug!(pkid, "acknowledgement for a packet id not in flight"),
                 }
             }
             LinkEvent::PubRec(pkid, Ok(())) => {
+                pace(conn, pkid);
                 if let Some((old_seq, old)) = conn.flight.received(pkid) {
                     warn!(
                         pkid,
@@ -97,7 +106,11 @@ impl Link {
                 self.finish(item);
                 inc(&self.ctx.stats.sent_qos0);
             }
-            Sent::InFlight | Sent::Control => {}
+            Sent::InFlight => {
+                conn.pace.written(pkid, Instant::now());
+                self.pkid_high = Some(self.pkid_high.unwrap_or(0).max(pkid));
+            }
+            Sent::Control => {}
             Sent::Evicted { old, seqs } => {
                 // Never expected. The evicted message would hold its origin's
                 // acknowledgement forever: send it again (a duplicate at worst).
@@ -235,5 +248,14 @@ fn change_subscriptions(client: &Client, subscribe: &[String], unsubscribe: &[St
         && let Err(e) = client.unsubscribe(unsubscribe)
     {
         warn!(error = %e, "unsubscribe could not be queued");
+    }
+}
+
+/// The broker acknowledged `pkid`: the window learns from it (see [`super::window`]).
+fn pace(conn: &mut Conn, pkid: u16) {
+    let before = conn.pace.size();
+    conn.pace.acknowledged(pkid, Instant::now());
+    if conn.pace.size() != before {
+        debug!(window = conn.pace.size(), "in-flight window");
     }
 }

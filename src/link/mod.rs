@@ -27,6 +27,7 @@ mod poison;
 mod role;
 pub mod session;
 pub(crate) mod threads;
+pub(crate) mod window;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -164,6 +165,9 @@ struct Link {
     /// Packet ids the last connection left unacknowledged, in the order it sent them: the next
     /// connection releases them in that order (see `session::open`).
     release_first: Vec<u16>,
+    /// The highest packet id a connection of this process used (rumqttc numbers publishes from 1
+    /// and starts again at 1 when few are in flight); `None` before the first.
+    pkid_high: Option<u16>,
     /// Origin tags (`<bridge id>/<origin broker>`) by origin, built once instead of per publish.
     tags: HashMap<Arc<str>, String, ahash::RandomState>,
     /// The filters this broker's session is subscribed to, as this link last set them; `None`
@@ -208,6 +212,8 @@ struct Conn {
     max_packet: Option<u32>,
     /// What the broker has not acknowledged yet (see [`outflight`]).
     flight: OutFlight<Outbound>,
+    /// How much of it the path takes (see [`window`]).
+    pace: window::Window,
     /// Taken from the queue, on its way to the client (kept to reuse its allocation).
     batch: Vec<Outbound>,
     /// [`Link::finished`] at the last stall check, and how many checks in a row saw no change.
@@ -246,6 +252,7 @@ impl Link {
             peer_echo: EchoWindow::new(ctx.dedup_window, ctx.dedup_max_entries),
             storm,
             release_first: Vec::new(),
+            pkid_high: None,
             tags: HashMap::default(),
             subscribed: None,
             finished: 0,
@@ -289,7 +296,12 @@ impl Link {
             reconnect = true;
             self.ctx.stats.set_state(LinkState::Connecting);
             let who = self.connect_as();
-            let mut session = session::open(&self.ctx.settings, &who, &self.release_first);
+            // Every id a previous connection may have used: up to the highest one this process
+            // used, or (first connection) up to what any process may have.
+            let used = self.pkid_high.unwrap_or(self.ctx.settings.inflight_max);
+            let release =
+                session::resume_order(&self.release_first, used.max(self.ctx.settings.inflight));
+            let mut session = session::open(&self.ctx.settings, &who, &release);
             let outcome = self.connection(&mut session).await;
             drop(session);
             let (error, uptime) = match outcome {
@@ -358,6 +370,10 @@ impl Link {
             connected: None,
             max_packet: None,
             flight: OutFlight::default(),
+            pace: window::Window::new(
+                usize::from(self.ctx.settings.inflight),
+                usize::from(self.ctx.settings.inflight_max),
+            ),
             batch: Vec::new(),
             last_finished: self.finished,
             stalled_checks: 0,

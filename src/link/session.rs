@@ -12,14 +12,14 @@
 //!
 //! The same holds in the other direction: a QoS 2 message we published may sit in the broker's
 //! session waiting for our PUBREL when the connection (or the process) died. rumqttc numbers
-//! publishes 1..=`inflight`, so on a resumed session the bridge first sends PUBREL for each of
+//! publishes 1..=`inflight_max`, so on a resumed session the bridge first sends PUBREL for each of
 //! those ids (through rumqttc's `pending` queue, which it drops by itself when the session is
 //! new). The broker completes what it holds and answers PUBCOMP for the rest; without this, a
 //! new publish reusing such an id would be taken by the broker for the old one and lost. The
 //! broker delivers a stored QoS 2 message when it gets the PUBREL, so the ids the previous
 //! connection left unacknowledged go first, in the order it sent them ([`resume_order`]);
 //! rumqttc's ids wrap around, and id order would deliver newer messages before older ones.
-//! After a restart of the process that order is unknown: up to `inflight` QoS 2 messages held
+//! After a restart of the process that order is unknown: up to `inflight_max` QoS 2 messages held
 //! by a broker at the crash may be delivered out of order.
 //!
 //! `EventLoop::poll` is not cancel-safe (a cancelled flush can resend half a packet), so it runs
@@ -54,6 +54,8 @@ pub(crate) enum LinkEvent {
         session_present: bool,
         /// The broker's maximum packet size (MQTT 5), if it announced one.
         max_packet_size: Option<u32>,
+        /// The broker's Receive Maximum (MQTT 5), if it announced one.
+        receive_max: Option<u16>,
     },
     /// A message from the broker.
     Publish {
@@ -103,15 +105,20 @@ pub(crate) struct SessionSettings {
     pub(crate) keep_alive: Duration,
     /// Session expiry asked of MQTT 5 brokers.
     pub(crate) session_expiry: Duration,
-    /// Outgoing QoS ≥ 1 messages in flight.
+    /// Outgoing QoS ≥ 1 messages in flight on a short path: the floor of the window (see
+    /// [`super::window`]), and the Receive Maximum announced to the broker.
     pub(crate) inflight: u16,
+    /// The most outgoing QoS ≥ 1 messages in flight: the cap of the window (with the broker's
+    /// Receive Maximum), and the packet ids rumqttc cycles through.
+    pub(crate) inflight_max: u16,
 }
 
 impl SessionSettings {
-    /// Capacity of rumqttc's request channel: the link never has more than `inflight` publishes
-    /// plus this many acknowledgements waiting in it.
+    /// Capacity of rumqttc's request channel: the link never has more than `inflight_max`
+    /// publishes plus this many acknowledgements waiting in it (the channel grows to what it
+    /// holds; the capacity only bounds it).
     pub(crate) fn request_capacity(&self) -> usize {
-        usize::from(self.inflight) + 1024
+        usize::from(self.inflight_max) + 1024
     }
 }
 
@@ -367,7 +374,8 @@ impl Drop for Session {
 
 /// Packet ids to send PUBREL for on a resumed session: `first` in the order given (the order
 /// in which the previous connection sent those publishes), then every other id up to
-/// `inflight`, whose order is unknown (after a restart of the process).
+/// `inflight` (the highest this process may have used), whose order is unknown (after a
+/// restart of the process).
 pub(crate) fn resume_order(first: &[u16], inflight: u16) -> Vec<u16> {
     let mut seen = std::collections::HashSet::new();
     first
@@ -379,11 +387,13 @@ pub(crate) fn resume_order(first: &[u16], inflight: u16) -> Vec<u16> {
 }
 
 /// Starts a connection attempt; the first event is `Connected` or `Closed`. On a resumed
-/// session, PUBREL goes out first for the ids in `release_first`, in that order (see
+/// session, PUBREL goes out first for the ids in `release`, in that order (see
 /// [`resume_order`]): a QoS 2 message the broker stored is delivered when it gets its PUBREL,
-/// so this order is the delivery order.
-pub(crate) fn open(s: &SessionSettings, who: &ConnectAs, release_first: &[u16]) -> Session {
-    let release = resume_order(release_first, s.inflight);
+/// so this order is the delivery order. Connections that publish no QoS 2 of their own pass
+/// none.
+pub(crate) fn open(s: &SessionSettings, who: &ConnectAs, release: &[u16]) -> Session {
+    // A clean session holds nothing to release (rumqttc would drop these unsent anyway).
+    let release = if who.clean { &[] } else { release };
     let (tx, rx) = mpsc::channel(1024);
     let (client, driver) = match s.broker.protocol {
         Protocol::V311 => {
@@ -440,7 +450,7 @@ fn options_v4(s: &SessionSettings, who: &ConnectAs) -> rumqttc::MqttOptions {
     o.set_keep_alive(s.keep_alive)
         .set_clean_session(who.clean)
         .set_manual_acks(true)
-        .set_inflight(s.inflight)
+        .set_inflight(s.inflight_max)
         .set_max_packet_size(MQTT_MAX_PACKET as usize, MQTT_MAX_PACKET as usize);
     if let Some(t) = transport(b) {
         o.set_transport(t);
@@ -484,7 +494,7 @@ fn options_v5(s: &SessionSettings, who: &ConnectAs) -> rumqttc::v5::MqttOptions 
         .set_session_expiry_interval(Some(expiry))
         .set_receive_maximum(Some(s.inflight.max(20)))
         .set_max_packet_size(Some(MQTT_MAX_PACKET))
-        .set_outgoing_inflight_upper_limit(s.inflight)
+        .set_outgoing_inflight_upper_limit(s.inflight_max)
         .set_network_options(network_options());
     if let Some(t) = transport(b) {
         o.set_transport(t);
@@ -574,6 +584,7 @@ async fn drive_v4(mut el: rumqttc::EventLoop, tx: mpsc::Sender<LinkEvent>) {
             Ok(Event::Incoming(Packet::ConnAck(c))) => LinkEvent::Connected {
                 session_present: c.session_present,
                 max_packet_size: None,
+                receive_max: None,
             },
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let qos = qos_u8_v4(p.qos);
@@ -646,6 +657,7 @@ async fn drive_v5(mut el: rumqttc::v5::EventLoop, tx: mpsc::Sender<LinkEvent>) {
             Ok(Event::Incoming(Packet::ConnAck(c))) => LinkEvent::Connected {
                 session_present: c.session_present,
                 max_packet_size: c.properties.as_ref().and_then(|p| p.max_packet_size),
+                receive_max: c.properties.as_ref().and_then(|p| p.receive_max),
             },
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let qos = qos_u8_v5(p.qos);

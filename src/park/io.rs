@@ -24,6 +24,7 @@ use tracing::{Instrument, debug, info, warn};
 use super::{CopyLane, Park, ParkItem, Parker};
 use crate::link::acks::InboundAcks;
 use crate::link::session::{self, ConnectAs, LinkEvent, Session, SessionSettings};
+use crate::link::window::Window;
 use crate::message::{AckGroup, AckRequest, Message};
 use crate::router::{Outbound, Router};
 use crate::seal::ControlKind;
@@ -479,10 +480,17 @@ async fn copies_connection(p: &CopyPublisher) -> Result<(), ParkError> {
     };
     let mut s = session::open(&p.park.settings, &who, &[]);
     let mut flight: OutFlight<ParkItem> = OutFlight::default();
-    let window = usize::from(p.park.settings.inflight);
+    // Copies are written as fast as the path to the origin takes them (see
+    // `link::window`): over a long path a fixed window would make the spill path the bottleneck.
+    let settings = &p.park.settings;
+    let mut pace = Window::new(
+        usize::from(settings.inflight),
+        usize::from(settings.inflight_max),
+    );
     let mut connected = false;
     let mut batch = Vec::new();
     let result = loop {
+        let window = pace.size();
         if connected && flight.outstanding() < window {
             p.lane.take(window - flight.outstanding(), &mut batch);
             let mut items = batch.drain(..);
@@ -500,19 +508,26 @@ async fn copies_connection(p: &CopyPublisher) -> Result<(), ParkError> {
                 flight.handed(item);
             }
         }
-        let room = connected && flight.outstanding() < window;
+        let room = connected && flight.outstanding() < pace.size();
         tokio::select! {
             _ = p.stop.cancelled() => break Ok(()),
             event = s.events.recv() => match event {
                 None => break Err(ParkError::Lost("connection task ended".into())),
                 Some(LinkEvent::Closed(e)) => break Err(ParkError::Lost(e)),
-                Some(LinkEvent::Connected { .. }) => connected = true,
+                Some(LinkEvent::Connected { receive_max, .. }) => {
+                    connected = true;
+                    if let Some(max) = receive_max {
+                        pace.cap_at(usize::from(max));
+                    }
+                }
                 Some(LinkEvent::Sent(pkid)) => match flight.sent(pkid) {
                     Sent::Done(item) => p.lane.finish(item),
                     Sent::Evicted { old, .. } => p.lane.requeue(vec![old]),
-                    Sent::InFlight | Sent::Control | Sent::Unexpected => {}
+                    Sent::InFlight => pace.written(pkid, std::time::Instant::now()),
+                    Sent::Control | Sent::Unexpected => {}
                 },
                 Some(LinkEvent::PubAck(pkid, result)) => {
+                    pace.acknowledged(pkid, std::time::Instant::now());
                     if let Some(item) = flight.acknowledged(pkid) {
                         copy_acknowledged(p, item, result);
                     }

@@ -2,7 +2,7 @@
 //!
 //! `cargo run --release --bin meshbench -- [--brokers 3] [--messages 20000] [--qos 1] [--size 64]
 //! [--rate 5000] [--seconds 5] [--topics 1] [--down 0]
-//! [--queue-capacity N] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K]
+//! [--queue-capacity N] [--inflight N] [--v311] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K]
 //! [--steady] [--rtt MS]`
 //!
 //! Starts N mosquitto brokers on free loopback ports, then, in turn, (a) a mosquitto "bridge
@@ -71,6 +71,10 @@ struct Opts {
     topics: usize,
     down: usize,
     queue_capacity: Option<u64>,
+    /// The bridge's `inflight`.
+    inflight: Option<u64>,
+    /// The bridge's links speak MQTT 3.1.1 (as the master's do) instead of 5.
+    v311: bool,
     worker_threads: Option<u64>,
     links_per_thread: Option<u64>,
     repeat: usize,
@@ -98,6 +102,8 @@ fn parse() -> Result<Opts, BenchError> {
         topics: 1,
         down: 0,
         queue_capacity: None,
+        inflight: None,
+        v311: false,
         worker_threads: None,
         links_per_thread: None,
         repeat: 1,
@@ -126,6 +132,8 @@ fn parse() -> Result<Opts, BenchError> {
             "--topics" => o.topics = v()? as usize,
             "--down" => o.down = v()? as usize,
             "--queue-capacity" => o.queue_capacity = Some(v()?),
+            "--inflight" => o.inflight = Some(v()?),
+            "--v311" => o.v311 = true,
             "--worker-threads" => o.worker_threads = Some(v()?),
             "--links-per-thread" => o.links_per_thread = Some(v()?),
             "--repeat" => o.repeat = v()? as usize,
@@ -135,7 +143,7 @@ fn parse() -> Result<Opts, BenchError> {
             "--burst" => o.burst = Some(v()? as usize),
             "--burst-origins" => origins = Some(v()? as usize),
             "-h" | "--help" => {
-                return Err(BenchError::Usage("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T] [--down K] [--queue-capacity N] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K] [--steady] [--rtt MS] [--burst N [--burst-origins K]]".into()))
+                return Err(BenchError::Usage("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T] [--down K] [--queue-capacity N] [--inflight N] [--v311] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K] [--steady] [--rtt MS] [--burst N [--burst-origins K]]".into()))
             }
             other => return Err(BenchError::Usage(format!("unknown argument {other:?}"))),
         }
@@ -680,6 +688,9 @@ async fn run_bridge(o: &Opts, lab: &Lab, run: usize) -> Result<(Result_, Option<
         if let Some(n) = o.queue_capacity {
             let _ = writeln!(cfg, "queue_capacity = {n}");
         }
+        if let Some(n) = o.inflight {
+            let _ = writeln!(cfg, "inflight = {n}");
+        }
         if let Some(n) = o.worker_threads {
             let _ = writeln!(cfg, "worker_threads = {n}");
         }
@@ -689,8 +700,13 @@ async fn run_bridge(o: &Opts, lab: &Lab, run: usize) -> Result<(Result_, Option<
         for (i, p) in lab.dialled.iter().enumerate() {
             let _ = write!(
                 cfg,
-                "[[broker]]\nname = \"b{}\"\naddress = \"127.0.0.1:{p}\"\ntls = false\n",
-                i + 1
+                "[[broker]]\nname = \"b{}\"\naddress = \"127.0.0.1:{p}\"\ntls = false\n{}",
+                i + 1,
+                if o.v311 {
+                    "protocol = \"v3.1.1\"\n"
+                } else {
+                    ""
+                }
             );
         }
         let cfg_path = lab.dir.path().join(format!("bridge{run}-{k}.toml"));
@@ -703,7 +719,11 @@ async fn run_bridge(o: &Opts, lab: &Lab, run: usize) -> Result<(Result_, Option<
                 Command::new(&lab.bridge_bin)
                     .args(["run", "--config"])
                     .arg(&cfg_path)
-                    .env("RUST_LOG", "warn")
+                    // (MESHBENCH_BRIDGE_LOG: another filter, to look into a run.)
+                    .env(
+                        "RUST_LOG",
+                        std::env::var("MESHBENCH_BRIDGE_LOG").unwrap_or_else(|_| "warn".into()),
+                    )
                     .stdout(Stdio::null())
                     .stderr(log)
                     .spawn()
@@ -724,6 +744,17 @@ async fn run_bridge(o: &Opts, lab: &Lab, run: usize) -> Result<(Result_, Option<
         .iter()
         .map(|p| spooled_total(*p))
         .try_fold(0, |sum, s| s.map(|s| sum + s));
+    if std::env::var_os("MESHBENCH_BRIDGE_LOG").is_some() {
+        // Kept where the run's directory is not: it goes with the run.
+        for (_, log) in &bridges {
+            if let Some(name) = log.file_name() {
+                let kept =
+                    std::env::temp_dir().join(format!("meshbench-{}", name.to_string_lossy()));
+                let _ = std::fs::copy(log, &kept);
+                eprintln!("bridge log kept: {}", kept.display());
+            }
+        }
+    }
     drop(bridges);
     discard_sessions(&lab.ports, |n| format!("bench{run}-b{n}")).await;
     Ok((r, spooled))

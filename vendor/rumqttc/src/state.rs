@@ -1,5 +1,9 @@
 use crate::{Event, Incoming, Outgoing, Request};
 
+/// Slots of `outgoing_pub` allocated up front (meshbridge patch): more are added as packet ids
+/// beyond them are used, up to the in-flight limit.
+const INITIAL_SLOTS: usize = 128;
+
 use crate::mqttbytes::v4::*;
 use crate::mqttbytes::{self, *};
 use fixedbitset::FixedBitSet;
@@ -61,7 +65,8 @@ pub struct MqttState {
     /// Maximum number of allowed inflight
     pub(crate) max_inflight: u16,
     /// Outgoing QoS 1, 2 publishes which aren't acked yet
-    pub(crate) outgoing_pub: Vec<Option<Publish>>,
+    /// Boxed (meshbridge patch): a slot not in use costs a pointer, not a whole `Publish`.
+    pub(crate) outgoing_pub: Vec<Option<Box<Publish>>>,
     /// Packet ids of released QoS 2 publishes
     pub(crate) outgoing_rel: FixedBitSet,
     /// Packet ids on incoming QoS 2 publishes
@@ -75,6 +80,11 @@ pub struct MqttState {
 }
 
 impl MqttState {
+    /// The highest packet id `outgoing_pub` may need a slot for.
+    fn max_slots(&self) -> usize {
+        self.max_inflight as usize
+    }
+
     /// Creates new mqtt state. Same state should be used during a
     /// connection for persistent sessions while new state should
     /// instantiated for clean sessions
@@ -88,8 +98,9 @@ impl MqttState {
             last_puback: 0,
             inflight: 0,
             max_inflight,
-            // index 0 is wasted as 0 is not a valid packet id
-            outgoing_pub: vec![None; max_inflight as usize + 1],
+            // index 0 is wasted as 0 is not a valid packet id; grown on demand up to
+            // max_inflight + 1 (meshbridge patch: a large window costs memory only when used)
+            outgoing_pub: vec![None; (max_inflight as usize).min(INITIAL_SLOTS) + 1],
             outgoing_rel: FixedBitSet::with_capacity(max_inflight as usize + 1),
             incoming_pub: FixedBitSet::with_capacity(u16::MAX as usize + 1),
             collision: None,
@@ -108,7 +119,7 @@ impl MqttState {
 
         for publish in second_half.iter_mut().chain(first_half) {
             if let Some(publish) = publish.take() {
-                let request = Request::Publish(publish);
+                let request = Request::Publish(*publish);
                 pending.push(request);
             }
         }
@@ -234,7 +245,7 @@ impl MqttState {
 
         self.inflight -= 1;
         let packet = self.check_collision(puback.pkid).map(|publish| {
-            self.outgoing_pub[publish.pkid as usize] = Some(publish.clone());
+            self.outgoing_pub[publish.pkid as usize] = Some(Box::new(publish.clone()));
             self.inflight += 1;
 
             let event = Event::Outgoing(Outgoing::Publish(publish.pkid));
@@ -315,6 +326,11 @@ impl MqttState {
             }
 
             let pkid = publish.pkid;
+            if self.outgoing_pub.len() <= pkid as usize
+                && pkid as usize <= self.max_slots()
+            {
+                self.outgoing_pub.resize(pkid as usize + 1, None);
+            }
             if self
                 .outgoing_pub
                 .get(publish.pkid as usize)
@@ -330,7 +346,7 @@ impl MqttState {
 
             // if there is an existing publish at this pkid, this implies that broker hasn't acked this
             // packet yet. This error is possible only when broker isn't acking sequentially
-            self.outgoing_pub[pkid as usize] = Some(publish.clone());
+            self.outgoing_pub[pkid as usize] = Some(Box::new(publish.clone()));
             self.inflight += 1;
         };
 
@@ -804,43 +820,43 @@ mod test {
     fn clean_is_calculating_pending_correctly() {
         let mut mqtt = build_mqttstate();
 
-        fn build_outgoing_pub() -> Vec<Option<Publish>> {
+        fn build_outgoing_pub() -> Vec<Option<Box<Publish>>> {
             vec![
                 None,
-                Some(Publish {
+                Some(Box::new(Publish {
                     dup: false,
                     qos: QoS::AtMostOnce,
                     retain: false,
                     topic: "test".to_string(),
                     pkid: 1,
                     payload: "".into(),
-                }),
-                Some(Publish {
+                })),
+                Some(Box::new(Publish {
                     dup: false,
                     qos: QoS::AtMostOnce,
                     retain: false,
                     topic: "test".to_string(),
                     pkid: 2,
                     payload: "".into(),
-                }),
-                Some(Publish {
+                })),
+                Some(Box::new(Publish {
                     dup: false,
                     qos: QoS::AtMostOnce,
                     retain: false,
                     topic: "test".to_string(),
                     pkid: 3,
                     payload: "".into(),
-                }),
+                })),
                 None,
                 None,
-                Some(Publish {
+                Some(Box::new(Publish {
                     dup: false,
                     qos: QoS::AtMostOnce,
                     retain: false,
                     topic: "test".to_string(),
                     pkid: 6,
                     payload: "".into(),
-                }),
+                })),
             ]
         }
 

@@ -12,6 +12,10 @@ use fixedbitset::FixedBitSet;
 use std::collections::{HashMap, VecDeque};
 use std::{io, time::Instant};
 
+/// Slots of `outgoing_pub` allocated up front (meshbridge patch): more are added as packet ids
+/// beyond them are used, up to the in-flight limit.
+const INITIAL_SLOTS: usize = 128;
+
 /// Errors during state handling
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -91,7 +95,8 @@ pub struct MqttState {
     /// Number of outgoing inflight publishes
     pub(crate) inflight: u16,
     /// Outgoing QoS 1, 2 publishes which aren't acked yet
-    pub(crate) outgoing_pub: Vec<Option<Publish>>,
+    /// Boxed (meshbridge patch): a slot not in use costs a pointer, not a whole `Publish`.
+    pub(crate) outgoing_pub: Vec<Option<Box<Publish>>>,
     /// Packet ids of released QoS 2 publishes
     pub(crate) outgoing_rel: FixedBitSet,
     /// Packet ids on incoming QoS 2 publishes
@@ -113,6 +118,11 @@ pub struct MqttState {
 }
 
 impl MqttState {
+    /// The highest packet id `outgoing_pub` may need a slot for.
+    fn max_slots(&self) -> usize {
+        self.max_outgoing_inflight_upper_limit as usize
+    }
+
     /// Creates new mqtt state. Same state should be used during a
     /// connection for persistent sessions while new state should
     /// instantiated for clean sessions
@@ -124,8 +134,9 @@ impl MqttState {
             last_outgoing: Instant::now(),
             last_pkid: 0,
             inflight: 0,
-            // index 0 is wasted as 0 is not a valid packet id
-            outgoing_pub: vec![None; max_inflight as usize + 1],
+            // index 0 is wasted as 0 is not a valid packet id; grown on demand up to
+            // max_inflight + 1 (meshbridge patch: a large window costs memory only when used)
+            outgoing_pub: vec![None; (max_inflight as usize).min(INITIAL_SLOTS) + 1],
             outgoing_rel: FixedBitSet::with_capacity(max_inflight as usize + 1),
             incoming_pub: FixedBitSet::with_capacity(u16::MAX as usize + 1),
             collision: None,
@@ -146,7 +157,7 @@ impl MqttState {
         // remove and collect pending publishes
         for publish in self.outgoing_pub.iter_mut() {
             if let Some(publish) = publish.take() {
-                let request = Request::Publish(publish);
+                let request = Request::Publish(*publish);
                 pending.push(request);
             }
         }
@@ -372,7 +383,7 @@ impl MqttState {
         }
 
         if let Some(publish) = self.check_collision(puback.pkid) {
-            self.outgoing_pub[publish.pkid as usize] = Some(publish.clone());
+            self.outgoing_pub[publish.pkid as usize] = Some(Box::new(publish.clone()));
             self.inflight += 1;
 
             let pkid = publish.pkid;
@@ -478,6 +489,11 @@ impl MqttState {
             }
 
             let pkid = publish.pkid;
+            if self.outgoing_pub.len() <= pkid as usize
+                && pkid as usize <= self.max_slots()
+            {
+                self.outgoing_pub.resize(pkid as usize + 1, None);
+            }
             if self
                 .outgoing_pub
                 .get(publish.pkid as usize)
@@ -493,7 +509,7 @@ impl MqttState {
 
             // if there is an existing publish at this pkid, this implies that broker hasn't acked this
             // packet yet. This error is possible only when broker isn't acking sequentially
-            self.outgoing_pub[pkid as usize] = Some(publish.clone());
+            self.outgoing_pub[pkid as usize] = Some(Box::new(publish.clone()));
             self.inflight += 1;
         };
 

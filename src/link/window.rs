@@ -1,0 +1,222 @@
+//! How many messages a link keeps in flight to its broker: a window that follows the path's
+//! bandwidth-delay product. Pure state, fed by the link with one timed message per round trip.
+//!
+//! A fixed window caps a link at `window / RTT`: 100 messages over a 100 ms round trip is 1 000
+//! messages per second however fast the path is, while on loopback 100 is plenty. So the link
+//! measures instead: it times one message at a time from the write to its acknowledgement (the
+//! round trip) and counts the acknowledgements that came meanwhile (the delivery rate). The
+//! window is twice the largest recent rate times the smallest recent round trip (the
+//! bandwidth-delay product, as BBR estimates it), never below the configured floor nor above the
+//! cap (the broker's Receive Maximum, the memory budget):
+//! - while the window limits the link and the round trip stays at its minimum, each sample
+//!   multiplies it (the rate is the window over the round trip): by four while the rate still
+//!   grows by a quarter per round trip (a 100 ms path at 40 000 msg/s opens in three round
+//!   trips, before the backlog it gathers meanwhile fills the target's queue), by two after;
+//! - once the broker or the path is the bottleneck, messages queue, the round trip grows, and
+//!   the product stops growing: at most about one product waits in queues;
+//! - on loopback the product is a few messages: the floor applies, as before.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Samples the largest rate is taken over (about as many round trips).
+const RATE_SAMPLES: usize = 10;
+
+/// Samples in a row whose rate grew by less than a quarter after which the path is taken for
+/// full and the window stops growing fast (BBR's "full pipe" test).
+const FULL_AFTER: u32 = 3;
+
+/// A timed message not acknowledged within this is given up (a broker that dropped it): the
+/// next one written is timed instead.
+const GIVE_UP: Duration = Duration::from_secs(10);
+
+/// The in-flight window of one connection (see the module documentation).
+#[derive(Debug, Clone)]
+pub(crate) struct Window {
+    floor: usize,
+    cap: usize,
+    size: usize,
+    /// The message being timed: its packet id, when it was written, and the acknowledgements
+    /// counted when it was.
+    timing: Option<(u16, Instant, u64)>,
+    /// Acknowledgements so far.
+    acked: u64,
+    /// The smallest round trip seen on this connection.
+    min_rtt: Option<Duration>,
+    /// Recent delivery rates (acknowledgements per second), newest last.
+    rates: VecDeque<f64>,
+    /// Still finding the path's rate: the window grows four times per round trip instead of
+    /// twice, so that a long fast path opens before the backlog it gathers overflows the queue.
+    startup: bool,
+    /// Samples in a row without a quarter more rate (see [`FULL_AFTER`]).
+    flat: u32,
+}
+
+impl Window {
+    /// A window of at least `floor` and at most `cap` messages (`cap` below `floor`: `floor`,
+    /// fixed), starting at `floor`.
+    pub(crate) fn new(floor: usize, cap: usize) -> Self {
+        let floor = floor.max(1);
+        Self {
+            floor,
+            cap: cap.max(floor),
+            size: floor,
+            timing: None,
+            acked: 0,
+            min_rtt: None,
+            rates: VecDeque::with_capacity(RATE_SAMPLES),
+            startup: true,
+            flat: 0,
+        }
+    }
+
+    /// The window now.
+    pub(crate) fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Lowers the cap (the broker announced a smaller Receive Maximum).
+    pub(crate) fn cap_at(&mut self, cap: usize) {
+        self.cap = cap.max(1);
+        self.floor = self.floor.min(self.cap);
+        self.size = self.size.clamp(self.floor, self.cap);
+    }
+
+    /// A QoS 1 or 2 publish with packet id `pkid` was written at `now`: timed, unless one is
+    /// (for less than [`GIVE_UP`]).
+    pub(crate) fn written(&mut self, pkid: u16, now: Instant) {
+        let timing = self
+            .timing
+            .is_some_and(|(_, at, _)| now.saturating_duration_since(at) < GIVE_UP);
+        if !timing {
+            self.timing = Some((pkid, now, self.acked));
+        }
+    }
+
+    /// The broker acknowledged `pkid` at `now`.
+    pub(crate) fn acknowledged(&mut self, pkid: u16, now: Instant) {
+        self.acked += 1;
+        let Some((timed, at, acked_then)) = self.timing else {
+            return;
+        };
+        if timed != pkid {
+            return;
+        }
+        self.timing = None;
+        let rtt = now
+            .saturating_duration_since(at)
+            .max(Duration::from_micros(10));
+        let min_rtt = self.min_rtt.map_or(rtt, |m| m.min(rtt));
+        self.min_rtt = Some(min_rtt);
+        let rate = (self.acked - acked_then) as f64 / rtt.as_secs_f64();
+        let before = self.rates.iter().copied().fold(0.0, f64::max);
+        if self.rates.len() == RATE_SAMPLES {
+            self.rates.pop_front();
+        }
+        self.rates.push_back(rate);
+        if rate > 1.25 * before {
+            self.flat = 0;
+        } else {
+            self.flat += 1;
+            self.startup &= self.flat < FULL_AFTER;
+        }
+        let max_rate = before.max(rate);
+        let gain = if self.startup { 4.0 } else { 2.0 };
+        let product = gain * max_rate * min_rtt.as_secs_f64();
+        self.size = (product.ceil() as usize).clamp(self.floor, self.cap);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Drives `w` for `secs` seconds over a path with a fixed round trip `rtt` (no queueing)
+    /// and a bottleneck that takes `capacity` messages per second, with a backlog always
+    /// waiting: every acknowledgement lets the window write again (ack clocking). Returns the
+    /// window at the end and the messages acknowledged per second over the last half.
+    fn run(w: &mut Window, rtt: Duration, capacity: f64, secs: f64) -> (usize, f64) {
+        use std::collections::BTreeMap;
+        let start = Instant::now();
+        let service = Duration::from_secs_f64(1.0 / capacity);
+        let mut server_free = start;
+        // Acknowledgement time -> packet id, for what is in flight.
+        let mut flight: BTreeMap<(Instant, u16), ()> = BTreeMap::new();
+        let mut pkid = 0u16;
+        let mut now = start;
+        let end = start + Duration::from_secs_f64(secs);
+        let half = start + Duration::from_secs_f64(secs / 2.0);
+        let mut acked_late = 0u64;
+        loop {
+            while flight.len() < w.size() {
+                pkid = pkid.wrapping_add(1);
+                w.written(pkid, now);
+                let arrival = now + rtt / 2;
+                let begin = arrival.max(server_free);
+                server_free = begin + service;
+                flight.insert((server_free + rtt / 2, pkid), ());
+            }
+            let Some(((at, id), ())) = flight.pop_first() else {
+                break;
+            };
+            if at > end {
+                break;
+            }
+            now = at;
+            if at > half {
+                acked_late += 1;
+            }
+            w.acknowledged(id, now);
+        }
+        (w.size(), acked_late as f64 / (secs / 2.0))
+    }
+
+    #[test]
+    fn on_loopback_the_floor_applies() {
+        let mut w = Window::new(100, 8192);
+        // 0.3 ms round trips, 50 000 msg/s: the product is 15 messages.
+        let (size, rate) = run(&mut w, Duration::from_micros(300), 50_000.0, 2.0);
+        assert_eq!(size, 100);
+        assert!(rate > 49_000.0, "{rate}");
+    }
+
+    #[test]
+    fn a_long_path_opens_the_window_and_fills_it() {
+        // 100 ms, 40 000 msg/s: the product is 4 000, the floor 100 would give 1 000 msg/s.
+        let mut w = Window::new(100, 8192);
+        let (size, rate) = run(&mut w, Duration::from_millis(100), 40_000.0, 4.0);
+        assert!(rate > 38_000.0, "{rate} msg/s");
+        // About twice the product, not the cap: what queues at the bottleneck stays bounded.
+        assert!((4_000..=8_192).contains(&size), "{size}");
+        // A fixed window of the floor, for comparison.
+        let mut fixed = Window::new(100, 100);
+        let (_, slow) = run(&mut fixed, Duration::from_millis(100), 40_000.0, 4.0);
+        assert!(slow < 1_100.0, "{slow}");
+    }
+
+    #[test]
+    fn the_cap_holds_and_a_smaller_receive_maximum_lowers_it() {
+        let mut w = Window::new(100, 1000);
+        assert_eq!(run(&mut w, Duration::from_millis(100), 1e6, 2.0).0, 1000);
+        w.cap_at(20);
+        assert_eq!(w.size(), 20);
+        assert_eq!(run(&mut w, Duration::from_millis(100), 1e6, 1.0).0, 20);
+    }
+
+    #[test]
+    fn a_sample_never_acknowledged_is_replaced_by_a_later_one() {
+        let mut w = Window::new(10, 1000);
+        let start = Instant::now();
+        w.written(1, start);
+        let now = start + GIVE_UP;
+        w.written(2, now);
+        for _ in 0..9 {
+            w.acknowledged(0, now + Duration::from_millis(50));
+        }
+        w.acknowledged(2, now + Duration::from_millis(100));
+        // Measured: 10 acknowledgements in 100 ms, a product of 10, four times that while
+        // starting is 40 (with message 1 still timed, nothing would have been measured and the
+        // window stayed 10).
+        assert_eq!(w.size(), 40);
+    }
+}

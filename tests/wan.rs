@@ -1,0 +1,145 @@
+//! The bridge over a WAN (issue 28), against real mosquitto brokers: every link reaches its
+//! broker through a proxy that delays each byte by 50 ms each way (a 100 ms round trip; the
+//! test's clients connect directly). Numbered QoS 1 streams, counted per target: nothing lost,
+//! no duplicate without a crash. The in-flight window of a 3.1.1 link (no Receive Maximum)
+//! opens beyond `inflight` to fill the path; an MQTT 5 link's stays within the broker's
+//! Receive Maximum (mosquitto `max_inflight_messages 100` here). Throughput is measured by
+//! meshbench (`--rtt`), not asserted here.
+
+mod common;
+
+use std::time::Duration;
+
+use common::mqtt::{self, Pub};
+use common::proxy::Proxy;
+use common::{Bridge, Certs, Mosquitto};
+
+/// Messages of one stream.
+const N: usize = 4000;
+
+/// A 100 ms round trip between the bridge and every broker.
+const ONE_WAY: Duration = Duration::from_millis(50);
+
+/// Three brokers, a proxy in front of each, and a bridge dialling the proxies with `link` in
+/// every `[[broker]]`.
+fn wan_mesh(link: &str) -> (tempfile::TempDir, [Mosquitto; 3], Vec<Proxy>, Bridge) {
+    let (tmp, certs, brokers) = common::lab::<3>();
+    let proxies: Vec<Proxy> = brokers
+        .iter()
+        .map(|b| Proxy::delayed(b.tls_port, ONE_WAY))
+        .collect();
+    let cfg = config(&certs, &tmp, &brokers, &proxies, link);
+    let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
+    bridge.wait_subscribed(&["b1", "b2", "b3"]);
+    (tmp, brokers, proxies, bridge)
+}
+
+fn config(
+    certs: &Certs,
+    tmp: &tempfile::TempDir,
+    brokers: &[Mosquitto],
+    proxies: &[Proxy],
+    link: &str,
+) -> String {
+    let mut cfg = common::bridge_config(certs, "wan", &tmp.path().join("data"), &[]);
+    for (b, p) in brokers.iter().zip(proxies) {
+        cfg.push_str(&format!(
+            "[[broker]]\nname = \"{}\"\naddress = \"127.0.0.1:{}\"\n{link}\n",
+            b.name, p.port
+        ));
+    }
+    cfg
+}
+
+/// `0..n` on `topic` as payloads, QoS 1.
+fn numbered(topic: &str, n: usize) -> Vec<Pub> {
+    (0..n).map(|i| Pub::new(topic, i.to_string(), 1)).collect()
+}
+
+/// Streams `N` numbered messages from b1 and checks b2 and b3 got each exactly once; returns
+/// the bridge's /metrics afterwards.
+async fn stream(brokers: &[Mosquitto], bridge: &Bridge, tag: &str) -> String {
+    let topic = format!("wan/{tag}");
+    let subs = [
+        mqtt::subscribe(brokers[1].plain_port, &format!("{tag}-b2"), "wan/#").await,
+        mqtt::subscribe(brokers[2].plain_port, &format!("{tag}-b3"), "wan/#").await,
+    ];
+    mqtt::publish(
+        brokers[0].plain_port,
+        &format!("{tag}-pub"),
+        &numbered(&topic, N),
+    )
+    .await;
+    for (sub, target) in subs.iter().zip(["b2", "b3"]) {
+        sub.wait_count(N, Duration::from_secs(120)).await;
+        sub.settle(Duration::from_millis(500)).await;
+        let (lost, dups, disorder) = sub.sequence(&topic, N);
+        println!("b1 -> {target}: lost {lost} of {N}, duplicates {dups}, out of order {disorder}");
+        assert_eq!(lost, 0, "b1 -> {target}: messages lost");
+        assert_eq!(dups, 0, "b1 -> {target}: duplicates without any failure");
+    }
+    let cfg = std::fs::read_to_string(bridge.dir.join("bridge.toml")).unwrap();
+    common::http_get(
+        &format!("http://{}/metrics", common::admin_addr(&cfg)),
+        None,
+    )
+    .1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_311_link_opens_its_window_to_the_path_and_loses_nothing() {
+    let (_tmp, brokers, _proxies, bridge) = wan_mesh("protocol = \"v3.1.1\"");
+    let metrics = stream(&brokers, &bridge, "v311").await;
+    let windows: Vec<f64> = ["b2", "b3"]
+        .iter()
+        .map(|b| common::metric(&metrics, "meshbridge_inflight_window", b).unwrap_or(0.0))
+        .collect();
+    println!("in-flight windows of b2, b3: {windows:?} (inflight = 100)");
+    assert!(
+        windows.iter().any(|w| *w > 100.0),
+        "a 100 ms path at full speed needs more than 100 in flight: {windows:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt5_link_keeps_within_the_brokers_receive_maximum_and_loses_nothing() {
+    let (_tmp, brokers, _proxies, bridge) = wan_mesh("");
+    let metrics = stream(&brokers, &bridge, "v5").await;
+    for b in ["b2", "b3"] {
+        let w = common::metric(&metrics, "meshbridge_inflight_window", b).unwrap_or(0.0);
+        println!("in-flight window of {b}: {w}");
+        assert!(
+            (1.0..=100.0).contains(&w),
+            "{b}: mosquitto announced a Receive Maximum of 100 (max_inflight_messages): {w}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_killed_mid_stream_over_a_wan_loses_nothing() {
+    let (_tmp, brokers, _proxies, mut bridge) = wan_mesh("protocol = \"v3.1.1\"");
+    let topic = "wan/kill";
+    let subs = [
+        mqtt::subscribe(brokers[1].plain_port, "kill-b2", "wan/#").await,
+        mqtt::subscribe(brokers[2].plain_port, "kill-b3", "wan/#").await,
+    ];
+    let msgs = numbered(topic, N);
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let port = brokers[0].plain_port;
+    let publisher = tokio::spawn({
+        let progress = progress.clone();
+        async move { mqtt::publish_paced(port, "kill-pub", &msgs, 2000, progress).await }
+    });
+    subs[0].wait_count(N / 4, Duration::from_secs(60)).await;
+    bridge.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    bridge.respawn_subscribed(&["b1", "b2", "b3"]);
+    publisher.await.unwrap();
+    for (sub, target) in subs.iter().zip(["b2", "b3"]) {
+        sub.wait_count(N, Duration::from_secs(120)).await;
+        sub.settle(Duration::from_millis(500)).await;
+        let (lost, dups, _) = sub.sequence(topic, N);
+        println!("b1 -> {target} across kill -9: lost {lost} of {N}, duplicates {dups}");
+        assert_eq!(lost, 0, "b1 -> {target}: messages lost across kill -9");
+    }
+}
