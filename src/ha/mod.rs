@@ -426,7 +426,7 @@ pub(crate) const CLAIM_SETTLE: Duration = Duration::from_millis(500);
 mod tests {
     use super::*;
 
-    fn me(name: &str, started: u64) -> Identity {
+    pub(super) fn me(name: &str, started: u64) -> Identity {
         Identity {
             instance: name.into(),
             nonce: 1,
@@ -435,7 +435,8 @@ mod tests {
         }
     }
 
-    fn alive(started: u64) -> InstanceRecord {
+    /// An alive record of another process (nonce 7) that started at `started`.
+    pub(super) fn alive(started: u64) -> InstanceRecord {
         InstanceRecord {
             alive: true,
             nonce: 7,

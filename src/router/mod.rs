@@ -222,7 +222,8 @@ mod tests {
     use crate::metrics::LinkStats;
     use bytes::Bytes;
 
-    fn msg() -> Message {
+    /// A QoS 1 message on `t` with payload `p`.
+    pub(super) fn msg() -> Message {
         Message {
             topic: Bytes::from_static(b"t"),
             payload: Bytes::from_static(b"p"),

@@ -680,35 +680,7 @@ async fn run_bridge(o: &Opts, lab: &Lab, run: usize) -> Result<(Result_, Option<
     let mut admin_ports = Vec::new();
     for k in 0..o.instances {
         let admin_port = free_port();
-        let mut cfg = format!(
-            "[bridge]\nid = \"bench{run}\"\ninstance = \"i{k}\"\nadmin_listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n",
-            admin_port,
-            lab.dir.path().join(format!("data{run}-{k}")).display()
-        );
-        if let Some(n) = o.queue_capacity {
-            let _ = writeln!(cfg, "queue_capacity = {n}");
-        }
-        if let Some(n) = o.inflight {
-            let _ = writeln!(cfg, "inflight = {n}");
-        }
-        if let Some(n) = o.worker_threads {
-            let _ = writeln!(cfg, "worker_threads = {n}");
-        }
-        if let Some(n) = o.links_per_thread {
-            let _ = writeln!(cfg, "links_per_thread = {n}");
-        }
-        for (i, p) in lab.dialled.iter().enumerate() {
-            let _ = write!(
-                cfg,
-                "[[broker]]\nname = \"b{}\"\naddress = \"127.0.0.1:{p}\"\ntls = false\n{}",
-                i + 1,
-                if o.v311 {
-                    "protocol = \"v3.1.1\"\n"
-                } else {
-                    ""
-                }
-            );
-        }
+        let cfg = bridge_config(o, lab, run, k, admin_port);
         let cfg_path = lab.dir.path().join(format!("bridge{run}-{k}.toml"));
         std::fs::write(&cfg_path, cfg).expect("write bridge config");
         // Warnings and errors only: nothing is written per message.
@@ -733,7 +705,15 @@ async fn run_bridge(o: &Opts, lab: &Lab, run: usize) -> Result<(Result_, Option<
         ));
         admin_ports.push(admin_port);
     }
-    // Started together, the instances settle who owns what within a second or two.
+    // Measured from when every process says it replicates (`/readyz`): at 32 brokers a fresh
+    // mesh takes seconds to consume every broker, and a burst published before would not be
+    // forwarded at all. Then the same settling time as before.
+    let ready_by = Instant::now() + Duration::from_secs(120);
+    for port in &admin_ports {
+        while !ready(*port) && Instant::now() < ready_by {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     tokio::time::sleep(Duration::from_secs(if o.instances > 1 { 4 } else { 2 })).await;
     for (bridge, log) in &mut bridges {
         bridge.running("bridge", Some(log))?;
@@ -744,9 +724,52 @@ async fn run_bridge(o: &Opts, lab: &Lab, run: usize) -> Result<(Result_, Option<
         .iter()
         .map(|p| spooled_total(*p))
         .try_fold(0, |sum, s| s.map(|s| sum + s));
+    keep_logs(&bridges);
+    drop(bridges);
+    discard_sessions(&lab.ports, |n| format!("bench{run}-b{n}")).await;
+    Ok((r, spooled))
+}
+
+/// The config of bridge process `k` of run `run`, its admin API on `admin_port`.
+fn bridge_config(o: &Opts, lab: &Lab, run: usize, k: usize, admin_port: u16) -> String {
+    let mut cfg = format!(
+        "[bridge]\nid = \"bench{run}\"\ninstance = \"i{k}\"\nadmin_listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n",
+        admin_port,
+        lab.dir.path().join(format!("data{run}-{k}")).display()
+    );
+    if let Some(n) = o.queue_capacity {
+        let _ = writeln!(cfg, "queue_capacity = {n}");
+    }
+    if let Some(n) = o.inflight {
+        let _ = writeln!(cfg, "inflight = {n}");
+    }
+    if let Some(n) = o.worker_threads {
+        let _ = writeln!(cfg, "worker_threads = {n}");
+    }
+    if let Some(n) = o.links_per_thread {
+        let _ = writeln!(cfg, "links_per_thread = {n}");
+    }
+    for (i, p) in lab.dialled.iter().enumerate() {
+        let _ = write!(
+            cfg,
+            "[[broker]]\nname = \"b{}\"\naddress = \"127.0.0.1:{p}\"\ntls = false\n{}",
+            i + 1,
+            if o.v311 {
+                "protocol = \"v3.1.1\"\n"
+            } else {
+                ""
+            }
+        );
+    }
+    cfg
+}
+
+/// With `MESHBENCH_BRIDGE_LOG` set, copies the bridges' logs where the run's directory is not
+/// (it goes with the run), and says where.
+fn keep_logs(bridges: &[(Proc, PathBuf)]) {
     if std::env::var_os("MESHBENCH_BRIDGE_LOG").is_some() {
         // Kept where the run's directory is not: it goes with the run.
-        for (_, log) in &bridges {
+        for (_, log) in bridges {
             if let Some(name) = log.file_name() {
                 let kept =
                     std::env::temp_dir().join(format!("meshbench-{}", name.to_string_lossy()));
@@ -755,9 +778,6 @@ async fn run_bridge(o: &Opts, lab: &Lab, run: usize) -> Result<(Result_, Option<
             }
         }
     }
-    drop(bridges);
-    discard_sessions(&lab.ports, |n| format!("bench{run}-b{n}")).await;
-    Ok((r, spooled))
 }
 
 /// One run of both contenders, in the given order.
@@ -886,4 +906,11 @@ fn spooled_total(admin_port: u16) -> Option<u64> {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum(),
     )
+}
+
+/// Whether the bridge whose admin API listens on `admin_port` answers `/readyz` with 200.
+fn ready(admin_port: u16) -> bool {
+    ureq::get(format!("http://127.0.0.1:{admin_port}/readyz"))
+        .call()
+        .is_ok_and(|r| r.status() == 200)
 }

@@ -2,6 +2,7 @@
 //! of the test's own.
 
 use super::*;
+use crate::ha::tests::alive;
 use crate::ha::{CLAIM_SETTLE, LIVENESS, REBALANCE_SETTLE, score};
 
 /// Wall clock at the test's time zero.
@@ -24,22 +25,9 @@ impl Clock {
     }
 }
 
+/// This process: instance `a`, nonce 1.
 fn me() -> Identity {
-    Identity {
-        instance: "a".into(),
-        nonce: 1,
-        started: BASE,
-        admin: String::new(),
-    }
-}
-
-fn alive(started: u64) -> InstanceRecord {
-    InstanceRecord {
-        alive: true,
-        nonce: 7,
-        started,
-        admin: String::new(),
-    }
+    crate::ha::tests::me("a", BASE)
 }
 
 fn owner_record(instance: &str, since: u64) -> OwnerRecord {

@@ -9,15 +9,7 @@ use super::*;
 use crate::message::{AckGroup, AckRequest, Message};
 use crate::spool::{self, Overflow, Spool};
 
-fn msg() -> Message {
-    Message {
-        topic: Bytes::from_static(b"t"),
-        payload: Bytes::from_static(b"p"),
-        qos: 1,
-        retain: false,
-        properties: None,
-    }
-}
+use crate::router::tests::msg;
 
 fn payloads(items: &[Outbound]) -> Vec<u8> {
     items.iter().map(|o| o.msg.payload[0]).collect()
