@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use super::{
-    Consumer, Decision, HEARTBEAT, Identity, InstanceRecord, OwnerRecord, Subscribed, View, decide,
+    Consumer, Decision, HEARTBEAT, Identity, InstanceRecord, OwnerRecord, RoleStatus, Subscribed,
+    View, decide,
 };
 use crate::policy::Policy;
 
@@ -126,20 +127,6 @@ pub(crate) enum End {
 /// An owner record older than the newest this link accepted (beyond the clocks' skew): a replay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Stale;
-
-/// Ownership of one broker as its link sees it, for status and metrics.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct RoleStatus {
-    /// The live owner the broker's record names.
-    pub(crate) owner: Option<String>,
-    /// This instance consumes the broker.
-    pub(crate) consuming: bool,
-    /// Live instances on this broker, this one included.
-    pub(crate) instances: usize,
-    /// Every instance the broker shows a record of: name, live, start (ms since the epoch),
-    /// admin address.
-    pub(crate) seen: Vec<(String, bool, u64, String)>,
-}
 
 /// A connection changing role.
 #[derive(Debug, Clone, Copy)]
