@@ -105,6 +105,16 @@ async fn a_311_link_opens_its_window_to_the_path_and_loses_nothing() {
 async fn an_mqtt5_link_keeps_within_the_brokers_receive_maximum_and_loses_nothing() {
     let (_tmp, brokers, _proxies, bridge) = wan_mesh("");
     let metrics = stream(&brokers, &bridge, "v5").await;
+    // The operator is told why, and what to change.
+    assert!(
+        bridge.wait_log(
+            "raise max_inflight_messages on the broker",
+            1,
+            Duration::from_secs(5)
+        ),
+        "no warning about the brokers' Receive Maximum:\n{}",
+        bridge.log()
+    );
     for b in ["b2", "b3"] {
         let w = common::metric(&metrics, "meshbridge_inflight_window", b).unwrap_or(0.0);
         println!("in-flight window of {b}: {w}");

@@ -251,11 +251,28 @@ fn change_subscriptions(client: &Client, subscribe: &[String], unsubscribe: &[St
     }
 }
 
-/// The broker acknowledged `pkid`: the window learns from it (see [`super::window`]).
+/// The broker acknowledged `pkid`: the window learns from it (see [`super::window`]). Says
+/// once per connection when the broker's Receive Maximum holds a long path back.
 fn pace(conn: &mut Conn, pkid: u16) {
     let before = conn.pace.size();
     conn.pace.acknowledged(pkid, Instant::now());
     if conn.pace.size() != before {
         debug!(window = conn.pace.size(), "in-flight window");
+    }
+    if conn.starved_said {
+        return;
+    }
+    if let Some((max, rtt)) = conn.pace.starved() {
+        conn.starved_said = true;
+        let ms = rtt.as_secs_f64() * 1000.0;
+        warn!(
+            receive_maximum = max,
+            round_trip_ms = ms.round(),
+            "the broker takes at most {max} messages in flight (its Receive Maximum; mosquitto: \
+             max_inflight_messages, default 20) over a {ms:.0} ms round trip: this link carries \
+             at most about {:.0} msg/s; raise max_inflight_messages on the broker (0: no limit), \
+             or set protocol = \"v3.1.1\" for it (docs/FLOW.md)",
+            max as f64 / rtt.as_secs_f64()
+        );
     }
 }

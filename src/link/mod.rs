@@ -214,6 +214,9 @@ struct Conn {
     flight: OutFlight<Outbound>,
     /// How much of it the path takes (see [`window`]).
     pace: window::Window,
+    /// The broker's Receive Maximum was said to hold this connection back (see
+    /// `events::pace`).
+    starved_said: bool,
     /// Taken from the queue, on its way to the client (kept to reuse its allocation).
     batch: Vec<Outbound>,
     /// [`Link::finished`] at the last stall check, and how many checks in a row saw no change.
@@ -374,6 +377,7 @@ impl Link {
                 usize::from(self.ctx.settings.inflight),
                 usize::from(self.ctx.settings.inflight_max),
             ),
+            starved_said: false,
             batch: Vec::new(),
             last_finished: self.finished,
             stalled_checks: 0,

@@ -26,6 +26,10 @@ const RATE_SAMPLES: usize = 10;
 /// full and the window stops growing fast (BBR's "full pipe" test).
 const FULL_AFTER: u32 = 3;
 
+/// A round trip from which a window held down by the broker is worth a warning: below it, even
+/// mosquitto's default Receive Maximum of 20 carries thousands of messages per second.
+const LONG_PATH: Duration = Duration::from_millis(5);
+
 /// A timed message not acknowledged within this is given up (a broker that dropped it): the
 /// next one written is timed instead.
 const GIVE_UP: Duration = Duration::from_secs(10);
@@ -50,6 +54,10 @@ pub(crate) struct Window {
     startup: bool,
     /// Samples in a row without a quarter more rate (see [`FULL_AFTER`]).
     flat: u32,
+    /// The window the path asked for at the last sample, before the floor and the cap.
+    wanted: usize,
+    /// The cap is the broker's Receive Maximum (below `inflight_max`).
+    broker_capped: bool,
 }
 
 impl Window {
@@ -67,6 +75,8 @@ impl Window {
             rates: VecDeque::with_capacity(RATE_SAMPLES),
             startup: true,
             flat: 0,
+            wanted: 0,
+            broker_capped: false,
         }
     }
 
@@ -75,11 +85,23 @@ impl Window {
         self.size
     }
 
-    /// Lowers the cap (the broker announced a smaller Receive Maximum).
-    pub(crate) fn cap_at(&mut self, cap: usize) {
-        self.cap = cap.max(1);
+    /// The broker announced a Receive Maximum of `max`: the cap comes down to it (never up).
+    pub(crate) fn cap_at(&mut self, max: usize) {
+        let max = max.max(1);
+        if max < self.cap {
+            self.cap = max;
+            self.broker_capped = true;
+        }
         self.floor = self.floor.min(self.cap);
         self.size = self.size.clamp(self.floor, self.cap);
+    }
+
+    /// When the broker's Receive Maximum holds the window below what a long path wants: that
+    /// maximum and the path's round trip. (Then the link carries at most `max / round trip`.)
+    pub(crate) fn starved(&self) -> Option<(usize, Duration)> {
+        let rtt = self.min_rtt?;
+        (self.broker_capped && self.wanted > self.cap && rtt >= LONG_PATH)
+            .then_some((self.cap, rtt))
     }
 
     /// A QoS 1 or 2 publish with packet id `pkid` was written at `now`: timed, unless one is
@@ -123,7 +145,8 @@ impl Window {
         let max_rate = before.max(rate);
         let gain = if self.startup { 4.0 } else { 2.0 };
         let product = gain * max_rate * min_rtt.as_secs_f64();
-        self.size = (product.ceil() as usize).clamp(self.floor, self.cap);
+        self.wanted = product.ceil() as usize;
+        self.size = self.wanted.clamp(self.floor, self.cap);
     }
 }
 
@@ -197,10 +220,27 @@ mod tests {
     #[test]
     fn the_cap_holds_and_a_smaller_receive_maximum_lowers_it() {
         let mut w = Window::new(100, 1000);
-        assert_eq!(run(&mut w, Duration::from_millis(100), 1e6, 2.0).0, 1000);
+        w.cap_at(65_535);
+        assert_eq!(
+            run(&mut w, Duration::from_millis(100), 1e6, 2.0).0,
+            1000,
+            "never raised"
+        );
+        assert_eq!(w.starved(), None, "inflight_max is the operator's own cap");
         w.cap_at(20);
         assert_eq!(w.size(), 20);
         assert_eq!(run(&mut w, Duration::from_millis(100), 1e6, 1.0).0, 20);
+        let (max, rtt) = w.starved().expect("the broker's 20 hold a 100 ms path");
+        assert_eq!(max, 20);
+        assert!(rtt >= Duration::from_millis(100), "{rtt:?}");
+    }
+
+    #[test]
+    fn a_small_receive_maximum_on_loopback_starves_nothing() {
+        let mut w = Window::new(100, 2048);
+        w.cap_at(20);
+        run(&mut w, Duration::from_micros(300), 50_000.0, 1.0);
+        assert_eq!(w.starved(), None);
     }
 
     #[test]
