@@ -676,6 +676,7 @@ async fn discard_sessions(ports: &[u16], client_id: impl Fn(usize) -> String) {
 /// (b) `bridge run`, `--instances` processes of one mesh; also returns how many messages they
 /// wrote to their spools.
 async fn run_bridge(o: &Opts, lab: &Lab, run: usize) -> Result<(Result_, Option<u64>), BenchError> {
+    let spawned = Instant::now();
     let mut bridges = Vec::new();
     let mut admin_ports = Vec::new();
     for k in 0..o.instances {
@@ -711,9 +712,14 @@ async fn run_bridge(o: &Opts, lab: &Lab, run: usize) -> Result<(Result_, Option<
     let ready_by = Instant::now() + Duration::from_secs(120);
     for port in &admin_ports {
         while !ready(*port) && Instant::now() < ready_by {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    println!(
+        "run {}: bridge ready (/readyz 200) {:.2} s after it started",
+        run + 1,
+        spawned.elapsed().as_secs_f64()
+    );
     tokio::time::sleep(Duration::from_secs(if o.instances > 1 { 4 } else { 2 })).await;
     for (bridge, log) in &mut bridges {
         bridge.running("bridge", Some(log))?;
