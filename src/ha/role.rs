@@ -101,8 +101,9 @@ pub(crate) enum Action {
     /// The packet ids the last connection left unacknowledged mean nothing to the next one (a
     /// session of its own).
     ForgetPacketIds,
-    /// The next consuming connection takes the session to hold what the rules want (another
-    /// process of the same configuration subscribed it).
+    /// The next consuming connection takes over a session another process (or this one before
+    /// a restart) may have used: its subscriptions are taken to be what the rules want, and
+    /// any packet id up to `inflight_max` may wait for a PUBREL.
     ForgetSubscriptions,
     /// Subscribe no more probes on this broker (it refuses `$` topics).
     ProbesOff,

@@ -108,7 +108,11 @@ impl Link {
             }
             Sent::InFlight => {
                 conn.pace.written(pkid, Instant::now());
-                self.pkid_high = Some(self.pkid_high.unwrap_or(0).max(pkid));
+                // The ids of the persistent session only: a publisher's clean session leaves
+                // nothing in the broker to release.
+                if self.role.consumer() {
+                    self.pkid_high = Some(self.pkid_high.unwrap_or(0).max(pkid));
+                }
             }
             Sent::Control => {}
             Sent::Evicted { old, seqs } => {

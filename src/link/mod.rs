@@ -165,8 +165,10 @@ struct Link {
     /// Packet ids the last connection left unacknowledged, in the order it sent them: the next
     /// connection releases them in that order (see `session::open`).
     release_first: Vec<u16>,
-    /// The highest packet id a connection of this process used (rumqttc numbers publishes from 1
-    /// and starts again at 1 when few are in flight); `None` before the first.
+    /// The highest packet id this process used on the broker's persistent session since it
+    /// last took the session over; `None` before that: another process (or this one before a
+    /// restart) may have used any id up to `inflight_max`, and a resumed session releases them
+    /// all (see [`session::resume_order`]).
     pkid_high: Option<u16>,
     /// Origin tags (`<bridge id>/<origin broker>`) by origin, built once instead of per publish.
     tags: HashMap<Arc<str>, String, ahash::RandomState>,

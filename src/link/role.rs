@@ -105,7 +105,12 @@ impl Link {
         let stats = &self.ctx.stats;
         match action {
             Action::ForgetPacketIds => self.release_first.clear(),
-            Action::ForgetSubscriptions => self.subscribed = None,
+            Action::ForgetSubscriptions => {
+                // Taking the session (back) over: another process may have used it meanwhile,
+                // with its own subscriptions and packet ids.
+                self.subscribed = None;
+                self.pkid_high = None;
+            }
             Action::ForgetParks => self.drains.forget(),
             Action::StopWaitingForParks => self.drains.stop_waiting(),
             Action::ProbesOff => self.probes = false,
