@@ -421,7 +421,7 @@ impl Link {
                 _ = stall_check.tick() => self.stall_tick(&mut conn),
                 _ = ha_check.tick(), if self.role.coordinates() => self.ha_tick(&mut conn),
                 // A takeover waits for its park sessions: go on as soon as they are read.
-                _ = self.drains.first_read(), if self.drains.waiting() => self.on_parks_read(&mut conn),
+                _ = self.drains.first_read(), if self.drains.waiting() => self.on_parks_read(Some(&mut conn)),
                 _ = spool_check.tick() => self.spool_tick(&conn),
             }
         };

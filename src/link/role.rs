@@ -101,7 +101,7 @@ impl Link {
         self.report();
     }
 
-    fn carry_out_one(&mut self, mut conn: Option<&mut Conn>, action: Action) {
+    fn carry_out_one(&mut self, conn: Option<&mut Conn>, action: Action) {
         let stats = &self.ctx.stats;
         match action {
             Action::ForgetPacketIds => self.release_first.clear(),
@@ -131,12 +131,8 @@ impl Link {
             }
             Action::ReadParks => {
                 self.read_parks();
-                if self.drains.all_read() {
-                    let actions = self.role.parks_read(Now::read());
-                    for action in actions {
-                        self.carry_out_one(conn.as_deref_mut(), action);
-                    }
-                }
+                // (None to read: the role goes on at once.)
+                self.on_parks_read(conn);
             }
             Action::SubscribeControl => {
                 let Some(conn) = conn else { return };
@@ -178,10 +174,10 @@ impl Link {
     }
 
     /// The park sessions a takeover waits for are read (a drain ended); the role goes on.
-    pub(super) fn on_parks_read(&mut self, conn: &mut Conn) {
+    pub(super) fn on_parks_read(&mut self, conn: Option<&mut Conn>) {
         if self.drains.all_read() {
             let actions = self.role.parks_read(Now::read());
-            self.carry_out(Some(conn), actions);
+            self.carry_out(conn, actions);
         }
     }
 
