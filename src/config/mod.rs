@@ -80,7 +80,7 @@ pub(crate) const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 /// Default cap of a link's in-flight window (`inflight_max`): 8192 messages cover a path of
 /// 100 ms at 40 000 msg/s with the window's headroom; the slots it takes in the MQTT client are
 /// allocated only as the window grows into them.
-pub(crate) const DEFAULT_INFLIGHT_MAX: u16 = 2048;
+pub(crate) const DEFAULT_INFLIGHT_MAX: u16 = 8192;
 
 impl From<crate::tls::TlsError> for ConfigError {
     fn from(e: crate::tls::TlsError) -> Self {

@@ -261,7 +261,11 @@ fn pace(conn: &mut Conn, pkid: u16) {
     let before = conn.pace.size();
     conn.pace.acknowledged(pkid, Instant::now());
     if conn.pace.size() != before {
-        debug!(window = conn.pace.size(), "in-flight window");
+        debug!(
+            window = conn.pace.size(),
+            outstanding = conn.flight.outstanding(),
+            "in-flight window"
+        );
     }
     if conn.starved_said {
         return;

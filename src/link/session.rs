@@ -13,8 +13,8 @@
 //! The same holds in the other direction: a QoS 2 message we published may sit in the broker's
 //! session waiting for our PUBREL when the connection (or the process) died. rumqttc numbers
 //! publishes 1..=`inflight_max`, so on a resumed session the bridge first sends PUBREL for each of
-//! those ids (through rumqttc's `pending` queue, which it drops by itself when the session is
-//! new). The broker completes what it holds and answers PUBCOMP for the rest; without this, a
+//! those ids (through the vendored rumqttc's `release` queue, two bytes an id, which it drops by
+//! itself when the session is new). The broker completes what it holds and answers PUBCOMP for the rest; without this, a
 //! new publish reusing such an id would be taken by the broker for the old one and lost. The
 //! broker delivers a stored QoS 2 message when it gets the PUBREL, so the ids the previous
 //! connection left unacknowledged go first, in the order it sent them ([`resume_order`]);
@@ -401,22 +401,14 @@ pub(crate) fn open(s: &SessionSettings, who: &ConnectAs, release: &[u16]) -> Ses
                 rumqttc::AsyncClient::new(options_v4(s, who), s.request_capacity());
             el.set_network_options(network_options());
             seed_v4(&mut el);
-            el.pending.extend(
-                release
-                    .iter()
-                    .map(|&pkid| rumqttc::Request::PubRel(rumqttc::PubRel::new(pkid))),
-            );
+            el.release.extend(release);
             (Client::V4(client), tokio::spawn(drive_v4(el, tx)))
         }
         Protocol::V5 => {
             let (client, mut el) =
                 rumqttc::v5::AsyncClient::new(options_v5(s, who), s.request_capacity());
             seed_v5(&mut el);
-            el.pending.extend(
-                release
-                    .iter()
-                    .map(|&pkid| rumqttc::v5::Request::PubRel(v5b::PubRel::new(pkid, None))),
-            );
+            el.release.extend(release);
             (Client::V5(client), tokio::spawn(drive_v5(el, tx)))
         }
     };

@@ -15,6 +15,14 @@
 //! - once the broker or the path is the bottleneck, messages queue, the round trip grows, and
 //!   the product stops growing: at most about one product waits in queues;
 //! - on loopback the product is a few messages: the floor applies, as before.
+//!
+//! On a long path (a round trip of [`LONG_PATH`] or more) the window starts at the cap and
+//! stays there until the path is found full (BBR's startup, without a pacing rate): opened
+//! from the samples alone it grew about 1.8 times per round trip at 100 ms (each sample sees
+//! the round trip the larger flight inflates), and a burst of 20 000 was over before the window
+//! had opened. A sample taken while the window was not full measured what the link had to send,
+//! not what the path takes: it never ends the start. A connection that went idle starts again
+//! at its next burst.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -40,11 +48,14 @@ pub(crate) struct Window {
     floor: usize,
     cap: usize,
     size: usize,
-    /// The message being timed: its packet id, when it was written, and the acknowledgements
-    /// counted when it was.
-    timing: Option<(u16, Instant, u64)>,
+    /// The message being timed: its packet id, when it was written, the acknowledgements
+    /// counted when it was, and whether it filled the window (a sample of a window that was
+    /// not full measured what the link had to send, not what the path takes).
+    timing: Option<(u16, Instant, u64, bool)>,
     /// Acknowledgements so far.
     acked: u64,
+    /// Written and not acknowledged yet.
+    flight: usize,
     /// The smallest round trip seen on this connection.
     min_rtt: Option<Duration>,
     /// Recent delivery rates (acknowledgements per second), newest last.
@@ -71,6 +82,7 @@ impl Window {
             size: floor,
             timing: None,
             acked: 0,
+            flight: 0,
             min_rtt: None,
             rates: VecDeque::with_capacity(RATE_SAMPLES),
             startup: true,
@@ -107,18 +119,25 @@ impl Window {
     /// A QoS 1 or 2 publish with packet id `pkid` was written at `now`: timed, unless one is
     /// (for less than [`GIVE_UP`]).
     pub(crate) fn written(&mut self, pkid: u16, now: Instant) {
+        if self.flight == 0 && !self.startup {
+            // Idle until now: the next burst finds the path again from where the window is.
+            self.startup = true;
+            self.flat = 0;
+        }
+        self.flight += 1;
         let timing = self
             .timing
-            .is_some_and(|(_, at, _)| now.saturating_duration_since(at) < GIVE_UP);
+            .is_some_and(|(_, at, ..)| now.saturating_duration_since(at) < GIVE_UP);
         if !timing {
-            self.timing = Some((pkid, now, self.acked));
+            self.timing = Some((pkid, now, self.acked, self.flight >= self.size));
         }
     }
 
     /// The broker acknowledged `pkid` at `now`.
     pub(crate) fn acknowledged(&mut self, pkid: u16, now: Instant) {
         self.acked += 1;
-        let Some((timed, at, acked_then)) = self.timing else {
+        self.flight = self.flight.saturating_sub(1);
+        let Some((timed, at, acked_then, full)) = self.timing else {
             return;
         };
         if timed != pkid {
@@ -138,7 +157,7 @@ impl Window {
         self.rates.push_back(rate);
         if rate > 1.25 * before {
             self.flat = 0;
-        } else {
+        } else if full {
             self.flat += 1;
             self.startup &= self.flat < FULL_AFTER;
         }
@@ -146,7 +165,11 @@ impl Window {
         let gain = if self.startup { 4.0 } else { 2.0 };
         let product = gain * max_rate * min_rtt.as_secs_f64();
         self.wanted = product.ceil() as usize;
-        self.size = self.wanted.clamp(self.floor, self.cap);
+        self.size = if self.startup && min_rtt >= LONG_PATH {
+            self.cap
+        } else {
+            self.wanted.clamp(self.floor, self.cap)
+        };
     }
 }
 
@@ -251,12 +274,55 @@ mod tests {
         let now = start + GIVE_UP;
         w.written(2, now);
         for _ in 0..9 {
-            w.acknowledged(0, now + Duration::from_millis(50));
+            w.acknowledged(0, now + Duration::from_micros(500));
         }
-        w.acknowledged(2, now + Duration::from_millis(100));
-        // Measured: 10 acknowledgements in 100 ms, a product of 10, four times that while
+        w.acknowledged(2, now + Duration::from_millis(1));
+        // Measured: 10 acknowledgements in 1 ms, a product of 10, four times that while
         // starting is 40 (with message 1 still timed, nothing would have been measured and the
         // window stayed 10).
         assert_eq!(w.size(), 40);
+    }
+
+    #[test]
+    fn a_long_path_starts_at_the_cap_until_the_path_is_full() {
+        // 100 ms, 10 000 msg/s: the product is 1 000; the start opens to the cap at the first
+        // sample, and once three samples of a full window find no more rate it comes down to
+        // about twice the product.
+        let mut w = Window::new(100, 8192);
+        let start = Instant::now();
+        w.written(1, start);
+        w.acknowledged(1, start + Duration::from_millis(100));
+        assert_eq!(w.size(), 8192, "a long path: the cap at once");
+        let (size, rate) = run(&mut w, Duration::from_millis(100), 10_000.0, 4.0);
+        assert!(rate > 9_500.0, "{rate}");
+        assert!((1_000..=4_000).contains(&size), "{size}");
+    }
+
+    #[test]
+    fn samples_of_a_window_not_full_never_end_the_start() {
+        let mut w = Window::new(100, 8192);
+        let mut now = Instant::now();
+        // A trickle: one message at a time, 100 ms each, many samples with no more rate.
+        for pkid in 1..=10 {
+            w.written(pkid, now);
+            now += Duration::from_millis(100);
+            w.acknowledged(pkid, now);
+        }
+        assert_eq!(w.size(), 8192, "still starting: a burst gets the cap");
+        // A burst that fills it, and the rate it finds stops growing: the start ends.
+        let (size, _) = run(&mut w, Duration::from_millis(100), 5_000.0, 10.0);
+        assert!(size < 8192, "{size}");
+        // Idle again (what was in flight acknowledged: id 0 is never timed here), then the next
+        // burst starts over at the cap.
+        for _ in 0..8192 {
+            w.acknowledged(0, now);
+        }
+        w.written(1000, now + Duration::from_secs(30));
+        assert_eq!(w.size(), size, "the size waits for the next sample");
+        w.acknowledged(
+            1000,
+            now + Duration::from_secs(30) + Duration::from_millis(100),
+        );
+        assert_eq!(w.size(), 8192);
     }
 }

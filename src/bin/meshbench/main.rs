@@ -2,7 +2,7 @@
 //!
 //! `cargo run --release --bin meshbench -- [--brokers 3] [--messages 20000] [--qos 1] [--size 64]
 //! [--rate 5000] [--seconds 5] [--topics 1] [--down 0]
-//! [--queue-capacity N] [--inflight N] [--v311] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K]
+//! [--queue-capacity N] [--inflight N] [--inflight-max N] [--v311] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K]
 //! [--steady] [--rtt MS]`
 //!
 //! Starts N mosquitto brokers on free loopback ports, then, in turn, (a) a mosquitto "bridge
@@ -73,6 +73,8 @@ struct Opts {
     queue_capacity: Option<u64>,
     /// The bridge's `inflight`.
     inflight: Option<u64>,
+    /// The bridge's `inflight_max`.
+    inflight_max: Option<u64>,
     /// The bridge's links speak MQTT 3.1.1 (as the master's do) instead of 5.
     v311: bool,
     worker_threads: Option<u64>,
@@ -103,6 +105,7 @@ fn parse() -> Result<Opts, BenchError> {
         down: 0,
         queue_capacity: None,
         inflight: None,
+        inflight_max: None,
         v311: false,
         worker_threads: None,
         links_per_thread: None,
@@ -133,6 +136,7 @@ fn parse() -> Result<Opts, BenchError> {
             "--down" => o.down = v()? as usize,
             "--queue-capacity" => o.queue_capacity = Some(v()?),
             "--inflight" => o.inflight = Some(v()?),
+            "--inflight-max" => o.inflight_max = Some(v()?),
             "--v311" => o.v311 = true,
             "--worker-threads" => o.worker_threads = Some(v()?),
             "--links-per-thread" => o.links_per_thread = Some(v()?),
@@ -143,7 +147,7 @@ fn parse() -> Result<Opts, BenchError> {
             "--burst" => o.burst = Some(v()? as usize),
             "--burst-origins" => origins = Some(v()? as usize),
             "-h" | "--help" => {
-                return Err(BenchError::Usage("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T] [--down K] [--queue-capacity N] [--inflight N] [--v311] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K] [--steady] [--rtt MS] [--burst N [--burst-origins K]]".into()))
+                return Err(BenchError::Usage("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T] [--down K] [--queue-capacity N] [--inflight N] [--inflight-max N] [--v311] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K] [--steady] [--rtt MS] [--burst N [--burst-origins K]]".into()))
             }
             other => return Err(BenchError::Usage(format!("unknown argument {other:?}"))),
         }
@@ -748,6 +752,9 @@ fn bridge_config(o: &Opts, lab: &Lab, run: usize, k: usize, admin_port: u16) -> 
     }
     if let Some(n) = o.inflight {
         let _ = writeln!(cfg, "inflight = {n}");
+    }
+    if let Some(n) = o.inflight_max {
+        let _ = writeln!(cfg, "inflight_max = {n}");
     }
     if let Some(n) = o.worker_threads {
         let _ = writeln!(cfg, "worker_threads = {n}");

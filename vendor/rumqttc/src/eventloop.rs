@@ -84,6 +84,10 @@ pub struct EventLoop {
     pub(crate) requests_tx: Sender<Request>,
     /// Pending packets from last session
     pub pending: VecDeque<Request>,
+    /// meshbridge patch: packet ids to release (PUBREL) first on a resumed session, after
+    /// `pending`; forgotten when the broker kept no session. Two bytes an id, where a PUBREL
+    /// request in `pending` takes the size of a whole `Request`.
+    pub release: VecDeque<u16>,
     /// Network connection to the broker
     pub network: Option<Network>,
     /// Keep alive time
@@ -115,6 +119,7 @@ impl EventLoop {
             requests_tx,
             requests_rx,
             pending,
+            release: VecDeque::new(),
             network: None,
             keepalive_timeout: None,
             network_options: NetworkOptions::new(),
@@ -164,6 +169,7 @@ impl EventLoop {
             // Last session might contain packets which aren't acked. If it's a new session, clear the pending packets.
             if !connack.session_present {
                 self.pending.clear();
+                self.release.clear();
             }
             self.network = Some(network);
 
@@ -242,9 +248,10 @@ impl EventLoop {
             // outgoing requests (along with 1b).
             o = Self::next_request(
                 &mut self.pending,
+                &mut self.release,
                 &self.requests_rx,
                 self.mqtt_options.pending_throttle
-            ), if !self.pending.is_empty() || (!inflight_full && !collision) => match o {
+            ), if !self.pending.is_empty() || !self.release.is_empty() || (!inflight_full && !collision) => match o {
                 Ok(request) => {
                     if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
                         network.write(outgoing).await?;
@@ -254,6 +261,7 @@ impl EventLoop {
                     // of one write syscall per request.
                     for _ in 1..MAX_REQUEST_BATCH {
                         if !self.pending.is_empty()
+                            || !self.release.is_empty()
                             || self.state.inflight >= self.state.max_inflight
                             || self.state.collision.is_some()
                         {
@@ -304,6 +312,7 @@ impl EventLoop {
 
     async fn next_request(
         pending: &mut VecDeque<Request>,
+        release: &mut VecDeque<u16>,
         rx: &Receiver<Request>,
         pending_throttle: Duration,
     ) -> Result<Request, ConnectionError> {
@@ -312,6 +321,8 @@ impl EventLoop {
             // We must call .pop_front() AFTER sleep() otherwise we would have
             // advanced the iterator but the future might be canceled before return
             Ok(pending.pop_front().unwrap())
+        } else if let Some(pkid) = release.pop_front() {
+            Ok(Request::PubRel(PubRel::new(pkid)))
         } else {
             match rx.recv_async().await {
                 Ok(r) => Ok(r),

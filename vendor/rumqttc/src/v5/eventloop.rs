@@ -82,6 +82,10 @@ pub struct EventLoop {
     pub(crate) requests_tx: Sender<Request>,
     /// Pending packets from last session
     pub pending: VecDeque<Request>,
+    /// meshbridge patch: packet ids to release (PUBREL) first on a resumed session, after
+    /// `pending`; forgotten when the broker kept no session. Two bytes an id, where a PUBREL
+    /// request in `pending` takes the size of a whole `Request`.
+    pub release: VecDeque<u16>,
     /// Network connection to the broker
     network: Option<Network>,
     /// Keep alive time
@@ -112,6 +116,7 @@ impl EventLoop {
             requests_tx,
             requests_rx,
             pending,
+            release: VecDeque::new(),
             network: None,
             keepalive_timeout: None,
         }
@@ -156,6 +161,7 @@ impl EventLoop {
             // Last session might contain packets which aren't acked. If it's a new session, clear the pending packets.
             if !connack.session_present {
                 self.pending.clear();
+                self.release.clear();
             }
             self.network = Some(network);
 
@@ -224,9 +230,10 @@ impl EventLoop {
             // outgoing requests (along with 1b).
             o = Self::next_request(
                 &mut self.pending,
+                &mut self.release,
                 &self.requests_rx,
                 self.options.pending_throttle
-            ), if !self.pending.is_empty() || (!inflight_full && !collision) => match o {
+            ), if !self.pending.is_empty() || !self.release.is_empty() || (!inflight_full && !collision) => match o {
                 Ok(request) => {
                     if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
                         network.write(outgoing).await?;
@@ -236,6 +243,7 @@ impl EventLoop {
                     // of one write syscall per request.
                     for _ in 1..MAX_REQUEST_BATCH {
                         if !self.pending.is_empty()
+                            || !self.release.is_empty()
                             || self.state.inflight >= self.state.max_outgoing_inflight
                             || self.state.collision.is_some()
                         {
@@ -277,6 +285,7 @@ impl EventLoop {
 
     async fn next_request(
         pending: &mut VecDeque<Request>,
+        release: &mut VecDeque<u16>,
         rx: &Receiver<Request>,
         pending_throttle: Duration,
     ) -> Result<Request, ConnectionError> {
@@ -285,6 +294,8 @@ impl EventLoop {
             // We must call .next() AFTER sleep() otherwise .next() would
             // advance the iterator but the future might be canceled before return
             Ok(pending.pop_front().unwrap())
+        } else if let Some(pkid) = release.pop_front() {
+            Ok(Request::PubRel(PubRel::new(pkid, None)))
         } else {
             match rx.recv_async().await {
                 Ok(r) => Ok(r),
