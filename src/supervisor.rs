@@ -337,7 +337,11 @@ impl Supervisor {
     ) -> Result<Self, ChangeError> {
         let membership = Membership::load(&config.data_dir)?;
         let ha = Arc::new(link::HaContext {
-            identity: crate::ha::Identity::new(&config.instance, &config.admin_listen.to_string()),
+            identity: crate::ha::Identity::new(
+                &config.instance,
+                &config.admin_listen.to_string(),
+                &config.prefer,
+            ),
             control: crate::topics::Control::new(&config.bridge_id),
             will_delay: config.will_delay,
             enabled: config.ha,

@@ -1050,3 +1050,67 @@ async fn a_broker_that_refuses_dollar_topics_is_consumed_alone() {
     task.abort();
     assert_eq!(got.load(std::sync::atomic::Ordering::SeqCst), 100);
 }
+
+/// Issue 28, locality: each site's process consumes the brokers it prefers (`[bridge] prefer`),
+/// whatever the rendezvous says; kill -9 of one moves its broker to the other (failover), and
+/// the broker goes back to it once it is live again. A stream from b1 all along: nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_site_consumes_the_broker_it_prefers_and_gets_it_back_after_a_failover() {
+    let (tmp, certs, brokers) = lab3();
+    let list = direct(&brokers);
+    // Without preferences the rendezvous would give b1 to the second instance.
+    let other = preferred_over("a", "b1");
+    let preferring = |name: &str, prefer: &str| {
+        let dir = tmp.path().join(format!("mesh-{name}"));
+        let cfg = config(&certs, &dir, "mesh", name, &list).replacen(
+            "[bridge]\n",
+            &format!("[bridge]\nprefer = [{prefer}]\n"),
+            1,
+        );
+        Instance {
+            name: name.to_string(),
+            admin: common::admin_addr(&cfg),
+            bridge: Bridge::start(&dir, &cfg),
+        }
+    };
+    let mut a = preferring("a", "\"b1\"");
+    let b = preferring(&other, "\"b2\", \"b3\"");
+    let want: BTreeMap<String, String> = [("b1", "a"), ("b2", &*other), ("b3", &*other)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while settled(&[&a, &b], &NAMES).as_ref() != Some(&want) {
+        assert!(
+            Instant::now() < deadline,
+            "not each its own: {:?}",
+            settled(&[&a, &b], &NAMES)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let subs = targets(&brokers).await;
+    let n = 12_000;
+    let publisher = stream(&brokers[0], n, 500);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::task::block_in_place(|| a.bridge.kill());
+    let failover = wait_settled(&[&b], &NAMES, Duration::from_secs(15));
+    assert_eq!(failover["b1"], other, "{failover:?}");
+    tokio::task::block_in_place(|| a.bridge.spawn());
+    let back = Instant::now();
+    let deadline = back + Duration::from_secs(30);
+    while settled(&[&a, &b], &NAMES).as_ref() != Some(&want) {
+        assert!(
+            Instant::now() < deadline,
+            "b1 did not go back: {:?}",
+            settled(&[&a, &b], &NAMES)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "b1 back on its site's process {:?} after it restarted",
+        back.elapsed()
+    );
+    publisher.await.unwrap();
+    let dups = no_loss(&brokers, &subs, n).await;
+    println!("duplicates across the failover and the handback: {dups}");
+}

@@ -31,6 +31,8 @@ pub(crate) struct BridgeSection {
     pub(crate) id: String,
     /// This process's name within the mesh (default: the host name).
     pub(crate) instance: Option<String>,
+    /// The brokers this process prefers to consume (its own site's).
+    pub(crate) prefer: Option<Vec<String>>,
     /// MQTT 5 Will Delay of the instance records' Wills.
     pub(crate) will_delay: Option<String>,
     /// Coordinate with other processes of the mesh (default true).
@@ -171,7 +173,15 @@ impl FileConfig {
                 format!("{instance:?}: use 1-64 characters from A-Z a-z 0-9 - _ ."),
             ));
         }
+        let prefer = b.prefer.take().unwrap_or_default();
+        if let Some(bad) = prefer.iter().find(|n| !valid_name(n)) {
+            return Err(invalid(
+                "bridge.prefer",
+                format!("{bad:?} is not a broker name (1-64 characters from A-Z a-z 0-9 - _ .)"),
+            ));
+        }
         let mut config = Config {
+            prefer,
             spool,
             probe_interval: t.probe_interval,
             probe_stall_after: t.probe_stall_after,
@@ -217,6 +227,14 @@ impl FileConfig {
             warnings,
         };
         config.add_brokers(self.brokers)?;
+        for name in &config.prefer {
+            if !config.brokers.iter().any(|b| *b.name == **name) {
+                config.warnings.push(format!(
+                    "bridge.prefer: {name:?} is not a broker of this file (it counts once a broker \
+                     of that name is a member)"
+                ));
+            }
+        }
         Ok(config)
     }
 }

@@ -105,6 +105,8 @@ pub struct Config {
     pub(crate) bridge_id: String,
     /// This process's name within the mesh (see [`crate::ha`]).
     pub(crate) instance: String,
+    /// The brokers this process prefers to consume, before the rendezvous (see [`crate::ha`]).
+    pub(crate) prefer: Vec<String>,
     /// MQTT 5 Will Delay of the instance records' Wills.
     pub(crate) will_delay: Duration,
     /// Coordinate with the mesh's other processes (see [`crate::ha`]).
@@ -340,6 +342,7 @@ impl Config {
         );
         check(self.keep_alive != new.keep_alive, "bridge.keep_alive");
         check(self.instance != new.instance, "bridge.instance");
+        check(self.prefer != new.prefer, "bridge.prefer");
         check(self.will_delay != new.will_delay, "bridge.will_delay");
         check(self.ha != new.ha, "bridge.ha");
         check(

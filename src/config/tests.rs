@@ -171,3 +171,30 @@ fn a_reload_is_a_pure_diff_per_key_and_broker() {
         vec![Change::NeedsRestart("bridge.inflight".into())]
     );
 }
+
+#[test]
+fn prefer_names_brokers_and_says_which_are_not_in_the_file() {
+    let brokers = "[[broker]]\nname = \"b1\"\naddress = \"127.0.0.1:1001\"\ntls = false\n";
+    let c = config_of("prefer = [\"b1\", \"far\"]", brokers);
+    assert_eq!(c.prefer, vec!["b1".to_string(), "far".to_string()]);
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("bridge.prefer") && w.contains("\"far\"")),
+        "{:?}",
+        c.warnings
+    );
+    assert!(!c.warnings.iter().any(|w| w.contains("\"b1\"")));
+    let text = format!("[bridge]\nid = \"m\"\nprefer = [\"b 1\"]\n\n{brokers}");
+    let file: FileConfig = toml::from_str(&text).unwrap();
+    let e = file
+        .validate(&std::env::temp_dir())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bridge.prefer") && e.contains("\"b 1\""), "{e}");
+    let other = config_of("prefer = [\"b1\"]", brokers);
+    assert_eq!(
+        diff(&c, &other),
+        vec![Change::NeedsRestart("bridge.prefer".into())]
+    );
+}

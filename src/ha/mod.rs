@@ -23,7 +23,12 @@
 //! - an owner hands a broker over, cleanly, to an instance that started after the owner took it
 //!   and that the rendezvous prefers, once that instance has been live for [`REBALANCE_SETTLE`]:
 //!   this spreads the brokers over instances that join, and never moves one back to an instance
-//!   that merely reconnected.
+//!   that merely reconnected;
+//! - locality: an instance may name the brokers it prefers (`[bridge] prefer`, in its record:
+//!   [`InstanceRecord::prefer`]). Among live instances one that prefers the broker comes before
+//!   the rendezvous, and an owner that does not prefer the broker hands it to a live one that
+//!   does (after [`REBALANCE_SETTLE`], even one that merely reconnected): each site's process
+//!   consumes its own broker, and a failover still moves a broker to any live process.
 //!
 //! Views are per broker: an instance cut from one broker is gone (its Will) on that broker only,
 //! and only that broker changes owner.
@@ -60,6 +65,9 @@ pub(crate) struct InstanceRecord {
     pub(crate) started: u64,
     /// Its admin API address, for operators.
     pub(crate) admin: String,
+    /// The brokers it prefers to consume (`[bridge] prefer`: the brokers of its own site).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) prefer: Vec<String>,
 }
 
 /// Who owns a broker, as written on that broker.
@@ -160,16 +168,19 @@ pub(crate) struct Identity {
     pub(crate) started: u64,
     /// Its admin address.
     pub(crate) admin: String,
+    /// The brokers it prefers to consume (see [`InstanceRecord::prefer`]).
+    pub(crate) prefer: Vec<String>,
 }
 
 impl Identity {
     /// The identity of a process that starts now.
-    pub(crate) fn new(instance: &str, admin: &str) -> Self {
+    pub(crate) fn new(instance: &str, admin: &str, prefer: &[String]) -> Self {
         Self {
             instance: instance.to_string(),
             nonce: rand::random(),
             started: unix_ms(),
             admin: admin.to_string(),
+            prefer: prefer.to_vec(),
         }
     }
 
@@ -180,6 +191,7 @@ impl Identity {
             nonce: self.nonce,
             started: self.started,
             admin: self.admin.clone(),
+            prefer: self.prefer.clone(),
         }
     }
 }
@@ -315,6 +327,20 @@ impl View {
         live
     }
 
+    /// Whether instance `name` prefers to consume `broker` (see [`InstanceRecord::prefer`]), as
+    /// its record on this broker says (this instance: its own configuration).
+    pub(crate) fn prefers(&self, name: &str, me: &Identity, broker: &str) -> bool {
+        let prefer = if name == me.instance {
+            &me.prefer
+        } else {
+            match self.instances.get(name) {
+                Some(s) => &s.record.prefer,
+                None => return false,
+            }
+        };
+        prefer.iter().any(|b| b == broker)
+    }
+
     /// The live owner, if the owner record names one and was not released.
     pub(crate) fn live_owner<'a>(&'a self, me: &Identity, now: Instant) -> Option<&'a str> {
         self.owner
@@ -371,7 +397,7 @@ pub(crate) fn decide(view: &View, me: &Identity, broker: &str, now: Instant) -> 
     let live = view.live(me, now);
     let preferred = live
         .iter()
-        .max_by_key(|(name, _)| (score(name, broker), *name))
+        .max_by_key(|(name, _)| (view.prefers(name, me, broker), score(name, broker), *name))
         .map(|(name, _)| *name)
         .unwrap_or(me.instance.as_str());
     match view.live_owner(me, now) {
@@ -389,8 +415,12 @@ pub(crate) fn decide(view: &View, me: &Identity, broker: &str, now: Instant) -> 
         }
         Some(owner) if owner == me.instance => {
             let since = view.owner.as_ref().map_or(0, |o| o.since);
+            // A broker this owner does not prefer goes back to one that does, whenever it
+            // started: the site's own process, back after a failover.
+            let home =
+                view.prefers(preferred, me, broker) && !view.prefers(&me.instance, me, broker);
             let newcomer = view.instances.get(preferred).filter(|s| {
-                s.record.started > since
+                (s.record.started > since || home)
                     && s.live_since
                         .is_some_and(|t| now.duration_since(t) >= REBALANCE_SETTLE)
             });

@@ -8,6 +8,7 @@ pub(super) fn me(name: &str, started: u64) -> Identity {
         nonce: 1,
         started,
         admin: String::new(),
+        prefer: Vec::new(),
     }
 }
 
@@ -18,6 +19,7 @@ pub(super) fn alive(started: u64) -> InstanceRecord {
         nonce: 7,
         started,
         admin: String::new(),
+        prefer: Vec::new(),
     }
 }
 
@@ -262,6 +264,89 @@ fn an_owner_hands_over_to_a_newcomer_only_after_it_settled() {
         decide(&v, &a, &broker, later),
         Decision::HandOver { to: "b".into() }
     );
+}
+
+/// A record of another process that prefers `brokers`.
+fn preferring(started: u64, brokers: &[&str]) -> InstanceRecord {
+    InstanceRecord {
+        prefer: brokers.iter().map(|b| b.to_string()).collect(),
+        ..alive(started)
+    }
+}
+
+#[test]
+fn an_instance_that_prefers_a_broker_claims_it_whatever_the_rendezvous() {
+    let now = Instant::now();
+    for broker in ["b1", "b2", "b3", "b4", "b5", "b6"] {
+        // "a" prefers the broker; "b" does not: "a" claims it, "b" stands by, from both views.
+        let mut a = me("a", 1);
+        a.prefer = vec![broker.to_string()];
+        let b = me("b", 1);
+        let mut va = synced_view(&a, now);
+        va.instance("b", alive(1), false, &a, now);
+        let mut vb = synced_view(&b, now);
+        vb.instance("a", preferring(1, &[broker]), false, &b, now);
+        assert_eq!(decide(&va, &a, broker, now), Decision::Claim, "{broker}");
+        assert_eq!(
+            decide(&vb, &b, broker, now),
+            Decision::Standby { owner: None },
+            "{broker}"
+        );
+        // Gone: any live instance takes it (failover).
+        let mut gone = preferring(1, &[broker]);
+        gone.alive = false;
+        vb.instance("a", gone, false, &b, now);
+        assert_eq!(decide(&vb, &b, broker, now), Decision::Claim, "{broker}");
+    }
+}
+
+#[test]
+fn an_owner_hands_a_broker_back_to_the_instance_that_prefers_it_even_one_that_reconnected() {
+    let now = Instant::now();
+    let later = now + REBALANCE_SETTLE;
+    // A broker the rendezvous gives to "b" rather than "a": "a" owns it only as a failover.
+    let broker = (0..100)
+        .map(|i| format!("b{i}"))
+        .find(|br| preferred("a", "b", br) == "b")
+        .expect("some broker prefers b");
+    let b = me("b", 1);
+    let mut v = synced_view(&b, now);
+    v.owner(
+        Some(OwnerRecord {
+            instance: "b".into(),
+            since: 10,
+            released: false,
+            subscribed: None,
+        }),
+        true,
+        now,
+    );
+    // "a" started before "b" took the broker (it was cut off and came back), and prefers it.
+    v.instance("a", preferring(5, &[&broker]), false, &b, now);
+    assert_eq!(
+        decide(&v, &b, &broker, now),
+        Decision::Own,
+        "not settled yet"
+    );
+    assert_eq!(
+        decide(&v, &b, &broker, later),
+        Decision::HandOver { to: "a".into() }
+    );
+    // An owner that prefers the broker itself keeps it (no flapping between two that do).
+    let mut b2 = me("b", 1);
+    b2.prefer = vec![broker.clone()];
+    assert_eq!(decide(&v, &b2, &broker, later), Decision::Own);
+    // Without the preference "a" merely reconnected: sticky.
+    v.instance("a", alive(5), false, &b, now);
+    assert_eq!(decide(&v, &b, &broker, later), Decision::Own);
+}
+
+#[test]
+fn a_record_without_prefer_parses_and_an_empty_one_is_not_written() {
+    let json = r#"{"alive":true,"nonce":7,"started":1,"admin":""}"#;
+    let r: InstanceRecord = serde_json::from_str(json).expect("parses");
+    assert!(r.prefer.is_empty());
+    assert_eq!(serde_json::to_string(&r).expect("writes"), json);
 }
 
 #[test]
