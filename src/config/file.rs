@@ -165,19 +165,13 @@ impl FileConfig {
         let topics = b.topics.take().unwrap_or_else(|| vec!["#".to_string()]);
         check_topics(&topics)?;
         let n = b.counts()?;
+        let prefer = b.prefer()?;
         let spool = spool_limits(b.spool_max_bytes, b.spool_max_messages, b.spool_overflow)?;
         let instance = b.instance.unwrap_or_else(default_instance);
         if !valid_name(&instance) {
             return Err(invalid(
                 "bridge.instance",
                 format!("{instance:?}: use 1-64 characters from A-Z a-z 0-9 - _ ."),
-            ));
-        }
-        let prefer = b.prefer.take().unwrap_or_default();
-        if let Some(bad) = prefer.iter().find(|n| !valid_name(n)) {
-            return Err(invalid(
-                "bridge.prefer",
-                format!("{bad:?} is not a broker name (1-64 characters from A-Z a-z 0-9 - _ .)"),
             ));
         }
         let mut config = Config {
@@ -227,19 +221,39 @@ impl FileConfig {
             warnings,
         };
         config.add_brokers(self.brokers)?;
-        for name in &config.prefer {
-            if !config.brokers.iter().any(|b| *b.name == **name) {
-                config.warnings.push(format!(
+        config.warn_prefer_unknown();
+        Ok(config)
+    }
+}
+
+impl Config {
+    /// A warning for each `bridge.prefer` name that is not a broker of the file (it counts once
+    /// a broker of that name is a member).
+    fn warn_prefer_unknown(&mut self) {
+        for name in &self.prefer {
+            if !self.brokers.iter().any(|b| *b.name == **name) {
+                self.warnings.push(format!(
                     "bridge.prefer: {name:?} is not a broker of this file (it counts once a broker \
                      of that name is a member)"
                 ));
             }
         }
-        Ok(config)
     }
 }
 
 impl BridgeSection {
+    /// `prefer`: broker names.
+    fn prefer(&mut self) -> Result<Vec<String>, ConfigError> {
+        let prefer = self.prefer.take().unwrap_or_default();
+        if let Some(bad) = prefer.iter().find(|n| !valid_name(n)) {
+            return Err(invalid(
+                "bridge.prefer",
+                format!("{bad:?} is not a broker name (1-64 characters from A-Z a-z 0-9 - _ .)"),
+            ));
+        }
+        Ok(prefer)
+    }
+
     /// The admin API's address and token, and the mesh key; warnings about their files.
     fn access(
         &self,
