@@ -400,6 +400,9 @@ pub(crate) fn open(s: &SessionSettings, who: &ConnectAs, release: &[u16]) -> Ses
             let (client, mut el) =
                 rumqttc::AsyncClient::new(options_v4(s, who), s.request_capacity());
             el.set_network_options(network_options());
+            // The link sends again what a connection left unacknowledged, on the next event
+            // loop: rumqttc's copy of each publish in flight would be a clone per message.
+            el.state.keep_publish_copies = false;
             seed_v4(&mut el);
             el.release.extend(release);
             (Client::V4(client), tokio::spawn(drive_v4(el, tx)))
@@ -407,6 +410,7 @@ pub(crate) fn open(s: &SessionSettings, who: &ConnectAs, release: &[u16]) -> Ses
         Protocol::V5 => {
             let (client, mut el) =
                 rumqttc::v5::AsyncClient::new(options_v5(s, who), s.request_capacity());
+            el.state.keep_publish_copies = false;
             seed_v5(&mut el);
             el.release.extend(release);
             (Client::V5(client), tokio::spawn(drive_v5(el, tx)))
@@ -712,6 +716,49 @@ mod tests {
             .handle_incoming_packet(rumqttc::Incoming::PubRel(rumqttc::PubRel::new(u16::MAX)))
             .expect("seeded");
         assert!(matches!(answer, Some(rumqttc::Packet::PubComp(c)) if c.pkid == u16::MAX));
+    }
+
+    #[test]
+    fn without_copies_the_state_still_tracks_acknowledgements_and_collisions() {
+        let o = rumqttc::v5::MqttOptions::new("x", "127.0.0.1", 1883);
+        let (_c, mut el) = rumqttc::v5::AsyncClient::new(o, 10);
+        let state = &mut el.state;
+        state.keep_publish_copies = false;
+        let publish = |pkid| {
+            let mut p = v5b::Publish::new(
+                "t",
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                Bytes::from_static(b"x"),
+                None,
+            );
+            p.pkid = pkid;
+            rumqttc::v5::Request::Publish(p)
+        };
+        let puback = |pkid| rumqttc::v5::Incoming::PubAck(v5b::PubAck::new(pkid, None));
+        assert!(matches!(
+            state.handle_outgoing_packet(publish(5)),
+            Ok(Some(v5b::Packet::Publish(_)))
+        ));
+        // The same id again before its PUBACK: held as a collision, written after the PUBACK.
+        assert!(matches!(state.handle_outgoing_packet(publish(5)), Ok(None)));
+        assert!(state.collision.is_some());
+        assert!(matches!(
+            state.handle_incoming_packet(puback(5)),
+            Ok(Some(v5b::Packet::Publish(p))) if p.pkid == 5
+        ));
+        assert!(
+            state.handle_incoming_packet(puback(5)).is_ok(),
+            "the resent one"
+        );
+        assert!(
+            state.handle_incoming_packet(puback(5)).is_err(),
+            "unsolicited"
+        );
+        assert!(
+            state.handle_incoming_packet(puback(60_000)).is_err(),
+            "an id never used"
+        );
+        assert!(state.clean().is_empty(), "nothing kept to send again");
     }
 
     #[test]

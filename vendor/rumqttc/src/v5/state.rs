@@ -97,6 +97,13 @@ pub struct MqttState {
     /// Outgoing QoS 1, 2 publishes which aren't acked yet
     /// Boxed (meshbridge patch): a slot not in use costs a pointer, not a whole `Publish`.
     pub(crate) outgoing_pub: Vec<Option<Box<Publish>>>,
+    /// meshbridge patch: keep a copy of each outgoing QoS 1/2 publish until it is acknowledged
+    /// (upstream's behaviour, the default), for [`MqttState::clean`] to hand back for the next
+    /// connection. `false`: only its packet id is kept (`outgoing_ids`), for a client that
+    /// sends again what was not acknowledged itself and uses an event loop for one connection.
+    pub keep_publish_copies: bool,
+    /// Packet ids awaiting their acknowledgement while `keep_publish_copies` is false.
+    outgoing_ids: FixedBitSet,
     /// Packet ids of released QoS 2 publishes
     pub(crate) outgoing_rel: FixedBitSet,
     /// Packet ids on incoming QoS 2 publishes
@@ -137,6 +144,8 @@ impl MqttState {
             // index 0 is wasted as 0 is not a valid packet id; grown on demand up to
             // max_inflight + 1 (meshbridge patch: a large window costs memory only when used)
             outgoing_pub: vec![None; (max_inflight as usize).min(INITIAL_SLOTS) + 1],
+            keep_publish_copies: true,
+            outgoing_ids: FixedBitSet::new(),
             outgoing_rel: FixedBitSet::with_capacity(max_inflight as usize + 1),
             incoming_pub: FixedBitSet::with_capacity(u16::MAX as usize + 1),
             collision: None,
@@ -160,6 +169,59 @@ impl MqttState {
         self.incoming_pub.insert_range(1..);
     }
 
+    /// meshbridge patch: whether a publish with `pkid` awaits its acknowledgement; an error for
+    /// an id beyond the in-flight limit.
+    fn outgoing_busy(&mut self, pkid: u16) -> Result<bool, StateError> {
+        let i = pkid as usize;
+        if i > self.max_slots() && (!self.keep_publish_copies || self.outgoing_pub.len() <= i) {
+            return Err(StateError::Unsolicited(pkid));
+        }
+        if !self.keep_publish_copies {
+            return Ok(self.outgoing_ids.contains(i));
+        }
+        if self.outgoing_pub.len() <= i {
+            self.outgoing_pub.resize(i + 1, None);
+        }
+        Ok(self.outgoing_pub[i].is_some())
+    }
+
+    /// meshbridge patch: `publish` (a packet id within the limit) awaits its acknowledgement.
+    fn outgoing_store(&mut self, publish: &Publish) {
+        let i = publish.pkid as usize;
+        if self.keep_publish_copies {
+            if self.outgoing_pub.len() <= i {
+                self.outgoing_pub.resize(i + 1, None);
+            }
+            self.outgoing_pub[i] = Some(Box::new(publish.clone()));
+        } else {
+            if self.outgoing_ids.len() <= i {
+                self.outgoing_ids.grow(i + 1);
+            }
+            self.outgoing_ids.insert(i);
+        }
+    }
+
+    /// meshbridge patch: the acknowledgement of `pkid` came: whether a publish awaited it; an
+    /// error for an id the state never had room for.
+    fn outgoing_take(&mut self, pkid: u16) -> Result<bool, StateError> {
+        let i = pkid as usize;
+        if self.keep_publish_copies {
+            let slot = self
+                .outgoing_pub
+                .get_mut(i)
+                .ok_or(StateError::Unsolicited(pkid))?;
+            return Ok(slot.take().is_some());
+        }
+        if i > self.max_slots() {
+            return Err(StateError::Unsolicited(pkid));
+        }
+        let was = self.outgoing_ids.contains(i);
+        if was {
+            self.outgoing_ids.set(i, false);
+        }
+        Ok(was)
+    }
+
     /// Returns inflight outgoing packets and clears internal queues
     pub fn clean(&mut self) -> Vec<Request> {
         let mut pending = Vec::with_capacity(100);
@@ -170,6 +232,8 @@ impl MqttState {
                 pending.push(request);
             }
         }
+
+        self.outgoing_ids.clear();
 
         // remove and collect pending releases
         for pkid in self.outgoing_rel.ones() {
@@ -369,12 +433,9 @@ impl MqttState {
     }
 
     fn handle_incoming_puback(&mut self, puback: &PubAck) -> Result<Option<Packet>, StateError> {
-        let publish = self
-            .outgoing_pub
-            .get_mut(puback.pkid as usize)
-            .ok_or(StateError::Unsolicited(puback.pkid))?;
+        let awaited = self.outgoing_take(puback.pkid)?;
 
-        if publish.take().is_none() {
+        if !awaited {
             error!("Unsolicited puback packet: {:?}", puback.pkid);
             return Err(StateError::Unsolicited(puback.pkid));
         }
@@ -392,7 +453,7 @@ impl MqttState {
         }
 
         if let Some(publish) = self.check_collision(puback.pkid) {
-            self.outgoing_pub[publish.pkid as usize] = Some(Box::new(publish.clone()));
+            self.outgoing_store(&publish);
             self.inflight += 1;
 
             let pkid = publish.pkid;
@@ -407,12 +468,9 @@ impl MqttState {
     }
 
     fn handle_incoming_pubrec(&mut self, pubrec: &PubRec) -> Result<Option<Packet>, StateError> {
-        let publish = self
-            .outgoing_pub
-            .get_mut(pubrec.pkid as usize)
-            .ok_or(StateError::Unsolicited(pubrec.pkid))?;
+        let awaited = self.outgoing_take(pubrec.pkid)?;
 
-        if publish.take().is_none() {
+        if !awaited {
             error!("Unsolicited pubrec packet: {:?}", pubrec.pkid);
             return Err(StateError::Unsolicited(pubrec.pkid));
         }
@@ -498,17 +556,7 @@ impl MqttState {
             }
 
             let pkid = publish.pkid;
-            if self.outgoing_pub.len() <= pkid as usize
-                && pkid as usize <= self.max_slots()
-            {
-                self.outgoing_pub.resize(pkid as usize + 1, None);
-            }
-            if self
-                .outgoing_pub
-                .get(publish.pkid as usize)
-                .ok_or(StateError::Unsolicited(publish.pkid))?
-                .is_some()
-            {
+            if self.outgoing_busy(pkid)? {
                 info!("Collision on packet id = {:?}", publish.pkid);
                 self.collision = Some(publish);
                 let event = Event::Outgoing(Outgoing::AwaitAck(pkid));
@@ -518,7 +566,7 @@ impl MqttState {
 
             // if there is an existing publish at this pkid, this implies that broker hasn't acked this
             // packet yet. This error is possible only when broker isn't acking sequentially
-            self.outgoing_pub[pkid as usize] = Some(Box::new(publish.clone()));
+            self.outgoing_store(&publish);
             self.inflight += 1;
         };
 
