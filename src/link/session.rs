@@ -742,10 +742,24 @@ mod tests {
         // The same id again before its PUBACK: held as a collision, written after the PUBACK.
         assert!(matches!(state.handle_outgoing_packet(publish(5)), Ok(None)));
         assert!(state.collision.is_some());
+        state.events.clear();
         assert!(matches!(
             state.handle_incoming_packet(puback(5)),
             Ok(Some(v5b::Packet::Publish(p))) if p.pkid == 5
         ));
+        // The PUBACK is reported before the publish that took its id again (the link matches
+        // writes to its messages in that order).
+        let events: Vec<_> = state.events.drain(..).collect();
+        assert!(
+            matches!(
+                &events[..],
+                [
+                    rumqttc::v5::Event::Incoming(v5b::Packet::PubAck(a)),
+                    rumqttc::v5::Event::Outgoing(rumqttc::Outgoing::Publish(5)),
+                ] if a.pkid == 5
+            ),
+            "{events:?}"
+        );
         assert!(
             state.handle_incoming_packet(puback(5)).is_ok(),
             "the resent one"
