@@ -1079,15 +1079,7 @@ async fn each_site_consumes_the_broker_it_prefers_and_gets_it_back_after_a_failo
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while settled(&[&a, &b], &NAMES).as_ref() != Some(&want) {
-        assert!(
-            Instant::now() < deadline,
-            "not each its own: {:?}",
-            settled(&[&a, &b], &NAMES)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    owned_as(&[&a, &b], &want, "not each its own").await;
     let subs = targets(&brokers).await;
     let n = 12_000;
     let publisher = stream(&brokers[0], n, 500);
@@ -1097,15 +1089,7 @@ async fn each_site_consumes_the_broker_it_prefers_and_gets_it_back_after_a_failo
     assert_eq!(failover["b1"], other, "{failover:?}");
     tokio::task::block_in_place(|| a.bridge.spawn());
     let back = Instant::now();
-    let deadline = back + Duration::from_secs(30);
-    while settled(&[&a, &b], &NAMES).as_ref() != Some(&want) {
-        assert!(
-            Instant::now() < deadline,
-            "b1 did not go back: {:?}",
-            settled(&[&a, &b], &NAMES)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    owned_as(&[&a, &b], &want, "b1 did not go back").await;
     println!(
         "b1 back on its site's process {:?} after it restarted",
         back.elapsed()
@@ -1113,4 +1097,17 @@ async fn each_site_consumes_the_broker_it_prefers_and_gets_it_back_after_a_failo
     publisher.await.unwrap();
     let dups = no_loss(&brokers, &subs, n).await;
     println!("duplicates across the failover and the handback: {dups}");
+}
+
+/// Waits up to 30 s until the three brokers are owned as `want` says; panics with `what`.
+async fn owned_as(instances: &[&Instance], want: &BTreeMap<String, String>, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while settled(instances, &NAMES).as_ref() != Some(want) {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {:?}",
+            settled(instances, &NAMES)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
