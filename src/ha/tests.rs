@@ -12,6 +12,16 @@ pub(super) fn me(name: &str, started: u64) -> Identity {
     }
 }
 
+/// A claim of `instance` written at `since`: not released, without a subscription note.
+pub(super) fn owner_record(instance: &str, since: u64) -> OwnerRecord {
+    OwnerRecord {
+        instance: instance.into(),
+        since,
+        released: false,
+        subscribed: None,
+    }
+}
+
 /// An alive record of another process (nonce 7) that started at `started`.
 pub(super) fn alive(started: u64) -> InstanceRecord {
     InstanceRecord {
@@ -56,16 +66,7 @@ fn alone_an_instance_claims_then_owns() {
     let a = me("a", 1);
     let mut v = synced_view(&a, now);
     assert_eq!(decide(&v, &a, "b1", now), Decision::Claim);
-    v.owner(
-        Some(OwnerRecord {
-            instance: "a".into(),
-            since: 2,
-            released: false,
-            subscribed: None,
-        }),
-        false,
-        now,
-    );
+    v.owner(Some(owner_record("a", 2)), false, now);
     assert_eq!(
         decide(&v, &a, "b1", now),
         Decision::Standby { owner: None },
@@ -86,12 +87,7 @@ fn an_uncontested_claim_owns_at_once_until_another_instance_shows_up() {
     assert!(v.alone(&a, now));
     assert_eq!(decide(&v, &a, "b1", now), Decision::Claim);
     v.uncontested = true;
-    let claim = OwnerRecord {
-        instance: "a".into(),
-        since: 2,
-        released: false,
-        subscribed: None,
-    };
+    let claim = owner_record("a", 2);
     v.owner(Some(claim.clone()), false, now);
     assert_eq!(
         decide(&v, &a, "b1", now),
@@ -125,12 +121,7 @@ fn the_consumer_is_this_process_or_a_live_owner_that_noted_its_subscriptions() {
         })
     );
     v.instance("a", alive(1), false, &b, now);
-    let mut record = OwnerRecord {
-        instance: "a".into(),
-        since: 5,
-        released: false,
-        subscribed: None,
-    };
+    let mut record = owner_record("a", 5);
     v.owner(Some(record.clone()), false, now);
     assert_eq!(
         v.consumer(&b, None, now),
@@ -191,16 +182,7 @@ fn a_live_owner_is_kept_and_a_gone_one_replaced() {
     let b = me("b", 1);
     let mut v = synced_view(&b, now);
     v.instance("a", alive(1), false, &b, now);
-    v.owner(
-        Some(OwnerRecord {
-            instance: "a".into(),
-            since: 5,
-            released: false,
-            subscribed: None,
-        }),
-        true,
-        now,
-    );
+    v.owner(Some(owner_record("a", 5)), true, now);
     // Sticky, whatever the rendezvous says.
     assert_eq!(
         decide(&v, &b, "b1", now),
@@ -222,10 +204,8 @@ fn a_live_owner_is_kept_and_a_gone_one_replaced() {
     // Or released.
     v.owner(
         Some(OwnerRecord {
-            instance: "a".into(),
-            since: 5,
             released: true,
-            subscribed: None,
+            ..owner_record("a", 5)
         }),
         true,
         now,
@@ -243,16 +223,7 @@ fn an_owner_hands_over_to_a_newcomer_only_after_it_settled() {
         .expect("some broker prefers b");
     let a = me("a", 1);
     let mut v = synced_view(&a, now);
-    v.owner(
-        Some(OwnerRecord {
-            instance: "a".into(),
-            since: 10,
-            released: false,
-            subscribed: None,
-        }),
-        true,
-        now,
-    );
+    v.owner(Some(owner_record("a", 10)), true, now);
     // "b" started before "a" claimed: it merely reconnected; no handover.
     v.instance("b", alive(5), false, &a, now);
     let later = now + REBALANCE_SETTLE;
@@ -311,16 +282,7 @@ fn an_owner_hands_a_broker_back_to_the_instance_that_prefers_it_even_one_that_re
         .expect("some broker prefers b");
     let b = me("b", 1);
     let mut v = synced_view(&b, now);
-    v.owner(
-        Some(OwnerRecord {
-            instance: "b".into(),
-            since: 10,
-            released: false,
-            subscribed: None,
-        }),
-        true,
-        now,
-    );
+    v.owner(Some(owner_record("b", 10)), true, now);
     // "a" started before "b" took the broker (it was cut off and came back), and prefers it.
     v.instance("a", preferring(5, &[&broker]), false, &b, now);
     assert_eq!(

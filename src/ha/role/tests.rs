@@ -2,7 +2,7 @@
 //! of the test's own.
 
 use super::*;
-use crate::ha::tests::alive;
+use crate::ha::tests::{alive, owner_record};
 use crate::ha::{CLAIM_SETTLE, LIVENESS, REBALANCE_SETTLE, score};
 
 /// Wall clock at the test's time zero.
@@ -28,15 +28,6 @@ impl Clock {
 /// This process: instance `a`, nonce 1.
 fn me() -> Identity {
     crate::ha::tests::me("a", BASE)
-}
-
-fn owner_record(instance: &str, since: u64) -> OwnerRecord {
-    OwnerRecord {
-        instance: instance.into(),
-        since,
-        released: false,
-        subscribed: None,
-    }
 }
 
 /// An instance name the rendezvous ranks above (`above`) or below this instance for [`BROKER`].
