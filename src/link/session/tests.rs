@@ -1,0 +1,121 @@
+//! The session's pure parts: resume order, seeding, rumqttc's state as the link drives it.
+
+use super::*;
+
+#[test]
+fn resume_order_releases_known_ids_first_in_send_order() {
+    // The last connection sent ids 98, 99, 100 and then (wrapped) 1, 2.
+    let order = resume_order(&[98, 99, 100, 1, 2], 100);
+    assert_eq!(&order[..5], &[98, 99, 100, 1, 2]);
+    assert_eq!(order[5..8], [3, 4, 5], "then every other id");
+    assert_eq!(order.len(), 100, "each id once");
+    assert_eq!(resume_order(&[], 3), vec![1, 2, 3]);
+    assert_eq!(
+        resume_order(&[7, 2], 3),
+        vec![2, 1, 3],
+        "ids beyond the window dropped"
+    );
+}
+
+#[test]
+fn a_seeded_connection_answers_a_resent_pubrel_with_pubcomp() {
+    let o = rumqttc::v5::MqttOptions::new("x", "127.0.0.1", 1883);
+    let (_c, mut el) = rumqttc::v5::AsyncClient::new(o, 10);
+    let pubrel = || rumqttc::v5::Incoming::PubRel(v5b::PubRel::new(4242, None));
+    assert!(
+        el.state.handle_incoming_packet(pubrel()).is_err(),
+        "unseeded"
+    );
+    seed_v5(&mut el);
+    let answer = el.state.handle_incoming_packet(pubrel()).expect("seeded");
+    assert!(matches!(answer, Some(v5b::Packet::PubComp(c)) if c.pkid == 4242));
+    let o = rumqttc::MqttOptions::new("x", "127.0.0.1", 1883);
+    let (_c, mut el) = rumqttc::AsyncClient::new(o, 10);
+    seed_v4(&mut el);
+    let answer = el
+        .state
+        .handle_incoming_packet(rumqttc::Incoming::PubRel(rumqttc::PubRel::new(u16::MAX)))
+        .expect("seeded");
+    assert!(matches!(answer, Some(rumqttc::Packet::PubComp(c)) if c.pkid == u16::MAX));
+}
+
+#[test]
+fn without_copies_the_state_still_tracks_acknowledgements_and_collisions() {
+    let o = rumqttc::v5::MqttOptions::new("x", "127.0.0.1", 1883);
+    let (_c, mut el) = rumqttc::v5::AsyncClient::new(o, 10);
+    let state = &mut el.state;
+    state.keep_publish_copies = false;
+    let publish = |pkid| {
+        let mut p = v5b::Publish::new(
+            "t",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            Bytes::from_static(b"x"),
+            None,
+        );
+        p.pkid = pkid;
+        rumqttc::v5::Request::Publish(p)
+    };
+    let puback = |pkid| rumqttc::v5::Incoming::PubAck(v5b::PubAck::new(pkid, None));
+    assert!(matches!(
+        state.handle_outgoing_packet(publish(5)),
+        Ok(Some(v5b::Packet::Publish(_)))
+    ));
+    // The same id again before its PUBACK: held as a collision, written after the PUBACK.
+    assert!(matches!(state.handle_outgoing_packet(publish(5)), Ok(None)));
+    assert!(state.collision.is_some());
+    state.events.clear();
+    assert!(matches!(
+        state.handle_incoming_packet(puback(5)),
+        Ok(Some(v5b::Packet::Publish(p))) if p.pkid == 5
+    ));
+    // The PUBACK is reported before the publish that took its id again (the link matches
+    // writes to its messages in that order).
+    let events: Vec<_> = state.events.drain(..).collect();
+    assert!(
+        matches!(
+            &events[..],
+            [
+                rumqttc::v5::Event::Incoming(v5b::Packet::PubAck(a)),
+                rumqttc::v5::Event::Outgoing(rumqttc::Outgoing::Publish(5)),
+            ] if a.pkid == 5
+        ),
+        "{events:?}"
+    );
+    assert!(
+        state.handle_incoming_packet(puback(5)).is_ok(),
+        "the resent one"
+    );
+    assert!(
+        state.handle_incoming_packet(puback(5)).is_err(),
+        "unsolicited"
+    );
+    assert!(
+        state.handle_incoming_packet(puback(60_000)).is_err(),
+        "an id never used"
+    );
+    assert!(state.clean().is_empty(), "nothing kept to send again");
+}
+
+#[test]
+fn a_full_request_channel_is_told_apart_from_a_closed_one() {
+    let ack = AckRequest {
+        pkid: 1,
+        qos: 1,
+        epoch: 0,
+    };
+    let opts = rumqttc::v5::MqttOptions::new("t", "127.0.0.1", 1);
+    let (c, eventloop) = rumqttc::v5::AsyncClient::new(opts, 1);
+    let client = Client::V5(c);
+    assert!(client.ack(ack).is_ok());
+    assert!(matches!(client.ack(ack), Err(SendError::Full)));
+    drop(eventloop);
+    assert!(matches!(client.ack(ack), Err(SendError::Closed)));
+
+    let opts = rumqttc::MqttOptions::new("t", "127.0.0.1", 1);
+    let (c, eventloop) = rumqttc::AsyncClient::new(opts, 1);
+    let client = Client::V4(c);
+    assert!(client.disconnect().is_ok());
+    assert!(matches!(client.disconnect(), Err(SendError::Full)));
+    drop(eventloop);
+    assert!(matches!(client.disconnect(), Err(SendError::Closed)));
+}
