@@ -107,7 +107,8 @@ impl Link {
                 inc(&self.ctx.stats.sent_qos0);
             }
             Sent::InFlight => {
-                conn.pace.written(pkid, Instant::now());
+                conn.pace
+                    .written(pkid, Instant::now(), conn.flight.inflight());
                 // The ids of the persistent session only: a publisher's clean session leaves
                 // nothing in the broker to release.
                 if self.role.consumer() {

@@ -54,8 +54,6 @@ pub(crate) struct Window {
     timing: Option<(u16, Instant, u64, bool)>,
     /// Acknowledgements so far.
     acked: u64,
-    /// Written and not acknowledged yet.
-    flight: usize,
     /// The smallest round trip seen on this connection.
     min_rtt: Option<Duration>,
     /// Recent delivery rates (acknowledgements per second), newest last.
@@ -82,7 +80,6 @@ impl Window {
             size: floor,
             timing: None,
             acked: 0,
-            flight: 0,
             min_rtt: None,
             rates: VecDeque::with_capacity(RATE_SAMPLES),
             startup: true,
@@ -116,27 +113,26 @@ impl Window {
             .then_some((self.cap, rtt))
     }
 
-    /// A QoS 1 or 2 publish with packet id `pkid` was written at `now`: timed, unless one is
-    /// (for less than [`GIVE_UP`]).
-    pub(crate) fn written(&mut self, pkid: u16, now: Instant) {
-        if self.flight == 0 && !self.startup {
+    /// A QoS 1 or 2 publish with packet id `pkid` was written at `now`, `in_flight` now
+    /// awaiting their acknowledgement with it: timed, unless one is (for less than
+    /// [`GIVE_UP`]).
+    pub(crate) fn written(&mut self, pkid: u16, now: Instant, in_flight: usize) {
+        if in_flight <= 1 && !self.startup {
             // Idle until now: the next burst finds the path again from where the window is.
             self.startup = true;
             self.flat = 0;
         }
-        self.flight += 1;
         let timing = self
             .timing
             .is_some_and(|(_, at, ..)| now.saturating_duration_since(at) < GIVE_UP);
         if !timing {
-            self.timing = Some((pkid, now, self.acked, self.flight >= self.size));
+            self.timing = Some((pkid, now, self.acked, in_flight >= self.size));
         }
     }
 
     /// The broker acknowledged `pkid` at `now`.
     pub(crate) fn acknowledged(&mut self, pkid: u16, now: Instant) {
         self.acked += 1;
-        self.flight = self.flight.saturating_sub(1);
         let Some((timed, at, acked_then, full)) = self.timing else {
             return;
         };
@@ -196,7 +192,7 @@ mod tests {
         loop {
             while flight.len() < w.size() {
                 pkid = pkid.wrapping_add(1);
-                w.written(pkid, now);
+                w.written(pkid, now, flight.len() + 1);
                 let arrival = now + rtt / 2;
                 let begin = arrival.max(server_free);
                 server_free = begin + service;
@@ -270,9 +266,9 @@ mod tests {
     fn a_sample_never_acknowledged_is_replaced_by_a_later_one() {
         let mut w = Window::new(10, 1000);
         let start = Instant::now();
-        w.written(1, start);
+        w.written(1, start, 1);
         let now = start + GIVE_UP;
-        w.written(2, now);
+        w.written(2, now, 2);
         for _ in 0..9 {
             w.acknowledged(0, now + Duration::from_micros(500));
         }
@@ -290,7 +286,7 @@ mod tests {
         // about twice the product.
         let mut w = Window::new(100, 8192);
         let start = Instant::now();
-        w.written(1, start);
+        w.written(1, start, 1);
         w.acknowledged(1, start + Duration::from_millis(100));
         assert_eq!(w.size(), 8192, "a long path: the cap at once");
         let (size, rate) = run(&mut w, Duration::from_millis(100), 10_000.0, 4.0);
@@ -304,7 +300,7 @@ mod tests {
         let mut now = Instant::now();
         // A trickle: one message at a time, 100 ms each, many samples with no more rate.
         for pkid in 1..=10 {
-            w.written(pkid, now);
+            w.written(pkid, now, 1);
             now += Duration::from_millis(100);
             w.acknowledged(pkid, now);
         }
@@ -312,12 +308,8 @@ mod tests {
         // A burst that fills it, and the rate it finds stops growing: the start ends.
         let (size, _) = run(&mut w, Duration::from_millis(100), 5_000.0, 10.0);
         assert!(size < 8192, "{size}");
-        // Idle again (what was in flight acknowledged: id 0 is never timed here), then the next
-        // burst starts over at the cap.
-        for _ in 0..8192 {
-            w.acknowledged(0, now);
-        }
-        w.written(1000, now + Duration::from_secs(30));
+        // Idle again (nothing else in flight), then the next burst starts over at the cap.
+        w.written(1000, now + Duration::from_secs(30), 1);
         assert_eq!(w.size(), size, "the size waits for the next sample");
         w.acknowledged(
             1000,

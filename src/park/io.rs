@@ -523,7 +523,9 @@ async fn copies_connection(p: &CopyPublisher) -> Result<(), ParkError> {
                 Some(LinkEvent::Sent(pkid)) => match flight.sent(pkid) {
                     Sent::Done(item) => p.lane.finish(item),
                     Sent::Evicted { old, .. } => p.lane.requeue(vec![old]),
-                    Sent::InFlight => pace.written(pkid, std::time::Instant::now()),
+                    Sent::InFlight => {
+                        pace.written(pkid, std::time::Instant::now(), flight.inflight());
+                    }
                     Sent::Control | Sent::Unexpected => {}
                 },
                 Some(LinkEvent::PubAck(pkid, result)) => {
