@@ -92,20 +92,46 @@ impl Link {
         {
             return Err(item);
         }
-        match conn.client.publish(&item.msg, &topic, qos, properties) {
-            Ok(()) => {
-                if v311 {
-                    // The echo comes back on the broker's topic, as published.
-                    self.echo.record(
-                        fingerprint(topic.as_bytes(), &item.msg.payload),
-                        Instant::now(),
-                    );
-                }
-                conn.flight.handed(item);
-                Ok(())
-            }
-            Err(SendError::Full | SendError::Closed) => Err(item),
+        // QoS 1/2 publishes are numbered here, within the ids rumqttc keeps room for.
+        let pkid = match qos {
+            0 => 0,
+            _ => match conn.flight.free_id(self.ctx.settings.inflight_max) {
+                Some(id) => id,
+                None => return Err(item),
+            },
+        };
+        if let Err(SendError::Full | SendError::Closed) = conn
+            .client
+            .publish(&item.msg, &topic, qos, pkid, properties)
+        {
+            return Err(item);
         }
+        let now = Instant::now();
+        if v311 {
+            // The echo comes back on the broker's topic, as published.
+            self.echo
+                .record(fingerprint(topic.as_bytes(), &item.msg.payload), now);
+        }
+        if pkid == 0 {
+            conn.flight.handed_unnumbered(item);
+            return Ok(());
+        }
+        if let Some(old) = conn.flight.handed_numbered(pkid, item) {
+            // Never expected (the id was free): the older message would hold its origin's
+            // acknowledgement forever; send it again (a duplicate at worst).
+            warn!(
+                pkid,
+                "packet id handed out twice; the older message is sent again"
+            );
+            self.ctx.queue.requeue_front(vec![old]);
+        }
+        conn.pace.written(pkid, now, conn.flight.inflight());
+        // The ids of the persistent session only: a publisher's clean session leaves nothing
+        // in the broker to release.
+        if self.role.consumer() {
+            self.pkid_high = Some(self.pkid_high.unwrap_or(0).max(pkid));
+        }
+        Ok(())
     }
 
     /// The topic and QoS cap `item` goes out with, through the broker's first matching `out`
@@ -141,7 +167,7 @@ impl Link {
         let payload = self.ctx.ha.seal(&note, fp.to_be_bytes().to_vec());
         let queued = conn
             .client
-            .publish_record(&note, payload, 0, false, None)
+            .publish_record(&note, payload, 0, 0, false, None)
             .is_ok();
         if queued {
             conn.flight.handed_control();
@@ -262,7 +288,7 @@ impl Link {
         let stats = &self.ctx.stats;
         debug!(
             queued = self.ctx.queue.len(),
-            awaiting_sent = conn.flight.awaiting_sent(),
+            awaiting_write = conn.flight.awaiting_write(),
             inflight = conn.flight.inflight(),
             unacked_in = self.acks.unacknowledged(),
             acks_due = self.acks.due(),

@@ -5,16 +5,64 @@ use std::time::Instant;
 
 use tracing::{debug, info, warn};
 
-use super::outflight::Sent;
+use super::outflight::Written;
 use super::session::{Client, LinkEvent};
-use super::{Conn, Link};
+use super::{Conn, Link, Outcome, uptime};
 use crate::ha::role::Now;
 use crate::message::Protocol;
 use crate::metrics::{self, inc};
+use tokio::sync::mpsc;
+
+/// Events a link takes in one go: what the driver reported while the link was busy (a burst
+/// of acknowledgements and messages) costs one wake, and one pass of housekeeping and filling
+/// the window, instead of one per event. Bounded so that due acknowledgements and the window
+/// are seen to at least every this many events.
+const EVENT_BATCH: usize = 64;
 
 impl Link {
+    /// `first`, the event just received, and up to [`EVENT_BATCH`] in all of those already
+    /// waiting behind it. The end of the connection, if one of them says so.
+    pub(super) fn on_events(
+        &mut self,
+        conn: &mut Conn,
+        first: Option<LinkEvent>,
+        events: &mut mpsc::Receiver<LinkEvent>,
+    ) -> Option<Outcome> {
+        let mut end = self.take_event(conn, first);
+        for _ in 1..EVENT_BATCH {
+            if end.is_some() {
+                break;
+            }
+            // Empty or closed: the next wait finds out which.
+            let Ok(event) = events.try_recv() else { break };
+            end = self.take_event(conn, Some(event));
+        }
+        self.update_gauges(conn);
+        end
+    }
+
+    /// One event, or the end of the channel (`None`): the end of the connection, if it is one.
+    fn take_event(&mut self, conn: &mut Conn, event: Option<LinkEvent>) -> Option<Outcome> {
+        match event {
+            None => Some(Outcome::Lost {
+                error: "connection task ended".into(),
+                uptime: uptime(conn),
+                peer_closed: false,
+            }),
+            Some(LinkEvent::Closed(error)) => Some(Outcome::Lost {
+                error,
+                uptime: uptime(conn),
+                peer_closed: conn.peer_closed,
+            }),
+            Some(event) => {
+                self.on_event(conn, event);
+                None
+            }
+        }
+    }
+
     /// One event of the connection.
-    pub(super) fn on_event(&mut self, conn: &mut Conn, event: LinkEvent) {
+    fn on_event(&mut self, conn: &mut Conn, event: LinkEvent) {
         match event {
             LinkEvent::Connected {
                 session_present,
@@ -38,7 +86,7 @@ impl Link {
                 self.on_control(conn, &msg);
             }
             LinkEvent::Publish { msg, ack } => self.on_publish(msg, ack),
-            LinkEvent::Sent(pkid) => self.on_sent(conn, pkid),
+            LinkEvent::Written => self.on_written(conn),
             LinkEvent::PubAck(pkid, result) | LinkEvent::PubRec(pkid, result @ Err(_)) => {
                 pace(conn, pkid);
                 match conn.flight.acknowledged(pkid) {
@@ -67,7 +115,6 @@ impl Link {
             LinkEvent::PeerClosed => conn.peer_closed = true,
             LinkEvent::Closed(_) => {}
         }
-        self.update_gauges(conn);
     }
 
     /// The broker accepted the connection: control records, then the rules' subscriptions.
@@ -98,38 +145,16 @@ impl Link {
         self.ctx.stats.set_state(metrics::LinkState::Connected);
     }
 
-    /// The client wrote a publish.
-    fn on_sent(&mut self, conn: &mut Conn, pkid: u16) {
-        match conn.flight.sent(pkid) {
-            Sent::Done(item) => {
-                // QoS 0: written, never acknowledged; not counted as delivered.
+    /// The client wrote a QoS 0 publish.
+    fn on_written(&mut self, conn: &mut Conn) {
+        match conn.flight.written_unnumbered() {
+            Written::Done(item) => {
+                // Never acknowledged; not counted as delivered.
                 self.finish(item);
                 inc(&self.ctx.stats.sent_qos0);
             }
-            Sent::InFlight => {
-                conn.pace
-                    .written(pkid, Instant::now(), conn.flight.inflight());
-                // The ids of the persistent session only: a publisher's clean session leaves
-                // nothing in the broker to release.
-                if self.role.consumer() {
-                    self.pkid_high = Some(self.pkid_high.unwrap_or(0).max(pkid));
-                }
-            }
-            Sent::Control => {}
-            Sent::Evicted { old, seqs } => {
-                // Never expected. The evicted message would hold its origin's
-                // acknowledgement forever: send it again (a duplicate at worst).
-                warn!(
-                    pkid,
-                    old_seq = seqs.0,
-                    new_seq = seqs.1,
-                    "packet id reused before the broker acknowledged it; message sent again"
-                );
-                self.ctx.queue.requeue_front(vec![old]);
-            }
-            Sent::Unexpected => {
-                warn!(pkid, "publish reported sent with no message waiting for it");
-            }
+            Written::Control => {}
+            Written::Unexpected => warn!("QoS 0 publish reported written with none waiting"),
         }
     }
 

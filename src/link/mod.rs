@@ -51,7 +51,7 @@ use acks::InboundAcks;
 use backoff::Backoff;
 use outflight::OutFlight;
 use poison::{PoisonPolicy, PoisonWatch};
-use session::{Client, ConnectAs, LinkEvent, Session, SessionSettings};
+use session::{Client, ConnectAs, Session, SessionSettings};
 
 /// What every link of this process shares about the mesh's instances (see [`crate::ha`]).
 #[derive(Debug)]
@@ -143,7 +143,7 @@ enum Outcome {
     Lost {
         error: String,
         uptime: Option<Duration>,
-        /// The broker ended the connection itself (see [`LinkEvent::PeerClosed`]).
+        /// The broker ended the connection itself (see [`session::LinkEvent::PeerClosed`]).
         peer_closed: bool,
     },
     Shutdown,
@@ -210,6 +210,8 @@ const STORM_TRACKED: usize = 1024;
 /// Per-connection delivery state.
 struct Conn {
     client: Client,
+    /// QoS 1/2 publishes the client wrote (see [`Session::written`]).
+    written: Arc<std::sync::atomic::AtomicU64>,
     connected: Option<Instant>,
     max_packet: Option<u32>,
     /// What the broker has not acknowledged yet (see [`outflight`]).
@@ -230,7 +232,7 @@ struct Conn {
     rule_subacks: u32,
     /// The probe subscription's SUBACK is owed (queued last).
     probe_suback: bool,
-    /// The broker ended this connection itself (see [`LinkEvent::PeerClosed`]).
+    /// The broker ended this connection itself (see [`session::LinkEvent::PeerClosed`]).
     peer_closed: bool,
     /// The broker refused a rule subscription on this connection.
     rule_refused: bool,
@@ -372,6 +374,7 @@ impl Link {
     async fn connection(&mut self, session: &mut Session) -> Outcome {
         let mut conn = Conn {
             client: session.client.clone(),
+            written: session.written.clone(),
             connected: None,
             max_packet: None,
             flight: OutFlight::default(),
@@ -408,11 +411,11 @@ impl Link {
                     break self.close(&mut conn, session).await;
                 }
                 // While the copies this broker's messages made wait for it, take no more.
-                event = session.events.recv(), if !self.copies_backlog() => match event {
-                    None => break Outcome::Lost { error: "connection task ended".into(), uptime: uptime(&conn), peer_closed: false },
-                    Some(LinkEvent::Closed(error)) => break Outcome::Lost { error, uptime: uptime(&conn), peer_closed: conn.peer_closed },
-                    Some(event) => self.on_event(&mut conn, event),
-                },
+                event = session.events.recv(), if !self.copies_backlog() => {
+                    if let Some(lost) = self.on_events(&mut conn, event, &mut session.events) {
+                        break lost;
+                    }
+                }
                 Some(ack) = self.acks_rx.recv() => self.complete(ack),
                 _ = tokio::time::sleep(Duration::from_millis(20)),
                     if self.role.switching() || self.copies_backlog() => {}
@@ -485,9 +488,10 @@ impl Link {
             }
         }
         if conn.connected.is_some() && lost {
+            let count = conn.written.load(std::sync::atomic::Ordering::Relaxed);
             let written: Vec<u64> = conn
                 .flight
-                .written()
+                .written(count)
                 .into_iter()
                 .map(deliver::poison_id)
                 .collect();

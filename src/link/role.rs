@@ -192,7 +192,7 @@ impl Link {
         let expiry = alive.then_some(ha::LIVENESS);
         if conn
             .client
-            .publish_record(&topic, payload, 0, true, expiry)
+            .publish_record(&topic, payload, 0, 0, true, expiry)
             .is_ok()
         {
             conn.flight.handed_control();
@@ -209,7 +209,7 @@ impl Link {
         let payload = ha.seal(&topic, serde_json::to_vec(record).unwrap_or_default());
         if conn
             .client
-            .publish_record(&topic, payload, 0, true, None)
+            .publish_record(&topic, payload, 0, 0, true, None)
             .is_ok()
         {
             conn.flight.handed_control();

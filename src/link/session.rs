@@ -11,15 +11,15 @@
 //! spec asks.
 //!
 //! The same holds in the other direction: a QoS 2 message we published may sit in the broker's
-//! session waiting for our PUBREL when the connection (or the process) died. rumqttc numbers
-//! publishes 1..=`inflight_max`, so on a resumed session the bridge first sends PUBREL for each of
+//! session waiting for our PUBREL when the connection (or the process) died. The link numbers
+//! its publishes 1..=`inflight_max` (as rumqttc would), so on a resumed session the bridge first sends PUBREL for each of
 //! those ids (through the vendored rumqttc's `release` queue, two bytes an id, which it drops by
 //! itself when the session is new). The broker completes what it holds and answers PUBCOMP for
 //! the rest; without this, a new publish reusing such an id would be taken by the broker for the
 //! old one and lost. The broker delivers a stored QoS 2 message when it gets the PUBREL, so the
 //! ids the previous connection left unacknowledged go first, in the order it sent them
-//! ([`resume_order`]); rumqttc's ids wrap around, and id order would deliver newer messages
-//! before older ones.
+//! ([`resume_order`]); the ids wrap around, and id order would deliver newer messages before
+//! older ones.
 //! After a restart of the process that order is unknown: up to `inflight_max` QoS 2 messages held
 //! by a broker at the crash may be delivered out of order.
 //!
@@ -27,9 +27,8 @@
 //! alone in a driver task that turns rumqttc events into [`LinkEvent`]s; the link task talks to
 //! the client only through non-blocking calls.
 
-use std::future::Future;
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -65,8 +64,10 @@ pub(crate) enum LinkEvent {
         /// What to acknowledge (QoS ≥ 1).
         ack: Option<AckRequest>,
     },
-    /// One of our publishes was written to the socket (pkid 0 for QoS 0).
-    Sent(u16),
+    /// One of our QoS 0 publishes (a message or a control record) was written. QoS 1/2
+    /// publishes are not reported one by one: their packet ids are chosen by the caller, and
+    /// [`Session::written`] counts them.
+    Written,
     /// PUBACK for one of our QoS 1 publishes; `Err` carries the broker's reason.
     PubAck(u16, Result<(), Refused>),
     /// PUBREC for one of our QoS 2 publishes.
@@ -159,17 +160,6 @@ fn qos_v5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
     }
 }
 
-/// Polls a future once; the request channel has room by construction, so sending completes
-/// on the first poll. `Pending` (the invariant broken) is reported as `Full`.
-fn send_now<F: Future<Output = Result<(), E>>, E>(fut: F) -> Result<(), SendError> {
-    let mut fut = pin!(fut);
-    match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(Ok(())) => Ok(()),
-        Poll::Ready(Err(_)) => Err(SendError::Closed),
-        Poll::Pending => Err(SendError::Full),
-    }
-}
-
 impl From<rumqttc::ClientError> for SendError {
     fn from(e: rumqttc::ClientError) -> Self {
         match e {
@@ -193,59 +183,75 @@ impl From<rumqttc::v5::ClientError> for SendError {
 }
 
 impl Client {
-    /// Queues a publish of `msg` at `qos`; on MQTT 5 with `properties`.
+    /// Queues a publish of `msg` to `topic` at `qos` with packet id `pkid`, which the caller
+    /// chose (see [`super::outflight::OutFlight::free_id`]; 0 for QoS 0); on MQTT 5 with
+    /// `properties`. A `topic` that is `msg.topic` itself (no rule renamed it) is shared, not
+    /// copied, on MQTT 5.
     pub(crate) fn publish(
         &self,
         msg: &Message,
         topic: &str,
         qos: u8,
+        pkid: u16,
         properties: Option<v5b::PublishProperties>,
     ) -> Result<(), SendError> {
         match self {
             Client::V4(c) => {
-                send_now(c.publish_bytes(topic, qos_v4(qos), msg.retain, msg.payload.clone()))
+                let mut p = rumqttc::Publish::from_bytes(topic, qos_v4(qos), msg.payload.clone());
+                p.retain = msg.retain;
+                p.pkid = pkid;
+                Ok(c.try_publish_packet(p)?)
             }
-            Client::V5(c) => match properties {
-                Some(p) => send_now(c.publish_bytes_with_properties(
+            Client::V5(c) => {
+                let same = topic.as_ptr() == msg.topic.as_ptr() && topic.len() == msg.topic.len();
+                let topic = if same {
+                    msg.topic.clone()
+                } else {
+                    Bytes::copy_from_slice(topic.as_bytes())
+                };
+                Ok(c.try_publish_packet(v5b::Publish {
+                    dup: false,
+                    qos: qos_v5(qos),
+                    retain: msg.retain,
                     topic,
-                    qos_v5(qos),
-                    msg.retain,
-                    msg.payload.clone(),
-                    p,
-                )),
-                None => {
-                    send_now(c.publish_bytes(topic, qos_v5(qos), msg.retain, msg.payload.clone()))
-                }
-            },
+                    pkid,
+                    payload: msg.payload.clone(),
+                    properties,
+                })?)
+            }
         }
     }
 
     /// Queues one of the bridge's own records (control records at QoS 0, park records at QoS
-    /// 1), retained or not; on MQTT 5 with a message expiry when given.
+    /// 1), retained or not; on MQTT 5 with a message expiry when given. `pkid` is the packet id
+    /// the caller chose, or 0 to have rumqttc number it (a connection either numbers all its
+    /// QoS 1 publishes itself or none).
     pub(crate) fn publish_record(
         &self,
         topic: &str,
         payload: Vec<u8>,
         qos: u8,
+        pkid: u16,
         retain: bool,
         expiry: Option<Duration>,
     ) -> Result<(), SendError> {
         let payload = Bytes::from(payload);
-        match (self, expiry) {
-            (Client::V4(c), _) => send_now(c.publish_bytes(topic, qos_v4(qos), retain, payload)),
-            (Client::V5(c), None) => send_now(c.publish_bytes(topic, qos_v5(qos), retain, payload)),
-            (Client::V5(c), Some(e)) => {
-                let properties = v5b::PublishProperties {
+        match self {
+            Client::V4(c) => {
+                let mut p = rumqttc::Publish::from_bytes(topic, qos_v4(qos), payload);
+                p.retain = retain;
+                p.pkid = pkid;
+                Ok(c.try_publish_packet(p)?)
+            }
+            Client::V5(c) => {
+                let properties = expiry.map(|e| v5b::PublishProperties {
                     message_expiry_interval: Some(u32::try_from(e.as_secs()).unwrap_or(u32::MAX)),
                     ..Default::default()
-                };
-                send_now(c.publish_bytes_with_properties(
-                    topic,
-                    qos_v5(qos),
-                    retain,
-                    payload,
-                    properties,
-                ))
+                });
+                let mut p = v5b::Publish::new(topic, qos_v5(qos), payload, properties);
+                p.retain = retain;
+                p.pkid = pkid;
+                Ok(c.try_publish_packet(p)?)
             }
         }
     }
@@ -346,6 +352,9 @@ pub(crate) struct Session {
     pub(crate) events: mpsc::Receiver<LinkEvent>,
     /// The driver task (aborted when the session is dropped).
     pub(crate) driver: JoinHandle<()>,
+    /// QoS 1/2 publishes the client wrote, in the order they were handed to it (it writes in
+    /// order): what a lost connection may have delivered (see [`super::poison`]).
+    pub(crate) written: Arc<AtomicU64>,
 }
 
 impl Session {
@@ -396,6 +405,7 @@ pub(crate) fn open(s: &SessionSettings, who: &ConnectAs, release: &[u16]) -> Ses
     // A clean session holds nothing to release (rumqttc would drop these unsent anyway).
     let release = if who.clean { &[] } else { release };
     let (tx, rx) = mpsc::channel(1024);
+    let written = Arc::new(AtomicU64::new(0));
     let (client, driver) = match s.broker.protocol {
         Protocol::V311 => {
             let (client, mut el) =
@@ -406,7 +416,10 @@ pub(crate) fn open(s: &SessionSettings, who: &ConnectAs, release: &[u16]) -> Ses
             el.state.keep_publish_copies = false;
             seed_v4(&mut el);
             el.release.extend(release);
-            (Client::V4(client), tokio::spawn(drive_v4(el, tx)))
+            (
+                Client::V4(client),
+                tokio::spawn(drive_v4(el, tx, written.clone())),
+            )
         }
         Protocol::V5 => {
             let (client, mut el) =
@@ -414,13 +427,17 @@ pub(crate) fn open(s: &SessionSettings, who: &ConnectAs, release: &[u16]) -> Ses
             el.state.keep_publish_copies = false;
             seed_v5(&mut el);
             el.release.extend(release);
-            (Client::V5(client), tokio::spawn(drive_v5(el, tx)))
+            (
+                Client::V5(client),
+                tokio::spawn(drive_v5(el, tx, written.clone())),
+            )
         }
     };
     Session {
         client,
         events: rx,
         driver,
+        written,
     }
 }
 
@@ -535,7 +552,11 @@ fn qos_u8_v5(q: rumqttc::v5::mqttbytes::QoS) -> u8 {
     q as u8
 }
 
-async fn drive_v4(mut el: rumqttc::EventLoop, tx: mpsc::Sender<LinkEvent>) {
+async fn drive_v4(
+    mut el: rumqttc::EventLoop,
+    tx: mpsc::Sender<LinkEvent>,
+    written: Arc<AtomicU64>,
+) {
     use rumqttc::{Event, Outgoing, Packet};
     loop {
         let event = match el.poll().await {
@@ -571,7 +592,11 @@ async fn drive_v4(mut el: rumqttc::EventLoop, tx: mpsc::Sender<LinkEvent>) {
                     .map(|c| format!("{c:?}"))
                     .collect(),
             ),
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => LinkEvent::Sent(pkid),
+            Ok(Event::Outgoing(Outgoing::Publish(0))) => LinkEvent::Written,
+            Ok(Event::Outgoing(Outgoing::Publish(_))) => {
+                written.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             Ok(_) => continue,
             Err(e) => {
                 if matches!(
@@ -606,7 +631,11 @@ fn reason_v5<R: std::fmt::Debug>(reason: R, success: bool) -> Result<(), Refused
     }
 }
 
-async fn drive_v5(mut el: rumqttc::v5::EventLoop, tx: mpsc::Sender<LinkEvent>) {
+async fn drive_v5(
+    mut el: rumqttc::v5::EventLoop,
+    tx: mpsc::Sender<LinkEvent>,
+    written: Arc<AtomicU64>,
+) {
     use rumqttc::Outgoing;
     use rumqttc::v5::Event;
     use v5b::Packet;
@@ -652,7 +681,11 @@ async fn drive_v5(mut el: rumqttc::v5::EventLoop, tx: mpsc::Sender<LinkEvent>) {
                     .map(|c| format!("{c:?}"))
                     .collect(),
             ),
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => LinkEvent::Sent(pkid),
+            Ok(Event::Outgoing(Outgoing::Publish(0))) => LinkEvent::Written,
+            Ok(Event::Outgoing(Outgoing::Publish(_))) => {
+                written.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             Ok(Event::Incoming(Packet::Disconnect(d)))
                 if d.reason_code == v5b::DisconnectReasonCode::SessionTakenOver =>
             {

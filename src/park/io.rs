@@ -219,7 +219,7 @@ impl Pass<'_> {
         };
         let payload = self.ctx.ha.seal(&self.topic, m.encode());
         s.client
-            .publish_record(&self.topic, payload, 1, false, None)?;
+            .publish_record(&self.topic, payload, 1, 0, false, None)?;
         Ok(false)
     }
 
@@ -472,7 +472,7 @@ pub(crate) async fn publish_copies(p: CopyPublisher) {
 }
 
 async fn copies_connection(p: &CopyPublisher) -> Result<(), ParkError> {
-    use crate::link::outflight::{OutFlight, Sent};
+    use crate::link::outflight::OutFlight;
     let who = ConnectAs {
         client_id: p.client_id.clone(),
         clean: true,
@@ -497,15 +497,22 @@ async fn copies_connection(p: &CopyPublisher) -> Result<(), ParkError> {
             while let Some(item) = items.next() {
                 let topic = p.park.ha.control.park_topic(item.park.target());
                 let payload = p.park.ha.seal(&topic, item.park.encode());
-                if s.client
-                    .publish_record(&topic, payload, 1, false, None)
-                    .is_err()
-                {
+                // Numbered here (see `OutFlight::free_id`); the window keeps one free.
+                let pkid = flight.free_id(settings.inflight_max);
+                let queued = pkid.is_some_and(|id| {
+                    s.client
+                        .publish_record(&topic, payload, 1, id, false, None)
+                        .is_ok()
+                });
+                let Some(pkid) = pkid.filter(|_| queued) else {
                     let rest: Vec<ParkItem> = std::iter::once(item).chain(items).collect();
                     p.lane.requeue(rest);
                     break;
+                };
+                if let Some(old) = flight.handed_numbered(pkid, item) {
+                    p.lane.requeue(vec![old]);
                 }
-                flight.handed(item);
+                pace.written(pkid, std::time::Instant::now(), flight.inflight());
             }
         }
         let room = connected && flight.outstanding() < pace.size();
@@ -520,14 +527,6 @@ async fn copies_connection(p: &CopyPublisher) -> Result<(), ParkError> {
                         pace.cap_at(usize::from(max));
                     }
                 }
-                Some(LinkEvent::Sent(pkid)) => match flight.sent(pkid) {
-                    Sent::Done(item) => p.lane.finish(item),
-                    Sent::Evicted { old, .. } => p.lane.requeue(vec![old]),
-                    Sent::InFlight => {
-                        pace.written(pkid, std::time::Instant::now(), flight.inflight());
-                    }
-                    Sent::Control | Sent::Unexpected => {}
-                },
                 Some(LinkEvent::PubAck(pkid, result)) => {
                     pace.acknowledged(pkid, std::time::Instant::now());
                     if let Some(item) = flight.acknowledged(pkid) {

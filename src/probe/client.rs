@@ -130,7 +130,7 @@ async fn connection(ctx: &ProbeContext) -> Result<(), Ended> {
                     super::encode(ctx.run, seq),
                     crate::ha::unix_ms(),
                 );
-                if s.client.publish_record(&topic, payload, 1, false, None).is_err() {
+                if s.client.publish_record(&topic, payload, 1, 0, false, None).is_err() {
                     lock(&ctx.book).unsend(&ctx.name, seq);
                 }
             }

@@ -68,8 +68,8 @@ fn without_copies_the_state_still_tracks_acknowledgements_and_collisions() {
         state.handle_incoming_packet(puback(5)),
         Ok(Some(v5b::Packet::Publish(p))) if p.pkid == 5
     ));
-    // The PUBACK is reported before the publish that took its id again (the link matches
-    // writes to its messages in that order).
+    // The PUBACK is reported before the publish that took its id again. (The link never gets
+    // here: it gives an id again only after it had that id's PUBACK event.)
     let events: Vec<_> = state.events.drain(..).collect();
     assert!(
         matches!(
@@ -118,4 +118,36 @@ fn a_full_request_channel_is_told_apart_from_a_closed_one() {
     assert!(matches!(client.disconnect(), Err(SendError::Full)));
     drop(eventloop);
     assert!(matches!(client.disconnect(), Err(SendError::Closed)));
+}
+
+#[test]
+fn a_publish_numbered_by_its_caller_keeps_its_id() {
+    for pkid in [1, 700, 8192] {
+        let mut o = rumqttc::v5::MqttOptions::new("x", "127.0.0.1", 1883);
+        o.set_outgoing_inflight_upper_limit(8192);
+        let (_c, mut el) = rumqttc::v5::AsyncClient::new(o, 10);
+        el.state.keep_publish_copies = false;
+        let mut p = v5b::Publish::new(
+            "t",
+            rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+            Bytes::from_static(b"x"),
+            None,
+        );
+        p.pkid = pkid;
+        let written = el
+            .state
+            .handle_outgoing_packet(rumqttc::v5::Request::Publish(p))
+            .expect("taken");
+        assert!(matches!(written, Some(v5b::Packet::Publish(p)) if p.pkid == pkid));
+        let mut o = rumqttc::MqttOptions::new("x", "127.0.0.1", 1883);
+        o.set_inflight(8192);
+        let (_c, mut el) = rumqttc::AsyncClient::new(o, 10);
+        let mut p = rumqttc::Publish::new("t", rumqttc::QoS::AtLeastOnce, b"x".to_vec());
+        p.pkid = pkid;
+        let written = el
+            .state
+            .handle_outgoing_packet(rumqttc::Request::Publish(p))
+            .expect("taken");
+        assert!(matches!(written, Some(rumqttc::Packet::Publish(p)) if p.pkid == pkid));
+    }
 }

@@ -203,6 +203,14 @@ impl AsyncClient {
         Ok(())
     }
 
+    /// meshbridge patch: queues `publish` as it is, packet id included. A caller that numbers
+    /// its own QoS 1/2 publishes (within `1..=inflight`, never one still in flight) knows each
+    /// id when it hands the publish over and needs no `Outgoing::Publish` event to learn it.
+    pub fn try_publish_packet(&self, publish: Publish) -> Result<(), ClientError> {
+        self.request_tx.try_send(Request::Publish(publish))?;
+        Ok(())
+    }
+
     /// Sends a MQTT Publish to the `EventLoop`
     async fn handle_publish_bytes<S>(
         &self,
