@@ -125,7 +125,8 @@ impl Link {
         self.acks.complete(ack);
     }
 
-    /// Takes every completion the targets reported so far (before a last flush).
+    /// Takes every completion the targets reported so far: after each wake for one, and
+    /// before a last flush.
     pub(super) fn take_completions(&mut self) {
         while let Ok(ack) = self.acks_rx.try_recv() {
             self.complete(ack);

@@ -416,7 +416,11 @@ impl Link {
                         break lost;
                     }
                 }
-                Some(ack) = self.acks_rx.recv() => self.complete(ack),
+                Some(ack) = self.acks_rx.recv() => {
+                    // And every other one the targets reported meanwhile: one wake for all.
+                    self.complete(ack);
+                    self.take_completions();
+                }
                 _ = tokio::time::sleep(Duration::from_millis(20)),
                     if self.role.switching() || self.copies_backlog() => {}
                 _ = self.ctx.queue.notified(), if room => {}
