@@ -53,7 +53,8 @@
 //!   link's status row and readiness.
 //! - [`supervisor`]: owns the links; start, add/remove at run time, reload (a broker whose
 //!   connection settings changed gets its link restarted on the same queue), readiness,
-//!   ordered shutdown.
+//!   ordered shutdown; what a reload does to each broker and what holds readiness back at
+//!   start-up are decided in `supervisor/plan.rs` (pure, unit-tested).
 //! - [`admin`]: the HTTP API: `server.rs` (accept loop with limits, routes), `exposition.rs`
 //!   (Prometheus text), `client.rs` (the CLI side).
 //! - [`cli`], [`certs`] (`bridge certs`), [`demo`] (`bridge demo`), [`import`] (`bridge

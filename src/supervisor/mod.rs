@@ -24,6 +24,8 @@ use crate::router::{Router, TargetQueue};
 use crate::spool::Spool;
 use crate::status::{BrokerStatus, InstanceStatus, ReadyReport};
 
+mod plan;
+
 /// Why a membership change was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ChangeError {
@@ -814,26 +816,20 @@ impl Supervisor {
     /// is a start-up latch: once met it is not asked again, so a failover or a broker added at
     /// run time does not make the process unready.
     pub(crate) fn ready(&mut self) -> ReadyReport {
-        let mut waiting = Vec::new();
-        let mut unconsumed = Vec::new();
+        let (mut waiting, mut unconsumed) = (Vec::new(), Vec::new());
         if !self.started {
-            for l in self.links.values().filter(|l| l.at_start) {
-                if l.consumption.borrow().ever {
-                    continue;
-                }
-                let connected = l.stats.state().0 == crate::metrics::LinkState::Connected;
-                if !connected && l.stats.last_error().is_some() {
-                    // Down (the error is in status): it does not hold the others back.
-                    continue;
-                }
-                if l.stats.ever_connected.load(Ordering::Relaxed) {
-                    // Reachable, and nobody consumes it yet (or it is reconnecting in the
-                    // owner's role): what is published there now would reach no other broker.
-                    unconsumed.push(l.broker.name.clone());
-                } else {
-                    waiting.push(l.broker.name.clone());
-                }
-            }
+            let views = self
+                .links
+                .values()
+                .filter(|l| l.at_start)
+                .map(|l| plan::StartView {
+                    name: &l.broker.name,
+                    consumed: l.consumption.borrow().ever,
+                    connected: l.stats.state().0 == crate::metrics::LinkState::Connected,
+                    failing: l.stats.last_error().is_some(),
+                    ever_connected: l.stats.ever_connected.load(Ordering::Relaxed),
+                });
+            (waiting, unconsumed) = plan::start_blockers(views);
             self.started = waiting.is_empty() && unconsumed.is_empty();
         }
         let connected = self
@@ -882,65 +878,53 @@ impl Supervisor {
         new: Config,
         changes: &[Change],
     ) -> (Vec<String>, Vec<LinkHandle>, Vec<Restart>) {
-        let added_at_runtime: HashSet<&str> = self
-            .membership
-            .added
-            .iter()
-            .map(|a| a.name.as_str())
-            .collect();
+        let file: Vec<&str> = new.brokers.iter().map(|b| b.name.as_str()).collect();
+        let now = plan::Members {
+            running: self.links.keys().map(String::as_str).collect(),
+            from_config: self.from_config.iter().map(String::as_str).collect(),
+            added_at_runtime: self
+                .membership
+                .added
+                .iter()
+                .map(|a| a.name.as_str())
+                .collect(),
+            removed_at_runtime: self.membership.removed.iter().map(String::as_str).collect(),
+            draining: self.draining.iter().map(String::as_str).collect(),
+        };
+        let plan = plan::reload(&now, &file, changes);
         let in_file = |name: &str| new.brokers.iter().find(|b| b.name == name).cloned();
-        let (mut gone, mut restarts) = (Vec::new(), Vec::new());
-        for change in changes {
-            match change {
-                // The fan-out and the link take the rules from the queue; the link
-                // re-subscribes the difference.
-                Change::Rules(name) => {
-                    if let (Some(link), Some(b)) = (self.links.get_mut(name), in_file(name))
-                        && self.from_config.contains(name)
-                    {
-                        info!(broker = %name, "topic rules changed by the reload");
-                        link.queue.set_rules(b.rules.clone());
-                        link.broker.rules = b.rules;
-                    }
-                }
-                Change::Restart(name, _) => {
-                    if let Some(b) = in_file(name)
-                        && self.from_config.contains(name)
-                        && let Some(old) = self.links.remove(name)
-                    {
-                        restarts.push(Restart { old, new: b });
-                    }
-                }
-                // A broker added at run time under the same name stays.
-                Change::Remove(name) if !added_at_runtime.contains(name.as_str()) => {
-                    self.router.remove(name);
-                    self.forget_lane(name);
-                    self.lock_probes().remove_broker(name);
-                    if let Some(mut h) = self.links.remove(name) {
-                        info!(broker = %name, "removed from the config file");
-                        h.leaving = true;
-                        self.draining.insert(name.clone());
-                        gone.push(h);
-                    }
-                }
-                // Additions start below; a reload with these was refused by the caller.
-                Change::Remove(_) | Change::Add(_) | Change::NeedsRestart(_) => {}
+        for name in &plan.rules {
+            // The fan-out and the link take the rules from the queue; the link re-subscribes
+            // the difference.
+            if let (Some(link), Some(b)) = (self.links.get_mut(name), in_file(name)) {
+                info!(broker = %name, "topic rules changed by the reload");
+                link.queue.set_rules(b.rules.clone());
+                link.broker.rules = b.rules;
             }
         }
-        // Every broker of the file that does not run starts: those added now, and those that
-        // waited (a drain, a start that failed).
+        let mut restarts = Vec::new();
+        for name in &plan.restart {
+            if let (Some(new), Some(old)) = (in_file(name), self.links.remove(name)) {
+                restarts.push(Restart { old, new });
+            }
+        }
+        let mut gone = Vec::new();
+        for name in &plan.remove {
+            self.router.remove(name);
+            self.forget_lane(name);
+            self.lock_probes().remove_broker(name);
+            if let Some(mut h) = self.links.remove(name) {
+                info!(broker = %name, "removed from the config file");
+                h.leaving = true;
+                self.draining.insert(name.clone());
+                gone.push(h);
+            }
+        }
+        for name in &plan.wait {
+            info!(broker = %name, "starts once its previous link has drained");
+        }
         let mut started = Vec::new();
-        for broker in new.brokers.clone() {
-            if self.links.contains_key(&broker.name)
-                || self.membership.removed.contains(&broker.name)
-                || restarts.iter().any(|r| r.new.name == broker.name)
-            {
-                continue;
-            }
-            if self.draining.contains(&broker.name) {
-                info!(broker = %broker.name, "starts once its previous link has drained");
-                continue;
-            }
+        for broker in plan.start.iter().filter_map(|name| in_file(name)) {
             let name = broker.name.clone();
             match self.spawn_member(broker) {
                 Ok(_) => {
