@@ -111,7 +111,7 @@ pub(crate) struct SessionSettings {
     /// [`super::window`]), and the Receive Maximum announced to the broker.
     pub(crate) inflight: u16,
     /// The most outgoing QoS ≥ 1 messages in flight: the cap of the window (with the broker's
-    /// Receive Maximum), and the packet ids rumqttc cycles through.
+    /// Receive Maximum), and the packet ids the link numbers its publishes with.
     pub(crate) inflight_max: u16,
 }
 
