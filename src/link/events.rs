@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::outflight::Written;
@@ -11,7 +12,6 @@ use super::{Conn, Link, Outcome, uptime};
 use crate::ha::role::Now;
 use crate::message::Protocol;
 use crate::metrics::{self, inc};
-use tokio::sync::mpsc;
 
 /// Events a link takes in one go: what the driver reported while the link was busy (a burst
 /// of acknowledgements and messages) costs one wake, and one pass of housekeeping and filling

@@ -113,9 +113,9 @@ impl Window {
             .then_some((self.cap, rtt))
     }
 
-    /// A QoS 1 or 2 publish with packet id `pkid` was written at `now`, `in_flight` now
-    /// awaiting their acknowledgement with it: timed, unless one is (for less than
-    /// [`GIVE_UP`]).
+    /// A QoS 1 or 2 publish with packet id `pkid` was handed to the client at `now` (it
+    /// writes at once, in order), `in_flight` now awaiting their acknowledgement with it:
+    /// timed, unless one is (for less than [`GIVE_UP`]).
     pub(crate) fn written(&mut self, pkid: u16, now: Instant, in_flight: usize) {
         if in_flight <= 1 && !self.startup {
             // Idle until now: the next burst finds the path again from where the window is.
