@@ -11,14 +11,14 @@
 //! spec asks.
 //!
 //! The same holds in the other direction: a QoS 2 message we published may sit in the broker's
-//! session waiting for our PUBREL when the connection (or the process) died. The link numbers
-//! its publishes 1..=`inflight_max` (as rumqttc would), so on a resumed session the bridge first sends PUBREL for each of
-//! those ids (through the vendored rumqttc's `release` queue, two bytes an id, which it drops by
-//! itself when the session is new). The broker completes what it holds and answers PUBCOMP for
-//! the rest; without this, a new publish reusing such an id would be taken by the broker for the
-//! old one and lost. The broker delivers a stored QoS 2 message when it gets the PUBREL, so the
-//! ids the previous connection left unacknowledged go first, in the order it sent them
-//! ([`resume_order`]); the ids wrap around, and id order would deliver newer messages before
+//! session waiting for our PUBREL when the connection (or the process) died. The link numbers its
+//! publishes 1..=`inflight_max` (as rumqttc would), so on a resumed session the bridge first sends
+//! PUBREL for each of those ids (through the vendored rumqttc's `release` queue, two bytes an id,
+//! which it drops by itself when the session is new). The broker completes what it holds and
+//! answers PUBCOMP for the rest; without this, a new publish reusing such an id would be taken by
+//! the broker for the old one and lost. The broker delivers a stored QoS 2 message when it gets the
+//! PUBREL, so the ids the previous connection left unacknowledged go first, in the order it sent
+//! them ([`resume_order`]); the ids wrap around, and id order would deliver newer messages before
 //! older ones.
 //! After a restart of the process that order is unknown: up to `inflight_max` QoS 2 messages held
 //! by a broker at the crash may be delivered out of order.
