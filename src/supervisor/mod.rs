@@ -642,18 +642,25 @@ impl Supervisor {
         membership.record_remove(&name, self.from_config.contains(&name));
         membership.save(&self.config.data_dir)?;
         self.membership = membership;
-        // No new messages for it; what was queued is released to its origins when it stops.
-        self.router.remove(&name);
-        self.forget_lane(&name);
-        self.lock_probes().remove_broker(&name);
-        let mut handle = self
-            .links
-            .remove(&name)
+        let handle = self
+            .take_out(&name)
             .ok_or_else(|| ChangeError::NotFound(key.to_string()))?;
-        handle.leaving = true;
-        self.draining.insert(name.clone());
         info!(broker = %name, "broker removed at run time");
         Ok(handle)
+    }
+
+    /// Takes broker `name` out of the mesh: no new messages for it (what was queued is
+    /// released to its origins when its link stops), no park copies, no probes; its link, if
+    /// it runs, is returned marked as leaving, and the name waits for its drain (see
+    /// [`Self::drained`]).
+    fn take_out(&mut self, name: &str) -> Option<LinkHandle> {
+        self.router.remove(name);
+        self.forget_lane(name);
+        self.lock_probes().remove_broker(name);
+        let mut handle = self.links.remove(name)?;
+        handle.leaving = true;
+        self.draining.insert(name.to_string());
+        Some(handle)
     }
 
     /// Every member, for a reconciliation: brokers of the config file first, in file order
@@ -910,13 +917,8 @@ impl Supervisor {
         }
         let mut gone = Vec::new();
         for name in &plan.remove {
-            self.router.remove(name);
-            self.forget_lane(name);
-            self.lock_probes().remove_broker(name);
-            if let Some(mut h) = self.links.remove(name) {
+            if let Some(h) = self.take_out(name) {
                 info!(broker = %name, "removed from the config file");
-                h.leaving = true;
-                self.draining.insert(name.clone());
                 gone.push(h);
             }
         }
