@@ -1,0 +1,174 @@
+//! The driver task of a connection: it alone polls rumqttc's event loop (not cancel-safe) and
+//! turns its events into [`LinkEvent`]s for the link, counting the QoS 1/2 publishes it wrote
+//! (see [`Session::written`](super::Session::written)).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5 as v5b;
+use tokio::sync::mpsc;
+
+use super::{LinkEvent, Refused};
+use crate::message::{AckRequest, Message};
+
+fn qos_u8_v4(q: rumqttc::QoS) -> u8 {
+    q as u8
+}
+
+fn qos_u8_v5(q: rumqttc::v5::mqttbytes::QoS) -> u8 {
+    q as u8
+}
+
+pub(super) async fn drive_v4(
+    mut el: rumqttc::EventLoop,
+    tx: mpsc::Sender<LinkEvent>,
+    written: Arc<AtomicU64>,
+) {
+    use rumqttc::{Event, Outgoing, Packet};
+    loop {
+        let event = match el.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(c))) => LinkEvent::Connected {
+                session_present: c.session_present,
+                max_packet_size: None,
+                receive_max: None,
+            },
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let qos = qos_u8_v4(p.qos);
+                LinkEvent::Publish {
+                    ack: (qos > 0).then_some(AckRequest {
+                        pkid: p.pkid,
+                        qos,
+                        epoch: 0,
+                    }),
+                    msg: Message {
+                        topic: Bytes::from(p.topic),
+                        payload: p.payload,
+                        qos,
+                        retain: p.retain,
+                        properties: None,
+                    },
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(a))) => LinkEvent::PubAck(a.pkid, Ok(())),
+            Ok(Event::Incoming(Packet::PubRec(a))) => LinkEvent::PubRec(a.pkid, Ok(())),
+            Ok(Event::Incoming(Packet::PubComp(a))) => LinkEvent::PubComp(a.pkid),
+            Ok(Event::Incoming(Packet::SubAck(s))) => LinkEvent::SubAck(
+                s.return_codes
+                    .iter()
+                    .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                    .map(|c| format!("{c:?}"))
+                    .collect(),
+            ),
+            Ok(Event::Outgoing(Outgoing::Publish(0))) => LinkEvent::Written,
+            Ok(Event::Outgoing(Outgoing::Publish(_))) => {
+                written.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            Ok(_) => continue,
+            Err(e) => {
+                if matches!(
+                    e,
+                    rumqttc::ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted)
+                ) {
+                    let _ = tx.send(LinkEvent::PeerClosed).await;
+                }
+                let _ = tx.send(LinkEvent::Closed(e.to_string())).await;
+                return;
+            }
+        };
+        if tx.send(event).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// `Ok` for a success reason code, the code's name otherwise (formatted only then: this runs
+/// for every acknowledgement).
+fn reason_v5<R: std::fmt::Debug>(reason: R, success: bool) -> Result<(), Refused> {
+    if success {
+        Ok(())
+    } else {
+        Err(Refused(format!("{reason:?}")))
+    }
+}
+
+pub(super) async fn drive_v5(
+    mut el: rumqttc::v5::EventLoop,
+    tx: mpsc::Sender<LinkEvent>,
+    written: Arc<AtomicU64>,
+) {
+    use rumqttc::Outgoing;
+    use rumqttc::v5::Event;
+    use v5b::Packet;
+    loop {
+        let event = match el.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(c))) => LinkEvent::Connected {
+                session_present: c.session_present,
+                max_packet_size: c.properties.as_ref().and_then(|p| p.max_packet_size),
+                receive_max: c.properties.as_ref().and_then(|p| p.receive_max),
+            },
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let qos = qos_u8_v5(p.qos);
+                LinkEvent::Publish {
+                    ack: (qos > 0).then_some(AckRequest {
+                        pkid: p.pkid,
+                        qos,
+                        epoch: 0,
+                    }),
+                    msg: Message {
+                        topic: p.topic,
+                        payload: p.payload,
+                        qos,
+                        retain: p.retain,
+                        properties: p.properties,
+                    },
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(a))) => {
+                use v5b::PubAckReason as R;
+                let ok = matches!(a.reason, R::Success | R::NoMatchingSubscribers);
+                LinkEvent::PubAck(a.pkid, reason_v5(a.reason, ok))
+            }
+            Ok(Event::Incoming(Packet::PubRec(a))) => {
+                use v5b::PubRecReason as R;
+                let ok = matches!(a.reason, R::Success | R::NoMatchingSubscribers);
+                LinkEvent::PubRec(a.pkid, reason_v5(a.reason, ok))
+            }
+            Ok(Event::Incoming(Packet::PubComp(a))) => LinkEvent::PubComp(a.pkid),
+            Ok(Event::Incoming(Packet::SubAck(s))) => LinkEvent::SubAck(
+                s.return_codes
+                    .iter()
+                    .filter(|c| !matches!(c, v5b::SubscribeReasonCode::Success(_)))
+                    .map(|c| format!("{c:?}"))
+                    .collect(),
+            ),
+            Ok(Event::Outgoing(Outgoing::Publish(0))) => LinkEvent::Written,
+            Ok(Event::Outgoing(Outgoing::Publish(_))) => {
+                written.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            Ok(Event::Incoming(Packet::Disconnect(d)))
+                if d.reason_code == v5b::DisconnectReasonCode::SessionTakenOver =>
+            {
+                LinkEvent::PeerClosed
+            }
+            Ok(_) => continue,
+            Err(e) => {
+                if matches!(
+                    e,
+                    rumqttc::v5::ConnectionError::MqttState(
+                        rumqttc::v5::StateError::ConnectionAborted
+                    )
+                ) {
+                    let _ = tx.send(LinkEvent::PeerClosed).await;
+                }
+                let _ = tx.send(LinkEvent::Closed(e.to_string())).await;
+                return;
+            }
+        };
+        if tx.send(event).await.is_err() {
+            return;
+        }
+    }
+}
