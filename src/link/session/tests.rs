@@ -39,22 +39,20 @@ fn a_seeded_connection_answers_a_resent_pubrel_with_pubcomp() {
     assert!(matches!(answer, Some(rumqttc::Packet::PubComp(c)) if c.pkid == u16::MAX));
 }
 
+/// An MQTT 5 publish request on topic `t` with packet id `pkid`.
+fn v5_publish(pkid: u16, qos: rumqttc::v5::mqttbytes::QoS) -> rumqttc::v5::Request {
+    let mut p = v5b::Publish::new("t", qos, Bytes::from_static(b"x"), None);
+    p.pkid = pkid;
+    rumqttc::v5::Request::Publish(p)
+}
+
 #[test]
 fn without_copies_the_state_still_tracks_acknowledgements_and_collisions() {
     let o = rumqttc::v5::MqttOptions::new("x", "127.0.0.1", 1883);
     let (_c, mut el) = rumqttc::v5::AsyncClient::new(o, 10);
     let state = &mut el.state;
     state.keep_publish_copies = false;
-    let publish = |pkid| {
-        let mut p = v5b::Publish::new(
-            "t",
-            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-            Bytes::from_static(b"x"),
-            None,
-        );
-        p.pkid = pkid;
-        rumqttc::v5::Request::Publish(p)
-    };
+    let publish = |pkid| v5_publish(pkid, rumqttc::v5::mqttbytes::QoS::AtLeastOnce);
     let puback = |pkid| rumqttc::v5::Incoming::PubAck(v5b::PubAck::new(pkid, None));
     assert!(matches!(
         state.handle_outgoing_packet(publish(5)),
@@ -127,16 +125,9 @@ fn a_publish_numbered_by_its_caller_keeps_its_id() {
         o.set_outgoing_inflight_upper_limit(8192);
         let (_c, mut el) = rumqttc::v5::AsyncClient::new(o, 10);
         el.state.keep_publish_copies = false;
-        let mut p = v5b::Publish::new(
-            "t",
-            rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
-            Bytes::from_static(b"x"),
-            None,
-        );
-        p.pkid = pkid;
         let written = el
             .state
-            .handle_outgoing_packet(rumqttc::v5::Request::Publish(p))
+            .handle_outgoing_packet(v5_publish(pkid, rumqttc::v5::mqttbytes::QoS::ExactlyOnce))
             .expect("taken");
         assert!(matches!(written, Some(v5b::Packet::Publish(p)) if p.pkid == pkid));
         let mut o = rumqttc::MqttOptions::new("x", "127.0.0.1", 1883);
