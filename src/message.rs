@@ -83,8 +83,10 @@ pub(crate) struct Message {
     pub(crate) qos: u8,
     /// Retain flag as published (MQTT 5 retain-as-published) or as delivered (3.1.1).
     pub(crate) retain: bool,
-    /// MQTT 5 properties; `None` from a 3.1.1 link.
-    pub(crate) properties: Option<PublishProperties>,
+    /// MQTT 5 properties; `None` from a 3.1.1 link and for a message that carries none.
+    /// Boxed: inline they are 144 of the message's 216 bytes, moved at every hand-over and held
+    /// by every queued message, and most messages carry none.
+    pub(crate) properties: Option<Box<PublishProperties>>,
 }
 
 impl Message {
@@ -99,7 +101,7 @@ impl Message {
     /// only meaningful on the origin connection (topic alias, subscription identifiers), plus the
     /// origin tag.
     pub(crate) fn forward_properties(&self, tag: &str) -> PublishProperties {
-        let mut props = self.properties.clone().unwrap_or_default();
+        let mut props = self.properties.as_deref().cloned().unwrap_or_default();
         props.topic_alias = None;
         props.subscription_identifiers.clear();
         props
@@ -257,7 +259,7 @@ mod tests {
             payload: Bytes::new(),
             qos: 1,
             retain: false,
-            properties: Some(props),
+            properties: Some(Box::new(props)),
         };
         assert!(!m.has_origin_tag());
         let out = m.forward_properties("br/b1");
@@ -271,5 +273,12 @@ mod tests {
                 (ORIGIN_TAG.into(), "br/b1".into())
             ]
         );
+    }
+
+    /// A message is moved at every hand-over and held once per queued or in-flight copy: its
+    /// MQTT 5 properties (144 bytes inline) stay boxed.
+    #[test]
+    fn a_message_stays_small() {
+        assert!(std::mem::size_of::<Message>() <= 96);
     }
 }

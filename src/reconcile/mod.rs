@@ -311,7 +311,7 @@ mod tests {
             payload: Bytes::copy_from_slice(payload.as_bytes()),
             qos,
             retain: true,
-            properties,
+            properties: properties.map(Box::new),
         };
         Held {
             value: Value::of(&msg),

@@ -133,7 +133,7 @@ pub(crate) fn decode(mut b: &[u8]) -> Result<Decoded, RecordError> {
             let v = text(Some(get_bytes(r)?))?.unwrap_or_default();
             user_properties.push((k, v));
         }
-        Some(PublishProperties {
+        Some(Box::new(PublishProperties {
             payload_format_indicator: pfi,
             message_expiry_interval: expiry,
             topic_alias: None,
@@ -142,7 +142,7 @@ pub(crate) fn decode(mut b: &[u8]) -> Result<Decoded, RecordError> {
             user_properties,
             subscription_identifiers: Vec::new(),
             content_type,
-        })
+        }))
     } else {
         None
     };
@@ -226,7 +226,7 @@ mod tests {
             payload: Bytes::from_static(b"\x00payload\xff"),
             qos: 2,
             retain: true,
-            properties: props,
+            properties: props.map(Box::new),
         }
     }
 

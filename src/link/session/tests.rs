@@ -142,3 +142,10 @@ fn a_publish_numbered_by_its_caller_keeps_its_id() {
         assert!(matches!(written, Some(rumqttc::Packet::Publish(p)) if p.pkid == pkid));
     }
 }
+
+/// Every event of a connection is moved through the driver's channel: a message in it keeps
+/// its MQTT 5 properties boxed (see [`crate::message::Message`]).
+#[test]
+fn an_event_stays_small() {
+    assert!(std::mem::size_of::<LinkEvent>() <= 112);
+}
