@@ -37,9 +37,11 @@ impl Link {
         let mut batch = std::mem::take(&mut conn.batch);
         self.ctx.queue.take(free, &mut batch);
         let had = !batch.is_empty();
+        // One clock read for the batch: the client writes it at once.
+        let now = Instant::now();
         let mut items = batch.drain(..);
         while let Some(item) = items.next() {
-            if let Err(item) = self.publish(conn, item) {
+            if let Err(item) = self.publish(conn, item, now) {
                 let rest: Vec<Outbound> = std::iter::once(item).chain(items).collect();
                 self.ctx.queue.requeue_front(rest);
                 conn.batch = batch;
@@ -54,9 +56,14 @@ impl Link {
         had
     }
 
-    /// Hands `item` to the client (or finishes it when the target cannot take it); gives it
-    /// back when the client's request channel is full or closed.
-    pub(super) fn publish(&mut self, conn: &mut Conn, item: Outbound) -> Result<(), Outbound> {
+    /// Hands `item` to the client at `now` (or finishes it when the target cannot take it);
+    /// gives it back when the client's request channel is full or closed.
+    pub(super) fn publish(
+        &mut self,
+        conn: &mut Conn,
+        item: Outbound,
+        now: Instant,
+    ) -> Result<(), Outbound> {
         let broker = &self.ctx.settings.broker;
         let Some((topic, qos_cap)) = self.map_out(&item) else {
             self.finish(item);
@@ -106,7 +113,6 @@ impl Link {
         {
             return Err(item);
         }
-        let now = Instant::now();
         if v311 {
             // The echo comes back on the broker's topic, as published.
             self.echo

@@ -28,6 +28,7 @@ impl Link {
         first: Option<LinkEvent>,
         events: &mut mpsc::Receiver<LinkEvent>,
     ) -> Option<Outcome> {
+        self.now = Instant::now();
         let mut end = self.take_event(conn, first);
         for _ in 1..EVENT_BATCH {
             if end.is_some() {
@@ -88,14 +89,14 @@ impl Link {
             LinkEvent::Publish { msg, ack } => self.on_publish(msg, ack),
             LinkEvent::Written => self.on_written(conn),
             LinkEvent::PubAck(pkid, result) | LinkEvent::PubRec(pkid, result @ Err(_)) => {
-                pace(conn, pkid);
+                pace(conn, pkid, self.now);
                 match conn.flight.acknowledged(pkid) {
                     Some(item) => self.acknowledged(item, result),
                     None => debug!(pkid, "acknowledgement for a packet id not in flight"),
                 }
             }
             LinkEvent::PubRec(pkid, Ok(())) => {
-                pace(conn, pkid);
+                pace(conn, pkid, self.now);
                 if let Some((old_seq, old)) = conn.flight.received(pkid) {
                     warn!(
                         pkid,
@@ -283,9 +284,9 @@ fn change_subscriptions(client: &Client, subscribe: &[String], unsubscribe: &[St
 
 /// The broker acknowledged `pkid`: the window learns from it (see [`super::window`]). Says
 /// once per connection when the broker's Receive Maximum holds a long path back.
-fn pace(conn: &mut Conn, pkid: u16) {
+fn pace(conn: &mut Conn, pkid: u16, now: Instant) {
     let before = conn.pace.size();
-    conn.pace.acknowledged(pkid, Instant::now());
+    conn.pace.acknowledged(pkid, now);
     if conn.pace.size() != before {
         debug!(
             window = conn.pace.size(),
@@ -310,3 +311,4 @@ fn pace(conn: &mut Conn, pkid: u16) {
         );
     }
 }
+

@@ -56,7 +56,7 @@ impl Link {
             return;
         }
         let fp = fingerprint(&msg.topic, &msg.payload);
-        let now = Instant::now();
+        let now = self.now;
         if self.take_311_echo(fp, &msg, now) {
             inc(&self.ctx.stats.dropped_echo);
             self.complete_opt(ack);
@@ -108,7 +108,7 @@ impl Link {
         // acknowledgements go in order.
         self.complete_opt(ack);
         let fp = fingerprint(&msg.topic, &msg.payload);
-        if msg.has_origin_tag() || self.take_311_echo(fp, &msg, Instant::now()) {
+        if msg.has_origin_tag() || self.take_311_echo(fp, &msg, self.now) {
             return;
         }
         self.ctx.router.forward_probe(&self.ctx.name, msg);

@@ -157,6 +157,9 @@ struct Link {
     acks_rx: mpsc::UnboundedReceiver<AckRequest>,
     /// What this link owes its broker for what the broker sent (see [`acks`]).
     acks: InboundAcks,
+    /// When the batch of connection events being handled was taken: one clock read per
+    /// wake, not one per message (the events of a batch arrived together).
+    now: Instant,
     echo: EchoWindow,
     /// 3.1.1: what other instances announced they publish here (see [`Control::echo_topic`]),
     /// by [`ha::portable_fingerprint`].
@@ -255,6 +258,7 @@ impl Link {
             acks_tx,
             acks_rx,
             acks: InboundAcks::default(),
+            now: Instant::now(),
             echo,
             peer_echo: EchoWindow::new(ctx.dedup_window, ctx.dedup_max_entries),
             storm,
