@@ -29,15 +29,9 @@ impl Link {
         events: &mut mpsc::Receiver<LinkEvent>,
     ) -> Option<Outcome> {
         self.now = Instant::now();
-        let mut end = self.take_event(conn, first);
-        for _ in 1..EVENT_BATCH {
-            if end.is_some() {
-                break;
-            }
-            // Empty or closed: the next wait finds out which.
-            let Ok(event) = events.try_recv() else { break };
-            end = self.take_event(conn, Some(event));
-        }
+        let end = batch(first, events, EVENT_BATCH, |event| {
+            self.take_event(conn, event)
+        });
         self.update_gauges(conn);
         end
     }
@@ -282,6 +276,28 @@ fn change_subscriptions(client: &Client, subscribe: &[String], unsubscribe: &[St
     }
 }
 
+/// Hands `first` (`None`: the channel closed) to `take`, then what `events` holds already
+/// behind it, `max` in all, and stops at the first one `take` says ends the connection. An
+/// event is taken from the channel only when `take` will have it: one taken and dropped at
+/// the batch's end would be lost (a PUBACK lost holds its origin's acknowledgement forever).
+fn batch<T, R>(
+    first: Option<T>,
+    events: &mut mpsc::Receiver<T>,
+    max: usize,
+    mut take: impl FnMut(Option<T>) -> Option<R>,
+) -> Option<R> {
+    let mut end = take(first);
+    for _ in 1..max {
+        if end.is_some() {
+            break;
+        }
+        // Empty or closed: the next wait finds out which.
+        let Ok(event) = events.try_recv() else { break };
+        end = take(Some(event));
+    }
+    end
+}
+
 /// The broker acknowledged `pkid`: the window learns from it (see [`super::window`]). Says
 /// once per connection when the broker's Receive Maximum holds a long path back.
 fn pace(conn: &mut Conn, pkid: u16, now: Instant) {
@@ -312,3 +328,69 @@ fn pace(conn: &mut Conn, pkid: u16, now: Instant) {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Takes batches as the link does (one wait, then [`batch`]) until `end`, recording what
+    /// each batch handed over.
+    async fn batches(rx: &mut mpsc::Receiver<u32>, max: usize, end: u32) -> Vec<Vec<u32>> {
+        let mut all = Vec::new();
+        loop {
+            let first = rx.recv().await;
+            let mut seen = Vec::new();
+            let ended = batch(first, rx, max, |e| {
+                seen.push(e?);
+                (e == Some(end)).then_some(())
+            });
+            all.push(seen);
+            if ended.is_some() {
+                return all;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn no_event_is_lost_at_a_batch_boundary() {
+        let (tx, mut rx) = mpsc::channel(1000);
+        for i in 0..200 {
+            tx.send(i).await.unwrap();
+        }
+        let all = batches(&mut rx, 64, 199).await;
+        let sizes: Vec<usize> = all.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [64, 64, 64, 8]);
+        let handed: Vec<u32> = all.into_iter().flatten().collect();
+        assert_eq!(handed, (0..200).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn the_end_of_the_connection_ends_the_batch_and_leaves_the_rest_waiting() {
+        let (tx, mut rx) = mpsc::channel(1000);
+        for i in 0..10 {
+            tx.send(i).await.unwrap();
+        }
+        let all = batches(&mut rx, 64, 3).await;
+        assert_eq!(all, [vec![0, 1, 2, 3]]);
+        assert_eq!(rx.try_recv(), Ok(4));
+    }
+
+    #[tokio::test]
+    async fn a_closed_channel_is_handed_over_as_the_end() {
+        let (tx, mut rx) = mpsc::channel::<u32>(4);
+        tx.send(7).await.unwrap();
+        drop(tx);
+        let mut seen = Vec::new();
+        let first = rx.recv().await;
+        let end = batch(first, &mut rx, 64, |e| {
+            seen.push(e);
+            e.is_none().then_some(())
+        });
+        assert_eq!(end, None);
+        assert_eq!(seen, [Some(7)]);
+        // The next wait finds the channel closed.
+        assert_eq!(
+            batch(rx.recv().await, &mut rx, 64, |e| e.is_none().then_some(())),
+            Some(())
+        );
+    }
+}
