@@ -401,6 +401,10 @@ impl Link {
         let mut spool_check = tokio::time::interval(self.policy.spool_check);
         let mut stall_check = tokio::time::interval(self.policy.stall_check);
         let mut ha_check = tokio::time::interval(self.policy.check);
+        // Made once: a `sleep` built in the `select!` would be built (and read the clock) at
+        // every pass, enabled or not.
+        let mut recheck = tokio::time::interval(Duration::from_millis(20));
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let outcome = loop {
             if self.housekeeping(&mut conn) {
                 break self.leave(&mut conn, session).await;
@@ -425,8 +429,7 @@ impl Link {
                     self.complete(ack);
                     self.take_completions();
                 }
-                _ = tokio::time::sleep(Duration::from_millis(20)),
-                    if self.role.switching() || self.copies_backlog() => {}
+                _ = recheck.tick(), if self.role.switching() || self.copies_backlog() => {}
                 _ = self.ctx.queue.notified(), if room => {}
                 _ = self.ctx.stop.cancelled(), if !self.ctx.stop.is_cancelled() => {}
                 _ = stall_check.tick() => self.stall_tick(&mut conn),
