@@ -100,8 +100,8 @@ impl Message {
     /// Properties to publish with on an MQTT 5 target: everything the origin gave, minus what is
     /// only meaningful on the origin connection (topic alias, subscription identifiers), plus the
     /// origin tag.
-    pub(crate) fn forward_properties(&self, tag: &str) -> PublishProperties {
-        let mut props = self.properties.as_deref().cloned().unwrap_or_default();
+    pub(crate) fn forward_properties(&self, tag: &str) -> Box<PublishProperties> {
+        let mut props = self.properties.clone().unwrap_or_default();
         props.topic_alias = None;
         props.subscription_identifiers.clear();
         props

@@ -196,7 +196,7 @@ impl Client {
         topic: &str,
         qos: u8,
         pkid: u16,
-        properties: Option<v5b::PublishProperties>,
+        properties: Option<Box<v5b::PublishProperties>>,
     ) -> Result<(), SendError> {
         match self {
             Client::V4(c) => {

@@ -121,7 +121,7 @@ pub(super) async fn drive_v5(
                         payload: p.payload,
                         qos,
                         retain: p.retain,
-                        properties: p.properties.map(Box::new),
+                        properties: p.properties,
                     },
                 }
             }

@@ -431,13 +431,13 @@ async fn mqtt_connect(
     network: &mut Network,
 ) -> Result<ConnAck, ConnectionError> {
     let packet = Packet::Connect(
-        Connect {
+        Box::new(Connect {
             client_id: options.client_id(),
             keep_alive: options.keep_alive().as_secs() as u16,
             clean_start: options.clean_start(),
             properties: options.connect_properties(),
-        },
-        options.last_will(),
+        }),
+        Box::new(options.last_will()),
         options.credentials(),
     );
 

@@ -37,7 +37,8 @@ pub enum ConnectReturnCode {
 pub struct ConnAck {
     pub session_present: bool,
     pub code: ConnectReturnCode,
-    pub properties: Option<ConnAckProperties>,
+    /// meshbridge patch: boxed (see `Publish::properties`).
+    pub properties: Option<Box<ConnAckProperties>>,
 }
 
 impl ConnAck {
@@ -69,7 +70,7 @@ impl ConnAck {
 
         let flags = read_u8(&mut bytes)?;
         let return_code = read_u8(&mut bytes)?;
-        let properties = ConnAckProperties::read(&mut bytes)?;
+        let properties = ConnAckProperties::read(&mut bytes)?.map(Box::new);
 
         let session_present = (flags & 0x01) == 1;
         let code = connect_return(return_code)?;

@@ -40,7 +40,9 @@ mod unsubscribe;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Packet {
     Auth(Auth),
-    Connect(Connect, Option<LastWill>, Option<Login>),
+    /// meshbridge patch: the connect and the will boxed, so that every packet (and event) is
+    /// not as large as a CONNECT.
+    Connect(Box<Connect>, Box<Option<LastWill>>, Option<Login>),
     ConnAck(ConnAck),
     Publish(Publish),
     PubAck(PubAck),
@@ -78,7 +80,7 @@ impl Packet {
         let packet = match packet_type {
             PacketType::Connect => {
                 let (connect, will, login) = Connect::read(fixed_header, packet)?;
-                Packet::Connect(connect, will, login)
+                Packet::Connect(Box::new(connect), Box::new(will), login)
             }
             PacketType::Publish => {
                 let publish = Publish::read(fixed_header, packet)?;

@@ -10,7 +10,8 @@ pub struct Publish {
     pub topic: Bytes,
     pub pkid: u16,
     pub payload: Bytes,
-    pub properties: Option<PublishProperties>,
+    /// meshbridge patch: boxed (144 bytes inline, moved with every packet and event).
+    pub properties: Option<Box<PublishProperties>>,
 }
 
 impl Publish {
@@ -25,7 +26,7 @@ impl Publish {
             qos,
             topic,
             payload: payload.into(),
-            properties,
+            properties: properties.map(Box::new),
             ..Default::default()
         }
     }
@@ -76,7 +77,7 @@ impl Publish {
             return Err(Error::PacketIdZero);
         }
 
-        let properties = PublishProperties::read(&mut bytes)?;
+        let properties = PublishProperties::read(&mut bytes)?.map(Box::new);
         let publish = Publish {
             dup,
             retain,
