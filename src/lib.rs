@@ -54,7 +54,8 @@
 //! - [`supervisor`]: owns the links; start, add/remove at run time, reload (a broker whose
 //!   connection settings changed gets its link restarted on the same queue), readiness,
 //!   ordered shutdown; what a reload does to each broker and what holds readiness back at
-//!   start-up are decided in `supervisor/plan.rs` (pure, unit-tested).
+//!   start-up are decided in `supervisor/plan.rs` (pure, unit-tested); `handle.rs` is a
+//!   running link's handle and how links stop, `report.rs` the status rows and readiness.
 //! - [`admin`]: the HTTP API: `server.rs` (accept loop with limits, routes), `exposition.rs`
 //!   (Prometheus text), `client.rs` (the CLI side).
 //! - [`cli`], [`certs`] (`bridge certs`), [`demo`] (`bridge demo`), [`import`] (`bridge
