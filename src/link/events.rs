@@ -350,12 +350,18 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn no_event_is_lost_at_a_batch_boundary() {
-        let (tx, mut rx) = mpsc::channel(1000);
-        for i in 0..200 {
+    /// A channel holding the events `0..n` (its sender kept open).
+    async fn holding(n: u32) -> (mpsc::Sender<u32>, mpsc::Receiver<u32>) {
+        let (tx, rx) = mpsc::channel(1000);
+        for i in 0..n {
             tx.send(i).await.unwrap();
         }
+        (tx, rx)
+    }
+
+    #[tokio::test]
+    async fn no_event_is_lost_at_a_batch_boundary() {
+        let (_tx, mut rx) = holding(200).await;
         let all = batches(&mut rx, 64, 199).await;
         let sizes: Vec<usize> = all.iter().map(Vec::len).collect();
         assert_eq!(sizes, [64, 64, 64, 8]);
@@ -365,10 +371,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_end_of_the_connection_ends_the_batch_and_leaves_the_rest_waiting() {
-        let (tx, mut rx) = mpsc::channel(1000);
-        for i in 0..10 {
-            tx.send(i).await.unwrap();
-        }
+        let (_tx, mut rx) = holding(10).await;
         let all = batches(&mut rx, 64, 3).await;
         assert_eq!(all, [vec![0, 1, 2, 3]]);
         assert_eq!(rx.try_recv(), Ok(4));
