@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use tracing::{debug, info, warn};
 
 use super::session::{self, SendError};
@@ -81,17 +82,8 @@ impl Link {
             self.set_aside(item, &reason);
             return Ok(());
         }
-        let properties = match broker.protocol {
-            Protocol::V5 => {
-                if !self.tags.contains_key(&item.origin) {
-                    let tag = format!("{}/{}", self.ctx.bridge_id, item.origin);
-                    self.tags.insert(item.origin.clone(), tag);
-                }
-                Some(item.msg.forward_properties(&self.tags[&item.origin]))
-            }
-            Protocol::V311 => None,
-        };
         let v311 = broker.protocol == Protocol::V311;
+        let properties = self.properties_for(&item);
         if v311
             && !self.role.consumer()
             && self.role.coordinates()
@@ -138,6 +130,19 @@ impl Link {
             self.pkid_high = Some(self.pkid_high.unwrap_or(0).max(pkid));
         }
         Ok(())
+    }
+
+    /// The MQTT 5 properties `item` goes out with (its own and the origin tag); `None` on a
+    /// 3.1.1 broker.
+    fn properties_for(&mut self, item: &Outbound) -> Option<Box<PublishProperties>> {
+        if self.ctx.settings.broker.protocol == Protocol::V311 {
+            return None;
+        }
+        if !self.tags.contains_key(&item.origin) {
+            let tag = format!("{}/{}", self.ctx.bridge_id, item.origin);
+            self.tags.insert(item.origin.clone(), tag);
+        }
+        Some(item.msg.forward_properties(&self.tags[&item.origin]))
     }
 
     /// The topic and QoS cap `item` goes out with, through the broker's first matching `out`

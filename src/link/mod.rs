@@ -401,10 +401,7 @@ impl Link {
         let mut spool_check = tokio::time::interval(self.policy.spool_check);
         let mut stall_check = tokio::time::interval(self.policy.stall_check);
         let mut ha_check = tokio::time::interval(self.policy.check);
-        // Made once: a `sleep` built in the `select!` would be built (and read the clock) at
-        // every pass, enabled or not.
-        let mut recheck = tokio::time::interval(Duration::from_millis(20));
-        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut recheck = recheck();
         let outcome = loop {
             if self.housekeeping(&mut conn) {
                 break self.leave(&mut conn, session).await;
@@ -593,6 +590,15 @@ impl Link {
         session.wait_closed().await;
         Outcome::Switch
     }
+}
+
+/// The 20 ms recheck while a role switch or the copies' backlog waits, made once per
+/// connection: a `sleep` in the `select!` would be built (and read the clock) at every pass,
+/// enabled or not.
+fn recheck() -> tokio::time::Interval {
+    let mut recheck = tokio::time::interval(Duration::from_millis(20));
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    recheck
 }
 
 fn uptime(conn: &Conn) -> Option<Duration> {
