@@ -518,7 +518,7 @@ mod test {
         let connack_pkt = ConnAck {
             session_present: false,
             code: ConnectReturnCode::Success,
-            properties: Some(connack_props),
+            properties: Some(Box::new(connack_props)),
         };
 
         let size_from_size = connack_pkt.size();
