@@ -33,23 +33,16 @@ pub(super) async fn drive_v4(
                 max_packet_size: None,
                 receive_max: None,
             },
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let qos = qos_u8_v4(p.qos);
-                LinkEvent::Publish {
-                    ack: (qos > 0).then_some(AckRequest {
-                        pkid: p.pkid,
-                        qos,
-                        epoch: 0,
-                    }),
-                    msg: Message {
-                        topic: Bytes::from(p.topic),
-                        payload: p.payload,
-                        qos,
-                        retain: p.retain,
-                        properties: None,
-                    },
-                }
-            }
+            Ok(Event::Incoming(Packet::Publish(p))) => incoming(
+                Message {
+                    topic: Bytes::from(p.topic),
+                    payload: p.payload,
+                    qos: qos_u8_v4(p.qos),
+                    retain: p.retain,
+                    properties: None,
+                },
+                p.pkid,
+            ),
             Ok(Event::Incoming(Packet::PubAck(a))) => LinkEvent::PubAck(a.pkid, Ok(())),
             Ok(Event::Incoming(Packet::PubRec(a))) => LinkEvent::PubRec(a.pkid, Ok(())),
             Ok(Event::Incoming(Packet::PubComp(a))) => LinkEvent::PubComp(a.pkid),
@@ -60,27 +53,54 @@ pub(super) async fn drive_v4(
                     .map(|c| format!("{c:?}"))
                     .collect(),
             ),
-            Ok(Event::Outgoing(Outgoing::Publish(0))) => LinkEvent::Written,
-            Ok(Event::Outgoing(Outgoing::Publish(_))) => {
-                written.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => match wrote(pkid, &written) {
+                Some(event) => event,
+                None => continue,
+            },
             Ok(_) => continue,
             Err(e) => {
-                if matches!(
+                let aborted = matches!(
                     e,
                     rumqttc::ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted)
-                ) {
-                    let _ = tx.send(LinkEvent::PeerClosed).await;
-                }
-                let _ = tx.send(LinkEvent::Closed(e.to_string())).await;
-                return;
+                );
+                return close(&tx, aborted, e.to_string()).await;
             }
         };
         if tx.send(event).await.is_err() {
             return;
         }
     }
+}
+
+/// A message from the broker, with the acknowledgement it is owed (QoS 1 and 2).
+fn incoming(msg: Message, pkid: u16) -> LinkEvent {
+    LinkEvent::Publish {
+        ack: (msg.qos > 0).then_some(AckRequest {
+            pkid,
+            qos: msg.qos,
+            epoch: 0,
+        }),
+        msg,
+    }
+}
+
+/// One of our publishes was written: a QoS 0 one (id 0) is reported, a QoS 1/2 one counted in
+/// `written` (see [`Session::written`](super::Session::written)).
+fn wrote(pkid: u16, written: &AtomicU64) -> Option<LinkEvent> {
+    if pkid == 0 {
+        return Some(LinkEvent::Written);
+    }
+    written.fetch_add(1, Ordering::Relaxed);
+    None
+}
+
+/// The connection ended: `PeerClosed` first when the broker closed it (`aborted`), then
+/// `Closed` with the error.
+async fn close(tx: &mpsc::Sender<LinkEvent>, aborted: bool, error: String) {
+    if aborted {
+        let _ = tx.send(LinkEvent::PeerClosed).await;
+    }
+    let _ = tx.send(LinkEvent::Closed(error)).await;
 }
 
 /// `Ok` for a success reason code, the code's name otherwise (formatted only then: this runs
@@ -108,23 +128,16 @@ pub(super) async fn drive_v5(
                 max_packet_size: c.properties.as_ref().and_then(|p| p.max_packet_size),
                 receive_max: c.properties.as_ref().and_then(|p| p.receive_max),
             },
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let qos = qos_u8_v5(p.qos);
-                LinkEvent::Publish {
-                    ack: (qos > 0).then_some(AckRequest {
-                        pkid: p.pkid,
-                        qos,
-                        epoch: 0,
-                    }),
-                    msg: Message {
-                        topic: p.topic,
-                        payload: p.payload,
-                        qos,
-                        retain: p.retain,
-                        properties: p.properties,
-                    },
-                }
-            }
+            Ok(Event::Incoming(Packet::Publish(p))) => incoming(
+                Message {
+                    topic: p.topic,
+                    payload: p.payload,
+                    qos: qos_u8_v5(p.qos),
+                    retain: p.retain,
+                    properties: p.properties,
+                },
+                p.pkid,
+            ),
             Ok(Event::Incoming(Packet::PubAck(a))) => {
                 use v5b::PubAckReason as R;
                 let ok = matches!(a.reason, R::Success | R::NoMatchingSubscribers);
@@ -143,11 +156,10 @@ pub(super) async fn drive_v5(
                     .map(|c| format!("{c:?}"))
                     .collect(),
             ),
-            Ok(Event::Outgoing(Outgoing::Publish(0))) => LinkEvent::Written,
-            Ok(Event::Outgoing(Outgoing::Publish(_))) => {
-                written.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => match wrote(pkid, &written) {
+                Some(event) => event,
+                None => continue,
+            },
             Ok(Event::Incoming(Packet::Disconnect(d)))
                 if d.reason_code == v5b::DisconnectReasonCode::SessionTakenOver =>
             {
@@ -155,16 +167,13 @@ pub(super) async fn drive_v5(
             }
             Ok(_) => continue,
             Err(e) => {
-                if matches!(
+                let aborted = matches!(
                     e,
                     rumqttc::v5::ConnectionError::MqttState(
                         rumqttc::v5::StateError::ConnectionAborted
                     )
-                ) {
-                    let _ = tx.send(LinkEvent::PeerClosed).await;
-                }
-                let _ = tx.send(LinkEvent::Closed(e.to_string())).await;
-                return;
+                );
+                return close(&tx, aborted, e.to_string()).await;
             }
         };
         if tx.send(event).await.is_err() {
