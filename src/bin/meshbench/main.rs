@@ -3,7 +3,7 @@
 //! `cargo run --release --bin meshbench -- [--brokers 3] [--messages 20000] [--qos 1] [--size 64]
 //! [--rate 5000] [--seconds 5] [--topics 1] [--down 0]
 //! [--queue-capacity N] [--inflight N] [--inflight-max N] [--v311] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K]
-//! [--steady] [--rtt MS]`
+//! [--steady] [--rtt MS] [--broker-inflight N] [--mosquitto PATH] [--burst N [--burst-origins K]]`
 //!
 //! Starts N mosquitto brokers on free loopback ports, then, in turn, (a) a mosquitto "bridge
 //! master" (one `connection` per broker, `topic # both 2`, MQTT 3.1.1, bridge flag on) and
@@ -28,7 +28,11 @@
 //! (the machine's busy time, from /proc/stat, spent on the brokers and the load generator).
 //! With `--rtt MS` each contender reaches each broker through a proxy that delays every byte by
 //! MS/2 each way (a WAN; the proxy runs in this process, its CPU is the load generator's); the
-//! publisher and subscribers connect directly.
+//! publisher and subscribers connect directly. `--broker-inflight N` sets the
+//! `max_inflight_messages` of the brokers and the master (default 100; mosquitto's own default
+//! is 20, 0 is no limit): what mosquitto announces to MQTT 5 clients as its Receive Maximum, and
+//! its window towards MQTT 3.1.1 clients. `--mosquitto PATH` runs another mosquitto build
+//! (2.0.13 and later enforce these windows; Debian 12's 2.0.11 does not).
 //! Linux only (reads /proc). Requires mosquitto on PATH (or in /usr/sbin).
 
 use std::collections::HashSet;
@@ -91,6 +95,12 @@ struct Opts {
     /// each of `burst_origins` brokers, every one expected on every broker.
     burst: Option<usize>,
     burst_origins: usize,
+    /// The `max_inflight_messages` of the brokers and of the master (the Receive Maximum
+    /// mosquitto announces to MQTT 5 clients, and its window towards MQTT 3.1.1 clients; 0:
+    /// none).
+    broker_inflight: u64,
+    /// The mosquitto binary of the brokers and the master (default: the installed one).
+    mosquitto: Option<PathBuf>,
 }
 
 fn parse() -> Result<Opts, BenchError> {
@@ -115,6 +125,8 @@ fn parse() -> Result<Opts, BenchError> {
         rtt_ms: 0,
         burst: None,
         burst_origins: 4,
+        broker_inflight: 100,
+        mosquitto: None,
     };
     let mut args = std::env::args().skip(1);
     let mut origins = None;
@@ -146,8 +158,14 @@ fn parse() -> Result<Opts, BenchError> {
             "--rtt" => o.rtt_ms = v()?,
             "--burst" => o.burst = Some(v()? as usize),
             "--burst-origins" => origins = Some(v()? as usize),
+            "--broker-inflight" => o.broker_inflight = v()?,
+            "--mosquitto" => {
+                o.mosquitto = Some(PathBuf::from(args.next().ok_or_else(|| {
+                    BenchError::Usage("--mosquitto needs a path".into())
+                })?))
+            }
             "-h" | "--help" => {
-                return Err(BenchError::Usage("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T] [--down K] [--queue-capacity N] [--inflight N] [--inflight-max N] [--v311] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K] [--steady] [--rtt MS] [--burst N [--burst-origins K]]".into()))
+                return Err(BenchError::Usage("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T] [--down K] [--queue-capacity N] [--inflight N] [--inflight-max N] [--v311] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K] [--steady] [--rtt MS] [--broker-inflight N] [--mosquitto PATH] [--burst N [--burst-origins K]]".into()))
             }
             other => return Err(BenchError::Usage(format!("unknown argument {other:?}"))),
         }
@@ -213,21 +231,22 @@ impl Drop for Proc {
     }
 }
 
-fn mosquitto(dir: &Path, name: &str, port: u16, extra: &str) -> Proc {
+fn mosquitto(o: &Opts, dir: &Path, name: &str, port: u16, extra: &str) -> Proc {
+    let inflight = o.broker_inflight;
     let conf = dir.join(format!("{name}.conf"));
     let user = if is_root() { "user root\n" } else { "" };
     std::fs::write(
         &conf,
         format!(
-            "{user}persistence false\nmax_queued_messages 1000000\nmax_inflight_messages 100\nset_tcp_nodelay true\nlog_dest none\n\
+            "{user}persistence false\nmax_queued_messages 1000000\nmax_inflight_messages {inflight}\nset_tcp_nodelay true\nlog_dest none\n\
              listener {port} 127.0.0.1\nallow_anonymous true\n{extra}"
         ),
     )
     .expect("write mosquitto config");
-    let bin = if Path::new("/usr/sbin/mosquitto").exists() {
-        "/usr/sbin/mosquitto"
-    } else {
-        "mosquitto"
+    let bin = match &o.mosquitto {
+        Some(path) => path.as_path(),
+        None if Path::new("/usr/sbin/mosquitto").exists() => Path::new("/usr/sbin/mosquitto"),
+        None => Path::new("mosquitto"),
     };
     let child = Command::new(bin)
         .arg("-c")
@@ -632,7 +651,7 @@ async fn run_master(o: &Opts, lab: &Lab, run: usize) -> Result<Result_, BenchErr
             n = i + 1
         );
     }
-    let mut master = mosquitto(lab.dir.path(), "master", free_port(), &conns);
+    let mut master = mosquitto(o, lab.dir.path(), "master", free_port(), &conns);
     tokio::time::sleep(Duration::from_secs(2)).await;
     master.running("the mosquitto bridge master", None)?;
     let r = contend(o, &lab.ports, &[master.0.id()], &format!("master{run}")).await;
@@ -876,7 +895,7 @@ async fn start_lab(o: &Opts, bridge_bin: PathBuf) -> (Vec<Proc>, Lab) {
     let brokers: Vec<Proc> = ports
         .iter()
         .enumerate()
-        .map(|(i, p)| mosquitto(dir.path(), &format!("b{}", i + 1), *p, ""))
+        .map(|(i, p)| mosquitto(o, dir.path(), &format!("b{}", i + 1), *p, ""))
         .collect();
     // Brokers configured on both contenders but never started.
     let down: Vec<u16> = (0..o.down).map(|_| free_port()).collect();
