@@ -133,10 +133,11 @@ pub struct Config {
     /// MQTT keep-alive.
     pub(crate) keep_alive: Duration,
     /// Unacknowledged messages one link keeps in flight towards its broker on a short path: the
-    /// floor of its window (see `link::window`), and the Receive Maximum it announces.
+    /// floor of its window (see `link::window`).
     pub(crate) inflight: u16,
     /// The cap of a link's window: on a long path the window grows to the path's
-    /// bandwidth-delay product, up to this (and the broker's Receive Maximum).
+    /// bandwidth-delay product, up to this (and the broker's Receive Maximum). Also the Receive
+    /// Maximum the links announce (MQTT 5): an origin's window spans its farthest target's path.
     pub(crate) inflight_max: u16,
     /// Messages one target may hold in memory.
     pub(crate) queue_capacity: usize,

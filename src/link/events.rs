@@ -321,8 +321,8 @@ fn pace(conn: &mut Conn, pkid: u16, now: Instant) {
             round_trip_ms = ms.round(),
             "the broker takes at most {max} messages in flight (its Receive Maximum; mosquitto: \
              max_inflight_messages, default 20) over a {ms:.0} ms round trip: this link carries \
-             at most about {:.0} msg/s; raise max_inflight_messages on the broker (0: no limit), \
-             or set protocol = \"v3.1.1\" for it (docs/FLOW.md)",
+             at most about {:.0} msg/s; raise max_inflight_messages on the broker (0: no limit; \
+             docs/FLOW.md)",
             max as f64 / rtt.as_secs_f64()
         );
     }

@@ -111,10 +111,13 @@ pub(crate) struct SessionSettings {
     /// Session expiry asked of MQTT 5 brokers.
     pub(crate) session_expiry: Duration,
     /// Outgoing QoS ≥ 1 messages in flight on a short path: the floor of the window (see
-    /// [`super::window`]), and the Receive Maximum announced to the broker.
+    /// [`super::window`]).
     pub(crate) inflight: u16,
     /// The most outgoing QoS ≥ 1 messages in flight: the cap of the window (with the broker's
-    /// Receive Maximum), and the packet ids the link numbers its publishes with.
+    /// Receive Maximum), and the packet ids the link numbers its publishes with. Also the
+    /// Receive Maximum announced to the broker: an origin's window is held for its own round
+    /// trip and its farthest target's (docs/FLOW.md), so it must fit the longest path, as
+    /// the links' windows do.
     pub(crate) inflight_max: u16,
 }
 
@@ -509,7 +512,7 @@ fn options_v5(s: &SessionSettings, who: &ConnectAs) -> rumqttc::v5::MqttOptions 
         .set_clean_start(who.clean)
         .set_manual_acks(true)
         .set_session_expiry_interval(Some(expiry))
-        .set_receive_maximum(Some(s.inflight.max(20)))
+        .set_receive_maximum(Some(s.inflight_max.max(20)))
         .set_max_packet_size(Some(MQTT_MAX_PACKET))
         .set_outgoing_inflight_upper_limit(s.inflight_max)
         .set_network_options(network_options());

@@ -158,3 +158,33 @@ fn rumqttc_v5_events_and_requests_stay_small() {
     assert!(std::mem::size_of::<rumqttc::v5::Event>() <= 96);
     assert!(std::mem::size_of::<rumqttc::v5::Request>() <= 96);
 }
+
+#[test]
+fn the_receive_maximum_announced_is_the_window_cap() {
+    // An origin's window is held for its own round trip and its farthest target's: the
+    // Receive Maximum must fit the longest path (issue 28). mosquitto 2.0.13+ keeps to it
+    // exactly; with `inflight` (100) an origin 50 ms away with a target 50 ms away sent at
+    // most 500 msg/s.
+    let text = "[bridge]\nid = \"t\"\ninflight = 100\ninflight_max = 4000\n\n\
+                [[broker]]\naddress = \"127.0.0.1:1883\"\ntls = false\n";
+    let c = crate::config::Config::from_toml(
+        text,
+        std::path::Path::new("t.toml"),
+        std::path::Path::new("."),
+    )
+    .expect("valid config");
+    let s = SessionSettings {
+        broker: c.brokers[0].clone(),
+        client_id: "t-b".into(),
+        keep_alive: Duration::from_secs(30),
+        session_expiry: Duration::from_secs(3600),
+        inflight: c.inflight,
+        inflight_max: c.inflight_max,
+    };
+    let who = ConnectAs {
+        client_id: "t-b".into(),
+        clean: false,
+        will: None,
+    };
+    assert_eq!(options_v5(&s, &who).receive_maximum(), Some(4000));
+}
