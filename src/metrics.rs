@@ -111,6 +111,9 @@ pub(crate) const QUEUE_DEPTH: &str = "meshbridge_queue_depth";
 /// The link's in-flight window now: `inflight` on a short path, up to `inflight_max` (and the
 /// broker's Receive Maximum) as the path's bandwidth-delay product asks. Gauge.
 pub(crate) const INFLIGHT_WINDOW: &str = "meshbridge_inflight_window";
+/// Connections the link publishes on: 1, or more while the broker's Receive Maximum holds a
+/// long path back (`publish_connections`, see `link::spread`). Gauge.
+pub(crate) const PUBLISH_CONNECTIONS: &str = "meshbridge_publish_connections";
 /// Messages waiting in the target's durable spool. Gauge.
 pub(crate) const SPOOL_MESSAGES: &str = "meshbridge_spool_messages";
 /// Bytes of the messages in the target's spool. Gauge.
@@ -205,6 +208,8 @@ pub(crate) struct LinkStats {
     pub(crate) inflight: AtomicI64,
     /// See [`INFLIGHT_WINDOW`].
     pub(crate) window: AtomicI64,
+    /// See [`PUBLISH_CONNECTIONS`].
+    pub(crate) publish_connections: AtomicI64,
     state: Mutex<(LinkState, SystemTime)>,
     last_error: Mutex<Option<String>>,
     /// Rejected messages are logged at most once per reason every 10 s.
@@ -256,6 +261,7 @@ impl Default for LinkStats {
             dedup_expirations: AtomicU64::new(0),
             inflight: AtomicI64::new(0),
             window: AtomicI64::new(0),
+            publish_connections: AtomicI64::new(1),
             state: Mutex::new((LinkState::Connecting, SystemTime::now())),
             last_error: Mutex::new(None),
             reject_log: Mutex::new(crate::ratelimit::LogLimit::new(

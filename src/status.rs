@@ -80,6 +80,9 @@ pub struct BrokerStatus {
     /// The in-flight window now (see `link::window`).
     #[serde(default)]
     pub inflight_window: u64,
+    /// Connections the link publishes on (see `link::spread`).
+    #[serde(default)]
+    pub publish_connections: u64,
     /// Messages waiting in the durable spool.
     #[serde(default)]
     pub spool_messages: u64,

@@ -37,6 +37,11 @@ pub(crate) fn copies_id(base: &str, instance: &str) -> String {
     format!("{base}~copies@{instance}")
 }
 
+/// Extra publishing connection `n` of a process's link to a broker (see `link::spread`).
+pub(crate) fn lane_id(base: &str, instance: &str, n: usize) -> String {
+    format!("{base}~lane{n}@{instance}")
+}
+
 /// A process's probe client on a broker.
 pub(crate) fn probe_id(base: &str, instance: &str) -> String {
     format!("{base}~probe@{instance}")

@@ -44,6 +44,10 @@ const CASES: &[(&str, &[&str])] = &[
         &["bridge.links_per_thread", "at least 1"],
     ),
     (
+        "bad_publish_connections.toml",
+        &["bridge.publish_connections", "0", "between 1", "16"],
+    ),
+    (
         "bad_probe_stall.toml",
         &[
             "bridge.probe_stall_after",

@@ -125,6 +125,78 @@ async fn an_mqtt5_link_keeps_within_the_brokers_receive_maximum_and_loses_nothin
     }
 }
 
+/// Topics of the stream that a link held back by the broker's Receive Maximum spreads over
+/// its publishing connections, and messages on each.
+const TOPICS: usize = 8;
+const PER_TOPIC: usize = 500;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt5_link_held_back_by_the_receive_maximum_publishes_on_more_connections() {
+    let (_tmp, brokers, _proxies, bridge) = wan_mesh("");
+    let subs = [
+        mqtt::subscribe(brokers[1].plain_port, "spread-b2", "wan/#").await,
+        mqtt::subscribe(brokers[2].plain_port, "spread-b3", "wan/#").await,
+    ];
+    let topic = |t: usize| format!("wan/spread/{t}");
+    let msgs: Vec<Pub> = (0..PER_TOPIC)
+        .flat_map(|i| (0..TOPICS).map(move |t| Pub::new(topic(t), i.to_string(), 1)))
+        .collect();
+    mqtt::publish(brokers[0].plain_port, "spread-pub", &msgs).await;
+    for (sub, target) in subs.iter().zip(["b2", "b3"]) {
+        sub.wait_count(msgs.len(), Duration::from_secs(120)).await;
+        sub.settle(Duration::from_millis(500)).await;
+        for t in 0..TOPICS {
+            let (lost, dups, disorder) = sub.sequence(&topic(t), PER_TOPIC);
+            println!(
+                "b1 -> {target}, {}: lost {lost}, duplicates {dups}, out of order {disorder}",
+                topic(t)
+            );
+            assert_eq!(lost, 0, "b1 -> {target}, {}: messages lost", topic(t));
+            assert_eq!(
+                dups,
+                0,
+                "b1 -> {target}, {}: duplicates without any failure",
+                topic(t)
+            );
+            assert_eq!(disorder, 0, "b1 -> {target}, {}: order not kept", topic(t));
+        }
+    }
+    assert!(
+        bridge.wait_log(
+            "this link publishes on 4 connections",
+            2,
+            Duration::from_secs(5)
+        ),
+        "b2 and b3 should each say they publish on 4 connections:\n{}",
+        bridge.log()
+    );
+    let cfg = std::fs::read_to_string(bridge.dir.join("bridge.toml")).unwrap();
+    let metrics = common::http_get(
+        &format!("http://{}/metrics", common::admin_addr(&cfg)),
+        None,
+    )
+    .1;
+    for b in ["b2", "b3"] {
+        let connections = common::metric(&metrics, "meshbridge_publish_connections", b);
+        let window = common::metric(&metrics, "meshbridge_inflight_window", b).unwrap_or(0.0);
+        // What the extra connections published came back on the link's own subscription
+        // (No Local holds for the publishing session only) and was dropped by its origin tag.
+        let echoes = common::metric(&metrics, "meshbridge_dropped_tagged_total", b).unwrap_or(0.0);
+        println!(
+            "{b}: publish connections {connections:?}, window {window}, echoes dropped {echoes}"
+        );
+        assert_eq!(connections, Some(4.0), "{b}: its own connection and 3 more");
+        assert!(
+            (1.0..=100.0).contains(&window),
+            "{b}: the own connection's window {window}"
+        );
+        assert!(
+            echoes > 0.0,
+            "{b}: nothing went out on the extra connections"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bridge_killed_mid_stream_over_a_wan_loses_nothing() {
     killed_mid_stream(1).await;
@@ -141,14 +213,59 @@ async fn a_bridge_killed_mid_stream_over_a_wan_loses_no_qos2_message() {
 /// A numbered stream at `qos` from b1 over 3.1.1 links; kill -9 of the bridge a quarter in,
 /// restarted: b2 and b3 get every message.
 async fn killed_mid_stream(qos: u8) {
-    let (_tmp, brokers, _proxies, mut bridge) = wan_mesh("protocol = \"v3.1.1\"");
-    let topic = format!("wan/kill{qos}");
+    let (_tmp, brokers, _proxies, bridge) = wan_mesh("protocol = \"v3.1.1\"");
+    kill_mid_stream(&brokers, bridge, qos, 1, |sub| {
+        Box::pin(async move {
+            sub.wait_count(N / 4, Duration::from_secs(60)).await;
+        })
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_killed_while_publishing_on_several_connections_loses_nothing() {
+    let (_tmp, brokers, _proxies, bridge) = wan_mesh("");
+    let cfg = std::fs::read_to_string(bridge.dir.join("bridge.toml")).unwrap();
+    let admin = common::admin_addr(&cfg);
+    kill_mid_stream(&brokers, bridge, 1, TOPICS, move |_| {
+        Box::pin(async move {
+            // Killed once b2's link publishes on its extra connections.
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let metrics = common::http_get(&format!("http://{admin}/metrics"), None).1;
+                let n = common::metric(&metrics, "meshbridge_publish_connections", "b2");
+                if n == Some(4.0) {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "b2 never opened its lanes"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    })
+    .await;
+}
+
+/// `N` numbered messages at `qos` from b1, spread over `topics` topics; kill -9 of the bridge
+/// once `when` returns (given b2's subscriber), restarted: b2 and b3 get every message of
+/// every topic (duplicates printed).
+async fn kill_mid_stream(
+    brokers: &[Mosquitto],
+    mut bridge: Bridge,
+    qos: u8,
+    topics: usize,
+    when: impl FnOnce(&mqtt::Sub) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>,
+) {
+    let topic = |t: usize| format!("wan/kill{qos}/{t}");
     let subs = [
         mqtt::subscribe(brokers[1].plain_port, "kill-b2", "wan/#").await,
         mqtt::subscribe(brokers[2].plain_port, "kill-b3", "wan/#").await,
     ];
-    let msgs: Vec<Pub> = (0..N)
-        .map(|i| Pub::new(&topic, i.to_string(), qos))
+    let per_topic = N / topics;
+    let msgs: Vec<Pub> = (0..per_topic)
+        .flat_map(|i| (0..topics).map(move |t| Pub::new(topic(t), i.to_string(), qos)))
         .collect();
     let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let port = brokers[0].plain_port;
@@ -156,19 +273,27 @@ async fn killed_mid_stream(qos: u8) {
         let progress = progress.clone();
         async move { mqtt::publish_paced(port, "kill-pub", &msgs, 2000, progress).await }
     });
-    subs[0].wait_count(N / 4, Duration::from_secs(60)).await;
+    when(&subs[0]).await;
     bridge.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
     bridge.respawn_subscribed(&["b1", "b2", "b3"]);
     publisher.await.unwrap();
     for (sub, target) in subs.iter().zip(["b2", "b3"]) {
-        sub.wait_count(N, Duration::from_secs(120)).await;
+        sub.wait_count(per_topic * topics, Duration::from_secs(120))
+            .await;
         sub.settle(Duration::from_millis(500)).await;
-        let (lost, dups, _) = sub.sequence(&topic, N);
-        println!("b1 -> {target} across kill -9, QoS {qos}: lost {lost} of {N}, duplicates {dups}");
-        assert_eq!(
-            lost, 0,
-            "b1 -> {target}: QoS {qos} messages lost across kill -9"
-        );
+        for t in 0..topics {
+            let (lost, dups, _) = sub.sequence(&topic(t), per_topic);
+            println!(
+                "b1 -> {target}, {} across kill -9, QoS {qos}: lost {lost} of {per_topic}, duplicates {dups}",
+                topic(t)
+            );
+            assert_eq!(
+                lost,
+                0,
+                "b1 -> {target}, {}: QoS {qos} messages lost across kill -9",
+                topic(t)
+            );
+        }
     }
 }

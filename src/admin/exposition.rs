@@ -168,7 +168,7 @@ fn link_counters(registry: &mut Registry, links: &[BrokerStatus]) {
     }
 }
 
-const LINK_GAUGES: [Metric<i64>; 13] = [
+const LINK_GAUGES: [Metric<i64>; 14] = [
     (
         metrics::PARK_DEPTH,
         "Messages waiting for the broker with copies parked on their origin brokers",
@@ -216,6 +216,11 @@ const LINK_GAUGES: [Metric<i64>; 13] = [
         metrics::INFLIGHT_WINDOW,
         "The link's in-flight window now: inflight on a short path, more on a long one",
         |s| s.inflight_window as i64,
+    ),
+    (
+        metrics::PUBLISH_CONNECTIONS,
+        "Connections the link publishes on: more than 1 while the broker's Receive Maximum holds a long path back",
+        |s| s.publish_connections as i64,
     ),
     (
         metrics::SPOOL_MESSAGES,

@@ -62,6 +62,9 @@ pub(crate) struct BridgeSection {
     pub(crate) inflight: Option<u16>,
     /// The most messages one link keeps in flight (the window's cap).
     pub(crate) inflight_max: Option<u16>,
+    /// Connections a link publishes on while an MQTT 5 broker's Receive Maximum holds a long
+    /// path back (its own and the rest opened for it).
+    pub(crate) publish_connections: Option<u8>,
     /// Messages one target may hold in memory while it is down or slow.
     pub(crate) queue_capacity: Option<usize>,
     /// Threads that run the links (read at start; a reload does not change it).
@@ -200,6 +203,7 @@ impl FileConfig {
             keep_alive: t.keep_alive,
             inflight: n.inflight,
             inflight_max: n.inflight_max,
+            publish_connections: n.publish_connections,
             queue_capacity: n.queue_capacity,
             worker_threads: n.worker_threads,
             links_per_thread: n.links_per_thread,
@@ -467,6 +471,16 @@ impl BridgeSection {
                 format!("{inflight_max} is below bridge.inflight ({inflight})"),
             ));
         }
+        let publish_connections = b.publish_connections.unwrap_or(DEFAULT_PUBLISH_CONNECTIONS);
+        if !(1..=MAX_PUBLISH_CONNECTIONS).contains(&publish_connections) {
+            return Err(invalid(
+                "bridge.publish_connections",
+                format!(
+                    "{publish_connections}: must be between 1 (the link's own connection only) \
+                     and {MAX_PUBLISH_CONNECTIONS}"
+                ),
+            ));
+        }
         let queue_capacity = b.queue_capacity.unwrap_or(10_000);
         if queue_capacity == 0 {
             return Err(invalid("bridge.queue_capacity", "must be at least 1"));
@@ -489,6 +503,7 @@ impl BridgeSection {
         Ok(Counts {
             inflight,
             inflight_max,
+            publish_connections,
             queue_capacity,
             worker_threads,
             links_per_thread,
@@ -501,6 +516,7 @@ impl BridgeSection {
 struct Counts {
     inflight: u16,
     inflight_max: u16,
+    publish_connections: u8,
     queue_capacity: usize,
     worker_threads: Option<usize>,
     links_per_thread: usize,

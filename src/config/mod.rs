@@ -82,6 +82,15 @@ pub(crate) const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 /// allocated only as the window grows into them.
 pub(crate) const DEFAULT_INFLIGHT_MAX: u16 = 8192;
 
+/// Default `publish_connections`: while an MQTT 5 broker's Receive Maximum holds a long path
+/// back, a link publishes on its own connection and three more (see `link::spread`): four
+/// times the broker's Receive Maximum per round trip.
+pub(crate) const DEFAULT_PUBLISH_CONNECTIONS: u8 = 4;
+
+/// Most `publish_connections`: every one is a client of the broker, and every message
+/// published on one of the extra connections comes back on the link's subscription.
+pub(crate) const MAX_PUBLISH_CONNECTIONS: u8 = 16;
+
 impl From<crate::tls::TlsError> for ConfigError {
     fn from(e: crate::tls::TlsError) -> Self {
         ConfigError::Invalid {
@@ -139,6 +148,9 @@ pub struct Config {
     /// bandwidth-delay product, up to this (and the broker's Receive Maximum). Also the Receive
     /// Maximum the links announce (MQTT 5): an origin's window spans its farthest target's path.
     pub(crate) inflight_max: u16,
+    /// Connections a link publishes on while an MQTT 5 broker's Receive Maximum holds a long
+    /// path back: its own and `publish_connections - 1` more (see `link::spread`); 1: its own.
+    pub(crate) publish_connections: u8,
     /// Messages one target may hold in memory.
     pub(crate) queue_capacity: usize,
     /// Threads that run the links (`link::threads`); `None`: one per CPU core.
@@ -352,6 +364,10 @@ impl Config {
         );
         check(self.inflight != new.inflight, "bridge.inflight");
         check(self.inflight_max != new.inflight_max, "bridge.inflight_max");
+        check(
+            self.publish_connections != new.publish_connections,
+            "bridge.publish_connections",
+        );
         check(
             self.queue_capacity != new.queue_capacity,
             "bridge.queue_capacity",

@@ -8,6 +8,7 @@ use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use tracing::{debug, info, warn};
 
 use super::session::{self, SendError};
+use super::spread::Route;
 use super::{Conn, Link};
 use crate::dedup::fingerprint;
 use crate::ha;
@@ -18,9 +19,12 @@ use crate::router::Outbound;
 impl Link {
     /// Connected, with room in the in-flight window, not changing role.
     pub(super) fn has_room(&self, conn: &Conn) -> bool {
-        conn.connected.is_some()
-            && !self.role.switching()
-            && conn.flight.outstanding() < self.window(conn)
+        conn.connected.is_some() && !self.role.switching() && conn.outstanding() < self.room(conn)
+    }
+
+    /// What the connection and its lanes take in flight together.
+    fn room(&self, conn: &Conn) -> usize {
+        self.window(conn) + conn.spread.as_ref().map_or(0, |s| s.window())
     }
 
     /// The in-flight window: what the path takes (see [`super::window`]), or 1 while finding
@@ -32,21 +36,30 @@ impl Link {
     /// Publishes from the queue up to the in-flight window. True when it published and the
     /// client took everything (fill again before waiting); false when there was nothing, or
     /// the client refused: the rest went back, in order, to be retried after the next event
-    /// (retrying at once would spin without ever reading that event).
+    /// (retrying at once would spin without ever reading that event). With lanes (see
+    /// [`super::spread`]), a message whose connection is full is held back and the others go
+    /// on (a later one of its topic finds the same connection full: nothing is acknowledged
+    /// during a pass); what was held goes back in front, in order.
     pub(super) fn fill_window(&mut self, conn: &mut Conn) -> bool {
-        let free = self.window(conn).saturating_sub(conn.flight.outstanding());
+        let free = self.room(conn).saturating_sub(conn.outstanding());
         let mut batch = std::mem::take(&mut conn.batch);
         self.ctx.queue.take(free, &mut batch);
         let had = !batch.is_empty();
+        let mut held = Vec::new();
         // One clock read for the batch: the client writes it at once.
         let now = Instant::now();
         let mut items = batch.drain(..);
         while let Some(item) = items.next() {
-            if let Err(item) = self.publish(conn, item, now) {
-                let rest: Vec<Outbound> = std::iter::once(item).chain(items).collect();
-                self.ctx.queue.requeue_front(rest);
-                conn.batch = batch;
-                return false;
+            match self.publish(conn, item, now) {
+                Ok(()) => {}
+                Err(NotSent::Held(item)) => held.push(item),
+                Err(NotSent::Stop(item)) => {
+                    held.push(item);
+                    held.extend(items);
+                    self.ctx.queue.requeue_front(held);
+                    conn.batch = batch;
+                    return false;
+                }
             }
         }
         drop(items);
@@ -54,17 +67,22 @@ impl Link {
         if had {
             self.update_gauges(conn);
         }
-        had
+        if held.is_empty() {
+            return had;
+        }
+        self.ctx.queue.requeue_front(held);
+        false
     }
 
     /// Hands `item` to the client at `now` (or finishes it when the target cannot take it);
-    /// gives it back when the client's request channel is full or closed.
+    /// gives it back when the client's request channel is full or closed, or when its
+    /// connection is full.
     pub(super) fn publish(
         &mut self,
         conn: &mut Conn,
         item: Outbound,
         now: Instant,
-    ) -> Result<(), Outbound> {
+    ) -> Result<(), NotSent> {
         let broker = &self.ctx.settings.broker;
         let Some((topic, qos_cap)) = self.map_out(&item) else {
             self.finish(item);
@@ -76,7 +94,11 @@ impl Link {
             // no limit, and one that holds fewer QoS 2 messages awaiting PUBREL than the window
             // lost some across a kill -9 (tests/resilience.rs) once the window grew past it.
             // Sent once what is in flight is acknowledged.
-            return Err(item);
+            return Err(if conn.spread.is_some() {
+                NotSent::Held(item)
+            } else {
+                NotSent::Stop(item)
+            });
         }
         if let Some(reason) = self.unsendable(conn, &item, &topic) {
             self.set_aside(item, &reason);
@@ -84,26 +106,52 @@ impl Link {
         }
         let v311 = broker.protocol == Protocol::V311;
         let properties = self.properties_for(&item);
+        // With lanes (see [`super::spread`]), a QoS 1 message goes out where its topic is in
+        // flight, or where there is most room; QoS 0 and 2 ones on the link's own connection.
+        let own_free = match conn.spread {
+            Some(_) => self.window(conn).saturating_sub(conn.flight.outstanding()),
+            None => 0,
+        };
+        if let Some(spread) = &mut conn.spread {
+            let route = if qos == 1 {
+                spread.route(&item.msg.topic, own_free)
+            } else if own_free > 0 {
+                Route::Own
+            } else {
+                Route::Wait
+            };
+            match route {
+                Route::Own => {}
+                Route::Wait => return Err(NotSent::Held(item)),
+                Route::Lane(lane) => {
+                    let msg = item.msg.clone();
+                    let topic = topic.into_owned();
+                    return spread
+                        .hand(lane, item, msg, topic, properties)
+                        .map_err(NotSent::Held);
+                }
+            }
+        }
         if v311
             && !self.role.consumer()
             && self.role.coordinates()
             && !self.note_echo(conn, &topic, &item)
         {
-            return Err(item);
+            return Err(NotSent::Stop(item));
         }
         // QoS 1/2 publishes are numbered here, within the ids rumqttc keeps room for.
         let pkid = match qos {
             0 => 0,
             _ => match conn.flight.free_id(self.ctx.settings.inflight_max) {
                 Some(id) => id,
-                None => return Err(item),
+                None => return Err(NotSent::Stop(item)),
             },
         };
         if let Err(SendError::Full | SendError::Closed) = conn
             .client
             .publish(&item.msg, &topic, qos, pkid, properties)
         {
-            return Err(item);
+            return Err(NotSent::Stop(item));
         }
         if v311 {
             // The echo comes back on the broker's topic, as published.
@@ -113,6 +161,9 @@ impl Link {
         if pkid == 0 {
             conn.flight.handed_unnumbered(item);
             return Ok(());
+        }
+        if let (Some(spread), 1) = (&mut conn.spread, qos) {
+            spread.own_sent(&item.msg.topic, pkid);
         }
         if let Some(old) = conn.flight.handed_numbered(pkid, item) {
             // Never expected (the id was free): the older message would hold its origin's
@@ -233,6 +284,9 @@ impl Link {
     /// are acknowledged without waiting for it.
     pub(super) fn evacuate(&mut self, conn: &mut Conn, why: &str) {
         let mut items = conn.flight.all_mut();
+        if let Some(spread) = &mut conn.spread {
+            items.extend(spread.all_mut());
+        }
         let moved = self.ctx.queue.evacuate(&mut items);
         if moved > 0 {
             info!(
@@ -258,9 +312,7 @@ impl Link {
             self.ctx.queue.mark_copies(true);
             self.marked = (self.finished, Instant::now());
         }
-        if conn.connected.is_some()
-            && conn.flight.outstanding() > 0
-            && self.finished == conn.last_finished
+        if conn.connected.is_some() && conn.outstanding() > 0 && self.finished == conn.last_finished
         {
             conn.stalled_checks += 1;
             // Again on every check while it stays stalled: what arrived since (while its
@@ -279,8 +331,7 @@ impl Link {
     /// expected; rewinding is safe because the link holds nothing read from the spool. Also
     /// logs the link's state at debug level.
     pub(super) fn spool_tick(&self, conn: &Conn) {
-        let idle =
-            conn.connected.is_some() && conn.flight.outstanding() == 0 && self.ctx.queue.is_empty();
+        let idle = conn.connected.is_some() && conn.outstanding() == 0 && self.ctx.queue.is_empty();
         if conn.connected.is_some() {
             // Once the spool is empty (deletions may still have been on their way at the last
             // delivery's markers).
@@ -356,17 +407,27 @@ impl Link {
     pub(super) fn update_gauges(&self, conn: &Conn) {
         let s = &self.ctx.stats;
         s.inflight.store(
-            conn.flight.outstanding() as i64,
+            conn.outstanding() as i64,
             std::sync::atomic::Ordering::Relaxed,
         );
         let relaxed = std::sync::atomic::Ordering::Relaxed;
         s.window.store(conn.pace.size() as i64, relaxed);
+        let connections = conn.spread.as_ref().map_or(1, |s| s.connections());
+        s.publish_connections.store(connections as i64, relaxed);
         s.dedup_entries.store(self.echo.len() as i64, relaxed);
         s.dedup_bytes
             .store(self.echo.approx_bytes() as i64, relaxed);
         s.dedup_evictions.store(self.echo.evictions(), relaxed);
         s.dedup_expirations.store(self.echo.expirations(), relaxed);
     }
+}
+
+/// Why [`Link::publish`] gave a message back.
+pub(super) enum NotSent {
+    /// The client takes nothing more now: stop filling until the next event.
+    Stop(Outbound),
+    /// With lanes: its connection is full; the others may still take theirs.
+    Held(Outbound),
 }
 
 /// Longest topic MQTT can carry (a two-byte length).

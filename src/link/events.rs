@@ -8,6 +8,7 @@ use tracing::{debug, info, warn};
 
 use super::outflight::Written;
 use super::session::{Client, LinkEvent};
+use super::spread::LaneEvent;
 use super::{Conn, Link, Outcome, uptime};
 use crate::ha::role::Now;
 use crate::message::Protocol;
@@ -83,14 +84,23 @@ impl Link {
             LinkEvent::Publish { msg, ack } => self.on_publish(msg, ack),
             LinkEvent::Written => self.on_written(conn),
             LinkEvent::PubAck(pkid, result) | LinkEvent::PubRec(pkid, result @ Err(_)) => {
-                pace(conn, pkid, self.now);
+                if pace(conn, pkid, self.now) {
+                    self.held_back(conn);
+                }
                 match conn.flight.acknowledged(pkid) {
-                    Some(item) => self.acknowledged(item, result),
+                    Some(item) => {
+                        if let Some(spread) = &mut conn.spread {
+                            spread.own_acked(pkid, &item.msg.topic);
+                        }
+                        self.acknowledged(item, result)
+                    }
                     None => debug!(pkid, "acknowledgement for a packet id not in flight"),
                 }
             }
             LinkEvent::PubRec(pkid, Ok(())) => {
-                pace(conn, pkid, self.now);
+                if pace(conn, pkid, self.now) {
+                    self.held_back(conn);
+                }
                 if let Some((old_seq, old)) = conn.flight.received(pkid) {
                     warn!(
                         pkid,
@@ -298,9 +308,9 @@ fn batch<T, R>(
     end
 }
 
-/// The broker acknowledged `pkid`: the window learns from it (see [`super::window`]). Says
-/// once per connection when the broker's Receive Maximum holds a long path back.
-fn pace(conn: &mut Conn, pkid: u16, now: Instant) {
+/// The broker acknowledged `pkid`: the window learns from it (see [`super::window`]). True,
+/// once per connection, when the broker's Receive Maximum is found to hold a long path back.
+fn pace(conn: &mut Conn, pkid: u16, now: Instant) -> bool {
     let before = conn.pace.size();
     conn.pace.acknowledged(pkid, now);
     if conn.pace.size() != before {
@@ -310,21 +320,80 @@ fn pace(conn: &mut Conn, pkid: u16, now: Instant) {
             "in-flight window"
         );
     }
-    if conn.starved_said {
-        return;
+    if conn.starved_said || conn.pace.starved().is_none() {
+        return false;
     }
-    if let Some((max, rtt)) = conn.pace.starved() {
-        conn.starved_said = true;
+    conn.starved_said = true;
+    true
+}
+
+impl Link {
+    /// The broker's Receive Maximum holds this connection's long path back: said once, and
+    /// on MQTT 5 more connections opened to publish on (see [`super::spread`]).
+    fn held_back(&mut self, conn: &mut Conn) {
+        let Some((max, rtt)) = conn.pace.starved() else {
+            return;
+        };
         let ms = rtt.as_secs_f64() * 1000.0;
+        let rate = max as f64 / rtt.as_secs_f64();
+        let extra = usize::from(self.ctx.settings.publish_connections).saturating_sub(1);
+        let spread = extra > 0 && self.ctx.settings.broker.protocol == Protocol::V5;
         warn!(
             receive_maximum = max,
             round_trip_ms = ms.round(),
-            "the broker takes at most {max} messages in flight (its Receive Maximum; mosquitto: \
-             max_inflight_messages, default 20) over a {ms:.0} ms round trip: this link carries \
-             at most about {:.0} msg/s; raise max_inflight_messages on the broker (0: no limit; \
-             docs/FLOW.md)",
-            max as f64 / rtt.as_secs_f64()
+            publish_connections = if spread { extra + 1 } else { 1 },
+            "the broker takes at most {max} messages in flight per connection (its Receive \
+             Maximum; mosquitto: max_inflight_messages, default 20) over a {ms:.0} ms round \
+             trip: about {rate:.0} msg/s per connection{}; raise max_inflight_messages on the \
+             broker (0: no limit; docs/FLOW.md)",
+            if spread {
+                format!(
+                    ", so this link publishes on {} connections (publish_connections)",
+                    extra + 1
+                )
+            } else {
+                String::new()
+            }
         );
+        if spread && conn.spread.is_none() {
+            let instance = &self.ctx.ha.identity.instance;
+            conn.spread = Some(super::spread::open(&self.ctx.settings, instance, extra));
+        }
+    }
+
+    /// A report of lane `lane`.
+    pub(super) fn on_lane_event(&mut self, conn: &mut Conn, lane: usize, event: LaneEvent) {
+        let Some(spread) = &mut conn.spread else {
+            return;
+        };
+        match event {
+            LaneEvent::Up { tx, cap } => {
+                debug!(lane, cap, "lane connected");
+                spread.up(lane, tx, cap);
+            }
+            LaneEvent::Acked(seq, result) => {
+                if let Some(item) = spread.acked(lane, seq) {
+                    self.acknowledged(item, result);
+                }
+            }
+            LaneEvent::Down(error) => {
+                let items = spread.down(lane);
+                warn!(
+                    lane = lane + 1,
+                    %error,
+                    requeued = items.len(),
+                    "a publishing connection ended; its topics go back to the link's own \
+                     connection"
+                );
+                let relaxed = std::sync::atomic::Ordering::Relaxed;
+                self.ctx
+                    .stats
+                    .redelivered
+                    .fetch_add(items.len() as u64, relaxed);
+                self.ctx.queue.requeue_front(items);
+            }
+        }
+        self.update_gauges(conn);
     }
 }
 

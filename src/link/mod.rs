@@ -26,6 +26,7 @@ pub(crate) mod outflight;
 mod poison;
 mod role;
 pub mod session;
+pub(crate) mod spread;
 pub(crate) mod threads;
 pub(crate) mod window;
 
@@ -224,6 +225,9 @@ struct Conn {
     /// The broker's Receive Maximum was said to hold this connection back (see
     /// `events::pace`).
     starved_said: bool,
+    /// More connections to publish on, opened when the broker's Receive Maximum holds a long
+    /// path back (see [`spread`]).
+    spread: Option<spread::Spread<Outbound>>,
     /// Taken from the queue, on its way to the client (kept to reuse its allocation).
     batch: Vec<Outbound>,
     /// [`Link::finished`] at the last stall check, and how many checks in a row saw no change.
@@ -387,6 +391,7 @@ impl Link {
                 usize::from(self.ctx.settings.inflight_max),
             ),
             starved_said: false,
+            spread: None,
             batch: Vec::new(),
             last_finished: self.finished,
             stalled_checks: 0,
@@ -426,6 +431,9 @@ impl Link {
                     self.complete(ack);
                     self.take_completions();
                 }
+                Some((lane, event)) = lane_event(&mut conn.spread), if conn.spread.is_some() => {
+                    self.on_lane_event(&mut conn, lane, event);
+                }
                 _ = recheck.tick(), if self.role.switching() || self.copies_backlog() => {}
                 _ = self.ctx.queue.notified(), if room => {}
                 _ = self.ctx.stop.cancelled(), if !self.ctx.stop.is_cancelled() => {}
@@ -460,7 +468,7 @@ impl Link {
     fn housekeeping(&mut self, conn: &mut Conn) -> bool {
         if self.ctx.stop.is_cancelled() {
             self.role.stop();
-            let idle = conn.flight.outstanding() == 0 && self.ctx.queue.is_empty();
+            let idle = conn.outstanding() == 0 && self.ctx.queue.is_empty();
             let _ = self.ctx.drained.send(idle || conn.connected.is_none());
         }
         if conn.connected.is_some() {
@@ -505,7 +513,12 @@ impl Link {
                 .collect();
             self.poison.lost(&written);
         }
-        let (unconfirmed, release_first) = conn.flight.drain();
+        let (mut unconfirmed, release_first) = conn.flight.drain();
+        if let Some(mut spread) = conn.spread.take() {
+            // The lanes carry other topics' QoS 1 messages than the link's own connection
+            // does: each list keeps its order.
+            unconfirmed.extend(spread.take_all());
+        }
         if conn.connected.is_some() {
             // (A connection that never got its CONNACK knows nothing newer.)
             self.release_first = release_first;
@@ -567,11 +580,11 @@ impl Link {
         if !self.role.switching() {
             return false;
         }
-        let idle = conn.flight.outstanding() == 0 && self.acks.unacknowledged() == 0;
+        let idle = conn.outstanding() == 0 && self.acks.unacknowledged() == 0;
         let ready = self.role.switch_ready(idle, Now::read());
         if ready && !idle && conn.connected.is_some() {
             warn!(
-                in_flight = conn.flight.outstanding(),
+                in_flight = conn.outstanding(),
                 unacknowledged = self.acks.unacknowledged(),
                 "changing role with messages still in flight"
             );
@@ -599,6 +612,23 @@ fn recheck() -> tokio::time::Interval {
     let mut recheck = tokio::time::interval(Duration::from_millis(20));
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     recheck
+}
+
+impl Conn {
+    /// Messages in flight on the connection and its lanes.
+    fn outstanding(&self) -> usize {
+        self.flight.outstanding() + self.spread.as_ref().map_or(0, |s| s.outstanding())
+    }
+}
+
+/// The next report of a lane (never, without lanes).
+async fn lane_event(
+    spread: &mut Option<spread::Spread<Outbound>>,
+) -> Option<(usize, spread::LaneEvent)> {
+    match spread {
+        Some(s) => s.events.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn uptime(conn: &Conn) -> Option<Duration> {

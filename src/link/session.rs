@@ -119,6 +119,9 @@ pub(crate) struct SessionSettings {
     /// trip and its farthest target's (docs/FLOW.md), so it must fit the longest path, as
     /// the links' windows do.
     pub(crate) inflight_max: u16,
+    /// Connections a link publishes on while the broker's Receive Maximum holds a long path
+    /// back (see [`super::spread`]); 1: its own only.
+    pub(crate) publish_connections: u8,
 }
 
 impl SessionSettings {

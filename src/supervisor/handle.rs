@@ -147,6 +147,7 @@ impl LinkHandle {
             reconnects: n(&s.reconnects),
             queue_depth: self.queue.len() as u64 + s.inflight.load(Ordering::Relaxed).max(0) as u64,
             inflight_window: s.window.load(Ordering::Relaxed).max(0) as u64,
+            publish_connections: s.publish_connections.load(Ordering::Relaxed).max(0) as u64,
             spool_messages,
             spool_bytes,
             spool_blocked,

@@ -547,6 +547,7 @@ impl Supervisor {
             session_expiry: self.config.session_expiry,
             inflight: self.config.inflight,
             inflight_max: self.config.inflight_max,
+            publish_connections: self.config.publish_connections,
             broker: broker.clone(),
         }
     }

@@ -180,6 +180,7 @@ fn the_receive_maximum_announced_is_the_window_cap() {
         session_expiry: Duration::from_secs(3600),
         inflight: c.inflight,
         inflight_max: c.inflight_max,
+        publish_connections: c.publish_connections,
     };
     let who = ConnectAs {
         client_id: "t-b".into(),

@@ -1,0 +1,525 @@
+//! More publishing connections for a link whose MQTT 5 broker's Receive Maximum holds a long
+//! path back (issue 28, docs/FLOW.md).
+//!
+//! A broker announces how many QoS 1/2 publishes it takes unacknowledged (mosquitto: its
+//! `max_inflight_messages`, default 20), and a client must keep to it: over a 100 ms round trip
+//! 20 messages in flight carry 200 msg/s, whatever the link's window would take. The limit is
+//! per connection, so a link that finds itself held back this way (its window capped by the
+//! Receive Maximum on a long path: [`super::window::Window::starved`]) opens
+//! `publish_connections - 1` more clean-start connections to the broker, *lanes*, and spreads
+//! its QoS 1 publishes over them and its own:
+//!
+//! - **Order.** A topic with QoS 1 messages in flight stays on the connection they went out
+//!   on; only a topic with none in flight goes to another one (the one with the most room), so
+//!   every topic's QoS 1 messages reach the broker in order. QoS 0 and QoS 2 messages stay on
+//!   the link's own connection (QoS 2 needs the persistent session's PUBREL bookkeeping), so
+//!   they keep their order among themselves, not with a topic's QoS 1 messages (MQTT orders
+//!   each QoS level on its own).
+//! - **Nothing lost.** The link keeps every message it handed to a lane until the lane reports
+//!   its acknowledgement. A lane whose connection ends is not used again during the link's
+//!   connection, and what it had not had acknowledged goes back to the front of the queue, in
+//!   order (published again: counted as redelivered). When the link's own connection ends, the
+//!   lanes end with it and what they held goes back with the rest.
+//! - **The cost.** A message published on a lane comes back on the link's own subscription
+//!   (No Local holds for the publishing session only) and is dropped there by its origin tag:
+//!   lanes open only on a long path held back by the broker, never on loopback.
+//!
+//! [`Spread`] is the link's side and pure state; [`lane`] is a lane's task.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug};
+
+use super::outflight::OutFlight;
+use super::session::{self, ConnectAs, LinkEvent, Refused, SessionSettings};
+use crate::message::Message;
+
+/// What a lane's task tells its link.
+#[derive(Debug)]
+pub(crate) enum LaneEvent {
+    /// Connected: publishes go through `tx`, at most `cap` of them unacknowledged.
+    Up {
+        tx: mpsc::UnboundedSender<LanePublish>,
+        cap: usize,
+    },
+    /// The broker acknowledged (or refused) the lane's publish `seq`.
+    Acked(u64, Result<(), Refused>),
+    /// The lane's connection ended (and its task with it): why.
+    Down(String),
+}
+
+/// One QoS 1 publish for a lane.
+#[derive(Debug)]
+pub(crate) struct LanePublish {
+    seq: u64,
+    msg: Arc<Message>,
+    topic: String,
+    properties: Option<Box<PublishProperties>>,
+}
+
+/// Where a QoS 1 message goes (see [`Spread::route`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// The link's own connection.
+    Own,
+    /// Lane `i`.
+    Lane(usize),
+    /// Nowhere yet: the connection its topic is in flight on is full, or every one is.
+    Wait,
+}
+
+/// The link's side of one lane.
+#[derive(Debug)]
+struct Lane<T> {
+    /// Where its publishes go, once connected.
+    tx: Option<mpsc::UnboundedSender<LanePublish>>,
+    /// The broker's Receive Maximum for it.
+    cap: usize,
+    /// Its connection ended: not used again.
+    down: bool,
+    /// What it was handed and has not reported acknowledged, with its (origin) topic, by its
+    /// `seq`, oldest first (`None`: acknowledged, waiting for the older ones to be).
+    flight: VecDeque<(u64, Option<(T, Bytes)>)>,
+    outstanding: usize,
+    next: u64,
+}
+
+impl<T> Lane<T> {
+    fn new() -> Self {
+        Self {
+            tx: None,
+            cap: 0,
+            down: false,
+            flight: VecDeque::new(),
+            outstanding: 0,
+            next: 0,
+        }
+    }
+
+    /// Connected and not ended.
+    fn usable(&self) -> bool {
+        self.tx.is_some() && !self.down
+    }
+
+    /// Room for more publishes.
+    fn free(&self) -> usize {
+        if self.usable() {
+            self.cap.saturating_sub(self.outstanding)
+        } else {
+            0
+        }
+    }
+}
+
+/// A link's lanes: which topics go where, and what each holds. Generic over the message, so
+/// that it is tested without a broker. Dropping it ends the lanes' tasks.
+#[derive(Debug)]
+pub(crate) struct Spread<T> {
+    lanes: Vec<Lane<T>>,
+    /// Topics with QoS 1 messages in flight: on which connection (0: the link's own, `i + 1`:
+    /// lane `i`), how many, and whether the topic waits to move (see [`Spread::route`]). At
+    /// most the link's window of entries.
+    topics: HashMap<Bytes, (usize, u32, bool), ahash::RandomState>,
+    /// The own connection's packet ids that carry a QoS 1 message counted in `topics`.
+    own_counted: Vec<bool>,
+    /// The lanes' reports.
+    pub(crate) events: mpsc::UnboundedReceiver<(usize, LaneEvent)>,
+    stop: CancellationToken,
+}
+
+impl<T> Drop for Spread<T> {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl<T> Spread<T> {
+    /// `extra` lanes, not connected yet, reporting on `events` until `stop`.
+    fn new(
+        extra: usize,
+        events: mpsc::UnboundedReceiver<(usize, LaneEvent)>,
+        stop: CancellationToken,
+    ) -> Self {
+        Self {
+            lanes: (0..extra).map(|_| Lane::new()).collect(),
+            topics: HashMap::default(),
+            own_counted: vec![false; usize::from(u16::MAX) + 1],
+            events,
+            stop,
+        }
+    }
+
+    /// Where a QoS 1 message on `topic` goes now, the link's own connection having room for
+    /// `own_free` more: where its topic is in flight, or (none of it is) the connection with
+    /// the most room. A topic in flight on a full connection while another one has room is
+    /// moved there: its messages wait until none of it is in flight any more (a topic always
+    /// in flight on the own connection would otherwise never leave it).
+    pub(crate) fn route(&mut self, topic: &Bytes, own_free: usize) -> Route {
+        let free = |lanes: &[Lane<T>], c: usize| match c {
+            0 => own_free,
+            c => lanes[c - 1].free(),
+        };
+        let (best, most) = self
+            .lanes
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i + 1, l.free()))
+            .fold(
+                (0, own_free),
+                |best, next| {
+                    if next.1 > best.1 { next } else { best }
+                },
+            );
+        let to = |c: usize| match c {
+            0 => Route::Own,
+            c => Route::Lane(c - 1),
+        };
+        match self.topics.get_mut(topic) {
+            None if most > 0 => to(best),
+            None => Route::Wait,
+            Some(placed) if placed.2 => Route::Wait,
+            Some(placed) if free(&self.lanes, placed.0) > 0 => to(placed.0),
+            Some(placed) => {
+                placed.2 = most > 0;
+                Route::Wait
+            }
+        }
+    }
+
+    fn count(&mut self, topic: &Bytes, connection: usize) {
+        self.topics
+            .entry(topic.clone())
+            .or_insert((connection, 0, false))
+            .1 += 1;
+    }
+
+    fn uncount(&mut self, topic: &Bytes) {
+        if let Some(entry) = self.topics.get_mut(topic) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                self.topics.remove(topic);
+            }
+        }
+    }
+
+    /// Hands `item` to lane `i` to be published as `msg` on `topic`; given back when the lane
+    /// has no room (its Receive Maximum) or its task is gone (its `Down` is on the way).
+    pub(crate) fn hand(
+        &mut self,
+        i: usize,
+        item: T,
+        msg: Arc<Message>,
+        topic: String,
+        properties: Option<Box<PublishProperties>>,
+    ) -> Result<(), T> {
+        let lane = &mut self.lanes[i];
+        let Some(tx) = lane.tx.as_ref().filter(|_| lane.free() > 0) else {
+            return Err(item);
+        };
+        let seq = lane.next;
+        let origin_topic = msg.topic.clone();
+        let publish = LanePublish {
+            seq,
+            msg,
+            topic,
+            properties,
+        };
+        if tx.send(publish).is_err() {
+            return Err(item);
+        }
+        lane.next += 1;
+        lane.flight
+            .push_back((seq, Some((item, origin_topic.clone()))));
+        lane.outstanding += 1;
+        self.count(&origin_topic, i + 1);
+        Ok(())
+    }
+
+    /// A QoS 1 message on `topic` went out on the link's own connection as `pkid`.
+    pub(crate) fn own_sent(&mut self, topic: &Bytes, pkid: u16) {
+        self.own_counted[usize::from(pkid)] = true;
+        self.count(topic, 0);
+    }
+
+    /// The link's own connection had `pkid`, a message on `topic`, acknowledged.
+    pub(crate) fn own_acked(&mut self, pkid: u16, topic: &Bytes) {
+        if std::mem::take(&mut self.own_counted[usize::from(pkid)]) {
+            self.uncount(topic);
+        }
+    }
+
+    /// Lane `i` connected, taking `cap` unacknowledged publishes.
+    pub(crate) fn up(&mut self, i: usize, tx: mpsc::UnboundedSender<LanePublish>, cap: usize) {
+        if let Some(lane) = self.lanes.get_mut(i).filter(|l| !l.down) {
+            lane.tx = Some(tx);
+            lane.cap = cap.max(1);
+        }
+    }
+
+    /// Lane `i` had its publish `seq` acknowledged: the message, if it still holds it.
+    pub(crate) fn acked(&mut self, i: usize, seq: u64) -> Option<T> {
+        let lane = self.lanes.get_mut(i)?;
+        let first = lane.flight.front()?.0;
+        let entry = lane
+            .flight
+            .get_mut(usize::try_from(seq.checked_sub(first)?).ok()?)?;
+        let (item, topic) = entry.1.take()?;
+        lane.outstanding -= 1;
+        while lane.flight.front().is_some_and(|(_, item)| item.is_none()) {
+            lane.flight.pop_front();
+        }
+        self.uncount(&topic);
+        Some(item)
+    }
+
+    /// Lane `i`'s connection ended: what it held, in the order it was handed over (its topics
+    /// have nothing in flight any more).
+    pub(crate) fn down(&mut self, i: usize) -> Vec<T> {
+        let Some(lane) = self.lanes.get_mut(i) else {
+            return Vec::new();
+        };
+        lane.down = true;
+        lane.tx = None;
+        lane.outstanding = 0;
+        let held: Vec<(T, Bytes)> = lane.flight.drain(..).filter_map(|(_, e)| e).collect();
+        held.into_iter()
+            .map(|(item, topic)| {
+                self.uncount(&topic);
+                item
+            })
+            .collect()
+    }
+
+    /// Everything the lanes hold, lane by lane, each in the order it was handed over (no topic
+    /// is in flight on two connections): the link's connection ended.
+    pub(crate) fn take_all(&mut self) -> Vec<T> {
+        (0..self.lanes.len()).flat_map(|i| self.down(i)).collect()
+    }
+
+    /// Everything the lanes hold (to move it to the spool).
+    pub(crate) fn all_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.lanes.iter_mut().flat_map(|l| {
+            l.flight
+                .iter_mut()
+                .filter_map(|(_, e)| e.as_mut().map(|(item, _)| item))
+        })
+    }
+
+    /// Messages the lanes hold.
+    pub(crate) fn outstanding(&self) -> usize {
+        self.lanes.iter().map(|l| l.outstanding).sum()
+    }
+
+    /// What the connected lanes take in flight together.
+    pub(crate) fn window(&self) -> usize {
+        self.lanes
+            .iter()
+            .filter(|l| l.usable())
+            .map(|l| l.cap)
+            .sum()
+    }
+
+    /// Connections the link publishes on now: its own and the connected lanes.
+    pub(crate) fn connections(&self) -> usize {
+        1 + self.lanes.iter().filter(|l| l.usable()).count()
+    }
+}
+
+/// Opens `extra` lanes to the broker of `settings`, client ids `<id>~lane<n>@<instance>`.
+pub(crate) fn open<T>(settings: &SessionSettings, instance: &str, extra: usize) -> Spread<T> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let spread = Spread::new(extra, rx, stop.clone());
+    for i in 0..spread.lanes.len() {
+        let client_id = crate::topics::lane_id(&settings.client_id, instance, i + 1);
+        let span = tracing::info_span!("lane", n = i + 1);
+        tokio::spawn(
+            lane(settings.clone(), client_id, i, tx.clone(), stop.clone()).instrument(span),
+        );
+    }
+    spread
+}
+
+/// Lane `index`: one clean-start connection; publishes what the link hands it with its own
+/// packet ids and reports each acknowledgement, until `stop` or the connection ends.
+async fn lane(
+    settings: SessionSettings,
+    client_id: String,
+    index: usize,
+    events: mpsc::UnboundedSender<(usize, LaneEvent)>,
+    stop: CancellationToken,
+) {
+    let who = ConnectAs {
+        client_id,
+        clean: true,
+        will: None,
+    };
+    let mut s = session::open(&settings, &who, &[]);
+    let mut flight: OutFlight<u64> = OutFlight::default();
+    let (tx, mut rx) = mpsc::unbounded_channel::<LanePublish>();
+    let mut tx = Some(tx);
+    let why = loop {
+        tokio::select! {
+            _ = stop.cancelled() => {
+                let _ = s.client.disconnect();
+                s.wait_closed().await;
+                return;
+            }
+            event = s.events.recv() => match event {
+                None => break "connection task ended".to_string(),
+                Some(LinkEvent::Closed(e)) => break e,
+                Some(LinkEvent::Connected { receive_max, .. }) => {
+                    let most = usize::from(settings.inflight_max);
+                    let cap = receive_max.map_or(most, |m| usize::from(m).min(most));
+                    if let Some(tx) = tx.take() {
+                        let _ = events.send((index, LaneEvent::Up { tx, cap }));
+                    }
+                }
+                Some(LinkEvent::PubAck(pkid, result)) => {
+                    if let Some(seq) = flight.acknowledged(pkid) {
+                        let _ = events.send((index, LaneEvent::Acked(seq, result)));
+                    }
+                }
+                Some(_) => {}
+            },
+            Some(p) = rx.recv() => {
+                let Some(pkid) = flight.free_id(settings.inflight_max) else {
+                    break "no free packet id".to_string();
+                };
+                if s.client.publish(&p.msg, &p.topic, 1, pkid, p.properties).is_err() {
+                    break "the connection takes no more".to_string();
+                }
+                flight.handed_numbered(pkid, p.seq);
+            }
+        }
+    };
+    debug!(error = %why, "lane ended");
+    let _ = events.send((index, LaneEvent::Down(why)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spread(extra: usize) -> Spread<u32> {
+        let (_tx, rx) = mpsc::unbounded_channel();
+        Spread::new(extra, rx, CancellationToken::new())
+    }
+
+    fn msg(topic: &'static str) -> Arc<Message> {
+        Arc::new(Message {
+            topic: Bytes::from_static(topic.as_bytes()),
+            payload: Bytes::from_static(b"x"),
+            qos: 1,
+            retain: false,
+            properties: None,
+        })
+    }
+
+    /// Lane `i` connected with room for `cap`; the receiver of what it is handed.
+    fn connect(s: &mut Spread<u32>, i: usize, cap: usize) -> mpsc::UnboundedReceiver<LanePublish> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        s.up(i, tx, cap);
+        rx
+    }
+
+    fn hand(s: &mut Spread<u32>, i: usize, n: u32, topic: &'static str) -> Result<(), u32> {
+        s.hand(i, n, msg(topic), topic.into(), None)
+    }
+
+    #[test]
+    fn a_topic_stays_on_its_connection_while_it_has_messages_in_flight() {
+        let mut s = spread(2);
+        let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
+        assert_eq!(s.route(&a, 5), Route::Own, "no lane connected yet");
+        s.own_sent(&a, 7);
+        let _rx = connect(&mut s, 0, 10);
+        assert_eq!(
+            s.route(&a, 5),
+            Route::Own,
+            "a is in flight on the own connection"
+        );
+        assert_eq!(
+            s.route(&b, 5),
+            Route::Lane(0),
+            "b goes where there is most room"
+        );
+        assert_eq!(s.route(&b, 0), Route::Lane(0));
+        assert_eq!(
+            s.route(&a, 0),
+            Route::Wait,
+            "the own connection is full: a moves"
+        );
+        assert_eq!(s.route(&a, 5), Route::Wait, "once none of it is in flight");
+        s.own_acked(7, &a);
+        assert_eq!(
+            s.route(&a, 5),
+            Route::Lane(0),
+            "nothing of a in flight: where most room is"
+        );
+        s.own_acked(7, &a);
+        assert!(s.topics.is_empty(), "an acknowledgement counted once");
+        assert_eq!((s.connections(), s.window()), (2, 10));
+    }
+
+    #[test]
+    fn a_lane_keeps_to_its_receive_maximum_and_gives_back_in_order_when_it_ends() {
+        let mut s = spread(1);
+        let mut rx = connect(&mut s, 0, 3);
+        for n in 0..3 {
+            assert!(hand(&mut s, 0, n, "t").is_ok());
+        }
+        assert_eq!(hand(&mut s, 0, 3, "t"), Err(3), "full");
+        assert_eq!(
+            s.route(&Bytes::from_static(b"t"), 0),
+            Route::Wait,
+            "t stays on the lane"
+        );
+        let seqs: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok().map(|p| p.seq)).collect();
+        assert_eq!(seqs, [0, 1, 2]);
+        assert_eq!(s.acked(0, 1), Some(1), "acknowledged out of order");
+        assert_eq!(s.acked(0, 1), None, "once");
+        assert_eq!(s.outstanding(), 2);
+        assert!(hand(&mut s, 0, 3, "t").is_ok());
+        assert_eq!(s.acked(0, 0), Some(0));
+        assert_eq!(s.down(0), vec![2, 3], "what it held, in order");
+        assert!(s.topics.is_empty(), "t has nothing in flight any more");
+        assert_eq!(s.route(&Bytes::from_static(b"t"), 9), Route::Own);
+        assert_eq!(
+            hand(&mut s, 0, 4, "t"),
+            Err(4),
+            "an ended lane takes nothing"
+        );
+        assert_eq!((s.outstanding(), s.connections(), s.window()), (0, 1, 0));
+    }
+
+    #[test]
+    fn new_topics_go_where_there_is_most_room() {
+        let mut s = spread(2);
+        let _rx0 = connect(&mut s, 0, 2);
+        let _rx1 = connect(&mut s, 1, 3);
+        let topics: [&'static str; 5] = ["a", "b", "c", "d", "e"];
+        let mut own_free = 2;
+        let mut placed = Vec::new();
+        for (n, topic) in topics.into_iter().enumerate() {
+            let route = s.route(&Bytes::from_static(topic.as_bytes()), own_free);
+            placed.push(route);
+            match route {
+                Route::Own => {
+                    s.own_sent(&Bytes::from_static(topic.as_bytes()), n as u16 + 1);
+                    own_free -= 1;
+                }
+                Route::Lane(i) => hand(&mut s, i, n as u32, topic).unwrap(),
+                Route::Wait => {}
+            }
+        }
+        use Route::*;
+        assert_eq!(placed, [Lane(1), Own, Lane(0), Lane(1), Own]);
+        assert_eq!(s.route(&Bytes::from_static(b"f"), own_free), Route::Lane(0));
+    }
+}
