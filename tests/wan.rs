@@ -23,12 +23,24 @@ const ONE_WAY: Duration = Duration::from_millis(50);
 /// Three brokers, a proxy in front of each, and a bridge dialling the proxies with `link` in
 /// every `[[broker]]`.
 fn wan_mesh(link: &str) -> (tempfile::TempDir, [Mosquitto; 3], Vec<Proxy>, Bridge) {
+    wan_mesh_as("", link)
+}
+
+/// [`wan_mesh`] with `bridge` added to the `[bridge]` section.
+fn wan_mesh_as(
+    bridge: &str,
+    link: &str,
+) -> (tempfile::TempDir, [Mosquitto; 3], Vec<Proxy>, Bridge) {
     let (tmp, certs, brokers) = common::lab::<3>();
     let proxies: Vec<Proxy> = brokers
         .iter()
         .map(|b| Proxy::delayed(b.tls_port, ONE_WAY))
         .collect();
-    let cfg = config(&certs, &tmp, &brokers, &proxies, link);
+    let cfg = config(&certs, &tmp, &brokers, &proxies, link).replacen(
+        "[bridge]\n",
+        &format!("[bridge]\n{bridge}\n"),
+        1,
+    );
     let bridge = Bridge::start(&tmp.path().join("bridge"), &cfg);
     bridge.wait_subscribed(&["b1", "b2", "b3"]);
     (tmp, brokers, proxies, bridge)
@@ -78,12 +90,7 @@ async fn stream(brokers: &[Mosquitto], bridge: &Bridge, tag: &str) -> String {
         assert_eq!(lost, 0, "b1 -> {target}: messages lost");
         assert_eq!(dups, 0, "b1 -> {target}: duplicates without any failure");
     }
-    let cfg = std::fs::read_to_string(bridge.dir.join("bridge.toml")).unwrap();
-    common::http_get(
-        &format!("http://{}/metrics", common::admin_addr(&cfg)),
-        None,
-    )
-    .1
+    metrics(bridge)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,12 +177,7 @@ async fn an_mqtt5_link_held_back_by_the_receive_maximum_publishes_on_more_connec
         "b2 and b3 should each say they publish on 4 connections:\n{}",
         bridge.log()
     );
-    let cfg = std::fs::read_to_string(bridge.dir.join("bridge.toml")).unwrap();
-    let metrics = common::http_get(
-        &format!("http://{}/metrics", common::admin_addr(&cfg)),
-        None,
-    )
-    .1;
+    let metrics = metrics(&bridge);
     for b in ["b2", "b3"] {
         let connections = common::metric(&metrics, "meshbridge_publish_connections", b);
         let window = common::metric(&metrics, "meshbridge_inflight_window", b).unwrap_or(0.0);
@@ -197,6 +199,88 @@ async fn an_mqtt5_link_held_back_by_the_receive_maximum_publishes_on_more_connec
     }
 }
 
+/// The bridge's /metrics.
+fn metrics(bridge: &Bridge) -> String {
+    let cfg = std::fs::read_to_string(bridge.dir.join("bridge.toml")).unwrap();
+    common::http_get(
+        &format!("http://{}/metrics", common::admin_addr(&cfg)),
+        None,
+    )
+    .1
+}
+
+/// Waits until b2's link publishes on `n` connections.
+async fn wait_connections(bridge: &Bridge, n: f64) {
+    wait_metric(bridge, "meshbridge_publish_connections", |v| v == n).await
+}
+
+/// Waits until `metric` of b2's link satisfies `ok`.
+async fn wait_metric(bridge: &Bridge, metric: &str, ok: impl Fn(f64) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !common::metric(&metrics(bridge), metric, "b2").is_some_and(&ok) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b2: {metric} never as expected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extra_connection_taken_over_mid_stream_loses_nothing() {
+    let (_tmp, brokers, _proxies, bridge) = wan_mesh_as("instance = \"wan1\"", "");
+    let subs = [
+        mqtt::subscribe(brokers[1].plain_port, "taken-b2", "wan/#").await,
+        mqtt::subscribe(brokers[2].plain_port, "taken-b3", "wan/#").await,
+    ];
+    let topic = |t: usize| format!("wan/taken/{t}");
+    // As fast as the path takes them (at most 4 connections x 100 per 100 ms: 2 s or more),
+    // so that the connection taken over has messages on their way that the broker never
+    // receives.
+    let per_topic = 2 * PER_TOPIC;
+    let msgs: Vec<Pub> = (0..per_topic)
+        .flat_map(|i| (0..TOPICS).map(move |t| Pub::new(topic(t), i.to_string(), 1)))
+        .collect();
+    let port = brokers[0].plain_port;
+    let total = msgs.len();
+    let publisher = tokio::spawn(async move { mqtt::publish(port, "taken-pub", &msgs).await });
+    // Once the extra connections carry messages (what they publish comes back and is dropped).
+    wait_metric(&bridge, "meshbridge_dropped_tagged_total", |n| n >= 200.0).await;
+    // Someone connects with the ids of b2's extra connections: mosquitto closes the bridge's;
+    // what they had in flight goes out on the link's own.
+    let mut intruders = Vec::new();
+    for n in 1..=3 {
+        let id = format!("wan-b2~lane{n}@wan1");
+        intruders.push(mqtt::subscribe(brokers[1].plain_port, &id, "none/x").await);
+    }
+    wait_connections(&bridge, 1.0).await;
+    publisher.await.unwrap();
+    for (sub, target) in subs.iter().zip(["b2", "b3"]) {
+        sub.wait_count(total, Duration::from_secs(120)).await;
+        sub.settle(Duration::from_millis(500)).await;
+        for t in 0..TOPICS {
+            let (lost, dups, disorder) = sub.sequence(&topic(t), per_topic);
+            println!(
+                "b1 -> {target}, {}: lost {lost}, duplicates {dups}, out of order {disorder}",
+                topic(t)
+            );
+            assert_eq!(lost, 0, "b1 -> {target}, {}: messages lost", topic(t));
+            assert_eq!(disorder, 0, "b1 -> {target}, {}: order not kept", topic(t));
+        }
+    }
+    assert!(
+        bridge.wait_log("a publishing connection ended", 1, Duration::from_secs(5)),
+        "{}",
+        bridge.log()
+    );
+    let redelivered = common::metric(&metrics(&bridge), "meshbridge_redelivered_total", "b2");
+    println!("b2: redelivered {redelivered:?}");
+    assert!(
+        redelivered.unwrap_or(0.0) > 0.0,
+        "the connections taken over had nothing in flight: the test proved nothing"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bridge_killed_mid_stream_over_a_wan_loses_nothing() {
     killed_mid_stream(1).await;
@@ -214,49 +298,31 @@ async fn a_bridge_killed_mid_stream_over_a_wan_loses_no_qos2_message() {
 /// restarted: b2 and b3 get every message.
 async fn killed_mid_stream(qos: u8) {
     let (_tmp, brokers, _proxies, bridge) = wan_mesh("protocol = \"v3.1.1\"");
-    kill_mid_stream(&brokers, bridge, qos, 1, |sub| {
-        Box::pin(async move {
-            sub.wait_count(N / 4, Duration::from_secs(60)).await;
-        })
-    })
-    .await;
+    kill_mid_stream(&brokers, bridge, qos, 1, KillWhen::Received(N / 4)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bridge_killed_while_publishing_on_several_connections_loses_nothing() {
     let (_tmp, brokers, _proxies, bridge) = wan_mesh("");
-    let cfg = std::fs::read_to_string(bridge.dir.join("bridge.toml")).unwrap();
-    let admin = common::admin_addr(&cfg);
-    kill_mid_stream(&brokers, bridge, 1, TOPICS, move |_| {
-        Box::pin(async move {
-            // Killed once b2's link publishes on its extra connections.
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            loop {
-                let metrics = common::http_get(&format!("http://{admin}/metrics"), None).1;
-                let n = common::metric(&metrics, "meshbridge_publish_connections", "b2");
-                if n == Some(4.0) {
-                    break;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "b2 never opened its lanes"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    })
-    .await;
+    kill_mid_stream(&brokers, bridge, 1, TOPICS, KillWhen::Connections(4.0)).await;
+}
+
+/// When [`kill_mid_stream`] kills the bridge.
+enum KillWhen {
+    /// Once b2's subscriber has this many messages.
+    Received(usize),
+    /// Once b2's link publishes on this many connections.
+    Connections(f64),
 }
 
 /// `N` numbered messages at `qos` from b1, spread over `topics` topics; kill -9 of the bridge
-/// once `when` returns (given b2's subscriber), restarted: b2 and b3 get every message of
-/// every topic (duplicates printed).
+/// `when`, restarted: b2 and b3 get every message of every topic (duplicates printed).
 async fn kill_mid_stream(
     brokers: &[Mosquitto],
     mut bridge: Bridge,
     qos: u8,
     topics: usize,
-    when: impl FnOnce(&mqtt::Sub) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>,
+    when: KillWhen,
 ) {
     let topic = |t: usize| format!("wan/kill{qos}/{t}");
     let subs = [
@@ -273,7 +339,12 @@ async fn kill_mid_stream(
         let progress = progress.clone();
         async move { mqtt::publish_paced(port, "kill-pub", &msgs, 2000, progress).await }
     });
-    when(&subs[0]).await;
+    match when {
+        KillWhen::Received(n) => {
+            subs[0].wait_count(n, Duration::from_secs(60)).await;
+        }
+        KillWhen::Connections(n) => wait_connections(&bridge, n).await,
+    }
     bridge.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
     bridge.respawn_subscribed(&["b1", "b2", "b3"]);
