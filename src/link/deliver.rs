@@ -106,30 +106,12 @@ impl Link {
         }
         let v311 = broker.protocol == Protocol::V311;
         let properties = self.properties_for(&item);
-        // With lanes (see [`super::spread`]), a QoS 1 message goes out where its topic is in
-        // flight, or where there is most room; QoS 0 and 2 ones on the link's own connection.
-        let own_free = match conn.spread {
-            Some(_) => self.window(conn).saturating_sub(conn.flight.outstanding()),
-            None => 0,
-        };
-        if let Some(spread) = &mut conn.spread {
-            let route = if qos == 1 {
-                spread.route(&item.msg.topic, own_free)
-            } else if own_free > 0 {
-                Route::Own
-            } else {
-                Route::Wait
-            };
-            match route {
-                Route::Own => {}
-                Route::Wait => return Err(NotSent::Held(item)),
-                Route::Lane(lane) => {
-                    let msg = item.msg.clone();
-                    let topic = topic.into_owned();
-                    return spread
-                        .hand(lane, item, msg, topic, properties)
-                        .map_err(NotSent::Held);
-                }
+        match self.route(conn, &item, qos) {
+            Route::Own => {}
+            Route::Wait => return Err(NotSent::Held(item)),
+            Route::Lane(lane) => {
+                let topic = topic.into_owned();
+                return to_lane(conn, lane, item, topic, properties);
             }
         }
         if v311
@@ -158,9 +140,31 @@ impl Link {
             self.echo
                 .record(fingerprint(topic.as_bytes(), &item.msg.payload), now);
         }
+        self.handed(conn, item, qos, pkid, now);
+        Ok(())
+    }
+
+    /// Where `item`, at `qos`, goes out: with lanes (see [`super::spread`]) a QoS 1 message
+    /// where its topic is in flight, or where there is most room; everything else (and
+    /// everything without lanes) on the link's own connection.
+    fn route(&self, conn: &mut Conn, item: &Outbound, qos: u8) -> Route {
+        if conn.spread.is_none() {
+            return Route::Own;
+        }
+        let own_free = self.window(conn).saturating_sub(conn.flight.outstanding());
+        match &mut conn.spread {
+            Some(spread) if qos == 1 => spread.route(&item.msg.topic, own_free),
+            _ if own_free > 0 => Route::Own,
+            _ => Route::Wait,
+        }
+    }
+
+    /// The client took `item` as packet `pkid` (0: QoS 0) at `now`: in flight until the
+    /// broker acknowledges it (or, QoS 0, until written).
+    fn handed(&mut self, conn: &mut Conn, item: Outbound, qos: u8, pkid: u16, now: Instant) {
         if pkid == 0 {
             conn.flight.handed_unnumbered(item);
-            return Ok(());
+            return;
         }
         if let (Some(spread), 1) = (&mut conn.spread, qos) {
             spread.own_sent(&item.msg.topic, pkid);
@@ -180,7 +184,6 @@ impl Link {
         if self.role.consumer() {
             self.pkid_high = Some(self.pkid_high.unwrap_or(0).max(pkid));
         }
-        Ok(())
     }
 
     /// The MQTT 5 properties `item` goes out with (its own and the origin tag); `None` on a
@@ -428,6 +431,23 @@ pub(super) enum NotSent {
     Stop(Outbound),
     /// With lanes: its connection is full; the others may still take theirs.
     Held(Outbound),
+}
+
+/// Hands `item` to lane `lane` of `conn` (see [`super::spread`]), to go out on `topic`.
+fn to_lane(
+    conn: &mut Conn,
+    lane: usize,
+    item: Outbound,
+    topic: String,
+    properties: Option<Box<PublishProperties>>,
+) -> Result<(), NotSent> {
+    let Some(spread) = &mut conn.spread else {
+        return Err(NotSent::Held(item));
+    };
+    let msg = item.msg.clone();
+    spread
+        .hand(lane, item, msg, topic, properties)
+        .map_err(NotSent::Held)
 }
 
 /// Longest topic MQTT can carry (a two-byte length).
