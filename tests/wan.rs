@@ -68,6 +68,54 @@ fn numbered(topic: &str, n: usize) -> Vec<Pub> {
     (0..n).map(|i| Pub::new(topic, i.to_string(), 1)).collect()
 }
 
+/// `per_topic` numbered messages at `qos` on each of `topics` topics `<prefix>/<t>`, the
+/// topics interleaved.
+fn interleaved(prefix: &str, topics: usize, per_topic: usize, qos: u8) -> Vec<Pub> {
+    (0..per_topic)
+        .flat_map(|i| {
+            (0..topics).map(move |t| Pub::new(format!("{prefix}/{t}"), i.to_string(), qos))
+        })
+        .collect()
+}
+
+/// What [`check_topics`] lets pass besides every message arriving.
+#[derive(Clone, Copy)]
+struct Allow {
+    duplicates: bool,
+    disorder: bool,
+}
+
+/// Waits until b2's and b3's subscribers have every message of [`interleaved`]`(prefix,
+/// topics, per_topic)`, then checks each topic: nothing lost, and no duplicate or message out
+/// of order unless `allow` says so (each printed).
+async fn check_topics(
+    subs: &[mqtt::Sub; 2],
+    (prefix, topics, per_topic): (&str, usize, usize),
+    allow: Allow,
+) {
+    for (sub, target) in subs.iter().zip(["b2", "b3"]) {
+        sub.wait_count(per_topic * topics, Duration::from_secs(120))
+            .await;
+        sub.settle(Duration::from_millis(500)).await;
+        for t in 0..topics {
+            let topic = format!("{prefix}/{t}");
+            let (lost, dups, disorder) = sub.sequence(&topic, per_topic);
+            println!(
+                "b1 -> {target}, {topic}: lost {lost} of {per_topic}, duplicates {dups}, out of order {disorder}"
+            );
+            assert_eq!(lost, 0, "b1 -> {target}, {topic}: messages lost");
+            assert!(
+                allow.duplicates || dups == 0,
+                "b1 -> {target}, {topic}: duplicates"
+            );
+            assert!(
+                allow.disorder || disorder == 0,
+                "b1 -> {target}, {topic}: order not kept"
+            );
+        }
+    }
+}
+
 /// Streams `N` numbered messages from b1 and checks b2 and b3 got each exactly once; returns
 /// the bridge's /metrics afterwards.
 async fn stream(brokers: &[Mosquitto], bridge: &Bridge, tag: &str) -> String {
@@ -144,30 +192,13 @@ async fn an_mqtt5_link_held_back_by_the_receive_maximum_publishes_on_more_connec
         mqtt::subscribe(brokers[1].plain_port, "spread-b2", "wan/#").await,
         mqtt::subscribe(brokers[2].plain_port, "spread-b3", "wan/#").await,
     ];
-    let topic = |t: usize| format!("wan/spread/{t}");
-    let msgs: Vec<Pub> = (0..PER_TOPIC)
-        .flat_map(|i| (0..TOPICS).map(move |t| Pub::new(topic(t), i.to_string(), 1)))
-        .collect();
+    let msgs = interleaved("wan/spread", TOPICS, PER_TOPIC, 1);
     mqtt::publish(brokers[0].plain_port, "spread-pub", &msgs).await;
-    for (sub, target) in subs.iter().zip(["b2", "b3"]) {
-        sub.wait_count(msgs.len(), Duration::from_secs(120)).await;
-        sub.settle(Duration::from_millis(500)).await;
-        for t in 0..TOPICS {
-            let (lost, dups, disorder) = sub.sequence(&topic(t), PER_TOPIC);
-            println!(
-                "b1 -> {target}, {}: lost {lost}, duplicates {dups}, out of order {disorder}",
-                topic(t)
-            );
-            assert_eq!(lost, 0, "b1 -> {target}, {}: messages lost", topic(t));
-            assert_eq!(
-                dups,
-                0,
-                "b1 -> {target}, {}: duplicates without any failure",
-                topic(t)
-            );
-            assert_eq!(disorder, 0, "b1 -> {target}, {}: order not kept", topic(t));
-        }
-    }
+    let exact = Allow {
+        duplicates: false,
+        disorder: false,
+    };
+    check_topics(&subs, ("wan/spread", TOPICS, PER_TOPIC), exact).await;
     assert!(
         bridge.wait_log(
             "this link publishes on 4 connections",
@@ -214,6 +245,12 @@ async fn wait_connections(bridge: &Bridge, n: f64) {
     wait_metric(bridge, "meshbridge_publish_connections", |v| v == n).await
 }
 
+/// Waits until b2's extra publishing connections carry messages: what they publish comes
+/// back on the link's subscription and is dropped.
+async fn lanes_carry(bridge: &Bridge) {
+    wait_metric(bridge, "meshbridge_dropped_tagged_total", |n| n >= 200.0).await
+}
+
 /// Waits until `metric` of b2's link satisfies `ok`.
 async fn wait_metric(bridge: &Bridge, metric: &str, ok: impl Fn(f64) -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -233,19 +270,14 @@ async fn an_extra_connection_taken_over_mid_stream_loses_nothing() {
         mqtt::subscribe(brokers[1].plain_port, "taken-b2", "wan/#").await,
         mqtt::subscribe(brokers[2].plain_port, "taken-b3", "wan/#").await,
     ];
-    let topic = |t: usize| format!("wan/taken/{t}");
     // As fast as the path takes them (at most 4 connections x 100 per 100 ms: 2 s or more),
-    // so that the connection taken over has messages on their way that the broker never
+    // so that the connections taken over have messages on their way that the broker never
     // receives.
     let per_topic = 2 * PER_TOPIC;
-    let msgs: Vec<Pub> = (0..per_topic)
-        .flat_map(|i| (0..TOPICS).map(move |t| Pub::new(topic(t), i.to_string(), 1)))
-        .collect();
+    let msgs = interleaved("wan/taken", TOPICS, per_topic, 1);
     let port = brokers[0].plain_port;
-    let total = msgs.len();
     let publisher = tokio::spawn(async move { mqtt::publish(port, "taken-pub", &msgs).await });
-    // Once the extra connections carry messages (what they publish comes back and is dropped).
-    wait_metric(&bridge, "meshbridge_dropped_tagged_total", |n| n >= 200.0).await;
+    lanes_carry(&bridge).await;
     // Someone connects with the ids of b2's extra connections: mosquitto closes the bridge's;
     // what they had in flight goes out on the link's own.
     let mut intruders = Vec::new();
@@ -255,19 +287,11 @@ async fn an_extra_connection_taken_over_mid_stream_loses_nothing() {
     }
     wait_connections(&bridge, 1.0).await;
     publisher.await.unwrap();
-    for (sub, target) in subs.iter().zip(["b2", "b3"]) {
-        sub.wait_count(total, Duration::from_secs(120)).await;
-        sub.settle(Duration::from_millis(500)).await;
-        for t in 0..TOPICS {
-            let (lost, dups, disorder) = sub.sequence(&topic(t), per_topic);
-            println!(
-                "b1 -> {target}, {}: lost {lost}, duplicates {dups}, out of order {disorder}",
-                topic(t)
-            );
-            assert_eq!(lost, 0, "b1 -> {target}, {}: messages lost", topic(t));
-            assert_eq!(disorder, 0, "b1 -> {target}, {}: order not kept", topic(t));
-        }
-    }
+    let sent_again = Allow {
+        duplicates: true,
+        disorder: false,
+    };
+    check_topics(&subs, ("wan/taken", TOPICS, per_topic), sent_again).await;
     assert!(
         bridge.wait_log("a publishing connection ended", 1, Duration::from_secs(5)),
         "{}",
@@ -304,15 +328,15 @@ async fn killed_mid_stream(qos: u8) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bridge_killed_while_publishing_on_several_connections_loses_nothing() {
     let (_tmp, brokers, _proxies, bridge) = wan_mesh("");
-    kill_mid_stream(&brokers, bridge, 1, TOPICS, KillWhen::Connections(4.0)).await;
+    kill_mid_stream(&brokers, bridge, 1, TOPICS, KillWhen::LanesCarry).await;
 }
 
 /// When [`kill_mid_stream`] kills the bridge.
 enum KillWhen {
     /// Once b2's subscriber has this many messages.
     Received(usize),
-    /// Once b2's link publishes on this many connections.
-    Connections(f64),
+    /// Once b2's extra publishing connections carry messages.
+    LanesCarry,
 }
 
 /// `N` numbered messages at `qos` from b1, spread over `topics` topics; kill -9 of the bridge
@@ -324,15 +348,13 @@ async fn kill_mid_stream(
     topics: usize,
     when: KillWhen,
 ) {
-    let topic = |t: usize| format!("wan/kill{qos}/{t}");
+    let prefix = format!("wan/kill{qos}");
     let subs = [
         mqtt::subscribe(brokers[1].plain_port, "kill-b2", "wan/#").await,
         mqtt::subscribe(brokers[2].plain_port, "kill-b3", "wan/#").await,
     ];
     let per_topic = N / topics;
-    let msgs: Vec<Pub> = (0..per_topic)
-        .flat_map(|i| (0..topics).map(move |t| Pub::new(topic(t), i.to_string(), qos)))
-        .collect();
+    let msgs = interleaved(&prefix, topics, per_topic, qos);
     let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let port = brokers[0].plain_port;
     let publisher = tokio::spawn({
@@ -343,28 +365,17 @@ async fn kill_mid_stream(
         KillWhen::Received(n) => {
             subs[0].wait_count(n, Duration::from_secs(60)).await;
         }
-        KillWhen::Connections(n) => wait_connections(&bridge, n).await,
+        KillWhen::LanesCarry => lanes_carry(&bridge).await,
     }
     bridge.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
     bridge.respawn_subscribed(&["b1", "b2", "b3"]);
     publisher.await.unwrap();
-    for (sub, target) in subs.iter().zip(["b2", "b3"]) {
-        sub.wait_count(per_topic * topics, Duration::from_secs(120))
-            .await;
-        sub.settle(Duration::from_millis(500)).await;
-        for t in 0..topics {
-            let (lost, dups, _) = sub.sequence(&topic(t), per_topic);
-            println!(
-                "b1 -> {target}, {} across kill -9, QoS {qos}: lost {lost} of {per_topic}, duplicates {dups}",
-                topic(t)
-            );
-            assert_eq!(
-                lost,
-                0,
-                "b1 -> {target}, {}: QoS {qos} messages lost across kill -9",
-                topic(t)
-            );
-        }
-    }
+    // Across kill -9: duplicates (printed), and a QoS 2 message released out of order
+    // (README, ordering).
+    let crash = Allow {
+        duplicates: true,
+        disorder: true,
+    };
+    check_topics(&subs, (&prefix, topics, per_topic), crash).await;
 }
