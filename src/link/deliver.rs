@@ -84,6 +84,15 @@ impl Link {
         now: Instant,
     ) -> Result<(), NotSent> {
         let broker = &self.ctx.settings.broker;
+        if conn.spread.is_some()
+            && item.msg.qos.min(broker.max_qos) == 1
+            && self.route(conn, &item, 1) == Route::Wait
+        {
+            // With lanes, held back before the rules and its properties are worked out: a
+            // message waits for its topic's connection at every pass until it has room. (One
+            // that a rule caps to QoS 0 would not have to wait; it waits a little longer.)
+            return Err(NotSent::Held(item));
+        }
         let Some((topic, qos_cap)) = self.map_out(&item) else {
             self.finish(item);
             return Ok(());
