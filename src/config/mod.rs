@@ -330,83 +330,45 @@ impl Config {
     /// applies), as config keys: `bridge.id`, `tls`… Empty when `new` can be applied.
     pub(crate) fn changes_needing_restart(&self, new: &Config) -> Vec<String> {
         let mut keys = Vec::new();
-        let mut check = |changed: bool, key: &str| {
-            if changed {
-                keys.push(key.to_string());
-            }
-        };
-        check(self.bridge_id != new.bridge_id, "bridge.id");
-        check(self.admin_listen != new.admin_listen, "bridge.admin_listen");
-        check(
-            self.admin_token != new.admin_token,
-            "bridge.admin_token_file",
-        );
-        check(self.mesh_key != new.mesh_key, "bridge.mesh_key_file");
-        check(self.data_dir != new.data_dir, "bridge.data_dir");
-        check(self.topics != new.topics, "bridge.topics");
-        check(self.dedup_window != new.dedup_window, "bridge.dedup_window");
-        check(
-            self.dedup_max_entries != new.dedup_max_entries,
-            "bridge.dedup_max_entries",
-        );
-        check(
-            self.session_expiry != new.session_expiry,
-            "bridge.session_expiry",
-        );
-        check(self.keep_alive != new.keep_alive, "bridge.keep_alive");
-        check(self.instance != new.instance, "bridge.instance");
-        check(self.prefer != new.prefer, "bridge.prefer");
-        check(self.will_delay != new.will_delay, "bridge.will_delay");
-        check(self.ha != new.ha, "bridge.ha");
-        check(
-            self.broker_queue_limit != new.broker_queue_limit,
-            "bridge.broker_queue_limit",
-        );
-        check(self.inflight != new.inflight, "bridge.inflight");
-        check(self.inflight_max != new.inflight_max, "bridge.inflight_max");
-        check(
-            self.publish_connections != new.publish_connections,
-            "bridge.publish_connections",
-        );
-        check(
-            self.queue_capacity != new.queue_capacity,
-            "bridge.queue_capacity",
-        );
-        check(
-            self.worker_threads != new.worker_threads,
-            "bridge.worker_threads",
-        );
-        check(
-            self.links_per_thread != new.links_per_thread,
-            "bridge.links_per_thread",
-        );
-        check(
-            self.drain_timeout != new.drain_timeout,
-            "bridge.drain_timeout",
-        );
-        check(
-            self.storm_threshold != new.storm_threshold,
-            "bridge.storm_threshold",
-        );
-        check(self.retained_max != new.retained_max, "bridge.retained_max");
-        check(
-            self.probe_interval != new.probe_interval,
-            "bridge.probe_interval",
-        );
-        check(
-            self.probe_stall_after != new.probe_stall_after,
-            "bridge.probe_stall_after",
-        );
-        check(
-            self.reconcile_interval != new.reconcile_interval,
-            "bridge.reconcile_interval",
-        );
-        check(
-            self.retained_max_bytes != new.retained_max_bytes,
-            "bridge.retained_max_bytes",
-        );
-        check(self.spool != new.spool, "bridge.spool_*");
-        check(self.tls_defaults != new.tls_defaults, "tls");
+        macro_rules! check {
+            ($($field:ident => $key:literal,)*) => {
+                $(if self.$field != new.$field {
+                    keys.push($key.to_string());
+                })*
+            };
+        }
+        check! {
+            bridge_id => "bridge.id",
+            admin_listen => "bridge.admin_listen",
+            admin_token => "bridge.admin_token_file",
+            mesh_key => "bridge.mesh_key_file",
+            data_dir => "bridge.data_dir",
+            topics => "bridge.topics",
+            dedup_window => "bridge.dedup_window",
+            dedup_max_entries => "bridge.dedup_max_entries",
+            session_expiry => "bridge.session_expiry",
+            keep_alive => "bridge.keep_alive",
+            instance => "bridge.instance",
+            prefer => "bridge.prefer",
+            will_delay => "bridge.will_delay",
+            ha => "bridge.ha",
+            broker_queue_limit => "bridge.broker_queue_limit",
+            inflight => "bridge.inflight",
+            inflight_max => "bridge.inflight_max",
+            publish_connections => "bridge.publish_connections",
+            queue_capacity => "bridge.queue_capacity",
+            worker_threads => "bridge.worker_threads",
+            links_per_thread => "bridge.links_per_thread",
+            drain_timeout => "bridge.drain_timeout",
+            storm_threshold => "bridge.storm_threshold",
+            retained_max => "bridge.retained_max",
+            probe_interval => "bridge.probe_interval",
+            probe_stall_after => "bridge.probe_stall_after",
+            reconcile_interval => "bridge.reconcile_interval",
+            retained_max_bytes => "bridge.retained_max_bytes",
+            spool => "bridge.spool_*",
+            tls_defaults => "tls",
+        }
         // A broker's own connection settings (address, protocol, TLS, credentials, max_qos)
         // restart that broker's link (see `Supervisor::reload`).
         keys

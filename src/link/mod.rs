@@ -380,27 +380,7 @@ impl Link {
 
     /// One connection, from dialling to its end: a short loop over the steps below.
     async fn connection(&mut self, session: &mut Session) -> Outcome {
-        let mut conn = Conn {
-            client: session.client.clone(),
-            written: session.written.clone(),
-            connected: None,
-            max_packet: None,
-            flight: OutFlight::default(),
-            pace: window::Window::new(
-                usize::from(self.ctx.settings.inflight),
-                usize::from(self.ctx.settings.inflight_max),
-            ),
-            starved_said: false,
-            spread: None,
-            batch: Vec::new(),
-            last_finished: self.finished,
-            stalled_checks: 0,
-            control_suback: false,
-            rule_subacks: 0,
-            probe_suback: false,
-            peer_closed: false,
-            rule_refused: false,
-        };
+        let mut conn = self.new_conn(session);
         self.role.connecting();
         self.report();
         let mut spool_check = tokio::time::interval(self.policy.spool_check);
@@ -460,6 +440,31 @@ impl Link {
         let actions = self.role.ended(end, Now::read());
         self.carry_out(None, actions);
         self.end_of_connection(conn, outcome).await
+    }
+
+    /// The delivery state of a new connection of `session`.
+    fn new_conn(&self, session: &Session) -> Conn {
+        Conn {
+            client: session.client.clone(),
+            written: session.written.clone(),
+            connected: None,
+            max_packet: None,
+            flight: OutFlight::default(),
+            pace: window::Window::new(
+                usize::from(self.ctx.settings.inflight),
+                usize::from(self.ctx.settings.inflight_max),
+            ),
+            starved_said: false,
+            spread: None,
+            batch: Vec::new(),
+            last_finished: self.finished,
+            stalled_checks: 0,
+            control_suback: false,
+            rule_subacks: 0,
+            probe_suback: false,
+            peer_closed: false,
+            rule_refused: false,
+        }
     }
 
     /// Before each wait: report drained while stopping, hand due acknowledgements to the

@@ -103,31 +103,37 @@ struct Opts {
     mosquitto: Option<PathBuf>,
 }
 
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            brokers: 3,
+            messages: 20_000,
+            qos: 1,
+            size: 64,
+            rate: 5_000,
+            seconds: 5,
+            topics: 1,
+            down: 0,
+            queue_capacity: None,
+            inflight: None,
+            inflight_max: None,
+            v311: false,
+            worker_threads: None,
+            links_per_thread: None,
+            repeat: 1,
+            instances: 1,
+            steady: false,
+            rtt_ms: 0,
+            burst: None,
+            burst_origins: 4,
+            broker_inflight: 100,
+            mosquitto: None,
+        }
+    }
+}
+
 fn parse() -> Result<Opts, BenchError> {
-    let mut o = Opts {
-        brokers: 3,
-        messages: 20_000,
-        qos: 1,
-        size: 64,
-        rate: 5_000,
-        seconds: 5,
-        topics: 1,
-        down: 0,
-        queue_capacity: None,
-        inflight: None,
-        inflight_max: None,
-        v311: false,
-        worker_threads: None,
-        links_per_thread: None,
-        repeat: 1,
-        instances: 1,
-        steady: false,
-        rtt_ms: 0,
-        burst: None,
-        burst_origins: 4,
-        broker_inflight: 100,
-        mosquitto: None,
-    };
+    let mut o = Opts::default();
     let mut args = std::env::args().skip(1);
     let mut origins = None;
     while let Some(a) = args.next() {
@@ -172,6 +178,12 @@ fn parse() -> Result<Opts, BenchError> {
     }
     // By default the burst starts on four brokers (or every one, when fewer).
     o.burst_origins = origins.unwrap_or(o.brokers.min(4));
+    validate(&o)?;
+    Ok(o)
+}
+
+/// The options' values that make no run.
+fn validate(o: &Opts) -> Result<(), BenchError> {
     if o.brokers < 2
         || o.qos > 2
         || o.size < 24
@@ -186,7 +198,7 @@ fn parse() -> Result<Opts, BenchError> {
             "need --brokers >= 2, --qos 0..2, --size >= 24, --topics >= 1, --rate >= 1, --repeat >= 1, --instances >= 1, --burst >= 1, 1 <= --burst-origins <= --brokers".into(),
         ));
     }
-    Ok(o)
+    Ok(())
 }
 
 /// A port below the ephemeral range: the run's many client connections cannot take it before
