@@ -84,13 +84,13 @@ impl Link {
         now: Instant,
     ) -> Result<(), NotSent> {
         let broker = &self.ctx.settings.broker;
-        if conn.spread.is_some()
-            && item.msg.qos.min(broker.max_qos) == 1
-            && self.route(conn, &item, 1) == Route::Wait
-        {
-            // With lanes, held back before the rules and its properties are worked out: a
-            // message waits for its topic's connection at every pass until it has room. (One
-            // that a rule caps to QoS 0 would not have to wait; it waits a little longer.)
+        // With lanes, a message that goes out at QoS 1 (unless a rule caps it to 0) is routed
+        // first, and held back before the rules and its properties are worked out: it waits
+        // for its topic's connection at every pass until that has room. (One a rule caps to
+        // QoS 0 would not have to wait; it waits a little longer.)
+        let qos1_route = (conn.spread.is_some() && item.msg.qos.min(broker.max_qos) == 1)
+            .then(|| self.route(conn, &item, 1));
+        if qos1_route == Some(Route::Wait) {
             return Err(NotSent::Held(item));
         }
         let Some((topic, qos_cap)) = self.map_out(&item) else {
@@ -115,7 +115,12 @@ impl Link {
         }
         let v311 = broker.protocol == Protocol::V311;
         let properties = self.properties_for(&item);
-        match self.route(conn, &item, qos) {
+        let route = match qos1_route {
+            // Nothing has changed the lanes since.
+            Some(route) if qos == 1 => route,
+            _ => self.route(conn, &item, qos),
+        };
+        match route {
             Route::Own => {}
             Route::Wait => return Err(NotSent::Held(item)),
             Route::Lane(lane) => {

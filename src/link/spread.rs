@@ -116,6 +116,14 @@ impl<T> Lane<T> {
     }
 }
 
+/// The route to connection `c` (0: the link's own, `i + 1`: lane `i`).
+fn to(c: usize) -> Route {
+    match c {
+        0 => Route::Own,
+        c => Route::Lane(c - 1),
+    }
+}
+
 /// A link's lanes: which topics go where, and what each holds. Generic over the message, so
 /// that it is tested without a broker. Dropping it ends the lanes' tasks.
 #[derive(Debug)]
@@ -160,12 +168,35 @@ impl<T> Spread<T> {
     /// moved there: its messages wait until none of it is in flight any more (a topic always
     /// in flight on the own connection would otherwise never leave it).
     pub(crate) fn route(&mut self, topic: &Bytes, own_free: usize) -> Route {
-        let free = |lanes: &[Lane<T>], c: usize| match c {
+        let placed = self.topics.get(topic).map(|&(c, _, moving)| (c, moving));
+        match placed {
+            Some((_, true)) => Route::Wait,
+            Some((c, false)) if self.free(c, own_free) > 0 => to(c),
+            Some(_) => {
+                let moves = self.most_room(own_free).1 > 0;
+                if let Some(entry) = self.topics.get_mut(topic) {
+                    entry.2 = moves;
+                }
+                Route::Wait
+            }
+            None => match self.most_room(own_free) {
+                (_, 0) => Route::Wait,
+                (c, _) => to(c),
+            },
+        }
+    }
+
+    /// Room on connection `c` (0: the link's own, with `own_free`).
+    fn free(&self, c: usize, own_free: usize) -> usize {
+        match c {
             0 => own_free,
-            c => lanes[c - 1].free(),
-        };
-        let (best, most) = self
-            .lanes
+            c => self.lanes[c - 1].free(),
+        }
+    }
+
+    /// The connection with the most room (the link's own first among equals), and its room.
+    fn most_room(&self, own_free: usize) -> (usize, usize) {
+        self.lanes
             .iter()
             .enumerate()
             .map(|(i, l)| (i + 1, l.free()))
@@ -174,21 +205,7 @@ impl<T> Spread<T> {
                 |best, next| {
                     if next.1 > best.1 { next } else { best }
                 },
-            );
-        let to = |c: usize| match c {
-            0 => Route::Own,
-            c => Route::Lane(c - 1),
-        };
-        match self.topics.get_mut(topic) {
-            None if most > 0 => to(best),
-            None => Route::Wait,
-            Some(placed) if placed.2 => Route::Wait,
-            Some(placed) if free(&self.lanes, placed.0) > 0 => to(placed.0),
-            Some(placed) => {
-                placed.2 = most > 0;
-                Route::Wait
-            }
-        }
+            )
     }
 
     fn count(&mut self, topic: &Bytes, connection: usize) {
