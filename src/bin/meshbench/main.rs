@@ -47,6 +47,8 @@ use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 
 mod burst;
+mod outage;
+mod proxy;
 mod report;
 
 /// Why meshbench stops.
@@ -95,6 +97,10 @@ struct Opts {
     /// each of `burst_origins` brokers, every one expected on every broker.
     burst: Option<usize>,
     burst_origins: usize,
+    /// Instead of the two phases: the contenders lose the last broker, `outage` messages are
+    /// published on the first as fast as possible, then the broker comes back while a live
+    /// stream runs at `rate` for `seconds`; how fast its backlog drains.
+    outage: Option<usize>,
     /// The `max_inflight_messages` of the brokers and of the master (the Receive Maximum
     /// mosquitto announces to MQTT 5 clients, and its window towards MQTT 3.1.1 clients; 0:
     /// none).
@@ -126,6 +132,7 @@ impl Default for Opts {
             rtt_ms: 0,
             burst: None,
             burst_origins: 4,
+            outage: None,
             broker_inflight: 100,
             mosquitto: None,
         }
@@ -164,6 +171,7 @@ fn parse() -> Result<Opts, BenchError> {
             "--rtt" => o.rtt_ms = v()?,
             "--burst" => o.burst = Some(v()? as usize),
             "--burst-origins" => origins = Some(v()? as usize),
+            "--outage" => o.outage = Some(v()? as usize),
             "--broker-inflight" => o.broker_inflight = v()?,
             "--mosquitto" => {
                 o.mosquitto = Some(PathBuf::from(args.next().ok_or_else(|| {
@@ -171,7 +179,7 @@ fn parse() -> Result<Opts, BenchError> {
                 })?))
             }
             "-h" | "--help" => {
-                return Err(BenchError::Usage("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T] [--down K] [--queue-capacity N] [--inflight N] [--inflight-max N] [--v311] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K] [--steady] [--rtt MS] [--broker-inflight N] [--mosquitto PATH] [--burst N [--burst-origins K]]".into()))
+                return Err(BenchError::Usage("usage: meshbench [--brokers N] [--messages M] [--qos 0|1|2] [--size BYTES] [--rate MSG_PER_S] [--seconds S] [--topics T] [--down K] [--queue-capacity N] [--inflight N] [--inflight-max N] [--v311] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K] [--steady] [--rtt MS] [--broker-inflight N] [--mosquitto PATH] [--burst N [--burst-origins K]] [--outage N]".into()))
             }
             other => return Err(BenchError::Usage(format!("unknown argument {other:?}"))),
         }
@@ -193,9 +201,10 @@ fn validate(o: &Opts) -> Result<(), BenchError> {
         || o.instances == 0
         || (o.burst.is_some() && !(1..=o.brokers).contains(&o.burst_origins))
         || o.burst == Some(0)
+        || (o.outage.is_some() && (o.brokers < 3 || o.burst.is_some() || o.outage == Some(0)))
     {
         return Err(BenchError::Usage(
-            "need --brokers >= 2, --qos 0..2, --size >= 24, --topics >= 1, --rate >= 1, --repeat >= 1, --instances >= 1, --burst >= 1, 1 <= --burst-origins <= --brokers".into(),
+            "need --brokers >= 2, --qos 0..2, --size >= 24, --topics >= 1, --rate >= 1, --repeat >= 1, --instances >= 1, --burst >= 1, 1 <= --burst-origins <= --brokers, --outage >= 1 with --brokers >= 3 and no --burst".into(),
         ));
     }
     Ok(())
@@ -353,6 +362,12 @@ struct Seen {
     latencies_us: Vec<u64>,
     first: Option<Instant>,
     last: Option<Instant>,
+    /// `--outage`: the backlog is the sequence numbers below this (0: none); how many of them
+    /// arrived, when the first did and when the last.
+    backlog: u64,
+    backlog_seen: u64,
+    backlog_first: Option<Instant>,
+    backlog_done: Option<Instant>,
 }
 
 async fn subscriber(port: u16, id: String, seen: Arc<Mutex<Seen>>) -> AsyncClient {
@@ -382,6 +397,13 @@ async fn subscriber(port: u16, id: String, seen: Arc<Mutex<Seen>>) -> AsyncClien
                     let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
                     if s.seqs.insert(seq) {
                         s.latencies_us.push(now_micros().saturating_sub(sent));
+                        if seq < s.backlog {
+                            s.backlog_seen += 1;
+                            s.backlog_first.get_or_insert(now);
+                            if s.backlog_seen == s.backlog {
+                                s.backlog_done = Some(now);
+                            }
+                        }
                     } else {
                         s.duplicates += 1;
                     }
@@ -461,6 +483,10 @@ struct Result_ {
     duplicates: u64,
     /// `--burst`: seconds from the first publish to the last delivery.
     burst_secs: f64,
+    /// `--outage`: the backlog's messages per second from the first to reach the broker that
+    /// came back to the last, and the seconds from its return to that first one.
+    drain_rate: f64,
+    reconnect_secs: f64,
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -471,11 +497,13 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-/// Measures one contender: the burst when asked for, otherwise both phases.
-async fn contend(o: &Opts, ports: &[u16], pids: &[u32], label: &str) -> Result_ {
-    match o.burst {
-        Some(n) => burst::measure(o, n, ports, pids, label).await,
-        None => measure(o, ports, pids, label).await,
+/// Measures one contender: the burst or the outage when asked for, otherwise both phases.
+async fn contend(o: &Opts, lab: &Lab, pids: &[u32], label: &str) -> Result_ {
+    let ports = &lab.ports;
+    match (o.burst, o.outage, &lab.gate) {
+        (Some(n), _, _) => burst::measure(o, n, ports, pids, label).await,
+        (_, Some(n), Some(gate)) => outage::measure(o, n, ports, pids, label, gate).await,
+        _ => measure(o, ports, pids, label).await,
     }
 }
 
@@ -587,55 +615,6 @@ async fn flat_out(
     r.others_per_msg_us = (busy / forwarded * 1e6 - r.cpu_per_msg_us).max(0.0);
 }
 
-/// Forwards every connection accepted on `listener` to `127.0.0.1:target`, each byte delayed
-/// by `one_way` in each direction (latency only: no bandwidth limit, nothing reordered).
-async fn delay_proxy(listener: tokio::net::TcpListener, target: u16, one_way: Duration) {
-    while let Ok((inbound, _)) = listener.accept().await {
-        tokio::spawn(async move {
-            let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
-                return;
-            };
-            let _ = inbound.set_nodelay(true);
-            let _ = outbound.set_nodelay(true);
-            let (ri, wi) = inbound.into_split();
-            let (ro, wo) = outbound.into_split();
-            tokio::spawn(delayed_pipe(ri, wo, one_way));
-            tokio::spawn(delayed_pipe(ro, wi, one_way));
-        });
-    }
-}
-
-/// Copies `from` to `to`, each chunk written `delay` after it was read.
-async fn delayed_pipe(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    delay: Duration,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
-    let writer = tokio::spawn(async move {
-        while let Some((read_at, chunk)) = rx.recv().await {
-            tokio::time::sleep_until(read_at + delay).await;
-            if to.write_all(&chunk).await.is_err() {
-                return;
-            }
-        }
-        let _ = to.shutdown().await;
-    });
-    let mut buf = vec![0u8; 64 << 10];
-    while let Ok(n) = from.read(&mut buf).await {
-        if n == 0
-            || tx
-                .send((tokio::time::Instant::now(), buf[..n].to_vec()))
-                .is_err()
-        {
-            break;
-        }
-    }
-    drop(tx);
-    let _ = writer.await;
-}
-
 fn bridge_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     exe.with_file_name("bridge")
@@ -650,6 +629,8 @@ struct Lab {
     /// included: the brokers' ports, or with `--rtt` the delaying proxies in front of them.
     dialled: Vec<u16>,
     bridge_bin: PathBuf,
+    /// `--outage`: the gate between the contenders and the last broker.
+    gate: Option<proxy::Gate>,
 }
 
 /// (a) The mosquitto bridge master, seed 004 style.
@@ -666,7 +647,7 @@ async fn run_master(o: &Opts, lab: &Lab, run: usize) -> Result<Result_, BenchErr
     let mut master = mosquitto(o, lab.dir.path(), "master", free_port(), &conns);
     tokio::time::sleep(Duration::from_secs(2)).await;
     master.running("the mosquitto bridge master", None)?;
-    let r = contend(o, &lab.ports, &[master.0.id()], &format!("master{run}")).await;
+    let r = contend(o, lab, &[master.0.id()], &format!("master{run}")).await;
     drop(master);
     discard_sessions(&lab.ports, |n| format!("master{run}-b{n}")).await;
     Ok(r)
@@ -760,7 +741,7 @@ async fn run_bridge(o: &Opts, lab: &Lab, run: usize) -> Result<(Result_, Option<
         bridge.running("bridge", Some(log))?;
     }
     let pids: Vec<u32> = bridges.iter().map(|(b, _)| b.0.id()).collect();
-    let r = contend(o, &lab.ports, &pids, &format!("bridge{run}")).await;
+    let r = contend(o, lab, &pids, &format!("bridge{run}")).await;
     let spooled = admin_ports
         .iter()
         .map(|p| spooled_total(*p))
@@ -792,6 +773,10 @@ fn bridge_config(o: &Opts, lab: &Lab, run: usize, k: usize, admin_port: u16) -> 
     }
     if let Some(n) = o.links_per_thread {
         let _ = writeln!(cfg, "links_per_thread = {n}");
+    }
+    // (MESHBENCH_BRIDGE_EXTRA: more `[bridge]` lines, to try a setting.)
+    if let Ok(extra) = std::env::var("MESHBENCH_BRIDGE_EXTRA") {
+        let _ = writeln!(cfg, "{extra}");
     }
     for (i, p) in lab.dialled.iter().enumerate() {
         let _ = write!(
@@ -893,7 +878,7 @@ async fn main() {
             report::run_line(&o, run, &a, &b, spooled);
         }
         runs.push((a, b, spooled));
-        if o.burst.is_none() {
+        if o.burst.is_none() && o.outage.is_none() {
             directs.push(run_direct(&o, &lab, run).await);
         }
     }
@@ -912,25 +897,29 @@ async fn start_lab(o: &Opts, bridge_bin: PathBuf) -> (Vec<Proc>, Lab) {
     // Brokers configured on both contenders but never started.
     let down: Vec<u16> = (0..o.down).map(|_| free_port()).collect();
     let configured: Vec<u16> = ports.iter().chain(&down).copied().collect();
-    let dialled: Vec<u16> = if o.rtt_ms == 0 {
-        configured.clone()
-    } else {
-        let one_way = Duration::from_millis(o.rtt_ms) / 2;
-        let mut proxies = Vec::new();
-        for target in &configured {
-            let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
-                .await
-                .expect("bind a proxy port");
-            proxies.push(listener.local_addr().expect("proxy address").port());
-            tokio::spawn(delay_proxy(listener, *target, one_way));
+    // With `--outage` the last broker is reached through a gate, with `--rtt` every broker
+    // through a delay.
+    let gate = o.outage.map(|_| proxy::Gate::new());
+    let one_way = Duration::from_millis(o.rtt_ms) / 2;
+    let mut dialled = Vec::new();
+    for (i, target) in configured.iter().enumerate() {
+        let gated = gate.clone().filter(|_| i + 1 == o.brokers);
+        if o.rtt_ms == 0 && gated.is_none() {
+            dialled.push(*target);
+            continue;
         }
-        proxies
-    };
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("bind a proxy port");
+        dialled.push(listener.local_addr().expect("proxy address").port());
+        tokio::spawn(proxy::run(listener, *target, one_way, gated));
+    }
     let lab = Lab {
         dir,
         ports,
         dialled,
         bridge_bin,
+        gate,
     };
 
     (brokers, lab)

@@ -16,6 +16,20 @@ pub(super) fn header(o: &Opts) {
         );
         return;
     }
+    if let Some(n) = o.outage {
+        println!(
+            "meshbench: {} brokers, the contenders lose b{} while {n} messages are published on b1 (QoS {}, {} B), then it comes back during a live stream of {} msg/s for {} s; {} run(s){}",
+            o.brokers,
+            o.brokers,
+            o.qos,
+            o.size,
+            o.rate,
+            o.seconds,
+            o.repeat,
+            rtt(o)
+        );
+        return;
+    }
     println!(
         "meshbench: {} brokers (+{} down), {} messages, QoS {}, {} B payload, {} topic(s); latency at {} msg/s for {} s; {} run(s){}",
         o.brokers,
@@ -44,6 +58,28 @@ fn rtt(o: &Opts) -> String {
 
 /// The ratios of one run (with `--repeat`).
 pub(super) fn run_line(o: &Opts, run: usize, a: &Result_, b: &Result_, spooled: Option<u64>) {
+    if o.outage.is_some() {
+        println!(
+            "run {}: master / bridge: live {:.0} / {:.0} msg/s, drain {:.0} / {:.0} msg/s (of live {:.2} / {:.2}), first after {:.2} / {:.2} s, stream p99 {:.2} / {:.2} ms, spooled {}, missing/dup {}/{} vs {}/{}",
+            run + 1,
+            a.throughput,
+            b.throughput,
+            a.drain_rate,
+            b.drain_rate,
+            a.drain_rate / a.throughput,
+            b.drain_rate / b.throughput,
+            a.reconnect_secs,
+            b.reconnect_secs,
+            a.p99_ms,
+            b.p99_ms,
+            spooled.map_or("?".into(), |n| n.to_string()),
+            b.missing,
+            b.duplicates,
+            a.missing,
+            a.duplicates,
+        );
+        return;
+    }
     let flat = if o.steady {
         String::new()
     } else {
@@ -102,6 +138,19 @@ pub(super) fn summary(o: &Opts, runs: &[(Result_, Result_, Option<u64>)], direct
         row("peak RSS MiB", |r| r.peak_rss_mib);
         row("latency p50 ms", |r| r.p50_ms);
         row("latency p99 ms", |r| r.p99_ms);
+        missing_row(runs);
+        spooled_row(runs);
+        return;
+    }
+    if o.outage.is_some() {
+        row("live msgs/s (brokers kept)", |r| r.throughput);
+        row("backlog drain msgs/s", |r| r.drain_rate);
+        row("drain / live", |r| r.drain_rate / r.throughput);
+        row("s to the first of it", |r| r.reconnect_secs);
+        row("stream p50 ms meanwhile", |r| r.p50_ms);
+        row("stream p99 ms meanwhile", |r| r.p99_ms);
+        row("CPU µs per forwarded msg", |r| r.cpu_per_msg_us);
+        row("peak RSS MiB", |r| r.peak_rss_mib);
         missing_row(runs);
         spooled_row(runs);
         return;
