@@ -142,6 +142,10 @@ const CASES: &[(&str, &[&str])] = &[
     ),
     ("bad_max_qos.toml", &["broker[0].max_qos"]),
     (
+        "bad_drain_rate.toml",
+        &["broker[0].drain_rate", "at least 1 message per second"],
+    ),
+    (
         "bad_spool_size.toml",
         &["bridge.spool_max_bytes", "\"lots\""],
     ),

@@ -25,6 +25,9 @@ pub struct BrokerConfig {
     pub(crate) credentials: Option<(String, Secret)>,
     /// Highest QoS forwarded to this broker.
     pub(crate) max_qos: u8,
+    /// Most messages per second published to it while it has a backlog in the spool (`None`:
+    /// as fast as it acknowledges them; see `link::drain`).
+    pub(crate) drain_rate: Option<u32>,
     /// What `tls` was built from (`None` for plain TCP): to see a change, and to report
     /// `insecure_skip_verify`.
     pub(crate) tls_inputs: Option<TlsInputs>,
@@ -117,6 +120,9 @@ impl BrokerConfig {
         if self.max_qos != new.max_qos {
             keys.push("max_qos");
         }
+        if self.drain_rate != new.drain_rate {
+            keys.push("drain_rate");
+        }
         keys
     }
     /// `host:port` as given.
@@ -138,6 +144,7 @@ impl fmt::Debug for BrokerConfig {
             .field("tls", &self.tls.is_some())
             .field("username", &self.credentials.as_ref().map(|(u, _)| u))
             .field("max_qos", &self.max_qos)
+            .field("drain_rate", &self.drain_rate)
             .finish()
     }
 }
@@ -179,6 +186,12 @@ impl Config {
                 format!("{max_qos}: must be 0, 1 or 2"),
             ));
         }
+        if s.drain_rate == Some(0) {
+            return Err(invalid(
+                format!("{key}.drain_rate"),
+                "0: must be at least 1 message per second (leave it out for no limit)".to_string(),
+            ));
+        }
         let rules = crate::rules::Rules::from_specs(&s.rules, &self.topics)
             .map_err(|e| invalid(format!("{key}.{}", e.key()), format!("{name}: {e}")))?;
         let mut warnings = Vec::new();
@@ -203,6 +216,7 @@ impl Config {
             tls,
             credentials,
             max_qos,
+            drain_rate: s.drain_rate,
             tls_inputs,
             warnings,
             rules: Arc::new(rules),

@@ -147,6 +147,9 @@ pub(crate) struct BrokerSection {
     pub(crate) password_file: Option<PathBuf>,
     /// Highest QoS forwarded to this broker (0, 1 or 2; default 2).
     pub(crate) max_qos: Option<u8>,
+    /// Most messages per second published to this broker while it has a backlog in the spool
+    /// (none: as fast as it acknowledges them).
+    pub(crate) drain_rate: Option<u32>,
     /// Topic rules (`[[broker.rule]]`); none: `[bridge] topics` both ways.
     #[serde(default, rename = "rule")]
     pub(crate) rules: Vec<crate::rules::RuleSpec>,

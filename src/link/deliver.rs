@@ -39,15 +39,21 @@ impl Link {
     /// (retrying at once would spin without ever reading that event). With lanes (see
     /// [`super::spread`]), a message whose connection is full is held back and the others go
     /// on (a later one of its topic finds the same connection full: nothing is acknowledged
-    /// during a pass); what was held goes back in front, in order.
+    /// during a pass); what was held goes back in front, in order. While the broker has a
+    /// backlog in the spool, `drain_rate` bounds what goes out (see [`super::drain`]).
     pub(super) fn fill_window(&mut self, conn: &mut Conn) -> bool {
-        let free = self.room(conn).saturating_sub(conn.outstanding());
+        // One clock read for the batch: the client writes it at once.
+        let now = Instant::now();
+        let mut free = self.room(conn).saturating_sub(conn.outstanding());
+        let paced = self.paced();
+        if let (true, Some(pace)) = (paced, &mut self.drain_pace) {
+            free = free.min(pace.allowed(now));
+        }
         let mut batch = std::mem::take(&mut conn.batch);
         self.ctx.queue.take(free, &mut batch);
         let had = !batch.is_empty();
+        let taken = batch.len();
         let mut held = Vec::new();
-        // One clock read for the batch: the client writes it at once.
-        let now = Instant::now();
         let mut items = batch.drain(..);
         while let Some(item) = items.next() {
             match self.publish(conn, item, now) {
@@ -56,6 +62,7 @@ impl Link {
                 Err(NotSent::Stop(item)) => {
                     held.push(item);
                     held.extend(items);
+                    self.spend_drain(paced, taken - held.len());
                     self.ctx.queue.requeue_front(held);
                     conn.batch = batch;
                     return false;
@@ -64,6 +71,7 @@ impl Link {
         }
         drop(items);
         conn.batch = batch;
+        self.spend_drain(paced, taken - held.len());
         if had {
             self.update_gauges(conn);
         }
@@ -72,6 +80,18 @@ impl Link {
         }
         self.ctx.queue.requeue_front(held);
         false
+    }
+
+    /// Whether what goes out now keeps to `drain_rate`: set, and a backlog in the spool.
+    pub(super) fn paced(&self) -> bool {
+        self.drain_pace.is_some() && self.ctx.queue.spool_readable() > 0
+    }
+
+    /// `n` messages went out while [`Link::paced`].
+    fn spend_drain(&mut self, paced: bool, n: usize) {
+        if let (true, Some(pace)) = (paced, &mut self.drain_pace) {
+            pace.spent(n);
+        }
     }
 
     /// Hands `item` to the client at `now` (or finishes it when the target cannot take it);

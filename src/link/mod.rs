@@ -20,6 +20,7 @@
 pub(crate) mod acks;
 pub(crate) mod backoff;
 mod deliver;
+mod drain;
 mod events;
 mod intake;
 pub(crate) mod outflight;
@@ -205,6 +206,8 @@ struct Link {
     /// This process has had the mesh's consumer session on this broker (a later connection
     /// that finds it gone reports it: [`metrics::session_lost`]).
     had_session: bool,
+    /// `drain_rate`: the pace of a backlog (see [`drain`]).
+    drain_pace: Option<drain::DrainPace>,
 }
 
 /// Counters of a link's storm guard (see [`StormGuard`]): 1024 take ~70 KiB, and a loop that
@@ -280,6 +283,8 @@ impl Link {
             lane: ctx.parker.as_ref().map(|p| p.lane(&ctx.name)),
             poison: PoisonWatch::new(PoisonPolicy::default()),
             had_session: false,
+            drain_pace: (ctx.settings.broker.drain_rate)
+                .map(|rate| drain::DrainPace::new(rate, Instant::now())),
             ctx,
         }
     }
@@ -414,7 +419,7 @@ impl Link {
                 Some((lane, event)) = lane_event(&mut conn.spread), if conn.spread.is_some() => {
                     self.on_lane_event(&mut conn, lane, event);
                 }
-                _ = recheck.tick(), if self.role.switching() || self.copies_backlog() => {}
+                _ = recheck.tick(), if self.role.switching() || self.copies_backlog() || self.paced() => {}
                 _ = self.ctx.queue.notified(), if room => {}
                 _ = self.ctx.stop.cancelled(), if !self.ctx.stop.is_cancelled() => {}
                 _ = stall_check.tick() => self.stall_tick(&mut conn),
@@ -610,7 +615,7 @@ impl Link {
     }
 }
 
-/// The 20 ms recheck while a role switch or the copies' backlog waits, made once per
+/// The 20 ms recheck while a role switch, the copies' backlog or a paced backlog waits, made once per
 /// connection: a `sleep` in the `select!` would be built (and read the clock) at every pass,
 /// enabled or not.
 fn recheck() -> tokio::time::Interval {

@@ -244,6 +244,7 @@ impl Supervisor {
             username: None,
             password_file: None,
             max_qos: None,
+            drain_rate: None,
             rules: spec.rules.clone(),
         };
         Ok(self.config.broker_from_section("broker", section)?)
