@@ -248,7 +248,7 @@ impl Link {
                 .probes
                 .then_some((std::borrow::Cow::Borrowed(topic), 2));
         }
-        match self.ctx.queue.rules().outbound(topic) {
+        match self.ctx.queue.in_rules(|r| r.outbound(topic)) {
             Some(m) => Some((m.topic, m.qos_cap)),
             None => {
                 inc(&self.ctx.stats.dropped_unmatched);

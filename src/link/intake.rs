@@ -70,7 +70,7 @@ impl Link {
         // Into the mesh through this broker's first matching `in` rule (topic and QoS cap).
         let mapped = msg
             .topic_str()
-            .and_then(|t| self.ctx.queue.rules().inbound(t))
+            .and_then(|t| self.ctx.queue.in_rules(|r| r.inbound(t)))
             .map(|m| match m.topic {
                 // Unchanged (no prefix): the received bytes go on as they are.
                 std::borrow::Cow::Borrowed(_) => (None, m.qos_cap),

@@ -227,6 +227,11 @@ impl TargetQueue {
         self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// `f` of the target's rules now, without a clone of their `Arc` (per message and target).
+    pub(crate) fn in_rules<R>(&self, f: impl FnOnce(&crate::rules::Rules) -> R) -> R {
+        f(&self.rules.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// New rules for the target (a reload): from the next message on; the link is told.
     pub(crate) fn set_rules(&self, rules: Arc<crate::rules::Rules>) {
         *self.rules.write().unwrap_or_else(|p| p.into_inner()) = rules;
@@ -242,13 +247,7 @@ impl TargetQueue {
     /// Whether the target takes a mesh message on `topic` ([`crate::message::Message::topic_str`]; a topic that
     /// is not UTF-8, `None`, is taken: the link reports it as rejected).
     pub(crate) fn accepts(&self, topic: Option<&str>) -> bool {
-        topic.is_none_or(|t| {
-            self.rules
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .outbound(t)
-                .is_some()
-        })
+        topic.is_none_or(|t| self.in_rules(|r| r.outbound(t).is_some()))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, QueueInner> {
