@@ -3,7 +3,7 @@
 //! `cargo run --release --bin meshbench -- [--brokers 3] [--messages 20000] [--qos 1] [--size 64]
 //! [--rate 5000] [--seconds 5] [--topics 1] [--down 0]
 //! [--queue-capacity N] [--inflight N] [--inflight-max N] [--v311] [--worker-threads N] [--links-per-thread N] [--repeat R] [--instances K]
-//! [--steady] [--rtt MS] [--broker-inflight N] [--mosquitto PATH] [--burst N [--burst-origins K]]`
+//! [--steady] [--rtt MS] [--broker-inflight N] [--mosquitto PATH] [--burst N [--burst-origins K]] [--outage N]`
 //!
 //! Starts N mosquitto brokers on free loopback ports, then, in turn, (a) a mosquitto "bridge
 //! master" (one `connection` per broker, `topic # both 2`, MQTT 3.1.1, bridge flag on) and
@@ -33,6 +33,10 @@
 //! is 20, 0 is no limit): what mosquitto announces to MQTT 5 clients as its Receive Maximum, and
 //! its window towards MQTT 3.1.1 clients. `--mosquitto PATH` runs another mosquitto build
 //! (2.0.13 and later enforce these windows; Debian 12's 2.0.11 does not).
+//! With `--outage N` the contenders reach the last broker through a gate that shuts while N
+//! messages are published on the first, and opens during a stream at `--rate` for `--seconds`:
+//! how fast the backlog reaches it, and the stream's latency meanwhile (see `outage.rs`).
+//! `MESHBENCH_BRIDGE_EXTRA` adds lines to the bridge's `[bridge]` section.
 //! Linux only (reads /proc). Requires mosquitto on PATH (or in /usr/sbin).
 
 use std::collections::HashSet;
