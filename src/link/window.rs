@@ -48,10 +48,8 @@ pub(crate) struct Window {
     floor: usize,
     cap: usize,
     size: usize,
-    /// The message being timed: its packet id, when it was written, the acknowledgements
-    /// counted when it was, and whether it filled the window (a sample of a window that was
-    /// not full measured what the link had to send, not what the path takes).
-    timing: Option<(u16, Instant, u64, bool)>,
+    /// The message being timed.
+    timing: Option<Timed>,
     /// Acknowledgements so far.
     acked: u64,
     /// The smallest round trip seen on this connection.
@@ -67,6 +65,25 @@ pub(crate) struct Window {
     wanted: usize,
     /// The cap is the broker's Receive Maximum (below `inflight_max`).
     broker_capped: bool,
+    /// The round trip was measured with a message written alone (see [`Window::starved`]).
+    path_checked: bool,
+    /// Measuring it: the window is 1 until a message written alone comes back.
+    probing: bool,
+}
+
+/// A message being timed.
+#[derive(Debug, Clone, Copy)]
+struct Timed {
+    pkid: u16,
+    /// When it was written.
+    at: Instant,
+    /// The acknowledgements counted then.
+    acked_then: u64,
+    /// It filled the window (a sample of a window that was not full measured what the link
+    /// had to send, not what the path takes).
+    full: bool,
+    /// Nothing else was in flight: its round trip is the path's, with nothing queued ahead.
+    alone: bool,
 }
 
 impl Window {
@@ -86,6 +103,8 @@ impl Window {
             flat: 0,
             wanted: 0,
             broker_capped: false,
+            path_checked: false,
+            probing: false,
         }
     }
 
@@ -107,10 +126,20 @@ impl Window {
 
     /// When the broker's Receive Maximum holds the window below what a long path wants: that
     /// maximum and the path's round trip. (Then the link carries at most `max / round trip`.)
+    /// Only once a message written alone confirmed the round trip: a full window's samples
+    /// cannot tell a long path from a short one with messages queued ahead (a busy broker, a
+    /// busy machine: on loopback during a drain of 50 000 messages every acknowledgement took
+    /// 6 ms, and the link opened extra connections it had no use for).
     pub(crate) fn starved(&self) -> Option<(usize, Duration)> {
-        let rtt = self.min_rtt?;
-        (self.broker_capped && self.wanted > self.cap && rtt >= LONG_PATH)
-            .then_some((self.cap, rtt))
+        (self.path_checked && self.held_by_broker()).then_some((self.cap, self.min_rtt?))
+    }
+
+    /// The broker's Receive Maximum holds the window below the product on what the samples
+    /// show as a long path.
+    fn held_by_broker(&self) -> bool {
+        self.broker_capped
+            && self.wanted > self.cap
+            && self.min_rtt.is_some_and(|rtt| rtt >= LONG_PATH)
     }
 
     /// A QoS 1 or 2 publish with packet id `pkid` was handed to the client at `now` (it
@@ -124,16 +153,30 @@ impl Window {
         }
         let timing = self
             .timing
-            .is_some_and(|(_, at, ..)| now.saturating_duration_since(at) < GIVE_UP);
-        if !timing {
-            self.timing = Some((pkid, now, self.acked, in_flight >= self.size));
+            .is_some_and(|t| now.saturating_duration_since(t.at) < GIVE_UP);
+        // Checking the path: the message written alone is the one timed.
+        if !timing || (self.probing && in_flight <= 1) {
+            self.timing = Some(Timed {
+                pkid,
+                at: now,
+                acked_then: self.acked,
+                full: in_flight >= self.size,
+                alone: in_flight <= 1,
+            });
         }
     }
 
     /// The broker acknowledged `pkid` at `now`.
     pub(crate) fn acknowledged(&mut self, pkid: u16, now: Instant) {
         self.acked += 1;
-        let Some((timed, at, acked_then, full)) = self.timing else {
+        let Some(Timed {
+            pkid: timed,
+            at,
+            acked_then,
+            full,
+            alone,
+        }) = self.timing
+        else {
             return;
         };
         if timed != pkid {
@@ -145,23 +188,37 @@ impl Window {
             .max(Duration::from_micros(10));
         let min_rtt = self.min_rtt.map_or(rtt, |m| m.min(rtt));
         self.min_rtt = Some(min_rtt);
-        let rate = (self.acked - acked_then) as f64 / rtt.as_secs_f64();
         let before = self.rates.iter().copied().fold(0.0, f64::max);
-        if self.rates.len() == RATE_SAMPLES {
-            self.rates.pop_front();
-        }
-        self.rates.push_back(rate);
-        if rate > 1.25 * before {
-            self.flat = 0;
-        } else if full {
-            self.flat += 1;
-            self.startup &= self.flat < FULL_AFTER;
-        }
-        let max_rate = before.max(rate);
+        let max_rate = if self.probing && alone {
+            // The path's round trip with nothing queued ahead (a lone message's rate measures
+            // nothing).
+            self.probing = false;
+            self.path_checked = true;
+            before
+        } else {
+            let rate = (self.acked - acked_then) as f64 / rtt.as_secs_f64();
+            if self.rates.len() == RATE_SAMPLES {
+                self.rates.pop_front();
+            }
+            self.rates.push_back(rate);
+            if rate > 1.25 * before {
+                self.flat = 0;
+            } else if full {
+                self.flat += 1;
+                self.startup &= self.flat < FULL_AFTER;
+            }
+            before.max(rate)
+        };
         let gain = if self.startup { 4.0 } else { 2.0 };
         let product = gain * max_rate * min_rtt.as_secs_f64();
         self.wanted = product.ceil() as usize;
-        self.size = if self.startup && min_rtt >= LONG_PATH {
+        // Held by the broker on what looks like a long path: first a message alone, to check
+        // that the path is long (the window empties, then carries one message for a round
+        // trip: two round trips once per connection).
+        self.probing |= !self.path_checked && self.held_by_broker();
+        self.size = if self.probing {
+            1
+        } else if self.startup && min_rtt >= LONG_PATH {
             self.cap
         } else {
             self.wanted.clamp(self.floor, self.cap)
@@ -248,10 +305,33 @@ mod tests {
         assert_eq!(w.starved(), None, "inflight_max is the operator's own cap");
         w.cap_at(20);
         assert_eq!(w.size(), 20);
+        // (A new connection: `run` starts with nothing in flight.)
+        let mut w = Window::new(100, 1000);
+        w.cap_at(20);
         assert_eq!(run(&mut w, Duration::from_millis(100), 1e6, 1.0).0, 20);
         let (max, rtt) = w.starved().expect("the broker's 20 hold a 100 ms path");
         assert_eq!(max, 20);
         assert!(rtt >= Duration::from_millis(100), "{rtt:?}");
+    }
+
+    #[test]
+    fn a_round_trip_inflated_by_queueing_is_checked_with_a_message_alone() {
+        // Loopback, a broker with a Receive Maximum of 100 that takes 16 000 msg/s, and a busy
+        // machine: a full window's sample came back after 6 ms, as on a long path.
+        let mut w = Window::new(100, 8192);
+        w.cap_at(100);
+        let now = Instant::now();
+        w.written(1, now, 100);
+        for _ in 0..99 {
+            w.acknowledged(0, now + Duration::from_millis(3));
+        }
+        w.acknowledged(1, now + Duration::from_millis(6));
+        assert_eq!(w.starved(), None, "not before a message alone confirmed it");
+        assert_eq!(w.size(), 1, "the window empties to send one alone");
+        // The path is 0.3 ms: the message alone comes back at once.
+        let (size, _) = run(&mut w, Duration::from_micros(300), 16_000.0, 1.0);
+        assert_eq!(w.starved(), None, "a short path with messages queued ahead");
+        assert_eq!(size, 100);
     }
 
     #[test]
