@@ -132,6 +132,18 @@ fn wait_metric(admin: &str, name: &str, broker: &str, want: f64, within: Duratio
     }
 }
 
+/// Waits until b2 got `n` messages and b3's spool holds `n` (b3 down meanwhile).
+async fn spooled_for_b3(s2: &mqtt::Sub, admin: &str, n: usize) {
+    s2.wait_count(n, Duration::from_secs(30)).await;
+    wait_metric(
+        admin,
+        "meshbridge_spool_messages",
+        "b3",
+        n as f64,
+        Duration::from_secs(20),
+    );
+}
+
 async fn target_stopped_mid_stream(sigkill: bool) {
     const N: usize = 3000;
     const RATE: u32 = 500;
@@ -243,14 +255,7 @@ async fn spool_survives_a_bridge_crash_while_a_target_is_down() {
         Arc::new(AtomicUsize::new(0)),
     )
     .await;
-    s2.wait_count(N, Duration::from_secs(30)).await;
-    wait_metric(
-        &admin,
-        "meshbridge_spool_messages",
-        "b3",
-        N as f64,
-        Duration::from_secs(20),
-    );
+    spooled_for_b3(&s2, &admin, N).await;
     assert_eq!(
         metric(&metrics(&admin), "meshbridge_spooled_total", "b3"),
         Some(N as f64),
@@ -327,14 +332,7 @@ async fn a_backlog_drains_at_the_brokers_drain_rate() {
     let s3 = mqtt::subscribe_persistent(b3.plain_port, "s3", "seq/#").await;
     b3.terminate();
     mqtt::publish(b1.plain_port, "p1", &stream(N)).await;
-    s2.wait_count(N, Duration::from_secs(30)).await;
-    wait_metric(
-        &admin,
-        "meshbridge_spool_messages",
-        "b3",
-        N as f64,
-        Duration::from_secs(20),
-    );
+    spooled_for_b3(&s2, &admin, N).await;
 
     b3.restart();
     let deadline = Instant::now() + Duration::from_secs(60);

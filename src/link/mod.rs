@@ -540,8 +540,16 @@ impl Link {
             debug!(count = n, "unacknowledged messages requeued");
         }
         match outcome {
-            // Back in a moment in the other role: the queue stays in memory.
-            Outcome::Switch => self.ctx.queue.requeue_front(unconfirmed),
+            // Back in a moment in the other role: the queue stays in memory. The next
+            // connection reads the spool from its first row again, so the deletions of what
+            // this one delivered from it must be on disk first, as after a lost connection: a
+            // row read back before its deletion is committed goes out twice. (A link back from
+            // an outage drains on its publisher connection until it takes the owner's role
+            // back; one `meshbench --outage` run counted 99 duplicates, about a window.)
+            Outcome::Switch => {
+                self.ctx.queue.requeue_front(unconfirmed);
+                self.ctx.queue.sync().await;
+            }
             Outcome::Shutdown | Outcome::Lost { .. } => {
                 let restarting = self
                     .ctx

@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Opts, Result_, Seen, cpu_split, peak_rss_mib, percentile, publish, subscriber};
+use super::{Opts, Result_, Seen, cpu_of, peak_rss_mib, percentile, publish, subscriber};
 
 /// How long a burst may take to be delivered before what is still missing counts as lost.
 const BURST_DEADLINE: Duration = Duration::from_secs(300);
@@ -19,7 +19,7 @@ pub(super) async fn measure(
     pids: &[u32],
     label: &str,
 ) -> Result_ {
-    let cpu = || -> f64 { pids.iter().map(|p| cpu_split(*p)).map(|(u, s)| u + s).sum() };
+    let cpu = || cpu_of(pids);
     let mut seen = Vec::new();
     let mut subs = Vec::new();
     for (i, port) in ports.iter().enumerate() {

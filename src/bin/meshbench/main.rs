@@ -304,6 +304,11 @@ fn cpu_split(pid: u32) -> (f64, f64) {
     (ticks(11) / 100.0, ticks(12) / 100.0)
 }
 
+/// utime + stime of the processes `pids` together, in seconds.
+fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter().map(|p| cpu_split(*p)).map(|(u, s)| u + s).sum()
+}
+
 /// The whole machine's (busy, all) CPU time from /proc/stat, in seconds: busy is user, nice,
 /// system, irq, softirq and steal; all adds idle and iowait.
 fn machine_cpu() -> (f64, f64) {

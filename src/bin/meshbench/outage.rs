@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::proxy::Gate;
-use super::{Opts, Result_, Seen, cpu_split, peak_rss_mib, percentile, publish, subscriber};
+use super::{Opts, Result_, Seen, cpu_of, peak_rss_mib, percentile, publish, subscriber};
 
 /// How long the backlog may take to reach the broker that came back.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(300);
@@ -28,7 +28,7 @@ pub(super) async fn measure(
     label: &str,
     gate: &Gate,
 ) -> Result_ {
-    let cpu = || -> f64 { pids.iter().map(|p| cpu_split(*p)).map(|(u, s)| u + s).sum() };
+    let cpu = || cpu_of(pids);
     let lock = |s: &Arc<Mutex<Seen>>| s.lock().unwrap_or_else(|e| e.into_inner()).seqs.len();
     // seen[0..cut] stay reachable; seen[cut] is behind the gate.
     let mut seen = Vec::new();

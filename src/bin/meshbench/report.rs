@@ -131,15 +131,19 @@ pub(super) fn summary(o: &Opts, runs: &[(Result_, Result_, Option<u64>)], direct
             ratio(f)
         )
     };
+    // The rows the burst and the outage end with (`latency`: what their latency is of).
+    let ending = |latency: &str| {
+        row("CPU µs per forwarded msg", |r| r.cpu_per_msg_us);
+        row("peak RSS MiB", |r| r.peak_rss_mib);
+        row(&format!("{latency} p50 ms"), |r| r.p50_ms);
+        row(&format!("{latency} p99 ms"), |r| r.p99_ms);
+        missing_row(runs);
+        spooled_row(runs);
+    };
     if o.burst.is_some() {
         row("burst msgs everywhere/s", |r| r.throughput);
         row("seconds to deliver it", |r| r.burst_secs);
-        row("CPU µs per forwarded msg", |r| r.cpu_per_msg_us);
-        row("peak RSS MiB", |r| r.peak_rss_mib);
-        row("latency p50 ms", |r| r.p50_ms);
-        row("latency p99 ms", |r| r.p99_ms);
-        missing_row(runs);
-        spooled_row(runs);
+        ending("latency");
         return;
     }
     if o.outage.is_some() {
@@ -147,12 +151,7 @@ pub(super) fn summary(o: &Opts, runs: &[(Result_, Result_, Option<u64>)], direct
         row("backlog drain msgs/s", |r| r.drain_rate);
         row("drain / live", |r| r.drain_rate / r.throughput);
         row("s to the first of it", |r| r.reconnect_secs);
-        row("stream p50 ms meanwhile", |r| r.p50_ms);
-        row("stream p99 ms meanwhile", |r| r.p99_ms);
-        row("CPU µs per forwarded msg", |r| r.cpu_per_msg_us);
-        row("peak RSS MiB", |r| r.peak_rss_mib);
-        missing_row(runs);
-        spooled_row(runs);
+        ending("stream meanwhile");
         return;
     }
     if !o.steady {
