@@ -23,6 +23,12 @@
 //! had opened. A sample taken while the window was not full measured what the link had to send,
 //! not what the path takes: it never ends the start. A connection that went idle starts again
 //! at its next burst.
+//!
+//! A window held below the product by the broker's Receive Maximum on what looks like a long
+//! path is checked once per connection before the link acts on it ([`Window::starved`]): the
+//! window empties and carries one message alone, whose round trip has nothing queued ahead of
+//! it (BBR's round-trip probe). A full window's round trip on a busy broker or machine looks
+//! as long as a long path's.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
