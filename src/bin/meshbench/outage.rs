@@ -48,27 +48,10 @@ pub(super) async fn measure(
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let cpu0 = cpu();
-    let started = Instant::now();
-    publish(ports[0], o, 0, n, 0).await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !seen[..cut].iter().all(|s| lock(s) >= n) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let mut r = Result_::default();
-    let live_end = seen[..cut]
-        .iter()
-        .filter_map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).last)
-        .max()
-        .unwrap_or(started);
-    r.throughput = n as f64 / live_end.duration_since(started).as_secs_f64().max(1e-6);
-    // From here on the reachable brokers' latencies are the live stream's.
-    for s in &seen[..cut] {
-        s.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .latencies_us
-            .clear();
-    }
-
+    let mut r = Result_ {
+        throughput: during_outage(o, n, ports[0], &seen[..cut]).await,
+        ..Result_::default()
+    };
     gate.set_open(true);
     let opened = Instant::now();
     let live = (o.rate * o.seconds) as usize;
@@ -84,6 +67,44 @@ pub(super) async fn measure(
     let _ = stream.await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
+    tally(&mut r, &seen, n, total, opened);
+    let forwards = (total * seen.len()) as f64;
+    r.cpu_per_msg_us = (cpu() - cpu0) / forwards * 1e6;
+    r.peak_rss_mib = pids.iter().map(|p| peak_rss_mib(*p)).sum();
+    for c in subs {
+        let _ = c.disconnect().await;
+    }
+    r
+}
+
+/// The outage: `n` messages published on the first broker (at `port`) as fast as it goes; the
+/// rate at which the brokers still reached (`kept`) got them all.
+async fn during_outage(o: &Opts, n: usize, port: u16, kept: &[Arc<Mutex<Seen>>]) -> f64 {
+    fn lock(s: &Arc<Mutex<Seen>>) -> std::sync::MutexGuard<'_, Seen> {
+        s.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    let started = Instant::now();
+    publish(port, o, 0, n, 0).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !kept.iter().all(|s| lock(s).seqs.len() >= n) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let end = kept
+        .iter()
+        .filter_map(|s| lock(s).last)
+        .max()
+        .unwrap_or(started);
+    // From here on the reachable brokers' latencies are the live stream's.
+    for s in kept {
+        lock(s).latencies_us.clear();
+    }
+    n as f64 / end.duration_since(started).as_secs_f64().max(1e-6)
+}
+
+/// What is missing or twice of `total` at every broker; the stream's latency at those never
+/// cut off (all but the last); the backlog's `n` messages at the last, opened at `opened`.
+fn tally(r: &mut Result_, seen: &[Arc<Mutex<Seen>>], n: usize, total: usize, opened: Instant) {
+    let cut = seen.len() - 1;
     let mut lat = Vec::new();
     for (i, s) in seen.iter().enumerate() {
         let s = s.lock().unwrap_or_else(|e| e.into_inner());
@@ -99,11 +120,4 @@ pub(super) async fn measure(
     lat.sort_unstable();
     r.p50_ms = percentile(&lat, 0.50);
     r.p99_ms = percentile(&lat, 0.99);
-    let forwards = (total * seen.len()) as f64;
-    r.cpu_per_msg_us = (cpu() - cpu0) / forwards * 1e6;
-    r.peak_rss_mib = pids.iter().map(|p| peak_rss_mib(*p)).sum();
-    for c in subs {
-        let _ = c.disconnect().await;
-    }
-    r
 }
