@@ -541,13 +541,14 @@ impl Link {
         }
         match outcome {
             // Back in a moment in the other role: the queue stays in memory. The next
-            // connection reads the spool from its first row again, so the deletions of what
+            // connection reads the spool from its first row again, so what was read from it
+            // is left to that read (see `TargetQueue::switched`), and the deletions of what
             // this one delivered from it must be on disk first, as after a lost connection: a
             // row read back before its deletion is committed goes out twice. (A link back from
             // an outage drains on its publisher connection until it takes the owner's role
             // back; one `meshbench --outage` run counted 99 duplicates, about a window.)
             Outcome::Switch => {
-                self.ctx.queue.requeue_front(unconfirmed);
+                self.ctx.queue.switched(unconfirmed);
                 self.ctx.queue.sync().await;
             }
             Outcome::Shutdown | Outcome::Lost { .. } => {

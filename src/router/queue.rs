@@ -435,6 +435,21 @@ impl TargetQueue {
         }
     }
 
+    /// The connection ended to come back in the other role (see [`crate::ha`]): `unconfirmed`
+    /// (oldest first) goes back in front of the memory queue, but for what was read from the
+    /// spool, there or in memory: the next connection reads the spool from its first row
+    /// again, and those rows are still there (kept in memory too, they would go out twice).
+    pub(crate) fn switched(&self, unconfirmed: Vec<Outbound>) {
+        let spooled = self.spooled.is_some();
+        let mut inner = self.lock();
+        inner.items.retain(|o| !(spooled && o.key.is_some()));
+        for item in unconfirmed.into_iter().rev() {
+            if !(spooled && item.key.is_some()) {
+                inner.items.push_front(item);
+            }
+        }
+    }
+
     /// Takes up to `max` messages: from memory first, then from the spool.
     pub(crate) fn take(&self, max: usize, out: &mut Vec<Outbound>) {
         let before = out.len();

@@ -166,3 +166,33 @@ async fn only_rows_nobody_holds_or_deletes_count_as_orphaned() {
     assert_eq!(payloads(&read), [3, 4], "read again from the first row");
     sp.close();
 }
+
+/// A connection that changes role (see `link::end_of_connection`): the next one reads the
+/// spool from its first row, so nothing read from it is kept in memory as well, and what was
+/// delivered is gone once the deletions are on disk. Each row goes out once more at most.
+#[tokio::test]
+async fn a_role_switch_leaves_what_was_read_from_the_spool_to_the_next_read() {
+    let (_dir, sp, q) = spooled_queue(10);
+    // Down: 1..=4 go to the spool.
+    for n in 1..=4 {
+        q.push(Outbound::new(numbered(n), None, "o".into()));
+    }
+    q.sync().await;
+    q.set_connected(true);
+    let mut read = Vec::new();
+    q.take(4, &mut read);
+    assert_eq!(payloads(&read), [1, 2, 3, 4]);
+    // 1 is delivered; 2 was in flight; 3 and 4 were held back and went back to the queue.
+    let mut read = read.into_iter();
+    q.finish(read.next().unwrap());
+    let in_flight = vec![read.next().unwrap()];
+    q.requeue_front(read.collect());
+    q.push(Outbound::new(numbered(5), None, "o".into()));
+    q.switched(in_flight);
+    q.sync().await;
+    q.set_connected(true);
+    let mut again = Vec::new();
+    q.take(10, &mut again);
+    assert_eq!(payloads(&again), [2, 3, 4, 5], "once each, in order");
+    sp.close();
+}
