@@ -305,6 +305,7 @@ impl Link {
                 stats: self.ctx.stats.clone(),
                 consumption: self.ctx.consumption.subscribe(),
                 stop: self.ctx.disconnect.clone(),
+                trims: Default::default(),
             }));
         }
         let mut backoff = Backoff::default();

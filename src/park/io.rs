@@ -15,6 +15,7 @@
 //! The copies themselves are published by [`publish_copies`], one task per origin link with a
 //! connection of its own.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -141,6 +142,56 @@ async fn recover_inner(ctx: ParkContext, read_all: oneshot::Sender<()>) {
         }
         Err(_) => {
             warn!("park session: not drained within 60 s; its copies stay for the next owner")
+        }
+    }
+}
+
+/// The trims of one origin's park sessions: one at a time per target, and the latest marker
+/// that came back meanwhile kept for when it ends. Two at once would take over each other's
+/// session (they connect with the same client id): a trim slower than the markers' 2 s (a
+/// large park session, a long path) would be cut off by the next one, again and again.
+#[derive(Debug, Default)]
+pub(crate) struct Trims(std::sync::Mutex<HashMap<Arc<str>, Option<u64>>>);
+
+impl Trims {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Option<u64>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marker `nonce` for `target` came back: true when its trim starts now; otherwise it is
+    /// kept (the latest only) for when the running one ends.
+    fn start(&self, target: &Arc<str>, nonce: u64) -> bool {
+        let mut trims = self.lock();
+        match trims.get_mut(target) {
+            Some(next) => {
+                *next = Some(nonce);
+                false
+            }
+            None => {
+                trims.insert(target.clone(), None);
+                true
+            }
+        }
+    }
+
+    /// The trim for `target` ended: the marker to trim up to next, if one came back meanwhile.
+    fn ended(&self, target: &Arc<str>) -> Option<u64> {
+        let mut trims = self.lock();
+        let next = trims.get_mut(target).and_then(Option::take);
+        if next.is_none() {
+            trims.remove(target);
+        }
+        next
+    }
+}
+
+/// Trims up to marker `nonce`, then up to each marker that came back meanwhile, in turn.
+async fn trim_in_turn(ctx: ParkContext, mut nonce: u64, trims: Arc<Trims>) {
+    loop {
+        trim(ctx.clone(), nonce).await;
+        match trims.ended(&ctx.target) {
+            Some(next) => nonce = next,
+            None => return,
         }
     }
 }
@@ -447,6 +498,8 @@ pub(crate) struct CopyPublisher {
     pub(crate) consumption: tokio::sync::watch::Receiver<crate::ha::Consumption>,
     /// Ends the publisher (the link's last shutdown step).
     pub(crate) stop: tokio_util::sync::CancellationToken,
+    /// The trims its markers start (see [`Trims`]).
+    pub(crate) trims: Arc<Trims>,
 }
 
 /// Publishes the copies and markers of one origin broker (see [`crate::park`]) on a
@@ -553,10 +606,10 @@ async fn copies_connection(p: &CopyPublisher) -> Result<(), ParkError> {
 fn copy_acknowledged(p: &CopyPublisher, item: ParkItem, result: Result<(), session::Refused>) {
     match (&item.park, result) {
         (Park::Marker { target, nonce }, Ok(())) => {
-            if p.consumption.borrow().by_this() {
+            if p.consumption.borrow().by_this() && p.trims.start(target, *nonce) {
                 let mut ctx = p.park.clone();
                 ctx.target = target.clone();
-                tokio::spawn(trim(ctx, *nonce));
+                tokio::spawn(trim_in_turn(ctx, *nonce, p.trims.clone()));
             }
         }
         (_, Ok(())) => crate::metrics::inc(&p.stats.parked),
@@ -567,4 +620,23 @@ fn copy_acknowledged(p: &CopyPublisher, item: ParkItem, result: Result<(), sessi
         ),
     }
     p.lane.finish(item);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_trim_per_session_at_a_time_then_the_latest_marker() {
+        let trims = Trims::default();
+        let (t, u): (Arc<str>, Arc<str>) = ("t".into(), "u".into());
+        assert!(trims.start(&t, 1), "none running: starts");
+        assert!(trims.start(&u, 7), "another session: starts too");
+        assert!(!trims.start(&t, 2), "one running: kept");
+        assert!(!trims.start(&t, 3), "the latest kept");
+        assert_eq!(trims.ended(&t), Some(3), "then trimmed up to the latest");
+        assert_eq!(trims.ended(&t), None, "nothing came back meanwhile: done");
+        assert!(trims.start(&t, 4), "and the next one starts at once");
+        assert_eq!(trims.ended(&u), None);
+    }
 }
