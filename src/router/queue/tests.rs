@@ -37,6 +37,15 @@ fn spooled_queue(capacity: usize) -> (tempfile::TempDir, Arc<Spool>, TargetQueue
     (dir, sp, q)
 }
 
+/// The target was down while `1..=n` were pushed (all on disk now), and is connected again.
+async fn spooled_while_down(q: &TargetQueue, n: u8) {
+    for i in 1..=n {
+        q.push(Outbound::new(numbered(i), None, "o".into()));
+    }
+    q.sync().await;
+    q.set_connected(true);
+}
+
 /// A probe measures the live path: it never goes to the spool (a down or lagging target,
 /// a dropped connection) and never holds its origin's acknowledgement there.
 #[tokio::test]
@@ -138,12 +147,7 @@ async fn evacuated_messages_stay_held_and_are_read_once_in_order() {
 #[tokio::test]
 async fn only_rows_nobody_holds_or_deletes_count_as_orphaned() {
     let (_dir, sp, q) = spooled_queue(1);
-    // Down: everything goes to the spool.
-    for n in 1..=4 {
-        q.push(Outbound::new(numbered(n), None, "o".into()));
-    }
-    q.sync().await;
-    q.set_connected(true);
+    spooled_while_down(&q, 4).await;
     assert_eq!(q.orphaned_row(), None, "nothing read yet");
     let mut read = Vec::new();
     q.take(2, &mut read);
@@ -173,12 +177,7 @@ async fn only_rows_nobody_holds_or_deletes_count_as_orphaned() {
 #[tokio::test]
 async fn a_role_switch_leaves_what_was_read_from_the_spool_to_the_next_read() {
     let (_dir, sp, q) = spooled_queue(10);
-    // Down: 1..=4 go to the spool.
-    for n in 1..=4 {
-        q.push(Outbound::new(numbered(n), None, "o".into()));
-    }
-    q.sync().await;
-    q.set_connected(true);
+    spooled_while_down(&q, 4).await;
     let mut read = Vec::new();
     q.take(4, &mut read);
     assert_eq!(payloads(&read), [1, 2, 3, 4]);
