@@ -369,7 +369,7 @@ impl Config {
             spool => "bridge.spool_*",
             tls_defaults => "tls",
         }
-        // A broker's own connection settings (address, protocol, TLS, credentials, max_qos)
+        // A broker's own settings (address, protocol, TLS, credentials, max_qos, drain_rate)
         // restart that broker's link (see `Supervisor::reload`).
         keys
     }
