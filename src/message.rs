@@ -97,6 +97,19 @@ impl Message {
             .is_some_and(|p| p.user_properties.iter().any(|(k, _)| k == ORIGIN_TAG))
     }
 
+    /// Whether MQTT 3.1.1 carries this message whole: it has no MQTT 5 property that would be
+    /// forwarded (a topic alias and subscription identifiers belong to the origin's connection).
+    pub(crate) fn plain(&self) -> bool {
+        self.properties.as_ref().is_none_or(|p| {
+            p.payload_format_indicator.is_none()
+                && p.message_expiry_interval.is_none()
+                && p.response_topic.is_none()
+                && p.correlation_data.is_none()
+                && p.user_properties.is_empty()
+                && p.content_type.is_none()
+        })
+    }
+
     /// Properties to publish with on an MQTT 5 target: everything the origin gave, minus what is
     /// only meaningful on the origin connection (topic alias, subscription identifiers), plus the
     /// origin tag.
@@ -276,6 +289,41 @@ mod tests {
     }
 
     /// A message is moved at every hand-over and held once per queued or in-flight copy: its
+    #[test]
+    fn only_what_the_origin_connection_alone_uses_leaves_a_message_plain() {
+        let mut m = Message {
+            topic: Bytes::from_static(b"t"),
+            payload: Bytes::from_static(b"p"),
+            qos: 1,
+            retain: false,
+            properties: None,
+        };
+        assert!(m.plain(), "no properties");
+        m.properties = Some(Box::new(PublishProperties {
+            topic_alias: Some(3),
+            subscription_identifiers: vec![9],
+            ..Default::default()
+        }));
+        assert!(
+            m.plain(),
+            "a topic alias and a subscription id are not forwarded"
+        );
+        let kept: [fn(&mut PublishProperties); 6] = [
+            |p| p.payload_format_indicator = Some(1),
+            |p| p.message_expiry_interval = Some(60),
+            |p| p.response_topic = Some("r".into()),
+            |p| p.correlation_data = Some(Bytes::from_static(b"c")),
+            |p| p.user_properties.push(("k".into(), "v".into())),
+            |p| p.content_type = Some("text/plain".into()),
+        ];
+        for (i, set) in kept.iter().enumerate() {
+            let mut props = PublishProperties::default();
+            set(&mut props);
+            m.properties = Some(Box::new(props));
+            assert!(!m.plain(), "property {i} needs MQTT 5");
+        }
+    }
+
     /// MQTT 5 properties (144 bytes inline) stay boxed.
     #[test]
     fn a_message_stays_small() {

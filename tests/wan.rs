@@ -3,8 +3,9 @@
 //! test's clients connect directly). Numbered QoS 1 streams, counted per target: nothing lost,
 //! no duplicate without a crash. The in-flight window of a 3.1.1 link (no Receive Maximum)
 //! opens beyond `inflight` to fill the path; an MQTT 5 link's stays within the broker's
-//! Receive Maximum (mosquitto `max_inflight_messages 100` here). Throughput is measured by
-//! meshbench (`--rtt`), not asserted here.
+//! Receive Maximum (mosquitto `max_inflight_messages 100` here), and publishes on more
+//! connections, one of them MQTT 3.1.1 for the messages without properties. Throughput is
+//! measured by meshbench (`--rtt`), not asserted here.
 
 mod common;
 
@@ -187,7 +188,8 @@ const PER_TOPIC: usize = 500;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mqtt5_link_held_back_by_the_receive_maximum_publishes_on_more_connections() {
-    let (_tmp, brokers, _proxies, bridge) = wan_mesh("");
+    // MQTT 5 connections only: with the 3.1.1 lane, every topic goes where there is most room.
+    let (_tmp, brokers, _proxies, bridge) = wan_mesh_as("v311_lane = false", "");
     let subs = [
         mqtt::subscribe(brokers[1].plain_port, "spread-b2", "wan/#").await,
         mqtt::subscribe(brokers[2].plain_port, "spread-b3", "wan/#").await,
@@ -230,6 +232,82 @@ async fn an_mqtt5_link_held_back_by_the_receive_maximum_publishes_on_more_connec
     }
 }
 
+/// One topic, as [`a_link_held_back_by_the_receive_maximum_publishes_plain_messages_on_a_311_lane`]
+/// sends it: every `PROPS_EVERY`th message carries a user property.
+const LANE_N: usize = 4000;
+const PROPS_EVERY: usize = 400;
+
+/// The stream of [`LANE_N`] numbered messages on `topic`, every [`PROPS_EVERY`]th with the
+/// user property `n` = its number.
+fn with_some_properties(topic: &str) -> Vec<Pub> {
+    (0..LANE_N)
+        .map(|i| {
+            let mut p = Pub::new(topic, i.to_string(), 1);
+            if i.is_multiple_of(PROPS_EVERY) {
+                p.props = Some(rumqttc::v5::mqttbytes::v5::PublishProperties {
+                    user_properties: vec![("n".into(), i.to_string())],
+                    ..Default::default()
+                });
+            }
+            p
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_held_back_by_the_receive_maximum_publishes_plain_messages_on_a_311_lane() {
+    let (_tmp, brokers, _proxies, bridge) = wan_mesh("");
+    let topic = "wan/plain";
+    // b1's own subscriber: an echo of the 3.1.1 lane forwarded back would arrive twice.
+    let subs = [
+        mqtt::subscribe(brokers[0].plain_port, "plain-b1", "wan/#").await,
+        mqtt::subscribe(brokers[1].plain_port, "plain-b2", "wan/#").await,
+        mqtt::subscribe(brokers[2].plain_port, "plain-b3", "wan/#").await,
+    ];
+    mqtt::publish(
+        brokers[0].plain_port,
+        "plain-pub",
+        &with_some_properties(topic),
+    )
+    .await;
+    for (sub, b) in subs.iter().zip(["b1", "b2", "b3"]) {
+        sub.wait_count(LANE_N, Duration::from_secs(120)).await;
+        sub.settle(Duration::from_millis(1000)).await;
+        let (lost, dups, disorder) = sub.sequence(topic, LANE_N);
+        println!("{b}: lost {lost} of {LANE_N}, duplicates {dups}, out of order {disorder}");
+        assert_eq!((lost, dups, disorder), (0, 0, 0), "{b}: {topic}");
+        // The messages with properties went out on MQTT 5 connections, with them.
+        for got in sub.messages() {
+            let n: usize = std::str::from_utf8(&got.payload).unwrap().parse().unwrap();
+            let props = got.props.map(|p| p.user_properties).unwrap_or_default();
+            let has = props.contains(&("n".to_string(), n.to_string()));
+            assert_eq!(
+                has,
+                n.is_multiple_of(PROPS_EVERY),
+                "{b}: message {n}: {props:?}"
+            );
+        }
+    }
+    assert!(
+        bridge.wait_log("one of them MQTT 3.1.1", 2, Duration::from_secs(5)),
+        "b2 and b3 should each say they publish on a 3.1.1 connection:\n{}",
+        bridge.log()
+    );
+    let metrics = metrics(&bridge);
+    for b in ["b2", "b3"] {
+        // What the 3.1.1 lane published came back on the link's subscription without an
+        // origin tag, and was known by its fingerprint.
+        let echoes = common::metric(&metrics, "meshbridge_dropped_echo_total", b).unwrap_or(0.0);
+        let connections = common::metric(&metrics, "meshbridge_publish_connections", b);
+        println!("{b}: publish connections {connections:?}, 3.1.1 echoes dropped {echoes}");
+        assert_eq!(connections, Some(4.0), "{b}: its own connection and 3 more");
+        assert!(
+            echoes >= (LANE_N / 2) as f64,
+            "{b}: the 3.1.1 lane should carry most of the stream: {echoes}"
+        );
+    }
+}
+
 /// The bridge's /metrics.
 fn metrics(bridge: &Bridge) -> String {
     let cfg = std::fs::read_to_string(bridge.dir.join("bridge.toml")).unwrap();
@@ -246,18 +324,32 @@ async fn wait_connections(bridge: &Bridge, n: f64) {
 }
 
 /// Waits until b2's extra publishing connections carry messages: what they publish comes
-/// back on the link's subscription and is dropped.
+/// back on the link's subscription and is dropped (by its origin tag, or from the 3.1.1 lane
+/// by its fingerprint).
 async fn lanes_carry(bridge: &Bridge) {
-    wait_metric(bridge, "meshbridge_dropped_tagged_total", |n| n >= 200.0).await
+    let tagged = "meshbridge_dropped_tagged_total";
+    let echo = "meshbridge_dropped_echo_total";
+    wait_metrics(bridge, &[tagged, echo], |n| n >= 200.0).await
 }
 
 /// Waits until `metric` of b2's link satisfies `ok`.
 async fn wait_metric(bridge: &Bridge, metric: &str, ok: impl Fn(f64) -> bool) {
+    wait_metrics(bridge, &[metric], ok).await
+}
+
+/// Waits until the sum of `metrics` of b2's link satisfies `ok`.
+async fn wait_metrics(bridge: &Bridge, names: &[&str], ok: impl Fn(f64) -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !common::metric(&metrics(bridge), metric, "b2").is_some_and(&ok) {
+    let sum = |m: &str| {
+        names
+            .iter()
+            .filter_map(|name| common::metric(m, name, "b2"))
+            .reduce(|a, b| a + b)
+    };
+    while !sum(&metrics(bridge)).is_some_and(&ok) {
         assert!(
             std::time::Instant::now() < deadline,
-            "b2: {metric} never as expected"
+            "b2: {names:?} never as expected"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -65,6 +65,8 @@ pub(crate) struct BridgeSection {
     /// Connections a link publishes on while an MQTT 5 broker's Receive Maximum holds a long
     /// path back (its own and the rest opened for it).
     pub(crate) publish_connections: Option<u8>,
+    /// Whether the first of those extra connections speaks MQTT 3.1.1 (no Receive Maximum).
+    pub(crate) v311_lane: Option<bool>,
     /// Messages one target may hold in memory while it is down or slow.
     pub(crate) queue_capacity: Option<usize>,
     /// Threads that run the links (read at start; a reload does not change it).
@@ -207,6 +209,7 @@ impl FileConfig {
             inflight: n.inflight,
             inflight_max: n.inflight_max,
             publish_connections: n.publish_connections,
+            v311_lane: b.v311_lane.unwrap_or(true),
             queue_capacity: n.queue_capacity,
             worker_threads: n.worker_threads,
             links_per_thread: n.links_per_thread,

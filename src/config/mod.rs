@@ -151,6 +151,10 @@ pub struct Config {
     /// Connections a link publishes on while an MQTT 5 broker's Receive Maximum holds a long
     /// path back: its own and `publish_connections - 1` more (see `link::spread`); 1: its own.
     pub(crate) publish_connections: u8,
+    /// The first of those extra connections speaks MQTT 3.1.1, which sets no limit on what a
+    /// client has in flight, and carries the QoS 1 messages that need nothing of MQTT 5
+    /// (see `link::spread`).
+    pub(crate) v311_lane: bool,
     /// Messages one target may hold in memory.
     pub(crate) queue_capacity: usize,
     /// Threads that run the links (`link::threads`); `None`: one per CPU core.
@@ -356,6 +360,7 @@ impl Config {
             inflight => "bridge.inflight",
             inflight_max => "bridge.inflight_max",
             publish_connections => "bridge.publish_connections",
+            v311_lane => "bridge.v311_lane",
             queue_capacity => "bridge.queue_capacity",
             worker_threads => "bridge.worker_threads",
             links_per_thread => "bridge.links_per_thread",

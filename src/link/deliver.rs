@@ -134,7 +134,6 @@ impl Link {
             return Ok(());
         }
         let v311 = broker.protocol == Protocol::V311;
-        let properties = self.properties_for(&item);
         let route = match qos1_route {
             // Nothing has changed the lanes since.
             Some(route) if qos == 1 => route,
@@ -145,9 +144,10 @@ impl Link {
             Route::Wait => return Err(NotSent::Held(item)),
             Route::Lane(lane) => {
                 let topic = topic.into_owned();
-                return to_lane(conn, lane, item, topic, properties);
+                return self.hand_to_lane(conn, lane, item, topic, now);
             }
         }
+        let properties = self.properties_for(&item);
         if v311
             && !self.role.consumer()
             && self.role.coordinates()
@@ -187,7 +187,10 @@ impl Link {
         }
         let own_free = self.window(conn).saturating_sub(conn.flight.outstanding());
         match &mut conn.spread {
-            Some(spread) if qos == 1 => spread.route(&item.msg.topic, own_free),
+            Some(spread) if qos == 1 => {
+                let plain = !item.probe && item.msg.plain();
+                spread.route(&item.msg.topic, own_free, plain)
+            }
             _ if own_free > 0 => Route::Own,
             _ => Route::Wait,
         }
@@ -218,6 +221,37 @@ impl Link {
         if self.role.consumer() {
             self.pkid_high = Some(self.pkid_high.unwrap_or(0).max(pkid));
         }
+    }
+
+    /// Hands `item` to lane `lane` of `conn` (see [`super::spread`]), to go out on `topic` at
+    /// `now`. On a 3.1.1 lane without properties, and its echo, which comes back on the link's
+    /// subscription without an origin tag, is expected by its fingerprint.
+    fn hand_to_lane(
+        &mut self,
+        conn: &mut Conn,
+        lane: usize,
+        item: Outbound,
+        topic: String,
+        now: Instant,
+    ) -> Result<(), NotSent> {
+        let Some(spread) = &mut conn.spread else {
+            return Err(NotSent::Held(item));
+        };
+        let v311 = spread.v311(lane);
+        let properties = if v311 {
+            None
+        } else {
+            self.properties_for(&item)
+        };
+        let fp = v311.then(|| fingerprint(topic.as_bytes(), &item.msg.payload));
+        let msg = item.msg.clone();
+        spread
+            .hand(lane, item, msg, topic, properties)
+            .map_err(NotSent::Held)?;
+        if let Some(fp) = fp {
+            self.echo.record(fp, now);
+        }
+        Ok(())
     }
 
     /// The MQTT 5 properties `item` goes out with (its own and the origin tag); `None` on a
@@ -465,23 +499,6 @@ pub(super) enum NotSent {
     Stop(Outbound),
     /// With lanes: its connection is full; the others may still take theirs.
     Held(Outbound),
-}
-
-/// Hands `item` to lane `lane` of `conn` (see [`super::spread`]), to go out on `topic`.
-fn to_lane(
-    conn: &mut Conn,
-    lane: usize,
-    item: Outbound,
-    topic: String,
-    properties: Option<Box<PublishProperties>>,
-) -> Result<(), NotSent> {
-    let Some(spread) = &mut conn.spread else {
-        return Err(NotSent::Held(item));
-    };
-    let msg = item.msg.clone();
-    spread
-        .hand(lane, item, msg, topic, properties)
-        .map_err(NotSent::Held)
 }
 
 /// Longest topic MQTT can carry (a two-byte length).

@@ -336,28 +336,38 @@ impl Link {
         };
         let ms = rtt.as_secs_f64() * 1000.0;
         let rate = max as f64 / rtt.as_secs_f64();
-        let extra = usize::from(self.ctx.settings.publish_connections).saturating_sub(1);
-        let spread = extra > 0 && self.ctx.settings.broker.protocol == Protocol::V5;
+        let settings = &self.ctx.settings;
+        let extra = usize::from(settings.publish_connections).saturating_sub(1);
+        let spread = extra > 0 && settings.broker.protocol == Protocol::V5;
+        // The echo of what a 3.1.1 lane publishes is known by its fingerprint, on this link's
+        // subscription only: not where another instance consumes the broker.
+        let v311 = spread && settings.v311_lane && self.role.consumer();
         warn!(
             receive_maximum = max,
             round_trip_ms = ms.round(),
             publish_connections = if spread { extra + 1 } else { 1 },
+            v311_lane = v311,
             "the broker takes at most {max} messages in flight per connection (its Receive \
              Maximum; mosquitto: max_inflight_messages, default 20) over a {ms:.0} ms round \
              trip: about {rate:.0} msg/s per connection{}; raise max_inflight_messages on the \
              broker (0: no limit; docs/FLOW.md)",
-            if spread {
-                format!(
+            match (spread, v311) {
+                (true, true) => format!(
+                    ", so this link publishes on {} connections (publish_connections), one of \
+                     them MQTT 3.1.1 (no Receive Maximum) for the messages without MQTT 5 \
+                     properties (v311_lane)",
+                    extra + 1
+                ),
+                (true, false) => format!(
                     ", so this link publishes on {} connections (publish_connections)",
                     extra + 1
-                )
-            } else {
-                String::new()
+                ),
+                _ => String::new(),
             }
         );
         if spread && conn.spread.is_none() {
             let instance = &self.ctx.ha.identity.instance;
-            conn.spread = Some(super::spread::open(&self.ctx.settings, instance, extra));
+            conn.spread = Some(super::spread::open(settings, instance, extra, v311));
         }
     }
 

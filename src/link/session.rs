@@ -122,6 +122,8 @@ pub(crate) struct SessionSettings {
     /// Connections a link publishes on while the broker's Receive Maximum holds a long path
     /// back (see [`super::spread`]); 1: its own only.
     pub(crate) publish_connections: u8,
+    /// The first extra connection speaks MQTT 3.1.1 (see [`super::spread`]).
+    pub(crate) v311_lane: bool,
 }
 
 impl SessionSettings {

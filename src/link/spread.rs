@@ -37,7 +37,7 @@ use tracing::{Instrument, debug};
 
 use super::outflight::OutFlight;
 use super::session::{self, ConnectAs, LinkEvent, Refused, SessionSettings};
-use crate::message::Message;
+use crate::message::{Message, Protocol};
 
 /// What a lane's task tells its link.
 #[derive(Debug)]
@@ -76,6 +76,9 @@ pub(crate) enum Route {
 /// The link's side of one lane.
 #[derive(Debug)]
 struct Lane<T> {
+    /// It speaks MQTT 3.1.1: no Receive Maximum, no properties, no origin tag (see
+    /// [`Spread::v311`]).
+    v311: bool,
     /// Where its publishes go, once connected.
     tx: Option<mpsc::UnboundedSender<LanePublish>>,
     /// The broker's Receive Maximum for it.
@@ -90,8 +93,9 @@ struct Lane<T> {
 }
 
 impl<T> Lane<T> {
-    fn new() -> Self {
+    fn new(v311: bool) -> Self {
         Self {
+            v311,
             tx: None,
             cap: 0,
             down: false,
@@ -106,9 +110,10 @@ impl<T> Lane<T> {
         self.tx.is_some() && !self.down
     }
 
-    /// Room for more publishes.
-    fn free(&self) -> usize {
-        if self.usable() {
+    /// Room for more publishes; for a message that needs MQTT 5 (`plain` false), none on a
+    /// 3.1.1 lane.
+    fn free(&self, plain: bool) -> usize {
+        if self.usable() && (plain || !self.v311) {
             self.cap.saturating_sub(self.outstanding)
         } else {
             0
@@ -147,14 +152,16 @@ impl<T> Drop for Spread<T> {
 }
 
 impl<T> Spread<T> {
-    /// `extra` lanes, not connected yet, reporting on `events` until `stop`.
+    /// `extra` lanes, not connected yet, the first speaking MQTT 3.1.1 if `v311`, reporting on
+    /// `events` until `stop`.
     fn new(
         extra: usize,
+        v311: bool,
         events: mpsc::UnboundedReceiver<(usize, LaneEvent)>,
         stop: CancellationToken,
     ) -> Self {
         Self {
-            lanes: (0..extra).map(|_| Lane::new()).collect(),
+            lanes: (0..extra).map(|i| Lane::new(v311 && i == 0)).collect(),
             topics: HashMap::default(),
             own_counted: vec![false; usize::from(u16::MAX) + 1],
             events,
@@ -166,40 +173,48 @@ impl<T> Spread<T> {
     /// `own_free` more: where its topic is in flight, or (none of it is) the connection with
     /// the most room. A topic in flight on a full connection while another one has room is
     /// moved there: its messages wait until none of it is in flight any more (a topic always
-    /// in flight on the own connection would otherwise never leave it).
-    pub(crate) fn route(&mut self, topic: &Bytes, own_free: usize) -> Route {
+    /// in flight on the own connection would otherwise never leave it). A message that needs
+    /// MQTT 5 (`plain` false: it has properties) never goes on a 3.1.1 lane; its topic, in
+    /// flight there, moves the same way. A plain message's topic never moves off the 3.1.1
+    /// lane: it has no Receive Maximum, so it is full only with many times what another
+    /// connection takes, and a move waits for all of that to be acknowledged first.
+    pub(crate) fn route(&mut self, topic: &Bytes, own_free: usize, plain: bool) -> Route {
         let placed = self.topics.get(topic).map(|&(c, _, moving)| (c, moving));
         match placed {
             Some((_, true)) => Route::Wait,
-            Some((c, false)) if self.free(c, own_free) > 0 => to(c),
+            Some((c, false)) if self.free(c, own_free, plain) > 0 => to(c),
+            // The 3.1.1 lane is the widest: a topic on it waits there for room.
+            Some((c, false)) if plain && self.v311(c.wrapping_sub(1)) => Route::Wait,
             Some(_) => {
-                let moves = self.most_room(own_free).1 > 0;
+                let moves = self.most_room(own_free, plain).1 > 0;
                 if let Some(entry) = self.topics.get_mut(topic) {
                     entry.2 = moves;
                 }
                 Route::Wait
             }
-            None => match self.most_room(own_free) {
+            None => match self.most_room(own_free, plain) {
                 (_, 0) => Route::Wait,
                 (c, _) => to(c),
             },
         }
     }
 
-    /// Room on connection `c` (0: the link's own, with `own_free`).
-    fn free(&self, c: usize, own_free: usize) -> usize {
+    /// Room on connection `c` (0: the link's own, with `own_free`) for a message that is
+    /// `plain` or not.
+    fn free(&self, c: usize, own_free: usize, plain: bool) -> usize {
         match c {
             0 => own_free,
-            c => self.lanes[c - 1].free(),
+            c => self.lanes[c - 1].free(plain),
         }
     }
 
-    /// The connection with the most room (the link's own first among equals), and its room.
-    fn most_room(&self, own_free: usize) -> (usize, usize) {
+    /// The connection with the most room for a message that is `plain` or not (the link's own
+    /// first among equals), and its room.
+    fn most_room(&self, own_free: usize, plain: bool) -> (usize, usize) {
         self.lanes
             .iter()
             .enumerate()
-            .map(|(i, l)| (i + 1, l.free()))
+            .map(|(i, l)| (i + 1, l.free(plain)))
             .fold(
                 (0, own_free),
                 |best, next| {
@@ -235,7 +250,7 @@ impl<T> Spread<T> {
         properties: Option<Box<PublishProperties>>,
     ) -> Result<(), T> {
         let lane = &mut self.lanes[i];
-        let Some(tx) = lane.tx.as_ref().filter(|_| lane.free() > 0) else {
+        let Some(tx) = lane.tx.as_ref().filter(|_| lane.free(true) > 0) else {
             return Err(item);
         };
         let seq = lane.next;
@@ -341,23 +356,37 @@ impl<T> Spread<T> {
             .sum()
     }
 
+    /// Lane `i` speaks MQTT 3.1.1: what goes out on it carries no properties (so no origin
+    /// tag), and its echo is known by its fingerprint.
+    pub(crate) fn v311(&self, i: usize) -> bool {
+        self.lanes.get(i).is_some_and(|l| l.v311)
+    }
+
     /// Connections the link publishes on now: its own and the connected lanes.
     pub(crate) fn connections(&self) -> usize {
         1 + self.lanes.iter().filter(|l| l.usable()).count()
     }
 }
 
-/// Opens `extra` lanes to the broker of `settings`, client ids `<id>~lane<n>@<instance>`.
-pub(crate) fn open<T>(settings: &SessionSettings, instance: &str, extra: usize) -> Spread<T> {
+/// Opens `extra` lanes to the broker of `settings`, client ids `<id>~lane<n>@<instance>`, the
+/// first speaking MQTT 3.1.1 if `v311`.
+pub(crate) fn open<T>(
+    settings: &SessionSettings,
+    instance: &str,
+    extra: usize,
+    v311: bool,
+) -> Spread<T> {
     let (tx, rx) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
-    let spread = Spread::new(extra, rx, stop.clone());
-    for i in 0..spread.lanes.len() {
+    let spread = Spread::new(extra, v311, rx, stop.clone());
+    for (i, l) in spread.lanes.iter().enumerate() {
         let client_id = crate::topics::lane_id(&settings.client_id, instance, i + 1);
         let span = tracing::info_span!("lane", n = i + 1);
-        tokio::spawn(
-            lane(settings.clone(), client_id, i, tx.clone(), stop.clone()).instrument(span),
-        );
+        let mut settings = settings.clone();
+        if l.v311 {
+            settings.broker.protocol = Protocol::V311;
+        }
+        tokio::spawn(lane(settings, client_id, i, tx.clone(), stop.clone()).instrument(span));
     }
     spread
 }
@@ -425,7 +454,7 @@ mod tests {
 
     fn spread(extra: usize) -> Spread<u32> {
         let (_tx, rx) = mpsc::unbounded_channel();
-        Spread::new(extra, rx, CancellationToken::new())
+        Spread::new(extra, false, rx, CancellationToken::new())
     }
 
     fn msg(topic: &'static str) -> Arc<Message> {
@@ -453,29 +482,33 @@ mod tests {
     fn a_topic_stays_on_its_connection_while_it_has_messages_in_flight() {
         let mut s = spread(2);
         let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
-        assert_eq!(s.route(&a, 5), Route::Own, "no lane connected yet");
+        assert_eq!(s.route(&a, 5, true), Route::Own, "no lane connected yet");
         s.own_sent(&a, 7);
         let _rx = connect(&mut s, 0, 10);
         assert_eq!(
-            s.route(&a, 5),
+            s.route(&a, 5, true),
             Route::Own,
             "a is in flight on the own connection"
         );
         assert_eq!(
-            s.route(&b, 5),
+            s.route(&b, 5, true),
             Route::Lane(0),
             "b goes where there is most room"
         );
-        assert_eq!(s.route(&b, 0), Route::Lane(0));
+        assert_eq!(s.route(&b, 0, true), Route::Lane(0));
         assert_eq!(
-            s.route(&a, 0),
+            s.route(&a, 0, true),
             Route::Wait,
             "the own connection is full: a moves"
         );
-        assert_eq!(s.route(&a, 5), Route::Wait, "once none of it is in flight");
+        assert_eq!(
+            s.route(&a, 5, true),
+            Route::Wait,
+            "once none of it is in flight"
+        );
         s.own_acked(7, &a);
         assert_eq!(
-            s.route(&a, 5),
+            s.route(&a, 5, true),
             Route::Lane(0),
             "nothing of a in flight: where most room is"
         );
@@ -493,7 +526,7 @@ mod tests {
         }
         assert_eq!(hand(&mut s, 0, 3, "t"), Err(3), "full");
         assert_eq!(
-            s.route(&Bytes::from_static(b"t"), 0),
+            s.route(&Bytes::from_static(b"t"), 0, true),
             Route::Wait,
             "t stays on the lane"
         );
@@ -506,13 +539,61 @@ mod tests {
         assert_eq!(s.acked(0, 0), Some(0));
         assert_eq!(s.down(0), vec![2, 3], "what it held, in order");
         assert!(s.topics.is_empty(), "t has nothing in flight any more");
-        assert_eq!(s.route(&Bytes::from_static(b"t"), 9), Route::Own);
+        assert_eq!(s.route(&Bytes::from_static(b"t"), 9, true), Route::Own);
         assert_eq!(
             hand(&mut s, 0, 4, "t"),
             Err(4),
             "an ended lane takes nothing"
         );
         assert_eq!((s.outstanding(), s.connections(), s.window()), (0, 1, 0));
+    }
+
+    #[test]
+    fn the_311_lane_takes_plain_messages_only_and_keeps_its_topics() {
+        let (_tx, rx) = mpsc::unbounded_channel();
+        let mut s: Spread<u32> = Spread::new(2, true, rx, CancellationToken::new());
+        let _rx0 = connect(&mut s, 0, 8192);
+        let _rx1 = connect(&mut s, 1, 100);
+        assert!(s.v311(0) && !s.v311(1));
+        let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
+        assert_eq!(s.route(&a, 100, true), Route::Lane(0), "most room");
+        assert_eq!(
+            s.route(&b, 100, false),
+            Route::Own,
+            "properties: never on 3.1.1 (the own first among equals)"
+        );
+        for n in 0..8192 {
+            hand(&mut s, 0, n, "a").unwrap();
+        }
+        assert_eq!(
+            s.route(&a, 100, true),
+            Route::Wait,
+            "full: a waits for room on its lane"
+        );
+        assert_eq!(
+            s.acked(0, 0),
+            Some(0),
+            "one acknowledged: room again on the lane"
+        );
+        assert_eq!(s.route(&a, 100, true), Route::Lane(0), "a never moved");
+        assert_eq!(
+            s.route(&a, 100, false),
+            Route::Wait,
+            "with properties: a moves off the 3.1.1 lane"
+        );
+        assert_eq!(
+            s.route(&a, 100, true),
+            Route::Wait,
+            "and what follows waits behind it, in order"
+        );
+        for seq in 1..8192 {
+            s.acked(0, seq).unwrap();
+        }
+        assert_eq!(
+            s.route(&a, 50, false),
+            Route::Lane(1),
+            "nothing of a in flight: the most room an MQTT 5 message can have"
+        );
     }
 
     #[test]
@@ -524,7 +605,7 @@ mod tests {
         let mut own_free = 2;
         let mut placed = Vec::new();
         for (n, topic) in topics.into_iter().enumerate() {
-            let route = s.route(&Bytes::from_static(topic.as_bytes()), own_free);
+            let route = s.route(&Bytes::from_static(topic.as_bytes()), own_free, true);
             placed.push(route);
             match route {
                 Route::Own => {
@@ -537,6 +618,9 @@ mod tests {
         }
         use Route::*;
         assert_eq!(placed, [Lane(1), Own, Lane(0), Lane(1), Own]);
-        assert_eq!(s.route(&Bytes::from_static(b"f"), own_free), Route::Lane(0));
+        assert_eq!(
+            s.route(&Bytes::from_static(b"f"), own_free, true),
+            Route::Lane(0)
+        );
     }
 }

@@ -549,6 +549,7 @@ impl Supervisor {
             inflight: self.config.inflight,
             inflight_max: self.config.inflight_max,
             publish_connections: self.config.publish_connections,
+            v311_lane: self.config.v311_lane,
             broker: broker.clone(),
         }
     }

@@ -181,6 +181,7 @@ fn the_receive_maximum_announced_is_the_window_cap() {
         inflight: c.inflight,
         inflight_max: c.inflight_max,
         publish_connections: c.publish_connections,
+        v311_lane: c.v311_lane,
     };
     let who = ConnectAs {
         client_id: "t-b".into(),
