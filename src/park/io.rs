@@ -531,7 +531,14 @@ async fn copies_connection(p: &CopyPublisher) -> Result<(), ParkError> {
         clean: true,
         will: None,
     };
-    let mut s = session::open(&p.park.settings, &who, &[]);
+    // Copies carry no MQTT 5 property: with `v311_lane`, they go out on MQTT 3.1.1, which
+    // sets no Receive Maximum (an origin's maximum would hold the copies, and with them the
+    // spill path, to that many per round trip to the origin).
+    let mut copy_settings = p.park.settings.clone();
+    if copy_settings.v311_lane {
+        copy_settings.broker.protocol = crate::message::Protocol::V311;
+    }
+    let mut s = session::open(&copy_settings, &who, &[]);
     let mut flight: OutFlight<ParkItem> = OutFlight::default();
     // Copies are written as fast as the path to the origin takes them (see
     // `link::window`): over a long path a fixed window would make the spill path the bottleneck.
