@@ -308,6 +308,22 @@ async fn a_link_held_back_by_the_receive_maximum_publishes_plain_messages_on_a_3
     }
 }
 
+/// The intake hold (docs/FLOW.md, step 2): Debian's mosquitto 2.0.11 sends a burst at once
+/// whatever Receive Maximum the bridge announced, and the target's queue (1 000 here) is full
+/// long before one connection at 100 ms carries the burst (100 per round trip, the broker's
+/// Receive Maximum). The origin is not read meanwhile instead: nothing goes through the spool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_from_a_broker_that_keeps_no_window_waits_there_instead_of_in_the_spool() {
+    let bridge_keys = "queue_capacity = 1000\ninflight_max = 500\npublish_connections = 1";
+    let (_tmp, brokers, _proxies, bridge) = wan_mesh_as(bridge_keys, "");
+    let metrics = stream(&brokers, &bridge, "held").await;
+    for b in ["b2", "b3"] {
+        let spooled = common::metric(&metrics, "meshbridge_spooled_total", b).unwrap_or(0.0);
+        println!("{b}: spooled {spooled}");
+        assert_eq!(spooled, 0.0, "{b}: the burst went through the spool");
+    }
+}
+
 /// The bridge's /metrics.
 fn metrics(bridge: &Bridge) -> String {
     let cfg = std::fs::read_to_string(bridge.dir.join("bridge.toml")).unwrap();

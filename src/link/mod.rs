@@ -42,7 +42,7 @@ use tracing::{Instrument, debug, info, warn};
 use crate::dedup::{EchoWindow, StormGuard};
 use crate::ha::role::{End, Now, Role};
 use crate::ha::{self, Consumption, Identity};
-use crate::message::AckRequest;
+use crate::message::{AckRequest, Protocol};
 use crate::metrics::{self, LinkState, LinkStats, inc};
 use crate::park::drains::Drains;
 use crate::park::{self, CopyLane};
@@ -406,8 +406,9 @@ impl Link {
                 _ = self.ctx.disconnect.cancelled() => {
                     break self.close(&mut conn, session).await;
                 }
-                // While the copies this broker's messages made wait for it, take no more.
-                event = session.events.recv(), if !self.copies_backlog() => {
+                // While the copies this broker's messages made wait for it, or a target's
+                // queue is over its capacity (see `Link::intake_held`), take no more.
+                event = session.events.recv(), if !self.copies_backlog() && !self.intake_held() => {
                     if let Some(lost) = self.on_events(&mut conn, event, &mut session.events) {
                         break lost;
                     }
@@ -420,7 +421,7 @@ impl Link {
                 Some((lane, event)) = lane_event(&mut conn.spread), if conn.spread.is_some() => {
                     self.on_lane_event(&mut conn, lane, event);
                 }
-                _ = recheck.tick(), if self.role.switching() || self.copies_backlog() || self.paced() => {}
+                _ = recheck.tick(), if self.role.switching() || self.copies_backlog() || self.paced() || self.intake_held() => {}
                 _ = self.ctx.queue.notified(), if room => {}
                 _ = self.ctx.stop.cancelled(), if !self.ctx.stop.is_cancelled() => {}
                 _ = stall_check.tick() => self.stall_tick(&mut conn),
@@ -565,6 +566,19 @@ impl Link {
         }
         self.update_gauges(&conn);
         outcome
+    }
+
+    /// A target's queue is over its capacity and holds its origins (see
+    /// [`crate::router::Router::holds`]), and this broker may be held: it has sent more than
+    /// the Receive Maximum this link announced unacknowledged, so it keeps to no window and
+    /// queues nothing it cannot send (mosquitto 2.0.11): reading it later loses nothing. Not
+    /// while this link's own queue holds: it reads its broker's acknowledgements on the same
+    /// connection, and two links holding each other would wait for each other.
+    fn intake_held(&self) -> bool {
+        self.ctx.router.holds()
+            && self.ctx.settings.broker.protocol == Protocol::V5
+            && self.acks.unacknowledged() > usize::from(self.ctx.settings.inflight_max)
+            && !self.ctx.queue.holding()
     }
 
     /// The copies this broker's messages made wait for it beyond its lane's capacity: take no

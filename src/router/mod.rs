@@ -2,6 +2,7 @@
 //! with a share of its origin's acknowledgement each. Retained messages forwarded while a
 //! snapshot runs are noted for it ([`RetainedWatch`]): a repair must not overwrite a newer value.
 
+mod hold;
 mod outbound;
 mod queue;
 mod spooled;
@@ -33,6 +34,8 @@ pub(crate) struct Router {
     /// Running retained watches; `watching` is their number, read without the lock.
     watches: Mutex<Vec<Watched>>,
     watching: AtomicUsize,
+    /// Queues over their capacity, holding their origins (see [`hold`]).
+    holding: Arc<AtomicUsize>,
 }
 
 /// The retained topics forwarded (by this process) while it lives.
@@ -91,8 +94,15 @@ impl Router {
         }
     }
 
+    /// Whether a target's queue is over its capacity, holding its origins (see [`hold`]): the
+    /// links whose brokers may be held stop reading them meanwhile.
+    pub(crate) fn holds(&self) -> bool {
+        self.holding.load(Ordering::Acquire) > 0
+    }
+
     /// Adds (or replaces) a target.
     pub(crate) fn insert(&self, name: Arc<str>, queue: Arc<TargetQueue>) {
+        queue.count_holding_in(self.holding.clone());
         let mut targets = self.targets.write().unwrap_or_else(|p| p.into_inner());
         let mut list: Vec<_> = targets
             .iter()

@@ -21,12 +21,14 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use tokio::sync::Notify;
 use tracing::warn;
 
 use super::Outbound;
+use super::hold::Hold;
 use super::spooled::{ParkSend, Spooled, record_size};
 use crate::metrics::{self, LinkStats};
 use crate::park::{Copies, Park, ParkItem, Parker};
@@ -47,6 +49,8 @@ pub(super) struct QueueInner {
     /// Park records to hand to the origins' queues once this lock is released (see
     /// [`TargetQueue::send_parked`]), in the order they were made.
     pub(super) outbox: Vec<ParkSend>,
+    /// Over capacity, holding its origins instead of spilling (see [`super::hold`]).
+    pub(super) hold: Hold,
 }
 
 /// The queue of messages waiting for one target.
@@ -66,6 +70,10 @@ pub(crate) struct TargetQueue {
     rules: std::sync::RwLock<Arc<crate::rules::Rules>>,
     /// Set when the rules changed: the link subscribes and unsubscribes the difference.
     rules_changed: AtomicBool,
+    /// `hold.on()`, read without the lock.
+    holding: AtomicBool,
+    /// The router's count of queues holding their origins (see [`super::Router::holds`]).
+    holding_count: OnceLock<Arc<AtomicUsize>>,
 }
 
 impl TargetQueue {
@@ -202,6 +210,7 @@ impl TargetQueue {
                 next_key,
                 cursor: None,
                 outbox: Vec::new(),
+                hold: Hold::default(),
             }),
             notify,
             capacity,
@@ -213,6 +222,44 @@ impl TargetQueue {
                 "#".to_string()
             ]))),
             rules_changed: AtomicBool::new(false),
+            holding: AtomicBool::new(false),
+            holding_count: OnceLock::new(),
+        }
+    }
+
+    /// Counts this queue in `count` while it holds its origins (see [`super::Router::holds`]).
+    pub(super) fn count_holding_in(&self, count: Arc<AtomicUsize>) {
+        let _ = self.holding_count.set(count);
+    }
+
+    /// Whether this queue is over its capacity, holding its origins (see [`super::hold`]).
+    pub(crate) fn holding(&self) -> bool {
+        self.holding.load(Ordering::Acquire)
+    }
+
+    /// The hold started (`true`) or ended: counted for the router.
+    fn set_holding(&self, on: bool) {
+        if self.holding.swap(on, Ordering::AcqRel) == on {
+            return;
+        }
+        if let Some(count) = self.holding_count.get() {
+            if on {
+                count.fetch_add(1, Ordering::AcqRel);
+            } else {
+                count.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// The hold (if any) ended: the queue is back under its capacity, spilled, or went down.
+    fn end_hold(&self, inner: &mut QueueInner, spilled: bool) {
+        let was = if spilled {
+            inner.hold.spilled(Instant::now())
+        } else {
+            inner.hold.end()
+        };
+        if was {
+            self.set_holding(false);
         }
     }
 
@@ -270,14 +317,21 @@ impl TargetQueue {
             return true;
         }
         if inner.connected && !spooling {
-            if inner.items.len() < self.capacity {
+            let len = inner.items.len();
+            if len < self.capacity || inner.hold.admit(len, self.capacity, Instant::now()) {
                 inner.items.push_back(item);
+                let hold = len >= self.capacity;
                 drop(inner);
+                if hold {
+                    // The origins that may be held stop reading (see `super::hold`).
+                    self.set_holding(true);
+                }
                 self.notify.notify_one();
                 return true;
             }
             // The target does not keep up: what waits in memory (and in flight) must stop
             // holding its origins; the link moves it to the spool.
+            self.end_hold(&mut inner, true);
             self.evacuate_requested.store(true, Ordering::Release);
             self.notify.notify_one();
         }
@@ -350,6 +404,7 @@ impl TargetQueue {
         let Some(sp) = &self.spooled else { return 0 };
         let mut guard = self.lock();
         let inner = &mut *guard;
+        self.end_hold(inner, true);
         let mut held: Vec<&mut Outbound> = inflight
             .iter_mut()
             .map(|o| &mut **o)
@@ -457,6 +512,9 @@ impl TargetQueue {
             let mut inner = self.lock();
             let n = max.min(inner.items.len());
             out.extend(inner.items.drain(..n));
+            if inner.items.len() < self.capacity && inner.hold.on() {
+                self.end_hold(&mut inner, false);
+            }
             match &self.spooled {
                 Some(sp) if out.len() - before < max && sp.target.committed() > 0 => {
                     (sp, inner.cursor)
@@ -522,6 +580,7 @@ impl TargetQueue {
         let mut inner = self.lock();
         inner.connected = false;
         inner.cursor = None;
+        self.end_hold(&mut inner, false);
         let items: Vec<Outbound> = unconfirmed
             .into_iter()
             .chain(inner.items.drain(..))
@@ -591,6 +650,7 @@ impl TargetQueue {
         let mut inner = self.lock();
         inner.connected = connected;
         inner.cursor = None;
+        self.end_hold(&mut inner, false);
         if !connected && self.spooled.is_none() {
             for item in inner.items.iter_mut() {
                 item.complete();

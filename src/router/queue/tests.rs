@@ -195,3 +195,38 @@ async fn a_role_switch_leaves_what_was_read_from_the_spool_to_the_next_read() {
     assert_eq!(payloads(&again), [2, 3, 4, 5], "once each, in order");
     sp.close();
 }
+
+/// A full queue holds its origins (see `crate::router::hold`) for a quarter of its capacity
+/// more, counted by the router, until it is back under its capacity; past that it spills.
+#[tokio::test]
+async fn a_full_queue_holds_its_origins_then_spills_past_its_slack() {
+    let (_dir, _sp, q) = spooled_queue(4);
+    let q = Arc::new(q);
+    let router = crate::router::Router::default();
+    router.insert("t".into(), q.clone());
+    q.set_connected(true);
+    let push = |n: u8| q.push(Outbound::new(numbered(n), None, "o".into()));
+    for n in 1..=4 {
+        push(n);
+    }
+    assert!(!router.holds(), "at its capacity, not over it");
+    push(5);
+    assert!(router.holds() && q.holding(), "over: its origins are held");
+    assert!(!q.evacuate_requested(), "not spilled");
+    let mut out = Vec::new();
+    q.take(2, &mut out);
+    assert!(!router.holds(), "back under its capacity");
+    push(6);
+    push(7);
+    assert!(router.holds(), "over again");
+    push(8);
+    assert!(
+        !router.holds() && q.evacuate_requested(),
+        "past a quarter more: it spills"
+    );
+    assert_eq!(
+        q.len(),
+        5,
+        "what it held is the link's to move to the spool"
+    );
+}
