@@ -55,6 +55,13 @@ impl Hold {
         self.since.is_some()
     }
 
+    /// Whether the hold has lasted [`HOLD_MAX`] at `now`: the queue spills. (With every origin
+    /// held nothing more arrives to find out at [`Hold::admit`]: its link asks.)
+    pub(super) fn expired(&self, now: Instant) -> bool {
+        self.since
+            .is_some_and(|t| now.saturating_duration_since(t) >= HOLD_MAX)
+    }
+
     /// The queue is back under its capacity: the hold ends. True if one was on.
     pub(super) fn end(&mut self) -> bool {
         self.since.take().is_some()
@@ -79,6 +86,8 @@ mod tests {
         assert!(h.admit(100, 100, t), "full: held");
         assert!(h.on());
         assert!(h.admit(124, 100, t + HOLD_MAX / 2), "within a quarter more");
+        assert!(!h.expired(t + HOLD_MAX / 2));
+        assert!(h.expired(t + HOLD_MAX), "its link spills it");
         assert!(!h.admit(125, 100, t + HOLD_MAX / 2), "the slack is full");
         assert!(!h.admit(100, 100, t + HOLD_MAX), "held long enough");
         assert!(h.end(), "back under capacity");

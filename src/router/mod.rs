@@ -145,6 +145,9 @@ impl Router {
             .filter(|(n, _)| n.as_ref() != name)
             .cloned()
             .collect();
+        if let Some(queue) = &removed {
+            queue.release_hold();
+        }
         removed
     }
 

@@ -388,9 +388,21 @@ impl TargetQueue {
         dropped == 0
     }
 
-    /// Whether the memory queue overflowed since the last [`TargetQueue::evacuate`].
+    /// Whether the memory queue overflowed since the last [`TargetQueue::evacuate`], or has
+    /// held its origins for as long as it may (see [`super::hold`]).
     pub(crate) fn evacuate_requested(&self) -> bool {
+        if self.holding() && self.lock().hold.expired(Instant::now()) {
+            self.evacuate_requested.store(true, Ordering::Release);
+        }
         self.evacuate_requested.load(Ordering::Acquire)
+    }
+
+    /// The target left the mesh: its hold (if any) no longer holds the origins.
+    pub(crate) fn release_hold(&self) {
+        if self.holding() {
+            let mut inner = self.lock();
+            self.end_hold(&mut inner, false);
+        }
     }
 
     /// The target is slow or stalled: what the link holds for it (the `inflight` messages,

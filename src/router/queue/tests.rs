@@ -230,3 +230,18 @@ async fn a_full_queue_holds_its_origins_then_spills_past_its_slack() {
         "what it held is the link's to move to the spool"
     );
 }
+
+/// A target that leaves the mesh while its queue holds no longer holds the origins.
+#[tokio::test]
+async fn a_removed_target_releases_its_hold() {
+    let (_dir, _sp, q) = spooled_queue(1);
+    let q = Arc::new(q);
+    let router = crate::router::Router::default();
+    router.insert("t".into(), q.clone());
+    q.set_connected(true);
+    q.push(Outbound::new(numbered(1), None, "o".into()));
+    q.push(Outbound::new(numbered(2), None, "o".into()));
+    assert!(router.holds());
+    router.remove("t");
+    assert!(!router.holds() && !q.holding());
+}
