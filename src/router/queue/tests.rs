@@ -196,15 +196,21 @@ async fn a_role_switch_leaves_what_was_read_from_the_spool_to_the_next_read() {
     sp.close();
 }
 
-/// A full queue holds its origins (see `crate::router::hold`) for a quarter of its capacity
-/// more, counted by the router, until it is back under its capacity; past that it spills.
-#[tokio::test]
-async fn a_full_queue_holds_its_origins_then_spills_past_its_slack() {
-    let (_dir, _sp, q) = spooled_queue(4);
+/// A connected queue of `capacity` (see [`spooled_queue`]), target `t` of a router.
+fn routed_queue(capacity: usize) -> (tempfile::TempDir, Arc<TargetQueue>, crate::router::Router) {
+    let (dir, _sp, q) = spooled_queue(capacity);
     let q = Arc::new(q);
     let router = crate::router::Router::default();
     router.insert("t".into(), q.clone());
     q.set_connected(true);
+    (dir, q, router)
+}
+
+/// A full queue holds its origins (see `crate::router::hold`) for a quarter of its capacity
+/// more, counted by the router, until it is back under its capacity; past that it spills.
+#[tokio::test]
+async fn a_full_queue_holds_its_origins_then_spills_past_its_slack() {
+    let (_dir, q, router) = routed_queue(4);
     let push = |n: u8| q.push(Outbound::new(numbered(n), None, "o".into()));
     for n in 1..=4 {
         push(n);
@@ -234,11 +240,7 @@ async fn a_full_queue_holds_its_origins_then_spills_past_its_slack() {
 /// A target that leaves the mesh while its queue holds no longer holds the origins.
 #[tokio::test]
 async fn a_removed_target_releases_its_hold() {
-    let (_dir, _sp, q) = spooled_queue(1);
-    let q = Arc::new(q);
-    let router = crate::router::Router::default();
-    router.insert("t".into(), q.clone());
-    q.set_connected(true);
+    let (_dir, q, router) = routed_queue(1);
     q.push(Outbound::new(numbered(1), None, "o".into()));
     q.push(Outbound::new(numbered(2), None, "o".into()));
     assert!(router.holds());
