@@ -237,7 +237,8 @@ impl TargetQueue {
         self.holding.load(Ordering::Acquire)
     }
 
-    /// The hold started (`true`) or ended: counted for the router.
+    /// The hold started (`true`) or ended: counted for the router. Called under the queue's
+    /// lock, so that `holding` follows `hold.on()`.
     fn set_holding(&self, on: bool) {
         if self.holding.swap(on, Ordering::AcqRel) == on {
             return;
@@ -320,12 +321,13 @@ impl TargetQueue {
             let len = inner.items.len();
             if len < self.capacity || inner.hold.admit(len, self.capacity, Instant::now()) {
                 inner.items.push_back(item);
-                let hold = len >= self.capacity;
-                drop(inner);
-                if hold {
-                    // The origins that may be held stop reading (see `super::hold`).
+                if len >= self.capacity {
+                    // The origins that may be held stop reading (see `super::hold`). Under
+                    // the lock, as every end of a hold: a take on the link's thread in
+                    // between would leave the count up with no hold to end it.
                     self.set_holding(true);
                 }
+                drop(inner);
                 self.notify.notify_one();
                 return true;
             }
