@@ -23,6 +23,13 @@
 //! - **The cost.** A message published on a lane comes back on the link's own subscription
 //!   (No Local holds for the publishing session only) and is dropped there by its origin tag:
 //!   lanes open only on a long path held back by the broker, never on loopback.
+//! - **The 3.1.1 lane** (`v311_lane`, where this link consumes the broker). The Receive Maximum
+//!   is an MQTT 5 limit: the first lane speaks MQTT 3.1.1, which sets none, and takes up to
+//!   `inflight_max` in flight. It carries only messages that need nothing of MQTT 5
+//!   ([`Message::plain`]); what it publishes has no origin tag, so the link records each
+//!   publish's fingerprint and drops the echo by it, as on a 3.1.1 link. A topic on it waits
+//!   there for room rather than moving: it is full only with many times what another
+//!   connection takes.
 //!
 //! [`Spread`] is the link's side and pure state; [`lane`] is a lane's task.
 
