@@ -68,6 +68,9 @@ pub(crate) const DEAD_LETTERS: &str = "meshbridge_dead_letters";
 pub(crate) const REDELIVERED: &str = "meshbridge_redelivered";
 /// Messages written to the broker's durable spool because it was down or fell behind. Counter.
 pub(crate) const SPOOLED: &str = "meshbridge_spooled";
+/// Times the broker's queue was full and held the origins that keep to no window instead of
+/// spilling to the spool (see `router::hold`). Counter.
+pub(crate) const HOLDS: &str = "meshbridge_holds";
 /// Connection attempts after the first. Counter.
 pub(crate) const RECONNECTS: &str = "meshbridge_reconnects";
 /// Copies of spooled messages this broker acknowledged into its park sessions (it is their
@@ -194,6 +197,8 @@ pub(crate) struct LinkStats {
     pub(crate) redelivered: AtomicU64,
     /// See [`SPOOLED`].
     pub(crate) spooled: AtomicU64,
+    /// See [`HOLDS`].
+    pub(crate) holds: AtomicU64,
     /// See [`RECONNECTS`].
     pub(crate) reconnects: AtomicU64,
     /// See [`DEDUP_ENTRIES`].
@@ -254,6 +259,7 @@ impl Default for LinkStats {
             control_rejected: Default::default(),
             redelivered: AtomicU64::new(0),
             spooled: AtomicU64::new(0),
+            holds: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             dedup_entries: AtomicI64::new(0),
             dedup_bytes: AtomicI64::new(0),

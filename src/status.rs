@@ -73,6 +73,9 @@ pub struct BrokerStatus {
     /// Messages written to the durable spool (the broker was down or fell behind).
     #[serde(default)]
     pub spooled: u64,
+    /// Times its queue was full and held the origins instead of spilling.
+    #[serde(default)]
+    pub holds: u64,
     /// Reconnections.
     pub reconnects: u64,
     /// Messages waiting for this broker (queued + in flight).

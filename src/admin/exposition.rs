@@ -33,7 +33,7 @@ type Labels = Vec<(&'static str, String)>;
 /// Name, help text, and how to read the value from a status row.
 type Metric<T> = (&'static str, &'static str, fn(&BrokerStatus) -> T);
 
-const LINK_COUNTERS: [Metric<u64>; 25] = [
+const LINK_COUNTERS: [Metric<u64>; 26] = [
     (
         metrics::MESSAGES_IN,
         "Messages received from the broker",
@@ -111,6 +111,11 @@ const LINK_COUNTERS: [Metric<u64>; 25] = [
         metrics::SPOOLED,
         "Messages written to the broker's spool (down or behind)",
         |s| s.spooled,
+    ),
+    (
+        metrics::HOLDS,
+        "Times the broker's queue was full and held the origins that keep to no window instead of spilling",
+        |s| s.holds,
     ),
     (metrics::RECONNECTS, "Reconnections", |s| s.reconnects),
     (

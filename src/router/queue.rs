@@ -243,6 +243,9 @@ impl TargetQueue {
         if self.holding.swap(on, Ordering::AcqRel) == on {
             return;
         }
+        if on {
+            metrics::inc(&self.stats.holds);
+        }
         if let Some(count) = self.holding_count.get() {
             if on {
                 count.fetch_add(1, Ordering::AcqRel);

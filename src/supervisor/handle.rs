@@ -144,6 +144,7 @@ impl LinkHandle {
                 .collect(),
             redelivered: n(&s.redelivered),
             spooled: n(&s.spooled),
+            holds: n(&s.holds),
             reconnects: n(&s.reconnects),
             queue_depth: self.queue.len() as u64 + s.inflight.load(Ordering::Relaxed).max(0) as u64,
             inflight_window: s.window.load(Ordering::Relaxed).max(0) as u64,
