@@ -322,7 +322,10 @@ async fn a_burst_from_a_broker_that_keeps_no_window_waits_there_instead_of_in_th
         let holds = common::metric(&metrics, "meshbridge_holds_total", b).unwrap_or(0.0);
         println!("{b}: spooled {spooled}, holds {holds}");
         assert_eq!(spooled, 0.0, "{b}: the burst went through the spool");
-        assert!(holds > 0.0, "{b}: its queue never held b1: the test proved nothing");
+        assert!(
+            holds > 0.0,
+            "{b}: its queue never held b1: the test proved nothing"
+        );
     }
 }
 
