@@ -2,7 +2,10 @@
 //! window, mapped by the broker's `out` rules; what it sets aside (a message the broker cannot
 //! take); when it moves what waits to the spool (a stalled target).
 
+use std::collections::HashSet;
 use std::time::Instant;
+
+use bytes::Bytes;
 
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use tracing::{debug, info, warn};
@@ -38,8 +41,9 @@ impl Link {
     /// the client refused: the rest went back, in order, to be retried after the next event
     /// (retrying at once would spin without ever reading that event). With lanes (see
     /// [`super::spread`]), a message whose connection is full is held back and the others go
-    /// on (a later one of its topic finds the same connection full: nothing is acknowledged
-    /// during a pass); what was held goes back in front, in order. While the broker has a
+    /// on, but for the later ones of its topic, which are held with it: a later one could find
+    /// room where it did not (a message without properties on the 3.1.1 lane, where one with
+    /// properties may not go) and overtake it. What was held goes back in front, in order. While the broker has a
     /// backlog in the spool, `drain_rate` bounds what goes out (see [`super::drain`]).
     pub(super) fn fill_window(&mut self, conn: &mut Conn) -> bool {
         // One clock read for the batch: the client writes it at once.
@@ -54,11 +58,26 @@ impl Link {
         let had = !batch.is_empty();
         let taken = batch.len();
         let mut held = Vec::new();
+        // Topics with a message held in this pass: later ones of the topic are held too (see
+        // above). Allocated only once a message is held.
+        let mut held_topics: Option<HashSet<Bytes, ahash::RandomState>> = None;
         let mut items = batch.drain(..);
         while let Some(item) = items.next() {
+            if held_topics
+                .as_ref()
+                .is_some_and(|t| t.contains(&item.msg.topic))
+            {
+                held.push(item);
+                continue;
+            }
             match self.publish(conn, item, now) {
                 Ok(()) => {}
-                Err(NotSent::Held(item)) => held.push(item),
+                Err(NotSent::Held(item)) => {
+                    held_topics
+                        .get_or_insert_with(HashSet::default)
+                        .insert(item.msg.topic.clone());
+                    held.push(item);
+                }
                 Err(NotSent::Stop(item)) => {
                     held.push(item);
                     held.extend(items);

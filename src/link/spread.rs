@@ -603,6 +603,19 @@ mod tests {
         );
     }
 
+    /// Why the link holds the later messages of a topic once one is held (`fill_window`):
+    /// with the MQTT 5 connections full, a message with properties waits while one without
+    /// finds room on the 3.1.1 lane, and would overtake it.
+    #[test]
+    fn with_the_311_lane_the_route_depends_on_the_message() {
+        let (_tx, rx) = mpsc::unbounded_channel();
+        let mut s: Spread<u32> = Spread::new(1, true, rx, CancellationToken::new());
+        let _rx0 = connect(&mut s, 0, 8192);
+        let t = Bytes::from_static(b"t");
+        assert_eq!(s.route(&t, 0, false), Route::Wait, "properties: no room");
+        assert_eq!(s.route(&t, 0, true), Route::Lane(0), "plain: room");
+    }
+
     #[test]
     fn new_topics_go_where_there_is_most_room() {
         let mut s = spread(2);
