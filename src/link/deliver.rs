@@ -43,8 +43,9 @@ impl Link {
     /// [`super::spread`]), a message whose connection is full is held back and the others go
     /// on, but for the later ones of its topic, which are held with it: a later one could find
     /// room where it did not (a message without properties on the 3.1.1 lane, where one with
-    /// properties may not go) and overtake it. What was held goes back in front, in order. While the broker has a
-    /// backlog in the spool, `drain_rate` bounds what goes out (see [`super::drain`]).
+    /// properties may not go) and overtake it. What was held goes back in front, in order.
+    /// While the broker has a backlog in the spool, `drain_rate` bounds what goes out (see
+    /// [`super::drain`]).
     pub(super) fn fill_window(&mut self, conn: &mut Conn) -> bool {
         // One clock read for the batch: the client writes it at once.
         let now = Instant::now();

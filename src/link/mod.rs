@@ -401,14 +401,15 @@ impl Link {
             if room && self.fill_window(&mut conn) {
                 continue;
             }
+            // While the copies this broker's messages made wait for it, or a target's queue is
+            // over its capacity (see `Link::intake_held`), take no more from it.
+            let paused = self.copies_backlog() || self.intake_held();
             tokio::select! {
                 biased;
                 _ = self.ctx.disconnect.cancelled() => {
                     break self.close(&mut conn, session).await;
                 }
-                // While the copies this broker's messages made wait for it, or a target's
-                // queue is over its capacity (see `Link::intake_held`), take no more.
-                event = session.events.recv(), if !self.copies_backlog() && !self.intake_held() => {
+                event = session.events.recv(), if !paused => {
                     if let Some(lost) = self.on_events(&mut conn, event, &mut session.events) {
                         break lost;
                     }
@@ -421,7 +422,7 @@ impl Link {
                 Some((lane, event)) = lane_event(&mut conn.spread), if conn.spread.is_some() => {
                     self.on_lane_event(&mut conn, lane, event);
                 }
-                _ = recheck.tick(), if self.role.switching() || self.copies_backlog() || self.paced() || self.intake_held() => {}
+                _ = recheck.tick(), if self.role.switching() || paused || self.paced() => {}
                 _ = self.ctx.queue.notified(), if room => {}
                 _ = self.ctx.stop.cancelled(), if !self.ctx.stop.is_cancelled() => {}
                 _ = stall_check.tick() => self.stall_tick(&mut conn),

@@ -191,7 +191,7 @@ impl<T> Spread<T> {
             Some((_, true)) => Route::Wait,
             Some((c, false)) if self.free(c, own_free, plain) > 0 => to(c),
             // The 3.1.1 lane is the widest: a topic on it waits there for room.
-            Some((c, false)) if plain && self.v311(c.wrapping_sub(1)) => Route::Wait,
+            Some((c, false)) if plain && c > 0 && self.v311(c - 1) => Route::Wait,
             Some(_) => {
                 let moves = self.most_room(own_free, plain).1 > 0;
                 if let Some(entry) = self.topics.get_mut(topic) {
