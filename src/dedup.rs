@@ -30,22 +30,32 @@ pub(crate) fn fingerprint(topic: &[u8], payload: &[u8]) -> u64 {
 
 /// Approximate heap bytes of one order-queue slot.
 const SLOT_BYTES: usize = 24;
-/// Approximate heap bytes of one map entry with its per-fingerprint queue.
-const MAP_ENTRY_BYTES: usize = 64;
-/// Approximate heap bytes of one live sequence number.
-const SEQ_BYTES: usize = 8;
+/// Approximate heap bytes of one map entry (key, counts, control byte and load factor).
+const MAP_ENTRY_BYTES: usize = 24;
+
+/// The records of one fingerprint: how many slots of the order queue it has, and how many of
+/// them are live. Records are consumed oldest first, so the live ones are always the newest
+/// `live` of its `queued` slots, and the oldest slot is live exactly when `live == queued`.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    live: u32,
+    queued: u32,
+}
 
 /// A counted multiset of fingerprints with a TTL and a bound on its size.
+///
+/// One record costs a slot of the order queue and, per distinct fingerprint, one map entry
+/// with two counters: nothing is allocated per record (the 3.1.1 lane records every message it
+/// publishes, thousands at once over a long path).
 #[derive(Debug)]
 pub(crate) struct EchoWindow {
     ttl: Duration,
     max_entries: usize,
-    /// Live records per fingerprint: their sequence numbers, oldest first.
-    live: HashMap<u64, VecDeque<u64>, ahash::RandomState>,
-    /// Every record in insertion order: (expiry, sequence, fingerprint). Records consumed by an
-    /// echo stay here until they reach the front, where they are skipped.
-    order: VecDeque<(Instant, u64, u64)>,
-    next_seq: u64,
+    /// Per fingerprint with a slot in `order`: its counts.
+    live: HashMap<u64, Counts, ahash::RandomState>,
+    /// Every record in insertion order: (expiry, fingerprint). Records consumed by an echo
+    /// stay here until they reach the front, where they are skipped.
+    order: VecDeque<(Instant, u64)>,
     live_count: usize,
     evictions: u64,
     expirations: u64,
@@ -59,7 +69,6 @@ impl EchoWindow {
             max_entries: max_entries.max(1),
             live: HashMap::default(),
             order: VecDeque::new(),
-            next_seq: 0,
             live_count: 0,
             evictions: 0,
             expirations: 0,
@@ -76,30 +85,31 @@ impl EchoWindow {
         }
         if self.order.len() >= 2 * self.max_entries {
             // Consumed slots stuck behind an old live one: drop them all (at least half of the
-            // queue goes, so this is amortised O(1) per record).
-            let live = &self.live;
-            self.order.retain(|&(_, seq, fp)| {
-                live.get(&fp)
-                    .and_then(|q| q.front())
-                    .is_some_and(|&o| o <= seq)
+            // queue goes, so this is amortised O(1) per record). A fingerprint's consumed
+            // slots are its oldest, so the first `queued - live` met from the front go.
+            let live = &mut self.live;
+            self.order.retain(|&(_, fp)| match live.get_mut(&fp) {
+                Some(c) if c.queued > c.live => {
+                    c.queued -= 1;
+                    false
+                }
+                _ => true,
             });
+            self.live.retain(|_, c| c.queued > 0);
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.live.entry(fp).or_default().push_back(seq);
-        self.order.push_back((now + self.ttl, seq, fp));
+        let c = self.live.entry(fp).or_default();
+        c.live += 1;
+        c.queued += 1;
+        self.order.push_back((now + self.ttl, fp));
         self.live_count += 1;
     }
 
     /// If a live record matches, consumes it and returns true: the message is an echo.
     pub(crate) fn take_echo(&mut self, fp: u64, now: Instant) -> bool {
         self.expire(now);
-        let Some(seqs) = self.live.get_mut(&fp) else {
-            return false;
-        };
-        seqs.pop_front();
-        if seqs.is_empty() {
-            self.live.remove(&fp);
+        match self.live.get_mut(&fp) {
+            Some(c) if c.live > 0 => c.live -= 1,
+            _ => return false,
         }
         self.live_count -= 1;
         self.compact_front();
@@ -128,56 +138,58 @@ impl EchoWindow {
 
     /// Approximate heap bytes held, for the metrics.
     pub(crate) fn approx_bytes(&self) -> usize {
-        self.order.len() * SLOT_BYTES
-            + self.live.len() * MAP_ENTRY_BYTES
-            + self.live_count * SEQ_BYTES
+        self.order.len() * SLOT_BYTES + self.live.len() * MAP_ENTRY_BYTES
     }
 
     /// The upper bound of [`approx_bytes`](Self::approx_bytes): the order queue holds at most
-    /// twice `max_entries` slots (consumed slots are compacted away), the map at most `max_entries`.
+    /// twice `max_entries` slots (consumed slots are compacted away), and the map an entry per
+    /// fingerprint with a slot.
     #[cfg(test)]
     pub(crate) fn max_bytes(&self) -> usize {
-        self.max_entries * (2 * SLOT_BYTES + MAP_ENTRY_BYTES + SEQ_BYTES)
+        2 * self.max_entries * (SLOT_BYTES + MAP_ENTRY_BYTES)
     }
 
-    fn is_live(&self, seq: u64, fp: u64) -> bool {
-        // Records of one fingerprint are consumed oldest first, so a record is live exactly when
-        // its sequence is not older than the oldest live one.
-        self.live
-            .get(&fp)
-            .and_then(|q| q.front())
-            .is_some_and(|&oldest| oldest <= seq)
+    /// Whether the front slot of the order queue is a live record.
+    fn front_live(&self) -> Option<bool> {
+        let &(_, fp) = self.order.front()?;
+        Some(self.live.get(&fp).is_some_and(|c| c.live == c.queued))
+    }
+
+    /// Removes the front slot of the order queue; returns its fingerprint and whether it was a
+    /// live record (then removed with it).
+    fn pop_front(&mut self) -> Option<(u64, bool)> {
+        let (_, fp) = self.order.pop_front()?;
+        let Some(c) = self.live.get_mut(&fp) else {
+            return Some((fp, false));
+        };
+        let was_live = c.live == c.queued;
+        c.queued -= 1;
+        if was_live {
+            c.live -= 1;
+            self.live_count -= 1;
+        }
+        if c.queued == 0 {
+            self.live.remove(&fp);
+        }
+        Some((fp, was_live))
     }
 
     /// Removes the oldest live record (skipping consumed ones); returns its fingerprint.
     fn pop_front_live(&mut self) -> Option<u64> {
-        while let Some((_, seq, fp)) = self.order.pop_front() {
-            if self.is_live(seq, fp) {
-                self.remove_oldest_of(fp);
+        while let Some((fp, was_live)) = self.pop_front() {
+            if was_live {
                 return Some(fp);
             }
         }
         None
     }
 
-    fn remove_oldest_of(&mut self, fp: u64) {
-        if let Some(q) = self.live.get_mut(&fp) {
-            q.pop_front();
-            if q.is_empty() {
-                self.live.remove(&fp);
-            }
-            self.live_count -= 1;
-        }
-    }
-
     fn expire(&mut self, now: Instant) {
-        while let Some(&(expiry, seq, fp)) = self.order.front() {
+        while let Some(&(expiry, _)) = self.order.front() {
             if expiry > now {
                 break;
             }
-            self.order.pop_front();
-            if self.is_live(seq, fp) {
-                self.remove_oldest_of(fp);
+            if let Some((_, true)) = self.pop_front() {
                 self.expirations += 1;
             }
         }
@@ -186,11 +198,8 @@ impl EchoWindow {
 
     /// Drops consumed records from the front so the order queue tracks only what is live.
     fn compact_front(&mut self) {
-        while let Some(&(_, seq, fp)) = self.order.front() {
-            if self.is_live(seq, fp) {
-                break;
-            }
-            self.order.pop_front();
+        while self.front_live() == Some(false) {
+            self.pop_front();
         }
         if self.order.capacity() > 64 && self.order.len() < self.order.capacity() / 4 {
             self.order.shrink_to(self.order.len().max(64));
@@ -537,6 +546,37 @@ mod tests {
         );
         assert!(w.approx_bytes() <= w.max_bytes());
         assert!(w.take_echo(fingerprint(b"stuck", b""), t0));
+    }
+
+    #[test]
+    fn repeated_content_behind_a_stuck_entry_keeps_its_live_records() {
+        // Slots of one fingerprint, some consumed and some live, behind a record whose echo
+        // never comes: the queue is cut back, and exactly the live records stay.
+        let t0 = Instant::now();
+        let mut w = EchoWindow::new(TTL, 4);
+        let (stuck, same, kept) = (
+            fingerprint(b"stuck", b""),
+            fingerprint(b"same", b""),
+            fingerprint(b"kept", b""),
+        );
+        w.record(stuck, t0);
+        w.record(kept, t0);
+        for _ in 0..100 {
+            w.record(same, t0);
+            w.record(same, t0);
+            assert!(w.take_echo(same, t0));
+            assert!(w.take_echo(same, t0));
+        }
+        w.record(same, t0);
+        assert_eq!(w.len(), 3);
+        assert!(w.order.len() <= 8, "order queue grew to {}", w.order.len());
+        assert!(w.approx_bytes() <= w.max_bytes());
+        assert!(w.take_echo(same, t0));
+        assert!(!w.take_echo(same, t0), "one live record of it was left");
+        assert!(w.take_echo(kept, t0));
+        assert!(w.take_echo(stuck, t0));
+        assert_eq!(w.evictions(), 0);
+        assert!(w.order.is_empty() && w.live.is_empty());
     }
 
     #[test]
