@@ -92,9 +92,11 @@ struct Lane<T> {
     cap: usize,
     /// Its connection ended: not used again.
     down: bool,
-    /// What it was handed and has not reported acknowledged, with its (origin) topic, by its
-    /// `seq`, oldest first (`None`: acknowledged, waiting for the older ones to be).
-    flight: VecDeque<(u64, Option<(T, Bytes)>)>,
+    /// What it was handed and has not reported acknowledged, oldest first, the front's `seq`
+    /// being `first` (`None`: acknowledged, waiting for the older ones to be). Over a long
+    /// path it holds thousands: nothing is kept per message but the message.
+    flight: VecDeque<Option<T>>,
+    first: u64,
     outstanding: usize,
     next: u64,
 }
@@ -107,6 +109,7 @@ impl<T> Lane<T> {
             cap: 0,
             down: false,
             flight: VecDeque::new(),
+            first: 0,
             outstanding: 0,
             next: 0,
         }
@@ -136,6 +139,17 @@ fn to(c: usize) -> Route {
     }
 }
 
+/// What the lanes hold: something with the (origin) topic its message is counted under.
+pub(crate) trait OnTopic {
+    fn topic(&self) -> &Bytes;
+}
+
+impl OnTopic for crate::router::Outbound {
+    fn topic(&self) -> &Bytes {
+        &self.msg.topic
+    }
+}
+
 /// A link's lanes: which topics go where, and what each holds. Generic over the message, so
 /// that it is tested without a broker. Dropping it ends the lanes' tasks.
 #[derive(Debug)]
@@ -158,7 +172,7 @@ impl<T> Drop for Spread<T> {
     }
 }
 
-impl<T> Spread<T> {
+impl<T: OnTopic> Spread<T> {
     /// `extra` lanes, not connected yet, the first speaking MQTT 3.1.1 if `v311`, reporting on
     /// `events` until `stop`.
     fn new(
@@ -261,7 +275,6 @@ impl<T> Spread<T> {
             return Err(item);
         };
         let seq = lane.next;
-        let origin_topic = msg.topic.clone();
         let publish = LanePublish {
             seq,
             msg,
@@ -271,11 +284,14 @@ impl<T> Spread<T> {
         if tx.send(publish).is_err() {
             return Err(item);
         }
+        if lane.flight.is_empty() {
+            lane.first = seq;
+        }
         lane.next += 1;
-        lane.flight
-            .push_back((seq, Some((item, origin_topic.clone()))));
+        self.count(item.topic(), i + 1);
+        let lane = &mut self.lanes[i];
+        lane.flight.push_back(Some(item));
         lane.outstanding += 1;
-        self.count(&origin_topic, i + 1);
         Ok(())
     }
 
@@ -303,16 +319,16 @@ impl<T> Spread<T> {
     /// Lane `i` had its publish `seq` acknowledged: the message, if it still holds it.
     pub(crate) fn acked(&mut self, i: usize, seq: u64) -> Option<T> {
         let lane = self.lanes.get_mut(i)?;
-        let first = lane.flight.front()?.0;
         let entry = lane
             .flight
-            .get_mut(usize::try_from(seq.checked_sub(first)?).ok()?)?;
-        let (item, topic) = entry.1.take()?;
+            .get_mut(usize::try_from(seq.checked_sub(lane.first)?).ok()?)?;
+        let item = entry.take()?;
         lane.outstanding -= 1;
-        while lane.flight.front().is_some_and(|(_, item)| item.is_none()) {
+        while lane.flight.front().is_some_and(Option::is_none) {
             lane.flight.pop_front();
+            lane.first += 1;
         }
-        self.uncount(&topic);
+        self.uncount(item.topic());
         Some(item)
     }
 
@@ -325,13 +341,12 @@ impl<T> Spread<T> {
         lane.down = true;
         lane.tx = None;
         lane.outstanding = 0;
-        let held: Vec<(T, Bytes)> = lane.flight.drain(..).filter_map(|(_, e)| e).collect();
-        held.into_iter()
-            .map(|(item, topic)| {
-                self.uncount(&topic);
-                item
-            })
-            .collect()
+        lane.first = lane.next;
+        let held: Vec<T> = lane.flight.drain(..).flatten().collect();
+        for item in &held {
+            self.uncount(item.topic());
+        }
+        held
     }
 
     /// Everything the lanes hold, lane by lane, each in the order it was handed over (no topic
@@ -342,11 +357,9 @@ impl<T> Spread<T> {
 
     /// Everything the lanes hold (to move it to the spool).
     pub(crate) fn all_mut(&mut self) -> impl Iterator<Item = &mut T> {
-        self.lanes.iter_mut().flat_map(|l| {
-            l.flight
-                .iter_mut()
-                .filter_map(|(_, e)| e.as_mut().map(|(item, _)| item))
-        })
+        self.lanes
+            .iter_mut()
+            .flat_map(|l| l.flight.iter_mut().flatten())
     }
 
     /// Messages the lanes hold.
@@ -377,7 +390,7 @@ impl<T> Spread<T> {
 
 /// Opens `extra` lanes to the broker of `settings`, client ids `<id>~lane<n>@<instance>`, the
 /// first speaking MQTT 3.1.1 if `v311`.
-pub(crate) fn open<T>(
+pub(crate) fn open<T: OnTopic>(
     settings: &SessionSettings,
     instance: &str,
     extra: usize,
@@ -459,7 +472,17 @@ async fn lane(
 mod tests {
     use super::*;
 
-    fn spread(extra: usize) -> Spread<u32> {
+    /// A message numbered `.0`, on topic `.1`.
+    #[derive(Debug)]
+    struct Item(u32, Bytes);
+
+    impl OnTopic for Item {
+        fn topic(&self) -> &Bytes {
+            &self.1
+        }
+    }
+
+    fn spread(extra: usize) -> Spread<Item> {
         let (_tx, rx) = mpsc::unbounded_channel();
         Spread::new(extra, false, rx, CancellationToken::new())
     }
@@ -475,14 +498,21 @@ mod tests {
     }
 
     /// Lane `i` connected with room for `cap`; the receiver of what it is handed.
-    fn connect(s: &mut Spread<u32>, i: usize, cap: usize) -> mpsc::UnboundedReceiver<LanePublish> {
+    fn connect(s: &mut Spread<Item>, i: usize, cap: usize) -> mpsc::UnboundedReceiver<LanePublish> {
         let (tx, rx) = mpsc::unbounded_channel();
         s.up(i, tx, cap);
         rx
     }
 
-    fn hand(s: &mut Spread<u32>, i: usize, n: u32, topic: &'static str) -> Result<(), u32> {
-        s.hand(i, n, msg(topic), topic.into(), None)
+    fn hand(s: &mut Spread<Item>, i: usize, n: u32, topic: &'static str) -> Result<(), u32> {
+        let item = Item(n, Bytes::from_static(topic.as_bytes()));
+        s.hand(i, item, msg(topic), topic.into(), None)
+            .map_err(|item| item.0)
+    }
+
+    /// [`Spread::acked`], the message's number.
+    fn acked(s: &mut Spread<Item>, i: usize, seq: u64) -> Option<u32> {
+        s.acked(i, seq).map(|item| item.0)
     }
 
     #[test]
@@ -539,12 +569,16 @@ mod tests {
         );
         let seqs: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok().map(|p| p.seq)).collect();
         assert_eq!(seqs, [0, 1, 2]);
-        assert_eq!(s.acked(0, 1), Some(1), "acknowledged out of order");
-        assert_eq!(s.acked(0, 1), None, "once");
+        assert_eq!(acked(&mut s, 0, 1), Some(1), "acknowledged out of order");
+        assert_eq!(acked(&mut s, 0, 1), None, "once");
         assert_eq!(s.outstanding(), 2);
         assert!(hand(&mut s, 0, 3, "t").is_ok());
-        assert_eq!(s.acked(0, 0), Some(0));
-        assert_eq!(s.down(0), vec![2, 3], "what it held, in order");
+        assert_eq!(acked(&mut s, 0, 0), Some(0));
+        assert_eq!(
+            s.down(0).iter().map(|item| item.0).collect::<Vec<_>>(),
+            [2, 3],
+            "what it held, in order"
+        );
         assert!(s.topics.is_empty(), "t has nothing in flight any more");
         assert_eq!(s.route(&Bytes::from_static(b"t"), 9, true), Route::Own);
         assert_eq!(
@@ -558,7 +592,7 @@ mod tests {
     #[test]
     fn the_311_lane_takes_plain_messages_only_and_keeps_its_topics() {
         let (_tx, rx) = mpsc::unbounded_channel();
-        let mut s: Spread<u32> = Spread::new(2, true, rx, CancellationToken::new());
+        let mut s: Spread<Item> = Spread::new(2, true, rx, CancellationToken::new());
         let _rx0 = connect(&mut s, 0, 8192);
         let _rx1 = connect(&mut s, 1, 100);
         assert!(s.v311(0) && !s.v311(1));
@@ -578,7 +612,7 @@ mod tests {
             "full: a waits for room on its lane"
         );
         assert_eq!(
-            s.acked(0, 0),
+            acked(&mut s, 0, 0),
             Some(0),
             "one acknowledged: room again on the lane"
         );
@@ -594,7 +628,7 @@ mod tests {
             "and what follows waits behind it, in order"
         );
         for seq in 1..8192 {
-            s.acked(0, seq).unwrap();
+            acked(&mut s, 0, seq).unwrap();
         }
         assert_eq!(
             s.route(&a, 50, false),
@@ -609,7 +643,7 @@ mod tests {
     #[test]
     fn with_the_311_lane_the_route_depends_on_the_message() {
         let (_tx, rx) = mpsc::unbounded_channel();
-        let mut s: Spread<u32> = Spread::new(1, true, rx, CancellationToken::new());
+        let mut s: Spread<Item> = Spread::new(1, true, rx, CancellationToken::new());
         let _rx0 = connect(&mut s, 0, 8192);
         let t = Bytes::from_static(b"t");
         assert_eq!(s.route(&t, 0, false), Route::Wait, "properties: no room");
