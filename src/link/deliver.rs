@@ -19,6 +19,9 @@ use crate::message::Protocol;
 use crate::metrics::{self, inc};
 use crate::router::Outbound;
 
+/// Messages taken from the queue at a time while filling the window.
+const FILL_BATCH: usize = 256;
+
 impl Link {
     /// Connected, with room in the in-flight window, not changing role.
     pub(super) fn has_room(&self, conn: &Conn) -> bool {
@@ -55,48 +58,61 @@ impl Link {
             free = free.min(pace.allowed(now));
         }
         let mut batch = std::mem::take(&mut conn.batch);
-        self.ctx.queue.take(free, &mut batch);
-        let had = !batch.is_empty();
-        let taken = batch.len();
+        let mut taken = 0;
+        let mut stopped = false;
         let mut held = Vec::new();
         // Topics with a message held in this pass: later ones of the topic are held too (see
         // above). Allocated only once a message is held.
         let mut held_topics: Option<HashSet<Bytes, ahash::RandomState>> = None;
-        let mut items = batch.drain(..);
-        while let Some(item) = items.next() {
-            if held_topics
-                .as_ref()
-                .is_some_and(|t| t.contains(&item.msg.topic))
-            {
-                held.push(item);
-                continue;
+        // Taken from the queue `FILL_BATCH` at a time: a window that opens by thousands (a
+        // long path) would otherwise leave the batch's buffer that large for good, beside the
+        // queue's and the flight's.
+        'fill: while free > 0 {
+            let want = free.min(FILL_BATCH);
+            self.ctx.queue.take(want, &mut batch);
+            let n = batch.len();
+            taken += n;
+            free -= n;
+            let mut items = batch.drain(..);
+            while let Some(item) = items.next() {
+                if held_topics
+                    .as_ref()
+                    .is_some_and(|t| t.contains(&item.msg.topic))
+                {
+                    held.push(item);
+                    continue;
+                }
+                match self.publish(conn, item, now) {
+                    Ok(()) => {}
+                    Err(NotSent::Held(item)) => {
+                        held_topics
+                            .get_or_insert_with(HashSet::default)
+                            .insert(item.msg.topic.clone());
+                        held.push(item);
+                    }
+                    Err(NotSent::Stop(item)) => {
+                        held.push(item);
+                        held.extend(items);
+                        stopped = true;
+                        break 'fill;
+                    }
+                }
             }
-            match self.publish(conn, item, now) {
-                Ok(()) => {}
-                Err(NotSent::Held(item)) => {
-                    held_topics
-                        .get_or_insert_with(HashSet::default)
-                        .insert(item.msg.topic.clone());
-                    held.push(item);
-                }
-                Err(NotSent::Stop(item)) => {
-                    held.push(item);
-                    held.extend(items);
-                    self.spend_drain(paced, taken - held.len());
-                    self.ctx.queue.requeue_front(held);
-                    conn.batch = batch;
-                    return false;
-                }
+            if n < want {
+                break;
             }
         }
-        drop(items);
         conn.batch = batch;
         self.spend_drain(paced, taken - held.len());
-        if had {
+        if stopped {
+            self.ctx.queue.requeue_front(held);
+            return false;
+        }
+        if taken > 0 {
             self.update_gauges(conn);
         }
         if held.is_empty() {
-            return had;
+            return taken > 0;
         }
         self.ctx.queue.requeue_front(held);
         false
