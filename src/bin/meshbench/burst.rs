@@ -7,7 +7,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Opts, Result_, Seen, cpu_of, peak_rss_mib, percentile, publish, subscriber};
+use super::{
+    Opts, Result_, Seen, cpu_of, machine_cpu, peak_rss_mib, percentile, publish, subscriber,
+};
 
 /// How long a burst may take to be delivered before what is still missing counts as lost.
 const BURST_DEADLINE: Duration = Duration::from_secs(300);
@@ -30,6 +32,7 @@ pub(super) async fn measure(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let total = n * o.burst_origins;
     let cpu0 = cpu();
+    let machine0 = machine_cpu();
     let started = Instant::now();
     let publishers: Vec<_> = (0..o.burst_origins)
         .map(|k| {
@@ -45,6 +48,7 @@ pub(super) async fn measure(
     while !seen.iter().all(complete) && started.elapsed() < BURST_DEADLINE {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let machine1 = machine_cpu();
     let mut r = Result_::default();
     let mut last = started;
     let mut lat = Vec::new();
@@ -62,6 +66,11 @@ pub(super) async fn measure(
     // Every message crosses to every broker but its origin.
     let forwards = (total * (ports.len() - 1)) as f64;
     r.cpu_per_msg_us = (cpu() - cpu0) / forwards * 1e6;
+    // The machine's busy time spent on everything but the contender (the 32 brokers, the
+    // publishers and subscribers) per forward: what bounds any bridge on this machine.
+    let busy = machine1.0 - machine0.0;
+    r.machine_busy = busy / (machine1.1 - machine0.1).max(1e-6);
+    r.others_per_msg_us = (busy / forwards * 1e6 - r.cpu_per_msg_us).max(0.0);
     r.p50_ms = percentile(&lat, 0.50);
     r.p99_ms = percentile(&lat, 0.99);
     r.peak_rss_mib = pids.iter().map(|p| peak_rss_mib(*p)).sum();

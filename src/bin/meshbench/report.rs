@@ -144,6 +144,7 @@ pub(super) fn summary(o: &Opts, runs: &[(Result_, Result_, Option<u64>)], direct
         row("burst msgs everywhere/s", |r| r.throughput);
         row("seconds to deliver it", |r| r.burst_secs);
         ending("latency");
+        machine_bound(runs, label, "burst");
         return;
     }
     if o.outage.is_some() {
@@ -209,13 +210,6 @@ fn spooled_row(runs: &[(Result_, Result_, Option<u64>)]) {
 
 /// What no contender can beat on this machine, and the ceiling without a bridge.
 fn bounds(o: &Opts, runs: &[(Result_, Result_, Option<u64>)], directs: &[Result_], label: &str) {
-    let med = |f: fn(&Result_) -> f64, bridge: bool| {
-        median(
-            runs.iter()
-                .map(|(a, b, _)| if bridge { f(b) } else { f(a) })
-                .collect(),
-        )
-    };
     // What no contender can beat on this machine. At the fixed rate: the kernel's part of the
     // bridge's CPU (socket calls, loopback delivery, wake-ups) against the master's whole CPU.
     // Flat out: the machine's busy time spent on everything but the contender (brokers, load
@@ -229,23 +223,7 @@ fn bounds(o: &Opts, runs: &[(Result_, Result_, Option<u64>)], directs: &[Result_
         )
     );
     if !o.steady {
-        println!(
-            "flat out{label}: machine busy {:.0} % / {:.0} %, the rest's CPU µs per forwarded msg {:.2} / {:.2}; \
-             a bridge costing nothing: throughput {:.2}x the master's",
-            med(|r| r.machine_busy, false) * 100.0,
-            med(|r| r.machine_busy, true) * 100.0,
-            med(|r| r.others_per_msg_us, false),
-            med(|r| r.others_per_msg_us, true),
-            median(
-                runs.iter()
-                    .map(|(a, b, _)| {
-                        let free = (b.others_per_msg_us + b.cpu_per_msg_us)
-                            / b.others_per_msg_us.max(1e-9);
-                        b.throughput * free / a.throughput
-                    })
-                    .collect()
-            ),
-        );
+        machine_bound(runs, label, "flat out");
     }
     // How far from the limit: the same load on one broker, no bridge.
     let direct = |f: fn(&Result_) -> f64| median(directs.iter().map(f).collect());
@@ -276,5 +254,35 @@ fn bounds(o: &Opts, runs: &[(Result_, Result_, Option<u64>)], directs: &[Result_
         },
         of_direct(|r| r.p50_ms),
         of_direct(|r| r.p99_ms),
+    );
+}
+
+/// The machine's busy share in each contender's run, what everything but the contender spent
+/// per forwarded message (brokers, load generator), and the throughput the bridge's run would
+/// reach if the bridge itself cost nothing, against the master's: medians over the runs.
+fn machine_bound(runs: &[(Result_, Result_, Option<u64>)], label: &str, case: &str) {
+    let med = |f: fn(&Result_) -> f64, bridge: bool| {
+        median(
+            runs.iter()
+                .map(|(a, b, _)| if bridge { f(b) } else { f(a) })
+                .collect(),
+        )
+    };
+    println!(
+        "{case}{label}: machine busy {:.0} % / {:.0} %, the rest's CPU µs per forwarded msg {:.2} / {:.2}; \
+         a bridge costing nothing: throughput {:.2}x the master's",
+        med(|r| r.machine_busy, false) * 100.0,
+        med(|r| r.machine_busy, true) * 100.0,
+        med(|r| r.others_per_msg_us, false),
+        med(|r| r.others_per_msg_us, true),
+        median(
+            runs.iter()
+                .map(|(a, b, _)| {
+                    let free =
+                        (b.others_per_msg_us + b.cpu_per_msg_us) / b.others_per_msg_us.max(1e-9);
+                    b.throughput * free / a.throughput
+                })
+                .collect()
+        ),
     );
 }
