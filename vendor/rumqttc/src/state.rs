@@ -184,9 +184,11 @@ impl MqttState {
     /// Returns inflight outgoing packets and clears internal queues
     pub fn clean(&mut self) -> Vec<Request> {
         let mut pending = Vec::with_capacity(100);
-        let (first_half, second_half) = self
-            .outgoing_pub
-            .split_at_mut(self.last_puback as usize + 1);
+        // meshbridge patch: `outgoing_pub` grows on demand and stays at its first size without
+        // `keep_publish_copies`, so the last acknowledged id may lie beyond it (upstream's
+        // split then panicked when a connection with more than 128 ids in flight ended).
+        let mid = (self.last_puback as usize + 1).min(self.outgoing_pub.len());
+        let (first_half, second_half) = self.outgoing_pub.split_at_mut(mid);
 
         for publish in second_half.iter_mut().chain(first_half) {
             if let Some(publish) = publish.take() {
@@ -952,5 +954,16 @@ mod test {
                 unreachable!()
             }
         }
+    }
+
+    /// meshbridge patch: without publish copies the slots stay at their first size, and the
+    /// last acknowledged id may lie beyond them: the connection's end must not panic.
+    #[test]
+    fn clean_after_an_acknowledgement_beyond_the_slots() {
+        let mut mqtt = build_mqttstate();
+        mqtt.keep_publish_copies = false;
+        mqtt.last_puback = u16::MAX;
+        assert!(mqtt.outgoing_pub.len() < usize::from(u16::MAX));
+        assert!(mqtt.clean().is_empty());
     }
 }
