@@ -1099,6 +1099,74 @@ async fn each_site_consumes_the_broker_it_prefers_and_gets_it_back_after_a_failo
     println!("duplicates across the failover and the handback: {dups}");
 }
 
+/// Issue 28, several processes over a WAN: "a" consumes b1 and publishes b1's stream into b2
+/// and b3, which the other process consumes, each through a proxy with a 100 ms round trip.
+/// Held back there by the brokers' Receive Maximum (100), a's links open a 3.1.1 lane, whose
+/// publishes come back to the other process untagged: the lane publishes an echo note before
+/// each, on the same connection, and the consumer drops the echo. Nothing lost, no duplicate,
+/// nothing sent back to b1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_311_lane_into_a_broker_another_process_consumes_announces_its_echoes() {
+    let (tmp, certs, brokers) = lab3();
+    let proxies: Vec<Proxy> = brokers
+        .iter()
+        .map(|b| Proxy::delayed(b.tls_port, Duration::from_millis(50)))
+        .collect();
+    let list: Vec<(String, u16, &str)> = brokers
+        .iter()
+        .zip(&proxies)
+        .map(|(b, p)| (b.name.clone(), p.port, "v5"))
+        .collect();
+    let other = preferred_over("a", "b1");
+    let preferring = |name: &str, prefer: &str| {
+        let dir = tmp.path().join(format!("mesh-{name}"));
+        let cfg = config(&certs, &dir, "mesh", name, &list)
+            .replacen("[bridge]\n", &format!("[bridge]\nprefer = [{prefer}]\n"), 1)
+            // The window may open beyond the brokers' Receive Maximum (the default).
+            .replacen(
+                &format!("inflight_max = {INFLIGHT}"),
+                "inflight_max = 8192",
+                1,
+            );
+        Instance {
+            name: name.to_string(),
+            admin: common::admin_addr(&cfg),
+            bridge: Bridge::start(&dir, &cfg),
+        }
+    };
+    let a = preferring("a", "\"b1\"");
+    let b = preferring(&other, "\"b2\", \"b3\"");
+    let want: BTreeMap<String, String> = [("b1", "a"), ("b2", &*other), ("b3", &*other)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    owned_as(&[&a, &b], &want, "not each its own").await;
+    let back = mqtt::subscribe(brokers[0].plain_port, "s-b1", "seq/#").await;
+    let subs = targets(&brokers).await;
+    let n = 4000;
+    stream(&brokers[0], n, 0).await.unwrap();
+    let dups = no_loss(&brokers, &subs, n).await;
+    assert_eq!(dups, 0, "duplicates without any failure");
+    let (_, again, _) = count(&back, "seq/b1", n);
+    assert_eq!(again, 0, "b1 got its own messages back");
+    assert!(
+        a.bridge
+            .wait_log("one of them MQTT 3.1.1", 2, Duration::from_secs(5)),
+        "a should publish into b2 and b3 on a 3.1.1 lane:\n{}",
+        a.bridge.log()
+    );
+    let metrics = http_get(&format!("http://{}/metrics", b.admin), None).1;
+    for broker in ["b2", "b3"] {
+        let echoes =
+            common::metric(&metrics, "meshbridge_dropped_echo_total", broker).unwrap_or(0.0);
+        println!("{broker}: echoes dropped by {other}, the consumer: {echoes}");
+        assert!(
+            echoes >= (n / 2) as f64,
+            "{broker}: the 3.1.1 lane should carry most of the stream: {echoes}"
+        );
+    }
+}
+
 /// Waits up to 30 s until the three brokers are owned as `want` says; panics with `what`.
 async fn owned_as(instances: &[&Instance], want: &BTreeMap<String, String>, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -279,10 +279,21 @@ impl Link {
         } else {
             self.properties_for(&item)
         };
-        let fp = v311.then(|| fingerprint(topic.as_bytes(), &item.msg.payload));
+        // The 3.1.1 lane's echo carries no origin tag. Where this process consumes the broker
+        // it comes back to this link, which knows it by its fingerprint; where another one
+        // does, the lane first publishes an echo note for it on the same connection (as a
+        // 3.1.1 link does, see `note_echo`), so the note arrives first.
+        let consumer = self.role.consumer();
+        let fp = (v311 && consumer).then(|| fingerprint(topic.as_bytes(), &item.msg.payload));
+        let note = (v311 && !consumer).then(|| {
+            let fp = ha::portable_fingerprint(topic.as_bytes(), &item.msg.payload);
+            let note = self.ctx.ha.control.echo_topic();
+            let body = self.ctx.ha.seal(&note, fp.to_be_bytes().to_vec());
+            (note, body)
+        });
         let msg = item.msg.clone();
         spread
-            .hand(lane, item, msg, topic, properties)
+            .hand(lane, item, msg, topic, properties, note)
             .map_err(NotSent::Held)?;
         if let Some(fp) = fp {
             self.echo.record(fp, now);

@@ -339,9 +339,10 @@ impl Link {
         let settings = &self.ctx.settings;
         let extra = usize::from(settings.publish_connections).saturating_sub(1);
         let spread = extra > 0 && settings.broker.protocol == Protocol::V5;
-        // The echo of what a 3.1.1 lane publishes is known by its fingerprint, on this link's
-        // subscription only: not where another instance consumes the broker.
-        let v311 = spread && settings.v311_lane && self.role.consumer();
+        // The echo of what a 3.1.1 lane publishes is known by its fingerprint: on this link's
+        // subscription where this process consumes the broker, by an echo note the lane
+        // publishes first where another one does (see `Link::hand_to_lane`).
+        let v311 = spread && settings.v311_lane;
         warn!(
             receive_maximum = max,
             round_trip_ms = ms.round(),

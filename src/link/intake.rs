@@ -34,11 +34,13 @@ impl Link {
         }
     }
 
-    /// On a 3.1.1 link, or one publishing on a 3.1.1 lane (see [`super::spread`]): whether
-    /// `msg` (fingerprint `fp`) is the echo of what this link, or another instance (its echo
-    /// note), published here; taken out of the window if so.
+    /// On a 3.1.1 link, or where a 3.1.1 lane (see [`super::spread`]) of this process or of
+    /// another one published: whether `msg` (fingerprint `fp`) is the echo of what this link,
+    /// or another instance (its echo note), published here; taken out of the window if so.
     pub(super) fn take_311_echo(&mut self, fp: u64, msg: &Message, now: Instant) -> bool {
-        (self.ctx.settings.broker.protocol == Protocol::V311 || !self.echo.is_empty())
+        (self.ctx.settings.broker.protocol == Protocol::V311
+            || !self.echo.is_empty()
+            || !self.peer_echo.is_empty())
             && (self.echo.take_echo(fp, now)
                 || (!self.peer_echo.is_empty()
                     && self

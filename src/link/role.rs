@@ -10,7 +10,7 @@ use tracing::{debug, info, warn};
 use super::{Conn, Link};
 use crate::ha::role::{Action, Now, Stale, SwitchWhy};
 use crate::ha::{self, InstanceRecord, OwnerRecord};
-use crate::message::{Message, Protocol};
+use crate::message::Message;
 use crate::metrics::{self, inc};
 use crate::park::io as park;
 use crate::seal::{ControlKind, Rejected};
@@ -63,13 +63,11 @@ impl Link {
                 if sealed_at.is_some_and(|t| !fresh(t, self.ctx.dedup_window)) {
                     return rejected(Rejected::Stale);
                 }
-                // Only another live instance of the mesh writes notes, and only for a 3.1.1
-                // broker: any other note is not the mesh's, and must not make this link drop a
-                // message (a mesh of one process needs no key for that).
-                let v311 = self.ctx.settings.broker.protocol == Protocol::V311;
-                if let (true, true, Ok(fp)) =
-                    (self.role.has_peers(now), v311, <[u8; 8]>::try_from(body))
-                {
+                // Only another live instance of the mesh writes notes (a 3.1.1 link, or the
+                // 3.1.1 lane of an MQTT 5 link): with no peer, a note is not the mesh's, and
+                // must not make this link drop a message (a mesh of one process needs no key
+                // for that).
+                if let (true, Ok(fp)) = (self.role.has_peers(now), <[u8; 8]>::try_from(body)) {
                     self.peer_echo.record(u64::from_be_bytes(fp), now.at);
                 }
                 return;

@@ -67,6 +67,10 @@ pub(crate) struct LanePublish {
     msg: Arc<Message>,
     topic: String,
     properties: Option<Box<PublishProperties>>,
+    /// An echo note (topic, sealed body) the lane publishes first, at QoS 0, on the same
+    /// connection: the 3.1.1 lane of a process that does not consume the broker tells the one
+    /// that does what its echo will be (see `Link::hand_to_lane`).
+    note: Option<(String, Vec<u8>)>,
 }
 
 /// Where a QoS 1 message goes (see [`Spread::route`]).
@@ -260,8 +264,9 @@ impl<T: OnTopic> Spread<T> {
         }
     }
 
-    /// Hands `item` to lane `i` to be published as `msg` on `topic`; given back when the lane
-    /// has no room (its Receive Maximum) or its task is gone (its `Down` is on the way).
+    /// Hands `item` to lane `i` to be published as `msg` on `topic`, after `note` if any;
+    /// given back when the lane has no room (its Receive Maximum) or its task is gone (its
+    /// `Down` is on the way).
     pub(crate) fn hand(
         &mut self,
         i: usize,
@@ -269,6 +274,7 @@ impl<T: OnTopic> Spread<T> {
         msg: Arc<Message>,
         topic: String,
         properties: Option<Box<PublishProperties>>,
+        note: Option<(String, Vec<u8>)>,
     ) -> Result<(), T> {
         let lane = &mut self.lanes[i];
         let Some(tx) = lane.tx.as_ref().filter(|_| lane.free(true) > 0) else {
@@ -280,6 +286,7 @@ impl<T: OnTopic> Spread<T> {
             msg,
             topic,
             properties,
+            note,
         };
         if tx.send(publish).is_err() {
             return Err(item);
@@ -457,6 +464,11 @@ async fn lane(
                 let Some(pkid) = flight.free_id(settings.inflight_max) else {
                     break "no free packet id".to_string();
                 };
+                if let Some((note, body)) = p.note
+                    && s.client.publish_record(&note, body, 0, 0, false, None).is_err()
+                {
+                    break "the connection takes no more".to_string();
+                }
                 if s.client.publish(&p.msg, &p.topic, 1, pkid, p.properties).is_err() {
                     break "the connection takes no more".to_string();
                 }
@@ -506,7 +518,7 @@ mod tests {
 
     fn hand(s: &mut Spread<Item>, i: usize, n: u32, topic: &'static str) -> Result<(), u32> {
         let item = Item(n, Bytes::from_static(topic.as_bytes()));
-        s.hand(i, item, msg(topic), topic.into(), None)
+        s.hand(i, item, msg(topic), topic.into(), None, None)
             .map_err(|item| item.0)
     }
 
