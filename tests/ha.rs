@@ -1057,29 +1057,8 @@ async fn a_broker_that_refuses_dollar_topics_is_consumed_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_site_consumes_the_broker_it_prefers_and_gets_it_back_after_a_failover() {
     let (tmp, certs, brokers) = lab3();
-    let list = direct(&brokers);
-    // Without preferences the rendezvous would give b1 to the second instance.
-    let other = preferred_over("a", "b1");
-    let preferring = |name: &str, prefer: &str| {
-        let dir = tmp.path().join(format!("mesh-{name}"));
-        let cfg = config(&certs, &dir, "mesh", name, &list).replacen(
-            "[bridge]\n",
-            &format!("[bridge]\nprefer = [{prefer}]\n"),
-            1,
-        );
-        Instance {
-            name: name.to_string(),
-            admin: common::admin_addr(&cfg),
-            bridge: Bridge::start(&dir, &cfg),
-        }
-    };
-    let mut a = preferring("a", "\"b1\"");
-    let b = preferring(&other, "\"b2\", \"b3\"");
-    let want: BTreeMap<String, String> = [("b1", "a"), ("b2", &*other), ("b3", &*other)]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    owned_as(&[&a, &b], &want, "not each its own").await;
+    let (mut a, b, want) = each_its_own(tmp.path(), &certs, &direct(&brokers), |c| c).await;
+    let other = b.name.clone();
     let subs = targets(&brokers).await;
     let n = 12_000;
     let publisher = stream(&brokers[0], n, 500);
@@ -1117,30 +1096,16 @@ async fn a_311_lane_into_a_broker_another_process_consumes_announces_its_echoes(
         .zip(&proxies)
         .map(|(b, p)| (b.name.clone(), p.port, "v5"))
         .collect();
-    let other = preferred_over("a", "b1");
-    let preferring = |name: &str, prefer: &str| {
-        let dir = tmp.path().join(format!("mesh-{name}"));
-        let cfg = config(&certs, &dir, "mesh", name, &list)
-            .replacen("[bridge]\n", &format!("[bridge]\nprefer = [{prefer}]\n"), 1)
-            // The window may open beyond the brokers' Receive Maximum (the default).
-            .replacen(
-                &format!("inflight_max = {INFLIGHT}"),
-                "inflight_max = 8192",
-                1,
-            );
-        Instance {
-            name: name.to_string(),
-            admin: common::admin_addr(&cfg),
-            bridge: Bridge::start(&dir, &cfg),
-        }
-    };
-    let a = preferring("a", "\"b1\"");
-    let b = preferring(&other, "\"b2\", \"b3\"");
-    let want: BTreeMap<String, String> = [("b1", "a"), ("b2", &*other), ("b3", &*other)]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    owned_as(&[&a, &b], &want, "not each its own").await;
+    // The window may open beyond the brokers' Receive Maximum (the default).
+    let (a, b, _) = each_its_own(tmp.path(), &certs, &list, |c| {
+        c.replacen(
+            &format!("inflight_max = {INFLIGHT}"),
+            "inflight_max = 8192",
+            1,
+        )
+    })
+    .await;
+    let other = &b.name;
     let back = mqtt::subscribe(brokers[0].plain_port, "s-b1", "seq/#").await;
     let subs = targets(&brokers).await;
     let n = 4000;
@@ -1165,6 +1130,39 @@ async fn a_311_lane_into_a_broker_another_process_consumes_announces_its_echoes(
             "{broker}: the 3.1.1 lane should carry most of the stream: {echoes}"
         );
     }
+}
+
+/// Two processes of one mesh with site preferences (`[bridge] prefer`), each config edited by
+/// `tweak`: "a" consumes b1, the other, named so that the rendezvous alone would give it b1,
+/// consumes b2 and b3. Returns them once they own the brokers so, with who owns what.
+async fn each_its_own(
+    tmp: &std::path::Path,
+    certs: &Certs,
+    list: &[(String, u16, &str)],
+    tweak: impl Fn(String) -> String,
+) -> (Instance, Instance, BTreeMap<String, String>) {
+    let other = preferred_over("a", "b1");
+    let preferring = |name: &str, prefer: &str| {
+        let dir = tmp.join(format!("mesh-{name}"));
+        let cfg = tweak(config(certs, &dir, "mesh", name, list).replacen(
+            "[bridge]\n",
+            &format!("[bridge]\nprefer = [{prefer}]\n"),
+            1,
+        ));
+        Instance {
+            name: name.to_string(),
+            admin: common::admin_addr(&cfg),
+            bridge: Bridge::start(&dir, &cfg),
+        }
+    };
+    let a = preferring("a", "\"b1\"");
+    let b = preferring(&other, "\"b2\", \"b3\"");
+    let want: BTreeMap<String, String> = [("b1", "a"), ("b2", &*other), ("b3", &*other)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    owned_as(&[&a, &b], &want, "not each its own").await;
+    (a, b, want)
 }
 
 /// Waits up to 30 s until the three brokers are owned as `want` says; panics with `what`.
