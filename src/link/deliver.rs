@@ -292,12 +292,7 @@ impl Link {
         // 3.1.1 link does, see `note_echo`), so the note arrives first.
         let consumer = self.role.consumer();
         let fp = (v311 && consumer).then(|| fingerprint(topic.as_bytes(), &item.msg.payload));
-        let note = (v311 && !consumer).then(|| {
-            let fp = ha::portable_fingerprint(topic.as_bytes(), &item.msg.payload);
-            let note = self.ctx.ha.control.echo_topic();
-            let body = self.ctx.ha.seal(&note, fp.to_be_bytes().to_vec());
-            (note, body)
-        });
+        let note = (v311 && !consumer).then(|| self.echo_note(&topic, &item));
         let msg = item.msg.clone();
         spread
             .hand(lane, item, msg, topic, properties, note)
@@ -349,9 +344,7 @@ impl Link {
     /// next is an echo (a 3.1.1 message carries no origin tag). Same connection, so the note
     /// arrives first. False when the client cannot take it now.
     fn note_echo(&mut self, conn: &mut Conn, topic: &str, item: &Outbound) -> bool {
-        let fp = ha::portable_fingerprint(topic.as_bytes(), &item.msg.payload);
-        let note = self.ctx.ha.control.echo_topic();
-        let payload = self.ctx.ha.seal(&note, fp.to_be_bytes().to_vec());
+        let (note, payload) = self.echo_note(topic, item);
         let queued = conn
             .client
             .publish_record(&note, payload, 0, 0, false, None)
@@ -360,6 +353,15 @@ impl Link {
             conn.flight.handed_control();
         }
         queued
+    }
+
+    /// The echo note (its topic and sealed body) that tells another instance consuming this
+    /// broker that `item`, published on `topic`, is the mesh's: its portable fingerprint.
+    fn echo_note(&self, topic: &str, item: &Outbound) -> (String, Vec<u8>) {
+        let fp = ha::portable_fingerprint(topic.as_bytes(), &item.msg.payload);
+        let note = self.ctx.ha.control.echo_topic();
+        let body = self.ctx.ha.seal(&note, fp.to_be_bytes().to_vec());
+        (note, body)
     }
 
     /// Why `item`, mapped to `topic`, cannot be sent to this broker, if it cannot: a topic
