@@ -9,7 +9,6 @@ use super::Link;
 use super::session::Client;
 use crate::dedup::{StormVerdict, fingerprint};
 use crate::ha;
-use crate::message::Protocol;
 use crate::message::{AckRequest, Message};
 use crate::metrics::{self, inc};
 
@@ -34,18 +33,16 @@ impl Link {
         }
     }
 
-    /// On a 3.1.1 link, or where a 3.1.1 lane (see [`super::spread`]) of this process or of
-    /// another one published: whether `msg` (fingerprint `fp`) is the echo of what this link,
-    /// or another instance (its echo note), published here; taken out of the window if so.
+    /// Whether `msg` (fingerprint `fp`) is the echo of what this link (a 3.1.1 link, or its
+    /// 3.1.1 lane, see [`super::spread`]) or another instance (its echo note) published here;
+    /// taken out of its window if so. Where neither expects an echo (an MQTT 5 link without
+    /// a 3.1.1 lane, in a mesh of one process), nothing is looked up.
     pub(super) fn take_311_echo(&mut self, fp: u64, msg: &Message, now: Instant) -> bool {
-        (self.ctx.settings.broker.protocol == Protocol::V311
-            || !self.echo.is_empty()
-            || !self.peer_echo.is_empty())
-            && (self.echo.take_echo(fp, now)
-                || (!self.peer_echo.is_empty()
-                    && self
-                        .peer_echo
-                        .take_echo(ha::portable_fingerprint(&msg.topic, &msg.payload), now)))
+        (!self.echo.is_empty() && self.echo.take_echo(fp, now))
+            || (!self.peer_echo.is_empty()
+                && self
+                    .peer_echo
+                    .take_echo(ha::portable_fingerprint(&msg.topic, &msg.payload), now))
     }
 
     pub(super) fn on_publish(&mut self, msg: Message, ack: Option<AckRequest>) {
