@@ -23,12 +23,13 @@
 //! - **The cost.** A message published on a lane comes back on the link's own subscription
 //!   (No Local holds for the publishing session only) and is dropped there by its origin tag:
 //!   lanes open only on a long path held back by the broker, never on loopback.
-//! - **The 3.1.1 lane** (`v311_lane`, where this link consumes the broker). The Receive Maximum
-//!   is an MQTT 5 limit: the first lane speaks MQTT 3.1.1, which sets none, and takes up to
-//!   `inflight_max` in flight. It carries only messages that need nothing of MQTT 5
-//!   ([`Message::plain`]); what it publishes has no origin tag, so the link records each
-//!   publish's fingerprint and drops the echo by it, as on a 3.1.1 link. A topic on it waits
-//!   there for room rather than moving: it is full only with many times what another
+//! - **The 3.1.1 lane** (`v311_lane`). The Receive Maximum is an MQTT 5 limit: the first lane
+//!   speaks MQTT 3.1.1, which sets none, and takes up to `inflight_max` in flight. It carries
+//!   only messages that need nothing of MQTT 5 ([`Message::plain`]); what it publishes has no
+//!   origin tag, so where this process consumes the broker the link records each publish's
+//!   fingerprint and drops the echo by it, as on a 3.1.1 link, and where another one does the
+//!   lane publishes an echo note ahead of each message on its own connection. A topic on it
+//!   waits there for room rather than moving: it is full only with many times what another
 //!   connection takes.
 //!
 //! [`Spread`] is the link's side and pure state; [`lane`] is a lane's task.
@@ -96,12 +97,12 @@ struct Lane<T> {
     cap: usize,
     /// Its connection ended: not used again.
     down: bool,
-    /// What it was handed and has not reported acknowledged, oldest first, the front's `seq`
-    /// being `first` (`None`: acknowledged, waiting for the older ones to be). Over a long
-    /// path it holds thousands: nothing is kept per message but the message.
+    /// What it was handed and has not reported acknowledged, oldest first, up to `next`
+    /// (`None`: acknowledged, waiting for the older ones to be). Over a long path it holds
+    /// thousands: nothing is kept per message but the message.
     flight: VecDeque<Option<T>>,
-    first: u64,
     outstanding: usize,
+    /// The `seq` of the next publish handed over.
     next: u64,
 }
 
@@ -113,10 +114,15 @@ impl<T> Lane<T> {
             cap: 0,
             down: false,
             flight: VecDeque::new(),
-            first: 0,
             outstanding: 0,
             next: 0,
         }
+    }
+
+    /// The `seq` of the oldest publish in `flight` (publishes are numbered in turn, and
+    /// `flight` loses them only from the front).
+    fn first(&self) -> u64 {
+        self.next - self.flight.len() as u64
     }
 
     /// Connected and not ended.
@@ -291,9 +297,6 @@ impl<T: OnTopic> Spread<T> {
         if tx.send(publish).is_err() {
             return Err(item);
         }
-        if lane.flight.is_empty() {
-            lane.first = seq;
-        }
         lane.next += 1;
         self.count(item.topic(), i + 1);
         let lane = &mut self.lanes[i];
@@ -326,14 +329,11 @@ impl<T: OnTopic> Spread<T> {
     /// Lane `i` had its publish `seq` acknowledged: the message, if it still holds it.
     pub(crate) fn acked(&mut self, i: usize, seq: u64) -> Option<T> {
         let lane = self.lanes.get_mut(i)?;
-        let entry = lane
-            .flight
-            .get_mut(usize::try_from(seq.checked_sub(lane.first)?).ok()?)?;
-        let item = entry.take()?;
+        let index = usize::try_from(seq.checked_sub(lane.first())?).ok()?;
+        let item = lane.flight.get_mut(index)?.take()?;
         lane.outstanding -= 1;
         while lane.flight.front().is_some_and(Option::is_none) {
             lane.flight.pop_front();
-            lane.first += 1;
         }
         self.uncount(item.topic());
         Some(item)
@@ -348,7 +348,6 @@ impl<T: OnTopic> Spread<T> {
         lane.down = true;
         lane.tx = None;
         lane.outstanding = 0;
-        lane.first = lane.next;
         let held: Vec<T> = lane.flight.drain(..).flatten().collect();
         for item in &held {
             self.uncount(item.topic());
