@@ -86,7 +86,7 @@ pub(crate) struct Message {
     /// MQTT 5 properties; `None` from a 3.1.1 link and for a message that carries none.
     /// Boxed: inline they are 144 of the message's 216 bytes, moved at every hand-over and held
     /// by every queued message, and most messages carry none.
-    pub(crate) properties: Option<Box<PublishProperties>>,
+    pub(crate) properties: Option<Arc<PublishProperties>>,
 }
 
 impl Message {
@@ -110,17 +110,33 @@ impl Message {
         })
     }
 
+    /// The properties a message that carries none goes out with on an MQTT 5 target: the origin
+    /// tag `tag` alone. Built once per origin and target and shared by every such publish.
+    pub(crate) fn tag_only(tag: &str) -> Arc<PublishProperties> {
+        Arc::new(PublishProperties {
+            user_properties: vec![(ORIGIN_TAG.to_string(), tag.to_string())],
+            ..Default::default()
+        })
+    }
+
     /// Properties to publish with on an MQTT 5 target: everything the origin gave, minus what is
     /// only meaningful on the origin connection (topic alias, subscription identifiers), plus the
-    /// origin tag.
-    pub(crate) fn forward_properties(&self, tag: &str) -> Box<PublishProperties> {
-        let mut props = self.properties.clone().unwrap_or_default();
+    /// origin tag, which `tag_only` (see [`Message::tag_only`]) carries. A message without
+    /// properties of its own shares `tag_only`: no allocation per publish.
+    pub(crate) fn forward_properties(
+        &self,
+        tag_only: &Arc<PublishProperties>,
+    ) -> Arc<PublishProperties> {
+        let Some(own) = &self.properties else {
+            return tag_only.clone();
+        };
+        let mut props = PublishProperties::clone(own);
         props.topic_alias = None;
         props.subscription_identifiers.clear();
         props
             .user_properties
-            .push((ORIGIN_TAG.to_string(), tag.to_string()));
-        props
+            .extend(tag_only.user_properties.iter().cloned());
+        Arc::new(props)
     }
 
     /// Size of the PUBLISH packet that forwards this message, close enough to compare with a
@@ -181,12 +197,22 @@ impl AckGroup {
         origin: mpsc::UnboundedSender<AckRequest>,
         targets: usize,
     ) -> Vec<AckShare> {
+        Self::shares(request, origin, targets).collect()
+    }
+
+    /// The same shares one at a time, without a list (the fan-out's way: one allocation per
+    /// message, the group's). A share the caller does not take is never completed.
+    pub(crate) fn shares(
+        request: AckRequest,
+        origin: mpsc::UnboundedSender<AckRequest>,
+        targets: usize,
+    ) -> impl Iterator<Item = AckShare> {
         let group = Arc::new(AckGroup {
             remaining: AtomicUsize::new(targets),
             request,
             origin,
         });
-        (0..targets).map(|_| AckShare(group.clone())).collect()
+        std::iter::repeat_n(group, targets).map(AckShare)
     }
 }
 
@@ -272,10 +298,11 @@ mod tests {
             payload: Bytes::new(),
             qos: 1,
             retain: false,
-            properties: Some(Box::new(props)),
+            properties: Some(Arc::new(props)),
         };
         assert!(!m.has_origin_tag());
-        let out = m.forward_properties("br/b1");
+        let tag = Message::tag_only("br/b1");
+        let out = m.forward_properties(&tag);
         assert_eq!(out.topic_alias, None);
         assert!(out.subscription_identifiers.is_empty());
         assert_eq!(out.content_type.as_deref(), Some("text/plain"));
@@ -299,7 +326,7 @@ mod tests {
             properties: None,
         };
         assert!(m.plain(), "no properties");
-        m.properties = Some(Box::new(PublishProperties {
+        m.properties = Some(Arc::new(PublishProperties {
             topic_alias: Some(3),
             subscription_identifiers: vec![9],
             ..Default::default()
@@ -319,7 +346,7 @@ mod tests {
         for (i, set) in kept.iter().enumerate() {
             let mut props = PublishProperties::default();
             set(&mut props);
-            m.properties = Some(Box::new(props));
+            m.properties = Some(Arc::new(props));
             assert!(!m.plain(), "property {i} needs MQTT 5");
         }
     }

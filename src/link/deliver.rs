@@ -3,6 +3,7 @@
 //! take); when it moves what waits to the spool (a stalled target).
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -15,7 +16,7 @@ use super::spread::Route;
 use super::{Conn, Link};
 use crate::dedup::fingerprint;
 use crate::ha;
-use crate::message::Protocol;
+use crate::message::{Message, Protocol};
 use crate::metrics::{self, inc};
 use crate::router::Outbound;
 
@@ -305,13 +306,14 @@ impl Link {
 
     /// The MQTT 5 properties `item` goes out with (its own and the origin tag); `None` on a
     /// 3.1.1 broker.
-    fn properties_for(&mut self, item: &Outbound) -> Option<Box<PublishProperties>> {
+    fn properties_for(&mut self, item: &Outbound) -> Option<Arc<PublishProperties>> {
         if self.ctx.settings.broker.protocol == Protocol::V311 {
             return None;
         }
         if !self.tags.contains_key(&item.origin) {
             let tag = format!("{}/{}", self.ctx.bridge_id, item.origin);
-            self.tags.insert(item.origin.clone(), tag);
+            self.tags
+                .insert(item.origin.clone(), Message::tag_only(&tag));
         }
         Some(item.msg.forward_properties(&self.tags[&item.origin]))
     }

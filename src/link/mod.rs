@@ -53,6 +53,7 @@ use acks::InboundAcks;
 use backoff::Backoff;
 use outflight::OutFlight;
 use poison::{PoisonPolicy, PoisonWatch};
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use session::{Client, ConnectAs, Session, SessionSettings};
 
 /// What every link of this process shares about the mesh's instances (see [`crate::ha`]).
@@ -175,8 +176,9 @@ struct Link {
     /// restart) may have used any id up to `inflight_max`, and a resumed session releases them
     /// all (see [`session::resume_order`]).
     pkid_high: Option<u16>,
-    /// Origin tags (`<bridge id>/<origin broker>`) by origin, built once instead of per publish.
-    tags: HashMap<Arc<str>, String, ahash::RandomState>,
+    /// The properties of an origin's messages that carry none of their own: its origin tag
+    /// (`<bridge id>/<origin broker>`) alone, by origin; built once, shared by every publish.
+    tags: HashMap<Arc<str>, Arc<PublishProperties>, ahash::RandomState>,
     /// The filters this broker's session is subscribed to, as this link last set them; `None`
     /// before this process first connected (a kept session is then taken to hold the filters
     /// the rules want now, as the process that subscribed had the same configuration).

@@ -204,7 +204,7 @@ impl Client {
         topic: &str,
         qos: u8,
         pkid: u16,
-        properties: Option<Box<v5b::PublishProperties>>,
+        properties: Option<Arc<v5b::PublishProperties>>,
     ) -> Result<(), SendError> {
         match self {
             Client::V4(c) => {

@@ -67,7 +67,7 @@ pub(crate) struct LanePublish {
     seq: u64,
     msg: Arc<Message>,
     topic: String,
-    properties: Option<Box<PublishProperties>>,
+    properties: Option<Arc<PublishProperties>>,
     /// An echo note (topic, sealed body) the lane publishes first, at QoS 0, on the same
     /// connection: the 3.1.1 lane of a process that does not consume the broker tells the one
     /// that does what its echo will be (see `Link::hand_to_lane`).
@@ -279,7 +279,7 @@ impl<T: OnTopic> Spread<T> {
         item: T,
         msg: Arc<Message>,
         topic: String,
-        properties: Option<Box<PublishProperties>>,
+        properties: Option<Arc<PublishProperties>>,
         note: Option<(String, Vec<u8>)>,
     ) -> Result<(), T> {
         let lane = &mut self.lanes[i];

@@ -275,7 +275,7 @@ pub(crate) fn retained_message(topic: &str, held: Option<&Held>) -> Message {
             let mut msg = (*h.msg).clone();
             msg.topic = Bytes::copy_from_slice(topic.as_bytes());
             msg.retain = true;
-            if let Some(p) = &mut msg.properties {
+            if let Some(p) = msg.properties.as_mut().map(Arc::make_mut) {
                 p.user_properties.retain(|(k, _)| k != ORIGIN_TAG);
                 p.topic_alias = None;
                 p.subscription_identifiers.clear();
@@ -311,7 +311,7 @@ mod tests {
             payload: Bytes::copy_from_slice(payload.as_bytes()),
             qos,
             retain: true,
-            properties: properties.map(Box::new),
+            properties: properties.map(Arc::new),
         };
         Held {
             value: Value::of(&msg),
@@ -361,7 +361,7 @@ mod tests {
         let a = held("v", 1, &[("k", "1")]);
         let mut b = held("v", 1, &[("k", "1"), (ORIGIN_TAG, "mesh/b1")]);
         if let Some(p) = &mut Arc::make_mut(&mut b.msg).properties {
-            p.message_expiry_interval = Some(3);
+            Arc::make_mut(p).message_expiry_interval = Some(3);
         }
         assert_eq!(a.value, Value::of(&b.msg));
         assert_ne!(a.value, held("v", 1, &[("k", "2")]).value);

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::message::{AckGroup, AckRequest, AckShare, Message};
+use crate::message::{AckGroup, AckRequest, Message};
 
 /// Every target with its link name, as the fan-out reads them.
 type TargetList = Arc<[(Arc<str>, Arc<TargetQueue>)]>;
@@ -177,19 +177,17 @@ impl Router {
         probe: bool,
     ) {
         let n = targets.len();
-        let mut shares: Vec<Option<AckShare>> = match ack {
-            Some((req, tx)) if n > 0 => AckGroup::split(req, tx.clone(), n)
-                .into_iter()
-                .map(Some)
-                .collect(),
+        let mut shares = match ack {
+            Some((req, tx)) if n > 0 => Some(AckGroup::shares(req, tx.clone(), n)),
             Some((req, tx)) => {
                 let _ = tx.send(req);
-                Vec::new()
+                None
             }
-            None => Vec::new(),
+            None => None,
         };
         for target in targets {
-            let (msg, share, origin) = (msg.clone(), shares.pop().flatten(), origin.clone());
+            let share = shares.as_mut().and_then(Iterator::next);
+            let (msg, origin) = (msg.clone(), origin.clone());
             target.push(if probe {
                 Outbound::probe(msg, share, origin)
             } else {

@@ -133,7 +133,7 @@ pub(crate) fn decode(mut b: &[u8]) -> Result<Decoded, RecordError> {
             let v = text(Some(get_bytes(r)?))?.unwrap_or_default();
             user_properties.push((k, v));
         }
-        Some(Box::new(PublishProperties {
+        Some(Arc::new(PublishProperties {
             payload_format_indicator: pfi,
             message_expiry_interval: expiry,
             topic_alias: None,
@@ -156,7 +156,7 @@ pub(crate) fn decode(mut b: &[u8]) -> Result<Decoded, RecordError> {
     if let Some(expiry) = msg
         .properties
         .as_mut()
-        .and_then(|p| p.message_expiry_interval.as_mut())
+        .and_then(|p| Arc::make_mut(p).message_expiry_interval.as_mut())
     {
         let waited = now_ms().saturating_sub(spooled_at) / 1000;
         if waited >= u64::from(*expiry) {
@@ -226,7 +226,7 @@ mod tests {
             payload: Bytes::from_static(b"\x00payload\xff"),
             qos: 2,
             retain: true,
-            properties: props.map(Box::new),
+            properties: props.map(Arc::new),
         }
     }
 

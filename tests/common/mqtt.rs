@@ -134,7 +134,7 @@ async fn collect(client: AsyncClient, mut el: EventLoop, resubscribe: Option<Str
                     payload: p.payload,
                     qos: p.qos as u8,
                     retain: p.retain,
-                    props: p.properties.map(|b| *b),
+                    props: p.properties.map(|b| (*b).clone()),
                 }),
                 Ok(_) => {}
                 Err(_) => {

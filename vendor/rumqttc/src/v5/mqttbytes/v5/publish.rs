@@ -10,8 +10,9 @@ pub struct Publish {
     pub topic: Bytes,
     pub pkid: u16,
     pub payload: Bytes,
-    /// meshbridge patch: boxed (144 bytes inline, moved with every packet and event).
-    pub properties: Option<Box<PublishProperties>>,
+    /// meshbridge patch: shared (144 bytes inline, moved with every packet and event; shared,
+    /// one set of properties serves every publish that carries the same, without a copy).
+    pub properties: Option<std::sync::Arc<PublishProperties>>,
 }
 
 impl Publish {
@@ -26,7 +27,7 @@ impl Publish {
             qos,
             topic,
             payload: payload.into(),
-            properties: properties.map(Box::new),
+            properties: properties.map(std::sync::Arc::new),
             ..Default::default()
         }
     }
@@ -77,7 +78,7 @@ impl Publish {
             return Err(Error::PacketIdZero);
         }
 
-        let properties = PublishProperties::read(&mut bytes)?.map(Box::new);
+        let properties = PublishProperties::read(&mut bytes)?.map(std::sync::Arc::new);
         let publish = Publish {
             dup,
             retain,
