@@ -72,6 +72,7 @@ pub mod cli;
 pub mod config;
 pub(crate) mod dedup;
 pub mod demo;
+pub(crate) mod doorbell;
 pub(crate) mod files;
 pub(crate) mod ha;
 pub mod import;

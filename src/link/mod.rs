@@ -19,6 +19,7 @@
 
 pub(crate) mod acks;
 pub(crate) mod backoff;
+mod checks;
 mod deliver;
 mod drain;
 mod events;
@@ -40,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::dedup::{EchoWindow, StormGuard};
+use crate::doorbell::Doorbell;
 use crate::ha::role::{End, Now, Role};
 use crate::ha::{self, Consumption, Identity};
 use crate::message::{AckRequest, Protocol};
@@ -156,6 +158,8 @@ enum Outcome {
 
 struct Link {
     ctx: LinkContext,
+    /// Rung when `ctx.stop` or `ctx.disconnect` is cancelled (see [`ring_on_cancel`]).
+    halt: Arc<Doorbell>,
     acks_tx: mpsc::UnboundedSender<AckRequest>,
     acks_rx: mpsc::UnboundedReceiver<AckRequest>,
     /// What this link owes its broker for what the broker sent (see [`acks`]).
@@ -264,6 +268,7 @@ impl Link {
             policy.clone(),
         );
         Self {
+            halt: Arc::new(Doorbell::new()),
             acks_tx,
             acks_rx,
             acks: InboundAcks::default(),
@@ -310,6 +315,11 @@ impl Link {
                 trims: Default::default(),
             }));
         }
+        let _halt = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(ring_on_cancel(
+            self.ctx.stop.clone(),
+            self.ctx.disconnect.clone(),
+            self.halt.clone(),
+        )));
         let mut backoff = Backoff::default();
         let mut reconnect = false;
         loop {
@@ -391,9 +401,7 @@ impl Link {
         let mut conn = self.new_conn(session);
         self.role.connecting();
         self.report();
-        let mut spool_check = tokio::time::interval(self.policy.spool_check);
-        let mut stall_check = tokio::time::interval(self.policy.stall_check);
-        let mut ha_check = tokio::time::interval(self.policy.check);
+        let mut checks = checks::Checks::new(&self.policy);
         let mut recheck = recheck();
         let outcome = loop {
             if self.housekeeping(&mut conn) {
@@ -408,8 +416,11 @@ impl Link {
             let paused = self.copies_backlog() || self.intake_held();
             tokio::select! {
                 biased;
-                _ = self.ctx.disconnect.cancelled() => {
-                    break self.close(&mut conn, session).await;
+                // Stopping or disconnecting. A stop only wakes the loop: `housekeeping` acts on it.
+                _ = self.halt.rung() => {
+                    if self.ctx.disconnect.is_cancelled() {
+                        break self.close(&mut conn, session).await;
+                    }
                 }
                 event = session.events.recv(), if !paused => {
                     if let Some(lost) = self.on_events(&mut conn, event, &mut session.events) {
@@ -426,12 +437,19 @@ impl Link {
                 }
                 _ = recheck.tick(), if self.role.switching() || paused || self.paced() => {}
                 _ = self.ctx.queue.notified(), if room => {}
-                _ = self.ctx.stop.cancelled(), if !self.ctx.stop.is_cancelled() => {}
-                _ = stall_check.tick() => self.stall_tick(&mut conn),
-                _ = ha_check.tick(), if self.role.coordinates() => self.ha_tick(&mut conn),
+                fired = checks.next() => {
+                    if fired.stall {
+                        self.stall_tick(&mut conn);
+                    }
+                    if fired.ha && self.role.coordinates() {
+                        self.ha_tick(&mut conn);
+                    }
+                    if fired.spool {
+                        self.spool_tick(&conn);
+                    }
+                }
                 // A takeover waits for its park sessions: go on as soon as they are read.
                 _ = self.drains.first_read(), if self.drains.waiting() => self.on_parks_read(Some(&mut conn)),
-                _ = spool_check.tick() => self.spool_tick(&conn),
             }
         };
         // Whatever the records said, this process sees nothing of the broker now.
@@ -656,6 +674,25 @@ impl Conn {
     fn outstanding(&self) -> usize {
         self.flight.outstanding() + self.spread.as_ref().map_or(0, |s| s.outstanding())
     }
+}
+
+/// Rings `bell` when `stop` is cancelled and when `disconnect` is: the connection's loop waits on
+/// one doorbell instead of polling both tokens at every pass (see [`crate::doorbell`]). Runs for
+/// the link's lifetime.
+async fn ring_on_cancel(
+    stop: CancellationToken,
+    disconnect: CancellationToken,
+    bell: Arc<Doorbell>,
+) {
+    tokio::select! {
+        _ = disconnect.cancelled() => {
+            bell.ring();
+            return;
+        }
+        _ = stop.cancelled() => bell.ring(),
+    }
+    disconnect.cancelled().await;
+    bell.ring();
 }
 
 /// The next report of a lane (never, without lanes).

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use tokio::sync::Notify;
+use crate::doorbell::Doorbell;
 use tracing::warn;
 
 use super::Outbound;
@@ -57,7 +57,7 @@ pub(super) struct QueueInner {
 #[derive(Debug)]
 pub(crate) struct TargetQueue {
     inner: Mutex<QueueInner>,
-    notify: Arc<Notify>,
+    notify: Arc<Doorbell>,
     capacity: usize,
     stats: Arc<LinkStats>,
     spooled: Option<Spooled>,
@@ -80,7 +80,7 @@ impl TargetQueue {
     /// An in-memory queue holding at most `capacity` messages (no spool).
     #[cfg(test)]
     pub(crate) fn new(capacity: usize, stats: Arc<LinkStats>) -> Self {
-        Self::build(capacity, stats, Arc::new(Notify::new()), None)
+        Self::build(capacity, stats, Arc::new(Doorbell::new()), None)
     }
 
     /// A queue holding at most `capacity` messages in memory in front of `name`'s spool.
@@ -90,7 +90,7 @@ impl TargetQueue {
         spool: Arc<Spool>,
         name: &str,
     ) -> Self {
-        let notify = Arc::new(Notify::new());
+        let notify = Arc::new(Doorbell::new());
         let target = spool.target(name, notify.clone(), stats.clone());
         let spooled = Spooled {
             spool,
@@ -195,7 +195,7 @@ impl TargetQueue {
     fn build(
         capacity: usize,
         stats: Arc<LinkStats>,
-        notify: Arc<Notify>,
+        notify: Arc<Doorbell>,
         spooled: Option<Spooled>,
     ) -> Self {
         let (front_key, next_key) = spooled
@@ -287,7 +287,7 @@ impl TargetQueue {
     pub(crate) fn set_rules(&self, rules: Arc<crate::rules::Rules>) {
         *self.rules.write().unwrap_or_else(|p| p.into_inner()) = rules;
         self.rules_changed.store(true, Ordering::Release);
-        self.notify.notify_one();
+        self.notify.ring();
     }
 
     /// Whether the rules changed since the last call.
@@ -331,14 +331,14 @@ impl TargetQueue {
                     self.set_holding(true);
                 }
                 drop(inner);
-                self.notify.notify_one();
+                self.notify.ring();
                 return true;
             }
             // The target does not keep up: what waits in memory (and in flight) must stop
             // holding its origins; the link moves it to the spool.
             self.end_hold(&mut inner, true);
             self.evacuate_requested.store(true, Ordering::Release);
-            self.notify.notify_one();
+            self.notify.ring();
         }
         if !inner.blocked.is_empty()
             || (sp.spool.limits().overflow == Overflow::Block
@@ -389,7 +389,7 @@ impl TargetQueue {
         if dropped > 0 {
             metrics::queue_overflow(&self.stats, dropped);
         }
-        self.notify.notify_one();
+        self.notify.ring();
         dropped == 0
     }
 
@@ -675,9 +675,10 @@ impl TargetQueue {
         }
     }
 
-    /// Waits until something is pushed, or the spool changed.
+    /// Waits until something is pushed, or the spool changed (one waiter: the target's link;
+    /// cancel-safe).
     pub(crate) async fn notified(&self) {
-        self.notify.notified().await
+        self.notify.rung().await
     }
 }
 

@@ -43,7 +43,9 @@ use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::Duration;
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::oneshot;
+
+use crate::doorbell::Doorbell;
 use tracing::{error, info, warn};
 
 use crate::message::AckShare;
@@ -396,7 +398,7 @@ impl Spool {
     pub(crate) fn target(
         &self,
         broker: &str,
-        notify: Arc<Notify>,
+        notify: Arc<Doorbell>,
         stats: Arc<LinkStats>,
     ) -> Arc<Target> {
         let table = format!("{TABLE_PREFIX}{broker}");
@@ -432,7 +434,7 @@ impl Spool {
             let target = Target::new(
                 table,
                 f,
-                Arc::new(Notify::new()),
+                Arc::new(Doorbell::new()),
                 Arc::new(LinkStats::default()),
             );
             self.send(Op::Discard { target });

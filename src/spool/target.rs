@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::doorbell::Doorbell;
 use redb::TableDefinition;
-use tokio::sync::Notify;
 
 use super::{Found, Health, MIDDLE};
 use crate::metrics::LinkStats;
@@ -26,7 +26,7 @@ pub(crate) struct Target {
     /// Lowest and highest key found at start.
     pub(super) first_key: u64,
     pub(super) last_key: u64,
-    pub(super) notify: Arc<Notify>,
+    pub(super) notify: Arc<Doorbell>,
     pub(super) stats: Arc<LinkStats>,
     /// Rows a failed write could not put on disk, by key: readable like committed rows and
     /// counted in `pending_rows` until the writer gets them onto disk.
@@ -39,7 +39,7 @@ impl Target {
     pub(super) fn new(
         table: String,
         found: Found,
-        notify: Arc<Notify>,
+        notify: Arc<Doorbell>,
         stats: Arc<LinkStats>,
     ) -> Arc<Self> {
         Arc::new(Target {

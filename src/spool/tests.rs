@@ -5,7 +5,7 @@ use super::*;
 fn target(spool: &Spool, name: &str) -> Arc<Target> {
     spool.target(
         name,
-        Arc::new(Notify::new()),
+        Arc::new(Doorbell::new()),
         Arc::new(LinkStats::default()),
     )
 }

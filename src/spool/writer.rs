@@ -219,7 +219,7 @@ impl Writer<'_> {
                             "spool full: oldest messages dropped (spool_overflow = \"drop_oldest\")"
                         );
                     }
-                    target.notify.notify_one();
+                    target.notify.ring();
                 }
             }
             Err(e) => {
@@ -261,7 +261,7 @@ impl Writer<'_> {
                             // Held in memory, readable: the origin need not wait for the disk.
                             target.hold(key, value, health);
                             target.stats.set_error(format!("spool write failed: {e}"));
-                            target.notify.notify_one();
+                            target.notify.ring();
                             self.holding.insert(target.table.clone(), target.clone());
                             drop_held_beyond_bound(&target, health);
                         }
