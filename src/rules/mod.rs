@@ -476,6 +476,10 @@ pub(crate) fn matches(filter: &str, topic: &str) -> bool {
 
 /// [`matches`] without the rule on `$` topics.
 fn matches_levels(filter: &str, topic: &str) -> bool {
+    if filter == "#" {
+        // The default rule, asked per message and target: no need to split the topic.
+        return true;
+    }
     let mut f = filter.split('/');
     let mut t = topic.split('/');
     loop {
