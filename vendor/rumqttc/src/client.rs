@@ -6,7 +6,7 @@ use crate::mqttbytes::{v4::*, QoS};
 use crate::{valid_filter, valid_topic, ConnectionError, Event, EventLoop, MqttOptions, Request};
 
 use bytes::Bytes;
-use flume::{SendError, Sender, TrySendError};
+use crate::channel::{SendError, Sender, TrySendError};
 use futures_util::FutureExt;
 use tokio::runtime::{self, Runtime};
 use tokio::time::timeout;
@@ -554,7 +554,7 @@ mod test {
 
     #[test]
     fn should_be_able_to_build_test_client_from_channel() {
-        let (tx, rx) = flume::bounded(1);
+        let (tx, mut rx) = crate::channel::bounded(1);
         let client = Client::from_sender(tx);
         client
             .publish("hello/world", QoS::ExactlyOnce, false, "good bye")

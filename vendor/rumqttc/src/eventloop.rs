@@ -4,7 +4,7 @@ use crate::{MqttOptions, Outgoing};
 
 use crate::framed::AsyncReadWrite;
 use crate::mqttbytes::v4::*;
-use flume::{bounded, Receiver, Sender};
+use crate::channel::{bounded, Receiver, Sender};
 use tokio::net::{lookup_host, TcpSocket, TcpStream};
 use tokio::select;
 use tokio::time::{self, Instant, Sleep};
@@ -249,7 +249,7 @@ impl EventLoop {
             o = Self::next_request(
                 &mut self.pending,
                 &mut self.release,
-                &self.requests_rx,
+                &mut self.requests_rx,
                 self.mqtt_options.pending_throttle
             ), if !self.pending.is_empty() || !self.release.is_empty() || (!inflight_full && !collision) => match o {
                 Ok(request) => {
@@ -267,7 +267,7 @@ impl EventLoop {
                         {
                             break;
                         }
-                        let Ok(request) = self.requests_rx.try_recv() else {
+                        let Some(request) = self.requests_rx.try_recv() else {
                             break;
                         };
                         if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
@@ -313,7 +313,7 @@ impl EventLoop {
     async fn next_request(
         pending: &mut VecDeque<Request>,
         release: &mut VecDeque<u16>,
-        rx: &Receiver<Request>,
+        rx: &mut Receiver<Request>,
         pending_throttle: Duration,
     ) -> Result<Request, ConnectionError> {
         if !pending.is_empty() {
@@ -325,8 +325,8 @@ impl EventLoop {
             Ok(Request::PubRel(PubRel::new(pkid)))
         } else {
             match rx.recv_async().await {
-                Ok(r) => Ok(r),
-                Err(_) => Err(ConnectionError::RequestsDone),
+                Some(r) => Ok(r),
+                None => Err(ConnectionError::RequestsDone),
             }
         }
     }

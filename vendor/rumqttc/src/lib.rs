@@ -105,6 +105,7 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
+pub mod channel;
 mod client;
 mod eventloop;
 mod framed;

@@ -4,7 +4,7 @@ use super::{Incoming, MqttOptions, MqttState, Outgoing, Request, StateError, Tra
 use crate::eventloop::socket_connect;
 use crate::framed::AsyncReadWrite;
 
-use flume::{bounded, Receiver, Sender};
+use crate::channel::{bounded, Receiver, Sender};
 use tokio::select;
 use tokio::time::{self, error::Elapsed, Instant, Sleep};
 
@@ -231,7 +231,7 @@ impl EventLoop {
             o = Self::next_request(
                 &mut self.pending,
                 &mut self.release,
-                &self.requests_rx,
+                &mut self.requests_rx,
                 self.options.pending_throttle
             ), if !self.pending.is_empty() || !self.release.is_empty() || (!inflight_full && !collision) => match o {
                 Ok(request) => {
@@ -249,7 +249,7 @@ impl EventLoop {
                         {
                             break;
                         }
-                        let Ok(request) = self.requests_rx.try_recv() else {
+                        let Some(request) = self.requests_rx.try_recv() else {
                             break;
                         };
                         if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
@@ -286,7 +286,7 @@ impl EventLoop {
     async fn next_request(
         pending: &mut VecDeque<Request>,
         release: &mut VecDeque<u16>,
-        rx: &Receiver<Request>,
+        rx: &mut Receiver<Request>,
         pending_throttle: Duration,
     ) -> Result<Request, ConnectionError> {
         if !pending.is_empty() {
@@ -298,8 +298,8 @@ impl EventLoop {
             Ok(Request::PubRel(PubRel::new(pkid, None)))
         } else {
             match rx.recv_async().await {
-                Ok(r) => Ok(r),
-                Err(_) => Err(ConnectionError::RequestsDone),
+                Some(r) => Ok(r),
+                None => Err(ConnectionError::RequestsDone),
             }
         }
     }
