@@ -56,10 +56,17 @@ pub(super) struct Checks {
 }
 
 impl Checks {
-    /// All three due at the first tick, which is at once.
-    pub(super) fn new(policy: &Policy) -> Self {
+    /// All three due at the first tick, which is at once. The timer ticks at the shortest
+    /// period of the checks that run: the HA check's only when the link `coordinates` (a link
+    /// stops coordinating during a connection, never starts).
+    pub(super) fn new(policy: &Policy, coordinates: bool) -> Self {
         let now = Instant::now();
-        let period = policy.check.min(policy.stall_check).min(policy.spool_check);
+        let others = policy.stall_check.min(policy.spool_check);
+        let period = if coordinates {
+            policy.check.min(others)
+        } else {
+            others
+        };
         let mut tick = tokio::time::interval_at(now, period);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Self {
@@ -146,7 +153,7 @@ mod tests {
     /// with that period alone.
     #[tokio::test]
     async fn the_timer_ticks_at_the_shortest_period() {
-        let mut c = Checks::new(&policy(1000, 20, 5000));
+        let mut c = Checks::new(&policy(1000, 20, 5000), true);
         let all = Fired {
             ha: true,
             stall: true,
@@ -162,5 +169,14 @@ mod tests {
                 spool: false
             }
         );
+    }
+
+    /// Without the HA check, the timer ticks at the period of the others.
+    #[tokio::test]
+    async fn without_coordination_the_ha_period_does_not_set_the_pace() {
+        let c = Checks::new(&policy(10, 1000, 5000), false);
+        assert_eq!(c.tick.period(), Duration::from_secs(1));
+        let c = Checks::new(&policy(10, 1000, 5000), true);
+        assert_eq!(c.tick.period(), Duration::from_millis(10));
     }
 }

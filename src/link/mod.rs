@@ -401,7 +401,7 @@ impl Link {
         let mut conn = self.new_conn(session);
         self.role.connecting();
         self.report();
-        let mut checks = checks::Checks::new(&self.policy);
+        let mut checks = checks::Checks::new(&self.policy, self.role.coordinates());
         let mut recheck = recheck();
         let outcome = loop {
             if self.housekeeping(&mut conn) {
