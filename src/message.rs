@@ -84,8 +84,9 @@ pub(crate) struct Message {
     /// Retain flag as published (MQTT 5 retain-as-published) or as delivered (3.1.1).
     pub(crate) retain: bool,
     /// MQTT 5 properties; `None` from a 3.1.1 link and for a message that carries none.
-    /// Boxed: inline they are 144 of the message's 216 bytes, moved at every hand-over and held
-    /// by every queued message, and most messages carry none.
+    /// Behind an `Arc`: inline they are 144 of the message's 216 bytes, moved at every hand-over
+    /// and held by every queued message, and most messages carry none; shared, one set serves
+    /// every copy and every publish that carries the same (see [`Message::tag_only`]).
     pub(crate) properties: Option<Arc<PublishProperties>>,
 }
 
@@ -351,7 +352,7 @@ mod tests {
         }
     }
 
-    /// MQTT 5 properties (144 bytes inline) stay boxed.
+    /// MQTT 5 properties (144 bytes inline) stay behind a pointer.
     #[test]
     fn a_message_stays_small() {
         assert!(std::mem::size_of::<Message>() <= 96);

@@ -24,12 +24,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use crate::doorbell::Doorbell;
 use tracing::warn;
 
 use super::Outbound;
 use super::hold::Hold;
 use super::spooled::{ParkSend, Spooled, record_size};
+use crate::doorbell::Doorbell;
 use crate::metrics::{self, LinkStats};
 use crate::park::{Copies, Park, ParkItem, Parker};
 use crate::spool::{self, Overflow, Spool};

@@ -44,10 +44,9 @@ use std::time::Duration;
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle};
 use tokio::sync::oneshot;
-
-use crate::doorbell::Doorbell;
 use tracing::{error, info, warn};
 
+use crate::doorbell::Doorbell;
 use crate::message::AckShare;
 use crate::metrics::LinkStats;
 

@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::doorbell::Doorbell;
 use redb::TableDefinition;
 
 use super::{Found, Health, MIDDLE};
+use crate::doorbell::Doorbell;
 use crate::metrics::LinkStats;
 
 /// One target's spool: its table and counters.
