@@ -192,17 +192,9 @@ pub(crate) struct AckGroup {
 pub(crate) struct AckShare(Arc<AckGroup>);
 
 impl AckGroup {
-    /// A group expecting `targets` completions; returns the shares.
-    pub(crate) fn split(
-        request: AckRequest,
-        origin: mpsc::UnboundedSender<AckRequest>,
-        targets: usize,
-    ) -> Vec<AckShare> {
-        Self::shares(request, origin, targets).collect()
-    }
-
-    /// The same shares one at a time, without a list (the fan-out's way: one allocation per
-    /// message, the group's). A share the caller does not take is never completed.
+    /// A group expecting `targets` completions, and its shares, one at a time (no list: one
+    /// allocation per message, the group's). A share the caller does not take is never
+    /// completed.
     pub(crate) fn shares(
         request: AckRequest,
         origin: mpsc::UnboundedSender<AckRequest>,
@@ -256,14 +248,14 @@ mod tests {
             qos: 1,
             epoch: 0,
         };
-        let mut shares = AckGroup::split(req, tx, 3);
-        shares.pop().unwrap().complete();
-        shares.pop().unwrap().complete();
+        let mut shares = AckGroup::shares(req, tx, 3);
+        shares.next().unwrap().complete();
+        shares.next().unwrap().complete();
         assert!(
             rx.try_recv().is_err(),
             "two of three targets done: no ack yet"
         );
-        shares.pop().unwrap().complete();
+        shares.next().unwrap().complete();
         assert_eq!(rx.try_recv().unwrap(), req);
         assert!(rx.try_recv().is_err());
     }
@@ -271,7 +263,7 @@ mod tests {
     #[test]
     fn dropped_share_never_acks() {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut shares = AckGroup::split(
+        let mut shares = AckGroup::shares(
             AckRequest {
                 pkid: 1,
                 qos: 2,
@@ -280,7 +272,7 @@ mod tests {
             tx,
             2,
         );
-        shares.pop().unwrap().complete();
+        shares.next().unwrap().complete();
         drop(shares);
         assert!(rx.try_recv().is_err());
     }

@@ -452,7 +452,7 @@ fn hand_over(
             return;
         }
     };
-    let share = ack.and_then(|a| AckGroup::split(a, acks_tx.clone(), 1).pop());
+    let share = ack.and_then(|a| AckGroup::shares(a, acks_tx.clone(), 1).next());
     let Some(queue) = ctx.router.queue(&ctx.target) else {
         // The target left the mesh.
         if let Some(s) = share {

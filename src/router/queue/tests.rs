@@ -58,7 +58,7 @@ async fn probes_are_never_spooled() {
             qos: 1,
             epoch: 0,
         };
-        let share = AckGroup::split(req, tx.clone(), 1).pop();
+        let share = AckGroup::shares(req, tx.clone(), 1).next();
         Outbound::probe(numbered(n), share, "o".into())
     };
     q.push(probe(1));
@@ -95,7 +95,7 @@ async fn evacuated_messages_stay_held_and_are_read_once_in_order() {
             qos: 1,
             epoch: 0,
         };
-        let share = AckGroup::split(req, tx.clone(), 1).pop();
+        let share = AckGroup::shares(req, tx.clone(), 1).next();
         q.push(Outbound::new(numbered(n), share, "o".into()));
     };
     push(1);
