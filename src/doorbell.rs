@@ -10,10 +10,12 @@
 //! A ring while nobody waits is kept (once, like `Notify::notify_one`'s permit): the next wait
 //! returns at once.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use atomic_waker::AtomicWaker;
+use tokio_util::sync::CancellationToken;
 
 /// A wake-up for one waiting task; ring from any thread.
 #[derive(Debug, Default)]
@@ -51,12 +53,26 @@ impl Doorbell {
     pub(crate) async fn rung(&self) {
         std::future::poll_fn(|cx| self.poll_rung(cx)).await
     }
+
+    /// Rings when the first of `tokens` is cancelled, and again once both are; then ends. So
+    /// after each cancellation a ring follows, and the waiter asks the tokens which. A task of
+    /// this costs two waits registered once, where a `select!` on the tokens themselves pays
+    /// for both at every pass.
+    pub(crate) async fn ring_on_cancel(self: Arc<Self>, tokens: [CancellationToken; 2]) {
+        let [a, b] = tokens;
+        tokio::select! {
+            _ = a.cancelled() => {}
+            _ = b.cancelled() => {}
+        }
+        self.ring();
+        tokio::join!(a.cancelled(), b.cancelled());
+        self.ring();
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::time::Duration;
 
     /// A ring while nobody waits is kept once: the next wait returns at once, the one after
@@ -99,5 +115,37 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), bell.rung())
             .await
             .expect("the ring after a dropped wait is kept");
+    }
+
+    /// A ring follows each cancellation, in either order: the waiter woken by the first and
+    /// the second finds each cancelled when it asks.
+    #[tokio::test]
+    async fn a_ring_follows_each_cancellation() {
+        for second_first in [false, true] {
+            let bell = Arc::new(Doorbell::new());
+            let (stop, disconnect) = (CancellationToken::new(), CancellationToken::new());
+            let watcher = tokio::spawn(
+                bell.clone()
+                    .ring_on_cancel([stop.clone(), disconnect.clone()]),
+            );
+            let (first, second) = if second_first {
+                (&disconnect, &stop)
+            } else {
+                (&stop, &disconnect)
+            };
+            first.cancel();
+            tokio::time::timeout(Duration::from_secs(10), bell.rung())
+                .await
+                .expect("a ring after the first cancellation");
+            assert!(first.is_cancelled() && !second.is_cancelled());
+            second.cancel();
+            tokio::time::timeout(Duration::from_secs(10), bell.rung())
+                .await
+                .expect("a ring after the second");
+            tokio::time::timeout(Duration::from_secs(10), watcher)
+                .await
+                .expect("the watcher ends once both are cancelled")
+                .unwrap();
+        }
     }
 }

@@ -158,7 +158,7 @@ enum Outcome {
 
 struct Link {
     ctx: LinkContext,
-    /// Rung when `ctx.stop` or `ctx.disconnect` is cancelled (see [`ring_on_cancel`]).
+    /// Rung when `ctx.stop` or `ctx.disconnect` is cancelled (see [`Doorbell::ring_on_cancel`]).
     halt: Arc<Doorbell>,
     acks_tx: mpsc::UnboundedSender<AckRequest>,
     acks_rx: mpsc::UnboundedReceiver<AckRequest>,
@@ -315,11 +315,13 @@ impl Link {
                 trims: Default::default(),
             }));
         }
-        let _halt = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(ring_on_cancel(
-            self.ctx.stop.clone(),
-            self.ctx.disconnect.clone(),
-            self.halt.clone(),
-        )));
+        // The connection's loop waits on one doorbell instead of polling both tokens at
+        // every pass (see `crate::doorbell`).
+        let _halt = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+            self.halt
+                .clone()
+                .ring_on_cancel([self.ctx.stop.clone(), self.ctx.disconnect.clone()]),
+        ));
         let mut backoff = Backoff::default();
         let mut reconnect = false;
         loop {
@@ -674,25 +676,6 @@ impl Conn {
     fn outstanding(&self) -> usize {
         self.flight.outstanding() + self.spread.as_ref().map_or(0, |s| s.outstanding())
     }
-}
-
-/// Rings `bell` when `stop` is cancelled and when `disconnect` is: the connection's loop waits on
-/// one doorbell instead of polling both tokens at every pass (see [`crate::doorbell`]). Runs for
-/// the link's lifetime.
-async fn ring_on_cancel(
-    stop: CancellationToken,
-    disconnect: CancellationToken,
-    bell: Arc<Doorbell>,
-) {
-    tokio::select! {
-        _ = disconnect.cancelled() => {
-            bell.ring();
-            return;
-        }
-        _ = stop.cancelled() => bell.ring(),
-    }
-    disconnect.cancelled().await;
-    bell.ring();
 }
 
 /// The next report of a lane (never, without lanes).
