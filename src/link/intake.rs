@@ -128,7 +128,7 @@ impl Link {
     /// Takes every completion the targets reported so far: after each wake for one, and
     /// before a last flush.
     pub(super) fn take_completions(&mut self) {
-        while let Ok(ack) = self.acks_rx.try_recv() {
+        while let Some(ack) = self.acks_rx.try_recv() {
             self.complete(ack);
         }
     }

@@ -36,7 +36,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
@@ -44,7 +44,7 @@ use crate::dedup::{EchoWindow, StormGuard};
 use crate::doorbell::Doorbell;
 use crate::ha::role::{End, Now, Role};
 use crate::ha::{self, Consumption, Identity};
-use crate::message::{AckRequest, Protocol};
+use crate::message::{AckInbox, AckSender, Protocol};
 use crate::metrics::{self, LinkState, LinkStats, inc};
 use crate::park::drains::Drains;
 use crate::park::{self, CopyLane};
@@ -160,8 +160,8 @@ struct Link {
     ctx: LinkContext,
     /// Rung when `ctx.stop` or `ctx.disconnect` is cancelled (see [`Doorbell::ring_on_cancel`]).
     halt: Arc<Doorbell>,
-    acks_tx: mpsc::UnboundedSender<AckRequest>,
-    acks_rx: mpsc::UnboundedReceiver<AckRequest>,
+    acks_tx: AckSender,
+    acks_rx: AckInbox,
     /// What this link owes its broker for what the broker sent (see [`acks`]).
     acks: InboundAcks,
     /// When the batch of connection events being handled was taken: one clock read per
@@ -256,7 +256,7 @@ struct Conn {
 
 impl Link {
     fn new(ctx: LinkContext) -> Self {
-        let (acks_tx, acks_rx) = mpsc::unbounded_channel();
+        let (acks_tx, acks_rx) = crate::message::ack_channel();
         let echo = EchoWindow::new(ctx.dedup_window, ctx.dedup_max_entries);
         let storm = StormGuard::new(ctx.storm_threshold, Duration::from_secs(10), STORM_TRACKED);
         let policy = Policy::default();
@@ -424,16 +424,13 @@ impl Link {
                         break self.close(&mut conn, session).await;
                     }
                 }
-                event = session.events.recv(), if !paused => {
+                event = session.next_event(), if !paused => {
                     if let Some(lost) = self.on_events(&mut conn, event, &mut session.events) {
                         break lost;
                     }
                 }
-                Some(ack) = self.acks_rx.recv() => {
-                    // And every other one the targets reported meanwhile: one wake for all.
-                    self.complete(ack);
-                    self.take_completions();
-                }
+                // Every completion the targets reported meanwhile: one wake for all.
+                _ = self.acks_rx.rung() => self.take_completions(),
                 Some((lane, event)) = lane_event(&mut conn.spread), if conn.spread.is_some() => {
                     self.on_lane_event(&mut conn, lane, event);
                 }

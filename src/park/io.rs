@@ -19,14 +19,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::{Instrument, debug, info, warn};
 
 use super::{CopyLane, Park, ParkItem, Parker};
 use crate::link::acks::InboundAcks;
 use crate::link::session::{self, ConnectAs, LinkEvent, Session, SessionSettings};
 use crate::link::window::Window;
-use crate::message::{AckGroup, AckRequest, Message};
+use crate::message::{AckGroup, AckRequest, AckSender, Message};
 use crate::router::{Outbound, Router};
 use crate::seal::ControlKind;
 use crate::spool::{self, Decoded};
@@ -235,7 +235,7 @@ struct Pass<'a> {
     new_session: bool,
     handled: usize,
     acks: InboundAcks,
-    acks_tx: mpsc::UnboundedSender<AckRequest>,
+    acks_tx: AckSender,
 }
 
 impl Pass<'_> {
@@ -368,7 +368,7 @@ async fn run(
         }
         _ => false,
     };
-    let (acks_tx, mut acks_rx) = mpsc::unbounded_channel::<AckRequest>();
+    let (acks_tx, mut acks_rx) = crate::message::ack_channel();
     let mut pass = Pass {
         ctx,
         mode,
@@ -416,7 +416,11 @@ async fn run(
                 Some(LinkEvent::Publish { msg, ack }) => pass.record(&msg, ack, read_all),
                 Some(_) => {}
             },
-            Some(a) = acks_rx.recv() => pass.acks.complete(a),
+            _ = acks_rx.rung() => {
+                while let Some(a) = acks_rx.try_recv() {
+                    pass.acks.complete(a);
+                }
+            }
         }
         while let Some(a) = pass.acks.next_due() {
             if s.client.ack(a).is_err() {
@@ -439,7 +443,7 @@ fn hand_over(
     spool_id: u64,
     record: Arc<Vec<u8>>,
     ack: Option<AckRequest>,
-    acks_tx: &mpsc::UnboundedSender<AckRequest>,
+    acks_tx: &AckSender,
     acks: &mut InboundAcks,
 ) {
     let msg = match spool::decode(&record) {

@@ -15,9 +15,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
 
-use crate::message::{AckGroup, AckRequest, Message};
+use crate::message::{AckGroup, AckRequest, AckSender, Message};
 
 /// Every target with its link name, as the fan-out reads them.
 type TargetList = Arc<[(Arc<str>, Arc<TargetQueue>)]>;
@@ -173,14 +172,14 @@ impl Router {
         origin: &Arc<str>,
         msg: Arc<Message>,
         targets: &[&Arc<TargetQueue>],
-        ack: Option<(AckRequest, &mpsc::UnboundedSender<AckRequest>)>,
+        ack: Option<(AckRequest, &AckSender)>,
         probe: bool,
     ) {
         let n = targets.len();
         let mut shares = match ack {
             Some((req, tx)) if n > 0 => Some(AckGroup::shares(req, tx.clone(), n)),
             Some((req, tx)) => {
-                let _ = tx.send(req);
+                tx.send(req);
                 None
             }
             None => None,
@@ -203,7 +202,7 @@ impl Router {
         &self,
         origin: &Arc<str>,
         msg: Message,
-        ack: Option<(AckRequest, &mpsc::UnboundedSender<AckRequest>)>,
+        ack: Option<(AckRequest, &AckSender)>,
     ) -> usize {
         let list = self
             .targets
@@ -257,7 +256,7 @@ mod tests {
         router.insert("a".into(), a.clone());
         router.insert("b".into(), b.clone());
         router.insert("c".into(), c.clone());
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = crate::message::ack_channel();
         let req = AckRequest {
             pkid: 5,
             qos: 1,
@@ -268,7 +267,7 @@ mod tests {
         let mut got = Vec::new();
         b.take(10, &mut got);
         got.pop().unwrap().complete();
-        assert!(rx.try_recv().is_err());
+        assert!(rx.try_recv().is_none());
         c.take(10, &mut got);
         got.pop().unwrap().complete();
         assert_eq!(rx.try_recv().unwrap(), req);
@@ -294,7 +293,7 @@ mod tests {
         let (a, b) = (queue(10), queue(10));
         router.insert("a".into(), a);
         router.insert("b".into(), b.clone());
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = crate::message::ack_channel();
         router.forward(
             &"a".into(),
             msg(),
@@ -308,7 +307,7 @@ mod tests {
             )),
         );
         assert!(
-            rx.try_recv().is_ok(),
+            rx.try_recv().is_some(),
             "b is down: the origin is acked at once"
         );
         assert_eq!(b.len(), 1, "and b keeps the message");
@@ -342,7 +341,7 @@ mod tests {
         q.set_connected(true);
         let router = Router::default();
         router.insert("q".into(), q.clone());
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = crate::message::ack_channel();
         for pkid in 1..=3 {
             router.forward(
                 &"o".into(),

@@ -10,7 +10,40 @@ use rumqttc::v5::mqttbytes::v5 as v5b;
 use tokio::sync::mpsc;
 
 use super::{LinkEvent, Refused};
+use crate::doorbell::Doorbell;
 use crate::message::{AckRequest, Message};
+
+/// The driver's end of a session's events: each event sent rings the session's doorbell, and
+/// so does the end of the driver, however it ends (a link waiting on the doorbell then finds
+/// the channel closed; see [`Session::next_event`](super::Session::next_event)).
+pub(super) struct EventSender {
+    /// `None` only while dropping.
+    tx: Option<mpsc::Sender<LinkEvent>>,
+    bell: Arc<Doorbell>,
+}
+
+impl EventSender {
+    pub(super) fn new(tx: mpsc::Sender<LinkEvent>, bell: Arc<Doorbell>) -> Self {
+        Self { tx: Some(tx), bell }
+    }
+
+    /// Sends `event` (waiting for room); false when the session is gone.
+    pub(super) async fn send(&self, event: LinkEvent) -> bool {
+        let Some(tx) = &self.tx else { return false };
+        let sent = tx.send(event).await.is_ok();
+        self.bell.ring();
+        sent
+    }
+}
+
+impl Drop for EventSender {
+    fn drop(&mut self) {
+        // Closed first, then rung: a link woken before the close would find the channel empty
+        // and wait again, with nothing left to wake it.
+        drop(self.tx.take());
+        self.bell.ring();
+    }
+}
 
 fn qos_u8_v4(q: rumqttc::QoS) -> u8 {
     q as u8
@@ -20,11 +53,7 @@ fn qos_u8_v5(q: rumqttc::v5::mqttbytes::QoS) -> u8 {
     q as u8
 }
 
-pub(super) async fn drive_v4(
-    mut el: rumqttc::EventLoop,
-    tx: mpsc::Sender<LinkEvent>,
-    written: Arc<AtomicU64>,
-) {
+pub(super) async fn drive_v4(mut el: rumqttc::EventLoop, tx: EventSender, written: Arc<AtomicU64>) {
     use rumqttc::{Event, Outgoing, Packet};
     loop {
         let event = match el.poll().await {
@@ -66,7 +95,7 @@ pub(super) async fn drive_v4(
                 return close(&tx, aborted, e.to_string()).await;
             }
         };
-        if tx.send(event).await.is_err() {
+        if !tx.send(event).await {
             return;
         }
     }
@@ -96,11 +125,11 @@ fn wrote(pkid: u16, written: &AtomicU64) -> Option<LinkEvent> {
 
 /// The connection ended: `PeerClosed` first when the broker closed it (`aborted`), then
 /// `Closed` with the error.
-async fn close(tx: &mpsc::Sender<LinkEvent>, aborted: bool, error: String) {
+async fn close(tx: &EventSender, aborted: bool, error: String) {
     if aborted {
-        let _ = tx.send(LinkEvent::PeerClosed).await;
+        tx.send(LinkEvent::PeerClosed).await;
     }
-    let _ = tx.send(LinkEvent::Closed(error)).await;
+    tx.send(LinkEvent::Closed(error)).await;
 }
 
 /// `Ok` for a success reason code, the code's name otherwise (formatted only then: this runs
@@ -115,7 +144,7 @@ fn reason_v5<R: std::fmt::Debug>(reason: R, success: bool) -> Result<(), Refused
 
 pub(super) async fn drive_v5(
     mut el: rumqttc::v5::EventLoop,
-    tx: mpsc::Sender<LinkEvent>,
+    tx: EventSender,
     written: Arc<AtomicU64>,
 ) {
     use rumqttc::Outgoing;
@@ -176,7 +205,7 @@ pub(super) async fn drive_v5(
                 return close(&tx, aborted, e.to_string()).await;
             }
         };
-        if tx.send(event).await.is_err() {
+        if !tx.send(event).await {
             return;
         }
     }

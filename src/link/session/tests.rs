@@ -190,3 +190,33 @@ fn the_receive_maximum_announced_is_the_window_cap() {
     };
     assert_eq!(options_v5(&s, &who).receive_maximum(), Some(4000));
 }
+
+/// The driver's events reach a link that waits on the doorbell, and so does the driver's end:
+/// an ended driver rings as it drops its sender, sending nothing (aborted, or panicked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_waiting_on_the_doorbell_sees_each_event_and_the_drivers_end() {
+    let (tx, mut rx) = mpsc::channel(4);
+    let bell = Arc::new(Doorbell::new());
+    let sender = EventSender::new(tx, bell.clone());
+    let driver = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(sender.send(LinkEvent::Written).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(sender);
+    });
+    let first = woken(next_event(&mut rx, &bell)).await;
+    assert!(matches!(first, Some(LinkEvent::Written)), "{first:?}");
+    let end = woken(next_event(&mut rx, &bell)).await;
+    assert!(end.is_none(), "{end:?}");
+    driver.await.unwrap();
+}
+
+/// `wait`'s output, once a wake made it ready; a panic if it was ready only when polled for
+/// another reason (here the 5 s timer, which a `timeout` would hide: it polls the future first).
+async fn woken<T>(wait: impl std::future::Future<Output = T>) -> T {
+    tokio::select! {
+        biased;
+        _ = tokio::time::sleep(Duration::from_secs(5)) => panic!("no wake in 5 s"),
+        v = wait => v,
+    }
+}

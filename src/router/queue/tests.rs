@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
 
 use super::*;
 use crate::message::{AckGroup, AckRequest, Message};
@@ -51,7 +50,7 @@ async fn spooled_while_down(q: &TargetQueue, n: u8) {
 #[tokio::test]
 async fn probes_are_never_spooled() {
     let (_dir, sp, q) = spooled_queue(2);
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = crate::message::ack_channel();
     let probe = |n: u8| {
         let req = AckRequest {
             pkid: u16::from(n),
@@ -88,7 +87,7 @@ async fn probes_are_never_spooled() {
 async fn evacuated_messages_stay_held_and_are_read_once_in_order() {
     let (_dir, sp, q) = spooled_queue(2);
     q.set_connected(true);
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = crate::message::ack_channel();
     let push = |n: u8| {
         let req = AckRequest {
             pkid: u16::from(n),
@@ -104,7 +103,7 @@ async fn evacuated_messages_stay_held_and_are_read_once_in_order() {
     q.take(1, &mut flying);
     assert_eq!(payloads(&flying), [1]);
     assert!(
-        rx.try_recv().is_err(),
+        rx.try_recv().is_none(),
         "held by the target while it keeps up"
     );
 
@@ -113,7 +112,7 @@ async fn evacuated_messages_stay_held_and_are_read_once_in_order() {
     let mut refs: Vec<&mut Outbound> = flying.iter_mut().collect();
     assert_eq!(q.evacuate(&mut refs), 2);
     q.sync().await;
-    let acked: Vec<u16> = std::iter::from_fn(|| rx.try_recv().ok())
+    let acked: Vec<u16> = std::iter::from_fn(|| rx.try_recv())
         .map(|r| r.pkid)
         .collect();
     assert_eq!(acked, [1, 2]);
