@@ -463,3 +463,34 @@ async fn a_target_that_rejects_everything_is_not_treated_as_slow() {
             .join("\n")
     );
 }
+
+/// An idle link keeps its connection: it pings at the keep-alive interval (the link polls its
+/// own connection and sends the pings itself, see `link::session::inline`). With no ping, a
+/// broker drops a client after 1.5 × its keep-alive without a packet, and the link reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_link_pings_and_keeps_its_connection() {
+    let m = common::MeshBuilder::new(2)
+        // No probes and no control records: nothing else crosses the links while idle.
+        .bridge_keys("keep_alive = \"5s\"\nprobe_interval = \"0s\"\nha = false")
+        .start();
+    let [b1, b2] = &m.brokers[..] else {
+        unreachable!()
+    };
+    let s2 = mqtt::subscribe(b2.plain_port, "s2", "idle/#").await;
+    let msgs = |tag: &str| -> Vec<Pub> {
+        (0..10)
+            .map(|i| Pub::new("idle/x", format!("{tag}{i}"), 1))
+            .collect()
+    };
+    mqtt::publish(b1.plain_port, "p1", &msgs("a")).await;
+    assert_eq!(s2.wait_count(10, Duration::from_secs(10)).await, 10);
+    // More than the 7.5 s the brokers wait for a packet, with nothing to carry.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    mqtt::publish(b1.plain_port, "p2", &msgs("b")).await;
+    assert_eq!(s2.wait_count(20, Duration::from_secs(10)).await, 20);
+    let (_, body) = common::http_get(&format!("http://{}/api/v1/brokers", m.admin), None);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    for r in &rows {
+        assert_eq!(r["reconnects"], 0, "the idle links stayed up: {r}");
+    }
+}

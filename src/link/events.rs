@@ -3,11 +3,10 @@
 
 use std::time::Instant;
 
-use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::outflight::Written;
-use super::session::{Client, LinkEvent};
+use super::session::{Client, LinkEvent, Session};
 use super::spread::LaneEvent;
 use super::{Conn, Link, Outcome, uptime};
 use crate::ha::role::Now;
@@ -27,12 +26,15 @@ impl Link {
         &mut self,
         conn: &mut Conn,
         first: Option<LinkEvent>,
-        events: &mut mpsc::Receiver<LinkEvent>,
+        session: &mut Session,
     ) -> Option<Outcome> {
         self.now = Instant::now();
-        let end = batch(first, events, EVENT_BATCH, |event| {
-            self.take_event(conn, event)
-        });
+        let end = batch(
+            first,
+            || session.try_event(),
+            EVENT_BATCH,
+            |event| self.take_event(conn, event),
+        );
         self.update_gauges(conn);
         end
     }
@@ -292,7 +294,7 @@ fn change_subscriptions(client: &Client, subscribe: &[String], unsubscribe: &[St
 /// the batch's end would be lost (a PUBACK lost holds its origin's acknowledgement forever).
 fn batch<T, R>(
     first: Option<T>,
-    events: &mut mpsc::Receiver<T>,
+    mut waiting: impl FnMut() -> Option<T>,
     max: usize,
     mut take: impl FnMut(Option<T>) -> Option<R>,
 ) -> Option<R> {
@@ -301,8 +303,8 @@ fn batch<T, R>(
         if end.is_some() {
             break;
         }
-        // Empty or closed: the next wait finds out which.
-        let Ok(event) = events.try_recv() else { break };
+        // Nothing waiting, or the end: the next wait finds out which.
+        let Some(event) = waiting() else { break };
         end = take(Some(event));
     }
     end
@@ -411,6 +413,7 @@ impl Link {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::mpsc;
 
     /// Takes batches as the link does (one wait, then [`batch`]) until `end`, recording what
     /// each batch handed over.
@@ -419,10 +422,15 @@ mod tests {
         loop {
             let first = rx.recv().await;
             let mut seen = Vec::new();
-            let ended = batch(first, rx, max, |e| {
-                seen.push(e?);
-                (e == Some(end)).then_some(())
-            });
+            let ended = batch(
+                first,
+                || rx.try_recv().ok(),
+                max,
+                |e| {
+                    seen.push(e?);
+                    (e == Some(end)).then_some(())
+                },
+            );
             all.push(seen);
             if ended.is_some() {
                 return all;
@@ -464,15 +472,25 @@ mod tests {
         drop(tx);
         let mut seen = Vec::new();
         let first = rx.recv().await;
-        let end = batch(first, &mut rx, 64, |e| {
-            seen.push(e);
-            e.is_none().then_some(())
-        });
+        let end = batch(
+            first,
+            || rx.try_recv().ok(),
+            64,
+            |e| {
+                seen.push(e);
+                e.is_none().then_some(())
+            },
+        );
         assert_eq!(end, None);
         assert_eq!(seen, [Some(7)]);
         // The next wait finds the channel closed.
         assert_eq!(
-            batch(rx.recv().await, &mut rx, 64, |e| e.is_none().then_some(())),
+            batch(
+                rx.recv().await,
+                || rx.try_recv().ok(),
+                64,
+                |e| { e.is_none().then_some(()) }
+            ),
             Some(())
         );
     }

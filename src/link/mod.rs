@@ -56,7 +56,7 @@ use backoff::Backoff;
 use outflight::OutFlight;
 use poison::{PoisonPolicy, PoisonWatch};
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
-use session::{Client, ConnectAs, Session, SessionSettings};
+use session::{Client, ConnectAs, Progress, Session, SessionSettings};
 
 /// What every link of this process shares about the mesh's instances (see [`crate::ha`]).
 #[derive(Debug)]
@@ -336,7 +336,7 @@ impl Link {
             let used = self.pkid_high.unwrap_or(self.ctx.settings.inflight_max);
             let release =
                 session::resume_order(&self.release_first, used.max(self.ctx.settings.inflight));
-            let mut session = session::open(&self.ctx.settings, &who, &release);
+            let mut session = session::open_polled(&self.ctx.settings, &who, &release);
             let outcome = self.connection(&mut session).await;
             drop(session);
             let (error, uptime) = match outcome {
@@ -416,6 +416,9 @@ impl Link {
             // While the copies this broker's messages made wait for it, or a target's queue is
             // over its capacity (see `Link::intake_held`), take no more from it.
             let paused = self.copies_backlog() || self.intake_held();
+            // What this pass queued goes to the connection; it is written while the loop waits.
+            session.pump();
+            let unflushed = session.unflushed();
             tokio::select! {
                 biased;
                 // Stopping or disconnecting. A stop only wakes the loop: `housekeeping` acts on it.
@@ -424,8 +427,10 @@ impl Link {
                         break self.close(&mut conn, session).await;
                     }
                 }
-                event = session.next_event(), if !paused => {
-                    if let Some(lost) = self.on_events(&mut conn, event, &mut session.events) {
+                progress = session.progress(!paused), if !paused || unflushed => {
+                    if let Progress::Event(event) = progress
+                        && let Some(lost) = self.on_events(&mut conn, event, session)
+                    {
                         break lost;
                     }
                 }
@@ -437,6 +442,7 @@ impl Link {
                 _ = recheck.tick(), if self.role.switching() || paused || self.paced() => {}
                 _ = self.ctx.queue.notified(), if room => {}
                 fired = checks.next() => {
+                    session.keep_alive(!paused);
                     if fired.stall {
                         self.stall_tick(&mut conn);
                     }

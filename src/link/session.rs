@@ -26,10 +26,12 @@
 //! `EventLoop::poll` is not cancel-safe (a cancelled flush can resend half a packet), so it runs
 //! alone in a driver task that turns rumqttc events into [`LinkEvent`]s; the link task talks to
 //! the client only through non-blocking calls. The driver rings a doorbell after each event
-//! (see [`Session::next_event`]).
+//! (see [`Session::next_event`]). A link's own MQTT 5 connection has no driver: the link polls
+//! the event loop's cancel-safe parts itself ([`open_polled`], [`inline`]).
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -43,7 +45,9 @@ use crate::message::Protocol;
 use crate::message::{AckRequest, Message};
 
 mod driver;
+mod inline;
 use driver::{EventSender, drive_v4, drive_v5};
+use inline::Inline;
 
 /// Largest packet MQTT allows; the bridge never refuses what a broker accepted.
 pub(crate) const MQTT_MAX_PACKET: u32 = 268_435_455;
@@ -356,21 +360,41 @@ impl Client {
     }
 }
 
-/// A live connection attempt: the client, the events of its driver, and the driver task.
+/// A live connection attempt: the client, and the events of its connection.
 #[derive(Debug)]
 pub(crate) struct Session {
     /// Request side.
     pub(crate) client: Client,
-    /// Events, ending with `Closed`.
-    pub(crate) events: mpsc::Receiver<LinkEvent>,
-    /// Rung by the driver after each event it sent, and when it ends (see
-    /// [`Session::next_event`]).
-    bell: Arc<Doorbell>,
-    /// The driver task (aborted when the session is dropped).
-    pub(crate) driver: JoinHandle<()>,
     /// QoS 1/2 publishes the client wrote, in the order they were handed to it (it writes in
     /// order): what a lost connection may have delivered (see [`super::poison`]).
     pub(crate) written: Arc<AtomicU64>,
+    source: Source,
+}
+
+/// What [`Session::progress`] saw.
+#[derive(Debug)]
+pub(crate) enum Progress {
+    /// The next event; `None` once the connection's events ended.
+    Event(Option<LinkEvent>),
+    /// Everything waiting was written (not reading).
+    Flushed,
+}
+
+/// Who polls the connection's event loop.
+#[derive(Debug)]
+enum Source {
+    /// A driver task, which sends the events.
+    Driver {
+        /// Events, ending with `Closed`.
+        events: mpsc::Receiver<LinkEvent>,
+        /// Rung by the driver after each event it sent, and when it ends (see
+        /// [`Session::next_event`]).
+        bell: Arc<Doorbell>,
+        /// The driver task (aborted when the session is dropped).
+        driver: JoinHandle<()>,
+    },
+    /// The task that waits for the events: a link's own MQTT 5 connection (see [`inline`]).
+    Inline(Box<Inline>),
 }
 
 impl Session {
@@ -379,7 +403,64 @@ impl Session {
     /// and the channel's wait costs about 230 instructions a pass (callgrind), a doorbell's
     /// about 50 (see [`crate::doorbell`]). Whatever a ring was for is in the channel by then.
     pub(crate) async fn next_event(&mut self) -> Option<LinkEvent> {
-        next_event(&mut self.events, &self.bell).await
+        match &mut self.source {
+            Source::Driver { events, bell, .. } => next_event(events, bell).await,
+            Source::Inline(inline) => std::future::poll_fn(|cx| inline.poll_event(cx)).await,
+        }
+    }
+
+    /// An event waiting already, if any: what a batch takes after its first (see
+    /// `link::events`).
+    pub(crate) fn try_event(&mut self) -> Option<LinkEvent> {
+        match &mut self.source {
+            Source::Driver { events, .. } => events.try_recv().ok(),
+            Source::Inline(inline) => inline.try_event(),
+        }
+    }
+
+    /// Hands what the client queued to the connection (a polled connection: before each
+    /// wait; a driver takes requests itself).
+    pub(crate) fn pump(&mut self) {
+        if let Source::Inline(inline) = &mut self.source {
+            inline.pump();
+        }
+    }
+
+    /// Bytes wait to be written (a polled connection: [`Session::progress`] writes them).
+    pub(crate) fn unflushed(&self) -> bool {
+        match &self.source {
+            Source::Driver { .. } => false,
+            Source::Inline(inline) => inline.unflushed(),
+        }
+    }
+
+    /// Writes what waits, and with `reading` waits for the next event (cancel-safe): the
+    /// event, or (not `reading`) that everything was written. A polled connection writes only
+    /// while its task waits here.
+    pub(crate) async fn progress(&mut self, reading: bool) -> Progress {
+        let inline = match &mut self.source {
+            Source::Driver { .. } if reading => return Progress::Event(self.next_event().await),
+            Source::Driver { .. } => return std::future::pending().await,
+            Source::Inline(inline) => inline,
+        };
+        std::future::poll_fn(|cx| {
+            if inline.unflushed() && inline.poll_flush(cx).is_ready() && !reading {
+                return Poll::Ready(Progress::Flushed);
+            }
+            if reading {
+                return inline.poll_event(cx).map(Progress::Event);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// A polled connection pings when its keep-alive interval is due; `reading`: its events
+    /// are being taken (a driver pings by itself). Called at least every few seconds.
+    pub(crate) fn keep_alive(&mut self, reading: bool) {
+        if let Source::Inline(inline) = &mut self.source {
+            inline.keep_alive(reading);
+        }
     }
 
     /// Lets the driver write what was queued (acknowledgements, records, the DISCONNECT), for
@@ -387,11 +468,12 @@ impl Session {
     pub(crate) async fn wait_closed(&mut self) {
         let deadline = tokio::time::sleep(Duration::from_secs(2));
         tokio::pin!(deadline);
+        self.pump();
         loop {
             tokio::select! {
                 _ = &mut deadline => break,
-                event = self.events.recv() => {
-                    if matches!(event, None | Some(LinkEvent::Closed(_))) {
+                progress = self.progress(true) => {
+                    if matches!(progress, Progress::Event(None | Some(LinkEvent::Closed(_)))) {
                         break;
                     }
                 }
@@ -402,7 +484,9 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        self.driver.abort();
+        if let Source::Driver { driver, .. } = &self.source {
+            driver.abort();
+        }
     }
 }
 
@@ -478,9 +562,32 @@ pub(crate) fn open(s: &SessionSettings, who: &ConnectAs, release: &[u16]) -> Ses
     };
     Session {
         client,
-        events: rx,
-        bell,
-        driver,
+        written,
+        source: Source::Driver {
+            events: rx,
+            bell,
+            driver,
+        },
+    }
+}
+
+/// [`open`] for a link's own connection: on MQTT 5, polled by the link's task itself (see
+/// [`inline`]): the caller waits on [`Session::next_event`] and [`Session::flushed`] (when
+/// [`Session::unflushed`]), calls [`Session::pump`] before each wait and
+/// [`Session::keep_alive`] at least every few seconds. MQTT 3.1.1 connections keep a driver.
+pub(crate) fn open_polled(s: &SessionSettings, who: &ConnectAs, release: &[u16]) -> Session {
+    if s.broker.protocol != Protocol::V5 {
+        return open(s, who, release);
+    }
+    let release = if who.clean { &[] } else { release };
+    let written = Arc::new(AtomicU64::new(0));
+    let (client, mut el) = rumqttc::v5::AsyncClient::new(options_v5(s, who), s.request_capacity());
+    el.state.keep_publish_copies = false;
+    seed_v5(&mut el);
+    el.release.extend(release);
+    Session {
+        client: Client::V5(client),
+        source: Source::Inline(Box::new(Inline::new(el, written.clone()))),
         written,
     }
 }

@@ -442,7 +442,7 @@ async fn lane(
                 s.wait_closed().await;
                 return;
             }
-            event = s.events.recv() => match event {
+            event = s.next_event() => match event {
                 None => break "connection task ended".to_string(),
                 Some(LinkEvent::Closed(e)) => break e,
                 Some(LinkEvent::Connected { receive_max, .. }) => {

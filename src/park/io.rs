@@ -93,7 +93,7 @@ pub(crate) async fn discard(ctx: ParkContext) {
         let mut s = ctx.connect(true);
         let connected = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
-                match s.events.recv().await {
+                match s.next_event().await {
                     Some(LinkEvent::Connected { .. }) => return true,
                     None | Some(LinkEvent::Closed(_)) => return false,
                     Some(_) => {}
@@ -389,7 +389,7 @@ async fn run(
     let mut s = ctx.connect(false);
     while !pass.done() {
         tokio::select! {
-            event = s.events.recv() => match event {
+            event = s.next_event() => match event {
                 None => return Err(ParkError::Lost("connection task ended".into())),
                 Some(LinkEvent::Closed(e)) => return Err(ParkError::Lost(e)),
                 Some(LinkEvent::Connected { session_present, .. }) => {
@@ -582,7 +582,7 @@ async fn copies_connection(p: &CopyPublisher) -> Result<(), ParkError> {
         let room = connected && flight.outstanding() < pace.size();
         tokio::select! {
             _ = p.stop.cancelled() => break Ok(()),
-            event = s.events.recv() => match event {
+            event = s.next_event() => match event {
                 None => break Err(ParkError::Lost("connection task ended".into())),
                 Some(LinkEvent::Closed(e)) => break Err(ParkError::Lost(e)),
                 Some(LinkEvent::Connected { receive_max, .. }) => {

@@ -98,7 +98,7 @@ async fn connection(ctx: &ProbeContext) -> Result<(), Ended> {
                 s.wait_closed().await;
                 return Ok(());
             }
-            event = s.events.recv() => match event {
+            event = s.next_event() => match event {
                 None => return Err(Ended::Closed("connection task ended".into())),
                 Some(LinkEvent::Closed(e)) => return Err(Ended::Closed(e)),
                 Some(LinkEvent::Connected { .. }) => {

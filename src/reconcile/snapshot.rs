@@ -120,7 +120,7 @@ async fn collect(
         let deadline = quiet.unwrap_or_else(|| tokio::time::Instant::now() + TIMEOUT);
         let event = tokio::select! {
             _ = tokio::time::sleep_until(deadline), if quiet.is_some() => return complete(out, queued),
-            e = s.events.recv() => e,
+            e = s.next_event() => e,
         };
         match event {
             None => return Err(SnapshotError::Connection("connection task ended".into())),

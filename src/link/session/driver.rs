@@ -147,66 +147,74 @@ pub(super) async fn drive_v5(
     tx: EventSender,
     written: Arc<AtomicU64>,
 ) {
-    use rumqttc::Outgoing;
-    use rumqttc::v5::Event;
-    use v5b::Packet;
     loop {
         let event = match el.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(c))) => LinkEvent::Connected {
-                session_present: c.session_present,
-                max_packet_size: c.properties.as_ref().and_then(|p| p.max_packet_size),
-                receive_max: c.properties.as_ref().and_then(|p| p.receive_max),
-            },
-            Ok(Event::Incoming(Packet::Publish(p))) => incoming(
-                Message {
-                    topic: p.topic,
-                    payload: p.payload,
-                    qos: qos_u8_v5(p.qos),
-                    retain: p.retain,
-                    properties: p.properties,
-                },
-                p.pkid,
-            ),
-            Ok(Event::Incoming(Packet::PubAck(a))) => {
-                use v5b::PubAckReason as R;
-                let ok = matches!(a.reason, R::Success | R::NoMatchingSubscribers);
-                LinkEvent::PubAck(a.pkid, reason_v5(a.reason, ok))
-            }
-            Ok(Event::Incoming(Packet::PubRec(a))) => {
-                use v5b::PubRecReason as R;
-                let ok = matches!(a.reason, R::Success | R::NoMatchingSubscribers);
-                LinkEvent::PubRec(a.pkid, reason_v5(a.reason, ok))
-            }
-            Ok(Event::Incoming(Packet::PubComp(a))) => LinkEvent::PubComp(a.pkid),
-            Ok(Event::Incoming(Packet::SubAck(s))) => LinkEvent::SubAck(
-                s.return_codes
-                    .iter()
-                    .filter(|c| !matches!(c, v5b::SubscribeReasonCode::Success(_)))
-                    .map(|c| format!("{c:?}"))
-                    .collect(),
-            ),
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => match wrote(pkid, &written) {
+            Ok(event) => match event_v5(event, &written) {
                 Some(event) => event,
                 None => continue,
             },
-            Ok(Event::Incoming(Packet::Disconnect(d)))
-                if d.reason_code == v5b::DisconnectReasonCode::SessionTakenOver =>
-            {
-                LinkEvent::PeerClosed
-            }
-            Ok(_) => continue,
-            Err(e) => {
-                let aborted = matches!(
-                    e,
-                    rumqttc::v5::ConnectionError::MqttState(
-                        rumqttc::v5::StateError::ConnectionAborted
-                    )
-                );
-                return close(&tx, aborted, e.to_string()).await;
-            }
+            Err(e) => return close(&tx, aborted_v5(&e), e.to_string()).await,
         };
         if !tx.send(event).await {
             return;
         }
     }
+}
+
+/// What the link hears of an MQTT 5 event loop's event, if anything (see [`drive_v5`]; the
+/// link's own connection polls its event loop itself: `super::inline`).
+pub(super) fn event_v5(event: rumqttc::v5::Event, written: &AtomicU64) -> Option<LinkEvent> {
+    use rumqttc::Outgoing;
+    use rumqttc::v5::Event;
+    use v5b::Packet;
+    Some(match event {
+        Event::Incoming(Packet::ConnAck(c)) => LinkEvent::Connected {
+            session_present: c.session_present,
+            max_packet_size: c.properties.as_ref().and_then(|p| p.max_packet_size),
+            receive_max: c.properties.as_ref().and_then(|p| p.receive_max),
+        },
+        Event::Incoming(Packet::Publish(p)) => incoming(
+            Message {
+                topic: p.topic,
+                payload: p.payload,
+                qos: qos_u8_v5(p.qos),
+                retain: p.retain,
+                properties: p.properties,
+            },
+            p.pkid,
+        ),
+        Event::Incoming(Packet::PubAck(a)) => {
+            use v5b::PubAckReason as R;
+            let ok = matches!(a.reason, R::Success | R::NoMatchingSubscribers);
+            LinkEvent::PubAck(a.pkid, reason_v5(a.reason, ok))
+        }
+        Event::Incoming(Packet::PubRec(a)) => {
+            use v5b::PubRecReason as R;
+            let ok = matches!(a.reason, R::Success | R::NoMatchingSubscribers);
+            LinkEvent::PubRec(a.pkid, reason_v5(a.reason, ok))
+        }
+        Event::Incoming(Packet::PubComp(a)) => LinkEvent::PubComp(a.pkid),
+        Event::Incoming(Packet::SubAck(s)) => LinkEvent::SubAck(
+            s.return_codes
+                .iter()
+                .filter(|c| !matches!(c, v5b::SubscribeReasonCode::Success(_)))
+                .map(|c| format!("{c:?}"))
+                .collect(),
+        ),
+        Event::Outgoing(Outgoing::Publish(pkid)) => return wrote(pkid, written),
+        Event::Incoming(Packet::Disconnect(d))
+            if d.reason_code == v5b::DisconnectReasonCode::SessionTakenOver =>
+        {
+            LinkEvent::PeerClosed
+        }
+        _ => return None,
+    })
+}
+
+/// The broker closed the connection (see [`LinkEvent::PeerClosed`]).
+pub(super) fn aborted_v5(e: &rumqttc::v5::ConnectionError) -> bool {
+    matches!(
+        e,
+        rumqttc::v5::ConnectionError::MqttState(rumqttc::v5::StateError::ConnectionAborted)
+    )
 }

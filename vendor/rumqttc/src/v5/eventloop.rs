@@ -9,8 +9,10 @@ use tokio::select;
 use tokio::time::{self, error::Elapsed, Instant, Sleep};
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use super::mqttbytes::v5::ConnectReturnCode;
@@ -90,7 +92,20 @@ pub struct EventLoop {
     network: Option<Network>,
     /// Keep alive time
     keepalive_timeout: Option<Pin<Box<Sleep>>>,
+    /// meshbridge patch: the connection being opened, for [`EventLoop::poll_inline`].
+    connecting: Option<Connecting>,
+    /// meshbridge patch: when [`EventLoop::keep_alive`] pings next.
+    next_ping: Option<Instant>,
 }
+
+/// meshbridge patch: a connection being opened, with the options it may have changed (the
+/// broker's keep-alive).
+type Connecting = Pin<
+    Box<dyn Future<Output = Result<(Network, ConnAck, MqttOptions), ConnectionError>> + Send>,
+>;
+
+/// meshbridge patch: most packets [`EventLoop::poll_inline`] reads in one call (as `readb`).
+const MAX_INLINE_READ: usize = 64;
 
 /// Events which can be yielded by the event loop
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,7 +134,127 @@ impl EventLoop {
             release: VecDeque::new(),
             network: None,
             keepalive_timeout: None,
+            connecting: None,
+            next_ping: None,
         }
+    }
+
+    /// meshbridge patch: the event loop driven from the caller's own task instead of
+    /// [`EventLoop::poll`], for a caller that waits on more than the connection: the next
+    /// event (cancel-safe). Connects first (the first event is the CONNACK), then reads up to
+    /// `MAX_INLINE_READ` packets at once, answering what the state answers by itself into the
+    /// write buffer. Requests are not taken here: [`EventLoop::pump`] takes them, without
+    /// registering a wake-up on the channel (a caller that sends requests itself would wake
+    /// itself); [`EventLoop::poll_flush`] writes, [`EventLoop::keep_alive`] pings. After an
+    /// error, the event loop is done: a new connection takes a new one.
+    pub fn poll_inline(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, ConnectionError>> {
+        if let Some(event) = self.state.events.pop_front() {
+            return Poll::Ready(Ok(event));
+        }
+        let Some(network) = self.network.as_mut() else {
+            return self.poll_connect(cx);
+        };
+        for _ in 0..MAX_INLINE_READ {
+            match network.poll_read(cx) {
+                Poll::Ready(Ok(packet)) => {
+                    if let Some(reply) = self.state.handle_incoming_packet(packet)? {
+                        network.feed_now(reply)?;
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                Poll::Pending => break,
+            }
+        }
+        // Every packet read left an event; none read left the waker with the socket.
+        match self.state.events.pop_front() {
+            Some(event) => Poll::Ready(Ok(event)),
+            None => Poll::Pending,
+        }
+    }
+
+    fn poll_connect(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, ConnectionError>> {
+        let connecting = self.connecting.get_or_insert_with(|| {
+            let mut options = self.options.clone();
+            Box::pin(async move {
+                let limit = Duration::from_secs(options.connection_timeout());
+                let (network, connack) = time::timeout(limit, connect(&mut options)).await??;
+                Ok((network, connack, options))
+            })
+        });
+        let opened = ready!(connecting.as_mut().poll(cx));
+        self.connecting = None;
+        let (network, connack, options) = opened?;
+        self.options = options;
+        if !connack.session_present {
+            self.pending.clear();
+            self.release.clear();
+        }
+        self.network = Some(network);
+        self.next_ping = Some(Instant::now() + self.options.keep_alive);
+        self.state
+            .handle_incoming_packet(Incoming::ConnAck(connack))?;
+        Poll::Ready(Ok(self.state.events.pop_front().unwrap()))
+    }
+
+    /// meshbridge patch (see [`EventLoop::poll_inline`]): hands what waits to the write
+    /// buffer: the PUBRELs of `release` first, then the requests in the channel, within flow
+    /// control as `poll` takes them. Nothing before the connection is up.
+    pub fn pump(&mut self) -> Result<(), ConnectionError> {
+        let Some(network) = self.network.as_mut() else {
+            return Ok(());
+        };
+        loop {
+            let request = match self.release.pop_front() {
+                Some(pkid) => Request::PubRel(PubRel::new(pkid, None)),
+                None => {
+                    if self.state.inflight >= self.state.max_outgoing_inflight
+                        || self.state.collision.is_some()
+                    {
+                        break;
+                    }
+                    match self.requests_rx.try_recv() {
+                        Some(request) => request,
+                        None => break,
+                    }
+                }
+            };
+            if let Some(packet) = self.state.handle_outgoing_packet(request)? {
+                network.feed_now(packet)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// meshbridge patch (see [`EventLoop::poll_inline`]): writes the write buffer out
+    /// (cancel-safe).
+    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnectionError>> {
+        match self.network.as_mut() {
+            Some(network) => network.poll_flush(cx).map_err(Into::into),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
+    /// meshbridge patch: bytes wait in the write buffer.
+    pub fn unflushed(&self) -> bool {
+        self.network.as_ref().is_some_and(Network::unflushed)
+    }
+
+    /// meshbridge patch (see [`EventLoop::poll_inline`]): a PINGREQ into the write buffer once
+    /// the keep-alive interval passed since the last one, as `poll` pings (whatever else the
+    /// connection sent); an error when the last one is still unanswered. The caller calls this
+    /// at least every few seconds.
+    pub fn keep_alive(&mut self, now: Instant) -> Result<(), ConnectionError> {
+        let (Some(network), Some(due)) = (self.network.as_mut(), self.next_ping) else {
+            return Ok(());
+        };
+        if now < due {
+            return Ok(());
+        }
+        self.next_ping = Some(now + self.options.keep_alive);
+        if let Some(packet) = self.state.handle_outgoing_packet(Request::PingReq)? {
+            network.feed_now(packet)?;
+        }
+        Ok(())
     }
 
     /// Last session might contain packets which aren't acked. MQTT says these packets should be

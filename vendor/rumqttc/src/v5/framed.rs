@@ -1,4 +1,7 @@
-use futures_util::{FutureExt, SinkExt};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use futures_util::{FutureExt, Sink, SinkExt, Stream};
 use tokio_stream::StreamExt;
 use tokio_util::codec::Framed;
 
@@ -90,6 +93,37 @@ impl Network {
             .feed(packet)
             .await
             .map_err(StateError::Deserialization)
+    }
+
+    /// meshbridge patch: the next packet, for a caller that polls the connection itself
+    /// (cancel-safe: a partial packet stays in the read buffer).
+    pub fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<Incoming, StateError>> {
+        Poll::Ready(match ready!(Pin::new(&mut self.framed).poll_next(cx)) {
+            Some(Ok(packet)) => Ok(packet),
+            Some(Err(mqttbytes::Error::InsufficientBytes(_))) => unreachable!(),
+            Some(Err(e)) => Err(StateError::Deserialization(e)),
+            None => Err(StateError::ConnectionAborted),
+        })
+    }
+
+    /// meshbridge patch: serializes `packet` into the write buffer without waiting (the buffer
+    /// grows; [`Network::poll_flush`] writes it out).
+    pub fn feed_now(&mut self, packet: Packet) -> Result<(), StateError> {
+        Pin::new(&mut self.framed)
+            .start_send(packet)
+            .map_err(StateError::Deserialization)
+    }
+
+    /// meshbridge patch: writes the write buffer out (cancel-safe: what is not written stays).
+    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), StateError>> {
+        Pin::new(&mut self.framed)
+            .poll_flush(cx)
+            .map_err(StateError::Deserialization)
+    }
+
+    /// meshbridge patch: the write buffer holds bytes not written yet.
+    pub fn unflushed(&self) -> bool {
+        !self.framed.write_buffer().is_empty()
     }
 
     pub async fn flush(&mut self) -> Result<(), StateError> {
