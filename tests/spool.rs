@@ -16,6 +16,15 @@ use common::{
     signal,
 };
 
+/// The memory bound of a frozen target ([`slow_target_spills_to_disk_and_memory_stays_bounded`])
+/// is measured with no other test of this file running. Under the CPU load of the others (each
+/// starts brokers and a bridge, on two cores) the bridge's high-water mark there was 21-33 MiB
+/// above its start in most runs, but 41 and 80 MiB in two CI runs of the twenty-first session's
+/// code, and 81 MiB in one of three runs of the code before it (f4bfd7e): a spike of an
+/// overloaded machine, with the code before this session's too, not the bound the test is
+/// about. Alone, ten runs of both stayed within 21-33 MiB.
+static ALONE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// `n` messages numbered 0..n on two topics, alternating QoS 1 and QoS 2.
 fn stream(n: usize) -> Vec<Pub> {
     (0..n)
@@ -227,16 +236,19 @@ async fn target_stopped_mid_stream(sigkill: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_sigterm_mid_stream_loses_nothing_and_keeps_order() {
+    let _shared = ALONE.read().await;
     target_stopped_mid_stream(false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_sigkill_mid_stream_loses_nothing_the_bridge_held() {
+    let _shared = ALONE.read().await;
     target_stopped_mid_stream(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spool_survives_a_bridge_crash_while_a_target_is_down() {
+    let _shared = ALONE.read().await;
     const N: usize = 2000;
     let (tmp, certs, mut b) = common::lab_with(std::array::from_fn(|_| BrokerOpts::persistent()));
     let (mut bridge, admin) = mesh(tmp.path(), &certs, &b, "");
@@ -315,6 +327,7 @@ async fn spool_survives_a_bridge_crash_while_a_target_is_down() {
 /// nothing lost (without it, 1 000 messages reach a loopback broker in a fraction of a second).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_drains_at_the_brokers_drain_rate() {
+    let _shared = ALONE.read().await;
     const N: usize = 1000;
     const RATE: usize = 250;
     let (tmp, certs, b) = common::lab_with(std::array::from_fn(|_| BrokerOpts::persistent()));
@@ -378,6 +391,7 @@ fn vm_hwm_kib(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_target_spills_to_disk_and_memory_stays_bounded() {
+    let _alone = ALONE.write().await;
     const N: usize = 30_000;
     const SIZE: usize = 2048;
     let (tmp, certs, b) = common::lab::<3>();
@@ -448,6 +462,7 @@ async fn slow_target_spills_to_disk_and_memory_stays_bounded() {
 /// make sure some are caught in the freeze.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_frozen_before_traffic_does_not_hold_its_origin() {
+    let _shared = ALONE.read().await;
     const N: usize = 2000;
     let (tmp, certs, b) = common::lab::<3>();
     let (_bridge, _admin) = mesh(tmp.path(), &certs, &b, "probe_interval = \"100ms\"");
@@ -469,6 +484,7 @@ async fn a_target_frozen_before_traffic_does_not_hold_its_origin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_spool_drops_oldest_counted_and_logged() {
+    let _shared = ALONE.read().await;
     let (tmp, certs, mut b) = common::lab_with(std::array::from_fn(|_| BrokerOpts::persistent()));
     let (bridge, admin) = mesh(tmp.path(), &certs, &b, "spool_max_messages = 100");
     let s3 = mqtt::subscribe_persistent(b[2].plain_port, "s3", "seq/#").await;
@@ -509,6 +525,7 @@ async fn full_spool_drops_oldest_counted_and_logged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_spool_with_block_policy_holds_the_origin_and_loses_nothing() {
+    let _shared = ALONE.read().await;
     let (tmp, certs, mut b) = common::lab_with(std::array::from_fn(|_| BrokerOpts::persistent()));
     let (bridge, admin) = mesh(
         tmp.path(),
@@ -567,6 +584,7 @@ async fn full_spool_with_block_policy_holds_the_origin_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_over_a_targets_max_packet_size_is_skipped_for_it_only() {
+    let _shared = ALONE.read().await;
     let small = BrokerOpts {
         extra_conf: "max_packet_size 2000",
         ..Default::default()
@@ -618,6 +636,7 @@ async fn message_over_a_targets_max_packet_size_is_skipped_for_it_only() {
 /// With a full spool a QoS 0 message is dropped and counted, and nothing waits in memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_spool_with_block_policy_drops_qos0_counted_and_memory_stays_bounded() {
+    let _shared = ALONE.read().await;
     const N: usize = 20_000;
     const MAX: usize = 10;
     let (tmp, certs, mut b) = common::lab::<3>();
@@ -722,6 +741,7 @@ impl Drop for Tmpfs {
 /// held messages go to disk, and the down target gets every message, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_holds_messages_in_memory_and_recovers_when_space_is_back() {
+    let _shared = ALONE.read().await;
     const N: usize = 3000;
     let (tmp, certs, mut b) = common::lab_with(std::array::from_fn(|_| BrokerOpts::persistent()));
     let Some(disk) = Tmpfs::mount(&tmp.path().join("data"), "8m") else {
@@ -887,6 +907,7 @@ fn damaged_spool_file_is_one_clear_error_and_spool_recover_moves_it_aside() {
 /// message once, in order per origin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_across_32_brokers_goes_through_the_spool_and_loses_nothing() {
+    let _shared = ALONE.read().await;
     const BROKERS: usize = 32;
     const ORIGINS: usize = 4;
     const N: usize = 500;
