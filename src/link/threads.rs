@@ -1,10 +1,11 @@
 //! Link threads: where the links run.
 //!
 //! Every link runs on one of `bridge.worker_threads` threads, each a tokio runtime with a
-//! single worker, together with the connection driver it spawns. A message crosses several
-//! tasks on its way (driver → link → target link → target driver, and back for the
-//! acknowledgement). On one shared work-stealing runtime those tasks spread over all workers,
-//! and a hand-over often wakes another one. Here a link's own hand-overs stay on its
+//! single worker, together with the tasks it spawns (a 3.1.1 connection's driver, lanes, park
+//! readers). A message crosses several tasks on its way (link → target link, and back for the
+//! acknowledgement; on 3.1.1 through each connection's driver too). On one shared
+//! work-stealing runtime those tasks spread over all workers, and a hand-over often wakes
+//! another one. Here a link's own hand-overs stay on its
 //! thread: only the hand-over to a target link on another thread wakes that thread, and only
 //! when it is idle. Measured in docs/BENCHMARKS.md ("link threads").
 //!
