@@ -572,9 +572,8 @@ pub(crate) fn open(s: &SessionSettings, who: &ConnectAs, release: &[u16]) -> Ses
 }
 
 /// [`open`] for a link's own connection: on MQTT 5, polled by the link's task itself (see
-/// [`inline`]): the caller waits on [`Session::next_event`] and [`Session::flushed`] (when
-/// [`Session::unflushed`]), calls [`Session::pump`] before each wait and
-/// [`Session::keep_alive`] at least every few seconds. MQTT 3.1.1 connections keep a driver.
+/// [`inline`]): the caller waits on [`Session::progress`] (which writes while it waits), calls
+/// [`Session::pump`] before each wait and [`Session::keep_alive`] at least every few seconds. MQTT 3.1.1 connections keep a driver.
 pub(crate) fn open_polled(s: &SessionSettings, who: &ConnectAs, release: &[u16]) -> Session {
     if s.broker.protocol != Protocol::V5 {
         return open(s, who, release);
