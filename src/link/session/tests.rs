@@ -1,6 +1,7 @@
 //! The session's pure parts: resume order, seeding, rumqttc's state as the link drives it.
 
 use super::*;
+use bytes::Bytes;
 
 #[test]
 fn resume_order_releases_known_ids_first_in_send_order() {
