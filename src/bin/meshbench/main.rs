@@ -26,6 +26,9 @@
 //! machine: the kernel's part of the bridge's CPU at the fixed rate against the master's whole
 //! CPU, and the flat-out throughput the bridge's run would reach if the bridge cost nothing
 //! (the machine's busy time, from /proc/stat, spent on the brokers and the load generator).
+//! CPU rows are split into kernel (system time) and user; flat out, a third line says what
+//! the bridge's user space can still win: the share of that bound a bridge costing only its
+//! kernel time would reach, against the share the bridge reached.
 //! With `--rtt MS` each contender reaches each broker through a proxy that delays every byte by
 //! MS/2 each way (a WAN; the proxy runs in this process, its CPU is the load generator's); the
 //! publisher and subscribers connect directly. `--broker-inflight N` sets the
@@ -476,6 +479,8 @@ async fn publish(port: u16, o: &Opts, first_seq: u64, count: usize, rate: u64) {
 struct Result_ {
     throughput: f64,
     cpu_per_msg_us: f64,
+    /// The kernel's (system time) part of it, flat out.
+    sys_per_msg_us: f64,
     /// CPU per forwarded message over the whole fixed-rate phase.
     steady_cpu_per_msg_us: f64,
     /// The kernel's (system time) part of it.
@@ -524,10 +529,6 @@ async fn measure(o: &Opts, ports: &[u16], pids: &[u32], label: &str) -> Result_ 
             .map(|p| cpu_split(*p))
             .fold((0.0, 0.0), |(u, s), (pu, ps)| (u + pu, s + ps))
     };
-    let cpu_total = || {
-        let (u, s) = contender_cpu();
-        u + s
-    };
     // Throughput: as fast as possible.
     let mut seen = Vec::new();
     let mut subs = Vec::new();
@@ -539,7 +540,7 @@ async fn measure(o: &Opts, ports: &[u16], pids: &[u32], label: &str) -> Result_ 
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut r = Result_::default();
     if !o.steady {
-        flat_out(o, ports, &seen, &cpu_total, &mut r).await;
+        flat_out(o, ports, &seen, &contender_cpu, &mut r).await;
     }
 
     // Latency (and CPU, the steady case) at a fixed offered rate.
@@ -586,10 +587,10 @@ async fn flat_out(
     o: &Opts,
     ports: &[u16],
     seen: &[Arc<Mutex<Seen>>],
-    cpu_total: &impl Fn() -> f64,
+    contender_cpu: &impl Fn() -> (f64, f64),
     r: &mut Result_,
 ) {
-    let cpu0 = cpu_total();
+    let (user0, sys0) = contender_cpu();
     let machine0 = machine_cpu();
     let started = Instant::now();
     publish(ports[0], o, 0, o.messages, 0).await;
@@ -605,7 +606,8 @@ async fn flat_out(
     }
     let machine1 = machine_cpu();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let cpu = cpu_total() - cpu0;
+    let (user1, sys1) = contender_cpu();
+    let cpu = user1 + sys1 - user0 - sys0;
     let mut rates = Vec::new();
     for s in seen {
         let s = s.lock().unwrap_or_else(|e| e.into_inner());
@@ -618,6 +620,7 @@ async fn flat_out(
     r.throughput = rates.iter().sum::<f64>() / rates.len() as f64;
     let forwarded = (o.messages * (ports.len() - 1)) as f64;
     r.cpu_per_msg_us = cpu / forwarded * 1e6;
+    r.sys_per_msg_us = (sys1 - sys0) / forwarded * 1e6;
     // Up to the last delivery (the 300 ms after it would count as idle).
     let busy = machine1.0 - machine0.0;
     r.machine_busy = busy / (machine1.1 - machine0.1).max(1e-6);

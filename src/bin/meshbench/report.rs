@@ -158,9 +158,12 @@ pub(super) fn summary(o: &Opts, runs: &[(Result_, Result_, Option<u64>)], direct
     if !o.steady {
         row("delivered msg/s per sub", |r| r.throughput);
         row("CPU µs per forwarded msg", |r| r.cpu_per_msg_us);
+        row("  of which kernel", |r| r.sys_per_msg_us);
+        row("  of which user", |r| r.cpu_per_msg_us - r.sys_per_msg_us);
     }
     row("CPU µs/msg at fixed rate", |r| r.steady_cpu_per_msg_us);
     row("  of which kernel", |r| r.steady_sys_per_msg_us);
+    row("  of which user", |r| r.steady_cpu_per_msg_us - r.steady_sys_per_msg_us);
     row("peak RSS MiB", |r| r.peak_rss_mib);
     row("latency p50 ms", |r| r.p50_ms);
     row("latency p99 ms", |r| r.p99_ms);
@@ -224,6 +227,7 @@ fn bounds(o: &Opts, runs: &[(Result_, Result_, Option<u64>)], directs: &[Result_
     );
     if !o.steady {
         machine_bound(runs, label, "flat out");
+        kernel_bound(runs, label);
     }
     // How far from the limit: the same load on one broker, no bridge.
     let direct = |f: fn(&Result_) -> f64| median(directs.iter().map(f).collect());
@@ -281,6 +285,32 @@ fn machine_bound(runs: &[(Result_, Result_, Option<u64>)], label: &str, case: &s
                     let free =
                         (b.others_per_msg_us + b.cpu_per_msg_us) / b.others_per_msg_us.max(1e-9);
                     b.throughput * free / a.throughput
+                })
+                .collect()
+        ),
+    );
+}
+
+/// Flat out, what the bridge's user space can still win: the throughput its run would reach if
+/// the bridge cost only its kernel time (its socket calls and the loopback deliveries they
+/// make), and the share of both bounds the bridge reached (medians over the runs). A share of
+/// the first bound above the second's is out of reach for any change in user space alone.
+fn kernel_bound(runs: &[(Result_, Result_, Option<u64>)], label: &str) {
+    let med = |f: &dyn Fn(&Result_) -> f64| median(runs.iter().map(|(_, b, _)| f(b)).collect());
+    let others = |b: &Result_| b.others_per_msg_us.max(1e-9);
+    println!(
+        "flat out{label}: the bridge reached {:.0} % of a bridge costing nothing; \
+         costing only its kernel time ({:.2} of {:.2} µs/msg) a bridge would reach {:.0} % of it, \
+         throughput {:.2}x the master's",
+        med(&|b| others(b) / (others(b) + b.cpu_per_msg_us)) * 100.0,
+        med(&|b| b.sys_per_msg_us),
+        med(&|b| b.cpu_per_msg_us),
+        med(&|b| others(b) / (others(b) + b.sys_per_msg_us)) * 100.0,
+        median(
+            runs.iter()
+                .map(|(a, b, _)| {
+                    let kernel_only = (others(b) + b.cpu_per_msg_us) / (others(b) + b.sys_per_msg_us);
+                    b.throughput * kernel_only / a.throughput
                 })
                 .collect()
         ),
