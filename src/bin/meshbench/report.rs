@@ -163,7 +163,9 @@ pub(super) fn summary(o: &Opts, runs: &[(Result_, Result_, Option<u64>)], direct
     }
     row("CPU µs/msg at fixed rate", |r| r.steady_cpu_per_msg_us);
     row("  of which kernel", |r| r.steady_sys_per_msg_us);
-    row("  of which user", |r| r.steady_cpu_per_msg_us - r.steady_sys_per_msg_us);
+    row("  of which user", |r| {
+        r.steady_cpu_per_msg_us - r.steady_sys_per_msg_us
+    });
     row("peak RSS MiB", |r| r.peak_rss_mib);
     row("latency p50 ms", |r| r.p50_ms);
     row("latency p99 ms", |r| r.p99_ms);
@@ -309,7 +311,8 @@ fn kernel_bound(runs: &[(Result_, Result_, Option<u64>)], label: &str) {
         median(
             runs.iter()
                 .map(|(a, b, _)| {
-                    let kernel_only = (others(b) + b.cpu_per_msg_us) / (others(b) + b.sys_per_msg_us);
+                    let kernel_only =
+                        (others(b) + b.cpu_per_msg_us) / (others(b) + b.sys_per_msg_us);
                     b.throughput * kernel_only / a.throughput
                 })
                 .collect()
