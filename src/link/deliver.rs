@@ -51,12 +51,13 @@ impl Link {
     /// While the broker has a backlog in the spool, `drain_rate` bounds what goes out (see
     /// [`super::drain`]).
     pub(super) fn fill_window(&mut self, conn: &mut Conn) -> bool {
-        // One clock read for the batch: the client writes it at once.
-        let now = Instant::now();
+        // One clock read for the batch (the client writes it at once), and none when the queue
+        // had nothing: most calls, at a low rate.
+        let mut clock = None;
         let mut free = self.room(conn).saturating_sub(conn.outstanding());
         let paced = self.paced();
         if let (true, Some(pace)) = (paced, &mut self.drain_pace) {
-            free = free.min(pace.allowed(now));
+            free = free.min(pace.allowed(*clock.insert(Instant::now())));
         }
         let mut batch = std::mem::take(&mut conn.batch);
         let mut taken = 0;
@@ -79,6 +80,10 @@ impl Link {
             let want = free.min(piece);
             self.ctx.queue.take(want, &mut batch);
             let n = batch.len();
+            if n == 0 {
+                break;
+            }
+            let now = *clock.get_or_insert_with(Instant::now);
             taken += n;
             free -= n;
             let mut items = batch.drain(..);

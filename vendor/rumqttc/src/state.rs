@@ -8,7 +8,7 @@ use crate::mqttbytes::v4::*;
 use crate::mqttbytes::{self, *};
 use fixedbitset::FixedBitSet;
 use std::collections::VecDeque;
-use std::{io, time::Instant};
+use std::io;
 
 /// Errors during state handling
 #[derive(Debug, thiserror::Error)]
@@ -52,10 +52,6 @@ pub struct MqttState {
     /// which inturn trigger pings. Multiple pings without
     /// resolving collisions will result in error
     pub collision_ping_count: usize,
-    /// Last incoming packet time
-    last_incoming: Instant,
-    /// Last outgoing packet time
-    last_outgoing: Instant,
     /// Packet id of the last outgoing packet
     pub(crate) last_pkid: u16,
     /// Packet id of the last acked publish
@@ -99,8 +95,6 @@ impl MqttState {
         MqttState {
             await_pingresp: false,
             collision_ping_count: 0,
-            last_incoming: Instant::now(),
-            last_outgoing: Instant::now(),
             last_pkid: 0,
             last_puback: 0,
             inflight: 0,
@@ -237,7 +231,6 @@ impl MqttState {
             _ => unimplemented!(),
         };
 
-        self.last_outgoing = Instant::now();
         Ok(packet)
     }
 
@@ -265,7 +258,6 @@ impl MqttState {
                 return Err(StateError::WrongPacket);
             }
         };
-        self.last_incoming = Instant::now();
 
         Ok(outgoing)
     }
@@ -450,9 +442,6 @@ impl MqttState {
     /// the status which tells if keep alive time has exceeded
     /// NOTE: status will be checked for zero keepalive times also
     fn outgoing_ping(&mut self) -> Result<Option<Packet>, StateError> {
-        let elapsed_in = self.last_incoming.elapsed();
-        let elapsed_out = self.last_outgoing.elapsed();
-
         if self.collision.is_some() {
             self.collision_ping_count += 1;
             if self.collision_ping_count >= 2 {
@@ -467,13 +456,7 @@ impl MqttState {
 
         self.await_pingresp = true;
 
-        debug!(
-            "Pingreq,
-            last incoming packet before {} millisecs,
-            last outgoing request before {} millisecs",
-            elapsed_in.as_millis(),
-            elapsed_out.as_millis()
-        );
+        debug!("Pingreq");
 
         let event = Event::Outgoing(Outgoing::PingReq);
         self.events.push_back(event);

@@ -10,7 +10,7 @@ use super::{Event, Incoming, Outgoing, Request};
 use bytes::Bytes;
 use fixedbitset::FixedBitSet;
 use std::collections::{HashMap, VecDeque};
-use std::{io, time::Instant};
+use std::io;
 
 /// Slots of `outgoing_pub` allocated up front (meshbridge patch): more are added as packet ids
 /// beyond them are used, up to the in-flight limit.
@@ -86,10 +86,6 @@ pub struct MqttState {
     /// which inturn trigger pings. Multiple pings without
     /// resolving collisions will result in error
     pub collision_ping_count: usize,
-    /// Last incoming packet time
-    last_incoming: Instant,
-    /// Last outgoing packet time
-    last_outgoing: Instant,
     /// Packet id of the last outgoing packet
     pub(crate) last_pkid: u16,
     /// Number of outgoing inflight publishes
@@ -137,8 +133,6 @@ impl MqttState {
         MqttState {
             await_pingresp: false,
             collision_ping_count: 0,
-            last_incoming: Instant::now(),
-            last_outgoing: Instant::now(),
             last_pkid: 0,
             inflight: 0,
             // index 0 is wasted as 0 is not a valid packet id; grown on demand up to
@@ -275,7 +269,6 @@ impl MqttState {
             _ => unimplemented!(),
         };
 
-        self.last_outgoing = Instant::now();
         Ok(packet)
     }
 
@@ -306,7 +299,6 @@ impl MqttState {
             }
         };
 
-        self.last_incoming = Instant::now();
         Ok(outgoing)
     }
 
@@ -629,9 +621,6 @@ impl MqttState {
     /// the status which tells if keep alive time has exceeded
     /// NOTE: status will be checked for zero keepalive times also
     fn outgoing_ping(&mut self) -> Result<Option<Packet>, StateError> {
-        let elapsed_in = self.last_incoming.elapsed();
-        let elapsed_out = self.last_outgoing.elapsed();
-
         if self.collision.is_some() {
             self.collision_ping_count += 1;
             if self.collision_ping_count >= 2 {
@@ -646,10 +635,7 @@ impl MqttState {
 
         self.await_pingresp = true;
 
-        debug!(
-            "Pingreq, last incoming packet before {:?}, last outgoing request before {:?}",
-            elapsed_in, elapsed_out,
-        );
+        debug!("Pingreq");
 
         let event = Event::Outgoing(Outgoing::PingReq);
         self.events.push_back(event);
