@@ -1,8 +1,11 @@
 //! Link threads: where the links run.
 //!
-//! Every link runs on one of `bridge.worker_threads` threads, each a tokio runtime with a
-//! single worker, together with the tasks it spawns (a 3.1.1 connection's driver, lanes, park
-//! readers). A message crosses several tasks on its way (link → target link, and back for the
+//! Every link runs on one of `bridge.worker_threads` threads, each running a current-thread
+//! tokio runtime, together with the tasks it spawns (a 3.1.1 connection's driver, lanes, park
+//! readers). A one-worker multi-thread runtime, used before, read the clock about three times
+//! as often for its own tuning and kept a work-stealing queue nobody stole from: a
+//! current-thread one runs the same tasks on the same thread with 4 % fewer instructions per
+//! message (docs/BENCHMARKS.md, twenty-second session). A message crosses several tasks on its way (link → target link, and back for the
 //! acknowledgement; on 3.1.1 through each connection's driver too). On one shared
 //! work-stealing runtime those tasks spread over all workers, and a hand-over often wakes
 //! another one. Here a link's own hand-overs stay on its
@@ -23,7 +26,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::runtime::{Builder, Runtime};
+use tokio::runtime::{Builder, Handle};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 #[cfg(test)]
@@ -39,8 +43,10 @@ pub(crate) struct LinkThreads {
 
 #[derive(Debug)]
 struct LinkThread {
-    /// A runtime with one worker.
-    runtime: Runtime,
+    /// Spawns onto the thread's runtime.
+    handle: Handle,
+    /// Dropped, ends the thread, which shuts its runtime down without waiting for its tasks.
+    _stop: oneshot::Sender<()>,
     /// Links running on it now.
     links: Arc<AtomicUsize>,
 }
@@ -51,13 +57,19 @@ impl LinkThreads {
     pub(crate) fn start(count: usize, per_thread: usize) -> std::io::Result<Self> {
         let threads = (0..count.max(1))
             .map(|i| {
-                let runtime = Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .thread_name(format!("link-{i}"))
-                    .enable_all()
-                    .build()?;
+                let runtime = Builder::new_current_thread().enable_all().build()?;
+                let handle = runtime.handle().clone();
+                let (stop, stopped) = oneshot::channel::<()>();
+                std::thread::Builder::new()
+                    .name(format!("link-{i}"))
+                    .spawn(move || {
+                        // Runs what is spawned onto `handle` until the sender is dropped.
+                        let _ = runtime.block_on(stopped);
+                        runtime.shutdown_background();
+                    })?;
                 Ok(LinkThread {
-                    runtime,
+                    handle,
+                    _stop: stop,
                     links: Arc::new(AtomicUsize::new(0)),
                 })
             })
@@ -94,7 +106,7 @@ impl LinkThreads {
             let _place = place;
             link.await
         };
-        thread.runtime.spawn(link)
+        thread.handle.spawn(link)
     }
 
     /// Links per thread, in thread order.
@@ -109,10 +121,9 @@ impl LinkThreads {
 impl Drop for LinkThreads {
     fn drop(&mut self) {
         // Links are shut down in order before this (supervisor::shutdown_links); what is left
-        // is dropped without waiting, which is allowed from inside another runtime.
-        for t in self.threads.drain(..) {
-            t.runtime.shutdown_background();
-        }
+        // is dropped by each thread as it ends, without waiting here, which is allowed from
+        // inside another runtime.
+        self.threads.clear();
     }
 }
 
