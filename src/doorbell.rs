@@ -24,6 +24,18 @@ pub(crate) struct Doorbell {
     waker: AtomicWaker,
 }
 
+/// As a [`std::task::Waker`], it rings: whatever is polled with it reports to the bell's
+/// waiter (see `link::session::inline`).
+impl std::task::Wake for Doorbell {
+    fn wake(self: Arc<Self>) {
+        self.ring();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.ring();
+    }
+}
+
 impl Doorbell {
     pub(crate) fn new() -> Self {
         Self::default()
@@ -47,6 +59,13 @@ impl Doorbell {
         } else {
             Poll::Pending
         }
+    }
+
+    /// Registers `waker` as the waiter without taking a ring: whether the bell was rung (a
+    /// ring before this woke the waker registered before it, if any).
+    pub(crate) fn register(&self, waker: &std::task::Waker) -> bool {
+        self.waker.register(waker);
+        self.rung.load(Ordering::Acquire)
     }
 
     /// Waits for a ring (cancel-safe: a ring is taken only when this returns).

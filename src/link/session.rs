@@ -31,7 +31,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::task::Poll;
+use std::task::{Poll, ready};
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5 as v5b;
@@ -187,7 +187,14 @@ impl Session {
     pub(crate) async fn next_event(&mut self) -> Option<LinkEvent> {
         match &mut self.source {
             Source::Driver { events, bell, .. } => next_event(events, bell).await,
-            Source::Inline(inline) => std::future::poll_fn(|cx| inline.poll_event(cx)).await,
+            Source::Inline(inline) => {
+                std::future::poll_fn(|cx| match ready!(inline.poll_progress(cx, true)) {
+                    Progress::Event(event) => Poll::Ready(event),
+                    // Not while reading.
+                    Progress::Flushed => Poll::Pending,
+                })
+                .await
+            }
         }
     }
 
@@ -225,16 +232,7 @@ impl Session {
             Source::Driver { .. } => return std::future::pending().await,
             Source::Inline(inline) => inline,
         };
-        std::future::poll_fn(|cx| {
-            if inline.unflushed() && inline.poll_flush(cx).is_ready() && !reading {
-                return Poll::Ready(Progress::Flushed);
-            }
-            if reading {
-                return inline.poll_event(cx).map(Progress::Event);
-            }
-            Poll::Pending
-        })
-        .await
+        std::future::poll_fn(|cx| inline.poll_progress(cx, reading)).await
     }
 
     /// A polled connection pings when its keep-alive interval is due; `reading`: its events
