@@ -5,7 +5,9 @@
 //! readers). A one-worker multi-thread runtime, used before, read the clock about three times
 //! as often for its own tuning and kept a work-stealing queue nobody stole from: a
 //! current-thread one runs the same tasks on the same thread with 4 % fewer instructions per
-//! message (docs/BENCHMARKS.md, twenty-second session). A message crosses several tasks on its way (link → target link, and back for the
+//! message (docs/BENCHMARKS.md, twenty-second session).
+//!
+//! A message crosses several tasks on its way (link → target link, and back for the
 //! acknowledgement; on 3.1.1 through each connection's driver too). On one shared
 //! work-stealing runtime those tasks spread over all workers, and a hand-over often wakes
 //! another one. Here a link's own hand-overs stay on its

@@ -293,10 +293,11 @@ fn machine_bound(runs: &[(Result_, Result_, Option<u64>)], label: &str, case: &s
     );
 }
 
-/// Flat out, what the bridge's user space can still win: the throughput its run would reach if
-/// the bridge cost only its kernel time (its socket calls and the loopback deliveries they
-/// make), and the share of both bounds the bridge reached (medians over the runs). A share of
-/// the first bound above the second's is out of reach for any change in user space alone.
+/// Flat out, what the bridge's user space can still win: the share of the bound for a bridge
+/// costing nothing that the bridge reached, the share a bridge costing only its kernel time
+/// (its socket calls and the loopback deliveries they make) would reach, and that bridge's
+/// throughput against the master's (medians over the runs). A share above the second is out
+/// of reach for any change in user space alone.
 fn kernel_bound(runs: &[(Result_, Result_, Option<u64>)], label: &str) {
     let med = |f: &dyn Fn(&Result_) -> f64| median(runs.iter().map(|(_, b, _)| f(b)).collect());
     let others = |b: &Result_| b.others_per_msg_us.max(1e-9);
