@@ -31,7 +31,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::task::{Poll, ready};
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5 as v5b;
@@ -185,15 +184,10 @@ impl Session {
     /// and the channel's wait costs about 230 instructions a pass (callgrind), a doorbell's
     /// about 50 (see [`crate::doorbell`]). Whatever a ring was for is in the channel by then.
     pub(crate) async fn next_event(&mut self) -> Option<LinkEvent> {
-        match &mut self.source {
-            Source::Driver { events, bell, .. } => next_event(events, bell).await,
-            Source::Inline(inline) => {
-                std::future::poll_fn(|cx| match ready!(inline.poll_progress(cx, true)) {
-                    Progress::Event(event) => Poll::Ready(event),
-                    // Not while reading.
-                    Progress::Flushed => Poll::Pending,
-                })
-                .await
+        loop {
+            // While reading, progress is only ever an event.
+            if let Progress::Event(event) = self.progress(true).await {
+                return event;
             }
         }
     }
@@ -228,7 +222,9 @@ impl Session {
     /// while its task waits here.
     pub(crate) async fn progress(&mut self, reading: bool) -> Progress {
         let inline = match &mut self.source {
-            Source::Driver { .. } if reading => return Progress::Event(self.next_event().await),
+            Source::Driver { events, bell, .. } if reading => {
+                return Progress::Event(next_event(events, bell).await);
+            }
             Source::Driver { .. } => return std::future::pending().await,
             Source::Inline(inline) => inline,
         };
@@ -307,8 +303,6 @@ pub(crate) fn resume_order(first: &[u16], inflight: u16) -> Vec<u16> {
 /// so this order is the delivery order. Connections that publish no QoS 2 of their own pass
 /// none.
 pub(crate) fn open(s: &SessionSettings, who: &ConnectAs, release: &[u16]) -> Session {
-    // A clean session holds nothing to release (rumqttc would drop these unsent anyway).
-    let release = if who.clean { &[] } else { release };
     let (tx, rx) = mpsc::channel(1024);
     let bell = Arc::new(Doorbell::new());
     let tx = EventSender::new(tx, bell.clone());
@@ -322,18 +316,17 @@ pub(crate) fn open(s: &SessionSettings, who: &ConnectAs, release: &[u16]) -> Ses
             // loop: rumqttc's copy of each publish in flight would be a clone per message.
             el.state.keep_publish_copies = false;
             seed_v4(&mut el);
-            el.release.extend(release);
+            // A clean session holds nothing to release (rumqttc would drop these unsent anyway).
+            if !who.clean {
+                el.release.extend(release);
+            }
             (
                 Client::V4(client),
                 tokio::spawn(drive_v4(el, tx, written.clone())),
             )
         }
         Protocol::V5 => {
-            let (client, mut el) =
-                rumqttc::v5::AsyncClient::new(options_v5(s, who), s.request_capacity());
-            el.state.keep_publish_copies = false;
-            seed_v5(&mut el);
-            el.release.extend(release);
+            let (client, el) = client_v5(s, who, release);
             (
                 Client::V5(client),
                 tokio::spawn(drive_v5(el, tx, written.clone())),
@@ -353,17 +346,14 @@ pub(crate) fn open(s: &SessionSettings, who: &ConnectAs, release: &[u16]) -> Ses
 
 /// [`open`] for a link's own connection: on MQTT 5, polled by the link's task itself (see
 /// [`inline`]): the caller waits on [`Session::progress`] (which writes while it waits), calls
-/// [`Session::pump`] before each wait and [`Session::keep_alive`] at least every few seconds. MQTT 3.1.1 connections keep a driver.
+/// [`Session::pump`] before each wait and [`Session::keep_alive`] at least every few seconds.
+/// MQTT 3.1.1 connections keep a driver.
 pub(crate) fn open_polled(s: &SessionSettings, who: &ConnectAs, release: &[u16]) -> Session {
     if s.broker.protocol != Protocol::V5 {
         return open(s, who, release);
     }
-    let release = if who.clean { &[] } else { release };
     let written = Arc::new(AtomicU64::new(0));
-    let (client, mut el) = rumqttc::v5::AsyncClient::new(options_v5(s, who), s.request_capacity());
-    el.state.keep_publish_copies = false;
-    seed_v5(&mut el);
-    el.release.extend(release);
+    let (client, el) = client_v5(s, who, release);
     Session {
         client: Client::V5(client),
         source: Source::Inline(Box::new(Inline::new(el, written.clone()))),
@@ -403,6 +393,24 @@ fn options_v4(s: &SessionSettings, who: &ConnectAs) -> rumqttc::MqttOptions {
         o.set_credentials(u.clone(), p.expose().to_string());
     }
     o
+}
+
+/// An MQTT 5 client and its event loop, as every connection sets them up (see [`open`]).
+fn client_v5(
+    s: &SessionSettings,
+    who: &ConnectAs,
+    release: &[u16],
+) -> (rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop) {
+    let (client, mut el) = rumqttc::v5::AsyncClient::new(options_v5(s, who), s.request_capacity());
+    // The link sends again what a connection left unacknowledged, on the next event loop:
+    // rumqttc's copy of each publish in flight would be a clone per message.
+    el.state.keep_publish_copies = false;
+    seed_v5(&mut el);
+    // A clean session holds nothing to release (rumqttc would drop these unsent anyway).
+    if !who.clean {
+        el.release.extend(release);
+    }
+    (client, el)
 }
 
 /// MQTT 5 options of a connection as `who`.
