@@ -116,6 +116,7 @@ impl Link {
             }
         }
         conn.batch = batch;
+        super::threads::worked(taken);
         self.spend_drain(paced, taken - held.len());
         if stopped {
             self.ctx.queue.requeue_front(held);

@@ -29,12 +29,17 @@ impl Link {
         session: &mut Session,
     ) -> Option<Outcome> {
         self.now = Instant::now();
+        let mut handled = 0;
         let end = batch(
             first,
             || session.try_event(),
             EVENT_BATCH,
-            |event| self.take_event(conn, event),
+            |event| {
+                handled += 1;
+                self.take_event(conn, event)
+            },
         );
+        super::threads::worked(handled);
         self.update_gauges(conn);
         end
     }
