@@ -32,9 +32,9 @@
 //! each sleep, wake-up and small read costs more in the kernel than the messages it brings
 //! (the switch alone was 12 % of the thread's CPU, and a small read makes the kernel send a
 //! bare TCP acknowledgement). After the yield, what the brokers wrote meanwhile is there: one
-//! read and one write per socket carry it. Flat out, CPU per forwarded message fell from 2.5
-//! to 1.5 µs (QoS 0) and from 8.5 to 4.0 µs (QoS 1), context switches 7-fold
-//! (docs/BENCHMARKS.md, twenty-third session). At a moderate rate a thread never falls that
+//! read and one write per socket carry it. Flat out at 3 brokers, CPU per forwarded message
+//! fell from 7.25 to 3.5 µs (QoS 1) and from 1.75-2.5 to 1.5 µs (QoS 0), context switches
+//! 7-fold (docs/BENCHMARKS.md, twenty-third session). At a moderate rate a thread never falls that
 //! far behind (at 2 000 msg/s and 8 brokers no batch reached 8): it does not yield, and
 //! latency is as before. On a machine with idle cores the yield returns at once.
 
