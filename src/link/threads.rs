@@ -8,35 +8,35 @@
 //! message (docs/BENCHMARKS.md, twenty-second session).
 //!
 //! A message crosses several tasks on its way (link → target link, and back for the
-//! acknowledgement; on 3.1.1 through each connection's driver too). On one shared
-//! work-stealing runtime those tasks spread over all workers, and a hand-over often wakes
-//! another one. Here a link's own hand-overs stay on its
-//! thread: only the hand-over to a target link on another thread wakes that thread, and only
-//! when it is idle. Measured in docs/BENCHMARKS.md ("link threads").
+//! acknowledgement; on 3.1.1 through each connection's driver too). On one shared work-stealing
+//! runtime those tasks spread over all workers, and a hand-over often wakes another one. Here a
+//! link's own hand-overs stay on its thread: only the hand-over to a target link on another
+//! thread wakes that thread, and only when it is idle. Measured in docs/BENCHMARKS.md ("link
+//! threads").
 //!
 //! Links are packed: a new link goes to the first thread that runs fewer than
-//! `bridge.links_per_thread` links ([`LINKS_PER_THREAD`](crate::config::LINKS_PER_THREAD) by default), and only when every
-//! thread has that many to the one that runs the fewest. A hand-over between two threads
-//! costs a wake-up, so a small mesh (the usual 2-4 brokers) runs on one thread, which forwards
-//! tens of thousands of messages per second; a larger one spreads over the threads, where one
-//! would fall behind on the fan-out. With 1, every link gets a thread of its own (while there
-//! are threads): more CPU per message, but a small mesh can use more than one core. A link
-//! that ends frees its place. The control plane (admin API, supervisor, signals) stays on the
-//! runtime that called [`LinkThreads::start`].
+//! `bridge.links_per_thread` links ([`LINKS_PER_THREAD`](crate::config::LINKS_PER_THREAD) by
+//! default), and only when every thread has that many to the one that runs the fewest. A
+//! hand-over between two threads costs a wake-up, so a small mesh (the usual 2-4 brokers) runs
+//! on one thread, which forwards tens of thousands of messages per second; a larger one spreads
+//! over the threads, where one would fall behind on the fan-out. With 1, every link gets a
+//! thread of its own (while there are threads): more CPU per message, but a small mesh can use
+//! more than one core. A link that ends frees its place. The control plane (admin API,
+//! supervisor, signals) stays on the runtime that called [`LinkThreads::start`].
 //!
-//! A thread that runs out of work after a spell in which it had fallen behind (a read found
-//! at least [`BUSY_BATCH`] events waiting, or a target took that many messages from its queue
-//! at once) first lets the other processes on its core run (`sched_yield`), and only then
-//! sleeps in the reactor. Flat out, a link thread that forwards faster than the brokers feed
-//! it otherwise sleeps and is woken for every few messages, about 6 000 times a second, and
-//! each sleep, wake-up and small read costs more in the kernel than the messages it brings
-//! (the switch alone was 12 % of the thread's CPU, and a small read makes the kernel send a
-//! bare TCP acknowledgement). After the yield, what the brokers wrote meanwhile is there: one
-//! read and one write per socket carry it. Flat out at 3 brokers, CPU per forwarded message
-//! fell from 7.25 to 3.5 µs (QoS 1) and from 1.75-2.5 to 1.5 µs (QoS 0), context switches
-//! 7-fold (docs/BENCHMARKS.md, twenty-third session). At a moderate rate a thread never falls that
-//! far behind (at 2 000 msg/s and 8 brokers no batch reached 8): it does not yield, and
-//! latency is as before. On a machine with idle cores the yield returns at once.
+//! A thread that runs out of work after a spell in which it had fallen behind (a read found at
+//! least [`BUSY_BATCH`] events waiting, or a target took that many messages from its queue at
+//! once) first lets the other processes on its core run (`sched_yield`), and only then sleeps
+//! in the reactor. Flat out, a link thread that forwards faster than the brokers feed it
+//! otherwise sleeps and is woken for every few messages, about 6 000 times a second, and each
+//! sleep, wake-up and small read costs more in the kernel than the messages it brings (the
+//! switch alone was 12 % of the thread's CPU, and a small read makes the kernel send a bare TCP
+//! acknowledgement). After the yield, what the brokers wrote meanwhile is there: one read and
+//! one write per socket carry it. Flat out at 3 brokers, CPU per forwarded message fell from
+//! 7.25 to 3.5 µs (QoS 1) and from 1.75-2.5 to 1.5 µs (QoS 0), context switches 7-fold
+//! (docs/BENCHMARKS.md, twenty-third session). At a moderate rate a thread never falls that far
+//! behind (at 2 000 msg/s and 8 brokers no batch reached 8): it does not yield, and latency is
+//! as before. On a machine with idle cores the yield returns at once.
 
 use std::cell::Cell;
 use std::future::Future;
