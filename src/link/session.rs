@@ -316,10 +316,7 @@ pub(crate) fn open(s: &SessionSettings, who: &ConnectAs, release: &[u16]) -> Ses
             // loop: rumqttc's copy of each publish in flight would be a clone per message.
             el.state.keep_publish_copies = false;
             seed_v4(&mut el);
-            // A clean session holds nothing to release (rumqttc would drop these unsent anyway).
-            if !who.clean {
-                el.release.extend(release);
-            }
+            el.release.extend(releasable(who, release));
             (
                 Client::V4(client),
                 tokio::spawn(drive_v4(el, tx, written.clone())),
@@ -406,11 +403,14 @@ fn client_v5(
     // rumqttc's copy of each publish in flight would be a clone per message.
     el.state.keep_publish_copies = false;
     seed_v5(&mut el);
-    // A clean session holds nothing to release (rumqttc would drop these unsent anyway).
-    if !who.clean {
-        el.release.extend(release);
-    }
+    el.release.extend(releasable(who, release));
     (client, el)
+}
+
+/// The ids whose PUBREL a connection as `who` sends first: none on a clean session, which
+/// holds nothing to release (rumqttc would drop these unsent anyway).
+fn releasable<'a>(who: &ConnectAs, release: &'a [u16]) -> &'a [u16] {
+    if who.clean { &[] } else { release }
 }
 
 /// MQTT 5 options of a connection as `who`.
